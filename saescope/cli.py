@@ -1,0 +1,215 @@
+"""`saescope`: one command, a sub-command per stage.
+
+    saescope train   --out RUN [--layer 6 --latents 4096 --k 32 ...]
+    saescope eval    RUN
+    saescope harvest RUN
+    saescope load    RUN --db URL [--replace]
+    saescope serve   --db URL --host H --port P
+    saescope demo    [--workdir DIR] [--db URL] [--no-serve]   (all of the above on the defaults)
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+from trainer.config import ConfigError, HarvestConfig, TrainConfig, add_config_arguments, config_from_args
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8000
+
+
+class CommandError(Exception):
+    """Bad input: printed as one line, exit status 2."""
+
+
+# ------------------------------------------------------------ stages
+
+
+def cmd_train(args) -> None:
+    from trainer.train import train
+
+    cfg = config_from_args(args, TrainConfig)
+    run = train(cfg, args.out, args.store)
+    print(f"trained {run} (held-out metrics: saescope eval {run})")
+
+
+def cmd_eval(args) -> None:
+    from trainer.evaluate import evaluate_run
+
+    metrics = evaluate_run(_run_dir(args.run_dir), args.store)
+    print(" ".join(f"{key}={value:.4g}" for key, value in metrics.items()))
+
+
+def cmd_harvest(args) -> None:
+    from trainer.harvest import harvest_run
+
+    harvest = harvest_run(_run_dir(args.run_dir), config_from_args(args, HarvestConfig), args.store)
+    print(f"harvested {harvest.n_latents} latents over {harvest.info['n_tokens']:,} tokens")
+
+
+def cmd_load(args) -> None:
+    from app.loader import load_run
+
+    sae_id = load_run(_run_dir(args.run_dir), args.db, replace=args.replace)
+    print(f"loaded {sae_id} into {args.db}")
+
+
+def cmd_serve(args) -> None:
+    from app.server import serve
+
+    print(f"serving {args.db} at http://{args.host}:{args.port}/", flush=True)
+    serve(args.db, args.host, args.port)
+
+
+def cmd_demo(args) -> None:
+    """corpus -> activations -> train -> eval -> harvest -> load -> serve, skipping stages whose
+    output is already there (so a second `saescope demo` goes straight to serving)."""
+    from trainer import runfolder
+    from trainer.evaluate import evaluate_run
+    from trainer.harvest import harvest_run
+    from trainer.train import train
+
+    workdir = Path(args.workdir)
+    cfg = config_from_args(args, TrainConfig)
+    run = workdir / "runs" / runfolder.sae_slug({**cfg.to_dict(), "d_in": 0})
+    db = args.db or f"sqlite:///{(workdir / 'saescope.db').resolve()}"
+    began = time.perf_counter()
+
+    if _trained_with(run, cfg):
+        print(f"[1/4] train: reusing {run}")
+    else:
+        print(f"[1/4] train: {cfg.model}, layer {cfg.layer}, {cfg.n_latents} latents, k={cfg.k}, {cfg.tokens:,} tokens")
+        train(cfg, run, workdir / "activations")
+    if "fvu" in runfolder.load_metrics(run):
+        print("[2/4] eval: already done")
+    else:
+        print("[2/4] eval")
+        evaluate_run(run)
+    metrics = runfolder.load_metrics(run)
+    print(f"      held-out FVU {metrics['fvu']:.4f}, L0 {metrics['l0']:.1f}, dead {metrics['dead_fraction']:.1%}")
+    if (run / runfolder.HARVEST_DIR / "harvest.json").exists():
+        print("[3/4] harvest: already done")
+    else:
+        print("[3/4] harvest")
+        harvest_run(run)
+    print(f"[4/4] load into {db}")
+    from app.loader import load_run
+
+    sae_id = load_run(run, db, replace=True)
+    print(f"ready in {time.perf_counter() - began:.0f} s")
+    if args.no_serve:
+        return
+    from app.server import serve
+
+    url = f"http://{args.host}:{args.port}"
+    print(f"\nserving at {url}/\n  feature pages: {url}/saes/{sae_id}\n  probe: {url}/probe?sae={sae_id}\n", flush=True)
+    serve(db, args.host, args.port)
+
+
+def _trained_with(run: Path, cfg: TrainConfig) -> bool:
+    from trainer import runfolder
+
+    if not (run / runfolder.SAE_FILE).exists() or not (run / runfolder.CFG_FILE).exists():
+        return False
+    saved = runfolder.read_json(run / runfolder.CFG_FILE)
+    return all(saved.get(key) == value for key, value in cfg.to_dict().items())
+
+
+def _run_dir(path: str) -> Path:
+    run = Path(path)
+    if not run.is_dir():
+        raise CommandError(f"{run}: no such run folder")
+    return run
+
+
+# ------------------------------------------------------------ parser
+
+
+def default_db() -> str:
+    return os.environ.get("DATABASE_URL", "sqlite:///saescope.db")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="saescope", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log more detail")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    train = commands.add_parser("train", help="train a TopK SAE into a run folder")
+    train.add_argument("--out", required=True, help="run folder to write")
+    train.add_argument("--store", help="activation store folder (default: OUT/activations; reused when it matches)")
+    add_config_arguments(train, TrainConfig)
+    train.set_defaults(func=cmd_train)
+
+    evaluate = commands.add_parser("eval", help="evaluate a run on held-out tokens into metrics.json")
+    evaluate.add_argument("run_dir", help="run folder")
+    evaluate.add_argument("--store", help="activation store (default: the one in cfg.json)")
+    evaluate.set_defaults(func=cmd_eval)
+
+    harvest = commands.add_parser("harvest", help="per-latent statistics and top contexts into RUN/harvest")
+    harvest.add_argument("run_dir", help="run folder")
+    harvest.add_argument("--store", help="activation store (default: the one in cfg.json)")
+    add_config_arguments(harvest, HarvestConfig)
+    harvest.set_defaults(func=cmd_harvest)
+
+    load = commands.add_parser("load", help="put a run folder into the database (one transaction)")
+    load.add_argument("run_dir", help="run folder")
+    load.add_argument("--db", default=default_db(), help="database URL (default: $DATABASE_URL or sqlite:///saescope.db)")
+    load.add_argument("--replace", action="store_true", help="replace an SAE of the same id with different content")
+    load.set_defaults(func=cmd_load)
+
+    serve = commands.add_parser("serve", help="serve the web app")
+    serve.add_argument("--db", default=default_db(), help="database URL (default: $DATABASE_URL or sqlite:///saescope.db)")
+    serve.add_argument("--host", default=DEFAULT_HOST)
+    serve.add_argument("--port", type=int, default=DEFAULT_PORT)
+    serve.set_defaults(func=cmd_serve)
+
+    demo = commands.add_parser("demo", help="the whole pipeline on the bundled model and the stdlib, then serve")
+    demo.add_argument("--workdir", default="demo", help="where activations, runs and the database go (default: ./demo)")
+    demo.add_argument("--db", help="database URL (default: sqlite:///WORKDIR/saescope.db)")
+    demo.add_argument("--host", default=DEFAULT_HOST)
+    demo.add_argument("--port", type=int, default=DEFAULT_PORT)
+    demo.add_argument("--no-serve", action="store_true", help="stop after loading the database")
+    add_config_arguments(demo, TrainConfig)
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        args.func(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # bad input is one line on stderr, not a traceback
+        if not _is_user_error(e) or args.verbose:
+            raise
+        print(f"saescope {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _is_user_error(e: Exception) -> bool:
+    from trainer.corpus import CorpusError
+    from trainer.model import ModelError
+    from trainer.runfolder import RunFolderError
+    from trainer.train import TrainingError
+
+    user_errors = (CommandError, ConfigError, CorpusError, ModelError, RunFolderError, TrainingError)
+    try:
+        from app.loader import LoadError
+
+        user_errors += (LoadError,)
+    except ImportError:
+        pass
+    return isinstance(e, user_errors)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

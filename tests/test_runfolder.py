@@ -1,0 +1,88 @@
+"""The run folder round trip, and one-line errors naming the file at fault."""
+
+import json
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from trainer import runfolder
+from trainer.runfolder import Harvest, RunFolderError
+
+
+def write_run(folder, n=12, d=6, k=3, K=4, T=5):
+    cfg = {"model": "tiny", "layer": 1, "d_in": d, "n_latents": n, "k": k, "input_scale": 0.5}
+    weights = {"W_enc": torch.randn(d, n), "b_enc": torch.randn(n), "W_dec": torch.randn(n, d), "b_dec": torch.randn(d)}
+    runfolder.save_cfg(folder, cfg)
+    runfolder.save_sae_weights(folder, weights)
+    runfolder.save_metrics(folder, {"fvu": 0.1})
+    runfolder.save_metrics(folder, {"l0": 3.0})
+    harvest = Harvest(
+        density=torch.rand(n),
+        max_activation=torch.rand(n),
+        mean_activation=torch.rand(n),
+        top_context=torch.randint(-1, 7, (n, K)),
+        top_activations=torch.rand(n, K, T),
+        top_max=torch.rand(n, K),
+        token_ids=torch.randint(0, 9, (7, T)),
+        vocab=[f"t{i}" for i in range(9)],
+        info={"n_tokens": 35, "top_k": K},
+    )
+    runfolder.save_harvest(folder, harvest)
+    return cfg, weights, harvest
+
+
+def test_round_trip(tmp_path):
+    cfg, weights, harvest = write_run(tmp_path)
+    assert runfolder.load_cfg(tmp_path) == cfg
+    loaded = runfolder.load_sae_weights(tmp_path)
+    for name in runfolder.SAE_TENSORS:
+        assert_close(loaded[name], weights[name])
+    assert runfolder.load_metrics(tmp_path) == {"fvu": 0.1, "l0": 3.0}
+    back = runfolder.load_harvest(tmp_path)
+    assert_close(back.density, harvest.density)
+    assert torch.equal(back.top_context, harvest.top_context)
+    assert_close(back.top_activations, harvest.top_activations.half().float())
+    assert torch.equal(back.token_ids, harvest.token_ids)
+    assert back.vocab == harvest.vocab and back.info == harvest.info
+
+
+def test_saelens_tensor_layout(tmp_path):
+    from safetensors.torch import load_file
+
+    write_run(tmp_path, n=12, d=6)
+    shapes = {name: tuple(t.shape) for name, t in load_file(tmp_path / "sae.safetensors").items()}
+    assert shapes == {"W_enc": (6, 12), "b_enc": (12,), "W_dec": (12, 6), "b_dec": (6,)}
+
+
+@pytest.mark.parametrize(
+    "damage,named",
+    [
+        (lambda p: (p / "sae.safetensors").unlink(), "sae.safetensors"),
+        (lambda p: (p / "cfg.json").write_text("{not json"), "cfg.json"),
+        (lambda p: (p / "harvest" / "vocab.json").unlink(), "vocab.json"),
+        (lambda p: (p / "harvest" / "latents.safetensors").write_bytes(b"junk"), "latents.safetensors"),
+    ],
+)
+def test_damaged_folder_names_the_file(tmp_path, damage, named):
+    write_run(tmp_path)
+    damage(tmp_path)
+    with pytest.raises(RunFolderError, match=named) as error:
+        runfolder.load_cfg(tmp_path)
+        runfolder.load_sae_weights(tmp_path)
+        runfolder.load_harvest(tmp_path)
+    assert "\n" not in str(error.value)
+
+
+def test_shape_mismatch_with_cfg(tmp_path):
+    write_run(tmp_path, n=12)
+    cfg = json.loads((tmp_path / "cfg.json").read_text())
+    cfg["n_latents"] = 16
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
+    with pytest.raises(RunFolderError, match=r"sae.safetensors: W_enc has shape \(6, 12\)"):
+        runfolder.load_sae_weights(tmp_path)
+
+
+def test_slug_is_readable():
+    cfg = {"model": "/some/path/SmolLM2-135M-Instruct", "layer": 6, "n_latents": 4096, "k": 32}
+    assert runfolder.sae_slug(cfg) == "smollm2-135m-instruct-l6-4096-k32"

@@ -1,0 +1,96 @@
+"""SAE numerics against naive references, over awkward sizes, on the CPU."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.testing import assert_close
+
+from trainer.sae import TopKSAE, geometric_median
+
+SIZES = [(7, 13, 3, 1), (33, 64, 5, 4), (5, 17, 16, 2)]  # (batch, n_latents, d_in, k)
+
+
+def naive_forward(sae: TopKSAE, x: torch.Tensor):
+    """Token by token, latent by latent: the paper's equations written out."""
+    x_hat = torch.zeros_like(x)
+    z = torch.zeros(x.shape[0], sae.n_latents)
+    for i, row in enumerate(x):
+        pre = torch.stack([(row - sae.b_dec) @ sae.W_enc[:, j] + sae.b_enc[j] for j in range(sae.n_latents)])
+        keep = pre.argsort(descending=True)[: sae.k]
+        for j in keep:
+            z[i, j] = max(float(pre[j]), 0.0)
+        x_hat[i] = sum(z[i, j] * sae.W_dec[j] for j in range(sae.n_latents)) + sae.b_dec
+    return x_hat, z
+
+
+def random_sae(n, d, k, seed=0):
+    torch.manual_seed(seed)
+    sae = TopKSAE(d, n, k)
+    with torch.no_grad():  # break the transpose tie and the zero biases so every term matters
+        sae.W_enc.add_(0.3 * torch.randn_like(sae.W_enc))
+        sae.b_enc.copy_(0.1 * torch.randn(n))
+        sae.b_dec.copy_(torch.randn(d))
+    return sae
+
+
+@pytest.mark.parametrize("batch,n,d,k", SIZES)
+def test_forward_matches_naive_reference(batch, n, d, k):
+    sae = random_sae(n, d, k)
+    x = torch.randn(batch, d)
+    with torch.no_grad():
+        x_hat, latents = sae(x)
+        ref_x_hat, ref_z = naive_forward(sae, x)
+        assert_close(sae.encode_dense(x), ref_z, atol=1e-5, rtol=1e-5)
+        assert_close(x_hat, ref_x_hat, atol=1e-5, rtol=1e-5)
+    assert latents.indices.shape == (batch, k)
+    assert (latents.values >= 0).all()
+
+
+@pytest.mark.parametrize("batch,n,d,k", SIZES)
+def test_sparse_decoder_gradients_match_dense(batch, n, d, k):
+    sae = random_sae(n, d, k)
+    x = torch.randn(batch, d)
+    x_hat, latents = sae(x)
+    x_hat.pow(2).sum().backward()
+    sparse_grads = [p.grad.clone() for p in sae.parameters()]
+    sae.zero_grad()
+    z = torch.zeros(batch, n).scatter(-1, latents.indices, sae.encode(x).values)  # dense path
+    (z @ sae.W_dec + sae.b_dec).pow(2).sum().backward()
+    for sparse, dense in zip(sparse_grads, (p.grad for p in sae.parameters())):
+        assert_close(sparse, dense, atol=1e-4, rtol=1e-4)
+
+
+def test_encoder_starts_as_decoder_transpose_with_unit_rows():
+    sae = TopKSAE(24, 100, 8)
+    assert_close(sae.W_enc, sae.W_dec.T)
+    assert_close(sae.W_dec.norm(dim=-1), torch.ones(100))
+
+
+def test_parallel_gradient_removed_and_rows_renormalised():
+    sae = random_sae(50, 12, 4)
+    sae.W_dec.grad = torch.randn_like(sae.W_dec)
+    sae.remove_gradient_parallel_to_decoder_directions()
+    assert_close((sae.W_dec.grad * sae.W_dec).sum(-1), torch.zeros(50), atol=1e-5, rtol=0)
+    with torch.no_grad():
+        sae.W_dec.mul_(3.0)
+    sae.set_decoder_norm_to_unit_norm()
+    assert_close(sae.W_dec.norm(dim=-1), torch.ones(50))
+
+
+def test_k_must_be_below_n_latents():
+    with pytest.raises(ValueError, match="k must be between"):
+        TopKSAE(8, 16, 16)
+
+
+def test_geometric_median_resists_outliers():
+    torch.manual_seed(0)
+    x = torch.randn(200, 5) * 0.1
+    x[:20] += 100.0  # 10 % far outliers drag the mean, not the median
+    median = geometric_median(x)
+    assert median.norm() < 1.0 < x.mean(0).norm()
+
+    def summed_distance(p):
+        return (x - p).norm(dim=-1).sum()
+
+    for _ in range(20):  # no nearby point does better
+        assert summed_distance(median) <= summed_distance(median + 0.01 * F.normalize(torch.randn(5), dim=0)) + 1e-4

