@@ -34,7 +34,7 @@ class LatentEncoder:
     def tokenize(self, text: str) -> list[int]:
         return self.lm.tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    @torch.inference_mode()
+    @torch.no_grad()  # not inference_mode: callers may edit the result
     def encode_ids(self, token_ids: list[int]) -> torch.Tensor:
         ids = torch.tensor([token_ids], dtype=torch.long)
         x = self.lm.residual(ids)[0] * self.scale  # (T, d), normalised as in training

@@ -104,7 +104,7 @@ class LanguageModel:
     d_model: int
     n_layers: int  # of the full model
 
-    @torch.inference_mode()
+    @torch.no_grad()  # not inference_mode: callers may edit the result
     def residual(self, input_ids: torch.Tensor) -> torch.Tensor:
         """(B, T) token ids -> (B, T, d_model) residual stream after block `layer`."""
         captured = {}
@@ -126,6 +126,29 @@ class LanguageModel:
     def token_strings(self, ids) -> list[str]:
         """Readable text of each token id (leading spaces and newlines kept)."""
         return [self.tokenizer.decode([int(i)]) for i in ids]
+
+
+BUNDLED_N_LAYERS = 30  # SmolLM2-135M: known without de-quantising the GGUF
+
+
+def count_layers(name: str) -> int:
+    """The model's number of blocks, read from its config alone (no weights), so that a bad
+    --layer fails before any compute."""
+    if name == BUNDLED_MODEL:
+        _bundled_folder()  # the package must be there
+        return BUNDLED_N_LAYERS
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(name).num_hidden_layers
+    except (OSError, ValueError) as e:
+        raise ModelError(f"cannot load model '{name}': {str(e).splitlines()[0]}") from None
+
+
+def check_layer(name: str, layer: int) -> None:
+    n_layers = count_layers(name)
+    if not 0 <= layer < n_layers:
+        raise ModelError(f"layer {layer} is out of range: '{name}' has blocks 0..{n_layers - 1}")
 
 
 def load_language_model(name: str, layer: int, device: str | None = None) -> LanguageModel:

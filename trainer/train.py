@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 from trainer import corpus, runfolder
 from trainer.activations import ActivationStore, build_store, store_matches
 from trainer.config import TrainConfig
-from trainer.model import ModelError, load_language_model
+from trainer.model import ModelError, check_layer, load_language_model
 from trainer.sae import TopKLatents, TopKSAE, geometric_median
 
 log = logging.getLogger(__name__)
@@ -48,6 +48,9 @@ def prepare_store(cfg: TrainConfig, store_dir: Path) -> ActivationStore:
     if store_matches(store_dir, meta):
         log.info("reusing activations in %s", store_dir)
         return ActivationStore.open(store_dir)
+    # Cheap checks first: a bad corpus or layer fails before the model loads.
+    check_layer(cfg.model, cfg.layer)
+    next(iter(corpus.iter_documents(cfg.corpus)), None)
     lm = load_language_model(cfg.model, cfg.layer, cfg.device or None)
     contexts = corpus.tokenize_contexts(
         lm.tokenizer, corpus.iter_documents(cfg.corpus), cfg.context_length, meta["n_contexts"]

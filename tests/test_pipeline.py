@@ -1,0 +1,176 @@
+"""The whole pipeline on a tiny real model: CLI -> run folder -> SQLite file -> HTTP."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sqlite3
+import subprocess
+import sys
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from torch.testing import assert_close
+
+from app.main import create_app
+from app.settings import Settings
+from tests.conftest import PAYLOAD
+from trainer import runfolder
+from trainer.inference import LatentEncoder
+from trainer.runfolder import sae_slug
+
+
+@pytest.fixture(scope="module")
+def client(tiny_db):
+    with TestClient(create_app(Settings(database_url=tiny_db))) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def sae_id(tiny_run):
+    return sae_slug(runfolder.load_cfg(tiny_run))
+
+
+def counts(url: str) -> dict[str, int]:
+    with sqlite3.connect(url.removeprefix("sqlite:///")) as db:
+        return {table: db.execute(f"select count(*) from {table}").fetchone()[0] for table in ("saes", "latents", "contexts", "examples")}
+
+
+def test_run_folder_is_complete(tiny_run):
+    cfg = runfolder.load_cfg(tiny_run)
+    assert cfg["n_latents"] == 64 and cfg["k"] == 4 and cfg["layer"] == 1 and cfg["input_scale"] > 0
+    metrics = runfolder.load_metrics(tiny_run)
+    assert 0 < metrics["fvu"] < 1  # better than predicting the mean
+    assert 0 < metrics["l0"] <= 4
+    assert 0 <= metrics["dead_fraction"] <= 1
+    harvest = runfolder.load_harvest(tiny_run)
+    assert harvest.top_context.shape == (64, 20)
+    fires = harvest.density > 0
+    assert fires.any()
+    # Each latent's recorded top activations reach its max, and examples are sorted.
+    assert_close(harvest.top_max[:, 0], harvest.max_activation)
+    assert (harvest.top_max[:, :-1] >= harvest.top_max[:, 1:]).all()
+    for latent in torch.nonzero(fires).flatten()[:10].tolist():
+        assert_close(harvest.top_activations[latent, 0].max(), harvest.max_activation[latent], rtol=2e-3, atol=2e-3)
+
+
+def test_harvest_matches_direct_encoding(tiny_run):
+    """The stored top example equals encoding that context afresh through model + SAE."""
+    harvest = runfolder.load_harvest(tiny_run)
+    encoder = LatentEncoder.from_run(tiny_run)
+    latent = int(harvest.max_activation.argmax())
+    context = harvest.token_ids[harvest.top_context[latent, 0]].tolist()
+    z = encoder.encode_ids(context)[:, latent]
+    z[0] = 0  # the harvest leaves out the first position
+    assert_close(z, harvest.top_activations[latent, 0], rtol=1e-2, atol=1e-2)
+
+
+def test_loading_twice_does_not_duplicate(tiny_run, tiny_db):
+    from saescope.cli import main
+
+    before = counts(tiny_db)
+    assert before["saes"] == 1 and before["latents"] == 64 and before["examples"] > 0
+    assert main(["load", str(tiny_run), "--db", tiny_db]) == 0
+    assert counts(tiny_db) == before
+
+
+def test_pages_and_json_twins(client, sae_id):
+    index = client.get("/index.json").json()
+    assert [sae["id"] for sae in index["saes"]] == [sae_id]
+    assert sae_id in client.get("/").text
+
+    sae = client.get(f"/saes/{sae_id}.json", params={"sort": "density", "order": "desc", "per_page": 10}).json()
+    densities = [latent["density"] for latent in sae["latents"]]
+    assert len(densities) == 10 and densities == sorted(densities, reverse=True)
+    assert client.get(f"/saes/{sae_id}").status_code == 200
+
+    top = sae["latents"][0]["index"]
+    feature = client.get(f"/saes/{sae_id}/features/{top}.json").json()
+    assert feature["index"] == top and feature["density"] > 0
+    assert feature["top_examples"]
+    for example in feature["top_examples"]:
+        assert len(example["tokens"]) == len(example["activations"]) == 32
+    page = client.get(f"/saes/{sae_id}/features/{top}")
+    assert page.status_code == 200 and "activation" in page.text
+
+
+def test_corpus_markup_renders_as_text(client, sae_id):
+    """The corpus carries <script> payloads; some top context shows them escaped, never raw."""
+    shown = 0
+    for index in range(64):
+        feature = client.get(f"/saes/{sae_id}/features/{index}.json").json()
+        text = "".join(token for example in feature["top_examples"] for token in example["tokens"])
+        if PAYLOAD not in text:
+            continue
+        html = client.get(f"/saes/{sae_id}/features/{index}").text
+        # Tokens split the payload into spans ("<", "script", ">", "alert", ...): every piece is
+        # escaped, and no <script> tag without a src attribute (ours all have one) appears.
+        assert "<script>" not in html, html[html.index("<script>") - 300 : html.index("<script>") + 80]
+        assert "&lt;" in html and "&gt;" in html
+        shown += 1
+        if shown == 3:
+            break
+    assert shown > 0
+
+
+def test_probe_api_equals_direct_encoding(client, sae_id, tiny_run):
+    text = "def probe(x):\n    return x + 1  # <b>bold</b>"
+    response = client.post("/api/probe", json={"sae": sae_id, "text": text, "top_k": 3})
+    assert response.status_code == 200
+    result = response.json()
+    expected = LatentEncoder.from_run(tiny_run).encode_text(text)
+    assert [t["token"] for t in result["tokens"]] == expected.tokens
+    assert [t["token_id"] for t in result["tokens"]] == expected.token_ids
+    values, indices = expected.latents.topk(3, dim=-1)
+    for token, vals, idxs in zip(result["tokens"], values.tolist(), indices.tolist()):
+        got = [(latent["index"], latent["activation"]) for latent in token["top_latents"]]
+        want = [(i, v) for v, i in zip(vals, idxs) if v > 0]
+        assert [i for i, _ in got] == [i for i, _ in want]
+        assert_close(torch.tensor([v for _, v in got]), torch.tensor([v for _, v in want]), atol=1e-3, rtol=1e-3)
+
+    page = client.get("/probe", params={"sae": sae_id, "text": text})
+    assert page.status_code == 200 and "&lt;b&gt;" in page.text and "<b>bold" not in page.text
+
+
+def test_probe_rejects_empty_text(client, sae_id):
+    response = client.post("/api/probe", json={"sae": sae_id, "text": "   "})
+    assert response.status_code == 422 and "empty" in json.dumps(response.json())
+
+
+def test_unknown_ids_are_404(client, sae_id):
+    for path in (f"/saes/nope", f"/saes/nope.json", f"/saes/{sae_id}/features/999", f"/saes/{sae_id}/features/999.json"):
+        assert client.get(path).status_code == 404, path
+    assert client.get(f"/saes/{sae_id}/features/999.json").json()["detail"]
+
+
+def run_cli(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "saescope.cli", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_damaged_run_folder_is_one_line_and_writes_nothing(tiny_run, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_run, broken, ignore=shutil.ignore_patterns("activations"))
+    (broken / "harvest" / "examples.safetensors").unlink()
+    url = f"sqlite:///{tmp_path / 'fresh.db'}"
+    result = run_cli("load", str(broken), "--db", url)
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0 and "examples.safetensors" in result.stderr
+    if (tmp_path / "fresh.db").exists():
+        assert counts(url)["saes"] == 0
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--latents", "64", "--k", "64"], "--k must be between"),
+        (["--corpus", "/no/such/corpus"], "no such file or folder"),
+        (["--layer", "9"], "layer 9 is out of range"),
+    ],
+)
+def test_train_rejects_bad_config_in_one_line(tiny_model_dir, tmp_path, args, message):
+    result = run_cli("train", "--out", str(tmp_path / "run"), "--model", str(tiny_model_dir),
+                     "--layer", "1", "--tokens", "256", "--heldout-tokens", "64", "--context-length", "32", *args)
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr and result.stderr.strip().count("\n") == 0
+    assert not (tmp_path / "run" / "sae.safetensors").exists()
