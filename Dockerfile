@@ -1,0 +1,25 @@
+# The saescope image used by docker-compose.yml (app, migrate, and `saescope load`).
+FROM node:20-slim AS js
+WORKDIR /src
+COPY package.json package-lock.json ./
+RUN npm ci --no-audit --no-fund
+
+FROM python:3.12-slim
+WORKDIR /srv/saescope
+ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
+# CPU torch first, so the dependency below does not pull a CUDA build.
+RUN pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
+COPY pyproject.toml README.md ./
+COPY trainer trainer
+COPY app app
+COPY saescope saescope
+RUN pip install -e .
+COPY alembic.ini ./
+COPY migrations migrations
+COPY templates templates
+COPY static static
+COPY --from=js /src/node_modules node_modules
+RUN useradd --system saescope
+USER saescope
+EXPOSE 8000
+CMD ["uvicorn", "app.main:create_app", "--factory", "--host", "0.0.0.0", "--port", "8000", "--workers", "4"]

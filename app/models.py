@@ -1,0 +1,102 @@
+"""The database schema as SQLAlchemy 2.0 models. Migrations (not `create_all`) create it.
+
+Binary columns keep the harvest compact: token ids as int32 and activations as float16, both
+little-endian, one row per context and one per (latent, rank) example. Each context's tokens are
+stored once; examples point at them.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+from sqlalchemy import (
+    DateTime,
+    Float,
+    ForeignKey,
+    ForeignKeyConstraint,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Text,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+# Named constraints, so migrations can refer to them on every backend.
+NAMING = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class Sae(Base):
+    __tablename__ = "saes"
+
+    id: Mapped[str] = mapped_column(String(200), primary_key=True)  # sae_slug(cfg)
+    model: Mapped[str] = mapped_column(String(300))
+    layer: Mapped[int] = mapped_column(Integer)
+    d_in: Mapped[int] = mapped_column(Integer)
+    n_latents: Mapped[int] = mapped_column(Integer)
+    k: Mapped[int] = mapped_column(Integer)
+    context_length: Mapped[int | None] = mapped_column(Integer)
+    fvu: Mapped[float | None] = mapped_column(Float)
+    l0: Mapped[float | None] = mapped_column(Float)
+    dead_fraction: Mapped[float | None] = mapped_column(Float)
+    cfg: Mapped[str] = mapped_column(Text)  # cfg.json as loaded
+    metrics: Mapped[str] = mapped_column(Text)  # metrics.json as loaded
+    run_dir: Mapped[str] = mapped_column(String(1000))  # where the probe finds the weights
+    content_hash: Mapped[str] = mapped_column(String(64), unique=True)  # sha256(cfg.json + sae.safetensors)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+
+
+class Latent(Base):
+    __tablename__ = "latents"
+    __table_args__ = (
+        Index("ix_latents_sae_id_density", "sae_id", "density"),
+        Index("ix_latents_sae_id_max_activation", "sae_id", "max_activation"),
+    )
+
+    sae_id: Mapped[str] = mapped_column(ForeignKey("saes.id", ondelete="CASCADE"), primary_key=True)
+    index: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    density: Mapped[float] = mapped_column(Float)
+    max_activation: Mapped[float] = mapped_column(Float)
+    mean_activation: Mapped[float] = mapped_column(Float)
+
+
+class Context(Base):
+    __tablename__ = "contexts"
+
+    sae_id: Mapped[str] = mapped_column(ForeignKey("saes.id", ondelete="CASCADE"), primary_key=True)
+    context_id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    token_ids: Mapped[bytes] = mapped_column(LargeBinary)  # int32 little-endian, (T,)
+    tokens: Mapped[str] = mapped_column(Text)  # JSON list of T readable strings
+
+
+class Example(Base):
+    __tablename__ = "examples"
+    __table_args__ = (
+        ForeignKeyConstraint(
+            ["sae_id", "latent_index"], ["latents.sae_id", "latents.index"], ondelete="CASCADE"
+        ),
+        ForeignKeyConstraint(
+            ["sae_id", "context_id"], ["contexts.sae_id", "contexts.context_id"], ondelete="CASCADE"
+        ),
+    )
+
+    sae_id: Mapped[str] = mapped_column(String(200), primary_key=True)
+    latent_index: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    rank: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    context_id: Mapped[int] = mapped_column(Integer)
+    max_activation: Mapped[float] = mapped_column(Float)
+    activations: Mapped[bytes] = mapped_column(LargeBinary)  # float16 little-endian, (T,)

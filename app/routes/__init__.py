@@ -1,0 +1,1 @@
+"""One APIRouter per noun: saes (index and SAE pages), features, probe."""

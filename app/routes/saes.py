@@ -1,0 +1,51 @@
+"""The index of loaded SAEs and each SAE's page (config, metrics, latents table)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, HTTPException, Query, Request
+
+from app import queries
+from app.schemas import ErrorOut, IndexOut, SaePageOut
+from app.deps import SessionDep, URLsDep
+from app.render import json_response, render
+
+router = APIRouter(tags=["saes"])
+
+Page = Annotated[int, Query(ge=1, description="1-based page number")]
+PerPage = Annotated[int, Query(ge=1, le=500, description="latents per page")]
+
+
+@router.get("/index.json", response_model=IndexOut, summary="SAEs in the database")
+def read_index_json(session: SessionDep, urls: URLsDep):
+    return {"saes": [sae.as_json(urls) for sae in queries.list_saes(session)]}
+
+
+@router.get("/", include_in_schema=False)
+def read_index(request: Request, session: SessionDep):
+    return render(request, "index.html", saes=queries.list_saes(session))
+
+
+def _latent_page(session, sae_id, sort, order, page, per_page) -> queries.LatentPage:
+    latent_page = queries.list_latents(session, sae_id, sort=sort, order=order, page=page, per_page=per_page)
+    if latent_page is None:
+        raise HTTPException(404, f"no SAE {sae_id!r}")
+    return latent_page
+
+
+@router.get("/saes/{sae_id}.json", response_model=SaePageOut, responses={404: {"model": ErrorOut}},
+            summary="One SAE: config, metrics and a page of its latents")
+def read_sae_json(
+    sae_id: str, session: SessionDep, urls: URLsDep,
+    sort: queries.SortKey = "density", order: queries.Order = "desc", page: Page = 1, per_page: PerPage = 50,
+):
+    return json_response(_latent_page(session, sae_id, sort, order, page, per_page).as_json(urls))
+
+
+@router.get("/saes/{sae_id}", include_in_schema=False)
+def read_sae(
+    request: Request, sae_id: str, session: SessionDep,
+    sort: queries.SortKey = "density", order: queries.Order = "desc", page: Page = 1, per_page: PerPage = 50,
+):
+    return render(request, "sae.html", latent_page=_latent_page(session, sae_id, sort, order, page, per_page))

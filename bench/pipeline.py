@@ -1,0 +1,74 @@
+"""Where the demo's time goes: each stage of the default pipeline, timed in one run, quoted as a
+ratio to the bare forward pass through block L over the same tokens.
+
+    .venv/bin/python bench/pipeline.py [--tokens 300032] [--layer 6] [--latents 4096] [--k 32]
+
+Prints a Markdown table for BENCHMARKS.md. Uses a temporary folder; the converted model stays
+in the user's cache.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from trainer import corpus
+from trainer.config import HarvestConfig, TrainConfig
+from trainer.evaluate import evaluate_run
+from trainer.harvest import harvest_run
+from trainer.model import load_language_model
+from trainer.train import train
+
+
+def bare_forward_seconds(cfg: TrainConfig, batch_size: int = 16) -> tuple[float, int]:
+    """The model alone through block L over the training tokens: no store, no SAE."""
+    lm = load_language_model(cfg.model, cfg.layer)
+    n = cfg.n_train_contexts + cfg.n_heldout_contexts
+    contexts = corpus.tokenize_contexts(lm.tokenizer, corpus.iter_documents(cfg.corpus), cfg.context_length, n)
+    start = time.perf_counter()
+    for first in range(0, n, batch_size):
+        lm.residual(contexts[first : first + batch_size])
+    return time.perf_counter() - start, contexts.numel()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--tokens", type=int, default=300_032)
+    parser.add_argument("--layer", type=int, default=6)
+    parser.add_argument("--latents", type=int, default=4096)
+    parser.add_argument("--k", type=int, default=32)
+    args = parser.parse_args()
+    cfg = TrainConfig(layer=args.layer, n_latents=args.latents, k=args.k, tokens=args.tokens)
+
+    forward_s, forward_tokens = bare_forward_seconds(cfg)
+    with tempfile.TemporaryDirectory() as tmp:
+        run = Path(tmp) / "run"
+        stages = {}
+        start = time.perf_counter()
+        train(cfg, run)
+        stages["train (activations + SAE)"] = time.perf_counter() - start
+        start = time.perf_counter()
+        metrics = evaluate_run(run)
+        stages["eval"] = time.perf_counter() - start
+        start = time.perf_counter()
+        harvest_run(run, HarvestConfig())
+        stages["harvest (from stored activations)"] = time.perf_counter() - start
+
+    print(f"{time.strftime('%Y-%m-%d')}, {platform.processor() or platform.machine()}, "
+          f"{torch.get_num_threads()} threads, torch {torch.__version__}")
+    print(f"config: layer {cfg.layer}, {cfg.n_latents} latents, k={cfg.k}, {cfg.tokens:,} training tokens; "
+          f"held-out FVU {metrics['fvu']:.4f}, L0 {metrics['l0']:.1f}, dead {metrics['dead_fraction']:.2%}\n")
+    print("| stage | time / bare forward pass |")
+    print("|---|---|")
+    print(f"| bare forward through block {cfg.layer} ({forward_tokens:,} tokens) | 1.00 |")
+    for stage, seconds in stages.items():
+        print(f"| {stage} | {seconds / forward_s:.2f} |")
+
+
+if __name__ == "__main__":
+    main()

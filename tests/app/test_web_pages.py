@@ -1,0 +1,198 @@
+"""Every page and its JSON twin, through the real app over the loaded SQLite file."""
+
+from __future__ import annotations
+
+import re
+from html.parser import HTMLParser
+
+import pytest
+from webrun import DEAD, N_LATENTS, SCRIPT_CONTEXT, VOCAB
+
+
+class Page(HTMLParser):
+    """Collects links, alternate links, token spans and any <script> element."""
+
+    def __init__(self, html: str):
+        super().__init__()
+        self.links, self.alternates, self.scripts, self.tokens = [], [], [], []
+        self._in_tok = False
+        self.feed(html)
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "a" and "href" in attrs:
+            self.links.append(attrs["href"])
+        if tag == "link" and attrs.get("rel") == "alternate":
+            self.alternates.append((attrs.get("type"), attrs["href"]))
+        if tag == "script":
+            self.scripts.append(attrs)
+        if tag in ("span", "a") and "tok" in (attrs.get("class") or "").split():
+            self.tokens.append({"title": attrs.get("title"), "style": attrs.get("style"), "text": ""})
+            self._in_tok = True
+
+    def handle_endtag(self, tag):
+        self._in_tok = False
+
+    def handle_data(self, data):
+        if self._in_tok:
+            self.tokens[-1]["text"] += data
+
+
+def test_index_lists_the_sae(client, sae_id):
+    page = client.get("/")
+    assert page.status_code == 200 and "text/html" in page.headers["content-type"]
+    parsed = Page(page.text)
+    assert f"/saes/{sae_id}" in parsed.links
+    assert ("application/json", "/index.json") in parsed.alternates
+    data = client.get("/index.json").json()
+    (sae,) = data["saes"]
+    assert {k: sae[k] for k in ("id", "n_latents", "k", "layer")} == {"id": sae_id, "n_latents": N_LATENTS, "k": 5, "layer": 3}
+    assert sae["fvu"] == pytest.approx(0.2345) and sae["l0"] == 5.0
+    assert set(sae) >= {"id", "model", "layer", "n_latents", "k", "fvu", "l0", "dead_fraction"}
+
+
+def test_sae_page_lists_latents_with_links_and_bars(client, sae_id):
+    page = client.get(f"/saes/{sae_id}")
+    assert page.status_code == 200
+    parsed = Page(page.text)
+    feature_links = [link for link in parsed.links if re.fullmatch(rf"/saes/{sae_id}/features/\d+", link)]
+    assert len(feature_links) == 50  # default per_page
+    assert ("application/json", f"/saes/{sae_id}.json?sort=density&order=desc&page=1&per_page=50") in parsed.alternates
+    assert 'class="bar"' in page.text and "--w:" in page.text
+    assert "0.2345" in page.text or "0.234" in page.text  # fvu shown
+
+
+def test_sae_json_sorting_and_pagination(client, sae_id):
+    data = client.get(f"/saes/{sae_id}.json").json()
+    assert data["sae"]["id"] == sae_id and data["sae"]["cfg"]["n_latents"] == N_LATENTS
+    assert (data["sort"], data["order"], data["page"], data["per_page"], data["total"]) == ("density", "desc", 1, 50, N_LATENTS)
+    densities = [latent["density"] for latent in data["latents"]]
+    assert densities == sorted(densities, reverse=True) and len(densities) == 50
+
+    asc = client.get(f"/saes/{sae_id}.json", params={"sort": "max_activation", "order": "asc", "per_page": 10}).json()
+    maxes = [latent["max_activation"] for latent in asc["latents"]]
+    assert maxes == sorted(maxes) and len(maxes) == 10
+
+    seen = []
+    url = f"/saes/{sae_id}.json?sort=index&order=asc&per_page=20"
+    while url:
+        chunk = client.get(url).json()
+        seen += [latent["index"] for latent in chunk["latents"]]
+        url = chunk["next"]
+    assert seen == list(range(N_LATENTS))  # pages cover every latent once, in order
+    assert chunk["pages"] == 4 and chunk["prev"] is not None
+
+    last = client.get(f"/saes/{sae_id}.json", params={"sort": "index", "order": "desc", "page": 2, "per_page": 60}).json()
+    assert [latent["index"] for latent in last["latents"]] == [3, 2, 1, 0]
+
+
+def test_sae_page_state_lives_in_the_query_string(client, sae_id):
+    page = client.get(f"/saes/{sae_id}", params={"sort": "index", "order": "asc", "page": 2, "per_page": 10})
+    parsed = Page(page.text)
+    features = [link for link in parsed.links if "/features/" in link]
+    assert features[:2] == [f"/saes/{sae_id}/features/10", f"/saes/{sae_id}/features/11"]
+    assert f"/saes/{sae_id}?sort=index&order=asc&page=3&per_page=10" in parsed.links  # next page keeps the state
+    assert f"/saes/{sae_id}?sort=index&order=desc&per_page=10" in parsed.links  # clicking the active column flips it
+
+
+@pytest.mark.parametrize("params", [{"per_page": 501}, {"per_page": 0}, {"page": 0}, {"sort": "bogus"}, {"order": "up"}])
+def test_sae_bad_query_is_rejected(client, sae_id, params):
+    assert client.get(f"/saes/{sae_id}.json", params=params).status_code == 422
+    html = client.get(f"/saes/{sae_id}", params=params)
+    assert html.status_code == 422 and "text/html" in html.headers["content-type"]
+
+
+def test_feature_json(client, sae_id):
+    data = client.get(f"/saes/{sae_id}/features/0.json").json()
+    assert {"sae_id", "index", "density", "max_activation", "mean_activation", "top_examples", "prev", "next"} <= set(data)
+    assert (data["sae_id"], data["index"], data["prev"]) == (sae_id, 0, None)
+    assert data["next"] == f"/saes/{sae_id}/features/1.json"
+    assert data["max_activation"] == pytest.approx(5.0)
+    assert 1 <= len(data["top_examples"]) <= 20
+    for example in data["top_examples"]:
+        assert len(example["tokens"]) == len(example["activations"]) == len(example["token_ids"]) == 16
+        assert example["tokens"] == [VOCAB[i] for i in example["token_ids"]]
+        assert max(example["activations"]) == pytest.approx(example["max_activation"], rel=1e-3)
+    top = data["top_examples"][0]
+    assert top["context_id"] == SCRIPT_CONTEXT and top["tokens"][2:5] == ["<script>", "alert(1)", "</script>"]
+    assert top["activations"][3] == pytest.approx(5.0)
+
+    last = client.get(f"/saes/{sae_id}/features/{N_LATENTS - 1}.json").json()
+    assert last["next"] is None and last["prev"] == f"/saes/{sae_id}/features/{N_LATENTS - 2}.json"
+    assert last["top_examples"] == [] and last["mean_activation"] == 0.0  # dead latent, NaN mean stored as 0
+
+
+def test_feature_page_shades_tokens_and_escapes_corpus_text(client, sae_id):
+    page = client.get(f"/saes/{sae_id}/features/0")
+    assert page.status_code == 200
+    html = page.text
+    assert "<script>alert(1)" not in html and html.count("<script") == 1  # the htmx tag only
+    assert "&lt;script&gt;" in html and "&lt;/script&gt;" in html
+    parsed = Page(html)
+    assert all(script.get("src") for script in parsed.scripts)  # only the htmx file: no inline scripts
+    assert ("application/json", f"/saes/{sae_id}/features/0.json") in parsed.alternates
+    assert f"/saes/{sae_id}/features/1" in parsed.links and f"/saes/{sae_id}" in parsed.links
+    texts = [token["text"] for token in parsed.tokens]
+    assert "<script>" in texts and "alert(1)" in texts  # the parser unescaped them: they are text
+    assert "↵" in texts  # newline tokens are visible
+    peak = next(token for token in parsed.tokens if token["text"] == "alert(1)")
+    assert peak["title"] == "5.000" and "--a: 1.000" in peak["style"]
+    assert all(re.fullmatch(r"--a: [01]\.\d{3}|--a: 0", token["style"]) for token in parsed.tokens)
+
+
+def test_dead_latent_page(client, sae_id):
+    page = client.get(f"/saes/{sae_id}/features/{DEAD[0]}")
+    assert page.status_code == 200 and "never fired" in page.text
+
+
+@pytest.mark.parametrize("path", ["/saes/nope", "/saes/{sae}/features/9999", "/saes/{sae}/features/-1", "/no/such/page"])
+def test_unknown_things_are_404_pages(client, sae_id, path):
+    page = client.get(path.format(sae=sae_id))
+    assert page.status_code == 404 and "text/html" in page.headers["content-type"]
+    assert "Traceback" not in page.text
+
+
+@pytest.mark.parametrize("path", ["/saes/nope.json", "/saes/{sae}/features/9999.json"])
+def test_unknown_things_are_404_json(client, sae_id, path):
+    response = client.get(path.format(sae=sae_id))
+    assert response.status_code == 404
+    assert set(response.json()) == {"detail"} and response.json()["detail"]
+
+
+def test_probe_page_form_works_without_js(client, sae_id):
+    page = client.get("/probe")
+    assert page.status_code == 200
+    assert 'method="get"' in page.text and 'hx-push-url="true"' in page.text
+    assert f'<option value="{sae_id}" selected>' in page.text
+    empty = client.get("/probe", params={"sae": sae_id, "text": "   "})
+    assert empty.status_code == 422 and "text must not be empty" in empty.text
+    fragment = client.get("/probe", params={"sae": sae_id, "text": ""}, headers={"HX-Request": "true"})
+    assert fragment.text.lstrip().startswith('<section id="probe-result"') and "<html" not in fragment.text
+    assert fragment.headers["Vary"] == "HX-Request"
+
+
+def test_htmx_comes_from_node_modules_and_pages_send_a_csp(client):
+    page = client.get("/")
+    assert '<script src="/static/vendor/htmx.org/htmx.min.js" defer></script>' in page.text
+    assert "script-src 'self'" in page.headers["Content-Security-Policy"]
+    htmx = client.get("/static/vendor/htmx.org/htmx.min.js")
+    assert htmx.status_code == 200 and "htmx" in htmx.text[:2000]
+    assert client.get("/static/style.css").status_code == 200
+
+
+def test_openapi_documents_the_json_api(client):
+    paths = client.get("/openapi.json").json()["paths"]
+    assert {"/index.json", "/saes/{sae_id}.json", "/saes/{sae_id}/features/{index}.json", "/api/probe"} <= set(paths)
+
+
+def test_server_errors_hide_the_traceback(tmp_path):
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+    from app.settings import Settings
+
+    unmigrated = f"sqlite:///{tmp_path / 'empty.db'}"  # no tables: every query fails
+    with TestClient(create_app(Settings(database_url=unmigrated)), raise_server_exceptions=False) as client:
+        page = client.get("/")
+        assert page.status_code == 500 and "Traceback" not in page.text and "OperationalError" not in page.text
+        assert client.get("/index.json").json() == {"detail": "internal server error"}
