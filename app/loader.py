@@ -22,6 +22,8 @@ from app.db import make_engine, upgrade
 from app.models import Context, Example, Latent, Sae
 from trainer.runfolder import (
     CFG_FILE,
+    HARVEST_DIR,
+    METRICS_FILE,
     SAE_FILE,
     load_cfg,
     load_harvest,
@@ -65,9 +67,14 @@ def load_run(run_dir: str | Path, database_url: str, replace: bool = False) -> s
 
 
 def content_hash(run_dir: Path) -> str:
-    """sha256 over cfg.json and sae.safetensors: the same SAE gives the same hash."""
+    """sha256 over every file the load reads: the same run gives the same hash, and a run
+    re-evaluated or re-harvested gives a new one."""
     digest = hashlib.sha256()
-    for name in (CFG_FILE, SAE_FILE):
+    harvest = sorted(str(p.relative_to(run_dir)) for p in (run_dir / HARVEST_DIR).glob("*") if p.is_file())
+    for name in (CFG_FILE, SAE_FILE, METRICS_FILE, *harvest):
+        if not (run_dir / name).is_file():
+            continue
+        digest.update(name.encode())
         with open(run_dir / name, "rb") as f:
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 digest.update(chunk)

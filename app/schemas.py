@@ -6,7 +6,7 @@ from __future__ import annotations
 from pydantic import BaseModel
 
 
-class SaeOut(BaseModel):
+class SaeFields(BaseModel):
     id: str
     model: str
     layer: int
@@ -15,6 +15,9 @@ class SaeOut(BaseModel):
     fvu: float | None
     l0: float | None
     dead_fraction: float | None
+
+
+class SaeOut(SaeFields):
     url: str
     json_url: str
 
@@ -23,15 +26,7 @@ class IndexOut(BaseModel):
     saes: list[SaeOut]
 
 
-class SaeDetailOut(BaseModel):
-    id: str
-    model: str
-    layer: int
-    n_latents: int
-    k: int
-    fvu: float | None
-    l0: float | None
-    dead_fraction: float | None
+class SaeDetailOut(SaeFields):
     d_in: int
     context_length: int | None
     cfg: dict

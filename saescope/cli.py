@@ -181,7 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    for ours in ("trainer", "app"):  # our own progress messages, without third-party chatter
+        logging.getLogger(ours).setLevel(logging.INFO)
     try:
         args.func(args)
     except KeyboardInterrupt:

@@ -51,6 +51,9 @@ def _load_bundled(dtype: torch.dtype):
     if (cached / "config.json").exists() and (cached / "model.safetensors").exists():
         return AutoTokenizer.from_pretrained(cached), AutoModelForCausalLM.from_pretrained(cached, dtype=dtype)
     folder = _bundled_folder()
+    logging.getLogger(__name__).info(
+        "converting the bundled GGUF to fp32 once (about 30 s); later loads use %s", cached
+    )
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=BUNDLED_GGUF)
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=BUNDLED_GGUF, dtype=dtype)
     # The de-quantised weights are ordinary fp32 tensors; drop the GGUF marker so they save.

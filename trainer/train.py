@@ -51,7 +51,9 @@ def prepare_store(cfg: TrainConfig, store_dir: Path) -> ActivationStore:
     # Cheap checks first: a bad corpus or layer fails before the model loads.
     check_layer(cfg.model, cfg.layer)
     next(iter(corpus.iter_documents(cfg.corpus)), None)
+    log.info("loading %s through block %d", cfg.model, cfg.layer)
     lm = load_language_model(cfg.model, cfg.layer, cfg.device or None)
+    log.info("tokenizing %s into %d contexts of %d tokens", cfg.corpus, meta["n_contexts"], cfg.context_length)
     contexts = corpus.tokenize_contexts(
         lm.tokenizer, corpus.iter_documents(cfg.corpus), cfg.context_length, meta["n_contexts"]
     )

