@@ -3,6 +3,7 @@
     saescope train   --out RUN [--layer 6 --latents 4096 --k 32 ...]
     saescope eval    RUN
     saescope harvest RUN
+    saescope import  SAE_FOLDER --out RUN        (an SAE saved by SAELens or sparsify)
     saescope load    RUN --db URL [--replace]
     saescope serve   --db URL --host H --port P
     saescope demo    [--workdir DIR] [--db URL] [--no-serve]   (all of the above on the defaults)
@@ -50,6 +51,14 @@ def cmd_harvest(args) -> None:
 
     harvest = harvest_run(_run_dir(args.run_dir), config_from_args(args, HarvestConfig), args.store)
     print(f"harvested {harvest.n_latents} latents over {harvest.info['n_tokens']:,} tokens")
+
+
+def cmd_import(args) -> None:
+    from trainer.interop import detect_format, import_sae
+
+    source = _run_dir(args.source)
+    run = import_sae(source, args.out, model=args.model, layer=args.layer)
+    print(f"imported the {detect_format(source)} SAE {source} into {run}")
 
 
 def cmd_load(args) -> None:
@@ -155,6 +164,13 @@ def build_parser() -> argparse.ArgumentParser:
     harvest.add_argument("--store", help="activation store (default: the one in cfg.json)")
     add_config_arguments(harvest, HarvestConfig)
     harvest.set_defaults(func=cmd_harvest)
+
+    imported = commands.add_parser("import", help="turn a SAELens or sparsify SAE folder into a saescope run folder")
+    imported.add_argument("source", help="SAE folder written by SAELens, sparsify or saescope")
+    imported.add_argument("--out", required=True, help="run folder to write")
+    imported.add_argument("--model", help="language model, when the source does not name one we can load")
+    imported.add_argument("--layer", type=int, help="hookpoint layer, when the source does not say")
+    imported.set_defaults(func=cmd_import)
 
     load = commands.add_parser("load", help="put a run folder into the database (one transaction)")
     load.add_argument("run_dir", help="run folder")

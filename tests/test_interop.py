@@ -388,3 +388,22 @@ def test_bad_layer_override(tmp_path):
     write_saelens(tmp_path, random_tensors(20))
     with pytest.raises(RunFolderError, match="layer must be"):
         interop.read_sae_folder(tmp_path, layer=-1)
+
+
+def test_import_command_writes_a_run_folder(tmp_path):
+    """`saescope import` on a sparsify folder: a run folder our own loader reads."""
+    from saescope.cli import main
+    from trainer.sae import TopKSAE
+
+    n, d, k = 24, 8, 3
+    source = tmp_path / "sparsify-run" / "layers.2"
+    source.mkdir(parents=True)
+    (source / "cfg.json").write_text(json.dumps(
+        {"activation": "topk", "expansion_factor": 3, "normalize_decoder": True, "num_latents": n, "k": k,
+         "multi_topk": False, "skip_connection": False, "transcode": False, "d_in": d}))
+    save_file({"encoder.weight": torch.randn(n, d), "encoder.bias": torch.randn(n),
+               "W_dec": torch.randn(n, d), "b_dec": torch.randn(d)}, str(source / "sae.safetensors"))
+    assert main(["import", str(source), "--out", str(tmp_path / "run"), "--model", "some/model"]) == 0
+    cfg, sae = TopKSAE.load(tmp_path / "run")
+    assert (cfg["layer"], cfg["k"], cfg["n_latents"], cfg["model"]) == (2, k, n, "some/model")
+    assert main(["import", str(tmp_path / "nowhere"), "--out", str(tmp_path / "run2")]) == 2

@@ -209,12 +209,17 @@ def _saelens_k(cfg: dict, path: Path) -> int:
     return _as_int(k, "k", path)
 
 
+def _read_cfg_object(path: Path) -> dict:
+    cfg = runfolder.read_json(path)
+    if not isinstance(cfg, dict):
+        raise RunFolderError(f"{path}: expected a JSON object")
+    return cfg
+
+
 def read_saelens_folder(folder, model=None, layer=None) -> tuple[dict, dict[str, torch.Tensor]]:
     folder = Path(folder)
     cfg_path, weights_path = folder / CFG_FILE, folder / SAELENS_WEIGHTS_FILE
-    cfg = runfolder.read_json(cfg_path)
-    if not isinstance(cfg, dict):
-        raise RunFolderError(f"{cfg_path}: expected a JSON object")
+    cfg = _read_cfg_object(cfg_path)
     meta = cfg.get("metadata") if isinstance(cfg.get("metadata"), dict) else {}
     get = lambda key: meta.get(key) if meta.get(key) is not None else cfg.get(key)  # noqa: E731 (6.x, then older)
 
@@ -305,9 +310,7 @@ def _sparsify_model(folder: Path) -> str | None:
 def read_sparsify_folder(folder, model=None, layer=None) -> tuple[dict, dict[str, torch.Tensor]]:
     folder = Path(folder)
     cfg_path, weights_path = folder / CFG_FILE, folder / SAE_FILE
-    cfg = runfolder.read_json(cfg_path)
-    if not isinstance(cfg, dict):
-        raise RunFolderError(f"{cfg_path}: expected a JSON object")
+    cfg = _read_cfg_object(cfg_path)
     activation = cfg.get("activation", "topk")
     if activation != "topk":
         raise RunFolderError(f"{cfg_path}: sparsify activation {activation!r} is not supported; only topk")
