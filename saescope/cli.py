@@ -42,8 +42,8 @@ def cmd_train(args) -> None:
 def cmd_eval(args) -> None:
     from trainer.evaluate import evaluate_run
 
-    metrics = evaluate_run(_run_dir(args.run_dir), args.store)
-    print(" ".join(f"{key}={value:.4g}" for key, value in metrics.items()))
+    metrics = evaluate_run(_run_dir(args.run_dir), args.store, args.downstream_contexts)
+    print(" ".join(f"{key}={value:.4g}" for key, value in metrics.items() if value is not None))
 
 
 def cmd_harvest(args) -> None:
@@ -101,6 +101,9 @@ def cmd_demo(args) -> None:
         evaluate_run(run)
     metrics = runfolder.load_metrics(run)
     print(f"      held-out FVU {metrics['fvu']:.4f}, L0 {metrics['l0']:.1f}, dead {metrics['dead_fraction']:.1%}")
+    if "delta_ce" in metrics:
+        print(f"      CE clean {metrics['ce_clean']:.3f}, spliced {metrics['ce_spliced']:.3f} (ΔCE {metrics['delta_ce']:+.3f}), "
+              f"zero-ablated {metrics['ce_ablated']:.3f}, KL {metrics['kl']:.3f}")
     if (run / runfolder.HARVEST_DIR / "harvest.json").exists():
         print("[3/4] harvest: already done")
     else:
@@ -157,6 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser("eval", help="evaluate a run on held-out tokens into metrics.json")
     evaluate.add_argument("run_dir", help="run folder")
     evaluate.add_argument("--store", help="activation store (default: the one in cfg.json)")
+    evaluate.add_argument("--downstream-contexts", type=int, default=64,
+                          help="held-out contexts for downstream loss (splicing into the full model; 0 skips it) (default: 64)")
     evaluate.set_defaults(func=cmd_eval)
 
     harvest = commands.add_parser("harvest", help="per-latent statistics and top contexts into RUN/harvest")

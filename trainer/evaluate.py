@@ -47,9 +47,72 @@ def evaluate_sae(sae: TopKSAE, store: ActivationStore, scale: float, batch_conte
     }
 
 
-def evaluate_run(run_dir: Path, store_dir: Path | None = None) -> dict:
+def evaluate_run(run_dir: Path, store_dir: Path | None = None, downstream_contexts: int = 64) -> dict:
+    """Reconstruction metrics, then downstream loss on `downstream_contexts` held-out contexts
+    (0 skips it), into metrics.json."""
     cfg, sae = TopKSAE.load(run_dir)
     store = ActivationStore.open(store_dir or cfg["store"])
     metrics = evaluate_sae(sae, store, cfg["input_scale"])
+    if downstream_contexts > 0:
+        metrics |= downstream_loss(sae, cfg, store, downstream_contexts)
     runfolder.save_metrics(run_dir, metrics)
+    return metrics
+
+
+# ------------------------------------------------------------ downstream loss
+
+
+@torch.no_grad()
+def downstream_loss(sae: TopKSAE, run_cfg: dict, store: ActivationStore, n_contexts: int = 64, batch: int = 8) -> dict:
+    """Splice the SAE's reconstruction into the forward pass at the hookpoint (Section 4.1) on
+    held-out contexts: clean CE, spliced CE, CE with the block output zero-ablated, their
+    differences, and KL(clean || spliced) per token."""
+    from trainer.model import find_blocks, load_causal_lm
+
+    _, model = load_causal_lm(run_cfg["model"], str(sae.W_dec.device))
+    _, blocks = find_blocks(model.base_model)
+    block = blocks[run_cfg["layer"]]
+    scale = run_cfg["input_scale"]
+    first = store.n_train_contexts
+    rows = range(first, min(store.n_contexts, first + n_contexts))
+    tokens = torch.from_numpy(store.tokens[list(rows)]).long().to(sae.W_dec.device)  # (C, T)
+
+    def replace_with(transform):
+        def hook(module, args, output):
+            resid = output[0] if isinstance(output, tuple) else output  # (B, T, d)
+            new = transform(resid)
+            return (new, *output[1:]) if isinstance(output, tuple) else new
+
+        return hook
+
+    def reconstruct(resid):
+        x = resid.reshape(-1, resid.shape[-1]).float() * scale
+        return (sae(x)[0] / scale).view_as(resid).to(resid.dtype)
+
+    sums = {"ce_clean": 0.0, "ce_spliced": 0.0, "ce_ablated": 0.0, "kl": 0.0}
+    n_predictions = 0
+    for start in tqdm(range(0, len(tokens), batch), desc="downstream", unit="batch"):
+        ids = tokens[start : start + batch]
+        clean = model(input_ids=ids, use_cache=False).logits[:, :-1].float().log_softmax(-1)  # (B, T-1, V)
+        targets = ids[:, 1:]
+        results = {"ce_clean": clean}
+        for name, transform in (("ce_spliced", reconstruct), ("ce_ablated", torch.zeros_like)):
+            handle = block.register_forward_hook(replace_with(transform))
+            try:
+                results[name] = model(input_ids=ids, use_cache=False).logits[:, :-1].float().log_softmax(-1)
+            finally:
+                handle.remove()
+        for name, logprobs in results.items():
+            sums[name] += float(-logprobs.gather(-1, targets[..., None]).sum())
+        sums["kl"] += float((clean.exp() * (clean - results["ce_spliced"])).sum())
+        n_predictions += targets.numel()
+    metrics = {name: total / n_predictions for name, total in sums.items()}
+    metrics["delta_ce"] = metrics["ce_spliced"] - metrics["ce_clean"]
+    # Share of the loss the layer's ablation costs that the SAE recovers (1 = all of it);
+    # undefined (None) when ablating costs nothing, as in a random model.
+    ablation_cost = metrics["ce_ablated"] - metrics["ce_clean"]
+    metrics["loss_recovered"] = (
+        (metrics["ce_ablated"] - metrics["ce_spliced"]) / ablation_cost if ablation_cost > 1e-6 else None
+    )
+    metrics["downstream_tokens"] = n_predictions
     return metrics

@@ -154,14 +154,22 @@ def check_layer(name: str, layer: int) -> None:
         raise ModelError(f"layer {layer} is out of range: '{name}' has blocks 0..{n_layers - 1}")
 
 
-def load_language_model(name: str, layer: int, device: str | None = None) -> LanguageModel:
-    """Load `name` (the bundled alias, a hub name or a local folder) truncated after `layer`."""
+def load_causal_lm(name: str, device: str | None = None):
+    """The whole model with its LM head, for downstream loss: (tokenizer, model)."""
     dtype = torch.float32
     with _load_lock:  # transformers' loading is not thread-safe
         if name == BUNDLED_MODEL:
             tokenizer, full = _load_bundled(dtype)
         else:
             tokenizer, full = _load_pretrained(name, dtype)
+    full.eval().requires_grad_(False)
+    full.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return tokenizer, full
+
+
+def load_language_model(name: str, layer: int, device: str | None = None) -> LanguageModel:
+    """Load `name` (the bundled alias, a hub name or a local folder) truncated after `layer`."""
+    tokenizer, full = load_causal_lm(name, device)
     n_layers = full.config.num_hidden_layers
     if not 0 <= layer < n_layers:
         raise ModelError(f"layer {layer} is out of range: '{name}' has blocks 0..{n_layers - 1}")
@@ -169,9 +177,6 @@ def load_language_model(name: str, layer: int, device: str | None = None) -> Lan
     blocks_name, blocks = find_blocks(base)
     # Truncate in place: blocks after the hookpoint never run.
     setattr_path(base, blocks_name, nn.ModuleList(list(blocks)[: layer + 1]))
-    base.eval().requires_grad_(False)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    base.to(device)
     prefix = f"{full.base_model_prefix}." if full.base_model_prefix else ""
     return LanguageModel(
         name=name,
