@@ -32,10 +32,14 @@ class CommandError(Exception):
 
 
 def cmd_train(args) -> None:
-    from trainer.train import train
+    from trainer.train import resume, train
 
-    cfg = config_from_args(args, TrainConfig)
-    run = train(cfg, args.out, args.store)
+    if args.resume:
+        run = resume(_run_dir(args.resume))
+    elif not args.out:
+        raise CommandError("--out RUN is required (or --resume RUN to continue a killed run)")
+    else:
+        run = train(config_from_args(args, TrainConfig), args.out, args.store)
     print(f"trained {run} (held-out metrics: saescope eval {run})")
 
 
@@ -152,7 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     train = commands.add_parser("train", help="train a TopK SAE into a run folder")
-    train.add_argument("--out", required=True, help="run folder to write")
+    train.add_argument("--out", help="run folder to write")
+    train.add_argument("--resume", metavar="RUN", help="continue a killed run from its last checkpoint (other options are ignored)")
     train.add_argument("--store", help="activation store folder (default: OUT/activations; reused when it matches)")
     add_config_arguments(train, TrainConfig)
     train.set_defaults(func=cmd_train)

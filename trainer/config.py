@@ -34,6 +34,7 @@ class TrainConfig:
     decay_fraction: float = option(0.2, "share of final steps with a linear decay to zero")
     auxk_alpha: float = option(1 / 32, "weight of the AuxK loss on dead latents (0 turns it off)")
     dead_tokens: int = option(0, "tokens without firing after which a latent counts as dead; 0 means min(10M, tokens/10)")
+    checkpoint_every: int = option(100, "steps between checkpoints for --resume (0: none)")
     seed: int = option(0, "seed for the data split, shuffling and initialisation")
     device: str = option("", "torch device; empty means cuda when available, else cpu")
 
@@ -52,6 +53,8 @@ class TrainConfig:
             raise ConfigError(f"--heldout-tokens ({self.heldout_tokens}) must hold at least one context of {self.context_length}")
         if self.batch_size < 1:
             raise ConfigError(f"--batch-size must be positive, got {self.batch_size}")
+        if self.checkpoint_every < 0:
+            raise ConfigError(f"--checkpoint-every must be >= 0, got {self.checkpoint_every}")
         if self.lr < 0:
             raise ConfigError(f"--lr must be >= 0, got {self.lr}")
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -139,41 +141,104 @@ class Trainer:
         error_hat = self.sae.decode(TopKLatents(values.relu(), indices)) - self.sae.b_dec
         return (error - error_hat).pow(2).sum() / total_variance
 
-    def batches(self):
-        """Chunks of contexts read sequentially from the store, shuffled token by token."""
-        generator = torch.Generator().manual_seed(self.cfg.seed + 1)
-        B = self.cfg.batch_size
+    def chunks(self):
+        """(first, last) context ranges read from the store at once."""
         for first in range(0, self.store.n_train_contexts, CHUNK_CONTEXTS):
-            last = min(first + CHUNK_CONTEXTS, self.store.n_train_contexts)
-            chunk = self.store.rows(first, last) * self.scale  # (chunk_tokens, d)
-            chunk = chunk[torch.randperm(chunk.shape[0], generator=generator)]
-            for start in range(0, chunk.shape[0] - B + 1, B):
-                yield chunk[start : start + B].to(self.device)
+            yield first, min(first + CHUNK_CONTEXTS, self.store.n_train_contexts)
 
-    def fit(self) -> dict:
-        total_steps = self.store.n_train_contexts * self.store.context_length // self.cfg.batch_size
+    @property
+    def total_steps(self) -> int:
+        T, B = self.store.context_length, self.cfg.batch_size
+        return sum((last - first) * T // B for first, last in self.chunks())
+
+    def batches(self, start_step: int = 0):
+        """Chunks of contexts read sequentially from the store, shuffled token by token. The
+        shuffle depends only on the seed, so a resumed run sees exactly the batches it would
+        have seen; chunks before `start_step` draw their permutation but are not read."""
+        generator = torch.Generator().manual_seed(self.cfg.seed + 1)
+        T, B = self.store.context_length, self.cfg.batch_size
+        step = 0
+        for first, last in self.chunks():
+            order = torch.randperm((last - first) * T, generator=generator)
+            n_batches = len(order) // B
+            if step + n_batches <= start_step:
+                step += n_batches
+                continue
+            chunk = self.store.rows(first, last)[order] * self.scale  # (chunk_tokens, d)
+            for i in range(n_batches):
+                if step >= start_step:
+                    yield step, chunk[i * B : (i + 1) * B].to(self.device)
+                step += 1
+
+    # ------------------------------------------------------------ checkpoints
+
+    def checkpoint(self, step: int, fvu_ema: float | None) -> dict:
+        return {
+            "step": step,  # the next step to run
+            "fvu_ema": fvu_ema,
+            "sae": self.sae.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "tokens_since_fired": self.tokens_since_fired,
+            "rng": torch.get_rng_state(),
+        }
+
+    def restore(self, state: dict) -> tuple[int, float | None]:
+        self.sae.load_state_dict(state["sae"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.tokens_since_fired.copy_(state["tokens_since_fired"])
+        torch.set_rng_state(state["rng"])
+        return state["step"], state["fvu_ema"]
+
+    def weights_finite(self) -> bool:
+        return all(bool(torch.isfinite(p).all()) for p in self.sae.parameters())
+
+    # ------------------------------------------------------------ the loop
+
+    def train_step(self, step: int, x: torch.Tensor, total_steps: int, fvu_ema: float | None) -> float:
+        result = self.step(x, learning_rate(self.cfg, step, total_steps))
+        if not (math.isfinite(result.fvu) and math.isfinite(result.auxk)) or not self.weights_finite():
+            raise TrainingError(
+                f"loss or weights became non-finite at step {step} (fvu={result.fvu}); "
+                f"the last good checkpoint is kept; try a lower --lr"
+            )
+        return result.fvu if fvu_ema is None else 0.9 * fvu_ema + 0.1 * result.fvu
+
+    def fit(self, save_checkpoint=None, start_step: int = 0, fvu_ema: float | None = None) -> dict:
+        """Train from `start_step`; `save_checkpoint(state)` is called every
+        cfg.checkpoint_every steps with weights known to be finite."""
+        total_steps = self.total_steps
         if total_steps == 0:
             raise TrainingError(f"--batch-size {self.cfg.batch_size} is larger than the training tokens")
-        self.init_b_dec()
-        start = time.perf_counter()
-        bar = tqdm(total=total_steps, desc="train", unit="step")
-        fvu_ema = None
-        for step, x in enumerate(self.batches()):
-            result = self.step(x, learning_rate(self.cfg, step, total_steps))
-            if not torch.isfinite(torch.tensor(result.fvu)):
-                raise TrainingError(f"loss became {result.fvu} at step {step}; try a lower --lr")
-            fvu_ema = result.fvu if fvu_ema is None else 0.9 * fvu_ema + 0.1 * result.fvu
-            bar.update(1)
-            if step % 10 == 0:
-                bar.set_postfix(fvu=f"{fvu_ema:.3f}", dead=int((self.tokens_since_fired > self.cfg.effective_dead_tokens).sum()))
-        bar.close()
-        elapsed = time.perf_counter() - start
+        if start_step == 0:
+            self.init_b_dec()
+        began = time.perf_counter()
+        with tqdm(total=total_steps, initial=start_step, desc="train", unit="step") as bar:
+            for step, x in self.batches(start_step):
+                fvu_ema = self.train_step(step, x, total_steps, fvu_ema)
+                bar.update(1)
+                if step % 10 == 0:
+                    bar.set_postfix(fvu=f"{fvu_ema:.3f}", dead=int((self.tokens_since_fired > self.cfg.effective_dead_tokens).sum()))
+                every = self.cfg.checkpoint_every
+                if save_checkpoint and every and (step + 1) % every == 0 and step + 1 < total_steps:
+                    save_checkpoint(self.checkpoint(step + 1, fvu_ema))
+        steps_run = total_steps - start_step
         return {
             "train_steps": total_steps,
             "train_tokens": total_steps * self.cfg.batch_size,
             "train_fvu_final": fvu_ema,
-            "sae_tokens_per_s": total_steps * self.cfg.batch_size / elapsed,
+            "sae_tokens_per_s": steps_run * self.cfg.batch_size / max(time.perf_counter() - began, 1e-9),
         }
+
+
+CHECKPOINT_FILE = "checkpoint.pt"
+
+
+def save_checkpoint(out_dir: Path, state: dict) -> None:
+    """Atomically: a SIGKILL during the write leaves the previous checkpoint intact."""
+    path = Path(out_dir) / CHECKPOINT_FILE
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
 
 
 def train(cfg: TrainConfig, out_dir: Path, store_dir: Path | None = None) -> Path:
@@ -186,8 +251,37 @@ def train(cfg: TrainConfig, out_dir: Path, store_dir: Path | None = None) -> Pat
     except (ModelError, corpus.CorpusError) as e:
         raise TrainingError(str(e)) from None
     scale = input_scale(store)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / CHECKPOINT_FILE).unlink(missing_ok=True)  # a fresh run never resumes a stale one
+    meta = {"cfg": cfg.to_dict(), "store": str(store_dir.resolve()), "input_scale": scale}
     trainer = Trainer(cfg, store, scale)
-    stats = trainer.fit()
+    stats = trainer.fit(lambda state: save_checkpoint(out_dir, {**meta, **state}))
+    return finish_run(out_dir, trainer, stats, began, store_dir)
+
+
+def resume(out_dir: Path) -> Path:
+    """Continue a run killed mid-way from its last checkpoint; ends with the same weights and
+    metrics as an uninterrupted run with the same seed."""
+    out_dir = Path(out_dir)
+    path = out_dir / CHECKPOINT_FILE
+    if not path.is_file():
+        done = (out_dir / runfolder.SAE_FILE).exists()
+        raise TrainingError(f"{path}: no checkpoint to resume" + (" (the run is already complete)" if done else ""))
+    state = torch.load(path, weights_only=False)
+    cfg = TrainConfig(**state["cfg"])
+    store_dir = Path(state["store"])
+    store = ActivationStore.open(store_dir)
+    trainer = Trainer(cfg, store, state["input_scale"])
+    start_step, fvu_ema = trainer.restore(state)
+    log.info("resuming %s at step %d of %d", out_dir, start_step, trainer.total_steps)
+    meta = {key: state[key] for key in ("cfg", "store", "input_scale")}
+    began = time.perf_counter()
+    stats = trainer.fit(lambda s: save_checkpoint(out_dir, {**meta, **s}), start_step, fvu_ema)
+    return finish_run(out_dir, trainer, stats, began, store_dir)
+
+
+def finish_run(out_dir: Path, trainer: Trainer, stats: dict, began: float, store_dir: Path) -> Path:
+    cfg, store = trainer.cfg, trainer.store
     stats["train_wall_s"] = time.perf_counter() - began
     stats["end_to_end_tokens_per_s"] = stats["train_tokens"] / stats["train_wall_s"]
     run_cfg = {
@@ -195,14 +289,14 @@ def train(cfg: TrainConfig, out_dir: Path, store_dir: Path | None = None) -> Pat
         "model_name": cfg.model.rstrip("/").split("/")[-1],
         "hookpoint": store.meta.get("hookpoint", f"layers.{cfg.layer}"),
         "d_in": store.meta["d_model"],
-        "input_scale": scale,
+        "input_scale": trainer.scale,
         "lr_effective": cfg.effective_lr,
         "dead_tokens_effective": cfg.effective_dead_tokens,
-        "store": str(store_dir.resolve()),
+        "store": str(Path(store_dir).resolve()),
         "architecture": "topk",
     }
-    out_dir.mkdir(parents=True, exist_ok=True)
     runfolder.save_sae_weights(out_dir, trainer.sae.state_for_disk())
     runfolder.save_cfg(out_dir, run_cfg)
     runfolder.save_metrics(out_dir, stats)
+    (out_dir / CHECKPOINT_FILE).unlink(missing_ok=True)  # the run folder now holds the result
     return out_dir

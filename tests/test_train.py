@@ -1,0 +1,84 @@
+"""Training robustness: resume after SIGKILL gives the uninterrupted result; NaN stops cleanly."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from torch.testing import assert_close
+
+from trainer import runfolder
+from trainer.train import CHECKPOINT_FILE
+
+ARGS = ["--layer", "1", "--latents", "256", "--k", "8", "--tokens", "16384", "--heldout-tokens", "1024",
+        "--context-length", "32", "--batch-size", "64", "--checkpoint-every", "25"]  # fmt: skip
+
+
+def saescope(*args, **kwargs):
+    return subprocess.run([sys.executable, "-m", "saescope.cli", *args], capture_output=True, text=True, timeout=300, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_model_dir, tmp_path_factory):
+    """A complete reference run, and the activation store it built (shared by the others)."""
+    folder = tmp_path_factory.mktemp("train")
+    result = saescope("train", "--out", str(folder / "reference"), "--store", str(folder / "store"),
+                      "--model", str(tiny_model_dir), *ARGS)
+    assert result.returncode == 0, result.stderr
+    return folder
+
+
+def test_resume_after_sigkill_matches_uninterrupted_run(uninterrupted, tiny_model_dir):
+    run = uninterrupted / "killed"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "saescope.cli", "train", "--out", str(run), "--store", str(uninterrupted / "store"),
+         "--model", str(tiny_model_dir), *ARGS],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 120
+    while not (run / CHECKPOINT_FILE).exists():
+        assert process.poll() is None, "training ended before its first checkpoint"
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    process.send_signal(signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL
+    assert not (run / runfolder.SAE_FILE).exists()  # killed mid-way: no result yet
+    killed_at = torch.load(run / CHECKPOINT_FILE, weights_only=False)["step"]
+    assert 0 < killed_at < 256
+
+    result = saescope("train", "--resume", str(run))
+    assert result.returncode == 0, result.stderr
+    reference = runfolder.load_sae_weights(uninterrupted / "reference")
+    resumed = runfolder.load_sae_weights(run)
+    for name in runfolder.SAE_TENSORS:
+        assert_close(resumed[name], reference[name], rtol=1e-6, atol=1e-6)
+    assert runfolder.load_metrics(run)["train_fvu_final"] == pytest.approx(
+        runfolder.load_metrics(uninterrupted / "reference")["train_fvu_final"], rel=1e-6)
+    assert not (run / CHECKPOINT_FILE).exists()  # the finished run needs no checkpoint
+    again = saescope("train", "--resume", str(run))
+    assert again.returncode == 2 and "already complete" in again.stderr
+
+
+def test_nan_stops_training_naming_the_step_and_keeps_the_checkpoint(uninterrupted, tiny_model_dir):
+    store = uninterrupted / "nan-store"
+    shutil.copytree(uninterrupted / "store", store)
+    activations = np.load(store / "activations.npy", mmap_mode="r+")
+    activations[300 * 32 + 5] = np.nan  # one token of context 300: the second chunk, steps 128..255
+    activations.flush()
+    del activations
+    run = uninterrupted / "nan"
+    result = saescope("train", "--out", str(run), "--store", str(store), "--model", str(tiny_model_dir), *ARGS)
+    assert result.returncode == 2
+    error = result.stderr.strip().splitlines()[-1]
+    assert "non-finite at step" in error
+    failed_at = int(error.split("at step ")[1].split()[0])
+    assert 128 <= failed_at < 256
+    saved = torch.load(run / CHECKPOINT_FILE, weights_only=False)
+    assert saved["step"] <= failed_at and all(torch.isfinite(t).all() for t in saved["sae"].values())
+    assert not (run / runfolder.SAE_FILE).exists()
