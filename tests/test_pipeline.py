@@ -155,7 +155,8 @@ def test_damaged_run_folder_is_one_line_and_writes_nothing(tiny_run, tmp_path):
     url = f"sqlite:///{tmp_path / 'fresh.db'}"
     result = run_cli("load", str(broken), "--db", url)
     assert result.returncode == 2
-    assert result.stderr.strip().count("\n") == 0 and "examples.safetensors" in result.stderr
+    error = result.stderr.strip().splitlines()[-1]  # progress lines may come before it
+    assert error.startswith("saescope load: error:") and "examples.safetensors" in error
     if (tmp_path / "fresh.db").exists():
         assert counts(url)["saes"] == 0
 
