@@ -83,7 +83,8 @@ def test_pages_and_json_twins(client, sae_id):
     sae = client.get(f"/saes/{sae_id}.json", params={"sort": "density", "order": "desc", "per_page": 10}).json()
     densities = [latent["density"] for latent in sae["latents"]]
     assert len(densities) == 10 and densities == sorted(densities, reverse=True)
-    assert client.get(f"/saes/{sae_id}").status_code == 200
+    page = client.get(f"/saes/{sae_id}")
+    assert page.status_code == 200 and "ΔCE" in page.text and "CE ablated" in page.text  # eval metrics shown
 
     top = sae["latents"][0]["index"]
     feature = client.get(f"/saes/{sae_id}/features/{top}.json").json()
