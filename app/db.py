@@ -6,27 +6,52 @@ from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 ROOT = Path(__file__).resolve().parent.parent  # the repository: migrations/, templates/, static/
 MIGRATIONS_DIR = ROOT / "migrations"
 
 
-def make_engine(database_url: str) -> Engine:
-    """An engine for `database_url`; on SQLite with foreign keys enforced, as on PostgreSQL."""
+def make_engine(database_url: str, *, statement_timeout_s: float | None = None,
+                pool_size: int | None = None) -> Engine:
+    """An engine for `database_url`; SQLite behaves like PostgreSQL where it matters.
+
+    SQLite: foreign keys enforced; WAL, so readers never wait for a load; real transactions
+    (pysqlite's own BEGIN handling is off and SQLAlchemy emits BEGIN, or `BEGIN IMMEDIATE` for a
+    connection with the execution option `sqlite_begin="IMMEDIATE"`, as the loader asks).
+    PostgreSQL: `statement_timeout_s` bounds every statement (the web app sets it; loads don't).
+    """
     if database_url.startswith("sqlite"):
         # check_same_thread: FastAPI runs sync handlers in a thread pool; timeout waits on locks.
         engine = create_engine(database_url, connect_args={"check_same_thread": False, "timeout": 30})
-        event.listen(engine, "connect", _sqlite_pragmas)
+        event.listen(engine, "connect", _sqlite_connect)
+        event.listen(engine, "begin", _sqlite_begin)
         return engine
-    return create_engine(database_url, pool_pre_ping=True)
+    connect_args = {}
+    if statement_timeout_s:
+        # connect_args replace the URL's own libpq "options" (e.g. a search_path): keep both.
+        options = make_url(database_url).query.get("options")
+        timeout = f"-c statement_timeout={int(statement_timeout_s * 1000)}"
+        connect_args["options"] = f"{options} {timeout}" if options else timeout
+    pool = {"pool_size": pool_size, "max_overflow": pool_size} if pool_size else {}
+    return create_engine(database_url, pool_pre_ping=True, connect_args=connect_args, **pool)
 
 
-def _sqlite_pragmas(dbapi_connection, _record) -> None:
+def _sqlite_connect(dbapi_connection, _record) -> None:
+    dbapi_connection.isolation_level = None  # SQLAlchemy's begin hook below starts transactions
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA foreign_keys=ON")
+    # WAL: one writer and any number of readers at once; a killed writer's uncommitted frames are
+    # ignored on the next open. synchronous=NORMAL is still safe against a killed process.
+    mode = cursor.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+    if mode == "wal":
+        cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.close()
+
+
+def _sqlite_begin(conn) -> None:
+    conn.exec_driver_sql(f"BEGIN {conn.get_execution_options().get('sqlite_begin', 'DEFERRED')}")
 
 
 def session_factory(engine: Engine) -> sessionmaker[Session]:
