@@ -407,3 +407,36 @@ def test_import_command_writes_a_run_folder(tmp_path):
     cfg, sae = TopKSAE.load(tmp_path / "run")
     assert (cfg["layer"], cfg["k"], cfg["n_latents"], cfg["model"]) == (2, k, n, "some/model")
     assert main(["import", str(tmp_path / "nowhere"), "--out", str(tmp_path / "run2")]) == 2
+
+
+def test_imported_sparsify_sae_goes_through_harvest_eval_and_load(tiny_model_dir, tmp_path):
+    """An SAE trained elsewhere on the tiny model: import, harvest (building an activation store
+    for its model and layer), evaluate, load, and read its feature page."""
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+    from app.settings import Settings
+    from saescope.cli import main
+
+    n, d, k = 48, 32, 4
+    torch.manual_seed(1)
+    source = tmp_path / "elsewhere" / "layers.1"
+    source.mkdir(parents=True)
+    (source / "cfg.json").write_text(json.dumps(
+        {"activation": "topk", "expansion_factor": 1.5, "normalize_decoder": True, "num_latents": n, "k": k,
+         "multi_topk": False, "skip_connection": False, "transcode": False, "d_in": d}))
+    W_dec = F.normalize(torch.randn(n, d), dim=-1)
+    save_file({"encoder.weight": W_dec.clone(), "encoder.bias": torch.zeros(n), "W_dec": W_dec,
+               "b_dec": torch.zeros(d)}, str(source / "sae.safetensors"))
+    run = tmp_path / "run"
+    assert main(["import", str(source), "--out", str(run), "--model", str(tiny_model_dir)]) == 0
+    assert main(["harvest", str(run), "--tokens", "4096", "--context-length", "32"]) == 0
+    assert main(["eval", str(run), "--downstream-contexts", "4"]) == 0
+    metrics = runfolder.load_metrics(run)
+    assert 0 < metrics["fvu"] and metrics["l0"] <= k
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    assert main(["load", str(run), "--db", url]) == 0
+    sae_id = runfolder.sae_slug(runfolder.load_cfg(run))
+    with TestClient(create_app(Settings(database_url=url))) as client:
+        feature = client.get(f"/saes/{sae_id}/features/0.json")
+        assert feature.status_code == 200 and feature.json()["density"] > 0

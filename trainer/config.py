@@ -83,6 +83,9 @@ class HarvestConfig:
     top_k: int = option(20, "top-activating contexts kept per latent")
     batch_contexts: int = option(32, "contexts encoded at once")
     exclude_first: int = option(1, "leading positions of each context left out (the first token acts as an attention sink)")
+    tokens: int = option(131_072, "for a run without an activation store (an imported SAE): tokens to build one from")
+    context_length: int = option(128, "for a run without an activation store: tokens per context")
+    corpus: str = option("stdlib", "for a run without an activation store: the corpus to read")
 
     def __post_init__(self):
         if self.top_k < 1:

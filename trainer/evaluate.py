@@ -51,6 +51,10 @@ def evaluate_run(run_dir: Path, store_dir: Path | None = None, downstream_contex
     """Reconstruction metrics, then downstream loss on `downstream_contexts` held-out contexts
     (0 skips it), into metrics.json."""
     cfg, sae = TopKSAE.load(run_dir)
+    if not (store_dir or cfg.get("store")):
+        raise runfolder.RunFolderError(
+            f"{Path(run_dir) / runfolder.CFG_FILE}: no activation store; pass --store or run `saescope harvest` first"
+        )
     store = ActivationStore.open(store_dir or cfg["store"])
     metrics = evaluate_sae(sae, store, cfg["input_scale"])
     if downstream_contexts > 0:

@@ -104,11 +104,33 @@ def harvest_sae(sae: TopKSAE, store: ActivationStore, scale: float, cfg: Harvest
     )
 
 
+def store_for_run(run_dir: Path, run_cfg: dict, cfg: HarvestConfig, store_dir: Path | None) -> ActivationStore:
+    """The run's activation store; an imported SAE has none, so build one for its model and
+    layer (and record it in cfg.json, so that eval finds it too)."""
+    if store_dir or run_cfg.get("store"):
+        return ActivationStore.open(store_dir or run_cfg["store"])
+    from trainer.config import TrainConfig
+    from trainer.train import prepare_store
+
+    store_cfg = TrainConfig(
+        model=run_cfg["model"], layer=run_cfg["layer"], n_latents=2, k=1, corpus=cfg.corpus,
+        tokens=cfg.tokens, heldout_tokens=cfg.context_length * 16, context_length=cfg.context_length,
+    )
+    store = prepare_store(store_cfg, Path(run_dir) / "activations")
+    if store.meta["d_model"] != run_cfg["d_in"]:
+        raise runfolder.RunFolderError(
+            f"{Path(run_dir) / runfolder.CFG_FILE}: the SAE reads {run_cfg['d_in']}-dim inputs but "
+            f"{run_cfg['model']} has d_model {store.meta['d_model']}"
+        )
+    runfolder.save_cfg(run_dir, {**run_cfg, "store": str(store.path.resolve())})
+    return store
+
+
 def harvest_run(run_dir: Path, cfg: HarvestConfig | None = None, store_dir: Path | None = None) -> runfolder.Harvest:
     cfg = cfg or HarvestConfig()
     run_cfg, sae = TopKSAE.load(run_dir)
-    store = ActivationStore.open(store_dir or run_cfg["store"])
-    harvest = harvest_sae(sae, store, run_cfg["input_scale"], cfg)
+    store = store_for_run(run_dir, run_cfg, cfg, store_dir)
+    harvest = harvest_sae(sae, store, run_cfg.get("input_scale", 1.0), cfg)
     harvest.vocab = store.vocab()
     runfolder.save_harvest(run_dir, harvest)
     return harvest
