@@ -22,4 +22,5 @@ COPY --from=js /src/node_modules node_modules
 RUN useradd --system saescope
 USER saescope
 EXPOSE 8000
-CMD ["uvicorn", "app.main:create_app", "--factory", "--host", "0.0.0.0", "--port", "8000", "--workers", "4"]
+ENV SAESCOPE_HOST=0.0.0.0 SAESCOPE_PORT=8000 SAESCOPE_WORKERS=4
+CMD ["python", "-m", "app.server"]

@@ -121,13 +121,28 @@ def write_in_one_transaction(engine: Engine, rows: RunRows, replace: bool = Fals
     # BEGIN IMMEDIATE on SQLite: take the write lock before reading, so the "already loaded?"
     # check and the inserts see the same database (app.db's begin hook reads this option).
     with engine.connect().execution_options(sqlite_begin="IMMEDIATE") as conn, conn.begin():
-        if conn.dialect.name == "postgresql":
-            conn.exec_driver_sql("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))",
-                                 (f"saescope.load:{rows.sae_id}",))
+        lock_sae(conn, rows.sae_id)
         written = write_run(conn, rows, replace=replace)
         if written:
             log.info("committing %s rows", f"{rows.n_rows:,}")
     return written
+
+
+def lock_sae(conn: Connection, sae_id: str) -> None:
+    """Serialise writers of one SAE until the transaction ends (a load, a replace, a delete).
+    SQLite needs nothing more: a `BEGIN IMMEDIATE` transaction already excludes other writers."""
+    if conn.dialect.name == "postgresql":
+        conn.exec_driver_sql("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (f"saescope.sae:{sae_id}",))
+
+
+def unload_sae(engine: Engine, sae_id: str) -> bool:
+    """Delete one SAE and all its rows in one transaction; False when there was none."""
+    with engine.connect().execution_options(sqlite_begin="IMMEDIATE") as conn, conn.begin():
+        lock_sae(conn, sae_id)
+        deleted = delete_sae(conn, sae_id)
+    if deleted:
+        log.info("deleted %s", sae_id)
+    return deleted
 
 
 def content_hash(run_dir: Path) -> str:

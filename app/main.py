@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import logging
-import traceback
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
@@ -17,23 +16,17 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from app.db import ROOT, make_engine, session_factory
 from app.probe import ProbeService
 from app.render import make_templates, render
-from app.routes import features, probe, saes
+from app.routes import admin, features, probe, saes
+from app.security import RequestGuard
 from app.settings import Settings
 
 log = logging.getLogger("saescope.app")
 
-# Corpus text is untrusted: even if escaping ever failed, no inline script would run.
-CSP = (
-    "default-src 'self'; script-src 'self'; style-src 'self'; style-src-attr 'unsafe-inline'; "
-    "img-src 'self' data:; object-src 'none'; base-uri 'self'; form-action 'self'; frame-ancestors 'none'"
-)
-
-DOCS_PATHS = ("/docs", "/redoc", "/docs/oauth2-redirect")
-
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
-    engine = make_engine(settings.database_url)
+    engine = make_engine(settings.database_url, statement_timeout_s=settings.request_timeout_s,
+                         pool_size=settings.db_pool_size)
     sessions = session_factory(engine)
     probe_service = ProbeService(settings, sessions)
 
@@ -49,13 +42,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version="1",
         debug=settings.debug,
         lifespan=lifespan,
+        # Swagger UI and ReDoc need a CDN and inline script: only in debug mode (app.security).
+        docs_url="/docs" if settings.debug else None,
+        redoc_url="/redoc" if settings.debug else None,
     )
     app.state.settings = settings
+    app.state.engine = engine
     app.state.sessions = sessions
     app.state.probe = probe_service
     app.state.templates = make_templates()
 
-    for router in (saes.router, features.router, probe.router):
+    for router in (saes.router, features.router, probe.router, admin.router):
         app.include_router(router)
 
     @app.get("/healthz", include_in_schema=False)
@@ -68,16 +65,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.mount("/static", StaticFiles(directory=ROOT / "static"), name="static")
 
     _install_error_handlers(app, settings)
-
-    @app.middleware("http")
-    async def security_headers(request: Request, call_next):
-        response = await call_next(request)
-        if request.url.path not in DOCS_PATHS:  # FastAPI's Swagger/ReDoc pages load their JS from a CDN
-            response.headers.setdefault("Content-Security-Policy", CSP)
-        response.headers.setdefault("X-Content-Type-Options", "nosniff")
-        response.headers.setdefault("Referrer-Policy", "same-origin")
-        return response
-
+    # Security headers, size limits, the request timeout and the 500 page (app/security.py).
+    app.add_middleware(RequestGuard, settings=settings)
     return app
 
 
@@ -99,13 +88,4 @@ def _install_error_handlers(app: FastAPI, settings: Settings) -> None:
             return JSONResponse({"detail": jsonable_encoder(exc.errors())}, status_code=422)
         problems = "; ".join(f"{'.'.join(map(str, e['loc'][1:]))}: {e['msg']}" for e in exc.errors())
         return render(request, "error.html", status_code=422, status=422, message=f"Bad request: {problems}")
-
-    @app.exception_handler(Exception)
-    async def server_error(request: Request, exc: Exception):
-        # Only reached when debug is off (Starlette shows its traceback page when it is on).
-        log.error("unhandled error on %s\n%s", request.url.path,
-                  "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
-        detail = "internal server error"
-        if wants_json(request):
-            return JSONResponse({"detail": detail}, status_code=500)
-        return render(request, "error.html", status_code=500, status=500, message=detail)
+    # Unhandled exceptions: RequestGuard logs them and answers a 500 without a traceback.

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import AliasChoices, Field
+from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -33,3 +33,30 @@ class Settings(BaseSettings):
         description="Folder holding run folders on this server, used when the path recorded at "
         "load time does not exist here (e.g. inside a container).",
     )
+
+    # ---- shared deployment: writes, limits, timeouts, workers
+    admin_token: SecretStr | None = Field(
+        None,
+        description="Bearer token that every write route (e.g. DELETE /api/saes/{id}) requires; at least "
+        "16 characters. No default: without one the write routes are off (403).",
+    )
+    workers: int = Field(1, ge=1, le=64, description="Server processes (uvicorn workers) for `saescope serve`.")
+    max_body_bytes: int = Field(65_536, ge=1024, description="Largest request body accepted (413 above).")
+    max_url_bytes: int = Field(
+        65_536, ge=1024, description="Longest request path + query string accepted (414 above); room for "
+        "a probe link of probe_max_chars characters.")
+    request_timeout_s: float = Field(
+        30.0, gt=0, description="A request not answered by then gets a 504; on PostgreSQL each SQL statement "
+        "of the web app is also cancelled after this long.")
+    keep_alive_timeout_s: int = Field(5, ge=1, description="Idle keep-alive connections are closed after this.")
+    db_pool_size: int = Field(8, ge=1, description="Database connections kept per server process (PostgreSQL).")
+
+    @field_validator("admin_token", mode="before")
+    @classmethod
+    def _no_blank_or_short_token(cls, value):
+        if value is None or (isinstance(value, str) and not value.strip()):
+            return None  # SAESCOPE_ADMIN_TOKEN= (empty, as docker-compose passes an unset one): writes off
+        secret = value.get_secret_value() if isinstance(value, SecretStr) else str(value)
+        if len(secret) < 16:
+            raise ValueError("admin_token must be at least 16 characters (e.g. `openssl rand -hex 32`)")
+        return value

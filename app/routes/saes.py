@@ -13,7 +13,8 @@ from app.render import json_response, render
 
 router = APIRouter(tags=["saes"])
 
-Page = Annotated[int, Query(ge=1, description="1-based page number")]
+# Bounded so the OFFSET always fits the database's integers (a bigger page is a 422, not a 500).
+Page = Annotated[int, Query(ge=1, le=2**31 - 1, description="1-based page number")]
 PerPage = Annotated[int, Query(ge=1, le=500, description="latents per page")]
 
 

@@ -9,7 +9,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from webrun import DEAD, N_LATENTS, SCRIPT_CONTEXT, TOP_K, VOCAB, make_run
+from webrun import DEAD, N_LATENTS, SCRIPT_CONTEXT, TOP_K, VOCAB, make_run, table_counts
 from sqlalchemy import func, select
 
 from app.db import make_engine, upgrade
@@ -18,14 +18,7 @@ from app.models import Context, Example, Latent, Sae
 from trainer.runfolder import RunFolderError, load_harvest, save_harvest
 
 
-def counts(url: str) -> dict[str, int]:
-    engine = make_engine(url)
-    try:
-        with engine.connect() as conn:
-            return {t.__tablename__: conn.execute(select(func.count()).select_from(t)).scalar_one()
-                    for t in (Sae, Latent, Context, Example)}
-    finally:
-        engine.dispose()
+counts = table_counts
 
 
 def test_load_writes_every_table(database_url, run_dir, sae_id):

@@ -95,7 +95,8 @@ def test_sae_page_state_lives_in_the_query_string(client, sae_id):
     assert f"/saes/{sae_id}?sort=index&order=desc&per_page=10" in parsed.links  # clicking the active column flips it
 
 
-@pytest.mark.parametrize("params", [{"per_page": 501}, {"per_page": 0}, {"page": 0}, {"sort": "bogus"}, {"order": "up"}])
+@pytest.mark.parametrize("params", [{"per_page": 501}, {"per_page": 0}, {"page": 0}, {"page": 2**31},
+                                    {"page": 10**20}, {"sort": "bogus"}, {"order": "up"}])
 def test_sae_bad_query_is_rejected(client, sae_id, params):
     assert client.get(f"/saes/{sae_id}.json", params=params).status_code == 422
     html = client.get(f"/saes/{sae_id}", params=params)
@@ -145,11 +146,18 @@ def test_dead_latent_page(client, sae_id):
     assert page.status_code == 200 and "never fired" in page.text
 
 
-@pytest.mark.parametrize("path", ["/saes/nope", "/saes/{sae}/features/9999", "/saes/{sae}/features/-1", "/no/such/page"])
+@pytest.mark.parametrize("path", ["/saes/nope", "/saes/{sae}/features/9999", "/no/such/page"])
 def test_unknown_things_are_404_pages(client, sae_id, path):
     page = client.get(path.format(sae=sae_id))
     assert page.status_code == 404 and "text/html" in page.headers["content-type"]
     assert "Traceback" not in page.text
+
+
+@pytest.mark.parametrize("index", ["-1", str(2**31), "99999999999999999999", "1e3", "0x10"])
+def test_impossible_latent_index_is_422(client, sae_id, index):
+    page = client.get(f"/saes/{sae_id}/features/{index}")
+    assert page.status_code == 422 and "text/html" in page.headers["content-type"]
+    assert client.get(f"/saes/{sae_id}/features/{index}.json").status_code == 422
 
 
 @pytest.mark.parametrize("path", ["/saes/nope.json", "/saes/{sae}/features/9999.json"])

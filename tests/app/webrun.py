@@ -100,3 +100,19 @@ def make_synthetic_run(run_dir: Path, n_latents: int, n_examples: int, context_l
         info={"n_tokens": n_contexts * context_length, "top_k": n_examples, "context_length": context_length},
     ))
     return run_dir
+
+
+def table_counts(database_url: str) -> dict[str, int]:
+    """Rows per table of a loaded database."""
+    from sqlalchemy import func, select
+
+    from app.db import make_engine
+    from app.models import Context, Example, Latent, Sae
+
+    engine = make_engine(database_url)
+    try:
+        with engine.connect() as conn:
+            return {t.__tablename__: conn.execute(select(func.count()).select_from(t)).scalar_one()
+                    for t in (Sae, Latent, Context, Example)}
+    finally:
+        engine.dispose()

@@ -1,0 +1,180 @@
+"""What every response carries and what no request may exceed.
+
+`RequestGuard` is one pure ASGI middleware around the whole app:
+
+- security headers on every response, error pages included: a Content-Security-Policy with no
+  inline script, `X-Content-Type-Options: nosniff`, `Referrer-Policy`, and `frame-ancestors
+  'none'` (the app has no embed route; one would be listed in EMBED_PATHS);
+- limits: a path + query string longer than `max_url_bytes` is a 414, a body longer than
+  `max_body_bytes` a 413 (by Content-Length before reading, or while streaming), a NUL byte in
+  the path or query a 400 (no database stores it, and no id contains it);
+- a timeout: a request not answered within `request_timeout_s` is a 504 (sync handlers finish
+  in their thread, but the client gets its answer; on PostgreSQL the statement is cancelled too);
+- errors never show a stack trace outside debug mode: an unhandled exception is logged and
+  answered with a plain 500 page or `{"detail": "internal server error"}`.
+"""
+
+from __future__ import annotations
+
+import logging
+import traceback
+
+import anyio
+from starlette.datastructures import Headers, MutableHeaders
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app.settings import Settings
+
+log = logging.getLogger("saescope.app")
+
+# Corpus text is untrusted: even if escaping ever failed, no inline script would run. Inline
+# style *attributes* stay allowed: token shading is a number in `style="--a: 0.5"`.
+CSP = (
+    "default-src 'self'; script-src 'self'; style-src 'self'; style-src-attr 'unsafe-inline'; "
+    "img-src 'self' data:; object-src 'none'; base-uri 'self'; form-action 'self'; connect-src 'self'; "
+    "frame-ancestors {ancestors}"
+)
+EMBED_PATHS: tuple[str, ...] = ()  # path prefixes that other sites may frame; none today
+# Swagger UI and ReDoc load their JS from a CDN and start it with an inline script: the docs
+# pages exist only in debug mode, with a policy that says so.
+DOCS_PATHS = ("/docs", "/redoc", "/docs/oauth2-redirect")
+DOCS_CSP = ("default-src 'self'; script-src 'self' 'unsafe-inline' https://cdn.jsdelivr.net; "
+            "style-src 'self' 'unsafe-inline' https://cdn.jsdelivr.net https://fonts.googleapis.com; "
+            "img-src 'self' data: https://fastapi.tiangolo.com; font-src https://fonts.gstatic.com; "
+            "frame-ancestors 'none'")
+
+
+def security_headers(path: str) -> dict[str, str]:
+    embeddable = any(path.startswith(prefix) for prefix in EMBED_PATHS)
+    csp = DOCS_CSP if path in DOCS_PATHS else CSP.format(ancestors="*" if embeddable else "'none'")
+    headers = {
+        "Content-Security-Policy": csp,
+        "X-Content-Type-Options": "nosniff",
+        "Referrer-Policy": "same-origin",
+        "Cross-Origin-Opener-Policy": "same-origin",
+        "Permissions-Policy": "camera=(), microphone=(), geolocation=()",
+    }
+    if not embeddable:
+        headers["X-Frame-Options"] = "DENY"  # for browsers that predate frame-ancestors
+    return headers
+
+
+class BodyTooLarge(HTTPException):
+    def __init__(self, limit: int):
+        super().__init__(413, f"request body larger than {limit:,} bytes")
+
+
+class RequestGuard:
+    def __init__(self, app: ASGIApp, settings: Settings):
+        self.app = app
+        self.debug = settings.debug
+        self.max_body = settings.max_body_bytes
+        self.max_url = settings.max_url_bytes
+        self.timeout = settings.request_timeout_s
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+        answered = False  # a 504 went out: whatever the app sends later is dropped
+
+        async def send_secured(message: Message, force: bool = False) -> None:
+            nonlocal started
+            if answered and not force:
+                return
+            if message["type"] == "http.response.start":
+                started = True
+                headers = MutableHeaders(scope=message)
+                for name, value in security_headers(scope["path"]).items():
+                    if name not in headers:
+                        headers[name] = value
+            await send(message)
+
+        rejection = self._check_request(scope)
+        if rejection is not None:
+            await self._error(scope, send_secured, *rejection)
+            return
+
+        received = 0
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_body:
+                    # FastAPI re-raises an HTTPException met while reading the body, so the
+                    # app's own handler answers it (JSON or HTML, like every other error).
+                    raise BodyTooLarge(self.max_body)
+            return message
+
+        error: Exception | None = None
+
+        async with anyio.create_task_group() as tasks:
+            async def run_app() -> None:
+                nonlocal error
+                try:
+                    await self.app(scope, limited_receive, send_secured)
+                except Exception as exc:  # handled below, outside the task group
+                    error = exc
+                finally:
+                    tasks.cancel_scope.cancel()  # stops the watchdog
+
+            async def watchdog() -> None:
+                nonlocal answered
+                await anyio.sleep(self.timeout)
+                if not started:  # answer now; a sync handler still busy in its thread is abandoned
+                    answered = True  # from here on, what the app sends is dropped
+
+                    async def send_504(message: Message) -> None:
+                        await send_secured(message, force=True)
+
+                    await self._error(scope, send_504, 504, f"the server did not answer within {self.timeout:g} s")
+                tasks.cancel_scope.cancel()
+
+            tasks.start_soon(watchdog)
+            tasks.start_soon(run_app)
+
+        if error is not None:
+            if self.debug:
+                raise error
+            log.error("unhandled error on %s %s\n%s", scope.get("method"), scope["path"],
+                      "".join(traceback.format_exception(type(error), error, error.__traceback__)))
+            if started:
+                raise error  # the response is half sent: let the server drop the connection
+            await self._error(scope, send_secured, 500, "internal server error")
+
+    def _check_request(self, scope: Scope) -> tuple[int, str] | None:
+        raw_path = scope.get("raw_path") or scope["path"].encode()
+        query = scope.get("query_string", b"")
+        if len(raw_path) + len(query) > self.max_url:
+            return 414, f"URL longer than {self.max_url:,} bytes"
+        if "\x00" in scope["path"] or b"%00" in query or b"\x00" in query:
+            return 400, "NUL bytes are not allowed in URLs"
+        length = Headers(scope=scope).get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.max_body):
+            return 413, f"request body larger than {self.max_body:,} bytes"
+        return None
+
+    async def _error(self, scope: Scope, send: Send, status: int, detail: str) -> None:
+        """The same error shapes as the app's handlers: JSON on API paths, else an HTML page."""
+        from app.main import wants_json  # the one definition of "an API path"
+        from app.render import render
+
+        request = Request(scope)
+        if wants_json(request):
+            response = JSONResponse({"detail": detail}, status_code=status)
+        else:
+            try:
+                response = render(request, "error.html", status_code=status, status=status, message=detail)
+            except Exception:  # even the error page failed: still no traceback
+                response = PlainTextResponse(f"{status} {detail}", status_code=status)
+        await response(scope, _no_body, send)
+
+
+async def _no_body() -> Message:
+    return {"type": "http.request", "body": b"", "more_body": False}

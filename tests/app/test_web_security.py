@@ -1,0 +1,219 @@
+"""Locked down: reads open, writes behind the admin token, security headers on every response,
+request limits and timeouts, no stack traces, and hostile parameters answered with a 4xx."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import text
+from sqlalchemy.exc import OperationalError
+from webrun import N_LATENTS, table_counts as counts
+
+from app.loader import load_run
+from app.main import create_app
+from app.settings import Settings
+
+TOKEN = "s3cret-admin-token-of-some-length"
+
+
+@pytest.fixture
+def loaded_url(empty_url, run_dir):
+    """A database of each backend with the test run loaded, ours to change."""
+    load_run(run_dir, empty_url)
+    return empty_url
+
+
+# ------------------------------------------------------------ security headers
+
+
+def assert_secured(response):
+    csp = response.headers["Content-Security-Policy"]
+    directives = dict(d.strip().split(" ", 1) for d in csp.split(";"))
+    assert directives["script-src"] == "'self'"  # no 'unsafe-inline', no CDN: no inline script runs
+    assert directives["default-src"] == "'self'" and directives["object-src"] == "'none'"
+    assert directives["frame-ancestors"] == "'none'"  # the app has no embed route
+    assert response.headers["X-Content-Type-Options"] == "nosniff"
+    assert response.headers["Referrer-Policy"] == "same-origin"
+    assert response.headers["X-Frame-Options"] == "DENY"
+
+
+@pytest.mark.parametrize("method, path, status", [
+    ("GET", "/", 200),
+    ("GET", "/index.json", 200),
+    ("GET", "/saes/{sae}", 200),
+    ("GET", "/saes/{sae}/features/0.json", 200),
+    ("GET", "/static/style.css", 200),
+    ("GET", "/static/vendor/htmx.org/htmx.min.js", 200),
+    ("GET", "/openapi.json", 200),
+    ("GET", "/healthz", 200),
+    ("GET", "/no/such/page", 404),
+    ("GET", "/saes/nope.json", 404),
+    ("GET", "/saes/{sae}.json?per_page=0", 422),
+    ("DELETE", "/api/saes/{sae}", 403),
+    ("GET", "/saes/a%00b", 400),
+])
+def test_every_response_carries_the_security_headers(client, sae_id, method, path, status):
+    response = client.request(method, path.format(sae=sae_id))
+    assert response.status_code == status
+    assert_secured(response)
+
+
+def test_server_errors_are_secured_and_hide_the_traceback(tmp_path):
+    unmigrated = f"sqlite:///{tmp_path / 'empty.db'}"  # no tables: every query fails
+    with TestClient(create_app(Settings(database_url=unmigrated)), raise_server_exceptions=False) as client:
+        page = client.get("/")
+        assert page.status_code == 500 and "text/html" in page.headers["content-type"]
+        assert "Traceback" not in page.text and "OperationalError" not in page.text and "sqlite" not in page.text
+        assert_secured(page)
+        api = client.get("/index.json")
+        assert api.json() == {"detail": "internal server error"}
+        assert_secured(api)
+
+
+def test_debug_mode_shows_the_traceback_and_the_docs(tmp_path):
+    """The contrast that shows the switch works: only debug mode says more."""
+    unmigrated = f"sqlite:///{tmp_path / 'empty.db'}"
+    settings = Settings(database_url=unmigrated, debug=True)
+    with TestClient(create_app(settings), raise_server_exceptions=False) as client:
+        assert "Traceback" in client.get("/", headers={"Accept": "text/html"}).text
+        assert client.get("/docs").status_code == 200
+
+
+def test_no_interactive_docs_outside_debug_mode(client):
+    # Swagger UI needs a CDN and an inline script, which the CSP forbids; the schema stays.
+    assert client.get("/docs").status_code == 404 and client.get("/redoc").status_code == 404
+    assert client.get("/openapi.json").status_code == 200
+
+
+# ------------------------------------------------------------ writes need the admin token
+
+
+def test_reading_is_open_and_writes_are_off_without_a_token(client, sae_id):
+    assert client.get("/index.json").status_code == 200
+    response = client.delete(f"/api/saes/{sae_id}", headers={"Authorization": f"Bearer {TOKEN}"})
+    assert response.status_code == 403
+    assert "no admin token" in response.json()["detail"] and "SAESCOPE_ADMIN_TOKEN" in response.json()["detail"]
+    assert client.get(f"/saes/{sae_id}.json").status_code == 200  # still there
+
+
+def test_delete_needs_the_right_token(loaded_url, sae_id, monkeypatch):
+    compared, original = [], hmac.compare_digest
+
+    def compare_digest(a, b):
+        compared.append((a, b))
+        return original(a, b)
+
+    monkeypatch.setattr("app.routes.admin.hmac.compare_digest", compare_digest)
+    with TestClient(create_app(Settings(database_url=loaded_url, admin_token=TOKEN))) as client:
+        wrong = [
+            {},
+            {"Authorization": TOKEN},
+            {"Authorization": f"Basic {TOKEN}"},
+            {"Authorization": "Bearer "},
+            {"Authorization": f"Bearer {TOKEN[:-1]}x"},  # same length, last character wrong
+            {"Authorization": f"Bearer {TOKEN}x"},
+        ]
+        for headers in wrong:
+            response = client.delete(f"/api/saes/{sae_id}", headers=headers)
+            assert response.status_code == 401, headers
+            assert response.headers["WWW-Authenticate"] == "Bearer"
+        assert counts(loaded_url)["latents"] == N_LATENTS
+        assert compared, "the token must be compared with hmac.compare_digest (constant time)"
+
+        right = {"Authorization": f"Bearer {TOKEN}"}
+        response = client.delete(f"/api/saes/{sae_id}", headers=right)
+        assert response.status_code == 200 and response.json() == {"deleted": sae_id}
+        assert counts(loaded_url) == {"saes": 0, "latents": 0, "contexts": 0, "examples": 0}
+        assert client.get(f"/saes/{sae_id}.json").status_code == 404
+        assert client.delete(f"/api/saes/{sae_id}", headers=right).status_code == 404
+        assert client.delete("/api/saes/nope", headers={}).status_code == 401  # no token, no answer about ids
+
+
+@pytest.mark.parametrize("value, expected", [("", None), ("   ", None), (None, None), (TOKEN, TOKEN)])
+def test_admin_token_setting(monkeypatch, value, expected):
+    monkeypatch.delenv("SAESCOPE_ADMIN_TOKEN", raising=False)
+    if value is not None:
+        monkeypatch.setenv("SAESCOPE_ADMIN_TOKEN", value)
+    token = Settings().admin_token
+    assert (token.get_secret_value() if token else None) == expected
+    assert TOKEN not in repr(Settings(admin_token=TOKEN))  # never printed
+
+
+def test_a_short_admin_token_is_refused():
+    with pytest.raises(ValueError, match="at least 16"):
+        Settings(admin_token="short")
+
+
+# ------------------------------------------------------------ limits and timeouts
+
+
+def test_request_size_limits(client, sae_id):
+    limit = Settings().max_body_bytes
+    big = {"sae": sae_id, "text": "x" * limit}
+    response = client.post("/api/probe", json=big)
+    assert response.status_code == 413 and "bytes" in response.json()["detail"]
+
+    def chunks():  # no Content-Length: the limit holds while the body streams in
+        for _ in range(limit // 1024 + 2):
+            yield b" " * 1024
+
+    response = client.post("/api/probe", content=chunks(), headers={"Content-Type": "application/json"})
+    assert response.status_code == 413
+
+
+def test_url_length_limit(database_url):
+    # The default (64 KiB) is also httpx's own limit: check with a smaller one.
+    with TestClient(create_app(Settings(database_url=database_url, max_url_bytes=2048))) as client:
+        assert client.get("/saes/" + "x" * 2000).status_code == 404
+        assert client.get("/saes/" + "x" * 2100).status_code == 414
+        assert client.get("/index.json", params={"q": "x" * 2100}).status_code == 414
+
+
+def test_slow_requests_get_a_504(tmp_path):
+    app = create_app(Settings(database_url=f"sqlite:///{tmp_path / 'x.db'}", request_timeout_s=0.2))
+
+    @app.get("/slow.json")
+    async def slow():
+        await asyncio.sleep(5)
+
+    with TestClient(app) as client:
+        response = client.get("/slow.json")
+        assert response.status_code == 504 and "0.2" in response.json()["detail"]
+        assert_secured(response)
+
+
+def test_postgres_statements_time_out(postgres_url):
+    app = create_app(Settings(database_url=postgres_url, request_timeout_s=0.3))
+    with pytest.raises(OperationalError, match="statement timeout"):
+        with app.state.engine.connect() as conn:
+            conn.execute(text("SELECT pg_sleep(3)"))
+    with app.state.engine.connect() as conn:  # the schema in the URL's own options is kept too
+        assert "saescope_test_" in conn.execute(text("SHOW search_path")).scalar_one()
+    app.state.engine.dispose()
+
+
+# ------------------------------------------------------------ hostile parameters
+
+
+SQL_PAYLOADS = ["'", '"', "' OR '1'='1", "1; DROP TABLE saes; --", "%", "_", "\\", "' UNION SELECT NULL--",
+                "%27%3B--", "saes.id", "*", "1)--", "\u2019", "😀", "a" * 300]
+
+
+@pytest.mark.parametrize("payload", SQL_PAYLOADS)
+def test_sql_metacharacters_in_paths_and_queries(client, sae_id, payload):
+    from urllib.parse import quote
+
+    before = client.get("/index.json").json()
+    quoted = quote(payload, safe="")
+    for path in (f"/saes/{quoted}", f"/saes/{quoted}.json", f"/saes/{quoted}/features/0.json",
+                 f"/saes/{sae_id}/features/{quoted}.json"):
+        response = client.get(path)
+        assert 400 <= response.status_code < 500, (path, response.status_code)
+    for name in ("sort", "order", "page", "per_page"):
+        response = client.get(f"/saes/{sae_id}.json", params={name: payload})
+        assert response.status_code == 422, (name, response.status_code)
+    assert client.get("/index.json", params={"q": payload}).json() == before  # unknown parameters ignored
+    assert client.get("/index.json").json() == before  # nothing was dropped or changed
