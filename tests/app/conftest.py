@@ -3,16 +3,13 @@ each backend the app supports, and an in-process client over it.
 
 Every test that takes `database_url` or `client` (or `empty_url`) runs twice: on a real SQLite
 file and on the real PostgreSQL (SAESCOPE_TEST_POSTGRES, by default the local server's `test`
-database), each in a schema of its own that is dropped afterwards. No PostgreSQL is a failure,
-not a skip: `.ci/run` starts it.
+database), each in a schema of its own that is dropped afterwards (databases.py). No PostgreSQL is a
+failure, not a skip: `.ci/run` starts it.
 """
 
 from __future__ import annotations
 
-import os
 import sys
-import uuid
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -23,80 +20,15 @@ for folder in (ROOT, HERE):  # `app` and `trainer` are top-level packages; webru
     if str(folder) not in sys.path:
         sys.path.insert(0, str(folder))
 
+from databases import BACKENDS, drop_abandoned_schemas, empty_database, postgres_schema  # noqa: E402
 from webrun import make_cfg, make_run  # noqa: E402
 
 from trainer.runfolder import sae_slug  # noqa: E402
 
-POSTGRES = os.environ.get("SAESCOPE_TEST_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
-SCHEMA_PREFIX = "saescope_test_"
-BACKENDS = ["sqlite", "postgresql"]
 
-
-def _admin_engine():
-    from sqlalchemy import create_engine
-    from sqlalchemy.pool import NullPool
-
-    return create_engine(POSTGRES, connect_args={"connect_timeout": 3}, poolclass=NullPool)
-
-
-@contextmanager
-def postgres_schema():
-    """A URL whose every connection (the app's, the loader's, Alembic's) lands in a new, empty
-    schema; the schema is dropped on exit. The '%' in the URL also checks that the Alembic
-    config escapes it."""
-    from sqlalchemy import text
-    from sqlalchemy.exc import OperationalError
-
-    admin = _admin_engine()
-    schema = f"{SCHEMA_PREFIX}{os.getpid()}_{uuid.uuid4().hex[:8]}"
-    try:
-        with admin.begin() as conn:
-            conn.execute(text(f'CREATE SCHEMA "{schema}"'))
-    except OperationalError as e:
-        admin.dispose()
-        pytest.fail(
-            f"no PostgreSQL at {POSTGRES}: {e.orig}; start it with "
-            "pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start"
-        )
-    try:
-        yield f"{POSTGRES}?options=-csearch_path%3D{schema}"
-    finally:
-        with admin.begin() as conn:
-            conn.execute(text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
-        admin.dispose()
-
-
-def _drop_abandoned_schemas() -> None:
-    """Schemas left by a test process that was killed (its pid is gone); others' stay."""
-    from sqlalchemy import text
-    from sqlalchemy.exc import OperationalError
-
-    admin = _admin_engine()
-    try:
-        with admin.begin() as conn:
-            names = conn.execute(text("SELECT nspname FROM pg_namespace WHERE nspname LIKE :p"),
-                                 {"p": SCHEMA_PREFIX + "%"}).scalars().all()
-            for name in names:
-                pid = name.removeprefix(SCHEMA_PREFIX).split("_")[0]
-                if pid.isdigit() and not Path(f"/proc/{pid}").exists():
-                    conn.execute(text(f'DROP SCHEMA IF EXISTS "{name}" CASCADE'))
-    except OperationalError:
-        pass  # reported by the first test that needs the server
-    finally:
-        admin.dispose()
-
-
-def pytest_sessionstart(session):
-    _drop_abandoned_schemas()
-
-
-@contextmanager
-def empty_database(backend: str, folder: Path):
-    if backend == "sqlite":
-        yield f"sqlite:///{folder / 'saescope.db'}"
-    else:
-        with postgres_schema() as url:
-            yield url
+@pytest.fixture(scope="session", autouse=True)
+def _clean_abandoned_schemas():
+    drop_abandoned_schemas()
 
 
 @pytest.fixture

@@ -3,16 +3,11 @@
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
+from servers import free_port, running_server
 
-ROOT = Path(__file__).resolve().parents[2]
 CHROMIUM = os.environ.get("SAESCOPE_CHROMIUM", "/usr/bin/chromium")
 SHOTS = Path(os.environ.get("SAESCOPE_SHOTS", "/tmp/shots"))
 
@@ -22,34 +17,12 @@ import playwright.sync_api as playwright_api  # noqa: E402
 assert Path(CHROMIUM).exists(), f"no Chromium at {CHROMIUM}: run `make browser` (apt-get install chromium)"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(database_url):
     port = free_port()
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
     serve = f"from app.server import serve; serve({database_url!r}, '127.0.0.1', {port})"  # what the CLI calls
-    proc = subprocess.Popen([sys.executable, "-c", serve], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(100):
-            try:
-                if urllib.request.urlopen(f"{base}/healthz", timeout=1).status == 200:
-                    break
-            except OSError:
-                if proc.poll() is not None:
-                    raise RuntimeError(proc.stdout.read().decode())
-                time.sleep(0.1)
-        else:
-            raise RuntimeError("server did not start")
+    with running_server(["-c", serve], port) as (base, _):
         yield base
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,119 @@
+"""`saescope load` is one transaction: a real loader process SIGKILLed at several points leaves
+the database exactly as it was, or with the run fully loaded; never anything in between.
+
+The loader logs each phase on stderr ("writing N latents rows", ..., "committing"); the test
+waits for a phase, kills the process there (or a moment later), then checks every table's
+counts and the database's integrity. At the end one load runs to completion and a second one is
+a no-op.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from databases import BACKENDS, empty_database
+from sqlalchemy import text
+from webrun import make_synthetic_run, table_counts
+
+from app.db import make_engine
+from app.loader import load_run, read_run
+
+ROOT = Path(__file__).resolve().parents[2]
+# (phase the loader announces, seconds to wait after it, must the database be unchanged?)
+KILL_POINTS = [
+    ("writing", "latents rows", 0.0, True),
+    ("writing", "examples rows", 0.0, True),  # in the middle of the biggest table
+    ("writing", "examples rows", 0.25, False),
+    ("committing", "", 0.0, False),  # the commit may or may not have happened: either state is fine
+]
+
+
+@pytest.fixture(scope="module")
+def big_run(tmp_path_factory) -> Path:
+    """Big enough that writing its examples takes a while (131,072 example rows)."""
+    return make_synthetic_run(tmp_path_factory.mktemp("big") / "run", n_latents=4096, n_examples=32,
+                              context_length=32, n_contexts=8192)
+
+
+def start_loader(run: Path, url: str) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
+    return subprocess.Popen([sys.executable, "-m", "saescope.cli", "load", str(run), "--db", url],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def wait_for(proc: subprocess.Popen, *words: str, timeout: float = 120) -> str:
+    deadline = time.monotonic() + timeout
+    seen = []
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        seen.append(line)
+        if all(word in line for word in words):
+            return line
+    proc.kill()
+    raise AssertionError(f"the loader never said {' '.join(words)!r}; it said:\n{''.join(seen)}")
+
+
+def integrity_problems(url: str) -> list[str]:
+    engine = make_engine(url)
+    problems = []
+    orphans = {
+        "examples without their latent": "SELECT count(*) FROM examples e WHERE NOT EXISTS (SELECT 1 FROM latents l "
+                                         "WHERE l.sae_id = e.sae_id AND l.\"index\" = e.latent_index)",
+        "examples without their context": "SELECT count(*) FROM examples e WHERE NOT EXISTS (SELECT 1 FROM contexts c "
+                                          "WHERE c.sae_id = e.sae_id AND c.context_id = e.context_id)",
+        "latents without their SAE": "SELECT count(*) FROM latents l WHERE NOT EXISTS (SELECT 1 FROM saes s WHERE s.id = l.sae_id)",
+        "contexts without their SAE": "SELECT count(*) FROM contexts c WHERE NOT EXISTS (SELECT 1 FROM saes s WHERE s.id = c.sae_id)",
+        "SAEs missing latents": "SELECT count(*) FROM saes s WHERE s.n_latents <> (SELECT count(*) FROM latents l WHERE l.sae_id = s.id)",
+    }
+    try:
+        with engine.connect() as conn:
+            for what, sql in orphans.items():
+                if n := conn.execute(text(sql)).scalar_one():
+                    problems.append(f"{n} {what}")
+            if engine.dialect.name == "sqlite":
+                if (check := conn.exec_driver_sql("PRAGMA integrity_check").scalar_one()) != "ok":
+                    problems.append(check)
+    finally:
+        engine.dispose()
+    return problems
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sigkill_at_any_point_leaves_before_or_after(backend, tmp_path, run_dir, big_run):
+    rows = read_run(big_run)
+    with empty_database(backend, tmp_path) as url:
+        load_run(run_dir, url)  # another SAE is already there and must survive untouched
+        before = table_counts(url)
+        after = {"saes": before["saes"] + 1, "latents": before["latents"] + len(rows.latents),
+                 "contexts": before["contexts"] + len(rows.contexts),
+                 "examples": before["examples"] + len(rows.examples)}
+        outcomes = []
+        for *words, delay, unchanged in KILL_POINTS:
+            proc = start_loader(big_run, url)
+            wait_for(proc, *words)
+            time.sleep(delay)
+            proc.send_signal(signal.SIGKILL)
+            assert proc.wait(timeout=30) == -signal.SIGKILL  # killed, not finished
+            state = table_counts(url)
+            assert state in (before, after), f"killed at {words} +{delay}s: partial state {state}"
+            if unchanged:
+                assert state == before, f"killed at {words}: the transaction cannot have committed yet"
+            assert integrity_problems(url) == []
+            outcomes.append(state == after)
+            if state == after:
+                break  # loaded: a later load would be a no-op, nothing left to interrupt
+        # The database is usable: the next load completes (or finds the run already loaded).
+        proc = start_loader(big_run, url)
+        output, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 0, output
+        assert table_counts(url) == after and integrity_problems(url) == []
+        assert load_run(big_run, url) == rows.sae_id and table_counts(url) == after  # twice: a no-op
+        assert outcomes[:2] == [False, False]
