@@ -44,6 +44,13 @@ def empty_url(request, tmp_path):
         yield url
 
 
+@pytest.fixture(scope="module", params=BACKENDS)
+def empty_url_module(request, tmp_path_factory):
+    """An empty database of each backend, for one test module."""
+    with empty_database(request.param, tmp_path_factory.mktemp("db")) as url:
+        yield url
+
+
 @pytest.fixture(scope="session")
 def run_dir(tmp_path_factory) -> Path:
     return make_run(tmp_path_factory.mktemp("run") / "tiny")
