@@ -100,3 +100,21 @@ class Example(Base):
     context_id: Mapped[int] = mapped_column(Integer)
     max_activation: Mapped[float] = mapped_column(Float)
     activations: Mapped[bytes] = mapped_column(LargeBinary)  # float16 little-endian, (T,)
+
+
+class ShareLink(Base):
+    """A probe someone shared: `/p/{id}` reopens it. The id is derived from the SAE and the text
+    (see app.shares.share_digest), so sharing the same probe twice gives the same link.
+
+    No foreign key to `saes` on purpose: reloading an SAE (`saescope load --replace` deletes and
+    re-inserts its rows) must not delete the links people have already sent around.
+    """
+
+    __tablename__ = "share_links"
+    __table_args__ = (Index("ix_share_links_sae_id", "sae_id"),)
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    sae_id: Mapped[str] = mapped_column(String(200))
+    text: Mapped[str] = mapped_column(Text)
+    sae_content_hash: Mapped[str | None] = mapped_column(String(64))  # the SAE's weights when shared
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
