@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch.testing import assert_close
 
-from trainer.sae import TopKSAE, geometric_median
+from trainer.sae import TopKLatents, TopKSAE, geometric_median
 
 SIZES = [(7, 13, 3, 1), (33, 64, 5, 4), (5, 17, 16, 2)]  # (batch, n_latents, d_in, k)
 
@@ -94,3 +94,24 @@ def test_geometric_median_resists_outliers():
 
     for _ in range(20):  # no nearby point does better
         assert summed_distance(median) <= summed_distance(median + 0.01 * F.normalize(torch.randn(5), dim=0)) + 1e-4
+
+
+@pytest.mark.parametrize("batch,n,d,k", SIZES)
+def test_sparse_encoder_gradients_match_dense_autograd(batch, n, d, k):
+    """The training path (no-grad selection + SparseEncoderGrad) against plain autograd."""
+    sae = random_sae(n, d, k)
+    x = torch.randn(batch, d)
+    target = torch.randn(batch, d)
+
+    x_hat, _ = sae(x)  # dense autograd through pre_acts and topk
+    (x_hat - target).pow(2).sum().backward()
+    dense = {name: p.grad.clone() for name, p in sae.named_parameters()}
+    sae.zero_grad()
+
+    x_c = x - sae.b_dec
+    pre = sae.pre_acts_centered(x_c)
+    indices = pre.topk(k, dim=-1, sorted=False).indices
+    x_hat, values = sae.sparse_forward(x_c, pre, indices)
+    (x_hat + sae.b_dec - target).pow(2).sum().backward()
+    for name, p in sae.named_parameters():
+        assert_close(p.grad, dense[name], atol=1e-4, rtol=1e-4, msg=name)

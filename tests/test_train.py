@@ -82,3 +82,28 @@ def test_nan_stops_training_naming_the_step_and_keeps_the_checkpoint(uninterrupt
     saved = torch.load(run / CHECKPOINT_FILE, weights_only=False)
     assert saved["step"] <= failed_at and all(torch.isfinite(t).all() for t in saved["sae"].values())
     assert not (run / runfolder.SAE_FILE).exists()
+
+
+def test_multi_topk_makes_the_sae_work_at_4k(tiny_run):
+    """Multi-TopK (Gao et al. 2024, Section 5.3): trained with L(k) + L(4k)/8, the SAE
+    reconstructs better than a plain TopK SAE when run at 4k."""
+    from trainer.activations import ActivationStore
+    from trainer.config import TrainConfig
+    from trainer.train import Trainer
+
+    cfg = runfolder.load_cfg(tiny_run)
+    store = ActivationStore.open(cfg["store"])
+    x = store.rows(store.n_train_contexts, store.n_contexts) * cfg["input_scale"]
+
+    def fvu_at_4k(multi_topk: int) -> float:
+        train_cfg = TrainConfig(model=cfg["model"], layer=1, n_latents=64, k=4, tokens=8192, heldout_tokens=2048,
+                                context_length=32, batch_size=256, multi_topk=multi_topk, lr=4e-3)
+        trainer = Trainer(train_cfg, store, cfg["input_scale"])
+        trainer.fit()
+        with torch.no_grad():
+            sae = trainer.sae
+            latents = sae.encode(x, k=16)
+            x_hat = sae.decode(latents)
+        return float((x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
+
+    assert fvu_at_4k(multi_topk=1) < fvu_at_4k(multi_topk=0)

@@ -32,8 +32,10 @@ class TrainConfig:
     lr: float = option(0.0, "Adam learning rate; 0 means 2e-4 / sqrt(n_latents / 2^14) (Gao et al. 2024)")
     warmup_fraction: float = option(0.05, "share of steps with a linear learning-rate warm-up")
     decay_fraction: float = option(0.2, "share of final steps with a linear decay to zero")
+    multi_topk: int = option(0, "1: add the Multi-TopK loss L(4k)/8 so that the SAE also works at higher k (Gao et al. 2024, Section 5.3)")
     auxk_alpha: float = option(1 / 32, "weight of the AuxK loss on dead latents (0 turns it off)")
     dead_tokens: int = option(0, "tokens without firing after which a latent counts as dead; 0 means min(10M, tokens/10)")
+    fast_matmul: int = option(1, "1: select the top k with a bf16 encoder matmul where the hardware has one (gradients stay fp32); 0: fp32")
     checkpoint_every: int = option(100, "steps between checkpoints for --resume (0: none)")
     seed: int = option(0, "seed for the data split, shuffling and initialisation")
     device: str = option("", "torch device; empty means cuda when available, else cpu")
@@ -43,6 +45,8 @@ class TrainConfig:
             raise ConfigError(f"--latents must be at least 2, got {self.n_latents}")
         if not 0 < self.k < self.n_latents:
             raise ConfigError(f"--k must be between 1 and --latents - 1 ({self.n_latents - 1}), got {self.k}")
+        if self.multi_topk and 4 * self.k >= self.n_latents:
+            raise ConfigError(f"--multi-topk needs 4k < --latents, got k={self.k}, latents={self.n_latents}")
         if self.layer < 0:
             raise ConfigError(f"--layer must be >= 0, got {self.layer}")
         if self.context_length < 2:

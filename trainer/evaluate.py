@@ -9,7 +9,7 @@ from tqdm.auto import tqdm
 
 from trainer import runfolder
 from trainer.activations import ActivationStore
-from trainer.sae import TopKSAE
+from trainer.sae import TopKSAE, default_device
 
 DENSE_THRESHOLD = 0.1  # a latent firing on more than 10 % of tokens counts as dense
 
@@ -50,7 +50,7 @@ def evaluate_sae(sae: TopKSAE, store: ActivationStore, scale: float, batch_conte
 def evaluate_run(run_dir: Path, store_dir: Path | None = None, downstream_contexts: int = 64) -> dict:
     """Reconstruction metrics, then downstream loss on `downstream_contexts` held-out contexts
     (0 skips it), into metrics.json."""
-    cfg, sae = TopKSAE.load(run_dir)
+    cfg, sae = TopKSAE.load(run_dir, default_device())
     if not (store_dir or cfg.get("store")):
         raise runfolder.RunFolderError(
             f"{Path(run_dir) / runfolder.CFG_FILE}: no activation store; pass --store or run `saescope harvest` first"

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from trainer import runfolder
 from trainer.activations import ActivationStore
 from trainer.config import HarvestConfig
-from trainer.sae import TopKSAE
+from trainer.sae import TopKSAE, default_device
 
 
 class TopContexts:
@@ -128,7 +128,7 @@ def store_for_run(run_dir: Path, run_cfg: dict, cfg: HarvestConfig, store_dir: P
 
 def harvest_run(run_dir: Path, cfg: HarvestConfig | None = None, store_dir: Path | None = None) -> runfolder.Harvest:
     cfg = cfg or HarvestConfig()
-    run_cfg, sae = TopKSAE.load(run_dir)
+    run_cfg, sae = TopKSAE.load(run_dir, default_device())
     store = store_for_run(run_dir, run_cfg, cfg, store_dir)
     harvest = harvest_sae(sae, store, run_cfg.get("input_scale", 1.0), cfg)
     harvest.vocab = store.vocab()

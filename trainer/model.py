@@ -116,8 +116,11 @@ class LanguageModel:
             captured["resid"] = output[0] if isinstance(output, tuple) else output
 
         handle = self.block.register_forward_hook(hook)
+        device = self.device
         try:
-            self.model(input_ids=input_ids.to(self.device), use_cache=False)
+            # bf16 autocast on CUDA; the CPU keeps fp32 (its bf16 attention is slower, not faster).
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                self.model(input_ids=input_ids.to(device), use_cache=False)
         finally:
             handle.remove()
         return captured["resid"].float()

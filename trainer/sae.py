@@ -21,6 +21,79 @@ class TopKLatents(NamedTuple):
     indices: torch.Tensor  # (N, k) which latents
 
 
+class SelectionPattern:
+    """Which latents each token selected, as the rows of a sparse (n, N) matrix in CSR form; built
+    once per step and shared by the encoder's and the decoder's weight gradients."""
+
+    def __init__(self, indices: torch.Tensor, n_latents: int):
+        N, k = indices.shape
+        latents = indices.reshape(-1)
+        # int32 sort: PyTorch's CPU sort is an order of magnitude faster than for int64.
+        self.order = torch.sort(latents.int()).indices
+        self.tokens = torch.arange(N, device=indices.device).repeat_interleave(k)[self.order]
+        self.crow = torch.zeros(n_latents + 1, dtype=torch.long, device=indices.device)
+        self.crow[1:] = torch.bincount(latents, minlength=n_latents).cumsum(0)
+        self.shape = (n_latents, N)
+
+    def matrix(self, values: torch.Tensor) -> torch.Tensor:
+        """The (n, N) sparse matrix holding values[token, slot] at (latent, token)."""
+        return torch.sparse_csr_tensor(
+            self.crow, self.tokens, values.reshape(-1)[self.order], self.shape, check_invariants=False
+        )
+
+
+def gather_dot(rows: torch.Tensor, indices: torch.Tensor, y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """out[i, j] = rows[indices[i, j]] · y[i]: (N, k). In bf16, one matmul then a gather; in
+    fp32, exact batched dot products over chunks (never an (N, k, d) tensor at once)."""
+    if dtype != torch.float32:
+        return (y.to(dtype) @ rows.T.to(dtype)).gather(1, indices).float()
+    out = y.new_empty(indices.shape)
+    for start in range(0, len(y), 128):
+        chunk = slice(start, start + 128)
+        out[chunk] = torch.bmm(rows[indices[chunk]], y[chunk, :, None]).squeeze(-1)
+    return out
+
+
+class SparseTopK(torch.autograd.Function):
+    """x_hat - b_dec = W_dec^T ReLU(pre[indices]) for the chosen latents, where pre = x_c @ W_enc
+    + b_enc was computed without grad (to select them). The backward pass touches only the N·k
+    selected (token, latent) pairs of W_enc and W_dec: O(N·k·d) instead of the dense O(N·n·d)."""
+
+    @staticmethod
+    def forward(ctx, pre_selected, x_c, W_enc, b_enc, W_dec, indices, grad_dtype):
+        values = pre_selected.relu()  # (N, k)
+        x_hat = F.embedding_bag(indices, W_dec, per_sample_weights=values, mode="sum")  # (N, d)
+        ctx.save_for_backward(x_c, W_enc, W_dec, indices, values)
+        ctx.grad_dtype = grad_dtype
+        ctx.mark_non_differentiable(values)
+        return x_hat, values
+
+    @staticmethod
+    def backward(ctx, grad_x_hat, _):
+        x_c, W_enc, W_dec, indices, values = ctx.saved_tensors
+        n = W_dec.shape[0]
+        pattern = SelectionPattern(indices, n)
+        grad_W_dec = pattern.matrix(values) @ grad_x_hat  # (n, d)
+        grad_pre = gather_dot(W_dec, indices, grad_x_hat, ctx.grad_dtype) * (values > 0)  # (N, k), through ReLU
+        grad_W_enc = (pattern.matrix(grad_pre) @ x_c).T  # (d, n)
+        grad_b_enc = grad_pre.new_zeros(n).index_add_(0, indices.reshape(-1), grad_pre.reshape(-1))
+        grad_x_c = F.embedding_bag(indices, W_enc.T.contiguous(), per_sample_weights=grad_pre, mode="sum")  # (N, d)
+        return None, grad_x_c, grad_W_enc, grad_b_enc, grad_W_dec, None, None
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def fast_matmul_dtype(device: torch.device) -> torch.dtype:
+    """bf16 where the hardware multiplies it natively (CUDA, CPUs with AVX512-BF16 or AMX), else
+    fp32. Used only to *select* the top k during training; gradients stay fp32."""
+    if device.type == "cuda":
+        return torch.bfloat16
+    supported = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
+    return torch.bfloat16 if supported else torch.float32
+
+
 class TopKSAE(nn.Module):
     def __init__(self, d_in: int, n_latents: int, k: int):
         super().__init__()
@@ -39,6 +112,19 @@ class TopKSAE(nn.Module):
 
     def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
         return (x - self.b_dec) @ self.W_enc + self.b_enc  # (N, n)
+
+    @torch.no_grad()
+    def pre_acts_centered(self, x_c: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Pre-activations of x - b_dec without grad, in `dtype` (N, n): only for choosing latents,
+        so bf16 keeps all three (N, n)-sized passes (matmul, bias, top-k) at half the bytes."""
+        return torch.addmm(self.b_enc.to(dtype), x_c.to(dtype), self.W_enc.to(dtype))
+
+    def sparse_forward(
+        self, x_c: torch.Tensor, pre: torch.Tensor, indices: torch.Tensor, dtype: torch.dtype = torch.float32
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Training's forward for the latents `indices` (N, k) chosen from `pre`: returns
+        (x_hat - b_dec, values), differentiable with respect to W_enc, b_enc, W_dec and x_c."""
+        return SparseTopK.apply(pre.gather(-1, indices).float(), x_c, self.W_enc, self.b_enc, self.W_dec, indices, dtype)
 
     def encode(self, x: torch.Tensor, k: int | None = None) -> TopKLatents:
         values, indices = self.pre_acts(x).topk(k or self.k, dim=-1, sorted=False)  # (N, k)

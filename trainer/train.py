@@ -16,7 +16,7 @@ from trainer import corpus, runfolder
 from trainer.activations import ActivationStore, build_store, store_matches
 from trainer.config import TrainConfig
 from trainer.model import ModelError, check_layer, load_language_model
-from trainer.sae import TopKLatents, TopKSAE, geometric_median
+from trainer.sae import TopKSAE, default_device, fast_matmul_dtype, geometric_median
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +28,7 @@ class TrainingError(RuntimeError):
 
 
 def resolve_device(name: str) -> torch.device:
-    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return torch.device(name) if name else default_device()
 
 
 def store_meta(cfg: TrainConfig) -> dict:
@@ -92,9 +92,11 @@ class Trainer:
         self.device = resolve_device(cfg.device)
         torch.manual_seed(cfg.seed)
         self.sae = TopKSAE(store.meta["d_model"], cfg.n_latents, cfg.k).to(self.device)
-        self.optimizer = torch.optim.Adam(self.sae.parameters(), lr=cfg.effective_lr, eps=6.25e-10)
+        # The fused kernel does Adam's update in one pass over memory: ~5x faster on a CPU.
+        self.optimizer = torch.optim.Adam(self.sae.parameters(), lr=cfg.effective_lr, eps=6.25e-10, fused=True)
         self.tokens_since_fired = torch.zeros(cfg.n_latents, dtype=torch.long, device=self.device)
         self.k_aux = min(store.meta["d_model"] // 2, cfg.n_latents)
+        self.matmul_dtype = fast_matmul_dtype(self.device) if cfg.fast_matmul else torch.float32
 
     def init_b_dec(self) -> None:
         sample = self.store.rows(0, min(32, self.store.n_train_contexts)) * self.scale
@@ -104,16 +106,22 @@ class Trainer:
     def step(self, x: torch.Tensor, lr: float) -> StepResult:
         """One optimiser step on a batch x: (B, d), already normalised."""
         sae = self.sae
-        pre = sae.pre_acts(x)  # (B, n)
-        values, indices = pre.topk(sae.k, dim=-1, sorted=False)  # (B, k)
-        x_hat = sae.decode(TopKLatents(values.relu(), indices))  # (B, d)
-        error = x - x_hat
+        x_c = x - sae.b_dec  # (B, d)
+        pre = sae.pre_acts_centered(x_c, self.matmul_dtype)  # (B, n), no grad: only selects
+        k = sae.k
+        chosen = pre.topk(4 * k if self.cfg.multi_topk else k, dim=-1, sorted=bool(self.cfg.multi_topk)).indices
+        indices = chosen[:, :k]  # (B, k)
+        x_hat, values = sae.sparse_forward(x_c, pre, indices, self.matmul_dtype)  # (B, d), (B, k)
+        error = x - (x_hat + sae.b_dec)
         # Normalised MSE: divided by the variance around the mean (not by mean x^2), so 1.0 is
         # the loss of always predicting the mean; this is FVU.
         total_variance = (x - x.mean(0)).pow(2).sum()
         fvu = error.pow(2).sum() / total_variance
-        auxk = self.auxk_loss(pre, error.detach(), total_variance)
+        auxk = self.auxk_loss(x_c, pre, error.detach(), total_variance)
         loss = fvu + self.cfg.auxk_alpha * auxk
+        if self.cfg.multi_topk:  # Multi-TopK: L(k) + L(4k)/8
+            x_hat_4k, _ = sae.sparse_forward(x_c, pre, chosen, self.matmul_dtype)
+            loss = loss + (x - x_hat_4k - sae.b_dec).pow(2).sum() / total_variance / 8
 
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -129,7 +137,7 @@ class Trainer:
         self.tokens_since_fired[fired] = 0
         return StepResult(float(fvu.detach()), float(auxk.detach()))
 
-    def auxk_loss(self, pre: torch.Tensor, error: torch.Tensor, total_variance: torch.Tensor) -> torch.Tensor:
+    def auxk_loss(self, x_c: torch.Tensor, pre: torch.Tensor, error: torch.Tensor, total_variance: torch.Tensor) -> torch.Tensor:
         """AuxK (Section 2.4 / Appendix A.2): the top-k_aux dead latents reconstruct the residual
         error, which gives dead latents a gradient and brings them back."""
         dead = self.tokens_since_fired > self.cfg.effective_dead_tokens
@@ -137,8 +145,8 @@ class Trainer:
         if self.cfg.auxk_alpha == 0 or n_dead == 0:
             return pre.new_zeros(())
         k_aux = min(self.k_aux, n_dead)
-        values, indices = pre.masked_fill(~dead, float("-inf")).topk(k_aux, dim=-1, sorted=False)
-        error_hat = self.sae.decode(TopKLatents(values.relu(), indices)) - self.sae.b_dec
+        indices = pre.masked_fill(~dead, float("-inf")).topk(k_aux, dim=-1, sorted=False).indices
+        error_hat, _ = self.sae.sparse_forward(x_c, pre, indices, self.matmul_dtype)  # (B, d), no b_dec
         return (error - error_hat).pow(2).sum() / total_variance
 
     def chunks(self):
