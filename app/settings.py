@@ -25,9 +25,14 @@ class Settings(BaseSettings):
     debug: bool = Field(False, description="Show stack traces on errors (never in production).")
 
     probe_max_chars: int = Field(4000, description="Longest text the probe accepts (characters).")
-    probe_max_tokens: int = Field(512, description="Tokens of a probed text that are shown.")
+    probe_max_tokens: int = Field(512, description="Longest text the probe accepts (tokens).")
     probe_workers: int = Field(2, description="Threads that run probe inference at once.")
     probe_max_pending: int = Field(16, description="Probes queued or running before answering 503.")
+    probe_threads: int | None = Field(
+        None, description="torch threads per probe worker (default: CPU cores / probe_workers).")
+    probe_cache_size: int = Field(256, description="Probe results kept in memory, by SAE and text.")
+    probe_preload: bool = Field(
+        False, description="Load every SAE's model at start-up instead of on its first probe.")
     runs_root: Path | None = Field(
         None,
         description="Folder holding run folders on this server, used when the path recorded at "

@@ -30,11 +30,27 @@ class URLs:
     def feature(self, sae_id: str, index: int, fmt: str | None = None) -> str:
         return self._build(f"/saes/{quote(sae_id, safe='')}/features/{int(index)}", fmt)
 
-    def probe(self, sae: str | None = None, text: str | None = None) -> str:
-        return self._build("/probe", sae=sae, text=text)
+    def probe(self, sae: str | None = None, text: str | None = None, fmt: str | None = None, **state) -> str:
+        """Probe page; state: latent (highlighted), sort (max|sum), all=1 (dense latents and the
+        first position included)."""
+        return self._build("/probe", fmt, sae=sae, text=text, **state)
+
+    def probe_token(self, position: int) -> str:
+        """The latents of one token of the probe (an htmx fragment)."""
+        return f"{self.root}/probe/tokens/{int(position)}"
+
+    def probe_share(self) -> str:
+        return self.root + "/probe/share"
+
+    def share(self, share_id: str, fmt: str | None = None, **state) -> str:
+        """A shared probe's short permanent link; state as for probe()."""
+        return self._build(f"/p/{quote(share_id, safe='')}", fmt, **state)
 
     def api_probe(self) -> str:
         return self.root + "/api/probe"
+
+    def api_share(self) -> str:
+        return self.root + "/api/share"
 
     def docs(self) -> str:
         return self.root + "/docs"

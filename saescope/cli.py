@@ -5,7 +5,7 @@
     saescope harvest RUN
     saescope import  SAE_FOLDER --out RUN        (an SAE saved by SAELens or sparsify)
     saescope load    RUN --db URL [--replace]
-    saescope serve   --db URL --host H --port P
+    saescope serve   --db URL --host H --port P [--preload]
     saescope demo    [--workdir DIR] [--db URL] [--no-serve]   (all of the above on the defaults)
 """
 
@@ -75,6 +75,8 @@ def cmd_load(args) -> None:
 def cmd_serve(args) -> None:
     from app.server import serve
 
+    if args.preload:  # Settings.probe_preload, read by every server process
+        os.environ["SAESCOPE_PROBE_PRELOAD"] = "1"
     print(f"serving {args.db} at http://{args.host}:{args.port}/", flush=True)
     serve(args.db, args.host, args.port)
 
@@ -192,6 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--db", default=default_db(), help="database URL (default: $DATABASE_URL or sqlite:///saescope.db)")
     serve.add_argument("--host", default=DEFAULT_HOST)
     serve.add_argument("--port", type=int, default=DEFAULT_PORT)
+    serve.add_argument("--preload", action="store_true",
+                       help="load every SAE's model at start-up instead of on its first probe")
     serve.set_defaults(func=cmd_serve)
 
     demo = commands.add_parser("demo", help="the whole pipeline on the bundled model and the stdlib, then serve")

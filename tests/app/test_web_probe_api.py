@@ -1,8 +1,9 @@
-"""The probe's input checks, which answer before any model is loaded (real model tests live
-with the trainer's tiny model)."""
+"""The probe's input checks, which answer before any model is loaded, and what the page says
+about SAEs it cannot probe here (the real model's tests are tests/test_probe_*.py)."""
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
@@ -45,3 +46,54 @@ def test_missing_weights_is_503(tmp_path, run_dir, sae_id):
         assert response.status_code == 503 and "not available on this server" in response.json()["detail"]
         page = client.get("/probe", params={"sae": sae_id, "text": "hello"})
         assert page.status_code == 503 and "not available on this server" in page.text
+        # the selector still lists it, marked, with the reason
+        listing = client.get("/probe").text
+        assert f'<option value="{sae_id}" selected disabled title="weights not on this server' in listing
+        assert f"<code>{sae_id}</code> cannot be probed on this server: weights not on this server" in listing
+        # and sharing it still works: the link keeps the text; the probe says why it cannot run
+        share = client.post("/api/share", json={"sae": sae_id, "text": "hello"}).json()
+        shared = client.get(share["json_url"]).json()
+        assert shared["text"] == "hello" and shared["probe"] is None and "not available" in shared["error"]
+        assert client.get(share["url"]).status_code == 503
+
+
+@pytest.mark.parametrize("text, detail", [
+    ("bell \x07 rings", "text contains the control character U+0007 at character 5; only tab, newline and carriage return are allowed"),
+    ("nul \x00", "text contains the control character U+0000 at character 4; only tab, newline and carriage return are allowed"),
+    ("c1 \x85", "text contains the control character U+0085 at character 3; only tab, newline and carriage return are allowed"),
+    ("half \ud83d of an emoji", "text is not valid Unicode: a lone surrogate U+D83D at character 5"),
+])
+def test_control_characters_and_lone_surrogates_are_422(client, sae_id, text, detail):
+    body = json.dumps({"sae": sae_id, "text": text})  # ASCII: BEL and the surrogate as \u escapes
+    response = client.post("/api/probe", content=body.encode(), headers={"Content-Type": "application/json"})
+    assert response.status_code == 422 and response.json() == {"detail": detail}
+
+
+def test_tab_newline_and_carriage_return_pass_the_checks(client):
+    client.app.state.probe.check_text("a\tb\nc\r\nd ✓ 😀")  # raises on a problem
+
+
+def test_invalid_utf8_is_400_saying_so(client, sae_id):
+    body = b'{"sae": "%s", "text": "caf\xe9"}' % sae_id.encode()  # Latin-1, not UTF-8
+    response = client.post("/api/probe", content=body, headers={"Content-Type": "application/json"})
+    assert response.status_code == 400 and response.json() == {"detail": "the request body is not valid UTF-8 (byte 0xe9 at offset 51)".replace("51", str(body.index(b"\xe9")))}
+    page = client.get(f"/probe?sae={sae_id}&text=caf%E9")
+    assert page.status_code == 400 and "the query parameter &#39;text&#39; is not valid UTF-8" in page.text
+    twin = client.get(f"/probe.json?sae={sae_id}&text=caf%E9")
+    assert twin.status_code == 400 and twin.json() == {"detail": "the query parameter 'text' is not valid UTF-8"}
+    form = client.post("/probe/share", content=f"sae={sae_id}&text=caf%E9".encode(),
+                       headers={"Content-Type": "application/x-www-form-urlencoded"})
+    assert form.status_code == 400 and "is not valid UTF-8" in form.text
+
+
+def test_empty_text_on_the_page_is_no_error(client, sae_id):
+    page = client.get("/probe", params={"sae": sae_id, "text": ""})
+    assert page.status_code == 200 and "appear here as you type" in page.text
+
+
+def test_openapi_documents_probe_and_share(client):
+    paths = client.get("/openapi.json").json()["paths"]
+    assert {"/api/probe", "/probe.json", "/api/share", "/p/{share_id}.json"} <= set(paths)
+    probe = paths["/api/probe"]["post"]
+    assert {"400", "404", "413", "422", "503"} <= set(probe["responses"])
+    assert "/probe/tokens/{position}" not in paths and "/p/{share_id}" not in paths  # HTML, not API

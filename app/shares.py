@@ -1,0 +1,83 @@
+"""Share links: a probe (SAE + text) saved under a short permanent id, opened at `/p/{id}`.
+
+The id is the start of a hash of the SAE id and the text, so sharing the same probe twice gives
+the same link and needs no lookup table of its own. Should two probes ever share a prefix, the
+later one gets a longer id (still derived from its own hash), so no link is ever overwritten.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+from dataclasses import dataclass
+from datetime import timezone
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from app.models import Sae, ShareLink
+from app.urls import URLs
+
+ID_LENGTHS = (10, 16, 32, 52)  # base32 characters: 50 bits first, the whole sha-256 at most
+
+
+@dataclass
+class Share:
+    id: str
+    sae: str
+    text: str
+    created_at: str
+    sae_changed: bool  # the SAE was reloaded with other weights since the link was made
+
+    def as_json(self, urls: URLs) -> dict:
+        return {"id": self.id, "sae": self.sae, "text": self.text, "created_at": self.created_at,
+                "sae_changed": self.sae_changed, "url": urls.share(self.id), "json_url": urls.share(self.id, fmt="json")}
+
+
+def share_digest(sae_id: str, text: str) -> str:
+    """sha-256 of the SAE id and the text, in lower-case base32 (letters and 2-7: easy to read
+    out, and the same in any case-folding channel)."""
+    digest = hashlib.sha256(sae_id.encode() + b"\0" + text.encode("utf-8")).digest()
+    return base64.b32encode(digest).decode().rstrip("=").lower()
+
+
+def create_share(session: Session, sae_id: str, text: str) -> tuple[Share, bool] | None:
+    """The share link of (sae_id, text), made if it does not exist yet: (share, created);
+    None for an SAE that is not in the database."""
+    content_hash = session.execute(select(Sae.content_hash).where(Sae.id == sae_id)).scalar_one_or_none()
+    if content_hash is None:
+        return None
+    digest = share_digest(sae_id, text)
+    for length in ID_LENGTHS:
+        share_id = digest[:length]
+        row = session.get(ShareLink, share_id)
+        if row is None:
+            try:
+                row = ShareLink(id=share_id, sae_id=sae_id, text=text, sae_content_hash=content_hash)
+                session.add(row)
+                session.commit()
+                return _share(row, content_hash), True
+            except IntegrityError:  # someone shared the same probe at the same moment
+                session.rollback()
+                row = session.get(ShareLink, share_id)
+        if row.sae_id == sae_id and row.text == text:
+            return _share(row, content_hash), False
+    raise RuntimeError(f"sha-256 collision on {digest}")  # not in this universe
+
+
+def get_share(session: Session, share_id: str) -> Share | None:
+    row = session.get(ShareLink, share_id)
+    if row is None:
+        return None
+    content_hash = session.execute(select(Sae.content_hash).where(Sae.id == row.sae_id)).scalar_one_or_none()
+    return _share(row, content_hash)
+
+
+def _share(row: ShareLink, content_hash: str | None) -> Share:
+    changed = row.sae_content_hash is not None and content_hash is not None and row.sae_content_hash != content_hash
+    created = row.created_at
+    if created is not None and created.tzinfo is None:  # SQLite keeps no time zone: it was UTC
+        created = created.replace(tzinfo=timezone.utc)
+    return Share(id=row.id, sae=row.sae_id, text=row.text,
+                 created_at=created.isoformat() if created else "", sae_changed=changed)

@@ -1,0 +1,107 @@
+"""The probe under load, against a real server on a free port: a full queue is a 503 with
+Retry-After at once (never a hang), page views keep working while probes wait, and the same text
+asked for while it is being computed is computed once. The model is the edge stubbed here: a
+stand-in encoder that blocks until the test releases it."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
+
+import httpx
+import pytest
+import torch
+import uvicorn
+
+from app.main import create_app
+from app.probe import LoadedSae
+from app.settings import Settings
+from webrun import N_LATENTS
+
+
+class BlockingEncoder:
+    """Tokens are words; latent 1 fires on each; encode_ids waits for `release`."""
+
+    def __init__(self):
+        self.release = threading.Event()
+        self.started = threading.Event()
+        self.calls = 0
+        self.sae = SimpleNamespace(k=5)
+        self.lm = SimpleNamespace(token_strings=lambda ids: [f" w{i}" for i in ids],
+                                  model=SimpleNamespace(config=SimpleNamespace(max_position_embeddings=None)))
+
+    def tokenize(self, text: str) -> list[int]:
+        return list(range(len(text.split())))
+
+    def encode_ids(self, token_ids: list[int]) -> torch.Tensor:
+        self.calls += 1
+        self.started.set()
+        assert self.release.wait(20), "the test never released the encoder"
+        z = torch.zeros(len(token_ids), N_LATENTS)
+        z[:, 1] = 1.5
+        return z
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def server(database_url, sae_id):
+    """A real uvicorn server in this process (so the test can hand it the stand-in encoder)."""
+    app = create_app(Settings(database_url=database_url, probe_workers=1, probe_max_pending=2))
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    for _ in range(100):
+        if server.started:
+            break
+        time.sleep(0.05)
+    encoder = BlockingEncoder()
+    service = app.state.probe
+    service._loaded[service.locate(sae_id).key] = LoadedSae(encoder, excluded_positions=1)
+    try:
+        yield f"http://127.0.0.1:{port}", encoder
+    finally:
+        encoder.release.set()
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+def test_full_queue_is_503_at_once_and_pages_keep_working(server, sae_id):
+    base, encoder = server
+    probe = lambda text: httpx.post(f"{base}/api/probe", json={"sae": sae_id, "text": text}, timeout=30)  # noqa: E731
+    with ThreadPoolExecutor(4) as clients:
+        first = clients.submit(probe, "one two three")
+        assert encoder.started.wait(10)
+        second = clients.submit(probe, "four five")  # queued behind the first: 2 pending, the limit
+        same = clients.submit(probe, "one two three")  # joins the first: no new work, no slot
+        time.sleep(0.3)
+
+        began = time.perf_counter()
+        busy = probe("six seven")
+        assert time.perf_counter() - began < 2  # an answer at once, not a hang
+        assert busy.status_code == 503 and busy.json()["detail"].startswith("the probe is busy")
+        assert int(busy.headers["Retry-After"]) >= 1
+        page = httpx.get(f"{base}/probe", params={"sae": sae_id, "text": "eight nine"}, timeout=5)
+        assert page.status_code == 503 and "Retry-After" in page.headers and "Trying again" in page.text
+
+        for path in (f"/saes/{sae_id}", f"/saes/{sae_id}/features/0", "/probe", "/index.json"):
+            began = time.perf_counter()
+            assert httpx.get(base + path, timeout=5).status_code == 200, path
+            assert time.perf_counter() - began < 2, path  # pages do not wait on the probe pool
+
+        encoder.release.set()
+        results = [future.result() for future in (first, second, same)]
+    assert [r.status_code for r in results] == [200, 200, 200]
+    assert results[0].json() == results[2].json()
+    assert encoder.calls == 2  # "one two three" was computed once for both asks
+    assert [t["top_latents"] for t in results[0].json()["tokens"]][1] == [{"index": 1, "activation": 1.5}]
+    assert probe("one two three").json() == results[0].json() and encoder.calls == 2  # from the cache
+    assert probe("six seven").status_code == 200  # room again

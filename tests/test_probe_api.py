@@ -1,0 +1,173 @@
+"""The probe on a tiny real model: the API equals the trainer's own encoding of the same text,
+the whole-text ranking equals aggregates of it, the page shows the same numbers, and the limits
+answer with the status codes and messages the README promises."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from torch.testing import assert_close
+
+from app.main import create_app
+from app.probe import DENSE
+from app.settings import Settings
+from trainer import runfolder
+from trainer.inference import LatentEncoder
+from trainer.runfolder import sae_slug
+
+TEXTS = [
+    "def probe(x):\n    return x + 1  # <b>bold</b>",
+    "  two leading spaces\n\n\tand a tab",
+    "Ünïcödé ✓ — and 😀 emoji",
+    "<script>alert(1)</script><img src=x onerror=alert(2)>",
+]
+
+
+@pytest.fixture(scope="module")
+def client(tiny_db):
+    with TestClient(create_app(Settings(database_url=tiny_db))) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def sae_id(tiny_run):
+    return sae_slug(runfolder.load_cfg(tiny_run))
+
+
+@pytest.fixture(scope="module")
+def encoder(tiny_run):
+    return LatentEncoder.from_run(tiny_run)
+
+
+@pytest.fixture(scope="module")
+def density(tiny_run):
+    return runfolder.load_harvest(tiny_run).density
+
+
+def expected_ranking(z: torch.Tensor, density: torch.Tensor, hide: bool, sort: str, top_n: int) -> list[dict]:
+    """The whole-text ranking computed the plain way, from the dense (T, n) latents."""
+    z = z.clone()
+    if hide:
+        z[:1] = 0  # the first position, as the harvest leaves it out
+        z[:, density > DENSE] = 0
+    peak, total, count = z.max(0).values, z.sum(0), (z > 0).sum(0)
+    score = peak if sort == "max" else total
+    fired = [i for i in range(z.shape[1]) if count[i] > 0]
+    fired.sort(key=lambda i: (-score[i].item(), i))
+    return [{"index": i, "max": peak[i].item(), "sum": total[i].item(), "n_tokens": int(count[i])} for i in fired[:top_n]]
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_api_equals_direct_encoding(client, sae_id, encoder, text):
+    response = client.post("/api/probe", json={"sae": sae_id, "text": text, "top_k": 4})
+    assert response.status_code == 200, response.text
+    result = response.json()
+    expected = encoder.encode_text(text)
+    assert result["n_tokens"] == len(expected.token_ids)
+    assert [t["token"] for t in result["tokens"]] == expected.tokens
+    assert [t["token_id"] for t in result["tokens"]] == expected.token_ids
+    assert [t["position"] for t in result["tokens"]] == list(range(len(expected.token_ids)))
+    values, indices = expected.latents.topk(4, dim=-1)
+    for token, vals, idxs in zip(result["tokens"], values.tolist(), indices.tolist()):
+        want = [(i, v) for v, i in zip(vals, idxs) if v > 0]
+        got = [(latent["index"], latent["activation"]) for latent in token["top_latents"]]
+        assert [i for i, _ in got] == [i for i, _ in want]
+        assert_close(torch.tensor([v for _, v in got]), torch.tensor([v for _, v in want]), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("hide", [True, False])
+@pytest.mark.parametrize("sort", ["max", "sum"])
+def test_whole_text_ranking_equals_aggregates(client, sae_id, encoder, density, hide, sort):
+    text = TEXTS[0] * 3
+    body = {"sae": sae_id, "text": text, "top_n": 10, "sort": sort, "hide_dense_and_first": hide}
+    result = client.post("/api/probe", json=body).json()
+    want = expected_ranking(encoder.encode_text(text).latents, density, hide, sort, 10)
+    got = result["top_latents"]
+    assert [latent["index"] for latent in got] == [latent["index"] for latent in want]
+    for g, w in zip(got, want):
+        assert g["n_tokens"] == w["n_tokens"]
+        assert_close(torch.tensor([g["max"], g["sum"]]), torch.tensor([w["max"], w["sum"]]), atol=1e-3, rtol=1e-4)
+        assert g["density"] == pytest.approx(density[g["index"]].item())
+        assert g["explanation"] is None  # no explanations exist yet: none is made up
+        assert g["url"] == f"/saes/{sae_id}/features/{g['index']}"
+    assert result["excluded_positions"] == ([0] if hide else [])
+    assert result["hide_dense_and_first"] is hide and result["dense_density"] == DENSE
+    if not hide:
+        assert got, "latents fire on the text"
+
+
+def test_json_twin_of_the_page_equals_the_api(client, sae_id):
+    text = TEXTS[1]
+    api = client.post("/api/probe", json={"sae": sae_id, "text": text}).json()
+    twin = client.get("/probe.json", params={"sae": sae_id, "text": text})
+    assert twin.status_code == 200 and twin.json() == api
+    assert api["url"].startswith("/probe?") and client.get(api["url"]).status_code == 200
+
+
+def test_page_shows_the_same_numbers(client, sae_id, encoder):
+    text = TEXTS[0]
+    expected = encoder.encode_text(text).latents
+    latent = int(expected[1:].max(0).values.argmax())  # a latent that fires after position 0
+    page = client.get("/probe", params={"sae": sae_id, "text": text, "latent": latent, "all": 1})
+    assert page.status_code == 200
+    tips = re.findall(r'data-tip="([^"]*)"', page.text.split('class="context probe-tokens', 1)[1].split("</div>", 1)[0])
+    assert tips == [f"#{latent}: {value:.3f}" for value in expected[:, latent].tolist()]
+    assert f"Highlighting latent <a href=\"/saes/{sae_id}/features/{latent}\">#{latent}</a>" in page.text
+
+
+def test_token_fragment_lists_that_tokens_latents(client, sae_id, encoder):
+    text = TEXTS[0]
+    expected = encoder.encode_text(text).latents[3]
+    fragment = client.post("/probe/tokens/3", data={"sae": sae_id, "text": text, "all": "1"}, headers={"HX-Request": "true"})
+    assert fragment.status_code == 200 and "<html" not in fragment.text
+    fired = [i for i in expected.argsort(descending=True).tolist() if expected[i] > 0]
+    listed = [int(i) for i in re.findall(r'<td><a href="/saes/[^"]+/features/(\d+)">', fragment.text)]
+    assert listed == fired
+    assert f"{expected[fired[0]].item():.3f}" in fragment.text and "position 3" in fragment.text
+    missing = client.post("/probe/tokens/999", data={"sae": sae_id, "text": text}, headers={"HX-Request": "true"})
+    assert missing.status_code == 404 and "no token 999" in missing.text
+
+
+def test_html_and_script_in_the_text_render_as_text(client, sae_id):
+    text = TEXTS[3]
+    page = client.get("/probe", params={"sae": sae_id, "text": text})
+    assert page.status_code == 200
+    body = page.text.split("<main>", 1)[1]
+    assert "<script>alert" not in body and "<img" not in body  # no tag of the text's own
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;&lt;img src=x onerror=alert(2)&gt;" in body  # the text box
+
+
+def test_token_limit_is_413_naming_it(tiny_db, sae_id):
+    with TestClient(create_app(Settings(database_url=tiny_db, probe_max_tokens=8))) as client:
+        response = client.post("/api/probe", json={"sae": sae_id, "text": TEXTS[0]})
+        assert response.status_code == 413
+        assert re.fullmatch(r"text is \d+ tokens; the probe accepts at most 8", response.json()["detail"])
+        page = client.get("/probe", params={"sae": sae_id, "text": TEXTS[0]})
+        assert page.status_code == 413 and "at most 8" in page.text
+        assert client.post("/api/probe", json={"sae": sae_id, "text": "abc"}).status_code == 200
+
+
+def test_cache_and_coalescing_give_the_same_result(client, sae_id):
+    text = "the same text, asked for twice"
+    first = client.post("/api/probe", json={"sae": sae_id, "text": text}).json()
+    second = client.post("/api/probe", json={"sae": sae_id, "text": text}).json()
+    assert first == second
+
+
+def test_preload_loads_every_sae_at_start_up(tiny_db, sae_id):
+    with TestClient(create_app(Settings(database_url=tiny_db, probe_preload=True))) as client:
+        assert client.app.state.probe.loaded() == [sae_id]
+    with TestClient(create_app(Settings(database_url=tiny_db))) as client:
+        assert client.app.state.probe.loaded() == []  # lazily, on the first probe
+        client.post("/api/probe", json={"sae": sae_id, "text": "x = 1"})
+        assert client.app.state.probe.loaded() == [sae_id]
+
+
+def test_cli_serve_has_preload():
+    from saescope.cli import build_parser
+
+    assert build_parser().parse_args(["serve", "--preload"]).preload is True
+    assert build_parser().parse_args(["serve"]).preload is False
