@@ -26,7 +26,7 @@ import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from functools import partial
+from functools import cached_property, partial
 from pathlib import Path
 from typing import Literal
 
@@ -98,8 +98,8 @@ class ProbeResult:
 
     def token_latents(self, position: int, top_k: int | None = None) -> list[tuple[int, float]]:
         """(latent, activation) of the latents firing on one token, strongest first."""
-        pairs = [(int(i), _short(v)) for i, v in zip(self.indices[position], self.values[position]) if v > 0]
-        return pairs[:top_k]
+        indices, values = self.indices[position, :top_k].tolist(), self.values[position, :top_k].tolist()
+        return [(i, _short(v)) for i, v in zip(indices, values) if v > 0]  # values are sorted: zeros come last
 
     def activations_of(self, latent: int) -> np.ndarray:
         """One latent's activation on every token: (T,)."""
@@ -198,7 +198,11 @@ class ProbeView:
     def __post_init__(self):
         self.text_latents = self._rank()
         self.selected = self.info(self.latent) if self.latent is not None else None
-        self.tokens = self._tokens()
+
+    @cached_property
+    def tokens(self) -> list[TokenView]:
+        """Every token as the page shows it (built only for the page: the JSON needs less)."""
+        return self._tokens()
 
     @property
     def sae(self) -> str:
