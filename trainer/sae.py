@@ -9,6 +9,7 @@ The decoder is evaluated sparsely (only the k chosen rows of W_dec are read per 
 
 from __future__ import annotations
 
+import warnings
 from typing import NamedTuple
 
 import torch
@@ -21,6 +22,10 @@ class TopKLatents(NamedTuple):
     indices: torch.Tensor  # (N, k) which latents
 
 
+# We rely on CSR @ dense only, which is stable; the beta notice would print on every run.
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+
+
 class SelectionPattern:
     """Which latents each token selected, as the rows of a sparse (n, N) matrix in CSR form; built
     once per step and shared by the encoder's and the decoder's weight gradients."""
@@ -28,8 +33,9 @@ class SelectionPattern:
     def __init__(self, indices: torch.Tensor, n_latents: int):
         N, k = indices.shape
         latents = indices.reshape(-1)
-        # int32 sort: PyTorch's CPU sort is an order of magnitude faster than for int64.
-        self.order = torch.sort(latents.int()).indices
+        # A stable (radix) sort of int32: PyTorch's default CPU sort is ~100x slower on top-k
+        # indices (measured: 62 ms against 0.5 ms for 32k of them).
+        self.order = torch.sort(latents.int(), stable=True).indices
         self.tokens = torch.arange(N, device=indices.device).repeat_interleave(k)[self.order]
         self.crow = torch.zeros(n_latents + 1, dtype=torch.long, device=indices.device)
         self.crow[1:] = torch.bincount(latents, minlength=n_latents).cumsum(0)
