@@ -153,7 +153,7 @@ async def create_probe(body: ProbeRequest, probe: ProbeDep, urls: URLsDep):
 
 @router.get("/probe.json", response_model=ProbeResponse, summary="The probe page's JSON twin",
             responses=ERRORS | {422: {"model": ErrorOut}})
-async def read_probe_json(request: Request, probe: ProbeDep, urls: URLsDep, sae: str, text: str,
+async def read_probe_json(probe: ProbeDep, urls: URLsDep, sae: str, text: str,
                           sort: SortKey = "max", include_all: Annotated[bool, Query(alias="all")] = False,
                           latent: Annotated[int | None, Query(ge=0)] = None,
                           top_k: Annotated[int, Query(ge=1, le=64)] = 5, top_n: Annotated[int, Query(ge=1, le=500)] = 20):
@@ -172,11 +172,12 @@ async def create_share_link(body: ShareRequest, session: SessionDep, probe: Prob
 
 
 @router.get("/p/{share_id}.json", response_model=SharedProbeOut, summary="A shared probe",
-            responses={404: {"model": ErrorOut}})
-async def read_share_json(request: Request, share_id: str, session: SessionDep, probe: ProbeDep, urls: URLsDep,
+            responses={code: {"model": ErrorOut} for code in (404, 503)})
+async def read_share_json(share_id: str, session: SessionDep, probe: ProbeDep, urls: URLsDep,
                           sort: SortKey = "max", include_all: Annotated[bool, Query(alias="all")] = False,
                           latent: Annotated[int | None, Query(ge=0)] = None):
-    """The stored text and its probe now (null with `error` when the model is not on this server)."""
+    """The stored text and its probe now (null with `error` when the model is not on this server;
+    503 with Retry-After when the probe is busy)."""
     share = await _get_share(session, share_id)
     data, error = None, None
     try:
