@@ -13,7 +13,6 @@ from sqlalchemy import (
     DateTime,
     Float,
     ForeignKey,
-    ForeignKeyConstraint,
     Index,
     Integer,
     LargeBinary,
@@ -62,9 +61,11 @@ class Sae(Base):
 
 class Latent(Base):
     __tablename__ = "latents"
+    # The SAE page's sort orders, index breaking ties: a page is one index range scan (no sort),
+    # on both backends (tests/app/test_web_explain.py).
     __table_args__ = (
-        Index("ix_latents_sae_id_density", "sae_id", "density"),
-        Index("ix_latents_sae_id_max_activation", "sae_id", "max_activation"),
+        Index("ix_latents_sae_id_density_index", "sae_id", "density", "index"),
+        Index("ix_latents_sae_id_max_activation_index", "sae_id", "max_activation", "index"),
     )
 
     sae_id: Mapped[str] = mapped_column(ForeignKey("saes.id", ondelete="CASCADE"), primary_key=True)
@@ -84,15 +85,14 @@ class Context(Base):
 
 
 class Example(Base):
+    """One of a latent's top contexts. No foreign keys, on purpose (migration 0003): PostgreSQL
+    checks a foreign key with one query per inserted row, which made loading 3 million examples
+    three times slower. The loader is the only writer: it writes a run's examples in the same
+    transaction as the latents and contexts they point at (built from the same arrays), and
+    `loader.delete_sae` removes children explicitly; tests/app/test_web_load_kill.py checks for
+    orphans."""
+
     __tablename__ = "examples"
-    __table_args__ = (
-        ForeignKeyConstraint(
-            ["sae_id", "latent_index"], ["latents.sae_id", "latents.index"], ondelete="CASCADE"
-        ),
-        ForeignKeyConstraint(
-            ["sae_id", "context_id"], ["contexts.sae_id", "contexts.context_id"], ondelete="CASCADE"
-        ),
-    )
 
     sae_id: Mapped[str] = mapped_column(String(200), primary_key=True)
     latent_index: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Literal
 
 import numpy as np
-from sqlalchemy import asc, desc, func, select
+from sqlalchemy import asc, desc, select
 from sqlalchemy.orm import Session
 
 from app.models import Context, Example, Latent, Sae
@@ -171,16 +171,20 @@ def list_latents(
         return None
     column = {"density": Latent.density, "max_activation": Latent.max_activation, "index": Latent.index}[sort]
     direction = desc if order == "desc" else asc
+    # Index breaks ties, in the same direction: a stable page order that the latents indexes
+    # (sae_id, column, index) give without sorting, scanned forwards or backwards.
+    order_by = [direction(column)] + ([direction(Latent.index)] if sort != "index" else [])
     query = (
         select(Latent.index, Latent.density, Latent.max_activation, Latent.mean_activation)
         .where(Latent.sae_id == sae_id)
-        .order_by(direction(column), asc(Latent.index))  # index breaks ties: a stable page order
+        .order_by(*order_by)
         .limit(per_page)
         .offset((page - 1) * per_page)
     )
     latents = [LatentRow(*row) for row in session.execute(query)]
-    total = session.execute(select(func.count()).select_from(Latent).where(Latent.sae_id == sae_id)).scalar_one()
-    return LatentPage(sae=sae, latents=latents, sort=sort, order=order, page=page, per_page=per_page, total=total)
+    # The loader writes one row per latent: no need to count them on every page view.
+    return LatentPage(sae=sae, latents=latents, sort=sort, order=order, page=page, per_page=per_page,
+                      total=sae.n_latents)
 
 
 def get_feature(session: Session, sae_id: str, index: int, n_examples: int = MAX_EXAMPLES) -> Feature | None:

@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from contextlib import contextmanager
@@ -23,10 +24,11 @@ def free_port() -> int:
 @contextmanager
 def running_server(args: list[str], port: int, env: dict | None = None, timeout: float = 60):
     """Start `python ARGS` in the repository, wait until /healthz answers, yield its base URL,
-    and stop it (SIGTERM, then SIGKILL) afterwards."""
+    and stop it (SIGTERM, then SIGKILL) afterwards. Its output (access log included) goes to a
+    temporary file, not a pipe: a pipe nobody reads fills up and blocks the server."""
     env = dict(os.environ, PYTHONPATH=str(ROOT), **(env or {}))
-    proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT)
+    log = tempfile.TemporaryFile()
+    proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + timeout
@@ -36,7 +38,8 @@ def running_server(args: list[str], port: int, env: dict | None = None, timeout:
                     break
             except OSError:
                 if proc.poll() is not None:
-                    raise RuntimeError(proc.stdout.read().decode()) from None
+                    log.seek(0)
+                    raise RuntimeError(log.read().decode(errors="replace")) from None
                 if time.monotonic() > deadline:
                     raise RuntimeError("server did not start") from None
                 time.sleep(0.1)
@@ -48,3 +51,4 @@ def running_server(args: list[str], port: int, env: dict | None = None, timeout:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+        log.close()
