@@ -1,0 +1,219 @@
+"""The server under load: 16 concurrent keep-alive clients for 60 s against `python -m app.server`
+(its workers from SAESCOPE_WORKERS) over the 65,536-latent database, on SQLite and on PostgreSQL.
+
+    .venv/bin/python bench/http_load.py [--duration 60] [--clients 16] [--workers 2]
+        [--max-requests 400000] [--workdir /tmp/saescope-bench] [--postgres URL] [--keep]
+
+The mix, drawn at random per request: a latent's page and its JSON twin (a random latent), the
+SAE's latent list and its JSON twin (random sort, order and page, 50 per page), and, as the
+baseline measured in the same run, a static file of the same size (the median size of the mix's
+responses) served by the same server. Bounded in time and in requests, loopback only (the server
+binds 127.0.0.1 and the clients connect there). Every non-200 answer counts as an error. Prints
+Markdown tables for BENCHMARKS.md. The databases are those of bench/load_throughput.py (made
+here if missing); the PostgreSQL schema is dropped at the end unless --keep.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import random
+import statistics
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+sys.path.insert(0, str(ROOT / "tests" / "app"))
+
+from load_throughput import (  # noqa: E402
+    BENCH_SCHEMA,
+    DEFAULT_POSTGRES,
+    postgres_url,
+    sqlite_url,
+    synthetic_run,
+)
+from servers import free_port, running_server  # noqa: E402
+from sqlalchemy import create_engine, text  # noqa: E402
+from sqlalchemy.pool import NullPool  # noqa: E402
+
+from app.db import make_engine  # noqa: E402
+from app.loader import load_run  # noqa: E402
+
+HOST = "127.0.0.1"  # loopback only
+STATIC_NAME = "bench-same-size.html"  # written into static/ for the run, removed afterwards
+KINDS = ("feature page", "feature .json", "latent list", "latent list .json")
+
+
+def request_maker(sae_id: str, n_latents: int, per_page: int = 50):
+    pages = -(-n_latents // per_page)
+
+    def next_request(rng: random.Random) -> tuple[str, str]:
+        kind = rng.choice(KINDS + ("static, same size",))
+        suffix = ".json" if kind.endswith(".json") else ""
+        if kind.startswith("feature"):
+            return kind, f"/saes/{sae_id}/features/{rng.randrange(n_latents)}{suffix}"
+        if kind.startswith("latent list"):
+            sort, order = rng.choice(("density", "max_activation", "index")), rng.choice(("desc", "asc"))
+            return kind, f"/saes/{sae_id}{suffix}?sort={sort}&order={order}&page={rng.randint(1, pages)}&per_page={per_page}"
+        return kind, f"/static/{STATIC_NAME}"
+
+    return next_request
+
+
+async def fetch(reader, writer, path: str) -> tuple[int, int]:
+    """One keep-alive HTTP/1.1 GET: (status, body bytes). Our server always sends Content-Length."""
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: {HOST}\r\nAccept: */*\r\n\r\n".encode())
+    status = int((await reader.readline()).split()[1])
+    length = None
+    while (line := await reader.readline()) not in (b"\r\n", b""):
+        name, _, value = line.decode("latin-1").partition(":")
+        if name.lower() == "content-length":
+            length = int(value)
+    if length is None:
+        raise RuntimeError(f"{path}: no Content-Length")
+    await reader.readexactly(length)
+    return status, length
+
+
+async def run_clients(port: int, next_request, clients: int, duration: float, max_requests: int, seed: int):
+    latencies: dict[str, list[float]] = defaultdict(list)
+    sizes: dict[str, list[int]] = defaultdict(list)
+    errors: dict[str, int] = defaultdict(int)
+    sent = 0
+    deadline = time.monotonic() + duration
+
+    async def client(i: int) -> None:
+        nonlocal sent
+        rng = random.Random(seed * 1000 + i)
+        reader, writer = await asyncio.open_connection(HOST, port)
+        try:
+            while time.monotonic() < deadline and sent < max_requests:
+                sent += 1
+                kind, path = next_request(rng)
+                start = time.perf_counter()
+                try:
+                    status, size = await fetch(reader, writer, path)
+                except (OSError, asyncio.IncompleteReadError, RuntimeError, ValueError, IndexError):
+                    errors[kind] += 1
+                    writer.close()
+                    reader, writer = await asyncio.open_connection(HOST, port)
+                    continue
+                latencies[kind].append(time.perf_counter() - start)
+                sizes[kind].append(size)
+                if status != 200:
+                    errors[kind] += 1
+        finally:
+            writer.close()
+
+    start = time.monotonic()
+    await asyncio.gather(*(client(i) for i in range(clients)))
+    return latencies, sizes, errors, time.monotonic() - start
+
+
+def percentile(values: list[float], q: float) -> float:
+    return statistics.quantiles(values, n=1000, method="inclusive")[int(q * 10) - 1] if len(values) > 1 else values[0]
+
+
+def prepare(backend: str, run: Path, args) -> str:
+    url = sqlite_url(args.workdir, run) if backend == "SQLite" else postgres_url(args.postgres)
+    if backend == "PostgreSQL":
+        admin = create_engine(args.postgres, poolclass=NullPool)
+        with admin.begin() as conn:
+            conn.execute(text(f'CREATE SCHEMA IF NOT EXISTS "{BENCH_SCHEMA}"'))
+        admin.dispose()
+    start = time.perf_counter()
+    sae_id = load_run(run, url)  # a no-op when bench/load_throughput.py --keep left it loaded
+    print(f"{backend}: {sae_id} ready in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+    engine = make_engine(url)
+    with engine.begin() as conn:
+        conn.execute(text("ANALYZE"))
+    engine.dispose()
+    return url
+
+
+def measure(backend: str, url: str, sae_id: str, n_latents: int, args) -> dict:
+    port = free_port()
+    env = {"DATABASE_URL": url, "SAESCOPE_HOST": HOST, "SAESCOPE_PORT": str(port),
+           "SAESCOPE_WORKERS": str(args.workers), "SAESCOPE_ADMIN_TOKEN": ""}
+    next_request = request_maker(sae_id, n_latents)
+    static = ROOT / "static" / STATIC_NAME
+    with running_server(["-m", "app.server"], port, env) as (base, _):
+        # Warm-up: every worker's connections and caches, and the mix's median response size.
+        static.write_bytes(b"<!-- placeholder -->")
+        warm = asyncio.run(run_clients(port, next_request, args.clients, 5, 2_000, seed=1))
+        dynamic = sorted(size for kind, values in warm[1].items() if kind in KINDS for size in values)
+        same_size = dynamic[len(dynamic) // 2]
+        static.write_bytes((b"<!doctype html><p>" + b"x" * same_size)[:same_size])
+        try:
+            latencies, sizes, errors, elapsed = asyncio.run(
+                run_clients(port, next_request, args.clients, args.duration, args.max_requests, seed=2))
+        finally:
+            static.unlink(missing_ok=True)
+    return {"backend": backend, "latencies": latencies, "sizes": sizes, "errors": errors,
+            "elapsed": elapsed, "same_size": same_size}
+
+
+def report(result: dict) -> None:
+    latencies, sizes, errors = result["latencies"], result["sizes"], result["errors"]
+    dynamic = [value for kind in KINDS for value in latencies[kind]]
+    total = sum(len(values) for values in latencies.values())
+    n_errors = sum(errors.values())
+    print(f"\n**{result['backend']}**: {total:,} requests in {result['elapsed']:.0f} s "
+          f"({total / result['elapsed']:,.0f}/s), {n_errors} errors\n")
+    print("| requests | count | median size | p50 | p99 | max |")
+    print("|---|---|---|---|---|---|")
+    rows = [(kind, latencies[kind], sizes[kind]) for kind in KINDS]
+    rows.append(("**all pages (the mix)**", dynamic, [s for kind in KINDS for s in sizes[kind]]))
+    rows.append(("static file of the same size", latencies["static, same size"], sizes["static, same size"]))
+    for name, values, body_sizes in rows:
+        if values:
+            print(f"| {name} | {len(values):,} | {statistics.median(body_sizes) / 1024:,.1f} KiB | "
+                  f"{percentile(values, 50) * 1000:.1f} ms | {percentile(values, 99) * 1000:.1f} ms | "
+                  f"{max(values) * 1000:.1f} ms |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--duration", type=float, default=60.0, help="seconds of load per backend")
+    parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 2, help="server processes")
+    parser.add_argument("--max-requests", type=int, default=400_000, help="upper bound per backend")
+    parser.add_argument("--latents", type=int, default=65_536)
+    parser.add_argument("--examples", type=int, default=50)
+    parser.add_argument("--context-length", type=int, default=64)
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/saescope-bench"))
+    parser.add_argument("--postgres", default=os.environ.get("SAESCOPE_BENCH_POSTGRES", DEFAULT_POSTGRES))
+    parser.add_argument("--backend", choices=("SQLite", "PostgreSQL"), action="append")
+    parser.add_argument("--keep", action="store_true", help="keep the PostgreSQL schema")
+    args = parser.parse_args()
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    run = synthetic_run(args.workdir, args.latents, args.examples, args.context_length)
+
+    from trainer.runfolder import load_cfg, sae_slug
+
+    sae_id = sae_slug(load_cfg(run))
+    results = []
+    try:
+        for backend in args.backend or ("SQLite", "PostgreSQL"):
+            url = prepare(backend, run, args)
+            results.append(measure(backend, url, sae_id, args.latents, args))
+    finally:
+        if not args.keep:
+            admin = create_engine(args.postgres, poolclass=NullPool)
+            with admin.begin() as conn:
+                conn.execute(text(f'DROP SCHEMA IF EXISTS "{BENCH_SCHEMA}" CASCADE'))
+            admin.dispose()
+    print(f"{platform.node()} · {os.cpu_count()} cores · Python {platform.python_version()} · "
+          f"{args.clients} clients, {args.workers} server workers, {args.duration:.0f} s per backend · "
+          f"load average {os.getloadavg()[0]:.1f} at the end")
+    for result in results:
+        report(result)
+
+
+if __name__ == "__main__":
+    main()

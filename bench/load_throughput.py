@@ -1,0 +1,139 @@
+"""How fast `saescope load` writes: example rows per second into SQLite and into PostgreSQL, for a
+synthetic run of 65,536 latents x 50 top examples (3,276,800 example rows), written by
+trainer.runfolder's own save functions.
+
+    .venv/bin/python bench/load_throughput.py [--latents 65536] [--examples 50] [--context-length 64]
+        [--workdir /tmp/saescope-bench] [--postgres URL] [--with-foreign-keys] [--keep]
+
+Each backend gets a fresh database: a SQLite file in the work folder, and a schema of its own in
+the PostgreSQL database at --postgres (dropped afterwards unless --keep, which bench/http_load.py
+then reuses). The run folder is cached in the work folder. --with-foreign-keys also loads into
+the schema as it was before migration 0003 (examples with their two foreign keys), for comparison.
+Prints a Markdown table for BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+for folder in (ROOT, ROOT / "tests" / "app"):
+    if str(folder) not in sys.path:
+        sys.path.insert(0, str(folder))
+
+from sqlalchemy import create_engine, text  # noqa: E402
+from sqlalchemy.pool import NullPool  # noqa: E402
+
+from app.db import make_engine, upgrade  # noqa: E402
+from app.loader import read_run, write_in_one_transaction  # noqa: E402
+from webrun import make_synthetic_run  # noqa: E402
+
+DEFAULT_POSTGRES = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+BENCH_SCHEMA = "saescope_bench"
+
+
+def synthetic_run(workdir: Path, n_latents: int, n_examples: int, context_length: int) -> Path:
+    """The run folder, made once per size and kept in the work folder."""
+    run = workdir / f"run-{n_latents}x{n_examples}x{context_length}"
+    if not (run / "harvest" / "harvest.json").is_file():
+        start = time.perf_counter()
+        make_synthetic_run(run, n_latents=n_latents, n_examples=n_examples, context_length=context_length,
+                           n_contexts=n_latents, model="bench/Synthetic-Model")
+        print(f"made {run} in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+    return run
+
+
+def sqlite_url(workdir: Path, run: Path) -> str:
+    return f"sqlite:///{workdir / (run.name + '.db')}"
+
+
+def postgres_url(base: str, schema: str = BENCH_SCHEMA) -> str:
+    return f"{base}?options=-csearch_path%3D{schema}"
+
+
+@contextmanager
+def fresh_postgres_schema(base: str, schema: str, keep: bool):
+    admin = create_engine(base, poolclass=NullPool)
+    with admin.begin() as conn:
+        conn.execute(text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
+        conn.execute(text(f'CREATE SCHEMA "{schema}"'))
+    try:
+        yield postgres_url(base, schema)
+    finally:
+        if not keep:
+            with admin.begin() as conn:
+                conn.execute(text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
+        admin.dispose()
+
+
+def fresh_sqlite(url: str) -> str:
+    path = Path(url.removeprefix("sqlite:///"))
+    for suffix in ("", "-wal", "-shm", "-journal"):
+        Path(f"{path}{suffix}").unlink(missing_ok=True)
+    return url
+
+
+def timed_load(rows, url: str, revision: str = "head") -> float:
+    """Seconds for the write transaction alone (the run is read and the schema made before)."""
+    upgrade(url, revision)
+    engine = make_engine(url)
+    try:
+        start = time.perf_counter()
+        assert write_in_one_transaction(engine, rows)
+        return time.perf_counter() - start
+    finally:
+        engine.dispose()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--latents", type=int, default=65_536)
+    parser.add_argument("--examples", type=int, default=50, help="top examples per latent")
+    parser.add_argument("--context-length", type=int, default=64)
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/saescope-bench"))
+    parser.add_argument("--postgres", default=os.environ.get("SAESCOPE_BENCH_POSTGRES", DEFAULT_POSTGRES))
+    parser.add_argument("--with-foreign-keys", action="store_true",
+                        help="also load into the pre-0003 schema, whose examples have foreign keys")
+    parser.add_argument("--keep", action="store_true", help="keep the databases for bench/http_load.py")
+    args = parser.parse_args()
+    args.workdir.mkdir(parents=True, exist_ok=True)
+
+    run = synthetic_run(args.workdir, args.latents, args.examples, args.context_length)
+    start = time.perf_counter()
+    rows = read_run(run)
+    read_s = time.perf_counter() - start
+    n_examples, n_rows = len(rows.examples), rows.n_rows
+    results = []
+
+    url = fresh_sqlite(sqlite_url(args.workdir, run))
+    results.append(("SQLite (executemany, WAL)", timed_load(rows, url)))
+    if not args.keep:
+        fresh_sqlite(url)
+    with fresh_postgres_schema(args.postgres, BENCH_SCHEMA, keep=args.keep) as url:
+        results.append(("PostgreSQL (binary COPY)", timed_load(rows, url)))
+    if args.with_foreign_keys:
+        with fresh_postgres_schema(args.postgres, BENCH_SCHEMA + "_fk", keep=False) as url:
+            results.append(("PostgreSQL, examples with foreign keys (schema 0002)", timed_load(rows, url, "0002")))
+        url = fresh_sqlite(sqlite_url(args.workdir, run).replace(".db", "-fk.db"))
+        results.append(("SQLite, examples with foreign keys (schema 0002)", timed_load(rows, url, "0002")))
+        fresh_sqlite(url)
+
+    print(f"{platform.node()} · {os.cpu_count()} cores · {platform.python_version()} · "
+          f"load average {os.getloadavg()[0]:.1f} at the end")
+    print(f"run: {args.latents:,} latents x {args.examples} examples x {args.context_length} tokens = "
+          f"{n_examples:,} example rows, {n_rows:,} rows in all; reading and checking the run folder: "
+          f"{read_s:.1f} s (once, before either database)\n")
+    print("| database | write transaction | example rows/s | all rows/s |")
+    print("|---|---|---|---|")
+    for name, seconds in results:
+        print(f"| {name} | {seconds:.1f} s | {n_examples / seconds:,.0f} | {n_rows / seconds:,.0f} |")
+
+
+if __name__ == "__main__":
+    main()
