@@ -129,7 +129,7 @@ class Feature:
             "density": self.density,
             "max_activation": self.max_activation,
             "mean_activation": self.mean_activation,
-            "top_examples": [asdict(example) for example in self.top_examples],
+            "top_examples": [dict(vars(example)) for example in self.top_examples],  # shallow: asdict deep-copies every list
             "prev": link(self.prev_index),
             "next": link(self.next_index),
             "url": urls.feature(self.sae_id, self.index),

@@ -8,6 +8,7 @@ from fastapi import Request
 from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.templating import Jinja2Templates
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
+from markupsafe import Markup, escape
 
 from app.db import ROOT
 from app.urls import URLs
@@ -27,6 +28,18 @@ def shade(activation: float, max_activation: float) -> str:
     if not max_activation or max_activation <= 0 or not math.isfinite(activation):
         return "0"
     return f"{min(1.0, max(0.0, activation / max_activation)):.3f}"
+
+
+def token_chips(tokens: list[str], activations: list[float], scale: float) -> Markup:
+    """A context's token chips: each token escaped, shaded by activation / scale, its value on
+    hover. Built here rather than in a template loop: a feature page has thousands of tokens, and
+    this is a few times faster than the same markup from Jinja (it was most of the page's time)."""
+    chips = []
+    for token, activation in zip(tokens, activations):
+        value = f"{activation:.3f}"
+        chips.append(f'<span class="tok{" on" if activation > 0 else ""}" style="--a: {shade(activation, scale)}" '
+                     f'title="{value}" data-tip="{value}">{escape(token_text(token))}</span>')
+    return Markup("".join(chips))
 
 
 def number(value, digits: int = 3) -> str:
@@ -62,7 +75,7 @@ def make_templates() -> Jinja2Templates:
         lstrip_blocks=True,
     )
     env.filters.update(token=token_text, number=number, percent=percent)
-    env.globals.update(zip=zip, shade=shade, density_bar=density_bar, urls=URLs())
+    env.globals.update(zip=zip, shade=shade, density_bar=density_bar, token_chips=token_chips, urls=URLs())
     return Jinja2Templates(env=env)
 
 
