@@ -8,19 +8,20 @@
 - limits: a path + query string longer than `max_url_bytes` is a 414, a body longer than
   `max_body_bytes` a 413 (by Content-Length before reading, or while streaming), a NUL byte in
   the path or query a 400 (no database stores it, and no id contains it);
-- a timeout: a request not answered within `request_timeout_s` is a 504 (sync handlers finish
-  in their thread, but the client gets its answer; on PostgreSQL the statement is cancelled too);
+- a timeout: a request not answered within `request_timeout_s` is a 504 (a sync handler finishes
+  in its thread, but the client gets its answer; on PostgreSQL the statement is cancelled too);
 - errors never show a stack trace outside debug mode: an unhandled exception is logged and
   answered with a plain 500 page or `{"detail": "internal server error"}`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import traceback
+from functools import lru_cache
 
-import anyio
-from starlette.datastructures import Headers, MutableHeaders
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse
@@ -62,6 +63,19 @@ def security_headers(path: str) -> dict[str, str]:
     return headers
 
 
+@lru_cache(maxsize=64)
+def _raw_headers(path_kind: str) -> tuple[tuple[bytes, bytes], ...]:
+    return tuple((name.lower().encode(), value.encode()) for name, value in security_headers(path_kind).items())
+
+
+def _headers_for(path: str) -> tuple[tuple[bytes, bytes], ...]:
+    """The raw headers for a path; computed once per kind of path (docs, embeddable, other)."""
+    if path in DOCS_PATHS:
+        return _raw_headers(path)
+    embed = next((prefix for prefix in EMBED_PATHS if path.startswith(prefix)), None)
+    return _raw_headers(embed if embed is not None else "/")
+
+
 class BodyTooLarge(HTTPException):
     def __init__(self, limit: int):
         super().__init__(413, f"request body larger than {limit:,} bytes")
@@ -88,10 +102,10 @@ class RequestGuard:
                 return
             if message["type"] == "http.response.start":
                 started = True
-                headers = MutableHeaders(scope=message)
-                for name, value in security_headers(scope["path"]).items():
-                    if name not in headers:
-                        headers[name] = value
+                headers = list(message.get("headers", ()))
+                present = {name.lower() for name, _ in headers}
+                headers += [(name, value) for name, value in _headers_for(scope["path"]) if name not in present]
+                message = {**message, "headers": headers}
             await send(message)
 
         rejection = self._check_request(scope)
@@ -112,41 +126,44 @@ class RequestGuard:
                     raise BodyTooLarge(self.max_body)
             return message
 
-        error: Exception | None = None
+        # The timeout is a timer, not a task per request (that cost more than a static file):
+        # when it fires, a task answers 504 and cancels the request. A sync handler still busy
+        # in its thread finishes there, unseen; the client has its answer.
+        request_task = asyncio.current_task()
+        loop = asyncio.get_running_loop()
 
-        async with anyio.create_task_group() as tasks:
-            async def run_app() -> None:
-                nonlocal error
-                try:
-                    await self.app(scope, limited_receive, send_secured)
-                except Exception as exc:  # handled below, outside the task group
-                    error = exc
-                finally:
-                    tasks.cancel_scope.cancel()  # stops the watchdog
+        finished = False
 
-            async def watchdog() -> None:
-                nonlocal answered
-                await anyio.sleep(self.timeout)
-                if not started:  # answer now; a sync handler still busy in its thread is abandoned
-                    answered = True  # from here on, what the app sends is dropped
+        async def answer_504() -> None:
+            nonlocal answered
+            if finished:
+                return
+            if not started:
+                answered = True  # from here on, what the app sends is dropped
 
-                    async def send_504(message: Message) -> None:
-                        await send_secured(message, force=True)
+                async def send_504(message: Message) -> None:
+                    await send_secured(message, force=True)
 
-                    await self._error(scope, send_504, 504, f"the server did not answer within {self.timeout:g} s")
-                tasks.cancel_scope.cancel()
+                await self._error(scope, send_504, 504, f"the server did not answer within {self.timeout:g} s")
+            request_task.cancel()
 
-            tasks.start_soon(watchdog)
-            tasks.start_soon(run_app)
-
-        if error is not None:
+        timer = loop.call_later(self.timeout, lambda: loop.create_task(answer_504()))
+        try:
+            await self.app(scope, limited_receive, send_secured)
+        except asyncio.CancelledError:
+            if not answered:
+                raise  # not our timeout: the server is cancelling
+        except Exception as error:
             if self.debug:
-                raise error
+                raise
             log.error("unhandled error on %s %s\n%s", scope.get("method"), scope["path"],
                       "".join(traceback.format_exception(type(error), error, error.__traceback__)))
             if started:
-                raise error  # the response is half sent: let the server drop the connection
+                raise  # the response is half sent: let the server drop the connection
             await self._error(scope, send_secured, 500, "internal server error")
+        finally:
+            finished = True
+            timer.cancel()
 
     def _check_request(self, scope: Scope) -> tuple[int, str] | None:
         raw_path = scope.get("raw_path") or scope["path"].encode()
