@@ -4,6 +4,7 @@ workers, configured only by the environment, on PostgreSQL."""
 from __future__ import annotations
 
 import json
+import socket
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -36,3 +37,7 @@ def test_several_workers_configured_by_the_environment(postgres_url, run_dir, sa
             raise AssertionError("DELETE without a token must fail")
         except urllib.error.HTTPError as e:
             assert e.code == 403  # empty SAESCOPE_ADMIN_TOKEN: writes are off
+        # Request line + headers are bounded too (h11; httptools would buffer any size).
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+            raw.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 100_000 + b"\r\n\r\n")  # > 64 + 16 KiB
+            assert raw.recv(100).startswith(b"HTTP/1.1 400")
