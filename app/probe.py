@@ -99,7 +99,7 @@ class ProbeResult:
     def token_latents(self, position: int, top_k: int | None = None) -> list[tuple[int, float]]:
         """(latent, activation) of the latents firing on one token, strongest first."""
         indices, values = self.indices[position, :top_k].tolist(), self.values[position, :top_k].tolist()
-        return [(i, _short(v)) for i, v in zip(indices, values) if v > 0]  # values are sorted: zeros come last
+        return [(i, v) for i, v in zip(indices, values) if v > 0]  # values are sorted: zeros come last
 
     def activations_of(self, latent: int) -> np.ndarray:
         """One latent's activation on every token: (T,)."""
@@ -272,7 +272,7 @@ class ProbeView:
             "n_tokens": len(self.result),
             "tokens": [
                 {"position": p, "token": token, "token_id": token_id,
-                 "top_latents": [{"index": i, "activation": v} for i, v in self.result.token_latents(p, self.top_k)]}
+                 "top_latents": [{"index": i, "activation": _short(v)} for i, v in self.result.token_latents(p, self.top_k)]}
                 for p, (token, token_id) in enumerate(zip(self.result.tokens, self.result.token_ids))
             ],
             "top_latents": [latent.as_json(urls, self.sae) for latent in self.text_latents],
