@@ -37,7 +37,12 @@ def test_several_workers_configured_by_the_environment(postgres_url, run_dir, sa
             raise AssertionError("DELETE without a token must fail")
         except urllib.error.HTTPError as e:
             assert e.code == 403  # empty SAESCOPE_ADMIN_TOKEN: writes are off
-        # Request line + headers are bounded too (h11; httptools would buffer any size).
+        # Request line + headers are bounded too (h11 buffers at most the limit plus one read;
+        # httptools would buffer any size): a 1 MB header is refused, never answered 200.
         with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
-            raw.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 100_000 + b"\r\n\r\n")  # > 64 + 16 KiB
-            assert raw.recv(100).startswith(b"HTTP/1.1 400")
+            try:
+                raw.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 1_000_000 + b"\r\n\r\n")
+                answer = raw.recv(100)
+            except (ConnectionResetError, BrokenPipeError):
+                answer = b"connection reset"
+            assert answer.startswith(b"HTTP/1.1 400") or answer in (b"connection reset", b""), answer
