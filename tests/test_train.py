@@ -107,3 +107,18 @@ def test_multi_topk_makes_the_sae_work_at_4k(tiny_run):
         return float((x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
 
     assert fvu_at_4k(multi_topk=1) < fvu_at_4k(multi_topk=0)
+
+
+def test_retraining_a_folder_drops_its_old_metrics_and_harvest(tiny_run, tmp_path):
+    """Stale numbers must never sit beside new weights (the demo skips stages whose output exists)."""
+    from trainer.config import TrainConfig
+    from trainer.train import train
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    assert (run / "metrics.json").exists() and (run / "harvest" / "harvest.json").exists()
+    cfg = runfolder.load_cfg(tiny_run)
+    train(TrainConfig(model=cfg["model"], layer=1, n_latents=64, k=4, tokens=8192, heldout_tokens=2048,
+                      context_length=32, batch_size=256), run, cfg["store"])  # same store: reused
+    assert "fvu" not in runfolder.load_metrics(run)  # training metrics only, until eval runs
+    assert not (run / "harvest").exists()

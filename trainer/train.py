@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -260,7 +261,11 @@ def train(cfg: TrainConfig, out_dir: Path, store_dir: Path | None = None) -> Pat
         raise TrainingError(str(e)) from None
     scale = input_scale(store)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / CHECKPOINT_FILE).unlink(missing_ok=True)  # a fresh run never resumes a stale one
+    # A fresh run replaces what an earlier run left here: its checkpoint, metrics and harvest
+    # describe other weights.
+    (out_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
+    (out_dir / runfolder.METRICS_FILE).unlink(missing_ok=True)
+    shutil.rmtree(out_dir / runfolder.HARVEST_DIR, ignore_errors=True)
     meta = {"cfg": cfg.to_dict(), "store": str(store_dir.resolve()), "input_scale": scale}
     trainer = Trainer(cfg, store, scale)
     stats = trainer.fit(lambda state: save_checkpoint(out_dir, {**meta, **state}))
