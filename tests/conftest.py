@@ -55,3 +55,23 @@ def tiny_db(tiny_run, tmp_path_factory) -> str:
     url = f"sqlite:///{tmp_path_factory.mktemp('db') / 'saescope.db'}"
     assert main(["load", str(tiny_run), "--db", url]) == 0
     return url
+
+
+@pytest.fixture(scope="session")
+def sae_id(tiny_run) -> str:
+    """The tiny run's id in the database (tests/app has its own, for its synthetic run)."""
+    from trainer.runfolder import load_cfg, sae_slug
+
+    return sae_slug(load_cfg(tiny_run))
+
+
+@pytest.fixture(scope="module")
+def client(tiny_db):
+    """The app in-process over the tiny run's SQLite file."""
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+    from app.settings import Settings
+
+    with TestClient(create_app(Settings(database_url=tiny_db))) as client:
+        yield client

@@ -10,26 +10,11 @@ import sys
 
 import pytest
 import torch
-from fastapi.testclient import TestClient
 from torch.testing import assert_close
 
-from app.main import create_app
-from app.settings import Settings
 from tests.conftest import PAYLOAD
 from trainer import runfolder
 from trainer.inference import LatentEncoder
-from trainer.runfolder import sae_slug
-
-
-@pytest.fixture(scope="module")
-def client(tiny_db):
-    with TestClient(create_app(Settings(database_url=tiny_db))) as client:
-        yield client
-
-
-@pytest.fixture(scope="module")
-def sae_id(tiny_run):
-    return sae_slug(runfolder.load_cfg(tiny_run))
 
 
 def counts(url: str) -> dict[str, int]:

@@ -16,7 +16,6 @@ from app.probe import DENSE
 from app.settings import Settings
 from trainer import runfolder
 from trainer.inference import LatentEncoder
-from trainer.runfolder import sae_slug
 
 TEXTS = [
     "def probe(x):\n    return x + 1  # <b>bold</b>",
@@ -24,17 +23,6 @@ TEXTS = [
     "Ünïcödé ✓ — and 😀 emoji",
     "<script>alert(1)</script><img src=x onerror=alert(2)>",
 ]
-
-
-@pytest.fixture(scope="module")
-def client(tiny_db):
-    with TestClient(create_app(Settings(database_url=tiny_db))) as client:
-        yield client
-
-
-@pytest.fixture(scope="module")
-def sae_id(tiny_run):
-    return sae_slug(runfolder.load_cfg(tiny_run))
 
 
 @pytest.fixture(scope="module")

@@ -14,14 +14,8 @@ from app.models import ShareLink
 from app.settings import Settings
 from app.shares import create_share, share_digest
 from trainer import runfolder
-from trainer.runfolder import sae_slug
 
 TEXT = "for line in open(path):\n    print(line)  # <i>x</i>"
-
-
-@pytest.fixture(scope="module")
-def sae_id(tiny_run):
-    return sae_slug(runfolder.load_cfg(tiny_run))
 
 
 def app_client(database_url: str) -> TestClient:
