@@ -433,10 +433,9 @@ class ProbeService:
         limit = min(self.settings.probe_max_tokens, getattr(encoder.lm.model.config, "max_position_embeddings", None) or math.inf)
         if len(token_ids) > limit:
             raise HTTPException(413, f"text is {len(token_ids)} tokens; the probe accepts at most {limit}")
-        # encode_text's own steps (tokenize, encode_ids, token_strings), split to check the limit
+        # encode_text's own steps (tokenize, encode, token_strings), split to check the limit
         # before the forward pass.
-        latents = encoder.encode_ids(token_ids)  # (T, n), zeros outside each token's top k
-        values, indices = latents.topk(min(encoder.sae.k, latents.shape[-1]), dim=-1)  # (T, k) strongest first
+        values, indices = encoder.encode_topk(token_ids)  # (T, k) strongest first
         result = ProbeResult(
             sae=sae.id, text=text, token_ids=[int(i) for i in token_ids], tokens=encoder.lm.token_strings(token_ids),
             indices=indices.numpy(), values=values.numpy(), excluded_positions=loaded.excluded_positions,

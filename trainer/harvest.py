@@ -35,20 +35,10 @@ class TopContexts:
 
 
 @torch.no_grad()
-def encode_contexts(sae: TopKSAE, store: ActivationStore, first: int, last: int, scale: float, exclude_first: int):
-    """Dense latent activations of contexts [first, last): (B, T, n), excluded positions zeroed."""
-    T = store.context_length
-    x = store.rows(first, last).to(sae.W_dec.device) * scale
-    z = sae.encode_dense(x).view(last - first, T, sae.n_latents)
-    z[:, :exclude_first] = 0
-    return z
-
-
-@torch.no_grad()
-def encode_rows(sae: TopKSAE, store: ActivationStore, rows: torch.Tensor, scale: float, exclude_first: int):
-    """Dense latent activations of the contexts `rows` (any order): (b, T, n)."""
-    x = store.contexts(rows.numpy()).to(sae.W_dec.device) * scale  # (b, T, d)
-    z = sae.encode_dense(x.flatten(0, 1)).view(len(rows), store.context_length, sae.n_latents)
+def encode_batch(sae: TopKSAE, x: torch.Tensor, scale: float, exclude_first: int) -> torch.Tensor:
+    """Dense latent activations of contexts x: (b, T, d) -> (b, T, n), excluded positions zeroed."""
+    b, T, _ = x.shape
+    z = sae.encode_dense(x.to(sae.W_dec.device).flatten(0, 1) * scale).view(b, T, sae.n_latents)
     z[:, :exclude_first] = 0
     return z
 
@@ -63,7 +53,8 @@ def harvest_sae(sae: TopKSAE, store: ActivationStore, scale: float, cfg: Harvest
     batches = range(0, store.n_contexts, cfg.batch_contexts)
     for first in tqdm(batches, desc="harvest", unit="batch"):
         last = min(first + cfg.batch_contexts, store.n_contexts)
-        z = encode_contexts(sae, store, first, last, scale, cfg.exclude_first)  # (B, T, n)
+        x = store.rows(first, last).view(last - first, T, -1)  # a sequential read
+        z = encode_batch(sae, x, scale, cfg.exclude_first)  # (B, T, n)
         fire_counts += (z > 0).sum((0, 1))
         activation_sums += z.sum((0, 1))
         context_max = z.amax(1)  # (B, n)
@@ -76,7 +67,7 @@ def harvest_sae(sae: TopKSAE, store: ActivationStore, scale: float, cfg: Harvest
     top_activations = torch.zeros(n, cfg.top_k, T)
     for start in tqdm(range(0, len(unique), cfg.batch_contexts), desc="examples", unit="batch"):
         rows = unique[start : start + cfg.batch_contexts]  # (b,) sorted
-        z = encode_rows(sae, store, rows.cpu(), scale, cfg.exclude_first)  # (b, T, n)
+        z = encode_batch(sae, store.contexts(rows.cpu().numpy()), scale, cfg.exclude_first)  # (b, T, n)
         latent, rank = ((top_context >= rows[0]) & (top_context <= rows[-1])).nonzero(as_tuple=True)
         local = torch.searchsorted(rows, top_context[latent, rank])
         top_activations[latent, rank] = z[local, :, latent].cpu()  # (pairs, T)

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from trainer.model import LanguageModel, load_language_model
-from trainer.sae import TopKSAE
+from trainer.sae import TopKLatents, TopKSAE
 
 
 @dataclass
@@ -35,10 +35,19 @@ class LatentEncoder:
         return self.lm.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     @torch.no_grad()  # not inference_mode: callers may edit the result
-    def encode_ids(self, token_ids: list[int]) -> torch.Tensor:
+    def encode_topk(self, token_ids: list[int]) -> TopKLatents:
+        """Each token's k latents, strongest first: values and indices (T, k)."""
         ids = torch.tensor([token_ids], dtype=torch.long)
         x = self.lm.residual(ids)[0] * self.scale  # (T, d), normalised as in training
-        return self.sae.encode_dense(x.to(self.sae.W_dec.device)).cpu()  # (T, n)
+        latents = self.sae.encode(x.to(self.sae.W_dec.device))
+        values, order = latents.values.sort(dim=-1, descending=True)
+        return TopKLatents(values.cpu(), latents.indices.gather(-1, order).cpu())
+
+    def encode_ids(self, token_ids: list[int]) -> torch.Tensor:
+        """All latents of each token: (T, n), zeros outside its top k."""
+        latents = self.encode_topk(token_ids)
+        z = torch.zeros(len(token_ids), self.sae.n_latents)
+        return z.scatter_(-1, latents.indices, latents.values)
 
     def encode_text(self, text: str) -> EncodedText:
         token_ids = self.tokenize(text)

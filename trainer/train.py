@@ -198,19 +198,25 @@ class Trainer:
         torch.set_rng_state(state["rng"])
         return state["step"], state["fvu_ema"]
 
-    def weights_finite(self) -> bool:
-        return all(bool(torch.isfinite(p).all()) for p in self.sae.parameters())
-
     # ------------------------------------------------------------ the loop
 
     def train_step(self, step: int, x: torch.Tensor, total_steps: int, fvu_ema: float | None) -> float:
         result = self.step(x, learning_rate(self.cfg, step, total_steps))
-        if not (math.isfinite(result.fvu) and math.isfinite(result.auxk)) or not self.weights_finite():
-            raise TrainingError(
-                f"loss or weights became non-finite at step {step} (fvu={result.fvu}); "
-                f"the last good checkpoint is kept; try a lower --lr"
-            )
+        if not (math.isfinite(result.fvu) and math.isfinite(result.auxk)):
+            self.fail(step, f"fvu={result.fvu}")
         return result.fvu if fvu_ema is None else 0.9 * fvu_ema + 0.1 * result.fvu
+
+    def check_weights(self, step: int) -> None:
+        """Weights are checked where they are kept (checkpoints, the result), not every step: a
+        non-finite weight makes the next step's loss non-finite anyway."""
+        if not all(bool(torch.isfinite(p).all()) for p in self.sae.parameters()):
+            self.fail(step, "non-finite weights")
+
+    def fail(self, step: int, what: str):
+        raise TrainingError(
+            f"loss or weights became non-finite at step {step} ({what}); "
+            f"the last good checkpoint is kept; try a lower --lr"
+        )
 
     def fit(self, save_checkpoint=None, start_step: int = 0, fvu_ema: float | None = None) -> dict:
         """Train from `start_step`; `save_checkpoint(state)` is called every
@@ -229,7 +235,9 @@ class Trainer:
                     bar.set_postfix(fvu=f"{fvu_ema:.3f}", dead=int((self.tokens_since_fired > self.cfg.effective_dead_tokens).sum()))
                 every = self.cfg.checkpoint_every
                 if save_checkpoint and every and (step + 1) % every == 0 and step + 1 < total_steps:
+                    self.check_weights(step)
                     save_checkpoint(self.checkpoint(step + 1, fvu_ema))
+        self.check_weights(total_steps - 1)
         steps_run = total_steps - start_step
         return {
             "train_steps": total_steps,
@@ -250,6 +258,12 @@ def save_checkpoint(out_dir: Path, state: dict) -> None:
     os.replace(tmp, path)
 
 
+def checkpointer(out_dir: Path, cfg: TrainConfig, store_dir: Path, scale: float):
+    """save_checkpoint for Trainer.fit: the training state plus what `resume` needs to rebuild it."""
+    meta = {"cfg": cfg.to_dict(), "store": str(Path(store_dir).resolve()), "input_scale": scale}
+    return lambda state: save_checkpoint(out_dir, {**meta, **state})
+
+
 def train(cfg: TrainConfig, out_dir: Path, store_dir: Path | None = None) -> Path:
     """Activations (or a reused store) -> trained SAE -> run folder `out_dir`."""
     out_dir = Path(out_dir)
@@ -266,9 +280,8 @@ def train(cfg: TrainConfig, out_dir: Path, store_dir: Path | None = None) -> Pat
     (out_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
     (out_dir / runfolder.METRICS_FILE).unlink(missing_ok=True)
     shutil.rmtree(out_dir / runfolder.HARVEST_DIR, ignore_errors=True)
-    meta = {"cfg": cfg.to_dict(), "store": str(store_dir.resolve()), "input_scale": scale}
     trainer = Trainer(cfg, store, scale)
-    stats = trainer.fit(lambda state: save_checkpoint(out_dir, {**meta, **state}))
+    stats = trainer.fit(checkpointer(out_dir, cfg, store_dir, scale))
     return finish_run(out_dir, trainer, stats, began, store_dir)
 
 
@@ -287,9 +300,8 @@ def resume(out_dir: Path) -> Path:
     trainer = Trainer(cfg, store, state["input_scale"])
     start_step, fvu_ema = trainer.restore(state)
     log.info("resuming %s at step %d of %d", out_dir, start_step, trainer.total_steps)
-    meta = {key: state[key] for key in ("cfg", "store", "input_scale")}
     began = time.perf_counter()
-    stats = trainer.fit(lambda s: save_checkpoint(out_dir, {**meta, **s}), start_step, fvu_ema)
+    stats = trainer.fit(checkpointer(out_dir, cfg, store_dir, state["input_scale"]), start_step, fvu_ema)
     return finish_run(out_dir, trainer, stats, began, store_dir)
 
 

@@ -19,11 +19,10 @@ import uvicorn
 from app.main import create_app
 from app.probe import LoadedSae
 from app.settings import Settings
-from webrun import N_LATENTS
 
 
 class BlockingEncoder:
-    """Tokens are words; latent 1 fires on each; encode_ids waits for `release`."""
+    """Tokens are words; latent 1 fires on each; encode_topk waits for `release`."""
 
     def __init__(self):
         self.release = threading.Event()
@@ -36,13 +35,12 @@ class BlockingEncoder:
     def tokenize(self, text: str) -> list[int]:
         return list(range(len(text.split())))
 
-    def encode_ids(self, token_ids: list[int]) -> torch.Tensor:
+    def encode_topk(self, token_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         self.calls += 1
         self.started.set()
         assert self.release.wait(20), "the test never released the encoder"
-        z = torch.zeros(len(token_ids), N_LATENTS)
-        z[:, 1] = 1.5
-        return z
+        values = torch.full((len(token_ids), 1), 1.5)
+        return values, torch.ones(len(token_ids), 1, dtype=torch.long)
 
 
 def free_port() -> int:
