@@ -53,8 +53,10 @@ def cmd_eval(args) -> None:
 def cmd_harvest(args) -> None:
     from trainer.harvest import harvest_run
 
-    harvest = harvest_run(_run_dir(args.run_dir), config_from_args(args, HarvestConfig), args.store)
-    print(f"harvested {harvest.n_latents} latents over {harvest.info['n_tokens']:,} tokens")
+    harvest = harvest_run(_run_dir(args.run_dir), config_from_args(args, HarvestConfig), args.store, args.from_model)
+    explained = sum(1 for e in harvest.explanations if e["patterns"])
+    print(f"harvested {harvest.n_latents} latents over {harvest.info['n_tokens']:,} tokens "
+          f"({harvest.info['n_firings']:,} firings; {explained} latents explained)")
 
 
 def cmd_import(args) -> None:
@@ -110,7 +112,7 @@ def cmd_demo(args) -> None:
     if "delta_ce" in metrics:
         print(f"      CE clean {metrics['ce_clean']:.3f}, spliced {metrics['ce_spliced']:.3f} (ΔCE {metrics['delta_ce']:+.3f}), "
               f"zero-ablated {metrics['ce_ablated']:.3f}, KL {metrics['kl']:.3f}")
-    if (run / runfolder.HARVEST_DIR / "harvest.json").exists():
+    if runfolder.harvest_is_current(run):
         print("[3/4] harvest: already done")
     else:
         print("[3/4] harvest")
@@ -174,6 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     harvest = commands.add_parser("harvest", help="per-latent statistics and top contexts into RUN/harvest")
     harvest.add_argument("run_dir", help="run folder")
     harvest.add_argument("--store", help="activation store (default: the one in cfg.json)")
+    harvest.add_argument("--from-model", action="store_true",
+                         help="compute the activations with the model over the store's contexts instead of reading them")
     add_config_arguments(harvest, HarvestConfig)
     harvest.set_defaults(func=cmd_harvest)
 

@@ -47,8 +47,24 @@ def test_harvest_matches_direct_encoding(tiny_run):
     latent = int(harvest.max_activation.argmax())
     context = harvest.token_ids[harvest.top_context[latent, 0]].tolist()
     z = encoder.encode_ids(context)[:, latent]
-    z[0] = 0  # the harvest leaves out the first position
+    z[0] = 0  # the harvest leaves out the first position and the special tokens
+    z[torch.isin(torch.tensor(context), torch.tensor(harvest.info["excluded_token_ids"]))] = 0
+    assert harvest.info["excluded_tokens"] == ["<|endoftext|>"]
     assert_close(z, harvest.top_activations[latent, 0], rtol=1e-2, atol=1e-2)
+
+
+def test_quantile_examples_hold_their_sampled_firing(tiny_run):
+    harvest = runfolder.load_harvest(tiny_run)
+    filled = harvest.quantile_context >= 0
+    assert filled.any()
+    position = harvest.quantile_position.clamp_min(0)
+    at = harvest.quantile_activations.gather(-1, position[..., None]).squeeze(-1)
+    assert_close(at[filled], harvest.quantile_value[filled], rtol=1e-3, atol=1e-3)  # fp16 storage
+    latent, bin_ = filled.nonzero(as_tuple=True)[:2]
+    low, high = harvest.quantile_edges[latent, bin_], harvest.quantile_edges[latent, bin_ + 1]
+    assert ((harvest.quantile_value[filled] >= low) & (harvest.quantile_value[filled] <= high)).all()
+    explained = [e for e in harvest.explanations if e["patterns"]]
+    assert len(explained) > 32 and all(0 <= e["precision"] <= 1 for e in explained if e["precision"] is not None)
 
 
 def test_loading_twice_does_not_duplicate(tiny_run, tiny_db):

@@ -7,7 +7,8 @@ import torch
 from torch.testing import assert_close
 
 from trainer import runfolder
-from trainer.runfolder import Harvest, RunFolderError
+from tests.synthetic import random_harvest
+from trainer.runfolder import RunFolderError
 
 
 def write_run(folder, n=12, d=6, k=3, K=4, T=5):
@@ -17,17 +18,7 @@ def write_run(folder, n=12, d=6, k=3, K=4, T=5):
     runfolder.save_sae_weights(folder, weights)
     runfolder.save_metrics(folder, {"fvu": 0.1})
     runfolder.save_metrics(folder, {"l0": 3.0})
-    harvest = Harvest(
-        density=torch.rand(n),
-        max_activation=torch.rand(n),
-        mean_activation=torch.rand(n),
-        top_context=torch.randint(-1, 7, (n, K)),
-        top_activations=torch.rand(n, K, T),
-        top_max=torch.rand(n, K),
-        token_ids=torch.randint(0, 9, (7, T)),
-        vocab=[f"t{i}" for i in range(9)],
-        info={"n_tokens": 35, "top_k": K},
-    )
+    harvest = random_harvest(n, [f"t{i}" for i in range(9)], K=K, T=T, C=7)
     runfolder.save_harvest(folder, harvest)
     return cfg, weights, harvest
 
@@ -40,11 +31,27 @@ def test_round_trip(tmp_path):
         assert_close(loaded[name], weights[name])
     assert runfolder.load_metrics(tmp_path) == {"fvu": 0.1, "l0": 3.0}
     back = runfolder.load_harvest(tmp_path)
-    assert_close(back.density, harvest.density)
-    assert torch.equal(back.top_context, harvest.top_context)
-    assert_close(back.top_activations, harvest.top_activations.half().float())
-    assert torch.equal(back.token_ids, harvest.token_ids)
-    assert back.vocab == harvest.vocab and back.info == harvest.info
+    for name, tensor in harvest.tensors.items():
+        assert_close(back.tensors[name], tensor.half().float() if tensor.dtype == torch.float16 else tensor,
+                     check_dtype=False, msg=name)
+    assert back.vocab == harvest.vocab and back.explanations == harvest.explanations
+    assert back.info == {**harvest.info, "version": runfolder.HARVEST_VERSION}
+
+
+def test_an_older_harvest_asks_for_a_new_one(tmp_path):
+    write_run(tmp_path)
+    info = json.loads((tmp_path / "harvest" / "harvest.json").read_text())
+    (tmp_path / "harvest" / "harvest.json").write_text(json.dumps({**info, "version": 1}))
+    with pytest.raises(RunFolderError, match=r"harvest.json: made by an older saescope .* run `saescope harvest"):
+        runfolder.load_harvest(tmp_path)
+
+
+def test_a_harvest_tensor_of_the_wrong_shape_is_named(tmp_path):
+    _, _, harvest = write_run(tmp_path, n=12, K=4)
+    harvest.tensors["quantile_share"] = harvest.tensors["quantile_share"][:, :3]
+    runfolder.save_harvest(tmp_path, harvest)
+    with pytest.raises(RunFolderError, match=r"latents.safetensors: quantile_share has shape \(12, 3\), expected \(n, Q\) = \(12, 10\)"):
+        runfolder.load_harvest(tmp_path)
 
 
 def test_saelens_tensor_layout(tmp_path):

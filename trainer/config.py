@@ -96,8 +96,21 @@ class HarvestConfig:
     tokens: int = option(131_072, "for a run without an activation store (an imported SAE): tokens to build one from")
     context_length: int = option(128, "for a run without an activation store: tokens per context")
     corpus: str = option("stdlib", "for a run without an activation store: the corpus to read")
+    quantile_bins: int = option(10, "examples are also sampled from this many bins between exact activation quantiles")
+    samples_per_bin: int = option(5, "examples sampled per quantile bin (distinct contexts)")
+    seed: int = option(0, "seed of the quantile sampling")
+    histogram_bins: int = option(32, "bins of the activation and logit-effect histograms")
+    logit_tokens: int = option(10, "output tokens listed per latent as most raised and most lowered")
+    neighbours: int = option(10, "nearest latents by decoder cosine listed per latent")
+    explanation_examples: int = option(20, "top firings per latent that explanation patterns are drawn from")
+    token_latents: int = option(10, "for search: latents kept per token (highest mean activation on it)")
+    exclude_special_tokens: int = option(1, "1: leave the tokenizer's special tokens (BOS/EOS, separators) out of the statistics")
 
     def __post_init__(self):
+        for name in ("quantile_bins", "samples_per_bin", "histogram_bins", "logit_tokens", "neighbours",
+                     "explanation_examples", "token_latents", "batch_contexts"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if self.top_k < 1:
             raise ConfigError(f"--top-k must be positive, got {self.top_k}")
         if self.exclude_first < 0:

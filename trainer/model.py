@@ -94,6 +94,15 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     raise ModelError(f"cannot find the {n_layers} transformer blocks in {type(model).__name__}")
 
 
+FINAL_NORMS = ("norm", "ln_f", "final_layer_norm", "final_layernorm", "norm_f")  # Llama, GPT-2, NeoX, ...
+
+
+def find_final_norm(base: nn.Module) -> nn.Module | None:
+    """The norm the base model applies after its last block (None when it has none we know)."""
+    found = [(name.count("."), module) for name, module in base.named_modules() if name.split(".")[-1] in FINAL_NORMS]
+    return min(found, key=lambda depth_module: depth_module[0])[1] if found else None  # the shallowest
+
+
 @dataclass
 class LanguageModel:
     """A causal LM cut after block `layer`, returning the residual stream there."""
@@ -106,6 +115,12 @@ class LanguageModel:
     block: nn.Module
     d_model: int
     n_layers: int  # of the full model
+    final_norm: nn.Module | None = None  # the norm before the unembedding (for logit effects)
+    unembed: nn.Module | None = None  # the LM head
+
+    @property
+    def special_token_ids(self) -> list[int]:
+        return sorted(set(getattr(self.tokenizer, "all_special_ids", []) or []))
 
     @torch.no_grad()  # not inference_mode: callers may edit the result
     def residual(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -190,6 +205,8 @@ def load_language_model(name: str, layer: int, device: str | None = None) -> Lan
         block=get_path(base, blocks_name)[layer],
         d_model=full.config.hidden_size,
         n_layers=n_layers,
+        final_norm=find_final_norm(base),
+        unembed=full.get_output_embeddings(),
     )
 
 

@@ -5,13 +5,16 @@
       sae.safetensors        W_enc [d_in, n], b_enc [n], W_dec [n, d_in], b_dec [d_in] (SAELens names)
       metrics.json           evaluation on held-out tokens (fvu, l0, dead_fraction, ...)
       harvest/
-        harvest.json         how the harvest was made (tokens seen, top_k, context_length, ...)
-        latents.safetensors  density [n], max_activation [n], mean_activation [n]
-        examples.safetensors top_context [n, K] (row of contexts, -1 = empty slot),
-                             top_activations [n, K, T] (fp16, this latent on every token),
-                             top_max [n, K] (the example's max activation)
+        harvest.json         how the harvest was made (version, tokens seen, bins, seed, exclusions)
+        latents.safetensors  per latent: density, max/mean activation, activation histogram,
+                             quantile edges and shares, logit effects, nearest latents
+        examples.safetensors top and quantile-sampled examples: a context row and the latent's
+                             activation on every token of it (fp16)
         contexts.safetensors token_ids [C, T] (each context stored once)
+        tokens.safetensors   for search: per token, the latents that fire most on it
+        explanations.json    per latent: a token pattern and its held-out precision / recall
         vocab.json           token id -> readable token string
+      (HARVEST_TENSORS below lists every tensor with its shape.)
 
 Every reader raises `RunFolderError` with a one-line message naming the file at fault.
 """
@@ -81,47 +84,91 @@ def save_metrics(run_dir: Path, metrics: dict) -> None:
     write_json(path, merged)
 
 
+HARVEST_VERSION = 2  # harvest.json "version": the loader refuses older harvests with a clear message
+
+# Tensor shapes by file, in symbols: n latents, K top examples, T tokens per context, C stored
+# contexts, H histogram bins, Q quantile bins, S samples per bin, L logit tokens, M neighbours,
+# R (token, latent) search rows. load_harvest checks every tensor against these.
+HARVEST_TENSORS = {
+    "latents.safetensors": {
+        "density": ("n",),  # share of harvest tokens where the latent fires
+        "max_activation": ("n",),
+        "mean_activation": ("n",),  # over the tokens where it fires
+        "histogram": ("n", "H"),  # counts of non-zero activations in H equal bins over (0, max]
+        "quantile_edges": ("n", "Q+1"),  # exact quantiles 0, 1/Q, .., 1 of the non-zero activations
+        "quantile_share": ("n", "Q"),  # share of the latent's firings in each quantile bin
+        "logit_top_ids": ("n", "L"),  # tokens whose logit the decoder direction raises most
+        "logit_top_values": ("n", "L"),
+        "logit_bottom_ids": ("n", "L"),  # ... and lowers most (most negative first)
+        "logit_bottom_values": ("n", "L"),
+        "logit_histogram": ("n", "H"),  # counts of all vocab logit effects in H bins over logit_range
+        "logit_range": ("n", 2),  # (min, max) of the latent's logit effects
+        "neighbour_index": ("n", "M"),  # nearest latents by decoder cosine, most similar first
+        "neighbour_cosine": ("n", "M"),
+    },
+    "examples.safetensors": {
+        "top_context": ("n", "K"),  # row into token_ids, -1 = empty slot
+        "top_activations": ("n", "K", "T"),  # fp16, the latent on every token of the context
+        "top_max": ("n", "K"),  # the context's max activation, descending
+        "quantile_context": ("n", "Q", "S"),  # -1 = empty slot
+        "quantile_activations": ("n", "Q", "S", "T"),
+        "quantile_value": ("n", "Q", "S"),  # the sampled firing's activation (inside the bin)
+        "quantile_position": ("n", "Q", "S"),  # the sampled firing's token position in the context
+    },
+    "contexts.safetensors": {"token_ids": ("C", "T")},  # each context once
+    "tokens.safetensors": {  # search: for each token, the latents that fire most on it
+        "token_id": ("R",),
+        "token_latent": ("R",),
+        "token_mean_activation": ("R",),  # the latent's mean activation over every occurrence of the token
+        "token_fire_rate": ("R",),  # share of the token's occurrences where the latent fires
+        "token_occurrences": ("R",),  # how often the token occurs in the harvest tokens
+    },
+}
+HARVEST_DTYPES = {  # everything else is float32
+    "top_activations": torch.float16, "quantile_activations": torch.float16, "token_ids": torch.int32,
+    **{name: torch.int64 for name in ("histogram", "logit_top_ids", "logit_bottom_ids", "logit_histogram",
+                                       "neighbour_index", "top_context", "quantile_context", "quantile_position",
+                                       "token_id", "token_latent", "token_occurrences")},
+}
+
+
 @dataclass
 class Harvest:
-    """Per-latent statistics and top-activating contexts of one SAE."""
+    """Per-latent statistics, examples, logit effects, neighbours and explanations of one SAE.
 
-    density: torch.Tensor  # (n,) share of harvest tokens where the latent fires
-    max_activation: torch.Tensor  # (n,)
-    mean_activation: torch.Tensor  # (n,) mean over the tokens where it fires
-    top_context: torch.Tensor  # (n, K) int64 row into token_ids, -1 = empty
-    top_activations: torch.Tensor  # (n, K, T) the latent's activation on every token
-    top_max: torch.Tensor  # (n, K)
-    token_ids: torch.Tensor  # (C, T) int32, each context once
+    `tensors` holds every tensor of HARVEST_TENSORS by name (shapes documented there);
+    `explanations` one dict per latent:
+        {"text": "socket.⟦AF⟧ | ⟦AF_⟧", "patterns": [[id, ...], ...] (last id = the activating
+         token), "precision": float | None, "recall": float | None, "f1": float | None,
+         "matches": int, "firings": int}   (scores on held-out contexts; None when unscored)
+    `info` (harvest.json): version, n_tokens, n_contexts, context_length, top_k, quantile_bins,
+    samples_per_bin, seed, excluded_positions, excluded_token_ids, explanation method, ...
+    """
+
+    tensors: dict[str, torch.Tensor]
+    explanations: list[dict]
     vocab: list[str]  # token id -> readable string
-    info: dict  # n_tokens, top_k, context_length, ...
+    info: dict
+
+    def __getattr__(self, name):  # harvest.density etc.
+        tensors = self.__dict__.get("tensors", {})
+        if name in tensors:
+            return tensors[name]
+        raise AttributeError(name)
 
     @property
     def n_latents(self) -> int:
-        return self.density.shape[0]
+        return self.tensors["density"].shape[0]
 
 
 def save_harvest(run_dir: Path, harvest: Harvest) -> None:
     out = Path(run_dir) / HARVEST_DIR
-    write_tensors(out / "contexts.safetensors", {"token_ids": harvest.token_ids.to(torch.int32)})
+    for file, names in HARVEST_TENSORS.items():
+        write_tensors(out / file, {name: harvest.tensors[name].to(HARVEST_DTYPES.get(name, torch.float32)) for name in names})
+    write_json(out / "explanations.json", harvest.explanations)
     write_json(out / "vocab.json", harvest.vocab)
-    write_tensors(
-        out / "latents.safetensors",
-        {
-            "density": harvest.density.float(),
-            "max_activation": harvest.max_activation.float(),
-            "mean_activation": harvest.mean_activation.float(),
-        },
-    )
-    write_tensors(
-        out / "examples.safetensors",
-        {
-            "top_context": harvest.top_context.long(),
-            "top_activations": harvest.top_activations.half(),
-            "top_max": harvest.top_max.float(),
-        },
-    )
     # harvest.json last: its presence says the harvest is complete.
-    write_json(out / "harvest.json", harvest.info)
+    write_json(out / "harvest.json", {**harvest.info, "version": HARVEST_VERSION})
 
 
 # ---------------------------------------------------------------- reading
@@ -179,46 +226,62 @@ def load_metrics(run_dir: Path) -> dict:
     return read_json(path) if path.exists() else {}
 
 
+def harvest_is_current(run_dir: Path) -> bool:
+    """A complete harvest in this saescope's format (an older one is made again)."""
+    path = Path(run_dir) / HARVEST_DIR / "harvest.json"
+    try:
+        return path.is_file() and read_json(path).get("version") == HARVEST_VERSION
+    except RunFolderError:
+        return False
+
+
 def load_harvest(run_dir: Path, cfg: dict | None = None) -> Harvest:
-    """The harvest, with every shape checked against cfg.json and against each other."""
+    """The harvest, with every tensor's shape checked against cfg.json and against each other."""
     cfg = cfg or load_cfg(run_dir)
     folder = Path(run_dir) / HARVEST_DIR
     info = read_json(folder / "harvest.json")
-    latents = read_tensors(folder / "latents.safetensors", ("density", "max_activation", "mean_activation"))
-    examples = read_tensors(folder / "examples.safetensors", ("top_context", "top_activations", "top_max"))
-    token_ids = read_tensors(folder / "contexts.safetensors", ("token_ids",))["token_ids"]
+    if info.get("version") != HARVEST_VERSION:
+        raise RunFolderError(
+            f"{folder / 'harvest.json'}: made by an older saescope (harvest version {info.get('version', 1)}, "
+            f"this one reads {HARVEST_VERSION}); run `saescope harvest {run_dir}` again"
+        )
+    sizes = {"n": cfg["n_latents"]}
+    tensors = {}
+    for file, shapes in HARVEST_TENSORS.items():
+        found = read_tensors(folder / file, tuple(shapes))
+        for name, symbols in shapes.items():
+            tensors[name] = found[name]
+            _check_shape(folder / file, name, tuple(found[name].shape), symbols, sizes)
     vocab = read_json(folder / "vocab.json")
-    n = cfg["n_latents"]
-    for name, tensor in latents.items():
-        if tuple(tensor.shape) != (n,):
-            raise RunFolderError(
-                f"{folder / 'latents.safetensors'}: {name} has {tuple(tensor.shape)} values, cfg.json says {n} latents"
-            )
-    top_context, top_activations = examples["top_context"], examples["top_activations"]
-    if top_context.ndim != 2 or top_context.shape[0] != n:
+    explanations = read_json(folder / "explanations.json")
+    if not isinstance(explanations, list) or len(explanations) != sizes["n"]:
+        raise RunFolderError(f"{folder / 'explanations.json'}: expected a list of {sizes['n']} explanations")
+    for name in ("top_context", "quantile_context"):
+        if tensors[name].numel() and int(tensors[name].max()) >= sizes["C"]:
+            raise RunFolderError(f"{folder / 'examples.safetensors'}: {name} points past the {sizes['C']} contexts")
+    for name, file in (("token_ids", "contexts.safetensors"), ("token_id", "tokens.safetensors")):
+        if tensors[name].numel() and int(tensors[name].max()) >= len(vocab):
+            raise RunFolderError(f"{folder / file}: {name} uses id {int(tensors[name].max())}, vocab.json has {len(vocab)} tokens")
+    tensors = {name: t.long() if HARVEST_DTYPES.get(name) in (torch.int64, torch.int32) else t.float()
+               for name, t in tensors.items()}
+    return Harvest(tensors=tensors, explanations=explanations, vocab=vocab, info=info)
+
+
+def _check_shape(path: Path, name: str, shape: tuple, symbols: tuple, sizes: dict) -> None:
+    """Match `shape` against symbols like ("n", "Q+1"); the first tensor to use a symbol fixes it."""
+    expected = []
+    for axis, symbol in zip(shape, symbols):
+        if isinstance(symbol, int):
+            expected.append(symbol)
+            continue
+        base, _, plus = symbol.partition("+")
+        sizes.setdefault(base, axis - int(plus or 0))
+        expected.append(sizes[base] + int(plus or 0))
+    if len(shape) != len(symbols) or tuple(expected) != shape:
         raise RunFolderError(
-            f"{folder / 'examples.safetensors'}: top_context has shape {tuple(top_context.shape)}, expected ({n}, K)"
+            f"{path}: {name} has shape {shape}, expected ({', '.join(map(str, symbols))}) = {tuple(expected)}"
+            + (f" (cfg.json says {sizes['n']} latents)" if symbols[0] == "n" else "")
         )
-    if top_activations.shape[:2] != top_context.shape or top_activations.shape[2] != token_ids.shape[1]:
-        raise RunFolderError(
-            f"{folder / 'examples.safetensors'}: top_activations has shape {tuple(top_activations.shape)}, "
-            f"expected {tuple(top_context.shape) + (token_ids.shape[1],)}"
-        )
-    if top_context.numel() and int(top_context.max()) >= token_ids.shape[0]:
-        raise RunFolderError(f"{folder / 'examples.safetensors'}: top_context points past the {token_ids.shape[0]} contexts")
-    if token_ids.numel() and int(token_ids.max()) >= len(vocab):
-        raise RunFolderError(f"{folder / 'vocab.json'}: {len(vocab)} tokens, but contexts use id {int(token_ids.max())}")
-    return Harvest(
-        density=latents["density"],
-        max_activation=latents["max_activation"],
-        mean_activation=latents["mean_activation"],
-        top_context=top_context.long(),
-        top_activations=top_activations.float(),
-        top_max=examples["top_max"].float(),
-        token_ids=token_ids.long(),
-        vocab=vocab,
-        info=info,
-    )
 
 
 def sae_slug(cfg: dict) -> str:

@@ -136,6 +136,15 @@ class TopKSAE(nn.Module):
         values, indices = self.pre_acts(x).topk(k or self.k, dim=-1, sorted=False)  # (N, k)
         return TopKLatents(F.relu(values), indices)
 
+    @torch.no_grad()
+    def encode_selected(self, x: torch.Tensor, dtype: torch.dtype) -> TopKLatents:
+        """encode(x) with the top k chosen from `dtype` pre-activations (bf16 is several times
+        faster on hardware that has it) and the chosen values computed exactly in fp32."""
+        x_c = x - self.b_dec
+        indices = self.pre_acts_centered(x_c, dtype).topk(self.k, dim=-1, sorted=False).indices  # (N, k)
+        values = gather_dot(self.W_enc.T, indices, x_c, torch.float32) + self.b_enc[indices]
+        return TopKLatents(F.relu(values), indices)
+
     def decode(self, latents: TopKLatents) -> torch.Tensor:
         # embedding_bag sums the k chosen decoder rows weighted by their activations,
         # without materialising an (N, k, d) tensor.

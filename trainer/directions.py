@@ -1,0 +1,62 @@
+"""What a latent's decoder direction says on its own, without any text: which output tokens it
+pushes up and down (logit effects), and which other latents point the same way (neighbours).
+
+Both work on blocks of latents, so memory stays O(block · max(n, vocab)), never O(n²).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+BLOCK = 512  # latents per block
+
+
+@torch.no_grad()
+def nearest_latents(W_dec: torch.Tensor, m: int, others: torch.Tensor | None = None,
+                    block: int = BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each row of W_dec (n, d), the m rows of `others` (default: W_dec itself, excluding the
+    row) with the highest cosine similarity: (indices (n, m), cosines (n, m)), most similar first."""
+    same = others is None
+    A = F.normalize(W_dec.float(), dim=-1)
+    B = A if same else F.normalize(others.float(), dim=-1)
+    m = min(m, B.shape[0] - (1 if same else 0))
+    indices = torch.empty(A.shape[0], m, dtype=torch.long)
+    cosines = torch.empty(A.shape[0], m)
+    for start in range(0, A.shape[0], block):
+        sims = A[start : start + block] @ B.T  # (b, n_other)
+        if same:
+            rows = torch.arange(sims.shape[0])
+            sims[rows, rows + start] = -float("inf")  # a latent is not its own neighbour
+        values, found = sims.topk(m, dim=-1)
+        indices[start : start + block], cosines[start : start + block] = found.cpu(), values.cpu()
+    return indices, cosines
+
+
+@torch.no_grad()
+def logit_effects(W_dec: torch.Tensor, final_norm: nn.Module, unembed: nn.Module, n_tokens: int = 10,
+                  bins: int = 32, block: int = 256) -> dict[str, torch.Tensor]:
+    """Each decoder direction pushed through the model's final norm and unembedding: the tokens
+    whose logits it raises and lowers most, and a histogram of its effect on every token.
+
+    Returns logit_top_ids/values (n, L) (largest first), logit_bottom_ids/values (n, L) (most
+    negative first), logit_histogram (n, bins) over logit_range (n, 2) = (min, max)."""
+    device = next(unembed.parameters()).device
+    out = {name: [] for name in ("logit_top_ids", "logit_top_values", "logit_bottom_ids", "logit_bottom_values",
+                                 "logit_histogram", "logit_range")}
+    for start in range(0, W_dec.shape[0], block):
+        directions = W_dec[start : start + block].to(device).float()  # (b, d)
+        effects = unembed(final_norm(directions)).float()  # (b, V)
+        top = effects.topk(n_tokens, dim=-1)
+        bottom = effects.topk(n_tokens, dim=-1, largest=False)
+        low, high = effects.amin(-1), effects.amax(-1)  # (b,)
+        width = (high - low).clamp_min(1e-12)
+        which = ((effects - low[:, None]) / width[:, None] * bins).long().clamp_(0, bins - 1)  # (b, V)
+        rows = torch.arange(len(directions), device=device)[:, None] * bins
+        histogram = torch.bincount((rows + which).flatten(), minlength=len(directions) * bins).view(-1, bins)
+        for name, value in (("logit_top_ids", top.indices), ("logit_top_values", top.values),
+                            ("logit_bottom_ids", bottom.indices), ("logit_bottom_values", bottom.values),
+                            ("logit_histogram", histogram), ("logit_range", torch.stack([low, high], -1))):
+            out[name].append(value.cpu())
+    return {name: torch.cat(parts) for name, parts in out.items()}
