@@ -4,12 +4,13 @@ The pattern has the form of Neuron2Graph's (Foote et al. 2023): the token the la
 and the preceding tokens that matter. N2G finds those by re-running the model on pruned
 prompts; we find them from the harvest's own statistics, at no extra model cost:
 
-1. candidates: for each of the latent's strongest firings on the non-held-out contexts, the
-   n-grams (n = 1..3) that end at the firing token;
+1. candidates: the n-grams (n = 1..3) that end at the firing token, for the latent's 20
+   strongest firings on the non-held-out contexts and 20 more drawn at random from them (so
+   that patterns covering its weaker firings compete too);
 2. a candidate counts on those contexts: `matches` = positions where the n-gram occurs,
    `hits` = those where the latent fires; a longer n-gram is kept only where its preceding
    tokens raise the F1 score, i.e. where they matter;
-3. greedily, up to three disjoint patterns whose union has the best F1 (a pattern and a longer
+3. greedily, up to five disjoint patterns whose union has the best F1 (a pattern and a longer
    one ending in it are never both kept: the longer one is a subset);
 4. the union is scored on the held-out contexts, which steps 1-3 never saw: precision = share
    of its matches where the latent fires, recall = share of the latent's firings it matches.
@@ -21,9 +22,13 @@ of each context, special tokens) are neither matches nor firings.
 from __future__ import annotations
 
 import numpy as np
+import torch
+
+from trainer.grouping import first_per_group, random_keys
 
 MAX_N = 3  # longest pattern: the firing token and two before it
-MAX_PATTERNS = 3
+MAX_PATTERNS = 5
+MAX_CANDIDATES = 16  # per latent, the best on their own, for the greedy union
 MIN_GAIN = 0.005  # a pattern joins the union only if it raises F1 by more than this
 METHOD = {
     "method": "token n-gram patterns (N2G-style) found on the top firings, scored on held-out contexts",
@@ -45,38 +50,19 @@ def ngram_keys(tokens: np.ndarray, n: int, vocab_size: int) -> np.ndarray:
     return keys.reshape(-1)
 
 
-class Counter:
-    """How often each key occurs at a set of positions, and, per latent, at its firings there."""
-
-    def __init__(self, keys: np.ndarray, where: np.ndarray, firing_latent: np.ndarray, firing_position: np.ndarray):
-        self.table, self.occurrences = np.unique(keys[where & (keys >= 0)], return_counts=True)
-        fired = keys[firing_position]
-        known = fired >= 0
-        composite = firing_latent[known].astype(np.int64) * (len(self.table) + 1) + np.searchsorted(self.table, fired[known])
-        self.fired = np.sort(composite)
-        self.width = len(self.table) + 1
-
-    def _ids(self, keys: np.ndarray) -> np.ndarray:
-        """Each key's row in the table, or len(table) (a row that counts nothing) when absent."""
-        ids = np.searchsorted(self.table, keys)
-        present = ids < len(self.table)
-        present[present] = self.table[ids[present]] == keys[present]
-        return np.where(present, ids, len(self.table))
-
-    def matches(self, keys: np.ndarray) -> np.ndarray:
-        counts = np.append(self.occurrences, 0)
-        return counts[self._ids(keys)]
-
-    def hits(self, latents: np.ndarray, keys: np.ndarray) -> np.ndarray:
-        composite = latents.astype(np.int64) * self.width + self._ids(keys)
-        return np.searchsorted(self.fired, composite, side="right") - np.searchsorted(self.fired, composite)
+def count_codes(sorted_codes: torch.Tensor, codes: np.ndarray) -> np.ndarray:
+    """How often each of `codes` occurs in `sorted_codes`."""
+    query = torch.from_numpy(codes)
+    return (torch.searchsorted(sorted_codes, query, right=True) - torch.searchsorted(sorted_codes, query)).numpy()
 
 
 def explain_latents(tokens: np.ndarray, counted: np.ndarray, heldout: np.ndarray, latent: np.ndarray,
                     position: np.ndarray, value: np.ndarray, n_latents: int, vocab: list[str],
-                    n_examples: int = 20) -> list[dict]:
+                    n_examples: int = 20, seed: int = 0) -> list[dict]:
     """One explanation per latent (see the module docstring). tokens, counted: (C, T); heldout:
-    (C,) bool; latent, position, value: the firings (any order), position = context * T + t."""
+    (C,) bool; latent, position, value: the firings (any order), position = context * T + t.
+    Candidates come from each latent's `n_examples` strongest firings and as many drawn at random
+    (seeded: the patterns that cover its weaker firings too)."""
     C, T = tokens.shape
     V = len(vocab)
     heldout_position = np.repeat(heldout, T)  # (C T,)
@@ -86,30 +72,52 @@ def explain_latents(tokens: np.ndarray, counted: np.ndarray, heldout: np.ndarray
     firings_train = np.bincount(latent[train], minlength=n_latents)
     firings_heldout = np.bincount(latent[~train], minlength=n_latents)
 
-    # Candidates: the n-grams ending at each latent's n_examples strongest non-held-out firings.
-    order = np.lexsort((-value[train], latent[train]))
-    top_latent, top_position = latent[train][order], position[train][order]
-    starts = np.searchsorted(top_latent, np.arange(n_latents))
-    keep = np.arange(len(top_latent)) - starts[top_latent] < n_examples
-    top_latent, top_position = top_latent[keep], top_position[keep]
+    # Candidate sources: the strongest and some random non-held-out firings of each latent.
+    lt, pt = latent[train], position[train]
+    groups, generator = torch.from_numpy(lt), torch.Generator().manual_seed(seed)
+    sources = torch.cat([
+        first_per_group(groups, torch.from_numpy(value[train]).float(), n_examples, n_latents, descending=True),
+        first_per_group(groups, random_keys(len(lt), generator), n_examples, n_latents),
+    ]).numpy()
+    source_latent, source_position = lt[sources], pt[sources]
 
-    candidates = {}  # n -> (latents, keys, train matches, train hits, heldout matches, heldout hits)
+    columns = []  # per n: latent, pattern tokens, train matches/hits, held-out matches/hits
     for n in range(1, MAX_N + 1):
         keys = ngram_keys(tokens, n, V)
-        found, scored = (Counter(keys, where, latent[side], position[side])
-                         for where, side in ((found_on, train), (scored_on, ~train)))
-        pairs = np.unique(np.stack([top_latent, keys[top_position]], 1), axis=0)
-        pairs = pairs[pairs[:, 1] >= 0]
-        lat, key = pairs[:, 0], pairs[:, 1]
-        candidates[n] = (lat, key, found.matches(key), found.hits(lat, key), scored.matches(key), scored.hits(lat, key))
+        table, key_id = np.unique(keys, return_inverse=True)  # key_id: each position's n-gram
+        usable = keys >= 0
+        occurrences = [np.bincount(key_id[where & usable], minlength=len(table)) for where in (found_on, scored_on)]
+        fired = []  # per split: sorted (latent, n-gram) codes of the firings
+        for side in (train, ~train):
+            at = usable[position[side]]
+            codes = (latent[side][at].astype(np.int64) << 32) | key_id[position[side][at]]
+            fired.append(torch.sort(torch.from_numpy(codes)).values)
+        codes = np.unique((source_latent.astype(np.int64) << 32) | key_id[source_position])
+        lat, kid = codes >> 32, codes & 0xFFFFFFFF
+        ok = table[kid] >= 0
+        lat, kid, codes = lat[ok], kid[ok], codes[ok]
+        tokens_of = np.stack([unpack_array(table[kid], n, V, back) for back in range(MAX_N - 1, -1, -1)], 1)
+        columns.append((lat, tokens_of, occurrences[0][kid], count_codes(fired[0], codes),
+                         occurrences[1][kid], count_codes(fired[1], codes)))
+    lat, pattern, m, h, m_ho, h_ho = (np.concatenate(parts) for parts in zip(*columns))
 
-    by_latent: list[list] = [[] for _ in range(n_latents)]
-    for n, (lat, key, m, h, m_ho, h_ho) in candidates.items():
-        for row in zip(lat.tolist(), key.tolist(), m.tolist(), h.tolist(), m_ho.tolist(), h_ho.tolist()):
-            by_latent[row[0]].append((unpack(row[1], n, V), *row[2:]))
-    return [
-        explain_one(by_latent[l], int(firings_train[l]), int(firings_heldout[l]), vocab) for l in range(n_latents)
-    ]
+    # Keep each latent's best candidates on their own (F1 on the non-held-out contexts).
+    own_f1 = torch.from_numpy(2 * h / (m + firings_train[lat])).float()
+    keep = first_per_group(torch.from_numpy(lat), own_f1, MAX_CANDIDATES, n_latents, descending=True).numpy()
+    by_latent = np.split(keep, np.searchsorted(lat[keep], np.arange(1, n_latents)))
+    explanations = []
+    for l, rows in enumerate(by_latent):
+        candidates = [(tuple(t for t in pattern[r] if t >= 0), int(m[r]), int(h[r]), int(m_ho[r]), int(h_ho[r]))
+                      for r in rows]
+        explanations.append(explain_one(candidates, int(firings_train[l]), int(firings_heldout[l]), vocab))
+    return explanations
+
+
+def unpack_array(keys: np.ndarray, n: int, vocab_size: int, back: int) -> np.ndarray:
+    """The token `back` places before the last of each n-gram key, -1 where the n-gram is shorter."""
+    if back >= n:
+        return np.full(len(keys), -1, dtype=np.int64)
+    return (keys // vocab_size**back) % vocab_size
 
 
 def unpack(key: int, n: int, vocab_size: int) -> tuple[int, ...]:

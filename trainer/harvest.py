@@ -23,6 +23,7 @@ that fires huge activations) and the tokenizer's special tokens (BOS/EOS/documen
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,7 @@ from trainer import explain, runfolder
 from trainer.activations import ActivationStore, token_vocab
 from trainer.config import HarvestConfig
 from trainer.directions import logit_effects, nearest_latents
+from trainer.grouping import random_keys, rank_within, sort_within
 from trainer.model import LanguageModel, load_language_model
 from trainer.sae import TopKSAE, default_device, fast_matmul_dtype
 
@@ -165,20 +167,6 @@ def latent_context_pairs(firings: Firings, T: int) -> Pairs:
     return Pairs(firings.latent[start], context[start], pair_max, start, length, of_firing)
 
 
-def rank_within(groups: torch.Tensor, n_groups: int) -> torch.Tensor:
-    """0, 1, 2, ... within each run of equal (sorted) group ids."""
-    counts = torch.bincount(groups, minlength=n_groups)
-    first = torch.zeros(n_groups, dtype=torch.long)
-    first[1:] = counts.cumsum(0)[:-1]
-    return torch.arange(len(groups)) - first[groups]
-
-
-def sort_within(groups: torch.Tensor, keys: torch.Tensor, descending: bool = False) -> torch.Tensor:
-    """An order that groups by `groups` ascending, and within a group sorts by `keys`."""
-    order = torch.sort(keys, descending=descending, stable=True).indices
-    return order[torch.sort(groups[order], stable=True).indices]
-
-
 def slots(groups: torch.Tensor, items: torch.Tensor, n_groups: int, per_group: int) -> torch.Tensor:
     """(n_groups, per_group) table of `items` (already ordered within groups), -1 where empty."""
     rank = rank_within(groups, n_groups)
@@ -230,14 +218,13 @@ def quantile_samples(firings: Firings, pairs: Pairs, top: torch.Tensor, bins: to
     is_top = torch.zeros(len(pairs.latent), dtype=torch.bool)
     is_top[top[top >= 0]] = True
     candidates = (~is_top[pairs.of_firing]).nonzero().squeeze(1)  # firing ids
-    draw = torch.rand(len(candidates), generator=generator)
-    by_pair = candidates[sort_within(pairs.of_firing[candidates], draw)]
+    by_pair = candidates[sort_within(pairs.of_firing[candidates], random_keys(len(candidates), generator))]
     pair_of = pairs.of_firing[by_pair]
     first = torch.ones(len(by_pair), dtype=torch.bool)
     first[1:] = pair_of[1:] != pair_of[:-1]
     chosen = by_pair[first]  # one random firing per (latent, context)
     group = firings.latent[chosen] * Q + bins[chosen]
-    chosen = chosen[sort_within(group, torch.rand(len(chosen), generator=generator))]
+    chosen = chosen[sort_within(group, random_keys(len(chosen), generator))]
     return slots(firings.latent[chosen] * Q + bins[chosen], chosen, n * Q, S).view(n, Q, S)
 
 
@@ -278,12 +265,26 @@ def token_search(firings: Firings, tokens: np.ndarray, counted: np.ndarray, voca
 # ---------------------------------------------------------------- the whole harvest
 
 
+class Stopwatch:
+    """Seconds per stage, recorded in harvest.json (bench/harvest.py reports them)."""
+
+    def __init__(self):
+        self.laps, self.last = {}, time.perf_counter()
+
+    def lap(self, name: str) -> dict:
+        now = time.perf_counter()
+        self.laps[name], self.last = round(now - self.last, 3), now
+        return self.laps
+
+
 def harvest_sae(sae: TopKSAE, data: HarvestInput, scale: float, cfg: HarvestConfig, lm: LanguageModel) -> runfolder.Harvest:
     T, n, Q, S, K = data.context_length, sae.n_latents, cfg.quantile_bins, cfg.samples_per_bin, cfg.top_k
     excluded_ids = lm.special_token_ids if cfg.exclude_special_tokens else []
     counted = counted_positions(data.tokens, cfg.exclude_first, excluded_ids)
     n_tokens = int(counted.sum())
+    clock = Stopwatch()
     firings = collect_firings(sae, data, scale, counted, cfg.batch_contexts)
+    clock.lap("pass")
 
     log.info("per-latent statistics over %s firings", f"{len(firings.value):,}")
     tensors = latent_statistics(firings, n_tokens, cfg.histogram_bins)
@@ -323,12 +324,14 @@ def harvest_sae(sae: TopKSAE, data: HarvestInput, scale: float, cfg: HarvestConf
     vocab_size = len(vocab)
     tensors.update(token_search(firings, data.tokens, counted, vocab_size, cfg.token_latents))
 
+    clock.lap("statistics and examples")
     log.info("logit effects and nearest latents")
     W_dec = sae.W_dec.detach()
     tensors.update(logit_effects(W_dec, lm.final_norm or torch.nn.Identity(), lm.unembed, cfg.logit_tokens,
-                                 cfg.histogram_bins))
+                                 cfg.histogram_bins, dtype=fast_matmul_dtype(W_dec.device)))
     tensors["neighbour_index"], tensors["neighbour_cosine"] = nearest_latents(W_dec, cfg.neighbours)
 
+    clock.lap("logit effects and neighbours")
     log.info("explanations")
     heldout = np.zeros(data.n_contexts, dtype=bool)
     heldout[data.n_contexts - data.n_heldout :] = True
@@ -350,6 +353,7 @@ def harvest_sae(sae: TopKSAE, data: HarvestInput, scale: float, cfg: HarvestConf
         "excluded_token_ids": excluded_ids,
         "excluded_tokens": [vocab[i] for i in excluded_ids if i < len(vocab)],
         "explanation": explain.METHOD | {"heldout_contexts": data.n_heldout},
+        "seconds": clock.lap("explanations"),
     }
     return runfolder.Harvest(tensors=tensors, explanations=explanations, vocab=vocab, info=info)
 
