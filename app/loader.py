@@ -6,11 +6,14 @@ A bad folder raises `RunFolderError` (naming the file) before the database is to
 the same files twice is a no-op; the same SAE id with different files raises `LoadError` unless
 `replace=True`, which swaps the old rows for the new ones in the same transaction.
 
-The rows are built as columns (numpy arrays), not as one Python object per row, and written by
-each backend's bulk path: PostgreSQL's binary `COPY` (psycopg 3), fed one buffer per table that
-numpy lays out in COPY's wire format; SQLite's `executemany` over the raw connection. Either way
-it is one transaction, so a process killed at any point (SIGKILL included) leaves the database as
-it was or with the run fully loaded. Two loads of the same SAE at once are serialised (an
+The rows are built as columns (numpy arrays; lists for text and NULLs), not as one Python object
+per row, and written by each backend's bulk path: PostgreSQL's binary `COPY` (psycopg 3), fed one
+buffer per table whose fixed-width part numpy lays out in COPY's wire format; SQLite's
+`executemany` over the raw connection. Tables: saes, latents (statistics, explanation),
+latent_details (the harvest's per-latent arrays as BLOBs), contexts, examples (top and
+quantile), and for search vocab, token_latents and explanation_terms. Either way it is one transaction, so a
+process killed at any point (SIGKILL included) leaves the database as it was or with the run
+fully loaded. Two loads of the same SAE at once are serialised (an
 advisory lock on PostgreSQL, `BEGIN IMMEDIATE` on SQLite): the second sees the first's rows.
 """
 
@@ -20,6 +23,7 @@ import hashlib
 import json
 import logging
 import math
+import re
 import struct
 from dataclasses import dataclass
 from itertools import repeat
@@ -29,12 +33,26 @@ import numpy as np
 from sqlalchemy import Connection, Engine, delete, select
 
 from app.db import make_engine, upgrade
-from app.models import Context, Example, Latent, Sae
+from app.models import (
+    LATENT_BLOBS,
+    Base,
+    Context,
+    Example,
+    ExplanationTerm,
+    Latent,
+    LatentDetail,
+    Sae,
+    TokenLatent,
+    Vocab,
+)
+from app.search import terms
+from trainer.evaluate import DENSE_THRESHOLD
 from trainer.runfolder import (
     CFG_FILE,
     HARVEST_DIR,
     METRICS_FILE,
     SAE_FILE,
+    RunFolderError,
     load_cfg,
     load_harvest,
     load_metrics,
@@ -52,36 +70,19 @@ class LoadError(ValueError):
 
 
 @dataclass
-class Latents:
-    index: np.ndarray  # (n,) int
-    density: np.ndarray  # (n,) float64, finite
-    max_activation: np.ndarray
-    mean_activation: np.ndarray
+class Rows:
+    """One table's rows as columns, in the table's primary-key order: numpy arrays for fixed-width
+    values (a 1-D array of numbers, or a 2-D array whose rows are each one BLOB) and lists for
+    text and for values that may be NULL."""
+
+    table: type[Base]
+    columns: dict[str, np.ndarray | list]
 
     def __len__(self) -> int:
-        return len(self.index)
+        return len(next(iter(self.columns.values())))
 
-
-@dataclass
-class Contexts:
-    context_id: np.ndarray  # (C,) int, only contexts some example shows
-    token_ids: np.ndarray  # (C, T) little-endian int32
-    tokens: list[str]  # (C,) JSON list of T readable strings each
-
-    def __len__(self) -> int:
-        return len(self.context_id)
-
-
-@dataclass
-class Examples:
-    latent_index: np.ndarray  # (N,) int, sorted with rank: the primary key's order
-    rank: np.ndarray  # (N,) 0.. per latent, skipping empty slots
-    context_id: np.ndarray  # (N,)
-    max_activation: np.ndarray  # (N,) float64, finite
-    activations: np.ndarray  # (N, T) little-endian float16
-
-    def __len__(self) -> int:
-        return len(self.latent_index)
+    def __getitem__(self, column: str):
+        return self.columns[column]
 
 
 @dataclass
@@ -89,9 +90,7 @@ class RunRows:
     """Everything one run puts into the database, read and checked before any write."""
 
     sae: dict
-    latents: Latents
-    contexts: Contexts
-    examples: Examples
+    tables: dict[str, Rows]  # by table name, in the order they are written
 
     @property
     def sae_id(self) -> str:
@@ -99,7 +98,7 @@ class RunRows:
 
     @property
     def n_rows(self) -> int:
-        return 1 + len(self.latents) + len(self.contexts) + len(self.examples)
+        return 1 + sum(len(rows) for rows in self.tables.values())
 
 
 def load_run(run_dir: str | Path, database_url: str, replace: bool = False) -> str:
@@ -167,52 +166,152 @@ def read_run(run_dir: str | Path) -> RunRows:
     load_sae_weights(run_dir, cfg)  # checks the weights exist and match cfg.json
     metrics = load_metrics(run_dir)
     harvest = load_harvest(run_dir, cfg)
-    sae_id = sae_slug(cfg)
-
-    token_ids = harvest.token_ids.numpy().astype("<i4")  # (C, T)
-    top_context = harvest.top_context.numpy()  # (n, K)
-
+    arrays = {name: tensor.numpy() for name, tensor in harvest.tensors.items()}
+    vocab = [clean_text(token) for token in harvest.vocab]
+    explanations = [_explanation(e) for e in harvest.explanations]
+    check_search_rows(run_dir, arrays)
+    examples = example_rows(arrays)
+    tables = [
+        latent_rows(arrays, explanations),
+        detail_rows(arrays, explanations),
+        context_rows(arrays["token_ids"], np.unique(examples["context_id"]), vocab),
+        examples,
+        Rows(Vocab, {"token_id": np.arange(len(vocab)), "token": vocab}),
+        token_rows(arrays),
+        term_rows(explanations),
+    ]
+    density = _finite_array(arrays["density"])
     sae = {
-        "id": sae_id,
+        "id": sae_slug(cfg),
         "model": str(cfg.get("model_name") or cfg["model"]),
         "layer": int(cfg["layer"]),
         "d_in": int(cfg["d_in"]),
         "n_latents": int(cfg["n_latents"]),
         "k": int(cfg["k"]),
-        "context_length": int(cfg.get("context_length") or harvest.info.get("context_length") or token_ids.shape[1]),
+        "context_length": int(cfg.get("context_length") or harvest.info.get("context_length") or arrays["token_ids"].shape[1]),
         "fvu": _number(metrics.get("fvu")),
         "l0": _number(metrics.get("l0")),
         "dead_fraction": _number(metrics.get("dead_fraction")),
         "cfg": json.dumps(_finite(cfg), sort_keys=True),
         "metrics": json.dumps(_finite(metrics), sort_keys=True),
+        "harvest": json.dumps(_finite(harvest.info), sort_keys=True),
+        "density_histogram": json.dumps(density_histogram(density)),
+        "n_explained": sum(e["f1"] is not None for e in explanations),
         "run_dir": str(run_dir),
         "content_hash": content_hash(run_dir),
     }
-    latents = Latents(
-        index=np.arange(harvest.n_latents),
-        density=_finite_array(harvest.density.numpy()),  # a dead latent's NaN mean is stored as 0
-        max_activation=_finite_array(harvest.max_activation.numpy()),
-        mean_activation=_finite_array(harvest.mean_activation.numpy()),
-    )
-    # Examples: the filled slots of top_context in row-major order, i.e. sorted by (latent, slot);
-    # an empty slot (-1: the latent fired in fewer than K contexts) is skipped and ranks close up.
-    filled = top_context >= 0  # (n, K)
-    latent_index, _ = np.nonzero(filled)
-    examples = Examples(
-        latent_index=latent_index,
-        rank=(np.cumsum(filled, axis=1) - 1)[filled],
-        context_id=top_context[filled],
-        max_activation=_finite_array(harvest.top_max.numpy()[filled]),
-        activations=harvest.top_activations.numpy()[filled].astype("<f2"),  # (N, T)
-    )
-    used = np.unique(examples.context_id)  # only contexts some example shows
-    vocab_json = [json.dumps(token, ensure_ascii=False) for token in harvest.vocab]
-    contexts = Contexts(
-        context_id=used,
-        token_ids=np.ascontiguousarray(token_ids[used]),
-        tokens=["[" + ", ".join(vocab_json[t] for t in ids) + "]" for ids in token_ids[used].tolist()],
-    )
-    return RunRows(sae=sae, latents=latents, contexts=contexts, examples=examples)
+    return RunRows(sae=sae, tables={rows.table.__tablename__: rows for rows in tables})
+
+
+def latent_rows(arrays: dict[str, np.ndarray], explanations: list[dict]) -> Rows:
+    columns = {
+        "index": np.arange(len(arrays["density"])),
+        "density": _finite_array(arrays["density"]),
+        "max_activation": _finite_array(arrays["max_activation"]),
+        "mean_activation": _finite_array(arrays["mean_activation"]),  # a dead latent's NaN mean is stored as 0
+    }
+    for key in ("text", "precision", "recall", "f1", "matches", "firings"):
+        columns["explanation" if key == "text" else f"explanation_{key}"] = [e[key] for e in explanations]
+    return Rows(Latent, columns)
+
+
+def detail_rows(arrays: dict[str, np.ndarray], explanations: list[dict]) -> Rows:
+    return Rows(LatentDetail, {
+        "index": np.arange(len(arrays["density"])),
+        **{name: _finite_array(arrays[name]).astype(dtype) for name, dtype in LATENT_BLOBS.items()},
+        "logit_min": _finite_array(arrays["logit_range"][:, 0]),
+        "logit_max": _finite_array(arrays["logit_range"][:, 1]),
+        "explanation_patterns": [e["patterns"] for e in explanations],
+    })
+
+
+def example_rows(arrays: dict[str, np.ndarray]) -> Rows:
+    """Top examples (bin 0) and quantile examples (bins 1..Q) of every latent, in key order.
+
+    An empty slot (-1: the latent fired in fewer contexts, or its bin had fewer samples) is
+    skipped and the ranks close up. Each row goes straight to its place in (latent, bin, rank)
+    order, the primary key's, which inserts fastest: a latent's top rows, then its quantile rows."""
+    top = arrays["top_context"] >= 0  # (n, K)
+    quantile = arrays["quantile_context"] >= 0  # (n, Q, S)
+    n = len(top)
+    n_top, n_quantile = top.sum(1), quantile.reshape(n, -1).sum(1)  # (n,)
+    first = np.cumsum(n_top + n_quantile) - (n_top + n_quantile)  # each latent's first row
+    top_latent, _ = np.nonzero(top)
+    top_rank = (np.cumsum(top, axis=1) - 1)[top]
+    q_latent, q_bin, _ = np.nonzero(quantile)
+    q_order = (np.cumsum(quantile.reshape(n, -1), axis=1) - 1).reshape(quantile.shape)[quantile]  # within the latent
+    where = (first[top_latent] + top_rank, first[q_latent] + n_top[q_latent] + q_order)
+    top_activations = arrays["top_activations"][top]  # (N1, T)
+    quantile_activations = arrays["quantile_activations"][quantile]  # (N2, T)
+    parts = {
+        "latent_index": (top_latent, q_latent),
+        "bin": (0, q_bin + 1),
+        "rank": (top_rank, (np.cumsum(quantile, axis=2) - 1)[quantile]),
+        "context_id": (arrays["top_context"][top], arrays["quantile_context"][quantile]),
+        "position": (top_activations.argmax(1), arrays["quantile_position"][quantile]),
+        "max_activation": (_finite_array(arrays["top_max"][top]), _finite_array(quantile_activations.max(1, initial=0))),
+        "activations": (top_activations, quantile_activations),
+    }
+    N, T = len(top_latent) + len(q_latent), arrays["token_ids"].shape[1]
+    layouts = {"activations": ("<f2", (N, T)), "max_activation": (np.float64, (N,))}  # the rest: int64 (N,)
+    columns = {}
+    for name, (top_values, quantile_values) in parts.items():
+        dtype, shape = layouts.get(name, (np.int64, (N,)))
+        column = columns[name] = np.empty(shape, dtype=dtype)
+        column[where[0]], column[where[1]] = top_values, quantile_values
+    return Rows(Example, columns)
+
+
+def context_rows(token_ids: np.ndarray, used: np.ndarray, vocab: list[str]) -> Rows:
+    """Only the contexts some example shows; each as its token ids and their strings."""
+    vocab_json = [json.dumps(token, ensure_ascii=False) for token in vocab]
+    return Rows(Context, {
+        "context_id": used,
+        "token_ids": np.ascontiguousarray(token_ids[used]).astype("<i4"),
+        "tokens": ["[" + ", ".join(vocab_json[t] for t in ids) + "]" for ids in token_ids[used].tolist()],
+    })
+
+
+def token_rows(arrays: dict[str, np.ndarray]) -> Rows:
+    """tokens.safetensors in (token, latent) order, the primary key's."""
+    order = np.lexsort((arrays["token_latent"], arrays["token_id"]))
+    return Rows(TokenLatent, {
+        "token_id": arrays["token_id"][order], "latent": arrays["token_latent"][order],
+        "mean_activation": _finite_array(arrays["token_mean_activation"][order]),
+        "fire_rate": _finite_array(arrays["token_fire_rate"][order]), "occurrences": arrays["token_occurrences"][order],
+    })
+
+
+def term_rows(explanations: list[dict]) -> Rows:
+    """Each latent's explanation words, for search (app.search.terms reads a query the same way);
+    sorted by (term, latent), the primary key's order."""
+    pairs = sorted({(term, latent) for latent, e in enumerate(explanations) for term in terms(e["text"] or "")})
+    score = [-1.0 if explanations[latent]["f1"] is None else explanations[latent]["f1"] for _, latent in pairs]
+    return Rows(ExplanationTerm, {"term": [term for term, _ in pairs],
+                                  "latent": np.array([latent for _, latent in pairs], dtype=np.int64),
+                                  "score": np.array(score, dtype=np.float64)})
+
+
+def density_histogram(density: np.ndarray, bins_per_decade: int = 4) -> dict:
+    """Latents per bin of log10(density), from the rarest live latent's decade to 1; dead latents
+    (density 0, no log) and dense ones (above DENSE_THRESHOLD, as in evaluation) are also counted."""
+    live = density[density > 0]
+    low = math.floor(float(np.log10(live.min()))) if len(live) else -6
+    edges = np.linspace(low, 0, -low * bins_per_decade + 1) if low < 0 else np.array([-1.0, 0.0])
+    counts, _ = np.histogram(np.log10(live), bins=edges)
+    return {"log10_edges": edges.round(4).tolist(), "counts": counts.tolist(), "dead": int((density <= 0).sum()),
+            "dense": int((density > DENSE_THRESHOLD).sum()), "dense_threshold": DENSE_THRESHOLD}
+
+
+def check_search_rows(run_dir: Path, arrays: dict[str, np.ndarray]) -> None:
+    """tokens.safetensors pairs each token with a latent at most once (the table's key)."""
+    n = len(arrays["density"])
+    latent = arrays["token_latent"]
+    if len(latent) and (latent.min() < 0 or latent.max() >= n):
+        raise RunFolderError(f"{run_dir / HARVEST_DIR / 'tokens.safetensors'}: token_latent outside 0..{n - 1}")
+    key = arrays["token_id"] * n + latent
+    if len(np.unique(key)) != len(key):
+        raise RunFolderError(f"{run_dir / HARVEST_DIR / 'tokens.safetensors'}: a (token_id, token_latent) pair repeats")
 
 
 def write_run(conn: Connection, rows: RunRows, replace: bool = False) -> bool:
@@ -232,31 +331,19 @@ def write_run(conn: Connection, rows: RunRows, replace: bool = False) -> bool:
         delete_sae(conn, rows.sae_id)
     writer = _copy_table if conn.dialect.name == "postgresql" else _insert_table
     dbapi = conn.connection.dbapi_connection  # the same connection, inside the same transaction
-    sae_id = rows.sae_id
-    sae = dict(rows.sae)
-    conn.execute(Sae.__table__.insert(), [sae])
-    latents, contexts, examples = rows.latents, rows.contexts, rows.examples
-    tables = (
-        (Latent, ("sae_id", "index", "density", "max_activation", "mean_activation"), len(latents),
-         lambda s: (sae_id, latents.index[s], latents.density[s], latents.max_activation[s],
-                    latents.mean_activation[s])),
-        (Context, ("sae_id", "context_id", "token_ids", "tokens"), len(contexts),
-         lambda s: (sae_id, contexts.context_id[s], contexts.token_ids[s], contexts.tokens[s])),
-        (Example, ("sae_id", "latent_index", "rank", "context_id", "max_activation", "activations"), len(examples),
-         lambda s: (sae_id, examples.latent_index[s], examples.rank[s], examples.context_id[s],
-                    examples.max_activation[s], examples.activations[s])),
-    )
-    for table, columns, n, columns_of in tables:
-        log.info("writing %s %s rows", f"{n:,}", table.__tablename__)
-        for start in range(0, n, BATCH):
-            writer(dbapi, table.__tablename__, columns, columns_of(slice(start, start + BATCH)))
+    conn.execute(Sae.__table__.insert(), [dict(rows.sae)])
+    for name, table_rows in rows.tables.items():
+        log.info("writing %s %s rows", f"{len(table_rows):,}", name)
+        for start in range(0, len(table_rows), BATCH):
+            chunk = {column: values[start:start + BATCH] for column, values in table_rows.columns.items()}
+            writer(dbapi, name, rows.sae_id, chunk)
     return True
 
 
 def delete_sae(conn: Connection, sae_id: str) -> bool:
     """Delete one SAE and everything under it, children first (no reliance on cascades);
     False when there was no such SAE."""
-    for table in (Example, Context, Latent):
+    for table in (Example, Context, LatentDetail, Latent, Vocab, TokenLatent, ExplanationTerm):
         conn.execute(delete(table).where(table.sae_id == sae_id))
     return conn.execute(delete(Sae).where(Sae.id == sae_id)).rowcount > 0
 
@@ -264,12 +351,12 @@ def delete_sae(conn: Connection, sae_id: str) -> bool:
 # ------------------------------------------------------------ the two bulk paths
 
 
-def _insert_table(dbapi, table: str, columns: tuple[str, ...], values: tuple) -> None:
+def _insert_table(dbapi, table: str, sae_id: str, columns: dict) -> None:
     """SQLite: one executemany over the raw sqlite3 connection (no per-row ORM objects)."""
-    sae_id, *arrays = values
-    n = len(arrays[0])
-    as_python = [_sqlite_column(array) for array in arrays]
-    sql = f'INSERT INTO {table} ({", ".join(_quote(c) for c in columns)}) VALUES ({", ".join("?" * len(columns))})'
+    names = ["sae_id", *columns]
+    n = len(next(iter(columns.values())))
+    as_python = [_sqlite_column(values) for values in columns.values()]
+    sql = f'INSERT INTO {table} ({", ".join(_quote(c) for c in names)}) VALUES ({", ".join("?" * len(names))})'
     cursor = dbapi.cursor()
     try:
         cursor.executemany(sql, zip(repeat(sae_id, n), *as_python))
@@ -277,46 +364,54 @@ def _insert_table(dbapi, table: str, columns: tuple[str, ...], values: tuple) ->
         cursor.close()
 
 
-def _sqlite_column(array):
-    if isinstance(array, list):
-        return array
-    if array.ndim == 2:  # one BLOB per row, in the column's byte order
-        return [row.tobytes() for row in array]
-    return array.tolist()
+def _sqlite_column(values):
+    if isinstance(values, list):
+        return values
+    if values.ndim == 2:  # one BLOB per row, in the column's byte order
+        return [row.tobytes() for row in values]
+    return values.tolist()
 
 
 # PostgreSQL's binary COPY: a header, then per row a field count (int16) and per field its byte
-# length (int32) and its bytes, all big-endian; see the COPY page of the PostgreSQL manual.
+# length (int32, -1 for NULL) and its bytes, all big-endian; see the COPY page of the manual.
 COPY_HEADER = b"PGCOPY\n\xff\r\n\x00" + struct.pack("!ii", 0, 0)
 COPY_TRAILER = struct.pack("!h", -1)
+COPY_NULL = struct.pack("!i", -1)
 # Our column types (models.py): Integer -> int4, Float -> float8, LargeBinary -> bytea.
 COPY_TYPES = {"i": ">i4", "f": ">f8"}
 
 
-def _copy_table(dbapi, table: str, columns: tuple[str, ...], values: tuple) -> None:
-    """PostgreSQL: COPY ... FROM STDIN (FORMAT BINARY), with the rows laid out by numpy.
+def _copy_table(dbapi, table: str, sae_id: str, columns: dict) -> None:
+    """PostgreSQL: COPY ... FROM STDIN (FORMAT BINARY), the fixed-width part of every row laid
+    out by numpy.
 
-    Every column but the text one has a fixed width here (sae_id is the same for every row, and a
-    BLOB column is a 2-D array), so a chunk is one numpy record array written in one call."""
-    sae_id, *arrays = values
-    n = len(arrays[0])
-    sql = f'COPY {table} ({", ".join(_quote(c) for c in columns)}) FROM STDIN (FORMAT BINARY)'
+    COPY takes the columns in the order its statement lists them, so the fixed-width ones (sae_id,
+    numbers, BLOBs of 2-D arrays) go first, as one numpy record array, and the variable-width ones
+    (text, values that may be NULL) after, encoded per row in Python."""
+    fixed = {name: values for name, values in columns.items() if isinstance(values, np.ndarray)}
+    variable = {name: values for name, values in columns.items() if not isinstance(values, np.ndarray)}
+    names = ["sae_id", *fixed, *variable]
+    records = _copy_records(sae_id.encode(), list(fixed.values()), len(names))
+    sql = f'COPY {table} ({", ".join(_quote(c) for c in names)}) FROM STDIN (FORMAT BINARY)'
     with dbapi.cursor() as cursor, cursor.copy(sql) as copy:
         copy.write(COPY_HEADER)
-        if any(isinstance(array, list) for array in arrays):  # a variable-width text column
-            copy.write(b"".join(_copy_row(sae_id, row) for row in zip(*[_python_column(a) for a in arrays])))
+        if not variable:
+            copy.write(records.tobytes())
         else:
-            copy.write(_copy_records(sae_id.encode(), arrays, n).tobytes())
+            width, data = records.dtype.itemsize, records.tobytes()
+            tails = [b"".join(fields) for fields in zip(*[[_copy_field(v) for v in values] for values in variable.values()])]
+            copy.write(b"".join(part for i, tail in enumerate(tails) for part in (data[i * width:(i + 1) * width], tail)))
         copy.write(COPY_TRAILER)
 
 
-def _copy_records(sae_id: bytes, arrays: list[np.ndarray], n: int) -> np.ndarray:
+def _copy_records(sae_id: bytes, arrays: list[np.ndarray], n_fields: int) -> np.ndarray:
     fields = [("nfields", ">i2"), ("len0", ">i4"), ("col0", f"S{len(sae_id)}")]
     for i, array in enumerate(arrays, start=1):
         dtype = f"V{array.shape[1] * array.itemsize}" if array.ndim == 2 else COPY_TYPES[array.dtype.kind]
         fields += [(f"len{i}", ">i4"), (f"col{i}", dtype)]
+    n = len(arrays[0])
     records = np.empty(n, dtype=np.dtype(fields))  # packed: no padding between fields
-    records["nfields"] = 1 + len(arrays)
+    records["nfields"] = n_fields
     records["len0"], records["col0"] = len(sae_id), sae_id
     for i, array in enumerate(arrays, start=1):
         records[f"len{i}"] = records.dtype[f"col{i}"].itemsize
@@ -325,28 +420,16 @@ def _copy_records(sae_id: bytes, arrays: list[np.ndarray], n: int) -> np.ndarray
     return records
 
 
-def _python_column(array):
-    if isinstance(array, list):
-        return [s.encode() for s in array]
-    if array.ndim == 2:
-        return [row.tobytes() for row in array]
-    return array.tolist()
-
-
-def _copy_row(sae_id: str, row: tuple) -> bytes:
-    parts = [struct.pack("!h", 1 + len(row)), _copy_field(sae_id.encode())]
-    for value in row:
-        if isinstance(value, bytes):
-            parts.append(_copy_field(value))
-        elif isinstance(value, int):
-            parts.append(_copy_field(struct.pack("!i", value)))
-        else:
-            parts.append(_copy_field(struct.pack("!d", value)))
-    return b"".join(parts)
-
-
-def _copy_field(data: bytes) -> bytes:
-    return struct.pack("!i", len(data)) + data
+def _copy_field(value) -> bytes:
+    """One variable-width field (the read_run values are already str, int, float or None)."""
+    if value is None:
+        return COPY_NULL
+    if isinstance(value, str):
+        data = value.encode()
+        return struct.pack("!i", len(data)) + data
+    if isinstance(value, float):
+        return struct.pack("!id", 8, value)
+    return struct.pack("!ii", 4, value)
 
 
 def _quote(column: str) -> str:
@@ -366,6 +449,29 @@ def _finite_array(values: np.ndarray) -> np.ndarray:
     """Finite float64: a dead latent's mean over zero firings (NaN) is stored as 0."""
     values = np.asarray(values, dtype=np.float64)
     return np.where(np.isfinite(values), values, 0.0)
+
+
+def clean_text(text: str) -> str:
+    """Text both databases can store: PostgreSQL's text holds no NUL character (shown instead as
+    U+2400 ␀), and neither stores a lone surrogate (U+FFFD instead)."""
+    text = text.replace("\x00", "\u2400")
+    return text.encode("utf-8", "replace").decode() if _SURROGATE.search(text) else text
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _explanation(explanation: dict | None) -> dict:
+    """An explanations.json entry with every field present: scores as finite floats or None,
+    counts as ints or None, patterns as JSON text."""
+    explanation = explanation if isinstance(explanation, dict) else {}
+    text = explanation.get("text")
+    return {
+        "text": clean_text(text) if isinstance(text, str) and text else None,
+        "patterns": json.dumps(explanation["patterns"]) if explanation.get("patterns") else None,
+        **{key: _number(explanation.get(key)) for key in ("precision", "recall", "f1")},
+        **{key: int(explanation[key]) if isinstance(explanation.get(key), int) else None for key in ("matches", "firings")},
+    }
 
 
 def _finite(obj):

@@ -1,8 +1,13 @@
 """The database schema as SQLAlchemy 2.0 models. Migrations (not `create_all`) create it.
 
-Binary columns keep the harvest compact: token ids as int32 and activations as float16, both
-little-endian, one row per context and one per (latent, rank) example. Each context's tokens are
-stored once; examples point at them.
+Binary columns keep the harvest compact: small per-latent arrays (histograms, quantile edges,
+logit effects, neighbours) as one little-endian BLOB each in `latent_details` (`LATENT_BLOBS`
+gives their dtypes), token ids as int32 and activations as float16; one row per context and one
+per (latent, bin, rank) example. Each context's tokens are stored once; examples point at them.
+The search tables (`vocab`, `token_latents`, `explanation_terms`) are each read through one
+index range per query (tests/app/test_web_explain.py). Like `examples`, they and
+`latent_details` have no foreign keys: the loader, their only writer, fills and empties them with
+the SAE in one transaction.
 """
 
 from __future__ import annotations
@@ -57,6 +62,20 @@ class Sae(Base):
     run_dir: Mapped[str] = mapped_column(String(1000))  # where the probe finds the weights
     content_hash: Mapped[str] = mapped_column(String(64), unique=True)  # sha256(cfg.json + sae.safetensors)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+    # harvest.json as loaded: tokens seen, bins, seed, the positions and tokens left out.
+    harvest: Mapped[str] = mapped_column(Text, server_default="{}")
+    # The SAE page's log10-density histogram over its latents, with dead and dense counts,
+    # computed once at load time (JSON, see app.loader.density_histogram).
+    density_histogram: Mapped[str | None] = mapped_column(Text)
+    n_explained: Mapped[int] = mapped_column(Integer, server_default="0")  # latents with a scored explanation
+
+
+# The dtype of each per-latent BLOB (little-endian): the loader writes them, app.features reads them.
+LATENT_BLOBS = {
+    "histogram": "<i8", "quantile_edges": "<f4", "quantile_share": "<f4",
+    "logit_top_ids": "<i4", "logit_top_values": "<f4", "logit_bottom_ids": "<i4", "logit_bottom_values": "<f4",
+    "logit_histogram": "<i8", "neighbour_index": "<i4", "neighbour_cosine": "<f4",
+}
 
 
 class Latent(Base):
@@ -66,6 +85,7 @@ class Latent(Base):
     __table_args__ = (
         Index("ix_latents_sae_id_density_index", "sae_id", "density", "index"),
         Index("ix_latents_sae_id_max_activation_index", "sae_id", "max_activation", "index"),
+        Index("ix_latents_sae_id_explanation_f1_index", "sae_id", "explanation_f1", "index"),
     )
 
     sae_id: Mapped[str] = mapped_column(ForeignKey("saes.id", ondelete="CASCADE"), primary_key=True)
@@ -73,6 +93,39 @@ class Latent(Base):
     density: Mapped[float] = mapped_column(Float)
     max_activation: Mapped[float] = mapped_column(Float)
     mean_activation: Mapped[float] = mapped_column(Float)
+    # The automatic explanation (trainer/explain.py): a token pattern, scored on held-out text.
+    explanation: Mapped[str | None] = mapped_column(Text)  # e.g. "socket.⟦AF⟧ | ⟦AF_⟧"
+    explanation_precision: Mapped[float | None] = mapped_column(Float)  # NULL: not scored
+    explanation_recall: Mapped[float | None] = mapped_column(Float)
+    explanation_f1: Mapped[float | None] = mapped_column(Float)
+    explanation_matches: Mapped[int | None] = mapped_column(Integer)  # held-out tokens the pattern matches
+    explanation_firings: Mapped[int | None] = mapped_column(Integer)  # held-out tokens the latent fires on
+
+
+class LatentDetail(Base):
+    """What only a latent's own page shows: the harvest's per-latent arrays
+    (trainer.runfolder.HARVEST_TENSORS), one BLOB each, and the explanation's token patterns.
+    Kept out of `latents` so that its rows stay narrow: PostgreSQL pages through a narrow table
+    by its sort indexes, but through a wide one by reading and sorting all of an SAE's rows.
+    No foreign key, like `examples`."""
+
+    __tablename__ = "latent_details"
+
+    sae_id: Mapped[str] = mapped_column(String(200), primary_key=True)
+    index: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    histogram: Mapped[bytes] = mapped_column(LargeBinary)  # int64 (H,) firings per bin over (0, max]
+    quantile_edges: Mapped[bytes] = mapped_column(LargeBinary)  # float32 (Q+1,)
+    quantile_share: Mapped[bytes] = mapped_column(LargeBinary)  # float32 (Q,) share of firings per bin
+    logit_top_ids: Mapped[bytes] = mapped_column(LargeBinary)  # int32 (L,)
+    logit_top_values: Mapped[bytes] = mapped_column(LargeBinary)  # float32 (L,)
+    logit_bottom_ids: Mapped[bytes] = mapped_column(LargeBinary)
+    logit_bottom_values: Mapped[bytes] = mapped_column(LargeBinary)
+    logit_histogram: Mapped[bytes] = mapped_column(LargeBinary)  # int64 (H,) vocab tokens per bin
+    logit_min: Mapped[float] = mapped_column(Float)
+    logit_max: Mapped[float] = mapped_column(Float)
+    neighbour_index: Mapped[bytes] = mapped_column(LargeBinary)  # int32 (M,) most similar first
+    neighbour_cosine: Mapped[bytes] = mapped_column(LargeBinary)  # float32 (M,)
+    explanation_patterns: Mapped[str | None] = mapped_column(Text)  # JSON: token-id lists, last = the firing token
 
 
 class Context(Base):
@@ -85,7 +138,8 @@ class Context(Base):
 
 
 class Example(Base):
-    """One of a latent's top contexts. No foreign keys, on purpose (migration 0003): PostgreSQL
+    """One example context of a latent: `bin` 0 holds its top contexts (rank 0 = strongest),
+    bins 1..Q the contexts sampled from each activation quantile (bin Q = the highest). No foreign keys, on purpose (migration 0003): PostgreSQL
     checks a foreign key with one query per inserted row, which made loading 3 million examples
     three times slower. The loader is the only writer: it writes a run's examples in the same
     transaction as the latents and contexts they point at (built from the same arrays), and
@@ -96,10 +150,54 @@ class Example(Base):
 
     sae_id: Mapped[str] = mapped_column(String(200), primary_key=True)
     latent_index: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    bin: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False, server_default="0")
     rank: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
     context_id: Mapped[int] = mapped_column(Integer)
-    max_activation: Mapped[float] = mapped_column(Float)
+    position: Mapped[int] = mapped_column(Integer, server_default="0")  # the firing shown: top = argmax, quantile = sampled
+    max_activation: Mapped[float] = mapped_column(Float)  # over the whole context
     activations: Mapped[bytes] = mapped_column(LargeBinary)  # float16 little-endian, (T,)
+
+
+class Vocab(Base):
+    """Each SAE's token strings (its model's vocabulary, readable), indexed by text so that a
+    search for ` def` finds its id without reading the table."""
+
+    __tablename__ = "vocab"
+    __table_args__ = (Index("ix_vocab_sae_id_token", "sae_id", "token"),)
+
+    sae_id: Mapped[str] = mapped_column(String(200), primary_key=True)
+    token_id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    token: Mapped[str] = mapped_column(Text)
+
+
+class TokenLatent(Base):
+    """For search by token: the latents that fire most on each token (tokens.safetensors), read
+    strongest first by (sae_id, token_id, mean_activation)."""
+
+    __tablename__ = "token_latents"
+    __table_args__ = (Index("ix_token_latents_sae_id_token_id_mean_activation", "sae_id", "token_id", "mean_activation"),)
+
+    sae_id: Mapped[str] = mapped_column(String(200), primary_key=True)
+    token_id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    latent: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    mean_activation: Mapped[float] = mapped_column(Float)  # over every occurrence of the token, zeros included
+    fire_rate: Mapped[float] = mapped_column(Float)  # share of the token's occurrences where the latent fires
+    occurrences: Mapped[int] = mapped_column(Integer)  # the token's occurrences in the harvest
+
+
+class ExplanationTerm(Base):
+    """For search by text: each normalised word of each latent's explanation, read best
+    explanation first by (sae_id, term, score)."""
+
+    __tablename__ = "explanation_terms"
+    __table_args__ = (Index("ix_explanation_terms_sae_id_term_score_latent", "sae_id", "term", "score", "latent"),)
+
+    sae_id: Mapped[str] = mapped_column(String(200), primary_key=True)
+    term: Mapped[str] = mapped_column(String(200), primary_key=True)
+    latent: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    # A sort key: the explanation's F1, or -1 when it was not scored (a NULL would sort first in
+    # PostgreSQL's descending index order and last in SQLite's).
+    score: Mapped[float] = mapped_column(Float)
 
 
 class ShareLink(Base):

@@ -108,10 +108,12 @@ class ProbeResult:
 
 @dataclass(frozen=True)
 class LatentStats:
-    """Each latent's harvest statistics for one SAE, kept in memory: (n,) arrays."""
+    """Each latent's harvest statistics and explanation for one SAE, kept in memory: (n,) each
+    (a probe shows any of them, and one read per SAE beats a query per view)."""
 
     density: np.ndarray
     max_activation: np.ndarray
+    explanation: list[str | None]
 
 
 # ---------------------------------------------------------------- what the probe shows
@@ -124,7 +126,7 @@ class LatentInfo:
     index: int
     density: float
     max_activation: float  # over the harvest: the scale its shading uses
-    explanation: str | None = None  # rendered once latents carry explanations (a later harvest stage)
+    explanation: str | None = None  # its automatic explanation, when the harvest found one
 
     @property
     def dense(self) -> bool:
@@ -193,7 +195,6 @@ class ProbeView:
     sort: SortKey = "max"
     top_n: int = 20
     top_k: int = 5  # per token, in the JSON
-    explanations: dict[int, str] = field(default_factory=dict)
 
     def __post_init__(self):
         self.text_latents = self._rank()
@@ -219,7 +220,7 @@ class ProbeView:
     def info(self, index: int) -> LatentInfo:
         return LatentInfo(index=index, density=float(self.stats.density[index]),
                           max_activation=float(self.stats.max_activation[index]),
-                          explanation=self.explanations.get(index))
+                          explanation=self.stats.explanation[index])
 
     def _kept(self) -> tuple[np.ndarray, np.ndarray]:
         """(indices, values) over the positions and latents the view counts: (T', k) each."""
@@ -293,6 +294,26 @@ def _ratio(value: float, scale: float) -> float:
     if not scale or scale <= 0 or not math.isfinite(value):
         return 0.0
     return min(1.0, max(0.0, value / scale))
+
+
+@dataclass
+class LatentTrial:
+    """One latent's activation on every token of a typed text, or why it could not be computed."""
+
+    text: str
+    tokens: list[str] = field(default_factory=list)
+    activations: list[float] = field(default_factory=list)
+    scale: float = 0.0  # the latent's largest activation in the harvest: full shading
+    excluded_positions: list[int] = field(default_factory=list)  # left out of the harvest's statistics
+    error: str | None = None
+
+    @property
+    def max(self) -> float:
+        return max(self.activations, default=0.0)
+
+    @property
+    def n_fired(self) -> int:
+        return sum(value > 0 for value in self.activations)
 
 
 @dataclass
@@ -379,15 +400,18 @@ class ProbeService:
                 select(Sae.id, Sae.model, Sae.layer, Sae.n_latents, Sae.k, Sae.run_dir, Sae.content_hash)
                 .order_by(Sae.model, Sae.layer, Sae.n_latents, Sae.k, Sae.id)
             ).all()
-        options = []
-        for row in rows:
-            reason = None
-            if self._find_run_dir(row.run_dir) is None:
-                reason = f"weights not on this server (run folder {row.run_dir} not found)"
-            else:
-                reason = self._failures.get((row.id, row.content_hash)) or _model_problem(row.model)
-            options.append(SaeOption(row.id, row.model, row.layer, row.n_latents, row.k, reason))
-        return options
+        return [SaeOption(row.id, row.model, row.layer, row.n_latents, row.k, self._unavailable(row)) for row in rows]
+
+    def unavailable(self, sae_id: str) -> str | None:
+        """Why this SAE cannot be probed here, checked without loading its model (None: it may be)."""
+        with self.sessions() as session:
+            row = session.execute(select(Sae.id, Sae.model, Sae.run_dir, Sae.content_hash).where(Sae.id == sae_id)).first()
+        return f"no SAE {sae_id!r}" if row is None else self._unavailable(row)
+
+    def _unavailable(self, row) -> str | None:
+        if self._find_run_dir(row.run_dir) is None:
+            return f"weights not on this server (run folder {row.run_dir} not found)"
+        return self._failures.get((row.id, row.content_hash)) or _model_problem(row.model)
 
     # ------------------------------------------------------------ probing
 
@@ -499,25 +523,13 @@ class ProbeService:
         with self.sessions() as session:
             n = session.execute(select(Sae.n_latents).where(Sae.id == sae_id)).scalar_one()
             rows = session.execute(
-                select(Latent.index, Latent.density, Latent.max_activation).where(Latent.sae_id == sae_id)
+                select(Latent.index, Latent.density, Latent.max_activation, Latent.explanation)
+                .where(Latent.sae_id == sae_id)
             ).all()
-        density, max_activation = np.zeros(n), np.zeros(n)
-        if rows:
-            index, d, m = (np.array(column) for column in zip(*rows))
-            density[index], max_activation[index] = d, m
-        return LatentStats(np.nan_to_num(density), np.nan_to_num(max_activation))
-
-    def explanations(self, sae_id: str, indices: list[int]) -> dict[int, str]:
-        """Explanations of these latents, once the schema has them (`Latent.explanation`);
-        until then nothing: the probe shows density and never makes an explanation up."""
-        column = getattr(Latent, "explanation", None)
-        if column is None or not indices:
-            return {}
-        with self.sessions() as session:
-            rows = session.execute(
-                select(Latent.index, column).where(Latent.sae_id == sae_id, Latent.index.in_(sorted(set(indices))))
-            )
-            return {index: text for index, text in rows if text}
+        density, max_activation, explanation = np.zeros(n), np.zeros(n), [None] * n
+        for index, d, m, text in rows:
+            density[index], max_activation[index], explanation[index] = d, m, text or None
+        return LatentStats(np.nan_to_num(density), np.nan_to_num(max_activation), explanation)
 
     async def view(self, sae_id: str, text: str, latent: int | None = None, strict: bool = True, **options) -> ProbeView:
         """Probe `text` and shape it for the page or the API (options: ProbeView's fields). A
@@ -532,11 +544,20 @@ class ProbeService:
                 latent = None
             else:
                 raise HTTPException(422, f"latent {latent} does not exist: SAE {sae_id!r} has latents 0..{len(stats.density) - 1}")
-        explanations = {}
-        if hasattr(Latent, "explanation"):
-            shown = {i for p in range(len(result)) for i, _ in result.token_latents(p)}
-            explanations = await anyio.to_thread.run_sync(self.explanations, sae_id, sorted(shown))
-        return ProbeView(result, stats, latent=latent, explanations=explanations, **options)
+        return ProbeView(result, stats, latent=latent, **options)
+
+    async def try_latent(self, sae_id: str, index: int, text: str) -> LatentTrial:
+        """One latent over every token of `text` (the feature page's "try your own text"); a
+        probe that cannot run here gives a trial that says why."""
+        if reason := await anyio.to_thread.run_sync(self.unavailable, sae_id):
+            return LatentTrial(text=text, error=f"this SAE cannot run on new text here: {reason}")
+        try:
+            view = await self.view(sae_id, text, latent=index, hide=False)
+        except HTTPException as e:
+            return LatentTrial(text=text, error=e.detail)
+        return LatentTrial(text=text, tokens=view.result.tokens, activations=view.result.activations_of(index).tolist(),
+                           scale=view.selected.max_activation,
+                           excluded_positions=list(range(min(view.result.excluded_positions, len(view.result)))))
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)

@@ -1,25 +1,25 @@
 """The query layer: plain dataclasses that both the HTML pages and their `.json` twins render.
 
-Each `*_json(urls)` method gives the stable JSON shape (documented in the OpenAPI schema by the
-routes); templates read the same objects' attributes.
+Each `as_json(urls)` method gives the stable JSON shape (documented in the OpenAPI schema by the
+routes); templates read the same objects' attributes. This module: the SAE index and each SAE's
+page (its latents sorted and filtered); app/features.py the feature page, app/search.py search.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Literal
 
-import numpy as np
-from sqlalchemy import asc, desc, select
+from sqlalchemy import asc, desc, func, select
 from sqlalchemy.orm import Session
 
-from app.models import Context, Example, Latent, Sae
+from app.models import Latent, Sae
 from app.urls import URLs
+from trainer.evaluate import DENSE_THRESHOLD
 
-SortKey = Literal["density", "max_activation", "index"]
+SortKey = Literal["density", "max_activation", "explanation_f1", "index"]
 Order = Literal["desc", "asc"]
-MAX_EXAMPLES = 20
 
 
 @dataclass
@@ -38,12 +38,50 @@ class SaeSummary:
 
 
 @dataclass
+class DensityHistogram:
+    """Latents per bin of log10(density), computed at load time (app.loader.density_histogram)."""
+
+    log10_edges: list[float]
+    counts: list[int]
+    dead: int  # never fired in the harvest
+    dense: int  # fired on more than dense_threshold of the tokens
+    dense_threshold: float
+
+
+@dataclass
 class SaeDetail(SaeSummary):
     d_in: int
     context_length: int | None
     cfg: dict
     metrics: dict
     created_at: str
+    harvest: dict  # harvest.json: tokens seen, bins, seed, excluded positions and tokens
+    density_histogram: DensityHistogram | None  # None for SAEs loaded before migration 0004
+    n_explained: int  # latents with a scored explanation
+
+
+@dataclass
+class Explanation:
+    """A latent's automatic explanation: a token pattern (`⟦ ⟧` marks the token it fires on,
+    ` | ` joins alternatives), scored on held-out contexts the pattern was not found on."""
+
+    text: str
+    patterns: list[list[int]]  # token ids, the last one the firing token
+    precision: float | None  # share of the pattern's matches where the latent fires
+    recall: float | None  # share of the latent's firings that the pattern matches
+    f1: float | None
+    matches: int | None
+    firings: int | None
+
+    @classmethod
+    def of(cls, latent: Latent, patterns: str | None) -> "Explanation | None":
+        if not latent.explanation:
+            return None
+        return cls(latent.explanation, json.loads(patterns or "[]"), latent.explanation_precision,
+                   latent.explanation_recall, latent.explanation_f1, latent.explanation_matches, latent.explanation_firings)
+
+    def as_json(self) -> dict:
+        return asdict(self)
 
 
 @dataclass
@@ -52,14 +90,52 @@ class LatentRow:
     density: float
     max_activation: float
     mean_activation: float
+    explanation: str | None
+    explanation_f1: float | None
 
     def as_json(self, urls: URLs, sae_id: str) -> dict:
         return asdict(self) | {"url": urls.feature(sae_id, self.index)}
 
 
 @dataclass
+class LatentFilter:
+    """Which latents the list shows. Every filter is a range of density, so each page is still
+    one range of an index (with sort=density, of the very index that sorts it)."""
+
+    min_density: float | None = None
+    max_density: float | None = None
+    hide_dead: bool = False  # density 0: never fired in the harvest
+    hide_dense: bool = False  # density above DENSE_THRESHOLD
+
+    @property
+    def active(self) -> bool:
+        return self != LatentFilter()
+
+    def conditions(self) -> list:
+        found = []
+        if self.min_density is not None:
+            found.append(Latent.density >= self.min_density)
+        if self.max_density is not None:
+            found.append(Latent.density <= self.max_density)
+        if self.hide_dead:
+            found.append(Latent.density > 0)
+        if self.hide_dense:
+            found.append(Latent.density <= DENSE_THRESHOLD)
+        return found
+
+    def as_query(self) -> dict:
+        """The filter as URL parameters (absent when off)."""
+        return {"min_density": self.min_density, "max_density": self.max_density,
+                "hide_dead": 1 if self.hide_dead else None, "hide_dense": 1 if self.hide_dense else None}
+
+    def as_json(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
 class LatentPage:
-    """One page of an SAE's latents, in the order the query string asks for."""
+    """One page of an SAE's latents, in the order and with the filters the query string asks for.
+    Sorted by explanation score, it lists the latents whose explanation was scored."""
 
     sae: SaeDetail
     latents: list[LatentRow]
@@ -67,73 +143,32 @@ class LatentPage:
     order: Order
     page: int
     per_page: int
-    total: int
+    total: int  # latents that pass the filters
+    filters: LatentFilter
 
     @property
     def pages(self) -> int:
         return max(1, -(-self.total // self.per_page))
 
+    def query(self, **changes) -> dict:
+        """The page's query string with `changes` (None drops a key), always in one order."""
+        state = {"sort": self.sort, "order": self.order, "page": self.page, "per_page": self.per_page,
+                 **self.filters.as_query()}
+        return state | changes
+
     def as_json(self, urls: URLs) -> dict:
-        state = {"sort": self.sort, "order": self.order, "per_page": self.per_page}
         return {
             "sae": asdict(self.sae),
             "latents": [latent.as_json(urls, self.sae.id) for latent in self.latents],
             "sort": self.sort,
             "order": self.order,
+            "filters": self.filters.as_json(),
             "page": self.page,
             "per_page": self.per_page,
             "total": self.total,
             "pages": self.pages,
-            "prev": urls.sae(self.sae.id, fmt="json", page=self.page - 1, **state) if self.page > 1 else None,
-            "next": urls.sae(self.sae.id, fmt="json", page=self.page + 1, **state) if self.page < self.pages else None,
-        }
-
-
-@dataclass
-class TopExample:
-    rank: int
-    context_id: int
-    max_activation: float
-    tokens: list[str]
-    token_ids: list[int]
-    activations: list[float]
-
-
-@dataclass
-class Feature:
-    """One latent: its statistics, top examples, and neighbours by index."""
-
-    sae_id: str
-    index: int
-    n_latents: int
-    density: float
-    max_activation: float
-    mean_activation: float
-    top_examples: list[TopExample] = field(default_factory=list)
-
-    @property
-    def prev_index(self) -> int | None:
-        return self.index - 1 if self.index > 0 else None
-
-    @property
-    def next_index(self) -> int | None:
-        return self.index + 1 if self.index + 1 < self.n_latents else None
-
-    def as_json(self, urls: URLs) -> dict:
-        def link(index):
-            return None if index is None else urls.feature(self.sae_id, index, fmt="json")
-
-        return {
-            "sae_id": self.sae_id,
-            "index": self.index,
-            "density": self.density,
-            "max_activation": self.max_activation,
-            "mean_activation": self.mean_activation,
-            "top_examples": [dict(vars(example)) for example in self.top_examples],  # shallow: asdict deep-copies every list
-            "prev": link(self.prev_index),
-            "next": link(self.next_index),
-            "url": urls.feature(self.sae_id, self.index),
-            "sae_url": urls.sae(self.sae_id, fmt="json"),
+            "prev": urls.sae(self.sae.id, fmt="json", **self.query(page=self.page - 1)) if self.page > 1 else None,
+            "next": urls.sae(self.sae.id, fmt="json", **self.query(page=self.page + 1)) if self.page < self.pages else None,
         }
 
 
@@ -145,10 +180,17 @@ def list_saes(session: Session) -> list[SaeSummary]:
     return [_summary(row) for row in rows]
 
 
+def first_sae(session: Session) -> SaeDetail | None:
+    """The SAE a page without one shows (the first by id)."""
+    sae_id = session.execute(select(Sae.id).order_by(Sae.id).limit(1)).scalar_one_or_none()
+    return None if sae_id is None else get_sae(session, sae_id)
+
+
 def get_sae(session: Session, sae_id: str) -> SaeDetail | None:
     row = session.get(Sae, sae_id)
     if row is None:
         return None
+    histogram = json.loads(row.density_histogram) if row.density_histogram else None
     return SaeDetail(
         **asdict(_summary(row)),
         d_in=row.d_in,
@@ -156,80 +198,45 @@ def get_sae(session: Session, sae_id: str) -> SaeDetail | None:
         cfg=json.loads(row.cfg),
         metrics=json.loads(row.metrics),
         created_at=row.created_at.isoformat() if row.created_at else "",
+        harvest=json.loads(row.harvest or "{}"),
+        density_histogram=DensityHistogram(**histogram) if histogram else None,
+        n_explained=row.n_explained,
     )
 
 
-def sae_run_dir(session: Session, sae_id: str) -> str | None:
-    return session.execute(select(Sae.run_dir).where(Sae.id == sae_id)).scalar_one_or_none()
-
-
 def list_latents(
-    session: Session, sae_id: str, sort: SortKey = "density", order: Order = "desc", page: int = 1, per_page: int = 50
+    session: Session, sae_id: str, sort: SortKey = "density", order: Order = "desc", page: int = 1, per_page: int = 50,
+    filters: LatentFilter = LatentFilter(),
 ) -> LatentPage | None:
     sae = get_sae(session, sae_id)
     if sae is None:
         return None
-    column = {"density": Latent.density, "max_activation": Latent.max_activation, "index": Latent.index}[sort]
+    column = getattr(Latent, sort)
     direction = desc if order == "desc" else asc
+    conditions = [Latent.sae_id == sae_id, *filters.conditions()]
+    if sort == "explanation_f1":
+        conditions.append(Latent.explanation_f1.is_not(None))  # NULLs sort differently per backend
     # Index breaks ties, in the same direction: a stable page order that the latents indexes
     # (sae_id, column, index) give without sorting, scanned forwards or backwards.
     order_by = [direction(column)] + ([direction(Latent.index)] if sort != "index" else [])
     query = (
-        select(Latent.index, Latent.density, Latent.max_activation, Latent.mean_activation)
-        .where(Latent.sae_id == sae_id)
+        select(Latent.index, Latent.density, Latent.max_activation, Latent.mean_activation, Latent.explanation,
+               Latent.explanation_f1)
+        .where(*conditions)
         .order_by(*order_by)
         .limit(per_page)
         .offset((page - 1) * per_page)
     )
     latents = [LatentRow(*row) for row in session.execute(query)]
-    # The loader writes one row per latent: no need to count them on every page view.
     return LatentPage(sae=sae, latents=latents, sort=sort, order=order, page=page, per_page=per_page,
-                      total=sae.n_latents)
+                      total=_count(session, sae, sort, conditions, filters), filters=filters)
 
 
-def get_feature(session: Session, sae_id: str, index: int, n_examples: int = MAX_EXAMPLES) -> Feature | None:
-    row = session.execute(
-        select(Latent, Sae.n_latents).join(Sae, Sae.id == Latent.sae_id).where(Latent.sae_id == sae_id, Latent.index == index)
-    ).first()
-    if row is None:
-        return None
-    latent, n_latents = row
-    examples = session.execute(
-        select(Example.rank, Example.context_id, Example.max_activation, Example.activations, Context.tokens, Context.token_ids)
-        .join(Context, (Context.sae_id == Example.sae_id) & (Context.context_id == Example.context_id))
-        .where(Example.sae_id == sae_id, Example.latent_index == index)
-        .order_by(Example.rank)
-        .limit(n_examples)
-    )
-    return Feature(
-        sae_id=sae_id,
-        index=index,
-        n_latents=n_latents,
-        density=latent.density,
-        max_activation=latent.max_activation,
-        mean_activation=latent.mean_activation,
-        top_examples=[
-            TopExample(
-                rank=rank,
-                context_id=context_id,
-                max_activation=max_activation,
-                tokens=json.loads(tokens),
-                token_ids=np.frombuffer(token_ids, dtype="<i4").tolist(),
-                activations=[round(a, 4) for a in np.frombuffer(activations, dtype="<f2").astype(float).tolist()],
-            )
-            for rank, context_id, max_activation, activations, tokens, token_ids in examples
-        ],
-    )
-
-
-def latent_max_activations(session: Session, sae_id: str, indices: list[int]) -> dict[int, float]:
-    """Each latent's harvest max, for shading probe results on the same scale as feature pages."""
-    if not indices:
-        return {}
-    rows = session.execute(
-        select(Latent.index, Latent.max_activation).where(Latent.sae_id == sae_id, Latent.index.in_(sorted(set(indices))))
-    )
-    return {index: max_activation for index, max_activation in rows}
+def _count(session: Session, sae: SaeDetail, sort: SortKey, conditions: list, filters: LatentFilter) -> int:
+    """The loader counted what an unfiltered list holds; a filter's count is one index range."""
+    if not filters.active:
+        return sae.n_explained if sort == "explanation_f1" else sae.n_latents
+    return session.execute(select(func.count()).select_from(Latent).where(*conditions)).scalar_one()
 
 
 def _summary(row: Sae) -> SaeSummary:

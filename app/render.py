@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 from fastapi import Request
 from fastapi.responses import HTMLResponse, JSONResponse
@@ -10,6 +11,7 @@ from fastapi.templating import Jinja2Templates
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
 from markupsafe import Markup, escape
 
+from app import charts
 from app.db import ROOT
 from app.urls import URLs
 
@@ -23,6 +25,12 @@ def token_text(token: str) -> str:
     return token or "∅"
 
 
+def lone_token(token: str) -> str:
+    """A token shown on its own (a table cell, a search result): spaces as · too, since a leading
+    space is what tells ` def` from `def`."""
+    return token_text(token).replace(" ", "·")
+
+
 def shade(activation: float, max_activation: float) -> str:
     """Background strength in [0, 1] relative to the latent's max (a number, safe in style="")."""
     if not max_activation or max_activation <= 0 or not math.isfinite(activation):
@@ -30,16 +38,39 @@ def shade(activation: float, max_activation: float) -> str:
     return f"{min(1.0, max(0.0, activation / max_activation)):.3f}"
 
 
-def token_chips(tokens: list[str], activations: list[float], scale: float) -> Markup:
-    """A context's token chips: each token escaped, shaded by activation / scale, its value on
-    hover. Built here rather than in a template loop: a feature page has thousands of tokens, and
-    this is a few times faster than the same markup from Jinja (it was most of the page's time)."""
+def token_chips(tokens: list[str], activations: list[float], scale: float, start: int = 0, end: int | None = None,
+                mark: int | None = None) -> Markup:
+    """A context's token chips from `start` to `end`: each token escaped, shaded by activation /
+    scale, its value on hover; the token at `mark` (the firing an example shows) outlined. Built
+    here rather than in a template loop: a feature page has thousands of tokens, and this is a
+    few times faster than the same markup from Jinja (it was most of the page's time)."""
     chips = []
-    for token, activation in zip(tokens, activations):
+    end = len(tokens) if end is None else end
+    for position in range(start, end):
+        token, activation = tokens[position], activations[position]
         value = f"{activation:.3f}"
-        chips.append(f'<span class="tok{" on" if activation > 0 else ""}" style="--a: {shade(activation, scale)}" '
+        classes = "tok on" if activation > 0 else "tok"
+        if position == mark:
+            classes += " mark"
+        chips.append(f'<span class="{classes}" style="--a: {shade(activation, scale)}" '
                      f'title="{value}" data-tip="{value}">{escape(token_text(token))}</span>')
     return Markup("".join(chips))
+
+
+FIRING = re.compile(r"⟦(.*?)⟧", re.S)
+
+
+def explanation_html(text: str) -> Markup:
+    """An explanation with its firing tokens (between ⟦ ⟧) marked; every piece escaped, spaces
+    and newlines visible as in token chips."""
+    pieces, last = [], 0
+    for match in FIRING.finditer(text):
+        pieces.append(escape(token_text(text[last:match.start()])) if match.start() > last else "")
+        pieces.append(Markup('<mark class="fires" title="the token it fires on">{}</mark>').format(
+            lone_token(match.group(1))))
+        last = match.end()
+    pieces.append(escape(token_text(text[last:])) if last < len(text) else "")
+    return Markup("").join(pieces)
 
 
 def number(value, digits: int = 3) -> str:
@@ -74,14 +105,24 @@ def make_templates() -> Jinja2Templates:
         trim_blocks=True,
         lstrip_blocks=True,
     )
-    env.filters.update(token=token_text, number=number, percent=percent)
-    env.globals.update(zip=zip, shade=shade, density_bar=density_bar, token_chips=token_chips, urls=URLs())
+    env.filters.update(token=token_text, lone_token=lone_token, number=number, percent=percent)
+    env.globals.update(zip=zip, shade=shade, density_bar=density_bar, token_chips=token_chips, urls=URLs(),
+                       explanation_html=explanation_html, activation_chart=charts.activation_chart,
+                       logit_chart=charts.logit_chart, density_chart=charts.density_chart)
     return Jinja2Templates(env=env)
 
 
 def is_htmx(request: Request) -> bool:
     """An htmx request for a fragment (a history restore wants the whole page)."""
     return request.headers.get("HX-Request") == "true" and "HX-History-Restore-Request" not in request.headers
+
+
+def hx_target(request: Request, parts) -> str | None:
+    """The id of the page part an htmx request asks for, when it is one of `parts` (else None:
+    render the whole page). One URL serves the page and its parts, so the address bar that
+    hx-push-url sets always opens the same view."""
+    target = request.headers.get("HX-Target") if is_htmx(request) else None
+    return target if target in parts else None
 
 
 def render(request: Request, template: str, status_code: int = 200, **context) -> HTMLResponse:

@@ -1,9 +1,9 @@
-"""The JSON API's shapes, for the OpenAPI schema (/docs). The query layer's `as_json` methods
-produce them; tests check the fields."""
+"""The JSON API's shapes, for the OpenAPI schema (/openapi.json). The query layer's `as_json`
+methods produce them; tests check the fields."""
 
 from __future__ import annotations
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 
 class SaeFields(BaseModel):
@@ -26,12 +26,23 @@ class IndexOut(BaseModel):
     saes: list[SaeOut]
 
 
+class DensityHistogramOut(BaseModel):
+    log10_edges: list[float] = Field(description="bin edges in log10(density), increasing")
+    counts: list[int] = Field(description="latents per bin (dead latents are not in any bin)")
+    dead: int = Field(description="latents that never fired in the harvest")
+    dense: int = Field(description="latents firing on more than dense_threshold of the tokens")
+    dense_threshold: float
+
+
 class SaeDetailOut(SaeFields):
     d_in: int
     context_length: int | None
     cfg: dict
     metrics: dict
     created_at: str
+    harvest: dict = Field(description="harvest.json: tokens seen, bins, seed, excluded_positions, excluded_token_ids, ...")
+    density_histogram: DensityHistogramOut | None
+    n_explained: int = Field(description="latents with a scored explanation")
 
 
 class LatentOut(BaseModel):
@@ -39,7 +50,16 @@ class LatentOut(BaseModel):
     density: float
     max_activation: float
     mean_activation: float
+    explanation: str | None
+    explanation_f1: float | None
     url: str
+
+
+class LatentFilterOut(BaseModel):
+    min_density: float | None
+    max_density: float | None
+    hide_dead: bool
+    hide_dense: bool
 
 
 class SaePageOut(BaseModel):
@@ -47,34 +67,128 @@ class SaePageOut(BaseModel):
     latents: list[LatentOut]
     sort: str
     order: str
+    filters: LatentFilterOut
     page: int
     per_page: int
-    total: int
+    total: int = Field(description="latents that pass the filters (sorted by explanation_f1: those with a score)")
     pages: int
     prev: str | None
     next: str | None
 
 
-class TopExampleOut(BaseModel):
+class ExampleOut(BaseModel):
     rank: int
     context_id: int
-    max_activation: float
+    position: int = Field(description="the token shown as firing: the context's peak, or the sampled token of a quantile bin")
+    activation: float = Field(description="the latent's activation at position")
+    max_activation: float = Field(description="the latent's largest activation in this context")
+    snippet: list[int] = Field(description="[start, end) of the tokens the page shows around position")
     tokens: list[str]
     token_ids: list[int]
-    activations: list[float]  # one per token, the latent's activation
+    activations: list[float] = Field(description="one per token, the latent's activation")
+
+
+class QuantileOut(BaseModel):
+    bin: int = Field(description="1..Q, Q the highest")
+    low: float
+    high: float
+    share: float = Field(description="share of the latent's firings between low and high")
+    examples: list[ExampleOut]
+
+
+class HistogramOut(BaseModel):
+    edges: list[float]
+    counts: list[int]
+
+
+class TokenEffectOut(BaseModel):
+    token_id: int
+    token: str
+    value: float
+
+
+class LogitsOut(BaseModel):
+    top: list[TokenEffectOut] = Field(description="tokens whose logit the latent raises most")
+    bottom: list[TokenEffectOut] = Field(description="tokens whose logit it lowers most")
+    histogram: HistogramOut = Field(description="every vocabulary token's logit effect")
+
+
+class NeighbourOut(BaseModel):
+    index: int
+    cosine: float = Field(description="cosine similarity of the two decoder directions")
+    explanation: str | None
+    density: float
+    url: str
+
+
+class ExplanationOut(BaseModel):
+    text: str = Field(description="a token pattern: ⟦ ⟧ marks the token it fires on, ' | ' joins alternatives")
+    patterns: list[list[int]] = Field(description="the same as token ids, the last one the firing token")
+    precision: float | None = Field(description="on held-out contexts: share of the pattern's matches where it fires")
+    recall: float | None = Field(description="on held-out contexts: share of its firings the pattern matches")
+    f1: float | None
+    matches: int | None
+    firings: int | None
+
+
+class ExcludedOut(BaseModel):
+    positions: list[int] = Field(description="context positions left out of every statistic (attention sinks)")
+    token_ids: list[int]
+    tokens: list[str]
 
 
 class FeatureOut(BaseModel):
     sae_id: str
     index: int
-    density: float
+    density: float = Field(description="share of harvest tokens it fires on")
+    firings: int | None = Field(description="harvest tokens it fires on")
+    n_tokens: int | None = Field(description="harvest tokens the statistics are over")
     max_activation: float
-    mean_activation: float
-    top_examples: list[TopExampleOut]
+    mean_activation: float = Field(description="over the tokens it fires on")
+    histogram: HistogramOut = Field(description="its non-zero activations in equal bins over (0, max_activation]")
+    top_examples: list[ExampleOut]
+    quantiles: list[QuantileOut] = Field(description="examples sampled per activation quantile, highest bin first")
+    logits: LogitsOut
+    neighbours: list[NeighbourOut] = Field(description="nearest latents by decoder cosine, most similar first")
+    explanation: ExplanationOut | None
+    excluded: ExcludedOut
     prev: str | None
     next: str | None
+    random: str
     url: str
     sae_url: str
+
+
+class LatentHitOut(BaseModel):
+    index: int
+    density: float
+    max_activation: float
+    explanation: str | None
+    explanation_f1: float | None
+    url: str
+
+
+class TokenHitOut(LatentHitOut):
+    mean_activation: float = Field(description="over every occurrence of the token, zeros included")
+    fire_rate: float = Field(description="share of the token's occurrences it fires on")
+
+
+class TokenMatchOut(BaseModel):
+    token_id: int
+    token: str
+    occurrences: int | None = Field(description="in the harvest tokens")
+    latents: list[TokenHitOut] = Field(description="the latents that fire most on it, strongest first")
+
+
+class SearchOut(BaseModel):
+    sae: str | None
+    q: str
+    terms: list[str] = Field(description="the query's words, as explanations are indexed")
+    limit: int
+    latent: LatentHitOut | None = Field(description="the latent a number in q names")
+    tokens: list[TokenMatchOut] = Field(description="tokens q may mean: as typed, stripped, with one leading space")
+    explanations: list[LatentHitOut] = Field(description="latents whose explanation has every word, best score first")
+    url: str
 
 
 class ErrorOut(BaseModel):

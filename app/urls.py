@@ -24,11 +24,21 @@ class URLs:
         return self._build("/index", fmt) if fmt else self.root + "/"
 
     def sae(self, sae_id: str, fmt: str | None = None, **query) -> str:
-        """SAE page; query: sort, order, page, per_page."""
+        """SAE page; query: sort, order, page, per_page, min_density, max_density, hide_dead, hide_dense."""
         return self._build(f"/saes/{quote(sae_id, safe='')}", fmt, **query)
 
-    def feature(self, sae_id: str, index: int, fmt: str | None = None) -> str:
-        return self._build(f"/saes/{quote(sae_id, safe='')}/features/{int(index)}", fmt)
+    def feature(self, sae_id: str, index: int, fmt: str | None = None, **state) -> str:
+        """A latent's page; state: context=full (whole contexts instead of snippets), text (the
+        "try your own text" box)."""
+        return self._build(f"/saes/{quote(sae_id, safe='')}/features/{int(index)}", fmt, **state)
+
+    def random_feature(self, sae_id: str) -> str:
+        """Redirects to a random latent of the SAE that fired in the harvest."""
+        return self._build(f"/saes/{quote(sae_id, safe='')}/random")
+
+    def search(self, sae: str | None = None, q: str | None = None, fmt: str | None = None, **query) -> str:
+        """Search an SAE's latents by explanation and by token; query: limit."""
+        return self._build("/search", fmt, sae=sae, q=q, **query)
 
     def probe(self, sae: str | None = None, text: str | None = None, fmt: str | None = None, **state) -> str:
         """Probe page; state: latent (highlighted), sort (max|sum), all=1 (dense latents and the

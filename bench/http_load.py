@@ -5,8 +5,9 @@
         [--max-requests 400000] [--workdir /tmp/saescope-bench] [--postgres URL] [--keep]
 
 The mix, drawn at random per request: a latent's page and its JSON twin (a random latent), the
-SAE's latent list and its JSON twin (random sort, order and page, 50 per page), and, as the
-baseline measured in the same run, a static file of the same size (the median size of the mix's
+SAE's latent list and its JSON twin (random sort, order and page, 50 per page), a search and its
+JSON twin (a random token of the synthetic vocabulary, which is also a word of some
+explanations), and, as the baseline measured in the same run, a static file of the same size (the median size of the mix's
 responses) served by the same server. Bounded in time and in requests, loopback only (the server
 binds 127.0.0.1 and the clients connect there). Every non-200 answer counts as an error. Prints
 Markdown tables for BENCHMARKS.md. The databases are those of bench/load_throughput.py (made
@@ -46,7 +47,7 @@ from app.loader import load_run  # noqa: E402
 
 HOST = "127.0.0.1"  # loopback only
 STATIC_NAME = "bench-same-size.html"  # written into static/ for the run, removed afterwards
-KINDS = ("feature page", "feature .json", "latent list", "latent list .json")
+KINDS = ("feature page", "feature .json", "latent list", "latent list .json", "search", "search .json")
 
 
 def request_maker(sae_id: str, n_latents: int, per_page: int = 50):
@@ -58,8 +59,10 @@ def request_maker(sae_id: str, n_latents: int, per_page: int = 50):
         if kind.startswith("feature"):
             return kind, f"/saes/{sae_id}/features/{rng.randrange(n_latents)}{suffix}"
         if kind.startswith("latent list"):
-            sort, order = rng.choice(("density", "max_activation", "index")), rng.choice(("desc", "asc"))
+            sort, order = rng.choice(("density", "max_activation", "explanation_f1", "index")), rng.choice(("desc", "asc"))
             return kind, f"/saes/{sae_id}{suffix}?sort={sort}&order={order}&page={rng.randint(1, pages)}&per_page={per_page}"
+        if kind.startswith("search"):  # " tok123": a token of the synthetic vocabulary and a word of explanations
+            return kind, f"/search{suffix}?sae={sae_id}&q=tok{rng.randrange(1000)}"
         return kind, f"/static/{STATIC_NAME}"
 
     return next_request
@@ -184,7 +187,9 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 2, help="server processes")
     parser.add_argument("--max-requests", type=int, default=400_000, help="upper bound per backend")
     parser.add_argument("--latents", type=int, default=65_536)
-    parser.add_argument("--examples", type=int, default=50)
+    parser.add_argument("--top", type=int, default=20, help="top examples per latent")
+    parser.add_argument("--quantile-bins", type=int, default=10)
+    parser.add_argument("--samples-per-bin", type=int, default=3)
     parser.add_argument("--context-length", type=int, default=64)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/saescope-bench"))
     parser.add_argument("--postgres", default=os.environ.get("SAESCOPE_BENCH_POSTGRES", DEFAULT_POSTGRES))
@@ -192,7 +197,7 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="keep the PostgreSQL schema")
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
-    run = synthetic_run(args.workdir, args.latents, args.examples, args.context_length)
+    run = synthetic_run(args.workdir, args.latents, args.top, args.quantile_bins, args.samples_per_bin, args.context_length)
 
     from trainer.runfolder import load_cfg, sae_slug
 

@@ -1,15 +1,16 @@
 """How fast `saescope load` writes: example rows per second into SQLite and into PostgreSQL, for a
-synthetic run of 65,536 latents x 50 top examples (3,276,800 example rows), written by
-trainer.runfolder's own save functions.
+synthetic run of 65,536 latents x 50 examples (20 top + 10 quantile bins x 3 samples: 3,276,800
+example rows), written by trainer.runfolder's own save functions (tests/synthetic.py's
+random_harvest: every other table of the harvest comes along, at its real shape).
 
-    .venv/bin/python bench/load_throughput.py [--latents 65536] [--examples 50] [--context-length 64]
-        [--workdir /tmp/saescope-bench] [--postgres URL] [--with-foreign-keys] [--keep]
+    .venv/bin/python bench/load_throughput.py [--latents 65536] [--top 20] [--quantile-bins 10]
+        [--samples-per-bin 3] [--context-length 64] [--workdir /tmp/saescope-bench] [--postgres URL] [--keep]
 
 Each backend gets a fresh database: a SQLite file in the work folder, and a schema of its own in
 the PostgreSQL database at --postgres (dropped afterwards unless --keep, which bench/http_load.py
-then reuses). The run folder is cached in the work folder. --with-foreign-keys also loads into
-the schema as it was before migration 0003 (examples with their two foreign keys), for comparison.
-Prints a Markdown table for BENCHMARKS.md.
+and bench/feature_page.py then reuse). The run folder is cached in the work folder. Prints a
+Markdown table for BENCHMARKS.md. (The comparison with the schema before migration 0003, whose
+examples had foreign keys, is gone: today's loader writes tables that schema lacks.)
 """
 
 from __future__ import annotations
@@ -38,13 +39,16 @@ DEFAULT_POSTGRES = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 BENCH_SCHEMA = "saescope_bench"
 
 
-def synthetic_run(workdir: Path, n_latents: int, n_examples: int, context_length: int) -> Path:
-    """The run folder, made once per size and kept in the work folder."""
-    run = workdir / f"run-{n_latents}x{n_examples}x{context_length}"
-    if not (run / "harvest" / "harvest.json").is_file():
+def synthetic_run(workdir: Path, n_latents: int, top: int, quantile_bins: int, samples_per_bin: int,
+                  context_length: int) -> Path:
+    """The run folder, made once per size and kept in the work folder (a folder of the old
+    harvest format is made again)."""
+    run = workdir / f"run-{n_latents}x{top}+{quantile_bins}x{samples_per_bin}x{context_length}"
+    if not (run / "harvest" / "tokens.safetensors").is_file():
         start = time.perf_counter()
-        make_synthetic_run(run, n_latents=n_latents, n_examples=n_examples, context_length=context_length,
-                           n_contexts=n_latents, model="bench/Synthetic-Model")
+        make_synthetic_run(run, n_latents=n_latents, n_examples=top, context_length=context_length,
+                           n_contexts=n_latents, model="bench/Synthetic-Model", quantile_bins=quantile_bins,
+                           samples_per_bin=samples_per_bin)
         print(f"made {run} in {time.perf_counter() - start:.1f} s", file=sys.stderr)
     return run
 
@@ -79,9 +83,9 @@ def fresh_sqlite(url: str) -> str:
     return url
 
 
-def timed_load(rows, url: str, revision: str = "head") -> float:
+def timed_load(rows, url: str) -> float:
     """Seconds for the write transaction alone (the run is read and the schema made before)."""
-    upgrade(url, revision)
+    upgrade(url)
     engine = make_engine(url)
     try:
         start = time.perf_counter()
@@ -94,21 +98,21 @@ def timed_load(rows, url: str, revision: str = "head") -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--latents", type=int, default=65_536)
-    parser.add_argument("--examples", type=int, default=50, help="top examples per latent")
+    parser.add_argument("--top", type=int, default=20, help="top examples per latent")
+    parser.add_argument("--quantile-bins", type=int, default=10)
+    parser.add_argument("--samples-per-bin", type=int, default=3, help="examples sampled per quantile bin")
     parser.add_argument("--context-length", type=int, default=64)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/saescope-bench"))
     parser.add_argument("--postgres", default=os.environ.get("SAESCOPE_BENCH_POSTGRES", DEFAULT_POSTGRES))
-    parser.add_argument("--with-foreign-keys", action="store_true",
-                        help="also load into the pre-0003 schema, whose examples have foreign keys")
     parser.add_argument("--keep", action="store_true", help="keep the databases for bench/http_load.py")
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
 
-    run = synthetic_run(args.workdir, args.latents, args.examples, args.context_length)
+    run = synthetic_run(args.workdir, args.latents, args.top, args.quantile_bins, args.samples_per_bin, args.context_length)
     start = time.perf_counter()
     rows = read_run(run)
     read_s = time.perf_counter() - start
-    n_examples, n_rows = len(rows.examples), rows.n_rows
+    n_examples, n_rows = len(rows.tables["examples"]), rows.n_rows
     results = []
 
     url = fresh_sqlite(sqlite_url(args.workdir, run))
@@ -117,16 +121,11 @@ def main() -> None:
         fresh_sqlite(url)
     with fresh_postgres_schema(args.postgres, BENCH_SCHEMA, keep=args.keep) as url:
         results.append(("PostgreSQL (binary COPY)", timed_load(rows, url)))
-    if args.with_foreign_keys:
-        with fresh_postgres_schema(args.postgres, BENCH_SCHEMA + "_fk", keep=False) as url:
-            results.append(("PostgreSQL, examples with foreign keys (schema 0002)", timed_load(rows, url, "0002")))
-        url = fresh_sqlite(sqlite_url(args.workdir, run).replace(".db", "-fk.db"))
-        results.append(("SQLite, examples with foreign keys (schema 0002)", timed_load(rows, url, "0002")))
-        fresh_sqlite(url)
 
     print(f"{platform.node()} · {os.cpu_count()} cores · {platform.python_version()} · "
           f"load average {os.getloadavg()[0]:.1f} at the end")
-    print(f"run: {args.latents:,} latents x {args.examples} examples x {args.context_length} tokens = "
+    per_latent = args.top + args.quantile_bins * args.samples_per_bin
+    print(f"run: {args.latents:,} latents x {per_latent} examples x {args.context_length} tokens = "
           f"{n_examples:,} example rows, {n_rows:,} rows in all; reading and checking the run folder: "
           f"{read_s:.1f} s (once, before either database)\n")
     print("| database | write transaction | example rows/s | all rows/s |")

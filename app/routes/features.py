@@ -1,24 +1,32 @@
-"""A latent's page: statistics and its top activating contexts, token by token."""
+"""A latent's page: statistics, histograms, examples, logit effects, neighbours, explanation, and
+a box to try the latent on your own text; a random latent."""
 
 from __future__ import annotations
 
+import random
 from typing import Annotated
 
-from fastapi import APIRouter, HTTPException, Path, Request
+from fastapi import APIRouter, HTTPException, Path, Query, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import RedirectResponse
 
-from app import queries
+from app import features, queries
+from app.deps import ProbeDep, SessionDep, URLsDep
+from app.render import hx_target, json_response, render
 from app.schemas import ErrorOut, FeatureOut
-from app.deps import SessionDep, URLsDep
-from app.render import json_response, render
 
-router = APIRouter(prefix="/saes/{sae_id}/features", tags=["features"])
+router = APIRouter(prefix="/saes/{sae_id}", tags=["features"])
 
 # The latents table stores the index as a 32-bit integer: anything outside is a 422, not a 500.
 LatentIndex = Annotated[int, Path(ge=0, le=2**31 - 1, description="the latent's index in the SAE")]
+Window = Annotated[features.Window, Query(alias="context", description="snippet: tokens around each firing; full: whole contexts")]
+TryText = Annotated[str, Query(max_length=100_000, description="text to run the latent over (the probe's limits apply)")]
+# The parts of the page that htmx swaps alone (by the id of the element they replace).
+PARTS = {"examples": "_feature_examples.html", "try-result": "_feature_try.html"}
 
 
-def _feature(session, sae_id: str, index: int) -> queries.Feature:
-    feature = queries.get_feature(session, sae_id, index)
+def _feature(session, sae_id: str, index: int, window: features.Window = "snippet") -> features.Feature:
+    feature = features.get_feature(session, sae_id, index, window)
     if feature is None:
         if queries.get_sae(session, sae_id) is None:
             raise HTTPException(404, f"no SAE {sae_id!r}")
@@ -26,12 +34,27 @@ def _feature(session, sae_id: str, index: int) -> queries.Feature:
     return feature
 
 
-@router.get("/{index}.json", response_model=FeatureOut, responses={404: {"model": ErrorOut}},
-            summary="One latent: statistics and top examples")
+@router.get("/features/{index}.json", response_model=FeatureOut, responses={404: {"model": ErrorOut}},
+            summary="One latent: statistics, histograms, examples, logit effects, neighbours, explanation")
 def read_feature_json(sae_id: str, index: LatentIndex, session: SessionDep, urls: URLsDep):
     return json_response(_feature(session, sae_id, index).as_json(urls))
 
 
-@router.get("/{index}", include_in_schema=False)
-def read_feature(request: Request, sae_id: str, index: LatentIndex, session: SessionDep):
-    return render(request, "feature.html", feature=_feature(session, sae_id, index))
+@router.get("/features/{index}", include_in_schema=False)
+async def read_feature(request: Request, sae_id: str, index: LatentIndex, session: SessionDep, probe: ProbeDep,
+                       context: Window = "snippet", text: TryText = ""):
+    part = hx_target(request, PARTS)  # None: the whole page
+    feature = None if part == "try-result" else await run_in_threadpool(_feature, session, sae_id, index, context)
+    unavailable = await run_in_threadpool(probe.unavailable, sae_id) if part is None else None
+    trial = await probe.try_latent(sae_id, index, text) if text.strip() and part != "examples" else None
+    return render(request, PARTS.get(part, "feature.html"), feature=feature, trial=trial, text=text, window=context,
+                  sae_id=sae_id, index=index, unavailable=unavailable)
+
+
+@router.get("/random", include_in_schema=False)
+def read_random_feature(sae_id: str, session: SessionDep, urls: URLsDep):
+    """A redirect to a random latent that fired in the harvest (a new one each time)."""
+    index = features.random_index(session, sae_id, random.Random())
+    if index is None:
+        raise HTTPException(404, f"no SAE {sae_id!r}")
+    return RedirectResponse(urls.feature(sae_id, index), status_code=303, headers={"Cache-Control": "no-store"})

@@ -95,7 +95,8 @@ class TextLatentOut(BaseModel):
     n_tokens: int = Field(description="counted tokens it fires on")
     density: float = Field(description="share of harvested tokens it fires on")
     max_activation: float = Field(description="its largest activation in the harvest")
-    explanation: str | None = Field(description="what the latent means, once explanations exist (null until then)")
+    explanation: str | None = Field(description="its automatic explanation (a token pattern, ⟦ ⟧ marking the token "
+                                                "it fires on), or null when the harvest found none")
     url: str
 
 

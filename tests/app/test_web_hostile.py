@@ -13,6 +13,8 @@ import torch
 from servers import free_port, running_server
 from webrun import make_synthetic_run
 
+QUANTILE_BINS, SAMPLES_PER_BIN = 4, 2  # make_synthetic_run's defaults
+
 from app.loader import load_run
 from app.render import token_text
 from trainer.runfolder import load_harvest, sae_slug, save_harvest
@@ -82,7 +84,7 @@ INJECTED = """() => ({
   javascriptUrls: [...document.querySelectorAll('[href], [src], [action], [formaction]')]
       .map(el => el.getAttribute('href') || el.getAttribute('src') || el.getAttribute('action') || el.getAttribute('formaction'))
       .filter(v => /^\\s*javascript:/i.test(v)),
-  foreign: [...document.querySelectorAll('main img, main svg, main iframe, main style, main b')].map(el => el.outerHTML),
+  foreign: [...document.querySelectorAll('main img, main svg:not(.chart), main iframe, main style, main b')].map(el => el.outerHTML),
   pwned: window.pwned,
   hidden: getComputedStyle(document.body).display === 'none',
 })"""
@@ -112,23 +114,29 @@ def assert_nothing_ran(page, events):
 def test_hostile_contexts_show_literally_and_run_nothing(hostile_server, browser):
     base, sae_id, harvest = hostile_server
     for index in range(N_LATENTS):
-        page, events = open_page(browser, f"{base}/saes/{sae_id}/features/{index}")
+        page, events = open_page(browser, f"{base}/saes/{sae_id}/features/{index}?context=full")
         assert_nothing_ran(page, events)
         contexts = page.eval_on_selector_all(
-            ".context", "els => els.map(c => [...c.querySelectorAll('.tok')].map(t => t.textContent))")
-        assert len(contexts) == 4
+            ".examples .context", "els => els.map(c => [...c.querySelectorAll('.tok')].map(t => t.textContent))")
+        assert len(contexts) == 4 + QUANTILE_BINS * SAMPLES_PER_BIN  # top and quantile examples
         for shown in contexts:
             assert len(shown) == len(HOSTILE)
             assert all(text in {token_text(token) for token in HOSTILE} for text in shown)
         titles = page.eval_on_selector_all(".tok", "els => els.map(t => t.getAttribute('title'))")
         assert all(title.replace(".", "").isdigit() for title in titles)  # only numbers in attributes
+        # The explanation (made of hostile tokens) and the logit tables read as text too.
+        explanation = page.text_content(".explanation-text")
+        assert explanation.replace("·", " ") == harvest.explanations[index]["text"].replace("⟦", "").replace("⟧", "") \
+            .replace("\n", "↵").replace("\t", "⇥")
+        logit_tokens = page.eval_on_selector_all("table.logits code", "els => els.map(c => c.textContent)")
+        assert len(logit_tokens) == 2 * harvest.logit_top_ids.shape[1]
         page.close()
 
 
 def test_every_hostile_token_reads_as_itself_and_bidi_stays_inside_its_token(hostile_server, browser):
     base, sae_id, harvest = hostile_server
     latent = int((harvest.top_context == 0).nonzero()[0, 0])  # a latent that shows context 0
-    page, events = open_page(browser, f"{base}/saes/{sae_id}/features/{latent}")
+    page, events = open_page(browser, f"{base}/saes/{sae_id}/features/{latent}?context=full")
     rows = page.eval_on_selector_all(
         ".context", "els => els.map(c => [...c.querySelectorAll('.tok')].map(t => t.textContent))")
     assert [token_text(token) for token in HOSTILE] in rows  # context 0: each token once, in order
@@ -151,11 +159,13 @@ def test_every_hostile_token_reads_as_itself_and_bidi_stays_inside_its_token(hos
     page.close()
 
 
-@pytest.mark.parametrize("path", ["/", "/saes/{sae}", "/saes/{sae}?sort=index&order=asc", "/probe"])
+@pytest.mark.parametrize("path", ["/", "/saes/{sae}", "/saes/{sae}?sort=index&order=asc", "/probe",
+                                  "/saes/{sae}?sort=explanation_f1", "/search?sae={sae}&q=%3Cscript%3E",
+                                  "/search?sae={sae}&q=javascript"])
 def test_hostile_model_name_on_other_pages(hostile_server, browser, path):
     base, sae_id, _ = hostile_server
     page, events = open_page(browser, base + path.format(sae=sae_id))
     assert_nothing_ran(page, events)
-    if path != "/probe":
+    if path == "/" or path.startswith("/saes/{sae}?") or path == "/saes/{sae}":
         assert HOSTILE_MODEL in page.inner_text("main")  # shown as text
     page.close()

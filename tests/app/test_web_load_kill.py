@@ -72,6 +72,10 @@ def integrity_problems(url: str) -> list[str]:
         "latents without their SAE": "SELECT count(*) FROM latents l WHERE NOT EXISTS (SELECT 1 FROM saes s WHERE s.id = l.sae_id)",
         "contexts without their SAE": "SELECT count(*) FROM contexts c WHERE NOT EXISTS (SELECT 1 FROM saes s WHERE s.id = c.sae_id)",
         "SAEs missing latents": "SELECT count(*) FROM saes s WHERE s.n_latents <> (SELECT count(*) FROM latents l WHERE l.sae_id = s.id)",
+        **{f"{table} without their SAE": f"SELECT count(*) FROM {table} t WHERE NOT EXISTS (SELECT 1 FROM saes s WHERE s.id = t.sae_id)"
+           for table in ("latent_details", "vocab", "token_latents", "explanation_terms")},
+        "SAEs missing latent details": "SELECT count(*) FROM saes s WHERE s.n_latents <> "
+                                       "(SELECT count(*) FROM latent_details d WHERE d.sae_id = s.id)",
     }
     try:
         with engine.connect() as conn:
@@ -92,9 +96,7 @@ def test_sigkill_at_any_point_leaves_before_or_after(backend, tmp_path, run_dir,
     with empty_database(backend, tmp_path) as url:
         load_run(run_dir, url)  # another SAE is already there and must survive untouched
         before = table_counts(url)
-        after = {"saes": before["saes"] + 1, "latents": before["latents"] + len(rows.latents),
-                 "contexts": before["contexts"] + len(rows.contexts),
-                 "examples": before["examples"] + len(rows.examples)}
+        after = {"saes": before["saes"] + 1} | {name: before[name] + len(table) for name, table in rows.tables.items()}
         outcomes = []
         for *words, delay, unchanged in KILL_POINTS:
             proc = start_loader(big_run, url)

@@ -9,12 +9,27 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from webrun import DEAD, N_LATENTS, SCRIPT_CONTEXT, TOP_K, VOCAB, make_run, table_counts
 from sqlalchemy import func, select
+from webrun import (
+    CAT,
+    DEAD,
+    DEF_LATENT,
+    DEF_TOKEN,
+    FEW,
+    HOSTILE_EXPLANATION,
+    N_LATENTS,
+    QUANTILE_BINS,
+    SCRIPT_CONTEXT,
+    TOP_K,
+    VOCAB,
+    make_run,
+    table_counts,
+)
 
 from app.db import make_engine, upgrade
 from app.loader import LoadError, load_run, read_run, write_in_one_transaction
-from app.models import Context, Example, Latent, Sae
+from app.models import Context, Example, ExplanationTerm, Latent, LatentDetail, Sae, TokenLatent, Vocab
+from app.search import terms
 from trainer.runfolder import RunFolderError, load_harvest, save_harvest
 
 
@@ -23,12 +38,17 @@ counts = table_counts
 
 def test_load_writes_every_table(database_url, run_dir, sae_id):
     harvest = load_harvest(run_dir)
-    top_context = harvest.top_context
+    top, quantile = harvest.top_context, harvest.quantile_context
+    shown = torch.cat([top[top >= 0], quantile[quantile >= 0]])
     assert counts(database_url) == {
         "saes": 1,
         "latents": N_LATENTS,
-        "contexts": len(torch.unique(top_context[top_context >= 0])),  # only contexts some example shows
-        "examples": int((top_context >= 0).sum()),
+        "latent_details": N_LATENTS,
+        "contexts": len(torch.unique(shown)),  # only contexts some example shows
+        "examples": int((top >= 0).sum() + (quantile >= 0).sum()),
+        "vocab": len(VOCAB),
+        "token_latents": len(harvest.token_id),
+        "explanation_terms": sum(len(terms(e["text"])) for e in harvest.explanations),
     }
     engine = make_engine(database_url)
     with engine.connect() as conn:
@@ -36,17 +56,38 @@ def test_load_writes_every_table(database_url, run_dir, sae_id):
         assert (sae.id, sae.n_latents, sae.k, sae.layer, sae.d_in) == (sae_id, N_LATENTS, TOP_K, 3, 8)
         assert sae.fvu == pytest.approx(0.2345) and sae.dead_fraction == pytest.approx(len(DEAD) / N_LATENTS)
         assert json.loads(sae.metrics)["delta_ce"] is None  # NaN stored as valid JSON
+        assert json.loads(sae.harvest)["excluded_token_ids"] == [0]
+        histogram = json.loads(sae.density_histogram)
+        assert histogram["dead"] == len(DEAD) and sum(histogram["counts"]) == N_LATENTS - len(DEAD)
+        assert sae.n_explained == N_LATENTS - len(DEAD)
         context = conn.execute(select(Context).where(Context.context_id == SCRIPT_CONTEXT)).one()
         ids = np.frombuffer(context.token_ids, dtype="<i4").tolist()
         assert json.loads(context.tokens) == [VOCAB[i] for i in ids]
         assert ids == harvest.token_ids[SCRIPT_CONTEXT].tolist()
-        example = conn.execute(select(Example).where(Example.latent_index == 0, Example.rank == 0)).one()
+        example = conn.execute(select(Example).where(Example.latent_index == 0, Example.bin == 0, Example.rank == 0)).one()
         activations = np.frombuffer(example.activations, dtype="<f2")
         assert len(activations) == len(ids) and activations.max() == pytest.approx(5.0)
+        assert example.position == 3  # the peak: "alert(1)"
         dead = conn.execute(select(func.count()).select_from(Example).where(Example.latent_index.in_(DEAD))).scalar_one()
         assert dead == 0
-        ranks = conn.execute(select(Example.rank).where(Example.latent_index == 1).order_by(Example.rank)).scalars().all()
-        assert ranks == [0, 1, 2]  # latent 1 fired in three contexts only
+        ranks = conn.execute(select(Example.bin, Example.rank).where(Example.latent_index == FEW)
+                             .order_by(Example.bin, Example.rank)).all()
+        assert [rank for b, rank in ranks if b == 0] == [0, 1, 2]  # fired in three contexts only
+        assert [rank for b, rank in ranks if b == 1] == [0]  # its lowest bin has one sample
+        assert {b for b, _ in ranks} == set(range(QUANTILE_BINS + 1))
+        latent = conn.execute(select(Latent).where(Latent.index == 0)).one()
+        detail = conn.execute(select(LatentDetail).where(LatentDetail.index == 0)).one()
+        assert latent.explanation == HOSTILE_EXPLANATION and json.loads(detail.explanation_patterns) == [[5, 6]]
+        assert np.frombuffer(detail.neighbour_index, dtype="<i4").tolist() == harvest.neighbour_index[0].tolist()
+        assert detail.logit_min == -1.0 and detail.logit_max == 1.0
+        unscored = conn.execute(select(Latent).where(Latent.index == DEAD[0])).one()
+        assert (unscored.explanation, unscored.explanation_precision, unscored.explanation_f1) == (None, None, None)
+        assert conn.execute(select(Vocab.token_id).where(Vocab.token == " def")).scalar_one() == DEF_TOKEN
+        best = conn.execute(select(TokenLatent.latent).where(TokenLatent.token_id == DEF_TOKEN)
+                            .order_by(TokenLatent.mean_activation.desc())).scalars().first()
+        assert best == DEF_LATENT
+        assert conn.execute(select(ExplanationTerm.latent).where(ExplanationTerm.term == "cat")
+                            .order_by(ExplanationTerm.score.desc())).scalars().first() == CAT
     engine.dispose()
 
 
@@ -75,7 +116,11 @@ def test_same_id_different_files_needs_replace(tmp_path, empty_url, run_dir, sae
     engine.dispose()
 
 
-@pytest.mark.parametrize("breakage", ["missing_vocab", "missing_weights", "shape_mismatch"])
+EMPTY = {table: 0 for table in ("saes", "latents", "latent_details", "contexts", "examples", "vocab", "token_latents",
+                                 "explanation_terms")}
+
+
+@pytest.mark.parametrize("breakage", ["missing_vocab", "missing_weights", "shape_mismatch", "old_harvest", "repeated_token_row"])
 def test_bad_folder_raises_naming_the_file_and_writes_nothing(tmp_path, empty_url, run_dir, breakage):
     bad = tmp_path / "bad"
     shutil.copytree(run_dir, bad)
@@ -85,50 +130,68 @@ def test_bad_folder_raises_naming_the_file_and_writes_nothing(tmp_path, empty_ur
     elif breakage == "missing_weights":
         (bad / "sae.safetensors").unlink()
         culprit = "sae.safetensors"
+    elif breakage == "old_harvest":
+        info = json.loads((bad / "harvest" / "harvest.json").read_text())
+        (bad / "harvest" / "harvest.json").write_text(json.dumps({**info, "version": 1}))
+        culprit = "harvest.json: made by an older saescope"
     else:
         harvest = load_harvest(bad)
-        harvest.density = harvest.density[:-1]  # one latent short of cfg.json's n_latents
+        if breakage == "shape_mismatch":
+            harvest.tensors["density"] = harvest.density[:-1]  # one latent short of cfg.json's n_latents
+            culprit = "latents.safetensors"
+        else:
+            harvest.tensors["token_id"][1] = harvest.token_id[0]  # latent 0 listed twice for one token
+            culprit = "tokens.safetensors: a .token_id, token_latent. pair repeats"
         save_harvest(bad, harvest)
-        culprit = "latents.safetensors"
     upgrade(empty_url)
     with pytest.raises(RunFolderError, match=culprit):
         load_run(bad, empty_url)
-    assert counts(empty_url) == {"saes": 0, "latents": 0, "contexts": 0, "examples": 0}
+    assert counts(empty_url) == EMPTY
 
 
 def test_a_failing_write_rolls_back_everything(empty_url, run_dir):
     upgrade(empty_url)
     rows = read_run(run_dir)
-    rows.examples.rank[-1] = rows.examples.rank[-2]  # the last table written breaks its primary key
+    rows.tables["explanation_terms"]["latent"][-1] = rows.tables["explanation_terms"]["latent"][-2]
+    rows.tables["explanation_terms"]["term"][-1] = rows.tables["explanation_terms"]["term"][-2]  # the last table breaks its key
     engine = make_engine(empty_url)
     with pytest.raises(Exception, match="(?i)unique|duplicate"):  # the driver's own IntegrityError
         write_in_one_transaction(engine, rows)
     engine.dispose()
-    assert counts(empty_url) == {"saes": 0, "latents": 0, "contexts": 0, "examples": 0}
+    assert counts(empty_url) == EMPTY
 
 
 def test_every_value_round_trips(database_url, run_dir, sae_id):
-    """Both bulk paths (COPY's binary rows, SQLite's executemany) store exactly what was read."""
+    """Both bulk paths (COPY's binary rows, SQLite's executemany) store exactly what was read:
+    every table, every column, NULLs included."""
     rows = read_run(run_dir)
     engine = make_engine(database_url)
     try:
         with engine.connect() as conn:
-            latents = conn.execute(select(Latent.index, Latent.density, Latent.max_activation, Latent.mean_activation)
-                                   .where(Latent.sae_id == sae_id).order_by(Latent.index)).all()
-            contexts = conn.execute(select(Context.context_id, Context.token_ids, Context.tokens)
-                                    .where(Context.sae_id == sae_id).order_by(Context.context_id)).all()
-            examples = conn.execute(select(Example.latent_index, Example.rank, Example.context_id,
-                                           Example.max_activation, Example.activations)
-                                    .where(Example.sae_id == sae_id).order_by(Example.latent_index, Example.rank)).all()
+            for name, table_rows in rows.tables.items():
+                table = table_rows.table
+                key = [column for column in table.__table__.primary_key.columns if column.name != "sae_id"]
+                columns = [table.__table__.c[column] for column in table_rows.columns]
+                stored = conn.execute(select(*columns).where(table.sae_id == sae_id).order_by(*key)).all()
+                want = list(zip(*[_python(values) for values in table_rows.columns.values()]))
+                if name == "explanation_terms":  # the loader sorts terms by code point, the database by its collation
+                    stored, want = sorted(stored), sorted(want)
+                assert [tuple(row) for row in stored] == want, name
     finally:
         engine.dispose()
-    want = rows.latents
-    assert latents == list(zip(want.index.tolist(), want.density.tolist(), want.max_activation.tolist(),
-                               want.mean_activation.tolist()))
-    want = rows.contexts
-    assert contexts == list(zip(want.context_id.tolist(), [r.tobytes() for r in want.token_ids], want.tokens))
-    assert all(json.loads(tokens) for _, _, tokens in contexts)
-    want = rows.examples
-    assert [tuple(e[:4]) for e in examples] == list(zip(want.latent_index.tolist(), want.rank.tolist(),
-                                                        want.context_id.tolist(), want.max_activation.tolist()))
-    assert [bytes(e.activations) for e in examples] == [r.tobytes() for r in want.activations]
+
+
+def _python(values):
+    if isinstance(values, list):
+        return values
+    if values.ndim == 2:
+        return [row.tobytes() for row in values]
+    return values.tolist()
+
+
+def test_text_that_postgresql_cannot_store_is_cleaned():
+    from app.loader import clean_text
+
+    assert clean_text("a\x00b") == "a\u2400b"  # NUL: shown as the symbol for it
+    assert clean_text("x\ud800y") == "x?y"  # a lone surrogate
+    assert clean_text(" def") == " def"

@@ -1,0 +1,303 @@
+"""The feature dashboards, the SAE page's density histogram and filters, and search, through the
+real app over the loaded databases (SQLite and PostgreSQL: every test taking `client` runs on
+both)."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from test_web_pages import Page
+from webrun import (
+    CAT,
+    DEAD,
+    DEF_LATENT,
+    DEF_TOKEN,
+    FEW,
+    HOSTILE_EXPLANATION,
+    N_LATENTS,
+    QUANTILE_BINS,
+    SAMPLES_PER_BIN,
+    T,
+    TOP_K,
+    VOCAB,
+)
+
+from app.features import SNIPPET_AFTER, SNIPPET_BEFORE
+from trainer.runfolder import load_harvest
+
+HX = {"HX-Request": "true"}
+
+
+@pytest.fixture(scope="module")
+def harvest(run_dir):
+    return load_harvest(run_dir)
+
+
+# ---------------------------------------------------------------- the feature page's JSON
+
+
+def test_feature_json_has_every_part(client, sae_id, harvest):
+    data = client.get(f"/saes/{sae_id}/features/{FEW}.json").json()
+    assert set(data) == {"sae_id", "index", "density", "firings", "n_tokens", "max_activation", "mean_activation",
+                         "histogram", "top_examples", "quantiles", "logits", "neighbours", "explanation", "excluded",
+                         "prev", "next", "random", "url", "sae_url"}
+    assert data["n_tokens"] == 10_000 and data["firings"] == round(data["density"] * 10_000)
+    histogram = data["histogram"]
+    assert histogram["counts"] == harvest.histogram[FEW].tolist()
+    assert len(histogram["edges"]) == len(histogram["counts"]) + 1
+    assert histogram["edges"][0] == 0 and histogram["edges"][-1] == pytest.approx(data["max_activation"])
+    assert len(data["top_examples"]) == 3  # it fired in three contexts only
+    bins = [q["bin"] for q in data["quantiles"]]
+    assert bins == list(range(QUANTILE_BINS, 0, -1))  # highest bin first
+    assert [len(q["examples"]) for q in data["quantiles"]] == [SAMPLES_PER_BIN] * (QUANTILE_BINS - 1) + [1]
+    edges = harvest.quantile_edges[FEW].tolist()
+    for q in data["quantiles"]:
+        assert (q["low"], q["high"]) == pytest.approx((edges[q["bin"] - 1], edges[q["bin"]]))
+        assert q["share"] == pytest.approx(1 / QUANTILE_BINS)
+        for example in q["examples"]:
+            assert example["activation"] == example["activations"][example["position"]]
+            start, end = example["snippet"]
+            assert start == max(0, example["position"] - SNIPPET_BEFORE) and end == min(T, example["position"] + SNIPPET_AFTER + 1)
+    sampled = sorted(harvest.quantile_position[FEW][harvest.quantile_context[FEW] >= 0].tolist())
+    assert sorted(e["position"] for q in data["quantiles"] for e in q["examples"]) == sampled
+
+
+def test_feature_json_logits_neighbours_explanation(client, sae_id, harvest):
+    data = client.get(f"/saes/{sae_id}/features/0.json").json()
+    top = data["logits"]["top"]
+    assert [t["token_id"] for t in top] == harvest.logit_top_ids[0].tolist()
+    assert [t["token"] for t in top] == [VOCAB[i] for i in harvest.logit_top_ids[0].tolist()]
+    assert [t["value"] for t in top] == sorted((t["value"] for t in top), reverse=True)
+    bottom = [t["value"] for t in data["logits"]["bottom"]]
+    assert bottom == sorted(bottom) and all(v < 0 for v in bottom)
+    assert data["logits"]["histogram"]["edges"][0] == -1 and data["logits"]["histogram"]["edges"][-1] == 1
+    neighbours = data["neighbours"]
+    assert [n["index"] for n in neighbours] == harvest.neighbour_index[0].tolist()
+    assert [n["cosine"] for n in neighbours] == pytest.approx(harvest.neighbour_cosine[0].tolist(), abs=1e-6)
+    assert neighbours[0]["url"] == f"/saes/{sae_id}/features/{neighbours[0]['index']}.json"
+    explanation = data["explanation"]
+    assert explanation["text"] == HOSTILE_EXPLANATION and explanation["patterns"] == [[5, 6]]
+    assert (explanation["precision"], explanation["recall"]) == (0.9, 0.5)
+    assert explanation["f1"] == pytest.approx(2 * 0.9 * 0.5 / 1.4)
+    assert data["excluded"] == {"positions": [0], "token_ids": [0], "tokens": ["<|bos|>"]}
+    assert data["random"] == f"/saes/{sae_id}/random"
+    top_example = data["top_examples"][0]
+    assert top_example["position"] == 3 and top_example["activation"] == pytest.approx(5.0)
+
+
+def test_dead_latent_json(client, sae_id):
+    data = client.get(f"/saes/{sae_id}/features/{DEAD[0]}.json").json()
+    assert data["explanation"] is None and data["top_examples"] == [] and data["quantiles"] == []
+    assert data["firings"] == 0 and sum(data["histogram"]["counts"]) == 0
+
+
+# ---------------------------------------------------------------- the feature page
+
+
+def test_feature_page_charts_have_labelled_axes_and_bar_titles(client, sae_id, harvest):
+    html = client.get(f"/saes/{sae_id}/features/{CAT}").text
+    charts = re.findall(r'<svg class="chart [^"]*".*?</svg>', html, re.S)
+    assert len(charts) == 2
+    activations, logits = charts
+    assert re.findall(r'<text class="axis-label [xy]"[^>]*>([^<]*)</text>', activations) == ["activation", "firings"]
+    assert re.findall(r'<text class="axis-label [xy]"[^>]*>([^<]*)</text>', logits) == ["logit effect", "tokens"]
+    titles = re.findall(r'<g class="bin"><title>([^<]*)</title>', activations)
+    counts = harvest.histogram[CAT].tolist()
+    assert len(titles) == len(counts)
+    assert all(title.endswith(f": {count:,} firings ({count / sum(counts):.1%})") for title, count in zip(titles, counts))
+
+
+def test_feature_page_explains_its_numbers(client, sae_id):
+    page = client.get(f"/saes/{sae_id}/features/{CAT}").text
+    for label, meaning in [("Density", "Share of the harvest's tokens"), ("Firings", "Harvest tokens it fires on"),
+                           ("Max activation", "largest activation"), ("Mean activation", "average activation")]:
+        assert re.search(rf'<div class="stat" title="[^"]*{meaning}[^"]*"><span class="label">{label}</span>', page), label
+    assert 'title="Of the held-out tokens where this pattern occurs' in page  # precision
+    assert 'title="Of the held-out tokens where the latent fires' in page  # recall
+    assert "scored on held-out contexts" in page
+    assert re.search(r"leaves out\s+position 0 of each context", page)
+    assert '<code class="tok-plain" title="token id 0">&lt;|bos|&gt;</code>' in page  # the excluded token, escaped
+    assert '<mark class="fires" title="the token it fires on">·cat</mark>' in page
+
+
+def test_hostile_explanation_is_text(client, sae_id):
+    html = client.get(f"/saes/{sae_id}/features/0").text
+    assert html.count("<script") == 1  # the htmx tag only
+    assert '&lt;script&gt;<mark class="fires" title="the token it fires on">alert(1)</mark>' in html
+
+
+def test_feature_page_links(client, sae_id, harvest):
+    parsed = Page(client.get(f"/saes/{sae_id}/features/5").text)
+    neighbours = [int(link.rsplit("/", 1)[1]) for link in parsed.links if re.fullmatch(rf"/saes/{sae_id}/features/\d+", link)]
+    assert neighbours[:2] == [4, 6]  # previous, next
+    assert set(harvest.neighbour_index[5].tolist()) <= set(neighbours)
+    assert f"/saes/{sae_id}/random" in parsed.links
+    assert f"/saes/{sae_id}/features/5?context=full" in parsed.links
+
+
+def contexts(html: str) -> list[int]:
+    """Tokens shown per example context."""
+    return [len(re.findall(r'<span class="tok', context)) for context in re.findall(r'<div class="context">(.*?)</div>', html)]
+
+
+def test_snippet_by_default_full_on_request(client, sae_id):
+    snippet = client.get(f"/saes/{sae_id}/features/{CAT}").text
+    assert 'aria-current="true" class="active">Snippet' in snippet
+    assert all(n <= SNIPPET_BEFORE + SNIPPET_AFTER + 1 for n in contexts(snippet)) and max(contexts(snippet)) < T
+    full = client.get(f"/saes/{sae_id}/features/{CAT}", params={"context": "full"}).text
+    n_examples = TOP_K + QUANTILE_BINS * SAMPLES_PER_BIN
+    assert contexts(full) == [T] * n_examples
+    assert 'aria-current="true" class="active">Full context' in full
+    assert '<input type="hidden" name="context" value="full">' in full  # the try box keeps the state
+    assert client.get(f"/saes/{sae_id}/features/0", params={"context": "wide"}).status_code == 422
+
+
+def test_examples_fragment_for_htmx(client, sae_id):
+    response = client.get(f"/saes/{sae_id}/features/{CAT}", params={"context": "full"}, headers=HX | {"HX-Target": "examples"})
+    fragment = response.text
+    assert fragment.lstrip().startswith('<section id="examples"') and "<html" not in fragment
+    assert response.headers["Vary"] == "HX-Request"
+    assert 'hx-get="/saes/{0}/features/{1}" hx-target="#examples"'.format(sae_id, CAT) in fragment  # back to snippets
+    # another target (or none) gets the whole page
+    assert "<html" in client.get(f"/saes/{sae_id}/features/{CAT}", headers=HX | {"HX-Target": "other"}).text
+
+
+def test_try_box_says_why_it_cannot_run(client, sae_id):
+    """The tests' run names a model no server has: the page says so before and after a try."""
+    page = client.get(f"/saes/{sae_id}/features/{CAT}").text
+    assert 'hx-target="#try-result"' in page and 'hx-push-url="true"' in page
+    assert "cannot run on new text on this server" in page
+    fragment = client.get(f"/saes/{sae_id}/features/{CAT}", params={"text": "the cat"},
+                          headers=HX | {"HX-Target": "try-result"}).text
+    assert fragment.startswith('<div id="try-result"') and '<p class="error">' in fragment
+    assert "cannot run on new text here" in fragment
+
+
+def test_random_latent_is_a_redirect_to_one_that_fired(client, sae_id):
+    seen = set()
+    for _ in range(40):
+        response = client.get(f"/saes/{sae_id}/random", follow_redirects=False)
+        assert response.status_code == 303 and response.headers["Cache-Control"] == "no-store"
+        index = int(re.fullmatch(rf"/saes/{sae_id}/features/(\d+)", response.headers["Location"]).group(1))
+        seen.add(index)
+    assert not seen & set(DEAD) and len(seen) > 10
+    assert client.get("/saes/nope/random", follow_redirects=False).status_code == 404
+
+
+# ---------------------------------------------------------------- the SAE page
+
+
+def test_sae_page_density_histogram(client, sae_id):
+    html = client.get(f"/saes/{sae_id}").text
+    chart = re.search(r'<svg class="chart densities".*?</svg>', html, re.S).group()
+    assert re.findall(r'<text class="axis-label [xy]"[^>]*>([^<]*)</text>', chart) == [
+        "density: share of tokens it fires on (log scale)", "latents"]
+    assert '<text class="marker-label"' in chart and ">dense</text>" in chart
+    assert re.search(r'<span class="label">Dead</span><span class="value">2</span>', html)
+    data = client.get(f"/saes/{sae_id}.json").json()["sae"]
+    histogram = data["density_histogram"]
+    assert histogram["dead"] == len(DEAD) and sum(histogram["counts"]) == N_LATENTS - len(DEAD)
+    assert histogram["dense"] == 0 and histogram["dense_threshold"] == 0.1
+    assert data["n_explained"] == N_LATENTS - len(DEAD) and data["harvest"]["excluded_positions"] == [0]
+
+
+def test_sae_latents_sorted_by_explanation_score(client, sae_id):
+    data = client.get(f"/saes/{sae_id}.json", params={"sort": "explanation_f1", "per_page": 100}).json()
+    scores = [latent["explanation_f1"] for latent in data["latents"]]
+    assert data["total"] == len(scores) == N_LATENTS - len(DEAD)  # scored explanations only
+    assert scores == sorted(scores, reverse=True) and data["latents"][0]["index"] == CAT
+    assert data["latents"][0]["explanation"] == "the⟦ cat⟧"
+    worst = client.get(f"/saes/{sae_id}.json", params={"sort": "explanation_f1", "order": "asc", "per_page": 5}).json()
+    assert worst["latents"][0]["explanation_f1"] == min(scores)
+    html = client.get(f"/saes/{sae_id}").text
+    assert '<mark class="fires" title="the token it fires on">·cat</mark>' in html  # explanations in the list
+
+
+def test_sae_latents_filtered_by_density(client, sae_id, harvest):
+    density = harvest.density.tolist()
+    live = client.get(f"/saes/{sae_id}.json", params={"hide_dead": 1, "sort": "density", "order": "asc", "per_page": 100}).json()
+    assert live["total"] == N_LATENTS - len(DEAD) and min(latent["density"] for latent in live["latents"]) > 0
+    assert live["filters"] == {"min_density": None, "max_density": None, "hide_dead": True, "hide_dense": False}
+    low, high = 0.01, 0.03
+    band = client.get(f"/saes/{sae_id}.json", params={"min_density": low, "max_density": high, "sort": "max_activation",
+                                                      "per_page": 5}).json()
+    expected = sorted((i for i, d in enumerate(density) if low <= d <= high),
+                      key=lambda i: (-harvest.max_activation[i].item(), -i))
+    assert band["total"] == len(expected) and [latent["index"] for latent in band["latents"]] == expected[:5]
+    assert "min_density=0.01&max_density=0.03" in band["next"]  # the next page keeps the filter
+    html = client.get(f"/saes/{sae_id}", params={"hide_dead": 1, "per_page": 10}).text
+    parsed = Page(html)
+    assert f"/saes/{sae_id}?sort=density&order=desc&page=2&per_page=10&hide_dead=1" in parsed.links
+    assert f"/saes/{sae_id}?sort=index&order=desc&per_page=10&hide_dead=1" in parsed.links  # sorting keeps it too
+    assert 'name="hide_dead" value="1" checked' in html
+
+
+@pytest.mark.parametrize("params", [{"min_density": -0.1}, {"max_density": 1.5}, {"sort": "explanation"},
+                                    {"hide_dead": "maybe"}])
+def test_bad_filters_are_422(client, sae_id, params):
+    assert client.get(f"/saes/{sae_id}.json", params=params).status_code == 422
+
+
+# ---------------------------------------------------------------- search
+
+
+def test_search_by_token_leading_space_counts(client, sae_id):
+    data = client.get("/search.json", params={"sae": sae_id, "q": " def"}).json()
+    assert [match["token"] for match in data["tokens"]] == [" def", "def"]  # as typed first, then stripped
+    first = data["tokens"][0]
+    assert first["token_id"] == DEF_TOKEN and first["latents"][0]["index"] == DEF_LATENT
+    assert first["latents"][0]["mean_activation"] == 3.0
+    means = [hit["mean_activation"] for hit in first["latents"]]
+    assert means == sorted(means, reverse=True)
+    assert first["latents"][0]["url"] == f"/saes/{sae_id}/features/{DEF_LATENT}"
+    stripped = client.get("/search.json", params={"sae": sae_id, "q": "def"}).json()
+    assert [match["token"] for match in stripped["tokens"]] == ["def", " def"]
+
+
+def test_search_by_explanation_words(client, sae_id):
+    data = client.get("/search.json", params={"sae": sae_id, "q": "cat"}).json()
+    assert data["terms"] == ["cat"] and data["explanations"][0]["index"] == CAT
+    assert all("cat" in hit["explanation"] for hit in data["explanations"])
+    scores = [hit["explanation_f1"] for hit in data["explanations"]]
+    assert scores == sorted(scores, reverse=True)
+    both = client.get("/search.json", params={"sae": sae_id, "q": "The CAT"}).json()  # every word, any case
+    assert [hit["index"] for hit in both["explanations"]] == [CAT]
+    assert client.get("/search.json", params={"sae": sae_id, "q": "zebra"}).json()["explanations"] == []
+
+
+def test_search_by_number_and_defaults(client, sae_id):
+    data = client.get("/search.json", params={"q": "#5"}).json()  # no sae: the first SAE
+    assert data["sae"] == sae_id and data["latent"]["index"] == 5
+    assert client.get("/search.json", params={"sae": sae_id, "q": str(N_LATENTS)}).json()["latent"] is None
+    empty = client.get("/search.json", params={"sae": sae_id}).json()
+    assert (empty["q"], empty["tokens"], empty["explanations"], empty["latent"]) == ("", [], [], None)
+    assert client.get("/search.json", params={"sae": "nope", "q": "x"}).status_code == 404
+    assert client.get("/search", params={"sae": "nope", "q": "x"}).status_code == 404
+    assert client.get("/search.json", params={"q": "x" * 201}).status_code == 422
+
+
+def test_search_page(client, sae_id):
+    html = client.get("/search", params={"sae": sae_id, "q": "<script>"}).text
+    assert html.count("<script") == 1 and "&lt;script&gt;" in html
+    parsed = Page(html)
+    assert ("application/json", f"/search.json?sae={sae_id}&q=%3Cscript%3E") in parsed.alternates
+    page = client.get("/search", params={"sae": sae_id, "q": " def"}).text
+    assert '<code class="tok-plain" title="token id 20">·def</code>' in page
+    assert f'href="/saes/{sae_id}/features/{DEF_LATENT}"' in page
+    fragment = client.get("/search", params={"sae": sae_id, "q": "cat"}, headers=HX | {"HX-Target": "search-results"}).text
+    assert fragment.startswith('<div id="search-results"') and f'href="/saes/{sae_id}/features/{CAT}"' in fragment
+
+
+def test_header_search_box_searches_the_page_sae(client, sae_id):
+    for path in (f"/saes/{sae_id}", f"/saes/{sae_id}/features/3"):
+        header = client.get(path).text.split("</header>")[0]
+        assert 'action="/search"' in header and f'<input type="hidden" name="sae" value="{sae_id}">' in header
+    assert 'name="sae"' not in client.get("/").text.split("</header>")[0]
+
+
+def test_openapi_documents_the_new_routes(client):
+    schema = client.get("/openapi.json").json()
+    assert "/search.json" in schema["paths"]
+    feature = schema["components"]["schemas"]["FeatureOut"]["properties"]
+    assert {"histogram", "quantiles", "logits", "neighbours", "explanation", "excluded", "random"} <= set(feature)
