@@ -83,6 +83,14 @@ def test_a_noisy_latent_gets_the_exact_heldout_precision_and_recall(corpus):
     assert found["f1"] == pytest.approx(2 * precision * recall / (precision + recall))
 
 
+def test_explanations_are_plain_json(corpus):
+    import json
+
+    tokens = corpus[0]
+    found = explained(corpus, tokens == 1, (tokens == 3) & (previous(tokens) == 2))
+    assert json.loads(json.dumps(found)) == found
+
+
 def test_a_dead_latent_has_no_explanation(corpus):
     tokens = corpus[0]
     found = explained(corpus, tokens == 1)

@@ -107,7 +107,7 @@ def explain_latents(tokens: np.ndarray, counted: np.ndarray, heldout: np.ndarray
     by_latent = np.split(keep, np.searchsorted(lat[keep], np.arange(1, n_latents)))
     explanations = []
     for l, rows in enumerate(by_latent):
-        candidates = [(tuple(t for t in pattern[r] if t >= 0), int(m[r]), int(h[r]), int(m_ho[r]), int(h_ho[r]))
+        candidates = [(tuple(int(t) for t in pattern[r] if t >= 0), int(m[r]), int(h[r]), int(m_ho[r]), int(h_ho[r]))
                       for r in rows]
         explanations.append(explain_one(candidates, int(firings_train[l]), int(firings_heldout[l]), vocab))
     return explanations
