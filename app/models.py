@@ -171,11 +171,10 @@ class Vocab(Base):
 
 
 class TokenLatent(Base):
-    """For search by token: the latents that fire most on each token (tokens.safetensors), read
-    strongest first by (sae_id, token_id, mean_activation)."""
+    """For search by token: the few latents that fire most on each token (tokens.safetensors),
+    read by the key's (sae_id, token_id) prefix."""
 
     __tablename__ = "token_latents"
-    __table_args__ = (Index("ix_token_latents_sae_id_token_id_mean_activation", "sae_id", "token_id", "mean_activation"),)
 
     sae_id: Mapped[str] = mapped_column(String(200), primary_key=True)
     token_id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
@@ -186,17 +185,16 @@ class TokenLatent(Base):
 
 
 class ExplanationTerm(Base):
-    """For search by text: each normalised word of each latent's explanation, read best
-    explanation first by (sae_id, term, score)."""
+    """For search by text: each normalised word of each latent's explanation, read by the key's
+    (sae_id, term) prefix."""
 
     __tablename__ = "explanation_terms"
-    __table_args__ = (Index("ix_explanation_terms_sae_id_term_score_latent", "sae_id", "term", "score", "latent"),)
 
     sae_id: Mapped[str] = mapped_column(String(200), primary_key=True)
     term: Mapped[str] = mapped_column(String(200), primary_key=True)
     latent: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
-    # A sort key: the explanation's F1, or -1 when it was not scored (a NULL would sort first in
-    # PostgreSQL's descending index order and last in SQLite's).
+    # The rank of the match: the explanation's F1, or -1 when it was not scored (kept here so that
+    # search needs no join to rank).
     score: Mapped[float] = mapped_column(Float)
 
 

@@ -99,8 +99,9 @@ class LatentRow:
 
 @dataclass
 class LatentFilter:
-    """Which latents the list shows. Every filter is a range of density, so each page is still
-    one range of an index (with sort=density, of the very index that sorts it)."""
+    """Which latents the list shows. Every filter is a range of density: sorted by density, a
+    filtered page is one range of the index that sorts it; in another order the database reads
+    the range (at most one SAE's latents) and sorts it, or walks the sort's index, as it judges."""
 
     min_density: float | None = None
     max_density: float | None = None
@@ -236,7 +237,7 @@ def _count(session: Session, sae: SaeDetail, sort: SortKey, conditions: list, fi
     """The loader counted what an unfiltered list holds; a filter's count is one index range."""
     if not filters.active:
         return sae.n_explained if sort == "explanation_f1" else sae.n_latents
-    return session.execute(select(func.count()).select_from(Latent).where(*conditions)).scalar_one()
+    return session.execute(select(func.count()).select_from(Latent).where(*conditions)).scalar_one()  # one index range
 
 
 def _summary(row: Sae) -> SaeSummary:

@@ -4,10 +4,10 @@
 
 - By token: the query, as typed and stripped and with one leading space (` def`, `def`), is
   looked up in the SAE's vocabulary (index on the token text); for each token found, the latents
-  that fire most on it, strongest first (one index range of token_latents each).
+  that fire most on it, strongest first (the few rows of token_latents under its key).
 - By explanation: the query's words (`terms`, the same normalisation the loader applies to
   explanations) are looked up in explanation_terms; a latent must have every word, best scored
-  explanation first (one index range for the first word, key look-ups for the others).
+  explanation first (one range of the key per word).
 - A number (`123`, `#123`) also names a latent directly.
 """
 
@@ -16,8 +16,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from sqlalchemy import desc, exists, select
-from sqlalchemy.orm import Session, aliased
+from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from app.models import ExplanationTerm, Latent, TokenLatent, Vocab
 from app.queries import SaeDetail
@@ -128,11 +128,13 @@ def token_matches(session: Session, sae_id: str, q: str, limit: int) -> list[Tok
     found.sort(key=lambda row: (variants.index(row.token), row.token_id))  # as typed first
     matches = []
     for token_id, token in found:
+        # The harvest keeps a few latents per token (its token_latents setting, 10): read them all
+        # by the key and rank them here.
         rows = session.execute(
             select(TokenLatent.latent, TokenLatent.mean_activation, TokenLatent.fire_rate, TokenLatent.occurrences)
             .where(TokenLatent.sae_id == sae_id, TokenLatent.token_id == token_id)
-            .order_by(desc(TokenLatent.mean_activation)).limit(limit)
         ).all()
+        rows = sorted(rows, key=lambda row: (-row.mean_activation, row.latent))[:limit]
         hits = {hit.index: hit for hit in latent_hits(session, sae_id, [row.latent for row in rows])}
         matches.append(TokenMatch(token_id, token, rows[0].occurrences if rows else None,
                                   [TokenHit(hits[row.latent], row.mean_activation, row.fire_rate) for row in rows]))
@@ -140,17 +142,20 @@ def token_matches(session: Session, sae_id: str, q: str, limit: int) -> list[Tok
 
 
 def explanation_matches(session: Session, sae_id: str, words: list[str], limit: int) -> list[LatentHit]:
-    if not words:
+    """Latents whose explanation has every word, best score first. Each word's latents are one
+    range of the key (sae_id, term, latent); they are intersected and ranked here, which no
+    query plan can turn into a read of the whole table."""
+    scores: dict[int, float] | None = None
+    for word in words:
+        rows = session.execute(select(ExplanationTerm.latent, ExplanationTerm.score)
+                               .where(ExplanationTerm.sae_id == sae_id, ExplanationTerm.term == word)).all()
+        found = dict(rows)
+        scores = found if scores is None else {latent: score for latent, score in scores.items() if latent in found}
+        if not scores:
+            return []
+    if scores is None:
         return []
-    first, *others = words
-    query = (select(ExplanationTerm.latent)
-             .where(ExplanationTerm.sae_id == sae_id, ExplanationTerm.term == first)
-             .order_by(desc(ExplanationTerm.score), desc(ExplanationTerm.latent)).limit(limit))
-    for word in others:  # each a look-up by primary key
-        other = aliased(ExplanationTerm)
-        query = query.where(exists().where(other.sae_id == sae_id, other.term == word,
-                                           other.latent == ExplanationTerm.latent))
-    indices = session.execute(query).scalars().all()
+    indices = sorted(scores, key=lambda latent: (-scores[latent], latent))[:limit]
     hits = {hit.index: hit for hit in latent_hits(session, sae_id, indices)}
     return [hits[index] for index in indices]
 

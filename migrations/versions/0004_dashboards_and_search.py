@@ -71,8 +71,6 @@ def upgrade() -> None:
         sa.Column("occurrences", sa.Integer(), nullable=False),
         sa.PrimaryKeyConstraint("sae_id", "token_id", "latent", name="pk_token_latents"),
     )
-    op.create_index("ix_token_latents_sae_id_token_id_mean_activation", "token_latents",
-                    ["sae_id", "token_id", "mean_activation"])
     op.create_table(
         "explanation_terms",
         sa.Column("sae_id", sa.String(200), nullable=False),
@@ -81,14 +79,10 @@ def upgrade() -> None:
         sa.Column("score", sa.Float(), nullable=False),
         sa.PrimaryKeyConstraint("sae_id", "term", "latent", name="pk_explanation_terms"),
     )
-    op.create_index("ix_explanation_terms_sae_id_term_score_latent", "explanation_terms",
-                    ["sae_id", "term", "score", "latent"])
 
 
 def downgrade() -> None:
-    op.drop_index("ix_explanation_terms_sae_id_term_score_latent", table_name="explanation_terms")
     op.drop_table("explanation_terms")
-    op.drop_index("ix_token_latents_sae_id_token_id_mean_activation", table_name="token_latents")
     op.drop_table("token_latents")
     op.drop_index("ix_vocab_sae_id_token", table_name="vocab")
     op.drop_table("vocab")
