@@ -126,7 +126,7 @@ def test_delete_needs_the_right_token(loaded_url, sae_id, monkeypatch):
         right = {"Authorization": f"Bearer {TOKEN}"}
         response = client.delete(f"/api/saes/{sae_id}", headers=right)
         assert response.status_code == 200 and response.json() == {"deleted": sae_id}
-        assert counts(loaded_url) == {"saes": 0, "latents": 0, "contexts": 0, "examples": 0}
+        assert set(counts(loaded_url).values()) == {0}  # every table of the SAE emptied
         assert client.get(f"/saes/{sae_id}.json").status_code == 404
         assert client.delete(f"/api/saes/{sae_id}", headers=right).status_code == 404
         assert client.delete("/api/saes/nope", headers={}).status_code == 401  # no token, no answer about ids
