@@ -48,7 +48,7 @@ async def read_feature(request: Request, sae_id: str, index: LatentIndex, sessio
     unavailable = await run_in_threadpool(probe.unavailable, sae_id) if part is None else None
     trial = await probe.try_latent(sae_id, index, text) if text.strip() and part != "examples" else None
     return render(request, PARTS.get(part, "feature.html"), feature=feature, trial=trial, text=text, window=context,
-                  sae_id=sae_id, index=index, unavailable=unavailable)
+                  sae_id=sae_id, index=index, unavailable=unavailable, oob=part is not None)
 
 
 @router.get("/random", include_in_schema=False)

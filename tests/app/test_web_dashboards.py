@@ -149,7 +149,8 @@ def test_snippet_by_default_full_on_request(client, sae_id):
     n_examples = TOP_K + QUANTILE_BINS * SAMPLES_PER_BIN
     assert contexts(full) == [T] * n_examples
     assert 'aria-current="true" class="active">Full context' in full
-    assert '<input type="hidden" name="context" value="full">' in full  # the try box keeps the state
+    assert '<input type="hidden" id="try-context" name="context" value="full">' in full  # the try box keeps the state
+    assert '<input type="hidden" id="try-context" name="context" value="full" disabled>' in snippet
     assert client.get(f"/saes/{sae_id}/features/0", params={"context": "wide"}).status_code == 422
 
 
@@ -158,6 +159,8 @@ def test_examples_fragment_for_htmx(client, sae_id):
     fragment = response.text
     assert fragment.lstrip().startswith('<section id="examples"') and "<html" not in fragment
     assert response.headers["Vary"] == "HX-Request"
+    # the try box's form learns the new window out of band
+    assert '<input type="hidden" id="try-context" name="context" value="full" hx-swap-oob="true">' in fragment
     assert 'hx-get="/saes/{0}/features/{1}" hx-target="#examples"'.format(sae_id, CAT) in fragment  # back to snippets
     # another target (or none) gets the whole page
     assert "<html" in client.get(f"/saes/{sae_id}/features/{CAT}", headers=HX | {"HX-Target": "other"}).text
@@ -172,6 +175,9 @@ def test_try_box_says_why_it_cannot_run(client, sae_id):
                           headers=HX | {"HX-Target": "try-result"}).text
     assert fragment.startswith('<div id="try-result"') and '<p class="error">' in fragment
     assert "cannot run on new text here" in fragment
+    # the window toggle's links learn the typed text out of band
+    assert '<nav class="toggle" id="window-toggle" aria-label="context window" hx-swap-oob="true">' in fragment
+    assert f'href="/saes/{sae_id}/features/{CAT}?context=full&amp;text=the+cat"' in fragment
 
 
 def test_random_latent_is_a_redirect_to_one_that_fired(client, sae_id):
