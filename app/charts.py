@@ -18,18 +18,22 @@ WIDTH, HEIGHT = 520, 200
 LEFT, RIGHT, TOP, BOTTOM = 52, 20, 10, 42
 
 
+# Positions are kept as short strings ("12.5"): the template writes them as they are (escaping a
+# float costs several times more than a string, and a page has hundreds of them).
+
+
 @dataclass
 class Bar:
-    x: float
-    width: float
-    y: float
-    height: float
+    x: str
+    width: str
+    y: str
+    height: str
     title: str  # shown on hover: the bin's range and count
 
 
 @dataclass
 class Tick:
-    at: float  # position along the axis, in viewBox units
+    at: str  # position along the axis, in viewBox units
     label: str
 
 
@@ -37,7 +41,7 @@ class Tick:
 class Marker:
     """A dashed vertical line at a value, e.g. the dense threshold or zero."""
 
-    at: float
+    at: str
     label: str
 
 
@@ -83,16 +87,20 @@ def bar_chart(edges: list[float], counts: list[int], *, title: str, x_label: str
     def y(count: float) -> float:
         return HEIGHT - BOTTOM - count / y_max * (HEIGHT - BOTTOM - TOP)
 
-    bars = [Bar(round(x(a), 2), round(max(x(b) - x(a), 0.5), 2), round(y(c), 2), round(y(0) - y(c), 2), describe(a, b, c))
+    bars = [Bar(at(x(a)), at(max(x(b) - x(a), 0.5)), at(y(c)), at(y(0) - y(c)), describe(a, b, c))
             for a, b, c in zip(edges, edges[1:], counts)]
     ticks = x_ticks if x_ticks is not None else nice_ticks(low, high)
     return BarChart(
         title=title, bars=bars, x_label=x_label, y_label=y_label,
-        x_ticks=[Tick(round(x(t), 2), x_format(t)) for t in ticks if low <= t <= high],
-        y_ticks=[Tick(round(y(t), 2), f"{t:,.0f}") for t in nice_ticks(0, y_max, 4)],
-        markers=[Marker(round(x(at), 2), label) for at, label in (markers or {}).items() if low <= at <= high],
+        x_ticks=[Tick(at(x(t)), x_format(t)) for t in ticks if low <= t <= high],
+        y_ticks=[Tick(at(y(t)), f"{t:,.0f}") for t in nice_ticks(0, y_max, 4)],
+        markers=[Marker(at(x(value)), label) for value, label in (markers or {}).items() if low <= value <= high],
         width=width,
     )
+
+
+def at(position: float) -> str:
+    return f"{position:.1f}"
 
 
 def nice_ticks(low: float, high: float, count: int = 5) -> list[float]:

@@ -99,6 +99,16 @@ class Neighbour:
     density: float
 
 
+@dataclass(frozen=True)
+class SaeSource:
+    """What the probe needs to tell whether it can run an SAE here (ProbeService.unavailable_for)."""
+
+    id: str
+    model: str
+    run_dir: str
+    content_hash: str
+
+
 @dataclass
 class Feature:
     """One latent: statistics, histograms, examples, logit effects, neighbours, explanation."""
@@ -123,6 +133,7 @@ class Feature:
     excluded_tokens: list[tuple[int, str]]  # (token id, token)
     explanation_method: str | None = None
     window: Window = "snippet"
+    source: SaeSource | None = None  # where the SAE's weights are: can the probe run it here?
 
     @property
     def prev_index(self) -> int | None:
@@ -172,13 +183,14 @@ class Feature:
 
 def get_feature(session: Session, sae_id: str, index: int, window: Window = "snippet") -> Feature | None:
     row = session.execute(
-        select(Latent, LatentDetail, Sae.n_latents, Sae.harvest).join(Sae, Sae.id == Latent.sae_id)
+        select(Latent, LatentDetail, Sae.n_latents, Sae.harvest, Sae.id, Sae.model, Sae.run_dir, Sae.content_hash)
+        .join(Sae, Sae.id == Latent.sae_id)
         .outerjoin(LatentDetail, (LatentDetail.sae_id == Latent.sae_id) & (LatentDetail.index == Latent.index))
         .where(Latent.sae_id == sae_id, Latent.index == index)
     ).first()
     if row is None:
         return None
-    latent, detail, n_latents, harvest_json = row
+    latent, detail, n_latents, harvest_json = row[:4]
     harvest = json.loads(harvest_json or "{}")
     # A latent loaded before migration 0004 has no details: its arrays read as empty.
     arrays = {name: blob(getattr(detail, name, None), dtype) for name, dtype in LATENT_BLOBS.items()}
@@ -205,6 +217,7 @@ def get_feature(session: Session, sae_id: str, index: int, window: Window = "sni
         excluded_tokens=[(i, tokens.get(i, "")) for i in excluded_ids],
         explanation_method=harvest.get("explanation_method"),
         window=window,
+        source=SaeSource(*row[4:]),
     )
 
 

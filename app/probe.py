@@ -400,15 +400,16 @@ class ProbeService:
                 select(Sae.id, Sae.model, Sae.layer, Sae.n_latents, Sae.k, Sae.run_dir, Sae.content_hash)
                 .order_by(Sae.model, Sae.layer, Sae.n_latents, Sae.k, Sae.id)
             ).all()
-        return [SaeOption(row.id, row.model, row.layer, row.n_latents, row.k, self._unavailable(row)) for row in rows]
+        return [SaeOption(row.id, row.model, row.layer, row.n_latents, row.k, self.unavailable_for(row)) for row in rows]
 
     def unavailable(self, sae_id: str) -> str | None:
         """Why this SAE cannot be probed here, checked without loading its model (None: it may be)."""
         with self.sessions() as session:
             row = session.execute(select(Sae.id, Sae.model, Sae.run_dir, Sae.content_hash).where(Sae.id == sae_id)).first()
-        return f"no SAE {sae_id!r}" if row is None else self._unavailable(row)
+        return f"no SAE {sae_id!r}" if row is None else self.unavailable_for(row)
 
-    def _unavailable(self, row) -> str | None:
+    def unavailable_for(self, row) -> str | None:
+        """The same for an SAE row already read (id, model, run_dir, content_hash): no query."""
         if self._find_run_dir(row.run_dir) is None:
             return f"weights not on this server (run folder {row.run_dir} not found)"
         return self._failures.get((row.id, row.content_hash)) or _model_problem(row.model)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+from functools import lru_cache
 
 from fastapi import Request
 from fastapi.responses import HTMLResponse, JSONResponse
@@ -53,8 +54,14 @@ def token_chips(tokens: list[str], activations: list[float], scale: float, start
         if position == mark:
             classes += " mark"
         chips.append(f'<span class="{classes}" style="--a: {shade(activation, scale)}" '
-                     f'title="{value}" data-tip="{value}">{escape(token_text(token))}</span>')
+                     f'title="{value}" data-tip="{value}">{_shown(token)}</span>')
     return Markup("".join(chips))
+
+
+@lru_cache(maxsize=65_536)
+def _shown(token: str) -> str:
+    """A token escaped for a chip; a page shows the same vocabulary tokens many times."""
+    return escape(token_text(token))
 
 
 FIRING = re.compile(r"⟦(.*?)⟧", re.S)

@@ -41,14 +41,21 @@ def read_feature_json(sae_id: str, index: LatentIndex, session: SessionDep, urls
 
 
 @router.get("/features/{index}", include_in_schema=False)
-async def read_feature(request: Request, sae_id: str, index: LatentIndex, session: SessionDep, probe: ProbeDep,
+async def read_feature(request: Request, sae_id: str, index: LatentIndex, probe: ProbeDep,
                        context: Window = "snippet", text: TryText = ""):
     part = hx_target(request, PARTS)  # None: the whole page
-    feature = None if part == "try-result" else await run_in_threadpool(_feature, session, sae_id, index, context)
-    unavailable = await run_in_threadpool(probe.unavailable, sae_id) if part is None else None
+    feature = None if part == "try-result" else await run_in_threadpool(_feature_page, request, sae_id, index, context)
     trial = await probe.try_latent(sae_id, index, text) if text.strip() and part != "examples" else None
     return render(request, PARTS.get(part, "feature.html"), feature=feature, trial=trial, text=text, window=context,
-                  sae_id=sae_id, index=index, unavailable=unavailable, oob=part is not None)
+                  sae_id=sae_id, index=index, oob=part is not None,
+                  unavailable=probe.unavailable_for(feature.source) if part is None else None)
+
+
+def _feature_page(request: Request, sae_id: str, index: int, window: features.Window) -> features.Feature:
+    """The page's reads in one trip to the thread pool (a SessionDep would add two more: its
+    enter and exit run there too in an async route, and this page's budget is 15 ms)."""
+    with request.app.state.sessions() as session:
+        return _feature(session, sae_id, index, window)
 
 
 @router.get("/random", include_in_schema=False)
