@@ -131,7 +131,8 @@ class Feature:
     explanation: Explanation | None
     excluded_positions: list[int]
     excluded_tokens: list[tuple[int, str]]  # (token id, token)
-    explanation_method: str | None = None
+    explanation_method: str | None = None  # harvest.json's explanation: how it was found
+    heldout_contexts: int | None = None  # ... and on how many held-out contexts it was scored
     window: Window = "snippet"
     source: SaeSource | None = None  # where the SAE's weights are: can the probe run it here?
 
@@ -215,7 +216,8 @@ def get_feature(session: Session, sae_id: str, index: int, window: Window = "sni
         explanation=Explanation.of(latent, getattr(detail, "explanation_patterns", None)),
         excluded_positions=[int(p) for p in harvest.get("excluded_positions", [])],
         excluded_tokens=[(i, tokens.get(i, "")) for i in excluded_ids],
-        explanation_method=harvest.get("explanation_method"),
+        explanation_method=(harvest.get("explanation") or {}).get("method"),
+        heldout_contexts=(harvest.get("explanation") or {}).get("heldout_contexts"),
         window=window,
         source=SaeSource(*row[4:]),
     )

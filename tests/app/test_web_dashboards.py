@@ -115,7 +115,7 @@ def test_feature_page_explains_its_numbers(client, sae_id):
         assert re.search(rf'<div class="stat" title="[^"]*{meaning}[^"]*"><span class="label">{label}</span>', page), label
     assert 'title="Of the held-out tokens where this pattern occurs' in page  # precision
     assert 'title="Of the held-out tokens where the latent fires' in page  # recall
-    assert "scored on held-out contexts" in page
+    assert "token n-gram patterns, scored on held-out contexts." in page and "measured on 12 held-out" in page
     assert re.search(r"leaves out\s+position 0 of each context", page)
     assert '<code class="tok-plain" title="token id 0">&lt;|bos|&gt;</code>' in page  # the excluded token, escaped
     assert '<mark class="fires" title="the token it fires on">·cat</mark>' in page

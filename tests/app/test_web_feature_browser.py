@@ -168,3 +168,49 @@ def test_screenshots(server, page):
         page.mouse.move(0, 0)
         page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
         assert (SHOTS / f"{name}.png").stat().st_size > 10_000
+
+
+# ---------------------------------------------------------------- a real harvest
+
+
+@pytest.fixture(scope="module")
+def real_server(tiny_db):
+    """The tiny run trained, evaluated and harvested by the trainer itself (tests/conftest.py)."""
+    port = free_port()
+    with running_server(["-c", f"from app.server import serve; serve({tiny_db!r}, '127.0.0.1', {port})"], port) as (base, _):
+        yield base
+
+
+def test_a_real_harvest_in_the_browser(real_server, page, tiny_run):
+    """The best-explained latent of a real trained tiny SAE: every part shows, the try box runs
+    the real SAE and agrees with the probe."""
+    import json
+    import urllib.request
+
+    from trainer.runfolder import load_cfg, sae_slug
+
+    sae_id = sae_slug(load_cfg(tiny_run))
+    listing = json.load(urllib.request.urlopen(f"{real_server}/saes/{sae_id}.json?sort=explanation_f1&per_page=1"))
+    index = listing["latents"][0]["index"]
+    page.goto(f"{real_server}/saes/{sae_id}/features/{index}")
+    page.wait_for_load_state("networkidle")
+    assert page.locator(".explanation-text mark.fires").count() >= 1
+    assert page.locator("svg.chart.activations g.bin").count() > 1 and page.locator("a.neighbour").count() > 0
+    assert page.locator("table.logits.up tbody tr").count() > 0 and page.locator(".examples .context").count() > 5
+    assert "position 0" in page.locator(".excluded").inner_text()
+    text = "def main():\n    return sorted(items, key=len)\n"
+    page.fill("#try textarea", text)
+    page.click("#try button[type=submit]")
+    until(lambda: page.locator("#try-result .try-tokens .tok").count() > 5, timeout=60)
+    shown = [float(t) for t in page.locator("#try-result .tok").evaluate_all("els => els.map(el => el.title)")]
+    request = urllib.request.Request(f"{real_server}/api/probe", method="POST", headers={"Content-Type": "application/json"},
+                                     data=json.dumps({"sae": sae_id, "text": text, "top_k": 64}).encode())
+    probe = json.load(urllib.request.urlopen(request))
+    expected = [next((hit["activation"] for hit in token["top_latents"] if hit["index"] == index), 0.0)
+                for token in probe["tokens"]]
+    assert shown == pytest.approx(expected, abs=1e-3)
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    page.mouse.move(0, 0)
+    page.screenshot(path=str(SHOTS / "feature-real.png"), full_page=True)
+    page.goto(f"{real_server}/saes/{sae_id}?per_page=12&sort=explanation_f1")
+    page.screenshot(path=str(SHOTS / "sae-real.png"), full_page=True)

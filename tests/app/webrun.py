@@ -69,7 +69,7 @@ def make_run(run_dir: Path, seed: int = 0, model: str = "./models/Tiny-Model", d
     for latent in dead:
         explanations[latent] = explanation("", [], None, None)
     info = {**harvest.info, "n_tokens": 10_000, "excluded_positions": [0], "excluded_token_ids": [0],
-            "explanation_method": "pattern on the top contexts, scored on held-out contexts"}
+            "explanation": {"method": "token n-gram patterns, scored on held-out contexts", "heldout_contexts": 12}}
     tensors = {name: torch.from_numpy(np.ascontiguousarray(array)) for name, array in h.items()}
     save_harvest(run_dir, Harvest(tensors=tensors, explanations=explanations, vocab=VOCAB, info=info))
     return run_dir
