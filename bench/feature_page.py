@@ -1,7 +1,7 @@
 """Server time of the feature page on a database holding 65,536 latents, on SQLite and PostgreSQL.
 
-    .venv/bin/python bench/feature_page.py [--requests 400] [--latents 65536] [--workdir /tmp/saescope-bench]
-        [--postgres URL] [--backend SQLite|PostgreSQL] [--profile]
+    .venv/bin/python bench/feature_page.py [--requests 400] [--backend SQLite|PostgreSQL] [--profile]
+        [bench/load_throughput.py's run and database options: --latents 65536 --workdir ... --postgres URL]
 
 The run is bench/load_throughput.py's synthetic one (65,536 latents x 20 top + 10 quantile bins x
 3 examples x 64 tokens, a 1,000-token vocabulary), loaded once into a SQLite file and a PostgreSQL
@@ -30,36 +30,12 @@ for folder in (ROOT, ROOT / "bench", ROOT / "tests" / "app"):
         sys.path.insert(0, str(folder))
 
 from fastapi.testclient import TestClient  # noqa: E402
-from load_throughput import BENCH_SCHEMA, DEFAULT_POSTGRES, postgres_url, sqlite_url, synthetic_run  # noqa: E402
-from sqlalchemy import create_engine, text  # noqa: E402
-from sqlalchemy.pool import NullPool  # noqa: E402
+from load_throughput import add_run_arguments, loaded_database, run_of  # noqa: E402
 
-from app.db import make_engine  # noqa: E402
-from app.loader import load_run  # noqa: E402
 from app.main import create_app  # noqa: E402
 from app.settings import Settings  # noqa: E402
 
 KINDS = {"feature page": "", "feature .json": ".json", "feature page, full contexts": "?context=full"}
-
-
-def prepare(backend: str, run: Path, args) -> tuple[str, str]:
-    """The database URL (loaded, vacuumed/analyzed) and the SAE id."""
-    if backend == "SQLite":
-        url = sqlite_url(args.workdir, run)
-    else:
-        admin = create_engine(args.postgres, poolclass=NullPool)
-        with admin.begin() as conn:
-            conn.execute(text(f'CREATE SCHEMA IF NOT EXISTS "{BENCH_SCHEMA}"'))
-        admin.dispose()
-        url = postgres_url(args.postgres)
-    start = time.perf_counter()
-    sae_id = load_run(run, url)  # a no-op when already loaded
-    print(f"{backend}: {sae_id} ready in {time.perf_counter() - start:.1f} s", file=sys.stderr)
-    engine = make_engine(url)
-    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-        conn.exec_driver_sql("VACUUM ANALYZE" if backend == "PostgreSQL" else "ANALYZE")
-    engine.dispose()
-    return url, sae_id
 
 
 def timed(client: TestClient, path: str) -> float:
@@ -110,19 +86,15 @@ def percentile(values: list[float], q: float) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=400, help="requests per kind")
-    parser.add_argument("--latents", type=int, default=65_536)
-    parser.add_argument("--context-length", type=int, default=64)
-    parser.add_argument("--workdir", type=Path, default=Path("/tmp/saescope-bench"))
-    parser.add_argument("--postgres", default=os.environ.get("SAESCOPE_BENCH_POSTGRES", DEFAULT_POSTGRES))
+    add_run_arguments(parser)
     parser.add_argument("--backend", choices=("SQLite", "PostgreSQL"), action="append")
-    parser.add_argument("--profile", action="store_true", help="profile 100 page requests with pyinstrument")
+    parser.add_argument("--profile", action="store_true", help="profile 200 pages' queries and template")
     args = parser.parse_args()
-    args.workdir.mkdir(parents=True, exist_ok=True)
-    run = synthetic_run(args.workdir, args.latents, 20, 10, 3, args.context_length)
+    run = run_of(args)
     load_before = os.getloadavg()[0]
     results = []
     for backend in args.backend or ("SQLite", "PostgreSQL"):
-        url, sae_id = prepare(backend, run, args)
+        url, sae_id = loaded_database(backend, run, args)
         with TestClient(create_app(Settings(database_url=url))) as client:
             rng = random.Random(0)
             if args.profile:

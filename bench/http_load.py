@@ -31,19 +31,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT / "tests" / "app"))
 
-from load_throughput import (  # noqa: E402
-    BENCH_SCHEMA,
-    DEFAULT_POSTGRES,
-    postgres_url,
-    sqlite_url,
-    synthetic_run,
-)
+from load_throughput import BENCH_SCHEMA, add_run_arguments, loaded_database, run_of  # noqa: E402
 from servers import free_port, running_server  # noqa: E402
 from sqlalchemy import create_engine, text  # noqa: E402
 from sqlalchemy.pool import NullPool  # noqa: E402
 
-from app.db import make_engine  # noqa: E402
-from app.loader import load_run  # noqa: E402
 
 HOST = "127.0.0.1"  # loopback only
 STATIC_NAME = "bench-same-size.html"  # written into static/ for the run, removed afterwards
@@ -122,23 +114,6 @@ def percentile(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=1000, method="inclusive")[int(q * 10) - 1] if len(values) > 1 else values[0]
 
 
-def prepare(backend: str, run: Path, args) -> str:
-    url = sqlite_url(args.workdir, run) if backend == "SQLite" else postgres_url(args.postgres)
-    if backend == "PostgreSQL":
-        admin = create_engine(args.postgres, poolclass=NullPool)
-        with admin.begin() as conn:
-            conn.execute(text(f'CREATE SCHEMA IF NOT EXISTS "{BENCH_SCHEMA}"'))
-        admin.dispose()
-    start = time.perf_counter()
-    sae_id = load_run(run, url)  # a no-op when bench/load_throughput.py --keep left it loaded
-    print(f"{backend}: {sae_id} ready in {time.perf_counter() - start:.1f} s", file=sys.stderr)
-    engine = make_engine(url)
-    with engine.begin() as conn:
-        conn.execute(text("ANALYZE"))
-    engine.dispose()
-    return url
-
-
 def measure(backend: str, url: str, sae_id: str, n_latents: int, args) -> dict:
     port = free_port()
     env = {"DATABASE_URL": url, "SAESCOPE_HOST": HOST, "SAESCOPE_PORT": str(port),
@@ -186,26 +161,15 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 2, help="server processes")
     parser.add_argument("--max-requests", type=int, default=400_000, help="upper bound per backend")
-    parser.add_argument("--latents", type=int, default=65_536)
-    parser.add_argument("--top", type=int, default=20, help="top examples per latent")
-    parser.add_argument("--quantile-bins", type=int, default=10)
-    parser.add_argument("--samples-per-bin", type=int, default=3)
-    parser.add_argument("--context-length", type=int, default=64)
-    parser.add_argument("--workdir", type=Path, default=Path("/tmp/saescope-bench"))
-    parser.add_argument("--postgres", default=os.environ.get("SAESCOPE_BENCH_POSTGRES", DEFAULT_POSTGRES))
+    add_run_arguments(parser)
     parser.add_argument("--backend", choices=("SQLite", "PostgreSQL"), action="append")
     parser.add_argument("--keep", action="store_true", help="keep the PostgreSQL schema")
     args = parser.parse_args()
-    args.workdir.mkdir(parents=True, exist_ok=True)
-    run = synthetic_run(args.workdir, args.latents, args.top, args.quantile_bins, args.samples_per_bin, args.context_length)
-
-    from trainer.runfolder import load_cfg, sae_slug
-
-    sae_id = sae_slug(load_cfg(run))
+    run = run_of(args)
     results = []
     try:
         for backend in args.backend or ("SQLite", "PostgreSQL"):
-            url = prepare(backend, run, args)
+            url, sae_id = loaded_database(backend, run, args)
             results.append(measure(backend, url, sae_id, args.latents, args))
     finally:
         if not args.keep:

@@ -32,7 +32,7 @@ from sqlalchemy import create_engine, text  # noqa: E402
 from sqlalchemy.pool import NullPool  # noqa: E402
 
 from app.db import make_engine, upgrade  # noqa: E402
-from app.loader import read_run, write_in_one_transaction  # noqa: E402
+from app.loader import load_run, read_run, write_in_one_transaction  # noqa: E402
 from webrun import make_synthetic_run  # noqa: E402
 
 DEFAULT_POSTGRES = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
@@ -95,8 +95,8 @@ def timed_load(rows, url: str) -> float:
         engine.dispose()
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """The synthetic run's size and where it and the databases live (every load/page benchmark)."""
     parser.add_argument("--latents", type=int, default=65_536)
     parser.add_argument("--top", type=int, default=20, help="top examples per latent")
     parser.add_argument("--quantile-bins", type=int, default=10)
@@ -104,11 +104,40 @@ def main() -> None:
     parser.add_argument("--context-length", type=int, default=64)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/saescope-bench"))
     parser.add_argument("--postgres", default=os.environ.get("SAESCOPE_BENCH_POSTGRES", DEFAULT_POSTGRES))
+
+
+def run_of(args: argparse.Namespace) -> Path:
+    """The run the arguments describe (made once, in the work folder)."""
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    return synthetic_run(args.workdir, args.latents, args.top, args.quantile_bins, args.samples_per_bin, args.context_length)
+
+
+def loaded_database(backend: str, run: Path, args: argparse.Namespace) -> tuple[str, str]:
+    """(database URL, SAE id) of `run` loaded into the work folder's SQLite file or PostgreSQL
+    schema (a no-op when --keep left it loaded), with the statistics and visibility map that a
+    shared server's autovacuum would have made (for bench/http_load.py, bench/feature_page.py)."""
+    url = sqlite_url(args.workdir, run) if backend == "SQLite" else postgres_url(args.postgres)
+    if backend == "PostgreSQL":
+        admin = create_engine(args.postgres, poolclass=NullPool)
+        with admin.begin() as conn:
+            conn.execute(text(f'CREATE SCHEMA IF NOT EXISTS "{BENCH_SCHEMA}"'))
+        admin.dispose()
+    start = time.perf_counter()
+    sae_id = load_run(run, url)
+    print(f"{backend}: {sae_id} ready in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+    engine = make_engine(url)
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        conn.exec_driver_sql("VACUUM ANALYZE" if backend == "PostgreSQL" else "ANALYZE")
+    engine.dispose()
+    return url, sae_id
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_run_arguments(parser)
     parser.add_argument("--keep", action="store_true", help="keep the databases for bench/http_load.py")
     args = parser.parse_args()
-    args.workdir.mkdir(parents=True, exist_ok=True)
-
-    run = synthetic_run(args.workdir, args.latents, args.top, args.quantile_bins, args.samples_per_bin, args.context_length)
+    run = run_of(args)
     start = time.perf_counter()
     rows = read_run(run)
     read_s = time.perf_counter() - start

@@ -21,6 +21,7 @@ for folder in (ROOT, HERE):  # `app` and `trainer` are top-level packages; webru
         sys.path.insert(0, str(folder))
 
 from databases import BACKENDS, drop_abandoned_schemas, empty_database, postgres_schema  # noqa: E402
+from servers import chromium  # noqa: E402
 from webrun import make_cfg, make_run  # noqa: E402
 
 from trainer.runfolder import sae_slug  # noqa: E402
@@ -80,3 +81,10 @@ def client(database_url):
 
     with TestClient(create_app(Settings(database_url=database_url))) as test_client:
         yield test_client
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Chromium for one test module (servers.chromium)."""
+    with chromium() as browser:
+        yield browser

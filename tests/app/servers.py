@@ -1,4 +1,5 @@
-"""Real servers for the tests: a free loopback port, a server process, and waiting for it."""
+"""Real servers for the tests: a free loopback port, a server process, and waiting for it; and
+the real browser that opens their pages (the `browser` fixture of conftest.py)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+CHROMIUM = os.environ.get("SAESCOPE_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync"]
+SHOTS = Path(os.environ.get("SAESCOPE_SHOTS", "/tmp/shots"))  # screenshots to look at
 
 
 def free_port() -> int:
@@ -52,3 +57,17 @@ def running_server(args: list[str], port: int, env: dict | None = None, timeout:
             proc.kill()
             proc.wait()
         log.close()
+
+
+@contextmanager
+def chromium():
+    """Debian's Chromium under Playwright. No skipping: `make test` installs it (`make browser`)."""
+    import playwright.sync_api as playwright_api
+
+    assert Path(CHROMIUM).exists(), f"no Chromium at {CHROMIUM}: run `make browser` (apt-get install chromium)"
+    with playwright_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            yield browser
+        finally:
+            browser.close()

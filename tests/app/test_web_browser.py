@@ -2,19 +2,8 @@
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import pytest
-from servers import free_port, running_server
-
-CHROMIUM = os.environ.get("SAESCOPE_CHROMIUM", "/usr/bin/chromium")
-SHOTS = Path(os.environ.get("SAESCOPE_SHOTS", "/tmp/shots"))
-
-import playwright.sync_api as playwright_api  # noqa: E402
-
-# No skipping: `make test` installs Debian's Chromium (`make browser`) before the suite runs.
-assert Path(CHROMIUM).exists(), f"no Chromium at {CHROMIUM}: run `make browser` (apt-get install chromium)"
+from servers import SHOTS, free_port, running_server
 
 
 @pytest.fixture(scope="module")
@@ -23,17 +12,6 @@ def server(database_url):
     serve = f"from app.server import serve; serve({database_url!r}, '127.0.0.1', {port})"  # what the CLI calls
     with running_server(["-c", serve], port) as (base, _):
         yield base
-
-
-@pytest.fixture(scope="module")
-def browser():
-    with playwright_api.sync_playwright() as p:
-        browser = p.chromium.launch(
-            executable_path=CHROMIUM,
-            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--disable-sync"],
-        )
-        yield browser
-        browser.close()
 
 
 def test_feature_page_in_a_browser(server, browser, sae_id):

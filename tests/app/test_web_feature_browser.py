@@ -9,15 +9,11 @@ import re
 import time
 from urllib.parse import parse_qs, urlsplit
 
-import playwright.sync_api as playwright_api
 import pytest
-from servers import free_port, running_server
-from test_web_browser import CHROMIUM, SHOTS
+from servers import SHOTS, free_port, running_server
 from webrun import CAT, DEF_LATENT, FEW, make_run
 
 from app.loader import load_run
-
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 
 @pytest.fixture(scope="module")
@@ -29,14 +25,6 @@ def server(tmp_path_factory, tiny_model_dir):
     port = free_port()
     with running_server(["-c", f"from app.server import serve; serve({url!r}, '127.0.0.1', {port})"], port) as (base, _):
         yield base, sae_id
-
-
-@pytest.fixture(scope="module")
-def browser():
-    with playwright_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        yield browser
-        browser.close()
 
 
 @pytest.fixture

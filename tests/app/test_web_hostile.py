@@ -5,23 +5,16 @@ literally, as the text it is."""
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import pytest
 import torch
 from servers import free_port, running_server
 from webrun import make_synthetic_run
 
-QUANTILE_BINS, SAMPLES_PER_BIN = 4, 2  # make_synthetic_run's defaults
-
 from app.loader import load_run
 from app.render import token_text
 from trainer.runfolder import load_harvest, sae_slug, save_harvest
 
-CHROMIUM = os.environ.get("SAESCOPE_CHROMIUM", "/usr/bin/chromium")
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-
+QUANTILE_BINS, SAMPLES_PER_BIN = 4, 2  # make_synthetic_run's defaults
 HOSTILE = [
     "<script>alert('script tag')</script>",
     "<script>window.pwned = 1</script>",
@@ -64,17 +57,6 @@ def hostile_server(tmp_path_factory):
     serve = f"from app.server import serve; serve({url!r}, '127.0.0.1', {port})"
     with running_server(["-c", serve], port) as (base, _):
         yield base, sae_id, harvest
-
-
-@pytest.fixture(scope="module")
-def browser():
-    import playwright.sync_api as playwright_api
-
-    assert Path(CHROMIUM).exists(), f"no Chromium at {CHROMIUM}: run `make browser`"
-    with playwright_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        yield browser
-        browser.close()
 
 
 INJECTED = """() => ({

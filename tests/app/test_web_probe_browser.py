@@ -14,14 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from test_web_browser import CHROMIUM, SHOTS, free_port
+from servers import SHOTS, free_port
 from trainer import runfolder
 from trainer.runfolder import sae_slug
 
-import playwright.sync_api as playwright_api  # noqa: E402
-
 ROOT = Path(__file__).resolve().parents[2]
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 TEXT = 'def greet(name):\n    """Say hello."""\n    return "Hello, " + name\n'
 PAYLOAD = '<script>alert("probe")</script><img src=x onerror=alert(2)>'
 EMPTY = "rgba(0, 0, 0, 0)"
@@ -54,14 +51,6 @@ def probe_server(tiny_db):
     finally:
         proc.terminate()
         proc.wait(timeout=10)
-
-
-@pytest.fixture(scope="module")
-def browser():
-    with playwright_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        yield browser
-        browser.close()
 
 
 def watch(page) -> list[str]:
