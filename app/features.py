@@ -173,7 +173,7 @@ class Feature:
                          "tokens": [t for _, t in self.excluded_tokens]},
             "prev": link(self.prev_index),
             "next": link(self.next_index),
-            "random": urls.random_feature(self.sae_id),
+            "random": urls.random_feature(self.sae_id, fmt="json"),
             "url": urls.feature(self.sae_id, self.index),
             "sae_url": urls.sae(self.sae_id, fmt="json"),
         }

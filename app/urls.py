@@ -32,9 +32,10 @@ class URLs:
         "try your own text" box)."""
         return self._build(f"/saes/{quote(sae_id, safe='')}/features/{int(index)}", fmt, **state)
 
-    def random_feature(self, sae_id: str) -> str:
-        """Redirects to a random latent of the SAE that fired in the harvest."""
-        return self._build(f"/saes/{quote(sae_id, safe='')}/random")
+    def random_feature(self, sae_id: str, fmt: str | None = None) -> str:
+        """Redirects to a random latent of the SAE that fired in the harvest (its page, or with
+        fmt="json" its JSON)."""
+        return self._build(f"/saes/{quote(sae_id, safe='')}/random", fmt)
 
     def search(self, sae: str | None = None, q: str | None = None, fmt: str | None = None, **query) -> str:
         """Search an SAE's latents by explanation and by token; query: limit."""

@@ -58,10 +58,20 @@ def _feature_page(request: Request, sae_id: str, index: int, window: features.Wi
         return _feature(session, sae_id, index, window)
 
 
+@router.get("/random.json", status_code=303, response_class=RedirectResponse, responses={404: {"model": ErrorOut}},
+            summary="A redirect to a random latent's JSON (one that fired in the harvest)")
+def read_random_feature_json(sae_id: str, session: SessionDep, urls: URLsDep):
+    return _random(session, sae_id, lambda index: urls.feature(sae_id, index, fmt="json"))
+
+
 @router.get("/random", include_in_schema=False)
 def read_random_feature(sae_id: str, session: SessionDep, urls: URLsDep):
     """A redirect to a random latent that fired in the harvest (a new one each time)."""
+    return _random(session, sae_id, lambda index: urls.feature(sae_id, index))
+
+
+def _random(session, sae_id: str, url_of) -> RedirectResponse:
     index = features.random_index(session, sae_id, random.Random())
     if index is None:
         raise HTTPException(404, f"no SAE {sae_id!r}")
-    return RedirectResponse(urls.feature(sae_id, index), status_code=303, headers={"Cache-Control": "no-store"})
+    return RedirectResponse(url_of(index), status_code=303, headers={"Cache-Control": "no-store"})

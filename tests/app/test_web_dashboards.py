@@ -81,7 +81,7 @@ def test_feature_json_logits_neighbours_explanation(client, sae_id, harvest):
     assert (explanation["precision"], explanation["recall"]) == (0.9, 0.5)
     assert explanation["f1"] == pytest.approx(2 * 0.9 * 0.5 / 1.4)
     assert data["excluded"] == {"positions": [0], "token_ids": [0], "tokens": ["<|bos|>"]}
-    assert data["random"] == f"/saes/{sae_id}/random"
+    assert data["random"] == f"/saes/{sae_id}/random.json"
     top_example = data["top_examples"][0]
     assert top_example["position"] == 3 and top_example["activation"] == pytest.approx(5.0)
 
@@ -189,6 +189,10 @@ def test_random_latent_is_a_redirect_to_one_that_fired(client, sae_id):
         seen.add(index)
     assert not seen & set(DEAD) and len(seen) > 10
     assert client.get("/saes/nope/random", follow_redirects=False).status_code == 404
+    twin = client.get(f"/saes/{sae_id}/random.json", follow_redirects=False)
+    assert twin.status_code == 303 and re.fullmatch(rf"/saes/{sae_id}/features/\d+\.json", twin.headers["Location"])
+    assert client.get(f"/saes/{sae_id}/random.json").json()["sae_id"] == sae_id
+    assert client.get("/saes/nope/random.json").json() == {"detail": "no SAE 'nope'"}
 
 
 # ---------------------------------------------------------------- the SAE page
