@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
+from pydantic import BeforeValidator, Field
 
 from app import queries
 from app.schemas import ErrorOut, IndexOut, SaePageOut
@@ -16,7 +17,10 @@ router = APIRouter(tags=["saes"])
 # Bounded so the OFFSET always fits the database's integers (a bigger page is a 422, not a 500).
 Page = Annotated[int, Query(ge=1, le=2**31 - 1, description="1-based page number")]
 PerPage = Annotated[int, Query(ge=1, le=500, description="latents per page")]
-Density = Annotated[float | None, Query(ge=0, le=1, description="a share of tokens, 0..1")]
+# The page's filter form sends an empty field as "": that means no bound, not a bad number.
+Share = Annotated[float, Field(ge=0, le=1)]
+Density = Annotated[Share | None, BeforeValidator(lambda value: None if value == "" else value),
+                    Query(description="a share of tokens, 0..1 (empty: no bound)")]
 
 
 def latent_filter(min_density: Density = None, max_density: Density = None,

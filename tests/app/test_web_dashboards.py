@@ -241,6 +241,9 @@ def test_sae_latents_filtered_by_density(client, sae_id, harvest):
     assert f"/saes/{sae_id}?sort=density&order=desc&page=2&per_page=10&hide_dead=1" in parsed.links
     assert f"/saes/{sae_id}?sort=index&order=desc&per_page=10&hide_dead=1" in parsed.links  # sorting keeps it too
     assert 'name="hide_dead" value="1" checked' in html
+    # the form sends its empty fields too: no bound, not a bad number
+    form = client.get(f"/saes/{sae_id}", params={"min_density": "", "max_density": "", "hide_dead": 1, "per_page": 10})
+    assert form.status_code == 200 and f"/saes/{sae_id}?sort=density&order=desc&page=2&per_page=10&hide_dead=1" in Page(form.text).links
 
 
 @pytest.mark.parametrize("params", [{"min_density": -0.1}, {"max_density": 1.5}, {"sort": "explanation"},
