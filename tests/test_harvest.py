@@ -189,3 +189,13 @@ def test_logit_effects_match_brute_force(n=11, d=6, V=50, bins=7):
         counts, _ = np.histogram(effects[latent].numpy(), bins=bins,
                                  range=(float(effects[latent].min()), float(effects[latent].max())))
         assert out["logit_histogram"][latent].tolist() == counts.tolist()
+
+
+def test_logit_effects_in_bf16_list_exact_values(n=9, d=16, V=300):
+    g = torch.Generator().manual_seed(1)
+    W_dec, norm, unembed = torch.randn(n, d, generator=g), nn.Identity(), nn.Linear(d, V, bias=False)
+    effects = unembed(W_dec).detach()
+    out = logit_effects(W_dec, norm, unembed, n_tokens=5, dtype=torch.bfloat16)
+    assert_close(out["logit_top_values"], effects.gather(1, out["logit_top_ids"]))  # fp32, not bf16-rounded
+    assert_close(out["logit_top_values"], effects.topk(5).values, atol=0.05, rtol=0.01)  # near-ties may swap
+    assert (out["logit_top_values"][:, :-1] >= out["logit_top_values"][:, 1:]).all()

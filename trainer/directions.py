@@ -39,8 +39,8 @@ def logit_effects(W_dec: torch.Tensor, final_norm: nn.Module, unembed: nn.Module
                   bins: int = 32, block: int = 256, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     """Each decoder direction pushed through the model's final norm and unembedding: the tokens
     whose logits it raises and lowers most, and a histogram of its effect on every token. The
-    unembedding runs in `dtype` (bf16 halves its cost where the hardware has it; the values are
-    for reading, three digits are plenty).
+    unembedding of the whole vocabulary runs in `dtype` (bf16 halves its cost where the hardware
+    has it) for the histogram and to shortlist the extremes; the listed values are exact fp32.
 
     Returns logit_top_ids/values (n, L) (largest first), logit_bottom_ids/values (n, L) (most
     negative first), logit_histogram (n, bins) over logit_range (n, 2) = (min, max)."""
@@ -53,8 +53,8 @@ def logit_effects(W_dec: torch.Tensor, final_norm: nn.Module, unembed: nn.Module
         effects = (directions.to(dtype) @ W_U.T).float()  # (b, V)
         if getattr(unembed, "bias", None) is not None:
             effects += unembed.bias
-        top = effects.topk(n_tokens, dim=-1)
-        bottom = effects.topk(n_tokens, dim=-1, largest=False)
+        top = exact_extremes(effects, directions, unembed, n_tokens, largest=True)
+        bottom = exact_extremes(effects, directions, unembed, n_tokens, largest=False)
         low, high = effects.amin(-1), effects.amax(-1)  # (b,)
         # In place, to spare passes over (b, V): bin = floor((effect - low) / width * bins).
         which = effects.sub_(low[:, None]).mul_((bins / (high - low).clamp_min(1e-12))[:, None]).to(torch.int32)
@@ -65,3 +65,15 @@ def logit_effects(W_dec: torch.Tensor, final_norm: nn.Module, unembed: nn.Module
                             ("logit_histogram", histogram), ("logit_range", torch.stack([low, high], -1))):
             out[name].append(value.cpu())
     return {name: torch.cat(parts) for name, parts in out.items()}
+
+
+def exact_extremes(effects: torch.Tensor, directions: torch.Tensor, unembed: nn.Module, n_tokens: int,
+                   largest: bool) -> torch.return_types.topk:
+    """The n_tokens largest (or smallest) effects per row with fp32 values: shortlisted from the
+    possibly bf16 `effects` (twice as many, for near-ties), recomputed exactly, re-ranked."""
+    shortlist = effects.topk(min(2 * n_tokens, effects.shape[-1]), dim=-1, largest=largest).indices  # (b, 2L)
+    exact = torch.einsum("bd,bld->bl", directions, unembed.weight[shortlist].float())
+    if getattr(unembed, "bias", None) is not None:
+        exact += unembed.bias[shortlist]
+    values, order = exact.topk(n_tokens, dim=-1, largest=largest)
+    return torch.return_types.topk((values, shortlist.gather(-1, order)))
