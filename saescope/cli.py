@@ -7,6 +7,7 @@
     saescope load    RUN --db URL [--replace]
     saescope serve   --db URL --host H --port P [--preload]
     saescope demo    [--workdir DIR] [--db URL] [--no-serve]   (all of the above on the defaults)
+    saescope sweep   --out DIR [--latents 1024,...,32768 --ks 16,32,64 ...]   (a ladder of SAEs, scaling fits)
 """
 
 from __future__ import annotations
@@ -18,7 +19,10 @@ import sys
 import time
 from pathlib import Path
 
-from trainer.config import ConfigError, HarvestConfig, TrainConfig, add_config_arguments, config_from_args
+from trainer.config import (
+    SWEEP_TRAIN_DEFAULTS, ConfigError, DistributedConfig, HarvestConfig, SweepConfig, TrainConfig,
+    add_config_arguments, config_from_args, config_to_args,
+)
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
@@ -32,15 +36,24 @@ class CommandError(Exception):
 
 
 def cmd_train(args) -> None:
+    from trainer import distributed
     from trainer.train import resume, train
 
+    parallel = config_from_args(args, DistributedConfig)
+    if parallel.nproc > 1 and "WORLD_SIZE" not in os.environ:  # start torchrun, which runs this on every rank
+        folders = []
+        for name in ("out", "store", "resume"):
+            folders += [f"--{name}", getattr(args, name)] if getattr(args, name) else []
+        sys.exit(distributed.launch(parallel, folders + config_to_args(config_from_args(args, TrainConfig))))
+    world = distributed.init_world(bool(parallel.shard_latents))
     if args.resume:
-        run = resume(_run_dir(args.resume))
+        run = resume(_run_dir(args.resume), world)
     elif not args.out:
         raise CommandError("--out RUN is required (or --resume RUN to continue a killed run)")
     else:
-        run = train(config_from_args(args, TrainConfig), args.out, args.store)
-    print(f"trained {run} (held-out metrics: saescope eval {run})")
+        run = train(config_from_args(args, TrainConfig), args.out, args.store, world)
+    if world.writes:
+        print(f"trained {run} (held-out metrics: saescope eval {run})")
 
 
 def cmd_eval(args) -> None:
@@ -81,6 +94,23 @@ def cmd_serve(args) -> None:
         os.environ["SAESCOPE_PROBE_PRELOAD"] = "1"
     print(f"serving {args.db} at http://{args.host}:{args.port}/", flush=True)
     serve(args.db, args.host, args.port)
+
+
+def cmd_sweep(args) -> None:
+    from trainer.sweep import run_sweep
+
+    sweep = config_from_args(args, SweepConfig)
+    base = config_from_args(args, TrainConfig, n_latents=max(sweep.n_series), k=sweep.k)
+    fits = run_sweep(sweep, base, Path(args.out))["fits"]
+    for name, fit in fits.items():
+        if "skipped" in fit:
+            print(f"{name}: skipped ({fit['skipped']})")
+            continue
+        bound = lambda value: "open" if value is None else f"{value:.3g}"  # noqa: E731
+        params = [f"{key}={p['value']:.4g}" + ("" if p["fixed"] else f" [{bound(p['low'])}, {bound(p['high'])}]")
+                  for key, p in fit["params"].items()]
+        print(f"{name}: R2 {fit['r2']:.4f} (log L: {fit['r2_log']:.4f}); " + ", ".join(params))
+    print(f"scaling fits in {Path(args.out) / 'scaling.json'}")
 
 
 def cmd_demo(args) -> None:
@@ -164,6 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", metavar="RUN", help="continue a killed run from its last checkpoint (other options are ignored)")
     train.add_argument("--store", help="activation store folder (default: OUT/activations; reused when it matches)")
     add_config_arguments(train, TrainConfig)
+    add_config_arguments(train, DistributedConfig)
     train.set_defaults(func=cmd_train)
 
     evaluate = commands.add_parser("eval", help="evaluate a run on held-out tokens into metrics.json")
@@ -201,6 +232,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--preload", action="store_true",
                        help="load every SAE's model at start-up instead of on its first probe")
     serve.set_defaults(func=cmd_serve)
+
+    sweep = commands.add_parser("sweep", help="a ladder of SAEs on one activation store, fitted to scaling laws (resumable)")
+    sweep.add_argument("--out", required=True, help="sweep folder (rerun with the same options to resume)")
+    add_config_arguments(sweep, SweepConfig)
+    add_config_arguments(sweep, TrainConfig, exclude=("n_latents", "k"), defaults=SWEEP_TRAIN_DEFAULTS)
+    sweep.set_defaults(func=cmd_sweep)
 
     demo = commands.add_parser("demo", help="the whole pipeline on the bundled model and the stdlib, then serve")
     demo.add_argument("--workdir", default="demo", help="where activations, runs and the database go (default: ./demo)")

@@ -48,6 +48,15 @@ class ActivationStore:
         T = self.context_length
         return torch.from_numpy(np.asarray(self.activations[first_context * T : last_context * T], dtype=np.float32))
 
+    def token_rows(self, positions: torch.Tensor) -> torch.Tensor:
+        """Activations of the token rows `positions` (any order) as float32: (len, d). Only those
+        rows are read, in ascending order: a data-parallel rank reads just its share of a chunk."""
+        positions = positions.numpy()
+        ascending = np.argsort(positions, kind="stable")
+        rows = np.empty((len(positions), self.activations.shape[1]), dtype=np.float32)
+        rows[ascending] = self.activations[positions[ascending]]
+        return torch.from_numpy(rows)
+
     def contexts(self, rows) -> torch.Tensor:
         """Activations of the contexts `rows` (any order) as float32: (b, T, d)."""
         T, d = self.context_length, self.activations.shape[1]

@@ -117,20 +117,105 @@ class HarvestConfig:
             raise ConfigError(f"--exclude-first must be >= 0, got {self.exclude_first}")
 
 
+def int_list(text: str, flag: str) -> list[int]:
+    """'1024,2048' -> [1024, 2048]; '' -> []."""
+    try:
+        return [int(part) for part in text.replace(" ", "").split(",") if part]
+    except ValueError:
+        raise ConfigError(f"{flag} takes comma-separated integers, got {text!r}") from None
+
+
+# A sweep's training budget: every rung sees the same tokens (see BENCHMARKS.md, "Scaling sweep").
+SWEEP_TRAIN_DEFAULTS = {"tokens": 300_032, "heldout_tokens": 65_536}
+
+
+@dataclass
+class SweepConfig:
+    """A ladder of SAEs on one activation store (Gao et al. 2024, Section 3): the n series at
+    fixed k, and a k series at fixed n. The training options of `saescope train` apply to every rung."""
+
+    latents: str = option("1024,2048,4096,8192,16384,32768", "the n series: latent counts trained at --k (comma-separated)")
+    k: int = option(32, "k of the n series")
+    ks: str = option("16,32,64", "the k series: values of k trained at each of --k-series-latents ('' for none)")
+    k_series_latents: str = option("1024,4096", "the n values of the k series (comma-separated; two or more let the joint fit estimate how k bends the n exponent)")
+    downstream_contexts: int = option(16, "held-out contexts for each rung's downstream loss (ΔCE, fitted like FVU; 0 skips it)")
+    family_neighbours: int = option(4, "feature families: nearest latents kept in every other size of the n series (0 skips families)")
+
+    def __post_init__(self):
+        if not self.n_series:
+            raise ConfigError("--latents needs at least one latent count")
+        if any(n < 2 for n in self.n_series + self.k_series_n):
+            raise ConfigError(f"latent counts must be at least 2, got --latents {self.latents!r} --k-series-latents {self.k_series_latents!r}")
+        if self.ks and not self.k_series_n:
+            raise ConfigError("--ks needs --k-series-latents")
+        if any(k < 1 for k in [self.k, *self.k_series]):
+            raise ConfigError(f"k must be positive, got --k {self.k} --ks {self.ks!r}")
+        if self.downstream_contexts < 0 or self.family_neighbours < 0:
+            raise ConfigError("--downstream-contexts and --family-neighbours must be >= 0")
+
+    @property
+    def n_series(self) -> list[int]:
+        return sorted(set(int_list(self.latents, "--latents")))
+
+    @property
+    def k_series(self) -> list[int]:
+        return sorted(set(int_list(self.ks, "--ks")))
+
+    @property
+    def k_series_n(self) -> list[int]:
+        return sorted(set(int_list(self.k_series_latents, "--k-series-latents")))
+
+    def rungs(self) -> list[tuple[int, int]]:
+        """(n_latents, k) of every rung, smallest first, each once."""
+        grid = {(n, self.k) for n in self.n_series} | {(n, k) for n in self.k_series_n for k in self.k_series}
+        return sorted(grid)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class DistributedConfig:
+    """How `saescope train` spreads over processes (torchrun sets RANK and WORLD_SIZE)."""
+
+    nproc: int = option(1, "processes to start on this machine with torchrun (1: this process trains alone)")
+    shard_latents: int = option(0, "1: each process owns a slice of the latents (sharded top-k, all-reduced decoder output), all see the same batches; 0: data parallel, each process takes a slice of every batch")
+
+    def __post_init__(self):
+        if self.nproc < 1:
+            raise ConfigError(f"--nproc must be at least 1, got {self.nproc}")
+        if self.shard_latents not in (0, 1):
+            raise ConfigError(f"--shard-latents is 0 or 1, got {self.shard_latents}")
+
+
 # ------------------------------------------------------------ argparse from dataclasses
 
 
-def add_config_arguments(parser: argparse.ArgumentParser, config_cls) -> None:
+def add_config_arguments(parser: argparse.ArgumentParser, config_cls, exclude: tuple[str, ...] = (), defaults: dict | None = None) -> None:
+    """One flag per field; `exclude` leaves fields out, `defaults` replaces some defaults."""
     for f in fields(config_cls):
+        if f.name in exclude:
+            continue
+        default = (defaults or {}).get(f.name, f.default)
         flag = f.metadata.get("flag") or "--" + f.name.replace("_", "-")
         parser.add_argument(
             flag,
             dest=f.name,
-            type=type(f.default) if f.default is not MISSING else str,
-            default=f.default,
-            help=f"{f.metadata['help']} (default: {f.default!r})",
+            type=type(default) if default is not MISSING else str,
+            default=default,
+            help=f"{f.metadata['help']} (default: {default!r})",
         )
 
 
-def config_from_args(args: argparse.Namespace, config_cls):
-    return config_cls(**{f.name: getattr(args, f.name) for f in fields(config_cls)})
+def config_to_args(cfg, exclude: tuple[str, ...] = ()) -> list[str]:
+    """The flags that give `cfg` back through add_config_arguments (its inverse)."""
+    args = []
+    for f in fields(cfg):
+        if f.name not in exclude:
+            args += [f.metadata.get("flag") or "--" + f.name.replace("_", "-"), str(getattr(cfg, f.name))]
+    return args
+
+
+def config_from_args(args: argparse.Namespace, config_cls, **given):
+    """The config from parsed flags; `given` supplies fields that have no flag (see `exclude`)."""
+    return config_cls(**{f.name: given[f.name] if f.name in given else getattr(args, f.name) for f in fields(config_cls)})

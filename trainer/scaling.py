@@ -118,7 +118,9 @@ def _solve(law: Law, n, k, y, start: np.ndarray, free: np.ndarray) -> tuple[np.n
 
     def residual(theta):
         params[free] = theta
-        return np.log(np.maximum(law.predict(params, n, k), 1e-300)) - log_y
+        with np.errstate(all="ignore"):  # far out on a profile the exponentials overflow
+            fitted = np.clip(np.nan_to_num(law.predict(params, n, k), nan=1e300), 1e-300, 1e300)
+        return np.log(fitted) - log_y
 
     result = optimize.least_squares(residual, np.clip(params[free], lower, upper), bounds=(lower, upper),
                                     x_scale="jac", xtol=1e-12, ftol=1e-12, gtol=1e-12, max_nfev=2000)
@@ -129,7 +131,7 @@ def _solve(law: Law, n, k, y, start: np.ndarray, free: np.ndarray) -> tuple[np.n
 def _profile_interval(fit: Fit, j: int, level: float) -> tuple[float, float]:
     """Where the profile RSS of parameter j crosses the F threshold, on each side of the optimum."""
     dof = fit.dof
-    threshold = fit.rss * (1 + stats.f.ppf(level, 1, dof) / dof) + 1e-300
+    threshold = fit.rss * (1 + stats.f.ppf(level, 1, dof) / dof)
     held = fit.free.copy()
     held[j] = False
     law, best = fit.law, fit.params[j]
@@ -143,7 +145,7 @@ def _profile_interval(fit: Fit, j: int, level: float) -> tuple[float, float]:
     ends = []
     for direction, bound in ((-1, law.lower[j]), (1, law.upper[j])):
         inner, end = best, direction * math.inf
-        for _ in range(60):  # walk outwards, doubling the step, until the profile leaves the region
+        for _ in range(40):  # walk outwards, doubling the step, until the profile leaves the region
             outer = best + direction * step
             at_bound = (outer - bound) * direction >= 0
             outer = bound if at_bound else outer

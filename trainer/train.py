@@ -9,6 +9,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from tqdm.auto import tqdm
@@ -16,8 +17,9 @@ from tqdm.auto import tqdm
 from trainer import corpus, runfolder
 from trainer.activations import ActivationStore, build_store, store_matches
 from trainer.config import TrainConfig
+from trainer.distributed import Selection, World, barrier, check_world, training_forward
 from trainer.model import ModelError, check_layer, load_language_model
-from trainer.sae import TopKSAE, default_device, fast_matmul_dtype, geometric_median
+from trainer.sae import SparseTopK, TopKSAE, fast_matmul_dtype, geometric_median
 
 log = logging.getLogger(__name__)
 
@@ -26,10 +28,6 @@ CHUNK_CONTEXTS = 256  # contexts read from the store at once, then shuffled toke
 
 class TrainingError(RuntimeError):
     pass
-
-
-def resolve_device(name: str) -> torch.device:
-    return torch.device(name) if name else default_device()
 
 
 def store_meta(cfg: TrainConfig) -> dict:
@@ -87,67 +85,90 @@ class StepResult:
     auxk: float
 
 
+class Losses(NamedTuple):
+    loss: torch.Tensor  # what backward runs on
+    squared_error: torch.Tensor  # this rank's sum of squared errors (detached)
+    total_variance: torch.Tensor  # of the global batch
+    auxk: torch.Tensor  # this rank's share of the AuxK loss (detached)
+    selected: Selection  # the latents each token chose, and their pre-activations
+    values: torch.Tensor  # (B, k) their activations
+
+
 class Trainer:
-    def __init__(self, cfg: TrainConfig, store: ActivationStore, scale: float):
-        self.cfg, self.store, self.scale = cfg, store, scale
-        self.device = resolve_device(cfg.device)
+    def __init__(self, cfg: TrainConfig, store: ActivationStore, scale: float, world: World = World()):
+        self.cfg, self.store, self.scale, self.world = cfg, store, scale, world
+        self.device = world.device(cfg.device)
         torch.manual_seed(cfg.seed)
-        self.sae = TopKSAE(store.meta["d_model"], cfg.n_latents, cfg.k).to(self.device)
+        # Built whole, then sharded: every number of processes starts from the same weights.
+        self.sae = world.shard_module(TopKSAE(store.meta["d_model"], cfg.n_latents, cfg.k)).to(self.device)
         # The fused kernel does Adam's update in one pass over memory: ~5x faster on a CPU.
         self.optimizer = torch.optim.Adam(self.sae.parameters(), lr=cfg.effective_lr, eps=6.25e-10, fused=True)
-        self.tokens_since_fired = torch.zeros(cfg.n_latents, dtype=torch.long, device=self.device)
+        self.tokens_since_fired = torch.zeros(self.sae.n_latents, dtype=torch.long, device=self.device)
         self.k_aux = min(store.meta["d_model"] // 2, cfg.n_latents)
         self.matmul_dtype = fast_matmul_dtype(self.device) if cfg.fast_matmul else torch.float32
+        self.forward = training_forward(world, self.sae)  # DDP when data parallel
 
     def init_b_dec(self) -> None:
         sample = self.store.rows(0, min(32, self.store.n_train_contexts)) * self.scale
         with torch.no_grad():
             self.sae.b_dec.copy_(geometric_median(sample.to(self.device)))
 
-    def step(self, x: torch.Tensor, lr: float) -> StepResult:
-        """One optimiser step on a batch x: (B, d), already normalised."""
-        sae = self.sae
-        x_c = x - sae.b_dec  # (B, d)
+    def losses(self, x: torch.Tensor) -> Losses:
+        """The step's forward on a batch x: (B, d), already normalised (this rank's share of the
+        global batch when data parallel; this rank's latents when sharded)."""
+        sae, world = self.sae, self.world
+        x_c = world.to_shards(x - sae.b_dec)  # (B, d)
         pre = sae.pre_acts_centered(x_c, self.matmul_dtype)  # (B, n), no grad: only selects
-        k = sae.k
-        chosen = pre.topk(4 * k if self.cfg.multi_topk else k, dim=-1, sorted=bool(self.cfg.multi_topk)).indices
-        indices = chosen[:, :k]  # (B, k)
-        x_hat, values = sae.sparse_forward(x_c, pre, indices, self.matmul_dtype)  # (B, d), (B, k)
+        selected = world.topk(pre, sae.k)  # (B, k)
+        x_hat, values = self.decode(x_c, selected)  # (B, d), (B, k)
         error = x - (x_hat + sae.b_dec)
         # Normalised MSE: divided by the variance around the mean (not by mean x^2), so 1.0 is
-        # the loss of always predicting the mean; this is FVU.
-        total_variance = (x - x.mean(0)).pow(2).sum()
-        fvu = error.pow(2).sum() / total_variance
+        # the loss of always predicting the mean; this is FVU. Both sums run over the global batch.
+        total_variance = world.batch_variance(x)
+        squared_error = error.pow(2).sum()
         auxk = self.auxk_loss(x_c, pre, error.detach(), total_variance)
-        loss = fvu + self.cfg.auxk_alpha * auxk
+        loss = squared_error / total_variance + self.cfg.auxk_alpha * auxk
         if self.cfg.multi_topk:  # Multi-TopK: L(k) + L(4k)/8
-            x_hat_4k, _ = sae.sparse_forward(x_c, pre, chosen, self.matmul_dtype)
+            x_hat_4k, _ = self.decode(x_c, world.topk(pre, 4 * sae.k))
             loss = loss + (x - x_hat_4k - sae.b_dec).pow(2).sum() / total_variance / 8
+        # DDP averages gradients over the ranks; the loss is a sum over all of them.
+        loss = loss * world.data_share[1]
+        return Losses(loss, squared_error.detach(), total_variance, auxk.detach(), selected, values)
 
+    def step(self, x: torch.Tensor, lr: float) -> StepResult:
+        """One optimiser step on a batch x: (B, d), already normalised."""
+        losses = self.forward(self.losses, x)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        sae.remove_gradient_parallel_to_decoder_directions()
+        losses.loss.backward()
+        self.sae.remove_gradient_parallel_to_decoder_directions()
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.step()
-        sae.set_decoder_norm_to_unit_norm()
+        self.sae.set_decoder_norm_to_unit_norm()
 
         fired = torch.zeros_like(self.tokens_since_fired, dtype=torch.bool)
-        fired[indices[values > 0]] = True
-        self.tokens_since_fired += x.shape[0]
+        fired[losses.selected.indices[losses.values > 0]] = True
+        fired = self.world.any(fired)  # fired on any rank's share of the batch
+        self.tokens_since_fired += x.shape[0] * self.world.data_share[1]
         self.tokens_since_fired[fired] = 0
-        return StepResult(float(fvu.detach()), float(auxk.detach()))
+        fvu, auxk = self.world.sum(torch.stack([losses.squared_error / losses.total_variance, losses.auxk.float()]))
+        return StepResult(float(fvu), float(auxk))
+
+    def decode(self, x_c: torch.Tensor, selected: Selection) -> tuple[torch.Tensor, torch.Tensor]:
+        """x_hat - b_dec from the selected latents (summed over the shards), and their activations."""
+        sae = self.sae
+        x_hat, values = SparseTopK.apply(selected.pre, x_c, sae.W_enc, sae.b_enc, sae.W_dec, selected.indices, self.matmul_dtype)
+        return self.world.from_shards(x_hat), values
 
     def auxk_loss(self, x_c: torch.Tensor, pre: torch.Tensor, error: torch.Tensor, total_variance: torch.Tensor) -> torch.Tensor:
         """AuxK (Section 2.4 / Appendix A.2): the top-k_aux dead latents reconstruct the residual
         error, which gives dead latents a gradient and brings them back."""
         dead = self.tokens_since_fired > self.cfg.effective_dead_tokens
-        n_dead = int(dead.sum())
+        n_dead = self.world.count(dead)
         if self.cfg.auxk_alpha == 0 or n_dead == 0:
             return pre.new_zeros(())
-        k_aux = min(self.k_aux, n_dead)
-        indices = pre.masked_fill(~dead, float("-inf")).topk(k_aux, dim=-1, sorted=False).indices
-        error_hat, _ = self.sae.sparse_forward(x_c, pre, indices, self.matmul_dtype)  # (B, d), no b_dec
+        selected = self.world.topk(pre.masked_fill(~dead, float("-inf")), min(self.k_aux, n_dead))
+        error_hat, _ = self.decode(x_c, selected)  # (B, d), no b_dec
         return (error - error_hat).pow(2).sum() / total_variance
 
     def chunks(self):
@@ -166,6 +187,8 @@ class Trainer:
         have seen; chunks before `start_step` draw their permutation but are not read."""
         generator = torch.Generator().manual_seed(self.cfg.seed + 1)
         T, B = self.store.context_length, self.cfg.batch_size
+        share, shares = self.world.data_share
+        b = B // shares  # this rank's tokens of each batch
         step = 0
         for first, last in self.chunks():
             order = torch.randperm((last - first) * T, generator=generator)
@@ -173,25 +196,26 @@ class Trainer:
             if step + n_batches <= start_step:
                 step += n_batches
                 continue
-            chunk = self.store.rows(first, last)[order] * self.scale  # (chunk_tokens, d)
+            mine = order[: n_batches * B].view(n_batches, shares, b)[:, share].reshape(-1)  # all on one process
+            chunk = self.store.token_rows(first * T + mine) * self.scale  # (n_batches * b, d)
             for i in range(n_batches):
                 if step >= start_step:
-                    yield step, chunk[i * B : (i + 1) * B].to(self.device)
+                    yield step, chunk[i * b : (i + 1) * b].to(self.device)
                 step += 1
 
     # ------------------------------------------------------------ checkpoints
 
     def checkpoint(self, step: int, fvu_ema: float | None) -> dict:
+        """In the single-process layout (shards gathered: every rank calls this)."""
         return {
             "step": step,  # the next step to run
             "fvu_ema": fvu_ema,
-            "sae": self.sae.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "tokens_since_fired": self.tokens_since_fired,
+            **self.world.gather_state(self.sae, self.optimizer, self.tokens_since_fired),
             "rng": torch.get_rng_state(),
         }
 
     def restore(self, state: dict) -> tuple[int, float | None]:
+        state = self.world.shard_state(state, self.sae)
         self.sae.load_state_dict(state["sae"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.tokens_since_fired.copy_(state["tokens_since_fired"])
@@ -227,7 +251,7 @@ class Trainer:
         if start_step == 0:
             self.init_b_dec()
         began = time.perf_counter()
-        with tqdm(total=total_steps, initial=start_step, desc="train", unit="step") as bar:
+        with tqdm(total=total_steps, initial=start_step, desc="train", unit="step", disable=not self.world.writes) as bar:
             for step, x in self.batches(start_step):
                 fvu_ema = self.train_step(step, x, total_steps, fvu_ema)
                 bar.update(1)
@@ -258,34 +282,39 @@ def save_checkpoint(out_dir: Path, state: dict) -> None:
     os.replace(tmp, path)
 
 
-def checkpointer(out_dir: Path, cfg: TrainConfig, store_dir: Path, scale: float):
-    """save_checkpoint for Trainer.fit: the training state plus what `resume` needs to rebuild it."""
+def checkpointer(out_dir: Path, cfg: TrainConfig, store_dir: Path, scale: float, world: World = World()):
+    """save_checkpoint for Trainer.fit: the training state plus what `resume` needs to rebuild it
+    (rank 0 writes it)."""
     meta = {"cfg": cfg.to_dict(), "store": str(Path(store_dir).resolve()), "input_scale": scale}
-    return lambda state: save_checkpoint(out_dir, {**meta, **state})
+    return lambda state: save_checkpoint(out_dir, {**meta, **state}) if world.writes else None
 
 
-def train(cfg: TrainConfig, out_dir: Path, store_dir: Path | None = None) -> Path:
+def train(cfg: TrainConfig, out_dir: Path, store_dir: Path | None = None, world: World = World()) -> Path:
     """Activations (or a reused store) -> trained SAE -> run folder `out_dir`."""
     out_dir = Path(out_dir)
     store_dir = Path(store_dir) if store_dir else out_dir / "activations"
+    check_world(cfg, world)
     began = time.perf_counter()
     try:
-        store = prepare_store(cfg, store_dir)
+        store = prepare_store(cfg, store_dir) if world.writes else None
     except (ModelError, corpus.CorpusError) as e:
         raise TrainingError(str(e)) from None
+    barrier(world)  # rank 0 built or checked the store; the others open it
+    store = store or ActivationStore.open(store_dir)
     scale = input_scale(store)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    # A fresh run replaces what an earlier run left here: its checkpoint, metrics and harvest
-    # describe other weights.
-    (out_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
-    (out_dir / runfolder.METRICS_FILE).unlink(missing_ok=True)
-    shutil.rmtree(out_dir / runfolder.HARVEST_DIR, ignore_errors=True)
-    trainer = Trainer(cfg, store, scale)
-    stats = trainer.fit(checkpointer(out_dir, cfg, store_dir, scale))
+    if world.writes:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        # A fresh run replaces what an earlier run left here: its checkpoint, metrics and harvest
+        # describe other weights.
+        (out_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
+        (out_dir / runfolder.METRICS_FILE).unlink(missing_ok=True)
+        shutil.rmtree(out_dir / runfolder.HARVEST_DIR, ignore_errors=True)
+    trainer = Trainer(cfg, store, scale, world)
+    stats = trainer.fit(checkpointer(out_dir, cfg, store_dir, scale, world))
     return finish_run(out_dir, trainer, stats, began, store_dir)
 
 
-def resume(out_dir: Path) -> Path:
+def resume(out_dir: Path, world: World = World()) -> Path:
     """Continue a run killed mid-way from its last checkpoint; ends with the same weights and
     metrics as an uninterrupted run with the same seed."""
     out_dir = Path(out_dir)
@@ -293,15 +322,16 @@ def resume(out_dir: Path) -> Path:
     if not path.is_file():
         done = (out_dir / runfolder.SAE_FILE).exists()
         raise TrainingError(f"{path}: no checkpoint to resume" + (" (the run is already complete)" if done else ""))
-    state = torch.load(path, weights_only=False)
+    state = torch.load(path, weights_only=False, map_location="cpu")
     cfg = TrainConfig(**state["cfg"])
+    check_world(cfg, world)
     store_dir = Path(state["store"])
     store = ActivationStore.open(store_dir)
-    trainer = Trainer(cfg, store, state["input_scale"])
+    trainer = Trainer(cfg, store, state["input_scale"], world)
     start_step, fvu_ema = trainer.restore(state)
     log.info("resuming %s at step %d of %d", out_dir, start_step, trainer.total_steps)
     began = time.perf_counter()
-    stats = trainer.fit(checkpointer(out_dir, cfg, store_dir, state["input_scale"]), start_step, fvu_ema)
+    stats = trainer.fit(checkpointer(out_dir, cfg, store_dir, state["input_scale"], world), start_step, fvu_ema)
     return finish_run(out_dir, trainer, stats, began, store_dir)
 
 
@@ -320,7 +350,11 @@ def finish_run(out_dir: Path, trainer: Trainer, stats: dict, began: float, store
         "store": str(Path(store_dir).resolve()),
         "architecture": "topk",
     }
-    runfolder.save_sae_weights(out_dir, trainer.sae.state_for_disk())
+    weights = {name: trainer.world.gather_tensor(name, t) for name, t in trainer.sae.state_for_disk().items()}
+    barrier(trainer.world)
+    if not trainer.world.writes:
+        return out_dir
+    runfolder.save_sae_weights(out_dir, weights)
     runfolder.save_cfg(out_dir, run_cfg)
     runfolder.save_metrics(out_dir, stats)
     (out_dir / CHECKPOINT_FILE).unlink(missing_ok=True)  # the run folder now holds the result

@@ -1,0 +1,95 @@
+"""`saescope sweep` on the tiny model: every rung a run folder, scaling.json and families written,
+and a sweep killed mid-rung resumes to the weights of an uninterrupted one."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from torch.testing import assert_close
+
+from trainer import runfolder
+from trainer.config import ConfigError, SweepConfig, TrainConfig
+from trainer.sweep import rung_configs
+
+ARGS = ["--latents", "32,64,128", "--k", "4", "--ks", "2,4,8", "--k-series-latents", "64",
+        "--layer", "1", "--tokens", "8192", "--heldout-tokens", "1024", "--context-length", "32",
+        "--batch-size", "64", "--checkpoint-every", "10", "--downstream-contexts", "4", "--family-neighbours", "3"]  # fmt: skip
+RUNGS = ["n128-k4", "n32-k4", "n64-k2", "n64-k4", "n64-k8"]
+
+
+def sweep_command(out, model):
+    return [sys.executable, "-m", "saescope.cli", "sweep", "--out", str(out), "--model", str(model), *ARGS]
+
+
+@pytest.fixture(scope="module")
+def finished_sweep(tiny_model_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("sweep") / "ladder"
+    result = subprocess.run(sweep_command(out, tiny_model_dir), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    return out, result.stdout
+
+
+def test_every_rung_is_an_evaluated_run_folder_on_one_store(finished_sweep):
+    out, stdout = finished_sweep
+    assert sorted(p.name for p in (out / "runs").iterdir()) == RUNGS
+    for name in RUNGS:
+        cfg, metrics = runfolder.load_cfg(out / "runs" / name), runfolder.load_metrics(out / "runs" / name)
+        assert f"n{cfg['n_latents']}-k{cfg['k']}" == name
+        assert cfg["store"] == str((out / "activations").resolve())
+        assert {"fvu", "dead_fraction", "delta_ce", "train_wall_s"} <= set(metrics)
+    assert not list(out.glob("runs/*/activations"))  # no rung built a store of its own
+    assert "fvu_n: R2" in stdout
+
+
+def test_scaling_json_and_families_describe_the_ladder(finished_sweep):
+    out, _ = finished_sweep
+    scaling = json.loads((out / "scaling.json").read_text())
+    assert [(r["n_latents"], r["k"]) for r in scaling["rungs"]] == [(32, 4), (64, 2), (64, 4), (64, 8), (128, 4)]
+    assert scaling["fits"]["fvu_n"]["n_points"] == 3 and scaling["fits"]["fvu_n"]["dof"] == 0
+    assert "skipped" in scaling["fits"]["fvu_joint"]  # 5 rungs: the joint form needs 6
+    from safetensors import safe_open
+
+    with safe_open(out / "families.safetensors", "pt") as f:
+        assert json.loads(f.metadata()["rungs"]) == ["runs/n32-k4", "runs/n64-k4", "runs/n128-k4"]
+        assert tuple(f.get_tensor("0->2.index").shape) == (32, 3)
+        assert tuple(f.get_tensor("2->1.cosine").shape) == (128, 3)
+
+
+def test_killed_sweep_resumes_to_the_uninterrupted_weights(finished_sweep, tiny_model_dir, tmp_path):
+    reference, _ = finished_sweep
+    out = tmp_path / "ladder"
+    process = subprocess.Popen(sweep_command(out, tiny_model_dir), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not (out / "runs" / "n64-k2" / "checkpoint.pt").exists():  # the second rung, mid-training
+        assert process.poll() is None, "the sweep ended before the second rung's first checkpoint"
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    process.send_signal(signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL
+    first_done = (out / "runs" / "n32-k4" / runfolder.SAE_FILE).stat().st_mtime_ns
+
+    result = subprocess.run(sweep_command(out, tiny_model_dir), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert (out / "runs" / "n32-k4" / runfolder.SAE_FILE).stat().st_mtime_ns == first_done  # skipped
+    assert "n64-k2: resumed" in result.stderr
+    for name in RUNGS:
+        resumed, uninterrupted = runfolder.load_sae_weights(out / "runs" / name), runfolder.load_sae_weights(reference / "runs" / name)
+        for tensor in runfolder.SAE_TENSORS:
+            assert_close(resumed[tensor], uninterrupted[tensor], rtol=1e-6, atol=1e-6)
+
+
+def test_a_rung_that_cannot_work_fails_before_any_compute(tmp_path):
+    sweep = SweepConfig(latents="16,32", k=4, ks="8,16", k_series_latents="16")
+    with pytest.raises(ConfigError, match="--k must be between"):
+        rung_configs(sweep, TrainConfig())  # k = 16 at n = 16
+    with pytest.raises(ConfigError, match="comma-separated integers"):
+        SweepConfig(latents="1024,lots")
+    result = subprocess.run([sys.executable, "-m", "saescope.cli", "sweep", "--out", str(tmp_path / "s"), "--latents", "8", "--k", "8"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1
+    assert not (tmp_path / "s").exists()

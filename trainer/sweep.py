@@ -1,0 +1,96 @@
+"""A ladder of SAEs on one activation store, fitted to scaling laws (Gao et al. 2024, Section 3).
+
+    DIR/
+      sweep.json             the sweep's config and the shared training config
+      activations/           the activation store every rung trains and evaluates on
+      runs/n{n}-k{k}/        one normal run folder per rung (cfg.json, sae.safetensors, metrics.json)
+      scaling.json           fits of FVU and ΔCE against n and (n, k): trainer/scaling.py
+      families.safetensors   each latent's nearest latents in the other sizes: trainer/families.py
+
+Rerunning the same sweep resumes it: finished rungs (weights and held-out metrics present, cfg
+unchanged) are skipped, a rung killed mid-training continues from its checkpoint, a rung trained
+but not evaluated is evaluated. A rung whose config changed (other --tokens, say) is retrained.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from trainer import families, runfolder, scaling
+from trainer.config import SweepConfig, TrainConfig
+from trainer.evaluate import evaluate_run
+from trainer.train import CHECKPOINT_FILE, prepare_store, resume, train
+
+log = logging.getLogger(__name__)
+
+SWEEP_FILE = "sweep.json"
+STORE_DIR = "activations"
+RUNS_DIR = "runs"
+
+
+def rung_name(n_latents: int, k: int) -> str:
+    return f"n{n_latents}-k{k}"
+
+
+def rung_configs(sweep: SweepConfig, base: TrainConfig) -> dict[str, TrainConfig]:
+    """Every rung's training config, validated (a rung with k >= n fails here, before compute)."""
+    return {rung_name(n, k): replace(base, n_latents=n, k=k) for n, k in sweep.rungs()}
+
+
+def trained_with(run: Path, cfg: TrainConfig) -> bool:
+    """The run folder holds finished weights trained with exactly `cfg`."""
+    if not (run / runfolder.SAE_FILE).exists() or not (run / runfolder.CFG_FILE).exists():
+        return False
+    saved = runfolder.read_json(run / runfolder.CFG_FILE)
+    return all(saved.get(key) == value for key, value in cfg.to_dict().items())
+
+
+def checkpoint_of(run: Path, cfg: TrainConfig) -> bool:
+    """The run folder holds a checkpoint of a training with exactly `cfg`."""
+    path = run / CHECKPOINT_FILE
+    return path.is_file() and torch.load(path, weights_only=False, map_location="cpu")["cfg"] == cfg.to_dict()
+
+
+def run_rung(run: Path, cfg: TrainConfig, store_dir: Path, downstream_contexts: int) -> str:
+    """Bring one rung to trained and evaluated; returns what it did."""
+    if trained_with(run, cfg):
+        if "fvu" in runfolder.load_metrics(run):
+            return "done before"
+        done = "evaluated"
+    elif checkpoint_of(run, cfg):
+        resume(run)
+        done = "resumed, evaluated"
+    else:
+        train(cfg, run, store_dir)
+        done = "trained, evaluated"
+    evaluate_run(run, store_dir, downstream_contexts)
+    return done
+
+
+def run_sweep(sweep: SweepConfig, base: TrainConfig, out_dir: Path) -> dict:
+    """Train and evaluate every rung, then fit the scaling laws and match feature families."""
+    out_dir = Path(out_dir)
+    configs = rung_configs(sweep, base)
+    store_dir = out_dir / STORE_DIR
+    out_dir.mkdir(parents=True, exist_ok=True)
+    runfolder.write_json(out_dir / SWEEP_FILE, {"sweep": sweep.to_dict(), "train": base.to_dict(), "rungs": list(configs)})
+    began = time.perf_counter()
+    prepare_store(base, store_dir)
+    log.info("activation store ready in %.0f s", time.perf_counter() - began)
+    for i, (name, cfg) in enumerate(configs.items()):
+        started = time.perf_counter()
+        done = run_rung(out_dir / RUNS_DIR / name, cfg, store_dir, sweep.downstream_contexts)
+        metrics = runfolder.load_metrics(out_dir / RUNS_DIR / name)
+        log.info("[%d/%d] %s: %s in %.0f s, fvu %.4f, dead %.2f %%", i + 1, len(configs), name, done,
+                 time.perf_counter() - started, metrics["fvu"], 100 * metrics["dead_fraction"])
+    result = scaling.write_scaling(out_dir, sweep.k)
+    if sweep.family_neighbours:
+        n_series = [out_dir / RUNS_DIR / rung_name(n, sweep.k) for n in sweep.n_series]
+        families.write_families(out_dir, n_series, sweep.family_neighbours)
+    log.info("sweep finished in %.0f s", time.perf_counter() - began)
+    return result
