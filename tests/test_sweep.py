@@ -17,8 +17,8 @@ from trainer.config import ConfigError, SweepConfig, TrainConfig
 from trainer.sweep import rung_configs
 
 ARGS = ["--latents", "32,64,128", "--k", "4", "--ks", "2,4,8", "--k-series-latents", "64",
-        "--layer", "1", "--tokens", "8192", "--heldout-tokens", "1024", "--context-length", "32",
-        "--batch-size", "64", "--checkpoint-every", "10", "--downstream-contexts", "4", "--family-neighbours", "3"]  # fmt: skip
+        "--layer", "1", "--tokens", "4096", "--heldout-tokens", "1024", "--context-length", "32",
+        "--batch-size", "64", "--checkpoint-every", "10", "--downstream-contexts", "2", "--family-neighbours", "3"]  # fmt: skip
 RUNGS = ["n128-k4", "n32-k4", "n64-k2", "n64-k4", "n64-k8"]
 
 
