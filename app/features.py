@@ -23,7 +23,7 @@ from app.models import Example as ExampleRow
 from app.queries import Explanation
 from app.urls import URLs
 
-Window = Literal["snippet", "full"]
+Window = Literal["snippet", "full"]  # the page's examples: around each firing, or whole contexts
 # The snippet shown by default: the tokens before the firing token matter most to what it means.
 SNIPPET_BEFORE, SNIPPET_AFTER = 10, 4
 
@@ -133,7 +133,6 @@ class Feature:
     excluded_tokens: list[tuple[int, str]]  # (token id, token)
     explanation_method: str | None = None  # harvest.json's explanation: how it was found
     heldout_contexts: int | None = None  # ... and on how many held-out contexts it was scored
-    window: Window = "snippet"
     source: SaeSource | None = None  # where the SAE's weights are: can the probe run it here?
 
     @property
@@ -182,7 +181,7 @@ class Feature:
 # ---------------------------------------------------------------- the query
 
 
-def get_feature(session: Session, sae_id: str, index: int, window: Window = "snippet") -> Feature | None:
+def get_feature(session: Session, sae_id: str, index: int) -> Feature | None:
     row = session.execute(
         select(Latent, LatentDetail, Sae.n_latents, Sae.harvest, Sae.id, Sae.model, Sae.run_dir, Sae.content_hash)
         .join(Sae, Sae.id == Latent.sae_id)
@@ -193,6 +192,7 @@ def get_feature(session: Session, sae_id: str, index: int, window: Window = "sni
         return None
     latent, detail, n_latents, harvest_json = row[:4]
     harvest = json.loads(harvest_json or "{}")
+    explained = harvest.get("explanation") or {}  # how the harvest found and scored explanations
     # A latent loaded before migration 0004 has no details: its arrays read as empty.
     arrays = {name: blob(getattr(detail, name, None), dtype) for name, dtype in LATENT_BLOBS.items()}
     excluded_ids = [int(i) for i in harvest.get("excluded_token_ids", [])]
@@ -216,9 +216,8 @@ def get_feature(session: Session, sae_id: str, index: int, window: Window = "sni
         explanation=Explanation.of(latent, getattr(detail, "explanation_patterns", None)),
         excluded_positions=[int(p) for p in harvest.get("excluded_positions", [])],
         excluded_tokens=[(i, tokens.get(i, "")) for i in excluded_ids],
-        explanation_method=(harvest.get("explanation") or {}).get("method"),
-        heldout_contexts=(harvest.get("explanation") or {}).get("heldout_contexts"),
-        window=window,
+        explanation_method=explained.get("method"),
+        heldout_contexts=explained.get("heldout_contexts"),
         source=SaeSource(*row[4:]),
     )
 

@@ -466,8 +466,10 @@ def _explanation(explanation: dict | None) -> dict:
     counts as ints or None, patterns as JSON text."""
     explanation = explanation if isinstance(explanation, dict) else {}
     text = explanation.get("text")
+    if not (isinstance(text, str) and text):
+        explanation, text = {}, None  # no pattern: scores (if any) would rank a latent by nothing shown
     return {
-        "text": clean_text(text) if isinstance(text, str) and text else None,
+        "text": None if text is None else clean_text(text),
         "patterns": json.dumps(explanation["patterns"]) if explanation.get("patterns") else None,
         **{key: _number(explanation.get(key)) for key in ("precision", "recall", "f1")},
         **{key: int(explanation[key]) if isinstance(explanation.get(key), int) else None for key in ("matches", "firings")},

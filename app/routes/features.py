@@ -25,8 +25,8 @@ TryText = Annotated[str, Query(max_length=100_000, description="text to run the 
 PARTS = {"examples": "_feature_examples.html", "try-result": "_feature_try.html"}
 
 
-def _feature(session, sae_id: str, index: int, window: features.Window = "snippet") -> features.Feature:
-    feature = features.get_feature(session, sae_id, index, window)
+def _feature(session, sae_id: str, index: int) -> features.Feature:
+    feature = features.get_feature(session, sae_id, index)
     if feature is None:
         if queries.get_sae(session, sae_id) is None:
             raise HTTPException(404, f"no SAE {sae_id!r}")
@@ -44,18 +44,20 @@ def read_feature_json(sae_id: str, index: LatentIndex, session: SessionDep, urls
 async def read_feature(request: Request, sae_id: str, index: LatentIndex, probe: ProbeDep,
                        context: Window = "snippet", text: TryText = ""):
     part = hx_target(request, PARTS)  # None: the whole page
-    feature = None if part == "try-result" else await run_in_threadpool(_feature_page, request, sae_id, index, context)
+    feature, unavailable = (None, None) if part == "try-result" else \
+        await run_in_threadpool(_feature_page, request, probe, sae_id, index)
     trial = await probe.try_latent(sae_id, index, text) if text.strip() and part != "examples" else None
     return render(request, PARTS.get(part, "feature.html"), feature=feature, trial=trial, text=text, window=context,
-                  sae_id=sae_id, index=index, oob=part is not None,
-                  unavailable=probe.unavailable_for(feature.source) if part is None else None)
+                  sae_id=sae_id, index=index, unavailable=unavailable, oob=part is not None)
 
 
-def _feature_page(request: Request, sae_id: str, index: int, window: features.Window) -> features.Feature:
-    """The page's reads in one trip to the thread pool (a SessionDep would add two more: its
-    enter and exit run there too in an async route, and this page's budget is 15 ms)."""
+def _feature_page(request: Request, probe, sae_id: str, index: int) -> tuple[features.Feature, str | None]:
+    """The page's reads, and whether the try box can run here, in one trip to the thread pool (a
+    SessionDep would add two: its enter and exit run there too in an async route; the budget is
+    15 ms). The probe's check may import the model code: never on the event loop."""
     with request.app.state.sessions() as session:
-        return _feature(session, sae_id, index, window)
+        feature = _feature(session, sae_id, index)
+    return feature, probe.unavailable_for(feature.source)
 
 
 @router.get("/random.json", status_code=303, response_class=RedirectResponse, responses={404: {"model": ErrorOut}},

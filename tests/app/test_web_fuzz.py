@@ -50,6 +50,8 @@ def test_no_input_makes_a_server_error(fuzz_target, sae_id):
             fixed = [None]
             if "{sae_id}" in operation.path and operation.method != "delete":
                 fixed.append({"sae_id": sae_id})  # reach real rows with the other parameters
+            if "{index}" in operation.path:
+                fixed.append({"sae_id": sae_id, "index": 0})  # a real latent, whatever indices hypothesis draws
 
             for path_parameters in fixed:
                 @given(case=operation.as_strategy(mode, path_parameters=path_parameters))
