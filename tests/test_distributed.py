@@ -21,11 +21,12 @@ from trainer.activations import ActivationStore
 from trainer.config import TrainConfig
 from trainer.train import CHECKPOINT_FILE, store_meta
 
-# d = 16, 64 latents, k = 4 on 2,048 synthetic tokens: 16 steps of 128, AuxK active after the first
-# few (dead after 204 tokens); fp32 selection, so that both splits select exactly what one process does.
-CFG = TrainConfig(model="synthetic", layer=0, n_latents=64, k=4, tokens=2048, heldout_tokens=256, context_length=16,
+# d = 16, 64 latents, k = 4 on 8,192 synthetic tokens: 64 steps of 128 (a killed run is stopped
+# well before its end even on a busy machine), AuxK active after a few steps (dead after 819
+# tokens); fp32 selection, so that both splits select exactly what one process does.
+CFG = TrainConfig(model="synthetic", layer=0, n_latents=64, k=4, tokens=8192, heldout_tokens=256, context_length=16,
                   batch_size=128, checkpoint_every=4, fast_matmul=0, lr=3e-3)
-ARGS = ["--model", "synthetic", "--layer", "0", "--latents", "64", "--k", "4", "--tokens", "2048", "--heldout-tokens", "256",
+ARGS = ["--model", "synthetic", "--layer", "0", "--latents", "64", "--k", "4", "--tokens", "8192", "--heldout-tokens", "256",
         "--context-length", "16", "--batch-size", "128", "--checkpoint-every", "4", "--fast-matmul", "0", "--lr", "0.003"]  # fmt: skip
 
 
@@ -111,7 +112,7 @@ def test_killed_torchrun_run_resumes_to_the_uninterrupted_weights(folder, shard)
         os.kill(pid, signal.SIGKILL)
     process.wait()
     killed_at = torch.load(out / CHECKPOINT_FILE, weights_only=False)["step"]
-    assert 0 < killed_at < 16 and not (out / runfolder.SAE_FILE).exists()
+    assert 0 < killed_at < 64 and not (out / runfolder.SAE_FILE).exists()
     result = run(*torchrun("--resume", str(out), "--shard-latents", shard)[1:])
     assert result.returncode == 0, result.stderr
     assert_same_weights(out, folder / "single")
