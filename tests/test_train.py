@@ -122,3 +122,28 @@ def test_retraining_a_folder_drops_its_old_metrics_and_harvest(tiny_run, tmp_pat
                       context_length=32, batch_size=256), run, cfg["store"])  # same store: reused
     assert "fvu" not in runfolder.load_metrics(run)  # training metrics only, until eval runs
     assert not (run / "harvest").exists()
+
+
+def test_the_memory_budget_sets_the_chunks_read_from_the_store(tiny_run):
+    """Training holds one chunk of activations at a time, sized by --memory-budget-mb; every
+    token still trains exactly once, and the pages of a read chunk leave the process."""
+    from trainer.activations import ActivationStore
+    from trainer.config import ConfigError, TrainConfig
+    from trainer.train import Trainer
+
+    cfg = runfolder.load_cfg(tiny_run)
+    store = ActivationStore.open(cfg["store"])
+    bytes_per_context = 2 * store.context_length * store.meta["d_model"] * 4  # chunk + its shuffled copy, fp32
+    released = []
+    store.release = lambda first, last: released.append((first, last))
+    for budget, expected in ((1, 2**20 // bytes_per_context), (10_000, store.n_train_contexts)):
+        trainer = Trainer(TrainConfig(model=cfg["model"], layer=1, n_latents=64, k=4, context_length=32,
+                                      batch_size=64, memory_budget_mb=budget), store, 1.0)
+        assert min(trainer.chunk_contexts, store.n_train_contexts) == min(expected, store.n_train_contexts)
+        released.clear()
+        tokens = sum(len(x) for _, x in trainer.batches())
+        chunks = list(trainer.chunks())
+        assert tokens == sum((last - first) * store.context_length // 64 * 64 for first, last in chunks)
+        assert released == chunks
+    with pytest.raises(ConfigError, match="--memory-budget-mb"):
+        TrainConfig(memory_budget_mb=0)

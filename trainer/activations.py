@@ -13,6 +13,7 @@ reused by any run with the same model, layer and corpus settings.
 from __future__ import annotations
 
 import json
+import mmap
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,6 +57,21 @@ class ActivationStore:
         rows = np.empty((len(positions), self.activations.shape[1]), dtype=np.float32)
         rows[ascending] = self.activations[positions[ascending]]
         return torch.from_numpy(rows)
+
+    def release(self, first_context: int, last_context: int) -> None:
+        """Unmap the pages of contexts [first, last) from this process: a memory-mapped store read
+        once from end to end would otherwise stay resident, all of it counted in its memory."""
+        mapping = getattr(self.activations, "_mmap", None)
+        if mapping is None or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        row_bytes = self.activations.shape[1] * self.activations.itemsize
+        # numpy maps the file from the allocation boundary below the array's offset.
+        data = self.activations.offset % mmap.ALLOCATIONGRANULARITY
+        start = data + first_context * self.context_length * row_bytes
+        start -= start % mmap.PAGESIZE  # madvise takes whole pages
+        end = min(data + last_context * self.context_length * row_bytes, len(mapping))
+        if end > start:
+            mapping.madvise(mmap.MADV_DONTNEED, start, end - start)
 
     def contexts(self, rows) -> torch.Tensor:
         """Activations of the contexts `rows` (any order) as float32: (b, T, d)."""

@@ -43,6 +43,7 @@ class TrainConfig:
     dead_tokens: int = option(0, "tokens without firing after which a latent counts as dead; 0 means min(10M, tokens/10)")
     fast_matmul: int = option(1, "1: select the top k with a bf16 encoder matmul where the hardware has one (gradients stay fp32); 0: fp32")
     checkpoint_every: int = option(100, "steps between checkpoints for --resume (0: none)")
+    memory_budget_mb: int = option(144, "MiB of activations held in RAM at once: the store stays on disk and is read in chunks of this size (shuffled token by token within a chunk); 144 holds 256 contexts of 128 tokens at d=576")
     seed: int = option(0, "seed for the data split, shuffling and initialisation")
     device: str = option("", "torch device; empty means cuda when available, else cpu")
 
@@ -63,6 +64,8 @@ class TrainConfig:
             raise ConfigError(f"--heldout-tokens ({self.heldout_tokens}) must hold at least one context of {self.context_length}")
         if self.batch_size < 1:
             raise ConfigError(f"--batch-size must be positive, got {self.batch_size}")
+        if self.memory_budget_mb < 1:
+            raise ConfigError(f"--memory-budget-mb must be at least 1, got {self.memory_budget_mb}")
         if self.checkpoint_every < 0:
             raise ConfigError(f"--checkpoint-every must be >= 0, got {self.checkpoint_every}")
         if self.lr < 0:

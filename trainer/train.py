@@ -23,7 +23,6 @@ from trainer.sae import SparseTopK, TopKSAE, fast_matmul_dtype, geometric_median
 
 log = logging.getLogger(__name__)
 
-CHUNK_CONTEXTS = 256  # contexts read from the store at once, then shuffled token by token
 
 
 class TrainingError(RuntimeError):
@@ -171,10 +170,18 @@ class Trainer:
         error_hat, _ = self.decode(x_c, selected)  # (B, d), no b_dec
         return (error - error_hat).pow(2).sum() / total_variance
 
+    @property
+    def chunk_contexts(self) -> int:
+        """Contexts read from the store at once: a chunk and its shuffled, scaled copy (fp32)
+        fit in --memory-budget-mb."""
+        bytes_per_context = 2 * self.store.context_length * self.store.meta["d_model"] * 4
+        return max(1, self.cfg.memory_budget_mb * 2**20 // bytes_per_context)
+
     def chunks(self):
         """(first, last) context ranges read from the store at once."""
-        for first in range(0, self.store.n_train_contexts, CHUNK_CONTEXTS):
-            yield first, min(first + CHUNK_CONTEXTS, self.store.n_train_contexts)
+        size = self.chunk_contexts
+        for first in range(0, self.store.n_train_contexts, size):
+            yield first, min(first + size, self.store.n_train_contexts)
 
     @property
     def total_steps(self) -> int:
@@ -197,7 +204,8 @@ class Trainer:
                 step += n_batches
                 continue
             mine = order[: n_batches * B].view(n_batches, shares, b)[:, share].reshape(-1)  # all on one process
-            chunk = self.store.token_rows(first * T + mine) * self.scale  # (n_batches * b, d)
+            chunk = self.store.token_rows(first * T + mine).mul_(self.scale)  # (n_batches * b, d)
+            self.store.release(first, last)  # its pages leave this process (the OS cache may keep them)
             for i in range(n_batches):
                 if step >= start_step:
                     yield step, chunk[i * b : (i + 1) * b].to(self.device)
