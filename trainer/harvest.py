@@ -68,7 +68,9 @@ class HarvestInput:
         for first in range(0, self.n_contexts, batch_contexts):
             last = min(first + batch_contexts, self.n_contexts)
             if self.store is not None:
-                yield first, self.store.rows(first, last).view(last - first, self.context_length, -1)
+                x = self.store.rows(first, last).view(last - first, self.context_length, -1)
+                self.store.release(first, last)  # read once: its pages need not stay in this process
+                yield first, x
             else:
                 yield first, self.lm.residual(torch.from_numpy(self.tokens[first:last]).long())
 
