@@ -31,6 +31,11 @@ def encoder(tiny_run):
 
 
 @pytest.fixture(scope="module")
+def explanations(tiny_run):
+    return runfolder.load_harvest(tiny_run).explanations
+
+
+@pytest.fixture(scope="module")
 def density(tiny_run):
     return runfolder.load_harvest(tiny_run).density
 
@@ -68,7 +73,7 @@ def test_api_equals_direct_encoding(client, sae_id, encoder, text):
 
 @pytest.mark.parametrize("hide", [True, False])
 @pytest.mark.parametrize("sort", ["max", "sum"])
-def test_whole_text_ranking_equals_aggregates(client, sae_id, encoder, density, hide, sort):
+def test_whole_text_ranking_equals_aggregates(client, sae_id, encoder, density, explanations, hide, sort):
     text = TEXTS[0] * 3
     body = {"sae": sae_id, "text": text, "top_n": 10, "sort": sort, "hide_dense_and_first": hide}
     result = client.post("/api/probe", json=body).json()
@@ -79,7 +84,7 @@ def test_whole_text_ranking_equals_aggregates(client, sae_id, encoder, density, 
         assert g["n_tokens"] == w["n_tokens"]
         assert_close(torch.tensor([g["max"], g["sum"]]), torch.tensor([w["max"], w["sum"]]), atol=1e-3, rtol=1e-4)
         assert g["density"] == pytest.approx(density[g["index"]].item())
-        assert g["explanation"] is None  # no explanations exist yet: none is made up
+        assert g["explanation"] == (explanations[g["index"]]["text"] or None)  # the harvest's, as loaded
         assert g["url"] == f"/saes/{sae_id}/features/{g['index']}"
     assert result["excluded_positions"] == ([0] if hide else [])
     assert result["hide_dense_and_first"] is hide and result["dense_density"] == DENSE
