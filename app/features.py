@@ -223,24 +223,25 @@ def get_feature(session: Session, sae_id: str, index: int) -> Feature | None:
 
 
 def examples(session: Session, sae_id: str, index: int) -> tuple[list[Example], dict[int, list[Example]]]:
-    """The latent's top examples, and its quantile examples by bin. Two reads by primary key:
-    the examples, then the contexts they show (each decoded once even when several examples show
-    it). One join left PostgreSQL free to hash every context of the SAE instead."""
+    """The latent's top examples, and its quantile examples by bin, with their contexts' tokens
+    (each context decoded once even when several examples show it). One read: each example's
+    context comes by primary key through a subquery (a join left PostgreSQL free to hash every
+    context of the SAE instead)."""
+    def context_column(column):
+        return (select(column).where(Context.sae_id == ExampleRow.sae_id, Context.context_id == ExampleRow.context_id)
+                .scalar_subquery())
+
     rows = session.execute(
         select(ExampleRow.bin, ExampleRow.rank, ExampleRow.context_id, ExampleRow.position, ExampleRow.max_activation,
-               ExampleRow.activations)
+               ExampleRow.activations, context_column(Context.tokens), context_column(Context.token_ids))
         .where(ExampleRow.sae_id == sae_id, ExampleRow.latent_index == index)
     ).all()
-    rows.sort(key=lambda row: (row.bin, row.rank))  # here, not in SQL: PostgreSQL may bitmap-scan and sort
-    contexts = {
-        context_id: (json.loads(tokens), np.frombuffer(token_ids, dtype="<i4").tolist())
-        for context_id, tokens, token_ids in session.execute(
-            select(Context.context_id, Context.tokens, Context.token_ids)
-            .where(Context.sae_id == sae_id, Context.context_id.in_(sorted({row.context_id for row in rows})))
-        )
-    } if rows else {}
+    rows.sort(key=lambda row: (row[0], row[1]))  # (bin, rank) here, not in SQL: PostgreSQL may bitmap-scan and sort
+    contexts: dict[int, tuple[list[str], list[int]]] = {}
     by_bin: dict[int, list[Example]] = {}
-    for bin_, rank, context_id, position, max_activation, activations in rows:
+    for bin_, rank, context_id, position, max_activation, activations, tokens, token_ids in rows:
+        if context_id not in contexts:
+            contexts[context_id] = json.loads(tokens), np.frombuffer(token_ids, dtype="<i4").tolist()
         values = np.frombuffer(activations, dtype="<f2").astype(np.float64).round(4).tolist()
         by_bin.setdefault(bin_, []).append(Example(bin_, rank, context_id, position, max_activation, *contexts[context_id], values))
     return by_bin.pop(0, []), by_bin
