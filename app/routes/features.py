@@ -8,7 +8,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Path, Query, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import RedirectResponse
+from fastapi.responses import HTMLResponse, RedirectResponse
 
 from app import features, queries
 from app.deps import ProbeDep, SessionDep, URLsDep
@@ -44,20 +44,22 @@ def read_feature_json(sae_id: str, index: LatentIndex, session: SessionDep, urls
 async def read_feature(request: Request, sae_id: str, index: LatentIndex, probe: ProbeDep,
                        context: Window = "snippet", text: TryText = ""):
     part = hx_target(request, PARTS)  # None: the whole page
-    feature, unavailable = (None, None) if part == "try-result" else \
-        await run_in_threadpool(_feature_page, request, probe, sae_id, index)
     trial = await probe.try_latent(sae_id, index, text) if text.strip() and part != "examples" else None
-    return render(request, PARTS.get(part, "feature.html"), feature=feature, trial=trial, text=text, window=context,
+    return await run_in_threadpool(_feature_response, request, probe, sae_id, index, part, context, text, trial)
+
+
+def _feature_response(request: Request, probe, sae_id: str, index: int, part: str | None, window: str, text: str,
+                      trial) -> HTMLResponse:
+    """The page, or the part htmx asks for: read and rendered in one trip to the thread pool (a
+    SessionDep would add two: its enter and exit run there too in an async route), so the event
+    loop never waits for the template; the probe's check may import the model code."""
+    feature, unavailable = None, None
+    if part != "try-result":
+        with request.app.state.sessions() as session:
+            feature = _feature(session, sae_id, index)
+        unavailable = probe.unavailable_for(feature.source) if part is None else None
+    return render(request, PARTS.get(part, "feature.html"), feature=feature, trial=trial, text=text, window=window,
                   sae_id=sae_id, index=index, unavailable=unavailable, oob=part is not None)
-
-
-def _feature_page(request: Request, probe, sae_id: str, index: int) -> tuple[features.Feature, str | None]:
-    """The page's reads, and whether the try box can run here, in one trip to the thread pool (a
-    SessionDep would add two: its enter and exit run there too in an async route; the budget is
-    15 ms). The probe's check may import the model code: never on the event loop."""
-    with request.app.state.sessions() as session:
-        feature = _feature(session, sae_id, index)
-    return feature, probe.unavailable_for(feature.source)
 
 
 @router.get("/random.json", status_code=303, response_class=RedirectResponse, responses={404: {"model": ErrorOut}},
