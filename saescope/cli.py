@@ -167,7 +167,9 @@ def _trained_with(run: Path, cfg: TrainConfig) -> bool:
     if not (run / runfolder.SAE_FILE).exists() or not (run / runfolder.CFG_FILE).exists():
         return False
     saved = runfolder.read_json(run / runfolder.CFG_FILE)
-    return all(saved.get(key) == value for key, value in cfg.to_dict().items())
+    # An option added since the run was trained counts as its default (which keeps the old behaviour).
+    defaults = TrainConfig().to_dict()
+    return all(saved.get(key, defaults[key]) == value for key, value in cfg.to_dict().items())
 
 
 def _run_dir(path: str) -> Path:
