@@ -119,6 +119,7 @@ def cmd_demo(args) -> None:
     from trainer import runfolder
     from trainer.evaluate import evaluate_run
     from trainer.harvest import harvest_run
+    from trainer.sweep import trained_with
     from trainer.train import train
 
     workdir = Path(args.workdir)
@@ -127,7 +128,7 @@ def cmd_demo(args) -> None:
     db = args.db or f"sqlite:///{(workdir / 'saescope.db').resolve()}"
     began = time.perf_counter()
 
-    if _trained_with(run, cfg):
+    if trained_with(run, cfg):
         print(f"[1/4] train: reusing {run}")
     else:
         print(f"[1/4] train: {cfg.model}, layer {cfg.layer}, {cfg.n_latents} latents, k={cfg.k}, {cfg.tokens:,} tokens")
@@ -159,17 +160,6 @@ def cmd_demo(args) -> None:
     url = f"http://{args.host}:{args.port}"
     print(f"\nserving at {url}/\n  feature pages: {url}/saes/{sae_id}\n  probe: {url}/probe?sae={sae_id}\n", flush=True)
     serve(db, args.host, args.port)
-
-
-def _trained_with(run: Path, cfg: TrainConfig) -> bool:
-    from trainer import runfolder
-
-    if not (run / runfolder.SAE_FILE).exists() or not (run / runfolder.CFG_FILE).exists():
-        return False
-    saved = runfolder.read_json(run / runfolder.CFG_FILE)
-    # An option added since the run was trained counts as its default (which keeps the old behaviour).
-    defaults = TrainConfig().to_dict()
-    return all(saved.get(key, defaults[key]) == value for key, value in cfg.to_dict().items())
 
 
 def _run_dir(path: str) -> Path:

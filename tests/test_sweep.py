@@ -93,3 +93,22 @@ def test_a_rung_that_cannot_work_fails_before_any_compute(tmp_path):
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and result.stderr.count("\n") == 1
     assert not (tmp_path / "s").exists()
+
+
+def test_an_option_added_since_training_counts_as_its_default(tmp_path):
+    """A rung (or the demo's run) trained before an option existed is not retrained for it,
+    unless the option is set to something else than its default."""
+    from dataclasses import replace
+
+    from trainer import runfolder
+    from trainer.config import TrainConfig
+    from trainer.sweep import trained_with
+
+    cfg = TrainConfig()
+    saved = cfg.to_dict()
+    del saved["memory_budget_mb"]  # as written before the option existed
+    runfolder.save_cfg(tmp_path, saved)
+    (tmp_path / runfolder.SAE_FILE).write_bytes(b"weights")
+    assert trained_with(tmp_path, cfg)
+    assert not trained_with(tmp_path, replace(cfg, memory_budget_mb=16))
+    assert not trained_with(tmp_path, replace(cfg, k=16))
