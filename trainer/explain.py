@@ -122,11 +122,8 @@ def unpack_array(keys: np.ndarray, n: int, vocab_size: int, back: int) -> np.nda
 
 def unpack(key: int, n: int, vocab_size: int) -> tuple[int, ...]:
     """The token ids of an n-gram key, first to last."""
-    ids = []
-    for _ in range(n):
-        key, token = divmod(key, vocab_size)
-        ids.append(token)
-    return tuple(reversed(ids))
+    keys = np.array([key], dtype=np.int64)
+    return tuple(int(unpack_array(keys, n, vocab_size, back)[0]) for back in range(n - 1, -1, -1))
 
 
 def f1(hits: int, matches: int, firings: int) -> float:

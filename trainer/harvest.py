@@ -232,9 +232,10 @@ def quantile_samples(firings: Firings, pairs: Pairs, top: torch.Tensor, bins: to
 
 def example_activations(firings: Firings, pairs: Pairs, pair_ids: torch.Tensor, T: int) -> torch.Tensor:
     """(E, T) the latent's activation on every token of each example's context, rebuilt from the
-    firings (exact: a TopK latent is zero wherever it is not among the token's top k)."""
+    firings (exact: a TopK latent is zero wherever it is not among the token's top k). An empty
+    slot (-1) stays all zeros."""
+    lengths = torch.where(pair_ids >= 0, pairs.length[pair_ids.clamp_min(0)], 0)
     pair_ids = pair_ids.clamp_min(0)
-    lengths = pairs.length[pair_ids]
     example = torch.arange(len(pair_ids)).repeat_interleave(lengths)
     ends = lengths.cumsum(0)
     within = torch.arange(int(ends[-1]) if len(ends) else 0) - (ends - lengths).repeat_interleave(lengths)
@@ -308,7 +309,6 @@ def harvest_sae(sae: TopKSAE, data: HarvestInput, scale: float, cfg: HarvestConf
         return torch.where(pair_ids >= 0, remap[pairs.context[pair_ids.clamp_min(0)]], -1)
 
     activations = example_activations(firings, pairs, example_pairs, T)  # (n K + n Q S, T)
-    activations[example_pairs < 0] = 0
     tensors.update(
         top_context=context_of(top),
         top_activations=activations[: n * K].view(n, K, T),
@@ -321,7 +321,7 @@ def harvest_sae(sae: TopKSAE, data: HarvestInput, scale: float, cfg: HarvestConf
         quantile_position=torch.where(sampled >= 0, firings.position[sampled.clamp_min(0)] % T, -1),
         token_ids=torch.from_numpy(data.tokens[used.numpy()]).int(),
     )
-    vocab = token_vocab(lm.tokenizer)
+    vocab = data.store.vocab() if data.store is not None else token_vocab(lm.tokenizer)  # the same strings
     vocab += [f"<{i}>" for i in range(len(vocab), lm.unembed.weight.shape[0])]  # rows with no token (padding)
     vocab_size = len(vocab)
     tensors.update(token_search(firings, data.tokens, counted, vocab_size, cfg.token_latents))
