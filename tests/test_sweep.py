@@ -42,6 +42,7 @@ def test_every_rung_is_an_evaluated_run_folder_on_one_store(finished_sweep):
         assert f"n{cfg['n_latents']}-k{cfg['k']}" == name
         assert cfg["store"] == str((out / "activations").resolve())
         assert {"fvu", "dead_fraction", "delta_ce", "train_wall_s"} <= set(metrics)
+        assert runfolder.harvest_is_current(out / "runs" / name)  # harvested from the shared store
     assert not list(out.glob("runs/*/activations"))  # no rung built a store of its own
     assert "fvu_n: R2" in stdout
 
@@ -77,6 +78,7 @@ def test_killed_sweep_resumes_to_the_uninterrupted_weights(finished_sweep, tiny_
     assert result.returncode == 0, result.stderr
     assert (out / "runs" / "n32-k4" / runfolder.SAE_FILE).stat().st_mtime_ns == first_done  # skipped
     assert "n64-k2: resumed" in result.stderr
+    assert "n32-k4: done before, harvested before" in result.stderr  # its harvest is not made again
     for name in RUNGS:
         resumed, uninterrupted = runfolder.load_sae_weights(out / "runs" / name), runfolder.load_sae_weights(reference / "runs" / name)
         for tensor in runfolder.SAE_TENSORS:

@@ -3,13 +3,15 @@
     DIR/
       sweep.json             the sweep's config and the shared training config
       activations/           the activation store every rung trains and evaluates on
-      runs/n{n}-k{k}/        one normal run folder per rung (cfg.json, sae.safetensors, metrics.json)
+      runs/n{n}-k{k}/        one normal run folder per rung (cfg.json, sae.safetensors, metrics.json,
+                             harvest/: each rung is harvested from the shared store, for the web app)
       scaling.json           fits of FVU and ΔCE against n and (n, k): trainer/scaling.py
       families.safetensors   each latent's nearest latents in the other sizes: trainer/families.py
 
 Rerunning the same sweep resumes it: finished rungs (weights and held-out metrics present, cfg
 unchanged) are skipped, a rung killed mid-training continues from its checkpoint, a rung trained
-but not evaluated is evaluated. A rung whose config changed (other --tokens, say) is retrained.
+but not evaluated is evaluated, a rung without a current harvest is harvested. A rung whose config
+changed (other --tokens, say) is retrained, and its old harvest dropped before training starts.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import torch
 from trainer import families, runfolder, scaling
 from trainer.config import SweepConfig, TrainConfig
 from trainer.evaluate import evaluate_run
+from trainer.harvest import harvest_run
 from trainer.train import CHECKPOINT_FILE, prepare_store, resume, train
 
 log = logging.getLogger(__name__)
@@ -63,18 +66,31 @@ def run_rung(run: Path, cfg: TrainConfig, store_dir: Path, downstream_contexts: 
         if "fvu" in runfolder.load_metrics(run):
             return "done before"
         done = "evaluated"
-    elif checkpoint_of(run, cfg):
-        resume(run)
-        done = "resumed, evaluated"
     else:
-        train(cfg, run, store_dir)
-        done = "trained, evaluated"
+        # The harvest describes the old weights; harvest.json goes first, so that a sweep killed
+        # during training harvests the new weights when it resumes (harvest_is_current is False).
+        (run / runfolder.HARVEST_DIR / "harvest.json").unlink(missing_ok=True)
+        if checkpoint_of(run, cfg):
+            resume(run)
+            done = "resumed, evaluated"
+        else:
+            train(cfg, run, store_dir)
+            done = "trained, evaluated"
     evaluate_run(run, store_dir, downstream_contexts)
     return done
 
 
+def harvest_rung(run: Path, store_dir: Path) -> str:
+    """Harvest a rung from the shared store (its feature pages in the app), unless its harvest is
+    current; harvest.json is written last, so a harvest killed midway is made again."""
+    if runfolder.harvest_is_current(run):
+        return "harvested before"
+    harvest_run(run, store_dir=store_dir)
+    return "harvested"
+
+
 def run_sweep(sweep: SweepConfig, base: TrainConfig, out_dir: Path) -> dict:
-    """Train and evaluate every rung, then fit the scaling laws and match feature families."""
+    """Train, evaluate and harvest every rung, then fit the scaling laws and match feature families."""
     out_dir = Path(out_dir)
     configs = rung_configs(sweep, base)
     store_dir = out_dir / STORE_DIR
@@ -86,6 +102,7 @@ def run_sweep(sweep: SweepConfig, base: TrainConfig, out_dir: Path) -> dict:
     for i, (name, cfg) in enumerate(configs.items()):
         started = time.perf_counter()
         done = run_rung(out_dir / RUNS_DIR / name, cfg, store_dir, sweep.downstream_contexts)
+        done += ", " + harvest_rung(out_dir / RUNS_DIR / name, store_dir)
         metrics = runfolder.load_metrics(out_dir / RUNS_DIR / name)
         log.info("[%d/%d] %s: %s in %.0f s, fvu %.4f, dead %.2f %%", i + 1, len(configs), name, done,
                  time.perf_counter() - started, metrics["fvu"], 100 * metrics["dead_fraction"])
