@@ -25,6 +25,8 @@ import logging
 import math
 import re
 import struct
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import repeat
 from pathlib import Path
@@ -39,8 +41,11 @@ from app.models import (
     Context,
     Example,
     ExplanationTerm,
+    Ladder,
+    LadderRung,
     Latent,
     LatentDetail,
+    LatentFamily,
     Sae,
     TokenLatent,
     Vocab,
@@ -117,9 +122,7 @@ def load_run(run_dir: str | Path, database_url: str, replace: bool = False) -> s
 
 def write_in_one_transaction(engine: Engine, rows: RunRows, replace: bool = False) -> bool:
     """One transaction that takes the load lock first; True when rows were written."""
-    # BEGIN IMMEDIATE on SQLite: take the write lock before reading, so the "already loaded?"
-    # check and the inserts see the same database (app.db's begin hook reads this option).
-    with engine.connect().execution_options(sqlite_begin="IMMEDIATE") as conn, conn.begin():
+    with write_transaction(engine) as conn:
         lock_sae(conn, rows.sae_id)
         written = write_run(conn, rows, replace=replace)
         if written:
@@ -127,16 +130,30 @@ def write_in_one_transaction(engine: Engine, rows: RunRows, replace: bool = Fals
     return written
 
 
+@contextmanager
+def write_transaction(engine: Engine) -> Iterator[Connection]:
+    """A connection in one transaction, committed when the block ends. BEGIN IMMEDIATE on SQLite:
+    take the write lock before reading, so an "already loaded?" check and the inserts see the same
+    database (app.db's begin hook reads this option)."""
+    with engine.connect().execution_options(sqlite_begin="IMMEDIATE") as conn, conn.begin():
+        yield conn
+
+
 def lock_sae(conn: Connection, sae_id: str) -> None:
-    """Serialise writers of one SAE until the transaction ends (a load, a replace, a delete).
-    SQLite needs nothing more: a `BEGIN IMMEDIATE` transaction already excludes other writers."""
+    """Serialise writers of one SAE until the transaction ends (a load, a replace, a delete)."""
+    advisory_lock(conn, f"saescope.sae:{sae_id}")
+
+
+def advisory_lock(conn: Connection, key: str) -> None:
+    """Hold a PostgreSQL advisory lock on `key` until the transaction ends. SQLite needs nothing:
+    a `BEGIN IMMEDIATE` transaction already excludes other writers."""
     if conn.dialect.name == "postgresql":
-        conn.exec_driver_sql("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (f"saescope.sae:{sae_id}",))
+        conn.exec_driver_sql("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (key,))
 
 
 def unload_sae(engine: Engine, sae_id: str) -> bool:
     """Delete one SAE and all its rows in one transaction; False when there was none."""
-    with engine.connect().execution_options(sqlite_begin="IMMEDIATE") as conn, conn.begin():
+    with write_transaction(engine) as conn:
         lock_sae(conn, sae_id)
         deleted = delete_sae(conn, sae_id)
     if deleted:
@@ -192,9 +209,9 @@ def read_run(run_dir: str | Path) -> RunRows:
         "fvu": _number(metrics.get("fvu")),
         "l0": _number(metrics.get("l0")),
         "dead_fraction": _number(metrics.get("dead_fraction")),
-        "cfg": json.dumps(_finite(cfg), sort_keys=True),
-        "metrics": json.dumps(_finite(metrics), sort_keys=True),
-        "harvest": json.dumps(_finite(harvest.info), sort_keys=True),
+        "cfg": json.dumps(finite_json(cfg), sort_keys=True),
+        "metrics": json.dumps(finite_json(metrics), sort_keys=True),
+        "harvest": json.dumps(finite_json(harvest.info), sort_keys=True),
         "density_histogram": json.dumps(density_histogram(density)),
         "n_explained": sum(e["f1"] is not None for e in explanations),
         "run_dir": str(run_dir),
@@ -329,23 +346,40 @@ def write_run(conn: Connection, rows: RunRows, replace: bool = False) -> bool:
             )
         log.info("replacing %s", rows.sae_id)
         delete_sae(conn, rows.sae_id)
+    conn.execute(Sae.__table__.insert(), [dict(rows.sae)])
+    write_tables(conn, rows.sae_id, rows.tables)
+    return True
+
+
+def write_tables(conn: Connection, sae_id: str, tables: dict[str, Rows]) -> None:
+    """Bulk-write one SAE's rows of each table, in chunks, inside the caller's transaction."""
     writer = _copy_table if conn.dialect.name == "postgresql" else _insert_table
     dbapi = conn.connection.dbapi_connection  # the same connection, inside the same transaction
-    conn.execute(Sae.__table__.insert(), [dict(rows.sae)])
-    for name, table_rows in rows.tables.items():
+    for name, table_rows in tables.items():
         log.info("writing %s %s rows", f"{len(table_rows):,}", name)
         for start in range(0, len(table_rows), BATCH):
             chunk = {column: values[start:start + BATCH] for column, values in table_rows.columns.items()}
-            writer(dbapi, name, rows.sae_id, chunk)
-    return True
+            writer(dbapi, name, sae_id, chunk)
 
 
 def delete_sae(conn: Connection, sae_id: str) -> bool:
     """Delete one SAE and everything under it, children first (no reliance on cascades);
-    False when there was no such SAE."""
+    False when there was no such SAE. A ladder the SAE is a rung of is unloaded too (its fits
+    and families; its other SAEs stay): its families point into this SAE's latents."""
+    for (ladder_id,) in conn.execute(select(LadderRung.ladder_id).where(LadderRung.sae_id == sae_id)).all():
+        delete_ladder(conn, ladder_id)
     for table in (Example, Context, LatentDetail, Latent, Vocab, TokenLatent, ExplanationTerm):
         conn.execute(delete(table).where(table.sae_id == sae_id))
     return conn.execute(delete(Sae).where(Sae.id == sae_id)).rowcount > 0
+
+
+def delete_ladder(conn: Connection, ladder_id: str) -> None:
+    """Delete a ladder's record: its families, rungs and fits (not its SAEs)."""
+    log.info("unloading ladder %s (its SAEs stay)", ladder_id)
+    rungs = select(LadderRung.sae_id).where(LadderRung.ladder_id == ladder_id)
+    conn.execute(delete(LatentFamily).where(LatentFamily.sae_id.in_(rungs)))
+    conn.execute(delete(LadderRung).where(LadderRung.ladder_id == ladder_id))
+    conn.execute(delete(Ladder).where(Ladder.id == ladder_id))
 
 
 # ------------------------------------------------------------ the two bulk paths
@@ -476,13 +510,13 @@ def _explanation(explanation: dict | None) -> dict:
     }
 
 
-def _finite(obj):
+def finite_json(obj):
     """metrics.json may hold NaN/Infinity (Python's json writes them); store valid JSON."""
     if isinstance(obj, float) and not math.isfinite(obj):
         return None
     if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
+        return {k: finite_json(v) for k, v in obj.items()}
     if isinstance(obj, list):
-        return [_finite(v) for v in obj]
+        return [finite_json(v) for v in obj]
     return obj
 

@@ -214,3 +214,52 @@ class ShareLink(Base):
     text: Mapped[str] = mapped_column(Text)
     sae_content_hash: Mapped[str | None] = mapped_column(String(64))  # the SAE's weights when shared
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+
+
+class Ladder(Base):
+    """A scaling sweep (`saescope sweep`, loaded by app.sweep_loader): its scaling.json, and in
+    `ladder_rungs` the SAEs it trained."""
+
+    __tablename__ = "ladders"
+
+    id: Mapped[str] = mapped_column(String(200), primary_key=True)  # e.g. smollm2-135m-instruct-l6-1024to32768-k32
+    model: Mapped[str] = mapped_column(String(300))
+    layer: Mapped[int] = mapped_column(Integer)
+    k: Mapped[int] = mapped_column(Integer)  # k of the n series
+    sweep: Mapped[str] = mapped_column(Text)  # sweep.json as loaded: the sweep's and the training's options
+    scaling: Mapped[str] = mapped_column(Text)  # scaling.json as loaded (trainer/scaling.py documents it)
+    # The sizes that feature families match, in latent_families' order: JSON {"neighbours": m,
+    # "rungs": [{"sae_id", "n_latents"}], smallest first}; NULL when the sweep matched none.
+    families: Mapped[str | None] = mapped_column(Text)
+    sweep_dir: Mapped[str] = mapped_column(String(1000))
+    content_hash: Mapped[str] = mapped_column(String(64))  # sweep.json, scaling.json, families, every rung's hash
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+
+
+class LadderRung(Base):
+    """One SAE of a ladder. An SAE is a rung of at most one ladder (the unique index, which also
+    finds an SAE's ladder for its pages)."""
+
+    __tablename__ = "ladder_rungs"
+    __table_args__ = (Index("ix_ladder_rungs_sae_id", "sae_id", unique=True),)
+
+    ladder_id: Mapped[str] = mapped_column(ForeignKey("ladders.id", ondelete="CASCADE"), primary_key=True)
+    sae_id: Mapped[str] = mapped_column(ForeignKey("saes.id", ondelete="CASCADE"), primary_key=True)
+    run: Mapped[str] = mapped_column(String(300))  # the rung's folder in the sweep (runs/n1024-k32): scaling.json's key
+    n_latents: Mapped[int] = mapped_column(Integer)
+    k: Mapped[int] = mapped_column(Integer)
+
+
+class LatentFamily(Base):
+    """A latent's nearest latents by decoder cosine in every other size of its ladder's n series
+    (families.safetensors, trainer/families.py): row r of each BLOB is the r-th of the ladder's
+    `families` rungs other than this latent's own SAE, most similar first, padded with index -1
+    where that SAE has fewer latents than `neighbours`. One row per latent: the feature page reads
+    it by primary key. No foreign key, like `examples`: the loader is its only writer."""
+
+    __tablename__ = "latent_families"
+
+    sae_id: Mapped[str] = mapped_column(String(200), primary_key=True)
+    latent: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    nearest_index: Mapped[bytes] = mapped_column(LargeBinary)  # int32 (R-1, m) little-endian
+    nearest_cosine: Mapped[bytes] = mapped_column(LargeBinary)  # float32 (R-1, m)

@@ -4,7 +4,7 @@
     saescope eval    RUN
     saescope harvest RUN
     saescope import  SAE_FOLDER --out RUN        (an SAE saved by SAELens or sparsify)
-    saescope load    RUN --db URL [--replace]
+    saescope load    RUN --db URL [--replace]     (or a sweep folder: every rung and the ladder)
     saescope serve   --db URL --host H --port P [--preload]
     saescope demo    [--workdir DIR] [--db URL] [--no-serve]   (all of the above on the defaults)
     saescope sweep   --out DIR [--latents 1024,...,32768 --ks 16,32,64 ...]   (a ladder of SAEs, scaling fits)
@@ -82,8 +82,13 @@ def cmd_import(args) -> None:
 
 def cmd_load(args) -> None:
     from app.loader import load_run
+    from app.sweep_loader import is_sweep, load_sweep
 
-    sae_id = load_run(_run_dir(args.run_dir), args.db, replace=args.replace)
+    folder = _run_dir(args.run_dir)
+    if is_sweep(folder):  # a sweep folder: every rung, the ladder's fits and its families
+        print(f"loaded ladder {load_sweep(folder, args.db, replace=args.replace)} into {args.db}")
+        return
+    sae_id = load_run(folder, args.db, replace=args.replace)
     print(f"loaded {sae_id} into {args.db}")
 
 
@@ -211,10 +216,11 @@ def build_parser() -> argparse.ArgumentParser:
     imported.add_argument("--layer", type=int, help="hookpoint layer, when the source does not say")
     imported.set_defaults(func=cmd_import)
 
-    load = commands.add_parser("load", help="put a run folder into the database (one transaction)")
-    load.add_argument("run_dir", help="run folder")
+    load = commands.add_parser("load", help="put a run folder, or a sweep folder, into the database (one transaction)")
+    load.add_argument("run_dir", help="run folder, or sweep folder (saescope sweep --out): every rung, its fits and families")
     load.add_argument("--db", default=default_db(), help="database URL (default: $DATABASE_URL or sqlite:///saescope.db)")
-    load.add_argument("--replace", action="store_true", help="replace an SAE of the same id with different content")
+    load.add_argument("--replace", action="store_true",
+                      help="replace an SAE (or a ladder) of the same id with different content")
     load.set_defaults(func=cmd_load)
 
     serve = commands.add_parser("serve", help="serve the web app")

@@ -1,0 +1,47 @@
+"""A synthetic sweep folder for the web app's tests: the layout `saescope sweep` writes
+(sweep.json, runs/n{n}-k{k} harvested run folders, scaling.json, families.safetensors), with
+webrun.py's synthetic rungs and metrics on a known power law, fitted and matched by the trainer's
+own trainer.scaling and trainer.families. No model, a second or two."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from webrun import make_synthetic_run
+
+from trainer import families, runfolder, scaling
+
+N_SERIES, K = (16, 32, 64, 128), 4
+K_SERIES, K_SERIES_N = (2, 8), (32,)
+NEIGHBOURS = 3
+MODEL = "test/Ladder-Model"
+
+
+def fvu_law(n: int, k: int) -> float:
+    """The rungs' FVU: 0.05 + 0.8 n^-0.5, lower at larger k, and 1 % off the law (so that the fits
+    have intervals)."""
+    return (0.05 + 0.8 * n ** -0.5) * (k / K) ** -0.2 * (1 + 0.01 * math.sin(n + k))
+
+
+def make_sweep(folder: Path, seed: int = 0, neighbours: int = NEIGHBOURS) -> Path:
+    rungs = sorted({(n, K) for n in N_SERIES} | {(n, k) for n in K_SERIES_N for k in (K, *K_SERIES)})
+    names = [f"n{n}-k{k}" for n, k in rungs]
+    for (n, k), name in zip(rungs, names):
+        run = make_synthetic_run(folder / "runs" / name, n_latents=n, n_examples=4, context_length=16, n_contexts=64,
+                                 seed=seed * 1000 + n + k, model=MODEL)
+        runfolder.save_cfg(run, {**runfolder.load_cfg(run), "k": k})
+        runfolder.save_metrics(run, {"fvu": fvu_law(n, k), "delta_ce": (0.02 + 2 * n ** -0.4) * (1 + 0.01 * math.cos(n)), "l0": float(k),
+                                     "dead_fraction": 1 / n if n == max(N_SERIES) else 0.0, "train_tokens": 4096})
+    runfolder.write_json(folder / "sweep.json", {
+        "sweep": {"latents": ",".join(map(str, N_SERIES)), "k": K, "ks": ",".join(map(str, K_SERIES)),
+                  "k_series_latents": ",".join(map(str, K_SERIES_N)), "family_neighbours": neighbours},
+        "train": {"model": MODEL, "layer": 6, "tokens": 4096}, "rungs": names})
+    scaling.write_scaling(folder, K)
+    if neighbours:
+        families.write_families(folder, [folder / "runs" / f"n{n}-k{K}" for n in N_SERIES], neighbours)
+    return folder
+
+
+def ladder_id() -> str:
+    return f"ladder-model-l6-{min(N_SERIES)}to{max(N_SERIES)}-k{K}"
