@@ -1,4 +1,4 @@
-"""Bar charts as server-rendered SVG: the geometry (`bar_chart`), then the markup (`svg`).
+"""Charts as server-rendered SVG: the geometry (`bar_chart`, `line_chart`), then the markup (`svg`).
 
 No chart library and no script: a chart is numbers placed in a viewBox, with labelled axes and a
 <title> on every bar, so it works offline, prints, and reads the same in every browser.
@@ -50,15 +50,15 @@ class Marker:
     label: str
 
 
-@dataclass
-class BarChart:
+@dataclass(kw_only=True)
+class Frame:
+    """What every chart has: a title, axes with ticks and labels, and the drawing area."""
+
     title: str  # the chart's accessible name
-    bars: list[Bar]
     x_ticks: list[Tick]
     y_ticks: list[Tick]
     x_label: str
     y_label: str
-    markers: list[Marker]
     width: int = WIDTH
     height: int = HEIGHT
     left: int = LEFT
@@ -69,9 +69,42 @@ class BarChart:
     def right(self) -> int:
         return self.width - RIGHT
 
+
+@dataclass(kw_only=True)
+class BarChart(Frame):
+    bars: list[Bar]
+    markers: list[Marker]
+
     @property
     def empty(self) -> bool:
         return not any(bar.height > 0 for bar in self.bars)
+
+
+@dataclass
+class Point:
+    x: str
+    y: str
+    title: str  # shown on hover: what the point is and its values
+
+
+@dataclass
+class Line:
+    """One series: a polyline through its points, and a marker at each when `markers`."""
+
+    label: str  # in the legend
+    points: list[Point]
+    css: str  # the series' class: its colour, and "fit" for a dashed fitted curve
+    markers: bool = True
+
+
+@dataclass(kw_only=True)
+class LineChart(Frame):
+    lines: list[Line]
+    legend: bool = True
+
+    @property
+    def empty(self) -> bool:
+        return not any(line.points for line in self.lines)
 
 
 def bar_chart(edges: list[float], counts: list[int], *, title: str, x_label: str, y_label: str,
@@ -104,26 +137,91 @@ def bar_chart(edges: list[float], counts: list[int], *, title: str, x_label: str
     )
 
 
+@dataclass
+class Series:
+    """A line chart's input: (x, y, hover title) values, drawn in order."""
+
+    label: str
+    css: str
+    values: list[tuple[float, float, str]]
+    markers: bool = True
+
+
+def line_chart(series: list[Series], *, title: str, x_label: str, y_label: str, x_ticks: list[float],
+               x_format: Callable[[float], str] = None, y_log: bool = True, legend: bool = True,
+               width: int = WIDTH) -> LineChart:
+    """Lines on a log x axis (ticks at `x_ticks`) and a log y axis (a linear one with `y_log`
+    False, or when a value is not positive); a log axis leaves out values <= 0."""
+    x_format = x_format or short
+    y_log = y_log and all(y > 0 for line in series for _, y, _ in line.values)
+    series = [Series(line.label, line.css, [v for v in line.values if v[0] > 0 and math.isfinite(v[1])], line.markers)
+              for line in series]
+    xs = [x for line in series for x, _, _ in line.values] or [1.0]
+    ys = [y for line in series for _, y, _ in line.values] or [1.0]
+    x_scale = Scale(min(xs) / 1.15, max(xs) * 1.15, LEFT, width - RIGHT, log=True)
+    if y_log:
+        y_scale = Scale(min(ys) / 1.15, max(ys) * 1.15, HEIGHT - BOTTOM, TOP, log=True)
+        y_values = log_ticks(y_scale.low, y_scale.high)
+    else:
+        low, high = min(0.0, min(ys)), max(ys)
+        y_values = nice_ticks(low, nice_ceiling(high) if high > low else low + 1, 4)
+        y_scale = Scale(y_values[0], y_values[-1] if y_values[-1] > y_values[0] else y_values[0] + 1, HEIGHT - BOTTOM, TOP)
+    lines = [Line(line.label, [Point(at(x_scale(x)), at(y_scale(y)), text) for x, y, text in line.values], line.css,
+                  line.markers) for line in series]
+    shown = [t for t in x_ticks if x_scale.low <= t <= x_scale.high]
+    shown = shown[::2] if len(shown) > 8 else shown  # labels need room
+    return LineChart(title=title, lines=lines, x_label=x_label, y_label=y_label, width=width, legend=legend,
+                     x_ticks=[Tick(at(x_scale(t)), x_format(t)) for t in shown],
+                     y_ticks=[Tick(at(y_scale(t)), short(t)) for t in y_values])
+
+
+@dataclass
+class Scale:
+    """Values from [low, high] to positions from `start` to `end`, linearly or in log space."""
+
+    low: float
+    high: float
+    start: float
+    end: float
+    log: bool = False
+
+    def __call__(self, value: float) -> float:
+        f = math.log if self.log else (lambda v: v)
+        span = (f(self.high) - f(self.low)) or 1.0
+        return self.start + (f(value) - f(self.low)) / span * (self.end - self.start)
+
+
+def log_ticks(low: float, high: float) -> list[float]:
+    """Round values for a log axis over [low, high]: powers of ten, else 1-2-5 times them, else
+    every digit (spaced out: 0.09 and 0.1 would overlap); a range narrower than that gets linear
+    round values."""
+    decades = range(math.floor(math.log10(low)), math.ceil(math.log10(high)) + 1)
+    gap = (math.log10(high) - math.log10(low)) / 7
+    for mantissas in ((1,), (1, 2, 5), range(1, 10)):
+        ticks = []
+        for tick in sorted(round(m * 10.0 ** e, 12) for e in decades for m in mantissas):
+            if low <= tick <= high and (not ticks or math.log10(tick / ticks[-1]) >= gap):
+                ticks.append(tick)
+        if len(ticks) >= 3:
+            return ticks
+    return [t for t in nice_ticks(low, high, 4) if t > 0]
+
+
 def at(position: float) -> str:
     return f"{position:.1f}"
 
 
-def svg(chart: BarChart, class_name: str = "") -> Markup:
-    """The chart as an <svg> element: grid and count labels, a group per bar (a full-height hit
-    area and the bar, under the bar's <title>), markers, axes, tick labels and axis labels."""
+def svg(chart: Frame, class_name: str = "") -> Markup:
+    """The chart as an <svg> element: grid and y labels, the bars (a group per bar: a
+    full-height hit area and the bar, under the bar's <title>) and markers, or the lines (a
+    polyline each, a group per point under its <title>, a legend), then axes, ticks and labels."""
     left, right, top, bottom = chart.left, chart.right, chart.top, chart.bottom
     parts = [f'<svg class="chart {escape(class_name)}" viewBox="0 0 {chart.width} {chart.height}" role="img" '
              f'aria-label="{escape(chart.title)}"><title>{escape(chart.title)}</title>']
     for tick in chart.y_ticks:
         parts.append(f'<line class="grid" x1="{left}" x2="{right}" y1="{tick.at}" y2="{tick.at}"/>'
                      f'<text class="tick y" x="{left - 6}" y="{tick.at}">{escape(tick.label)}</text>')
-    for bar in chart.bars:
-        parts.append(f'<g class="bin"><title>{escape(bar.title)}</title>'
-                     f'<rect class="hist-hit" x="{bar.x}" y="{top}" width="{bar.width}" height="{bottom - top}"/>'
-                     f'<rect class="hist-bar" x="{bar.x}" y="{bar.y}" width="{bar.width}" height="{bar.height}"/></g>')
-    for marker in chart.markers:
-        parts.append(f'<line class="marker" x1="{marker.at}" x2="{marker.at}" y1="{top}" y2="{bottom}"/>'
-                     f'<text class="marker-label" x="{marker.at}" dx="3" y="{top + 9}">{escape(marker.label)}</text>')
+    parts += _lines(chart) if isinstance(chart, LineChart) else _bars(chart)
     parts.append(f'<line class="axis" x1="{left}" x2="{right}" y1="{bottom}" y2="{bottom}"/>'
                  f'<line class="axis" x1="{left}" x2="{left}" y1="{top}" y2="{bottom}"/>')
     for tick in chart.x_ticks:
@@ -133,6 +231,34 @@ def svg(chart: BarChart, class_name: str = "") -> Markup:
                  f'<text class="axis-label y" transform="translate(12 {(top + bottom) / 2}) rotate(-90)">'
                  f'{escape(chart.y_label)}</text></svg>')
     return Markup("".join(parts))
+
+
+def _bars(chart: BarChart) -> list[str]:
+    top, bottom = chart.top, chart.bottom
+    parts = [f'<g class="bin"><title>{escape(bar.title)}</title>'
+             f'<rect class="hist-hit" x="{bar.x}" y="{top}" width="{bar.width}" height="{bottom - top}"/>'
+             f'<rect class="hist-bar" x="{bar.x}" y="{bar.y}" width="{bar.width}" height="{bar.height}"/></g>'
+             for bar in chart.bars]
+    for marker in chart.markers:
+        parts.append(f'<line class="marker" x1="{marker.at}" x2="{marker.at}" y1="{top}" y2="{bottom}"/>'
+                     f'<text class="marker-label" x="{marker.at}" dx="3" y="{top + 9}">{escape(marker.label)}</text>')
+    return parts
+
+
+def _lines(chart: LineChart) -> list[str]:
+    parts = []
+    for line in chart.lines:
+        css = escape(line.css)
+        parts.append(f'<polyline class="series {css}" points="{" ".join(f"{p.x},{p.y}" for p in line.points)}"/>')
+        if line.markers:
+            parts += [f'<g class="point {css}"><title>{escape(p.title)}</title>'
+                      f'<circle class="hit" cx="{p.x}" cy="{p.y}" r="8"/><circle cx="{p.x}" cy="{p.y}" r="3.5"/></g>'
+                      for p in line.points]
+    for i, line in enumerate(chart.lines if chart.legend else []):  # the legend, top right, a row per series
+        y = chart.top + 8 + 13 * i
+        parts.append(f'<g class="legend {escape(line.css)}"><line class="series" x1="{chart.right - 150}" x2="{chart.right - 132}" '
+                     f'y1="{y}" y2="{y}"/><text x="{chart.right - 127}" y="{y}" dy="3">{escape(line.label)}</text></g>')
+    return parts
 
 
 def nice_ticks(low: float, high: float, count: int = 5) -> list[float]:
@@ -201,3 +327,46 @@ def density_chart(histogram) -> BarChart:
         x_label="density: share of tokens it fires on (log scale)", y_label="latents",
         x_ticks=decades, x_format=percent_of_tokens, markers={threshold: "dense"}, width=2 * WIDTH,
         describe=lambda a, b, c: f"density {percent_of_tokens(a)} to {percent_of_tokens(b)}: {c:,} latents")
+
+
+def size_label(n: float) -> str:
+    """A latent count as a tick label: 512, 4k, 32k, 1M."""
+    for unit, suffix in ((2**20, "M"), (2**10, "k")):
+        if n >= unit and n % unit == 0:
+            return f"{int(n // unit)}{suffix}"
+    return f"{n:,.0f}"
+
+
+def scaling_chart(ladder, metric: str, name: str) -> LineChart:
+    """One metric of a ladder's n series against n, log-log, with its fitted L(n) (app.ladders)."""
+    k = ladder.summary.k
+    fit = ladder.fits.get(f"{metric}_n", {})
+    fitted = {point["n"]: point["fitted"] for point in fit.get("points", [])}
+    rungs = [(rung.n_latents, getattr(rung, metric)) for rung in ladder.n_series if getattr(rung, metric) is not None]
+    lines = [Series(f"SAEs at k = {k}", "observed", [
+        (n, value, f"n = {n:,}, k = {k}: {name} {value:.4g}" + (f" (fit {fitted[n]:.4g})" if n in fitted else ""))
+        for n, value in rungs])]
+    if "curve" in fit:
+        lines.append(Series("fit c + a·n^−α", "fit", [(p["n"], p["value"], "") for p in fit["curve"]], markers=False))
+    return line_chart(lines, title=f"{name} against the number of latents n (log–log)", x_label="latents n (log scale)",
+                      y_label=f"{name} (log scale)", x_ticks=[n for n, _ in rungs], x_format=size_label)
+
+
+def k_series_chart(ladder) -> LineChart:
+    """FVU against k at each n the sweep trained at several k."""
+    lines = [Series(f"n = {n:,}", f"s{i}", [(r.k, r.fvu, f"n = {n:,}, k = {r.k}: FVU {r.fvu:.4g}")
+                                             for r in rungs if r.fvu is not None])
+             for i, (n, rungs) in enumerate(sorted(ladder.k_series.items()))]
+    ks = sorted({r.k for rungs in ladder.k_series.values() for r in rungs})
+    return line_chart(lines, title="FVU against k at fixed n (log–log)", x_label="k: latents active per token (log scale)",
+                      y_label="FVU (log scale)", x_ticks=ks, x_format=lambda k: f"{k:g}")
+
+
+def dead_chart(ladder) -> LineChart:
+    """The share of dead latents in each SAE of the n series."""
+    k = ladder.summary.k
+    rungs = [(r.n_latents, r.dead_fraction) for r in ladder.n_series if r.dead_fraction is not None]
+    line = Series("dead latents", "dead", [(n, 100 * dead, f"n = {n:,}, k = {k}: {dead:.2%} dead") for n, dead in rungs])
+    return line_chart([line], title="Dead latents against n", x_label="latents n (log scale)",
+                      y_label="dead latents (%)", x_ticks=[n for n, _ in rungs], x_format=size_label, y_log=False,
+                      legend=False)

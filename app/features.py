@@ -3,9 +3,10 @@
     feature = get_feature(session, sae_id, index)   # None when there is no such latent
     feature.as_json(urls)                            # the .json twin
 
-Five reads by primary key (the latent with its details and SAE, its examples, their contexts,
-the token strings of its logit effects, its neighbours' explanations), so the page costs the same at 64
-latents or at 65,536 (bench/feature_page.py).
+Five reads by primary key (the latent with its details and SAE, its examples with their contexts,
+the token strings of its logit effects, its family across a ladder's sizes (app.families), the
+explanations of its neighbours and family), so the page costs the same at 64 latents or at
+65,536 (bench/feature_page.py).
 """
 
 from __future__ import annotations
@@ -15,9 +16,10 @@ from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
-from sqlalchemy import select
+from sqlalchemy import and_, or_, select
 from sqlalchemy.orm import Session
 
+from app.families import AcrossSizes, across_sizes
 from app.models import LATENT_BLOBS, Context, Latent, LatentDetail, Sae, Vocab
 from app.models import Example as ExampleRow
 from app.queries import Explanation
@@ -134,6 +136,7 @@ class Feature:
     explanation_method: str | None = None  # harvest.json's explanation: how it was found
     heldout_contexts: int | None = None  # ... and on how many held-out contexts it was scored
     source: SaeSource | None = None  # where the SAE's weights are: can the probe run it here?
+    family: AcrossSizes | None = None  # its nearest latents in the other sizes of its ladder
 
     @property
     def prev_index(self) -> int | None:
@@ -175,6 +178,7 @@ class Feature:
             "random": urls.random_feature(self.sae_id, fmt="json"),
             "url": urls.feature(self.sae_id, self.index),
             "sae_url": urls.sae(self.sae_id, fmt="json"),
+            "across_sizes": self.family.as_json(urls) if self.family else None,
         }
 
 
@@ -199,6 +203,11 @@ def get_feature(session: Session, sae_id: str, index: int) -> Feature | None:
     logit_ids = [*arrays["logit_top_ids"].tolist(), *arrays["logit_bottom_ids"].tolist()]
     tokens = token_strings(session, sae_id, logit_ids + excluded_ids)
     top_examples, by_bin = examples(session, sae_id, index)
+    family = across_sizes(session, sae_id, index)
+    neighbour_index = arrays["neighbour_index"].tolist()
+    summaries = latent_summaries(session, {sae_id: neighbour_index} | (family.wanted() if family else {}))
+    if family:
+        family.describe(summaries)
     return Feature(
         sae_id=sae_id, index=index, n_latents=n_latents, n_tokens=harvest.get("n_tokens"),
         density=latent.density, max_activation=latent.max_activation, mean_activation=latent.mean_activation,
@@ -212,13 +221,15 @@ def get_feature(session: Session, sae_id: str, index: int) -> Feature | None:
         logit_histogram=Histogram(np.linspace(getattr(detail, "logit_min", 0), getattr(detail, "logit_max", 0),
                                               len(arrays["logit_histogram"]) + 1).tolist(),
                                   arrays["logit_histogram"].tolist()),
-        neighbours=neighbours(session, sae_id, arrays["neighbour_index"], arrays["neighbour_cosine"]),
+        neighbours=[Neighbour(i, round(c, 6), *summaries[sae_id, i])
+                    for i, c in zip(neighbour_index, arrays["neighbour_cosine"].tolist()) if (sae_id, i) in summaries],
         explanation=Explanation.of(latent, getattr(detail, "explanation_patterns", None)),
         excluded_positions=[int(p) for p in harvest.get("excluded_positions", [])],
         excluded_tokens=[(i, tokens.get(i, "")) for i in excluded_ids],
         explanation_method=explained.get("method"),
         heldout_contexts=explained.get("heldout_contexts"),
         source=SaeSource(*row[4:]),
+        family=family,
     )
 
 
@@ -266,13 +277,15 @@ def effects(ids: np.ndarray, values: np.ndarray, tokens: dict[int, str]) -> list
     return [TokenEffect(i, tokens.get(i, ""), round(v, 6)) for i, v in zip(ids.tolist(), values.tolist())]
 
 
-def neighbours(session: Session, sae_id: str, indices: np.ndarray, cosines: np.ndarray) -> list[Neighbour]:
-    if not len(indices):
-        return []
-    rows = session.execute(select(Latent.index, Latent.explanation, Latent.density)
-                           .where(Latent.sae_id == sae_id, Latent.index.in_(sorted(set(indices.tolist())))))
-    known = {index: (explanation, density) for index, explanation, density in rows}
-    return [Neighbour(i, round(c, 6), *known[i]) for i, c in zip(indices.tolist(), cosines.tolist()) if i in known]
+def latent_summaries(session: Session, wanted: dict[str, list[int]]) -> dict[tuple[str, int], tuple[str | None, float]]:
+    """(explanation, density) of latents of one or more SAEs, {(sae_id, index): ...}: the page's
+    neighbours and family in one read, a primary-key range per SAE."""
+    conditions = [and_(Latent.sae_id == sae_id, Latent.index.in_(sorted(set(indices))))
+                  for sae_id, indices in wanted.items() if indices]
+    if not conditions:
+        return {}
+    rows = session.execute(select(Latent.sae_id, Latent.index, Latent.explanation, Latent.density).where(or_(*conditions)))
+    return {(sae_id, index): (explanation, density) for sae_id, index, explanation, density in rows}
 
 
 def blob(data: bytes | None, dtype: str) -> np.ndarray:

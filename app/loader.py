@@ -25,7 +25,7 @@ import logging
 import math
 import re
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import repeat
@@ -110,14 +110,19 @@ def load_run(run_dir: str | Path, database_url: str, replace: bool = False) -> s
     """Load `run_dir` into the database at `database_url` (migrated first); returns the SAE id."""
     log.info("reading %s", run_dir)
     rows = read_run(run_dir)
+    write_to_database(database_url, lambda engine: write_in_one_transaction(engine, rows, replace=replace))
+    log.info("loaded %s", rows.sae_id)
+    return rows.sae_id
+
+
+def write_to_database(database_url: str, write: Callable[[Engine], object]) -> None:
+    """Migrate the database at `database_url`, then `write(engine)`."""
     upgrade(database_url)
     engine = make_engine(database_url)
     try:
-        write_in_one_transaction(engine, rows, replace=replace)
+        write(engine)
     finally:
         engine.dispose()
-    log.info("loaded %s", rows.sae_id)
-    return rows.sae_id
 
 
 def write_in_one_transaction(engine: Engine, rows: RunRows, replace: bool = False) -> bool:
@@ -335,19 +340,24 @@ def write_run(conn: Connection, rows: RunRows, replace: bool = False) -> bool:
     """Insert `rows` inside the caller's transaction (idempotent on the content hash); returns
     False when the same files are already loaded."""
     existing = conn.execute(select(Sae.content_hash).where(Sae.id == rows.sae_id)).scalar_one_or_none()
-    if existing == rows.sae["content_hash"]:
-        log.info("%s is already loaded from these files: nothing to do", rows.sae_id)
+    if not must_write(existing, rows.sae["content_hash"], f"SAE {rows.sae_id!r}", replace):
         return False
     if existing is not None:
-        if not replace:
-            raise LoadError(
-                f"SAE {rows.sae_id!r} is already loaded from different files; "
-                "pass --replace (replace=True) to overwrite it"
-            )
         log.info("replacing %s", rows.sae_id)
         delete_sae(conn, rows.sae_id)
     conn.execute(Sae.__table__.insert(), [dict(rows.sae)])
     write_tables(conn, rows.sae_id, rows.tables)
+    return True
+
+
+def must_write(existing_hash: str | None, content_hash: str, what: str, replace: bool) -> bool:
+    """Whether a load writes `what`: not when it is loaded from the same files (the same content
+    hash); an error when it is loaded from other files and `replace` is off."""
+    if existing_hash == content_hash:
+        log.info("%s is already loaded from these files: nothing to do", what)
+        return False
+    if existing_hash is not None and not replace:
+        raise LoadError(f"{what} is already loaded from different files; pass --replace (replace=True) to overwrite it")
     return True
 
 

@@ -16,7 +16,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from app.db import ROOT, make_engine, session_factory
 from app.probe import ProbeService
 from app.render import make_templates, render
-from app.routes import admin, features, probe, saes, search
+from app.routes import admin, features, ladders, probe, saes, search
 from app.security import RequestGuard
 from app.settings import Settings
 
@@ -52,7 +52,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.probe = probe_service
     app.state.templates = make_templates()
 
-    for router in (saes.router, features.router, search.router, probe.router, admin.router):
+    for router in (saes.router, features.router, ladders.router, search.router, probe.router, admin.router):
         app.include_router(router)
 
     @app.get("/healthz", include_in_schema=False)

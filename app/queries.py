@@ -14,7 +14,7 @@ from typing import Literal
 from sqlalchemy import asc, desc, func, select
 from sqlalchemy.orm import Session
 
-from app.models import Latent, Sae
+from app.models import LadderRung, Latent, Sae
 from app.urls import URLs
 from trainer.evaluate import DENSE_THRESHOLD
 
@@ -58,6 +58,7 @@ class SaeDetail(SaeSummary):
     harvest: dict  # harvest.json: tokens seen, bins, seed, excluded positions and tokens
     density_histogram: DensityHistogram | None  # None for SAEs loaded before migration 0004
     n_explained: int  # latents with a scored explanation
+    ladder_id: str | None = None  # the scaling ladder it is a rung of (app.ladders)
 
 
 @dataclass
@@ -202,6 +203,7 @@ def get_sae(session: Session, sae_id: str) -> SaeDetail | None:
         harvest=json.loads(row.harvest or "{}"),
         density_histogram=DensityHistogram(**histogram) if histogram else None,
         n_explained=row.n_explained,
+        ladder_id=session.execute(select(LadderRung.ladder_id).where(LadderRung.sae_id == sae_id)).scalar_one_or_none(),
     )
 
 

@@ -117,7 +117,9 @@ def make_templates() -> Jinja2Templates:
     env.filters.update(token=token_text, lone_token=lone_token, number=number, percent=percent)
     env.globals.update(zip=zip, shade=shade, density_bar=density_bar, token_chips=token_chips, urls=URLs(),
                        explanation_html=explanation_html, chart_svg=charts.svg, activation_chart=charts.activation_chart,
-                       logit_chart=charts.logit_chart, density_chart=charts.density_chart)
+                       logit_chart=charts.logit_chart, density_chart=charts.density_chart,
+                       scaling_chart=charts.scaling_chart, k_series_chart=charts.k_series_chart,
+                       dead_chart=charts.dead_chart, size_label=charts.size_label)
     return Jinja2Templates(env=env)
 
 

@@ -43,6 +43,7 @@ class SaeDetailOut(SaeFields):
     harvest: dict = Field(description="harvest.json: tokens seen, bins, seed, excluded_positions, excluded_token_ids, ...")
     density_histogram: DensityHistogramOut | None
     n_explained: int = Field(description="latents with a scored explanation")
+    ladder_id: str | None = Field(description="the scaling ladder it is a rung of (/ladders/{ladder_id}), or null")
 
 
 class LatentOut(BaseModel):
@@ -137,6 +138,28 @@ class ExcludedOut(BaseModel):
     tokens: list[str]
 
 
+class RelativeOut(BaseModel):
+    index: int
+    cosine: float = Field(description="cosine similarity of the two decoder directions")
+    explanation: str | None
+    density: float | None
+    url: str
+
+
+class SizeOut(BaseModel):
+    sae_id: str
+    n_latents: int
+    sae_url: str
+    latents: list[RelativeOut] = Field(description="most similar first")
+
+
+class AcrossSizesOut(BaseModel):
+    ladder: str
+    ladder_url: str
+    smaller: list[SizeOut] = Field(description="each smaller SAE of the ladder with its one nearest latent (what this one was)")
+    larger: list[SizeOut] = Field(description="each larger SAE with its nearest latents, up to 5 (what this one splits into)")
+
+
 class FeatureOut(BaseModel):
     sae_id: str
     index: int
@@ -157,6 +180,8 @@ class FeatureOut(BaseModel):
     random: str
     url: str
     sae_url: str
+    across_sizes: AcrossSizesOut | None = Field(
+        description="when the SAE is in a ladder's n series: its nearest latents in each other size")
 
 
 class LatentHitOut(BaseModel):
@@ -188,6 +213,87 @@ class SearchOut(BaseModel):
     latent: LatentHitOut | None = Field(description="the latent a number in q names")
     tokens: list[TokenMatchOut] = Field(description="tokens q may mean: as typed, stripped, with one leading space")
     explanations: list[LatentHitOut] = Field(description="latents whose explanation has every word, best score first")
+    url: str
+
+
+class LadderOut(BaseModel):
+    id: str
+    model: str
+    layer: int
+    k: int = Field(description="k of the n series")
+    n_rungs: int = Field(description="SAEs in scaling.json (the n series and the k series)")
+    n_min: int = Field(description="the n series' smallest number of latents")
+    n_max: int
+    fvu_alpha: float | None = Field(description="the fitted exponent alpha of FVU(n) = c + a n^-alpha, or null")
+    url: str
+    json_url: str
+
+
+class LadderIndexOut(BaseModel):
+    ladders: list[LadderOut]
+
+
+class RungOut(BaseModel):
+    run: str = Field(description="the rung's run folder, relative to the sweep folder")
+    sae_id: str | None = Field(description="the loaded SAE, or null when this rung is not in the database")
+    n_latents: int
+    k: int
+    fvu: float | None
+    delta_ce: float | None
+    dead_fraction: float | None
+    l0: float | None
+    url: str | None = Field(description="the SAE's page")
+
+
+class FitParamOut(BaseModel):
+    value: float | None
+    low: float | None = Field(description="the interval's ends (null: no interval, or open on that side)")
+    high: float | None
+    low_open: bool
+    high_open: bool
+    fixed: bool = Field(description="held at its value: the grid cannot identify it")
+
+
+class FitPointOut(BaseModel):
+    n: int
+    k: int
+    observed: float
+    fitted: float
+
+
+class FitCurveOut(BaseModel):
+    n: float
+    k: int
+    value: float
+
+
+class FitOut(BaseModel):
+    """A fit of scaling.json (trainer/scaling.py), or {"skipped": why}."""
+
+    skipped: str | None = Field(None, description="why the fit did not run (then no other key)")
+    metric: str | None = None
+    form: str | None = None
+    variables: list[str] | None = None
+    k: int | None = Field(None, description="n fits: the k of their rungs")
+    params: dict[str, FitParamOut] | None = None
+    n_exponent: dict[str, float | None] | None = Field(None, description="joint fits: the exponent of n at each k")
+    r2: float | None = None
+    r2_log: float | None = None
+    rmse_log: float | None = None
+    n_points: int | None = None
+    dof: int | None = None
+    points: list[FitPointOut] | None = None
+    curve: list[FitCurveOut] | None = Field(None, description="the fitted law on 41 log-spaced n, for every k")
+
+
+class LadderPageOut(BaseModel):
+    ladder: LadderOut
+    rungs: list[RungOut] = Field(description="every SAE of the sweep, smallest n first, then k")
+    fits: dict[str, FitOut] = Field(description="fvu_n, delta_ce_n, fvu_joint, delta_ce_joint")
+    interval: dict | None = Field(description='{"method": "profile", "level": 0.95}')
+    paper: dict | None = Field(description="the paper's reference values, for comparison")
+    sweep: dict = Field(description="the sweep's options (sweep.json)")
+    train: dict = Field(description="the training options every rung shares")
     url: str
 
 

@@ -34,7 +34,6 @@ import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from sqlalchemy import Connection, Engine, select
 
-from app.db import make_engine, upgrade
 from app.loader import (
     LoadError,
     Rows,
@@ -42,9 +41,11 @@ from app.loader import (
     delete_ladder,
     finite_json,
     lock_sae,
+    must_write,
     read_run,
     write_run,
     write_tables,
+    write_to_database,
     write_transaction,
 )
 from app.models import Ladder, LadderRung, LatentFamily, Sae
@@ -86,12 +87,7 @@ class SweepRows:
 def load_sweep(sweep_dir: str | Path, database_url: str, replace: bool = False) -> str:
     """Load `sweep_dir` into the database at `database_url` (migrated first); returns the ladder id."""
     rows = read_sweep(sweep_dir)
-    upgrade(database_url)
-    engine = make_engine(database_url)
-    try:
-        write_sweep_in_one_transaction(engine, rows, replace=replace)
-    finally:
-        engine.dispose()
+    write_to_database(database_url, lambda engine: write_sweep_in_one_transaction(engine, rows, replace=replace))
     log.info("loaded ladder %s", rows.ladder_id)
     return rows.ladder_id
 
@@ -261,13 +257,9 @@ def write_sweep_in_one_transaction(engine: Engine, rows: SweepRows, replace: boo
 def write_sweep(conn: Connection, rows: SweepRows, replace: bool = False) -> bool:
     """Insert the sweep inside the caller's transaction; False when these files are loaded."""
     existing = conn.execute(select(Ladder.content_hash).where(Ladder.id == rows.ladder_id)).scalar_one_or_none()
-    if existing == rows.ladder["content_hash"]:
-        log.info("ladder %s is already loaded from these files: nothing to do", rows.ladder_id)
+    if not must_write(existing, rows.ladder["content_hash"], f"ladder {rows.ladder_id!r}", replace):
         return False
     if existing is not None:
-        if not replace:
-            raise LoadError(f"ladder {rows.ladder_id!r} is already loaded from different files; "
-                            "pass --replace (replace=True) to overwrite it")
         delete_ladder(conn, rows.ladder_id)
     for rung in rows.rungs:
         write_rung(conn, rung, rows.ladder_id, replace)

@@ -37,6 +37,14 @@ class URLs:
         fmt="json" its JSON)."""
         return self._build(f"/saes/{quote(sae_id, safe='')}/random", fmt)
 
+    def ladders(self, fmt: str | None = None) -> str:
+        """The scaling ladders (sweeps) in the database."""
+        return self._build("/ladders", fmt)
+
+    def ladder(self, ladder_id: str, fmt: str | None = None) -> str:
+        """A ladder's scaling page: its fits, charts and rungs."""
+        return self._build(f"/ladders/{quote(ladder_id, safe='')}", fmt)
+
     def search(self, sae: str | None = None, q: str | None = None, fmt: str | None = None, **query) -> str:
         """Search an SAE's latents by explanation and by token; query: limit."""
         return self._build("/search", fmt, sae=sae, q=q, **query)

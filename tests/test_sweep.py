@@ -1,5 +1,6 @@
-"""`saescope sweep` on the tiny model: every rung a run folder, scaling.json and families written,
-and a sweep killed mid-rung resumes to the weights of an uninterrupted one."""
+"""`saescope sweep` on the tiny model: every rung a harvested run folder, scaling.json and families
+written, a sweep killed mid-rung resumes to the weights of an uninterrupted one, and the sweep
+folder loads into the web app as a ladder."""
 
 from __future__ import annotations
 
@@ -83,6 +84,31 @@ def test_killed_sweep_resumes_to_the_uninterrupted_weights(finished_sweep, tiny_
         resumed, uninterrupted = runfolder.load_sae_weights(out / "runs" / name), runfolder.load_sae_weights(reference / "runs" / name)
         for tensor in runfolder.SAE_TENSORS:
             assert_close(resumed[tensor], uninterrupted[tensor], rtol=1e-6, atol=1e-6)
+
+
+def test_the_sweep_loads_as_a_ladder(finished_sweep, tmp_path):
+    from fastapi.testclient import TestClient
+    from safetensors import safe_open
+
+    from app.main import create_app
+    from app.settings import Settings
+    from saescope.cli import main
+
+    out, _ = finished_sweep
+    url = f"sqlite:///{tmp_path / 'saescope.db'}"
+    assert main(["load", str(out), "--db", url]) == 0
+    with TestClient(create_app(Settings(database_url=url))) as client:
+        (ladder,) = client.get("/ladders.json").json()["ladders"]
+        page = client.get(ladder["json_url"]).json()
+        assert [(r["n_latents"], r["k"]) for r in page["rungs"]] == [(32, 4), (64, 2), (64, 4), (64, 8), (128, 4)]
+        assert all(r["sae_id"] for r in page["rungs"])
+        assert client.get(ladder["url"]).status_code == 200
+        middle = next(r["sae_id"] for r in page["rungs"] if (r["n_latents"], r["k"]) == (64, 4))
+        with safe_open(out / "families.safetensors", "pt") as f:
+            for latent in (0, 63):
+                family = client.get(f"/saes/{middle}/features/{latent}.json").json()["across_sizes"]
+                assert [r["index"] for r in family["smaller"][0]["latents"]] == f.get_tensor("1->0.index")[latent, :1].tolist()
+                assert [r["index"] for r in family["larger"][0]["latents"]] == f.get_tensor("1->2.index")[latent].tolist()
 
 
 def test_a_rung_that_cannot_work_fails_before_any_compute(tmp_path):

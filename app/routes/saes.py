@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from pydantic import BeforeValidator, Field
 
-from app import queries
+from app import ladders, queries
 from app.schemas import ErrorOut, IndexOut, SaePageOut
 from app.deps import SessionDep, URLsDep
 from app.render import json_response, render
@@ -40,7 +40,7 @@ def read_index_json(session: SessionDep, urls: URLsDep):
 
 @router.get("/", include_in_schema=False)
 def read_index(request: Request, session: SessionDep):
-    return render(request, "index.html", saes=queries.list_saes(session))
+    return render(request, "index.html", saes=queries.list_saes(session), ladders=ladders.list_ladders(session))
 
 
 def _latent_page(session, sae_id, sort, order, page, per_page, filters) -> queries.LatentPage:

@@ -8,12 +8,15 @@ import pytest
 from databases import BACKENDS, empty_database
 from explain import captured_statements, query_plan, whole_table_reads
 from fastapi.testclient import TestClient
+from sweeprun import K, N_SERIES, ladder_id, make_sweep
 from webrun import make_synthetic_run
 
 from app.loader import load_run
 from app.main import create_app
 from app.settings import Settings
+from app.sweep_loader import load_sweep
 
+RUNG = f"ladder-model-l6-{N_SERIES[1]}-k{K}"  # a middle size: its family has smaller and larger SAEs
 SORTS = [(sort, order) for sort in ("density", "max_activation", "explanation_f1", "index") for order in ("desc", "asc")]
 FILTERS = ["hide_dead=1&hide_dense=1", "min_density=0.01&max_density=0.02"]
 PAGES = {
@@ -29,6 +32,10 @@ PAGES = {
                              for fmt in ("", ".json") for order in ("desc", "asc")
                              for filters, pages in zip(FILTERS, [(1, 10), (1,)]) for page in pages],
     # " tok7" is a token of the synthetic vocabulary and "tok7" a word of some explanations.
+    # A ladder's page, and a rung's feature page: its family (one row by primary key, with its
+    # ladder's sizes) and the family's explanations. (The SAE page's look-up of its ladder is in
+    # every latent list above.)
+    "ladder": ["/ladders/{ladder}", "/ladders/{ladder}.json", "/saes/{rung}/features/5", "/saes/{rung}/features/7.json"],
     "search": ["/search?sae={sae}&q=tok7", "/search.json?sae={sae}&q=+tok7", "/search.json?sae={sae}&q=tok7+tok8",
                "/search.json?sae={sae}&q=%2312", "/search?sae={sae}&q=nothing+here"],
 }
@@ -37,8 +44,8 @@ PAGES = {
 @pytest.fixture(scope="module", params=BACKENDS)
 def sized_client(request, tmp_path_factory):
     """A lab's database in small: 4,096 latents x 16 top examples (65,536 example rows, and as many
-    quantile examples) of the SAE under test beside 24 small SAEs, vacuumed and analyzed, so plans
-    are the ones a shared server gets."""
+    quantile examples) of the SAE under test beside 24 small SAEs and a ladder of 6, vacuumed and
+    analyzed, so plans are the ones a shared server gets."""
     folder = tmp_path_factory.mktemp("explain")
     run = make_synthetic_run(folder / "run", n_latents=4096, n_examples=16, context_length=16)
     with empty_database(request.param, folder) as url:
@@ -47,6 +54,7 @@ def sized_client(request, tmp_path_factory):
             other = make_synthetic_run(folder / f"other{i}", n_latents=64, n_examples=4, context_length=16,
                                        model=f"test/other-{i}", seed=i)
             load_run(other, url)
+        load_sweep(make_sweep(folder / "sweep"), url)
         app = create_app(Settings(database_url=url))
         # What a shared server's autovacuum does after a load: statistics, and on PostgreSQL the
         # visibility map that lets an index answer alone (VACUUM runs outside a transaction).
@@ -63,7 +71,7 @@ def test_page_queries_read_no_whole_table(sized_client, page):
     engine = client.app.state.engine
     for url in PAGES[page]:
         with captured_statements(engine) as statements:
-            assert client.get(url.format(sae=sae_id)).status_code == 200
+            assert client.get(url.format(sae=sae_id, ladder=ladder_id(), rung=RUNG)).status_code == 200
         assert statements, url
         for statement, parameters in statements:
             if statement.lstrip().startswith("SELECT saes.id") and "saes.id =" not in statement:
