@@ -98,8 +98,39 @@ def test_a_dead_latent_has_no_explanation(corpus):
                         "matches": 0, "firings": 0}
 
 
-def test_ngram_keys_unpack_back_to_their_tokens():
-    tokens = np.array([[4, 1, 3, 2]])
-    keys = explain.ngram_keys(tokens, 3, 6)
-    assert keys[:2].tolist() == [-1, -1]
-    assert explain.unpack(int(keys[3]), 3, 6) == (1, 3, 2)
+def test_every_ngram_is_a_range_of_trigram_ids():
+    tokens = np.array([[4, 1, 3, 2], [1, 3, 2, 2]])
+    index = explain.NgramIndex(tokens, 6)
+    ends = np.array([3, 6])  # " b c" ending at t=3 of the first context, and at t=2 of the second
+    for n, pattern in ((1, [-1, -1, 2]), (2, [-1, 3, 2]), (3, [1, 3, 2])):
+        exists, lo, hi = index.ranges(ends, n)
+        assert exists.all() and (index.pattern(ends, n) == pattern).all()
+        positions = np.flatnonzero((index.id >= lo[0]) & (index.id < hi[0]))
+        at = [tuple(tokens.reshape(-1)[p - n + 1 : p + 1]) for p in positions]
+        assert set(at) == {tuple(pattern[-n:])} and len(positions) == {1: 3, 2: 2, 3: 2}[n]
+    assert not index.ranges(np.array([1]), 3)[0][0]  # no trigram ends at the second token
+
+
+def matches_of(tokens, pattern):
+    """(C, T) bool: where the token pattern (first to last) ends."""
+    where = np.ones_like(tokens, dtype=bool)
+    for back, token in enumerate(reversed(pattern)):
+        shifted = np.full_like(tokens, -1)
+        shifted[:, back:] = tokens[:, : tokens.shape[1] - back]
+        where &= shifted == token
+    return where
+
+
+def test_every_reported_score_matches_a_naive_count_of_its_patterns(corpus):
+    tokens = corpus[0]
+    rng = np.random.default_rng(2)
+    before = previous(tokens)
+    masks = [((tokens == t) & (before == b) & (rng.random(tokens.shape) < p)) | (rng.random(tokens.shape) < noise)
+             for t, b, p, noise in ((1, 2, 0.9, 0.01), (3, 4, 0.5, 0.05), (5, 1, 1.0, 0.0), (2, 3, 0.3, 0.1))]
+    for fires, found in zip(masks, explained(corpus, *masks)):
+        assert found["patterns"]
+        predicted = np.zeros_like(tokens, dtype=bool)
+        for pattern in found["patterns"]:
+            predicted |= matches_of(tokens, pattern)
+        precision, recall = heldout_scores(corpus, fires & corpus[1], predicted)
+        assert found["precision"] == pytest.approx(precision) and found["recall"] == pytest.approx(recall)

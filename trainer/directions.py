@@ -48,8 +48,9 @@ def logit_effects(W_dec: torch.Tensor, final_norm: nn.Module, unembed: nn.Module
     W_U = unembed.weight.to(dtype)  # (V, d)
     out = {name: [] for name in ("logit_top_ids", "logit_top_values", "logit_bottom_ids", "logit_bottom_values",
                                  "logit_histogram", "logit_range")}
+    normed = final_norm(W_dec.to(device).float())  # (n, d)
     for start in range(0, W_dec.shape[0], block):
-        directions = final_norm(W_dec[start : start + block].to(device).float())  # (b, d)
+        directions = normed[start : start + block]  # (b, d)
         effects = (directions.to(dtype) @ W_U.T).float()  # (b, V)
         if getattr(unembed, "bias", None) is not None:
             effects += unembed.bias

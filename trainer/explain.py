@@ -5,8 +5,9 @@ and the preceding tokens that matter. N2G finds those by re-running the model on
 prompts; we find them from the harvest's own statistics, at no extra model cost:
 
 1. candidates: the n-grams (n = 1..3) that end at the firing token, for the latent's 20
-   strongest firings on the non-held-out contexts and 20 more drawn at random from them (so
-   that patterns covering its weaker firings compete too);
+   strongest firings on the non-held-out contexts and 20 more spread evenly over all of them in
+   order of strength from a seeded random offset (so that patterns covering its weaker firings
+   compete too);
 2. a candidate counts on those contexts: `matches` = positions where the n-gram occurs,
    `hits` = those where the latent fires; a longer n-gram is kept only where its preceding
    tokens raise the F1 score, i.e. where they matter;
@@ -21,10 +22,12 @@ of each context, special tokens) are neither matches nor firings.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
-from trainer.grouping import first_per_group, random_keys
+from trainer.grouping import first_per_group, rank_within, sort_within, spread_within
 
 MAX_N = 3  # longest pattern: the firing token and two before it
 MAX_PATTERNS = 5
@@ -38,134 +41,187 @@ METHOD = {
 VISIBLE = {"\n": "↵", "\r": "␍", "\t": "⇥"}
 
 
-def ngram_keys(tokens: np.ndarray, n: int, vocab_size: int) -> np.ndarray:
-    """(C * T,) an int64 key of the n tokens ending at each position, -1 where the context has
-    fewer than n tokens up to there."""
-    C, T = tokens.shape
-    keys = np.full((C, T), -1, dtype=np.int64)
-    key = tokens[:, n - 1 :].astype(np.int64)
-    for back in range(1, n):
-        key = key + tokens[:, n - 1 - back : T - back].astype(np.int64) * vocab_size**back
-    keys[:, n - 1 :] = key
-    return keys.reshape(-1)
+class NgramIndex:
+    """Every position's n-grams (n <= MAX_N) ending there, as ranges of one sorted id space.
+
+    Each position gets the key of its reversed trigram (its token, the previous one, the one
+    before that; the sentinel V where the context has no token). Sorted, the keys put all trigrams
+    ending in one bigram, and all bigrams ending in one token, next to each other: every n-gram is
+    a range [lo, hi) of trigram ids, and a count over positions or firings is a difference of two
+    prefix sums or of two binary searches. One id per position replaces a sort per n."""
+
+    def __init__(self, tokens: np.ndarray, vocab_size: int):
+        C, T = tokens.shape
+        self.base = vocab_size + 1
+        self.sentinel = vocab_size
+        key = np.zeros((C, T), dtype=np.int64)
+        for back in range(MAX_N):  # key = ((token * base) + previous) * base + the one before
+            shifted = np.full((C, T), vocab_size, dtype=np.int64)
+            shifted[:, back:] = tokens[:, : T - back]
+            key = key * self.base + shifted
+        self.table, inverse = np.unique(key.reshape(-1), return_inverse=True)  # sorted keys
+        self.id = inverse.reshape(-1)  # (C T,) each position's trigram id
+
+    def tokens_back(self, key: np.ndarray, back: int) -> np.ndarray:
+        """The token `back` places before the last of each trigram key (the sentinel where none)."""
+        return key // self.base ** (MAX_N - 1 - back) % self.base
+
+    def ranges(self, position: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """For the n-gram ending at each position: (exists, lo, hi), its ids [lo, hi)."""
+        key = self.table[self.id[position]]
+        width = self.base ** (MAX_N - n)
+        prefix = key // width  # the last n tokens
+        exists = self.tokens_back(key, n - 1) != self.sentinel
+        return exists, np.searchsorted(self.table, prefix * width), np.searchsorted(self.table, (prefix + 1) * width)
+
+    def pattern(self, position: np.ndarray, n: int) -> np.ndarray:
+        """(len, MAX_N) the n-gram's tokens, first to last, right-aligned, -1 before them."""
+        key = self.table[self.id[position]]
+        columns = [self.tokens_back(key, back) if back < n else np.full(len(key), -1) for back in range(MAX_N - 1, -1, -1)]
+        return np.stack(columns, 1)
 
 
-def count_codes(sorted_codes: torch.Tensor, codes: np.ndarray) -> np.ndarray:
-    """How often each of `codes` occurs in `sorted_codes`."""
-    query = torch.from_numpy(codes)
-    return (torch.searchsorted(sorted_codes, query, right=True) - torch.searchsorted(sorted_codes, query)).numpy()
+def prefix_counts(ids: np.ndarray, n_ids: int) -> np.ndarray:
+    """(n_ids + 1,) cumulative counts of `ids`: the count over [lo, hi) is c[hi] - c[lo]."""
+    return np.concatenate([[0], np.cumsum(np.bincount(ids, minlength=n_ids))])
+
+
+def candidate_sources(latent: np.ndarray, by_value: np.ndarray, train: np.ndarray, n_latents: int,
+                      n_examples: int, seed: int) -> np.ndarray:
+    """Firing ids: each latent's `n_examples` strongest non-held-out firings, and as many more
+    spread evenly over all of them in order of activation from a seeded random offset (a sample
+    stratified by strength, so that patterns of the weaker firings compete too). `by_value`
+    orders the firings by latent, then by ascending activation."""
+    order = by_value[train[by_value]]
+    counts = torch.from_numpy(np.bincount(latent[order], minlength=n_latents))
+    spread, group, rank = spread_within(counts, n_examples, torch.Generator().manual_seed(seed))
+    strongest = counts.cumsum(0)[group] - 1 - rank
+    return order[torch.cat([strongest, spread]).numpy()]
 
 
 def explain_latents(tokens: np.ndarray, counted: np.ndarray, heldout: np.ndarray, latent: np.ndarray,
                     position: np.ndarray, value: np.ndarray, n_latents: int, vocab: list[str],
-                    n_examples: int = 20, seed: int = 0) -> list[dict]:
+                    n_examples: int = 20, seed: int = 0, by_value: np.ndarray | None = None) -> list[dict]:
     """One explanation per latent (see the module docstring). tokens, counted: (C, T); heldout:
     (C,) bool; latent, position, value: the firings (any order), position = context * T + t.
-    Candidates come from each latent's `n_examples` strongest firings and as many drawn at random
-    (seeded: the patterns that cover its weaker firings too)."""
+    by_value: the firings' order by latent, then ascending value, where the caller has it."""
     C, T = tokens.shape
-    V = len(vocab)
     heldout_position = np.repeat(heldout, T)  # (C T,)
-    found_on = counted.reshape(-1) & ~heldout_position
-    scored_on = counted.reshape(-1) & heldout_position
-    train = ~heldout_position[position]
-    firings_train = np.bincount(latent[train], minlength=n_latents)
-    firings_heldout = np.bincount(latent[~train], minlength=n_latents)
+    held = heldout_position[position]
+    firings_train = np.bincount(latent[~held], minlength=n_latents)
+    firings_heldout = np.bincount(latent[held], minlength=n_latents)
+    if by_value is None:
+        by_value = sort_within(torch.from_numpy(latent), torch.from_numpy(value).float()).numpy()
+    sources = candidate_sources(latent, by_value, ~held, n_latents, n_examples, seed)
 
-    # Candidate sources: the strongest and some random non-held-out firings of each latent.
-    lt, pt = latent[train], position[train]
-    groups, generator = torch.from_numpy(lt), torch.Generator().manual_seed(seed)
-    sources = torch.cat([
-        first_per_group(groups, torch.from_numpy(value[train]).float(), n_examples, n_latents, descending=True),
-        first_per_group(groups, random_keys(len(lt), generator), n_examples, n_latents),
-    ]).numpy()
-    source_latent, source_position = lt[sources], pt[sources]
+    index = NgramIndex(tokens, len(vocab))
+    n_ids = len(index.table)
+    flat_counted = counted.reshape(-1)
+    matches = [prefix_counts(index.id[flat_counted & ~heldout_position], n_ids),
+               prefix_counts(index.id[flat_counted & heldout_position], n_ids)]
+    # Every firing as one sortable code (latent, trigram id), sorted apart for the non-held-out
+    # and the held-out ones. They come grouped by latent, which a stable sort (timsort) turns to
+    # account.
+    codes = (latent.astype(np.int64) << 32) | index.id[position]
+    fired = [np.sort(codes[~held], kind="stable"), np.sort(codes[held], kind="stable")]
 
     columns = []  # per n: latent, pattern tokens, train matches/hits, held-out matches/hits
     for n in range(1, MAX_N + 1):
-        keys = ngram_keys(tokens, n, V)
-        table, key_id = np.unique(keys, return_inverse=True)  # key_id: each position's n-gram
-        usable = keys >= 0
-        occurrences = [np.bincount(key_id[where & usable], minlength=len(table)) for where in (found_on, scored_on)]
-        fired = []  # per split: sorted (latent, n-gram) codes of the firings
-        for side in (train, ~train):
-            at = usable[position[side]]
-            codes = (latent[side][at].astype(np.int64) << 32) | key_id[position[side][at]]
-            fired.append(torch.sort(torch.from_numpy(codes)).values)
-        codes = np.unique((source_latent.astype(np.int64) << 32) | key_id[source_position])
-        lat, kid = codes >> 32, codes & 0xFFFFFFFF
-        ok = table[kid] >= 0
-        lat, kid, codes = lat[ok], kid[ok], codes[ok]
-        tokens_of = np.stack([unpack_array(table[kid], n, V, back) for back in range(MAX_N - 1, -1, -1)], 1)
-        columns.append((lat, tokens_of, occurrences[0][kid], count_codes(fired[0], codes),
-                         occurrences[1][kid], count_codes(fired[1], codes)))
+        exists, lo, hi = index.ranges(position[sources], n)
+        unique, first = np.unique((latent[sources].astype(np.int64) << 32 | lo)[exists], return_index=True)
+        which = np.flatnonzero(exists)[first]  # one source per distinct (latent, n-gram)
+        lat, lo, hi = latent[sources[which]].astype(np.int64), lo[which], hi[which]
+        low, high = (lat << 32) | lo, (lat << 32) | hi
+        hits = [np.searchsorted(side, high) - np.searchsorted(side, low) for side in fired]
+        columns.append((lat, index.pattern(position[sources[which]], n),
+                        matches[0][hi] - matches[0][lo], hits[0], matches[1][hi] - matches[1][lo], hits[1]))
     lat, pattern, m, h, m_ho, h_ho = (np.concatenate(parts) for parts in zip(*columns))
 
     # Keep each latent's best candidates on their own (F1 on the non-held-out contexts).
     own_f1 = torch.from_numpy(2 * h / (m + firings_train[lat])).float()
     keep = first_per_group(torch.from_numpy(lat), own_f1, MAX_CANDIDATES, n_latents, descending=True).numpy()
-    by_latent = np.split(keep, np.searchsorted(lat[keep], np.arange(1, n_latents)))
-    explanations = []
-    for l, rows in enumerate(by_latent):
-        candidates = [(tuple(int(t) for t in pattern[r] if t >= 0), int(m[r]), int(h[r]), int(m_ho[r]), int(h_ho[r]))
-                      for r in rows]
-        explanations.append(explain_one(candidates, int(firings_train[l]), int(firings_heldout[l]), vocab))
-    return explanations
+    table = Candidates.of(lat[keep], pattern[keep], [m[keep], h[keep], m_ho[keep], h_ho[keep]], n_latents)
+    chosen = choose_patterns(table, firings_train)
+    return [describe(table, l, chosen[l], int(firings_heldout[l]), vocab) for l in range(n_latents)]
 
 
-def unpack_array(keys: np.ndarray, n: int, vocab_size: int, back: int) -> np.ndarray:
-    """The token `back` places before the last of each n-gram key, -1 where the n-gram is shorter."""
-    if back >= n:
-        return np.full(len(keys), -1, dtype=np.int64)
-    return (keys // vocab_size**back) % vocab_size
+def f1(hits, matches, firings):
+    """2PR / (P + R) with P = hits / matches, R = hits / firings (arrays or numbers; 0 where both are 0)."""
+    total = matches + firings
+    return np.where(total > 0, 2 * hits / np.maximum(total, 1), 0.0)
 
 
-def unpack(key: int, n: int, vocab_size: int) -> tuple[int, ...]:
-    """The token ids of an n-gram key, first to last."""
-    keys = np.array([key], dtype=np.int64)
-    return tuple(int(unpack_array(keys, n, vocab_size, back)[0]) for back in range(n - 1, -1, -1))
+@dataclass
+class Candidates:
+    """Each latent's candidates as (n, C) slots, best on their own first; `valid` marks the used."""
+
+    valid: np.ndarray  # (n, C) bool
+    pattern: np.ndarray  # (n, C, MAX_N) tokens first to last, right-aligned, -1 before them
+    m: np.ndarray  # (n, C) matches, hits, held-out matches, held-out hits
+    h: np.ndarray
+    m_ho: np.ndarray
+    h_ho: np.ndarray
+
+    @classmethod
+    def of(cls, lat: np.ndarray, pattern: np.ndarray, counts: list[np.ndarray], n_latents: int) -> "Candidates":
+        """From rows grouped by latent."""
+        slot = rank_within(torch.from_numpy(lat), n_latents).numpy()
+        valid = np.zeros((n_latents, MAX_CANDIDATES), dtype=bool)
+        valid[lat, slot] = True
+        grid = np.full((n_latents, MAX_CANDIDATES, MAX_N), -1, dtype=np.int64)
+        grid[lat, slot] = pattern
+        columns = []
+        for count in counts:
+            column = np.zeros((n_latents, MAX_CANDIDATES), dtype=np.int64)
+            column[lat, slot] = count
+            columns.append(column)
+        return cls(valid, grid, *columns)
+
+    def ends_with(self) -> np.ndarray:
+        """(n, C, C): candidate i matches only where candidate j does (i ends with j)."""
+        i, j = self.pattern[:, :, None, :], self.pattern[:, None, :, :]
+        return ((j < 0) | (i == j)).all(-1)
 
 
-def f1(hits: int, matches: int, firings: int) -> float:
-    """2PR / (P + R) with P = hits / matches, R = hits / firings."""
-    return 2 * hits / (matches + firings) if matches + firings else 0.0
-
-
-def choose_patterns(candidates: list[tuple], firings: int) -> list[tuple]:
-    """Greedy union of up to MAX_PATTERNS disjoint candidates with the best F1 on the contexts
-    they were found on. A candidate is (pattern, matches, hits, ...)."""
-    chosen: list[tuple] = []
-    best = 0.0
-    for _ in range(MAX_PATTERNS):
-        step = None
-        for candidate in candidates:
-            if any(ends_with(candidate[0], c[0]) for c in chosen):
-                continue  # already covered by a shorter chosen pattern (or chosen itself)
-            union = [c for c in chosen if not ends_with(c[0], candidate[0])] + [candidate]
-            score = f1(sum(c[2] for c in union), sum(c[1] for c in union), firings)
-            if score > best + MIN_GAIN:
-                step, best = union, score
-        if step is None:
+def choose_patterns(table: Candidates, firings: np.ndarray) -> np.ndarray:
+    """Greedily, for all latents at once: the union of up to MAX_PATTERNS candidates with the best
+    F1 on the contexts they were found on, each step adding the candidate that raises it most
+    (by more than MIN_GAIN). A candidate covered by a chosen shorter one is never added; adding a
+    shorter one drops the chosen longer ones it covers. Returns (n, C) the step at which each
+    candidate joined, -1 if not chosen."""
+    n, C = table.valid.shape
+    covers = table.ends_with()  # covers[l, i, j]: i ends with j
+    step = np.full((n, C), -1)
+    best = np.zeros(n)
+    rows = np.arange(n)
+    for round_ in range(MAX_PATTERNS):
+        chosen = step >= 0
+        blocked = (chosen[:, None, :] & covers).any(-1) | ~table.valid  # covered by a chosen one
+        dropped = chosen[:, :, None] & covers  # [l, c, x]: chosen c would go if x joined
+        h = (table.h * chosen).sum(1)[:, None] - np.einsum("lc,lcx->lx", table.h, dropped) + table.h
+        m = (table.m * chosen).sum(1)[:, None] - np.einsum("lc,lcx->lx", table.m, dropped) + table.m
+        score = np.where(blocked, -np.inf, f1(h, m, firings[:, None]))
+        x = score.argmax(1)  # the first of equal scores, as in a loop over the candidates
+        better = score[rows, x] > best + MIN_GAIN
+        if not better.any():
             break
-        chosen = step
-    return chosen
+        step[better] = np.where(dropped[better, :, x[better]], -1, step[better])
+        step[better, x[better]] = round_
+        best[better] = score[better, x[better]]
+    return step
 
 
-def ends_with(pattern: tuple, suffix: tuple) -> bool:
-    """True when `pattern` matches only where `suffix` does (it ends with it)."""
-    return len(pattern) >= len(suffix) and pattern[len(pattern) - len(suffix) :] == suffix
-
-
-def explain_one(candidates: list[tuple], firings_train: int, firings_heldout: int, vocab: list[str]) -> dict:
-    chosen = choose_patterns(candidates, firings_train)
-    matches = sum(c[3] for c in chosen)
-    hits = sum(c[4] for c in chosen)
+def describe(table: Candidates, l: int, step: np.ndarray, firings_heldout: int, vocab: list[str]) -> dict:
+    """Latent l's explanation: its chosen patterns, in the order they joined, scored held out."""
+    chosen = [c for c in np.argsort(step, kind="stable") if step[c] >= 0]
+    patterns = [[int(t) for t in table.pattern[l, c] if t >= 0] for c in chosen]
+    matches, hits = int(table.m_ho[l, chosen].sum()), int(table.h_ho[l, chosen].sum())
     return {
-        "text": " | ".join(pattern_text(c[0], vocab) for c in chosen),
-        "patterns": [list(c[0]) for c in chosen],
+        "text": " | ".join(pattern_text(pattern, vocab) for pattern in patterns),
+        "patterns": patterns,
         "precision": hits / matches if matches else None,
         "recall": hits / firings_heldout if firings_heldout else None,
-        "f1": f1(hits, matches, firings_heldout) if chosen and matches + firings_heldout else None,
+        "f1": float(f1(hits, matches, firings_heldout)) if chosen and matches + firings_heldout else None,
         "matches": matches,
         "firings": firings_heldout,
     }
@@ -177,7 +233,7 @@ def show(token: str) -> str:
     return token
 
 
-def pattern_text(pattern: tuple, vocab: list[str]) -> str:
+def pattern_text(pattern: list[int], vocab: list[str]) -> str:
     """`socket.⟦AF⟧`: the preceding tokens, then the firing token in brackets."""
     *before, firing = pattern
     return "".join(show(vocab[t]) for t in before) + "⟦" + show(vocab[firing]) + "⟧"

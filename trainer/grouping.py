@@ -6,15 +6,19 @@ from __future__ import annotations
 import torch
 
 
-def sort_within(groups: torch.Tensor, keys: torch.Tensor, descending: bool = False) -> torch.Tensor:
-    """An order that groups by `groups` (ascending, >= 0) and within a group sorts by `keys`:
-    float32 >= 0 or int32 >= 0. One stable sort of an int64 (group, key) code: non-negative
-    floats sort like their bit patterns, and an integer sort is 3-4x faster than a float one."""
+def group_codes(groups: torch.Tensor, keys: torch.Tensor, descending: bool = False) -> torch.Tensor:
+    """int64 codes that sort by `groups` (>= 0), then by `keys` (float32 >= 0 or int32 >= 0):
+    non-negative floats sort like their bit patterns, and an integer sort is 3-4x faster."""
     bits = keys.contiguous().view(torch.int32) if keys.dtype == torch.float32 else keys
     bits = bits.long()
     if descending:
         bits = (2**31 - 1) - bits
-    return torch.sort((groups.long() << 31) | bits, stable=True).indices
+    return (groups.long() << 31) | bits
+
+
+def sort_within(groups: torch.Tensor, keys: torch.Tensor, descending: bool = False) -> torch.Tensor:
+    """An order that groups by `groups` (ascending) and within a group sorts by `keys` (stable)."""
+    return torch.sort(group_codes(groups, keys, descending), stable=True).indices
 
 
 def rank_within(groups: torch.Tensor, n_groups: int) -> torch.Tensor:
@@ -32,6 +36,13 @@ def first_per_group(groups: torch.Tensor, keys: torch.Tensor, per_group: int, n_
     return order[rank_within(groups[order], n_groups) < per_group]
 
 
-def random_keys(n: int, generator: torch.Generator) -> torch.Tensor:
-    """Random int32 sort keys >= 0."""
-    return torch.randint(0, 2**31 - 1, (n,), dtype=torch.int32, generator=generator)
+def spread_within(counts: torch.Tensor, per_group: int, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
+    """Up to `per_group` items of each group of a grouped sequence (group sizes `counts`), spread
+    evenly over the group from a seeded random offset (systematic sampling: never an item twice,
+    and no sort). Returns (index in the sequence, group, rank of the pick within its group)."""
+    m = counts.clamp_max(per_group)
+    group = torch.arange(len(counts)).repeat_interleave(m)
+    rank = torch.arange(int(m.sum())) - (m.cumsum(0) - m).repeat_interleave(m)
+    offset = torch.rand(len(counts), generator=generator, dtype=torch.float64)[group]
+    start = (counts.cumsum(0) - counts)[group]
+    return start + ((rank + offset) * counts[group] / m[group]).long(), group, rank

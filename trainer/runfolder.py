@@ -163,6 +163,8 @@ class Harvest:
 
 def save_harvest(run_dir: Path, harvest: Harvest) -> None:
     out = Path(run_dir) / HARVEST_DIR
+    # harvest.json says the files are complete and belong together: gone while they are replaced.
+    (out / "harvest.json").unlink(missing_ok=True)
     for file, names in HARVEST_TENSORS.items():
         write_tensors(out / file, {name: harvest.tensors[name].to(HARVEST_DTYPES.get(name, torch.float32)) for name in names})
     write_json(out / "explanations.json", harvest.explanations)
