@@ -20,7 +20,7 @@ from sqlalchemy import and_, or_, select
 from sqlalchemy.orm import Session
 
 from app.families import AcrossSizes, across_sizes
-from app.models import LATENT_BLOBS, Context, Latent, LatentDetail, Sae, Vocab
+from app.models import LATENT_BLOBS, Context, LadderRung, Latent, LatentDetail, Sae, Vocab
 from app.models import Example as ExampleRow
 from app.queries import Explanation
 from app.urls import URLs
@@ -186,8 +186,12 @@ class Feature:
 
 
 def get_feature(session: Session, sae_id: str, index: int) -> Feature | None:
+    # Whether the SAE is a rung of a ladder, in the same read: most are not, and they skip the
+    # family query.
+    rung = select(LadderRung.ladder_id).where(LadderRung.sae_id == Sae.id).scalar_subquery()
     row = session.execute(
-        select(Latent, LatentDetail, Sae.n_latents, Sae.harvest, Sae.id, Sae.model, Sae.run_dir, Sae.content_hash)
+        select(Latent, LatentDetail, Sae.n_latents, Sae.harvest, Sae.id, Sae.model, Sae.run_dir, Sae.content_hash,
+               rung.label("ladder_id"))
         .join(Sae, Sae.id == Latent.sae_id)
         .outerjoin(LatentDetail, (LatentDetail.sae_id == Latent.sae_id) & (LatentDetail.index == Latent.index))
         .where(Latent.sae_id == sae_id, Latent.index == index)
@@ -203,7 +207,7 @@ def get_feature(session: Session, sae_id: str, index: int) -> Feature | None:
     logit_ids = [*arrays["logit_top_ids"].tolist(), *arrays["logit_bottom_ids"].tolist()]
     tokens = token_strings(session, sae_id, logit_ids + excluded_ids)
     top_examples, by_bin = examples(session, sae_id, index)
-    family = across_sizes(session, sae_id, index)
+    family = across_sizes(session, sae_id, index) if row.ladder_id else None
     neighbour_index = arrays["neighbour_index"].tolist()
     summaries = latent_summaries(session, {sae_id: neighbour_index} | (family.wanted() if family else {}))
     if family:
@@ -228,7 +232,7 @@ def get_feature(session: Session, sae_id: str, index: int) -> Feature | None:
         excluded_tokens=[(i, tokens.get(i, "")) for i in excluded_ids],
         explanation_method=explained.get("method"),
         heldout_contexts=explained.get("heldout_contexts"),
-        source=SaeSource(*row[4:]),
+        source=SaeSource(*row[4:8]),
         family=family,
     )
 
