@@ -34,7 +34,7 @@ MAX_PATTERNS = 5
 MAX_CANDIDATES = 16  # per latent, the best on their own, for the greedy union
 MIN_GAIN = 0.005  # a pattern joins the union only if it raises F1 by more than this
 METHOD = {
-    "method": "token n-gram patterns (N2G-style) found on the top firings, scored on held-out contexts",
+    "method": "token n-gram patterns (N2G-style) found on the strongest firings and a sample spread over the rest, scored on held-out contexts",
     "max_n": MAX_N,
     "max_patterns": MAX_PATTERNS,
 }
