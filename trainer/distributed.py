@@ -27,6 +27,7 @@ first), so a run can be resumed with another number of processes, or none.
 
 from __future__ import annotations
 
+import atexit
 import os
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -257,6 +258,10 @@ def init_world(shard_latents: bool = False) -> World:
         if torch.cuda.is_available():
             torch.cuda.set_device(world.local_rank)
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        # Shut the group's threads down before the interpreter does: a rank that finishes first
+        # otherwise exits with gloo's threads alive and aborts ("terminate called without an
+        # active exception"), which torchrun reports as a failed run.
+        atexit.register(dist.destroy_process_group)
     return world
 
 
