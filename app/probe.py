@@ -2,8 +2,9 @@
 
 One `LatentEncoder` (the model truncated after the SAE's block, plus the SAE) is loaded per SAE,
 lazily on its first probe or at start-up (`--preload`), and shared by every request. Inference
-runs on a small thread pool; at most `probe_max_pending` probes wait or run at once and the next
-one gets a 503 with Retry-After instead of a hang. Page views never wait on this pool.
+runs on a small thread pool; probes of one SAE that queue while the workers are busy run together
+as one forward pass (up to `probe_batch`). At most `probe_max_pending` probes wait or run at once
+and the next one gets a 503 with Retry-After instead of a hang. Page views never wait on this pool.
 
 Results are kept in a small LRU keyed by (SAE, weights, text), and identical probes in flight are
 computed once: one typed text is asked for several times (the page, a token's latents, a
@@ -23,7 +24,7 @@ import os
 import re
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import cached_property, partial
@@ -331,6 +332,23 @@ class SaeOption:
 # ---------------------------------------------------------------- the service
 
 
+@dataclass
+class QueuedProbe:
+    sae: SaeWeights
+    text: str
+    future: asyncio.Future  # set on its event loop
+    loop: asyncio.AbstractEventLoop
+
+
+def _settle(future: asyncio.Future, outcome) -> None:
+    if future.done():
+        return
+    if isinstance(outcome, BaseException):
+        future.set_exception(outcome)
+    else:
+        future.set_result(outcome)
+
+
 class ProbeService:
     def __init__(self, settings: Settings, sessions: sessionmaker[Session]):
         self.settings = settings
@@ -347,6 +365,8 @@ class ProbeService:
         self._results: OrderedDict[tuple, ProbeResult] = OrderedDict()
         self._inflight: dict[tuple, asyncio.Future] = {}
         self._pending = 0
+        self._queue: deque[QueuedProbe] = deque()  # probes waiting for a worker, oldest first
+        self._queue_lock = threading.Lock()
         self._seconds = 0.1  # moving average of one probe's compute time, for Retry-After
 
     def _start_worker(self) -> None:
@@ -431,7 +451,10 @@ class ProbeService:
                 workers = self.settings.probe_workers
                 raise busy(max(1, math.ceil(self._pending * self._seconds / workers)))
             self._pending += 1
-            future = asyncio.get_running_loop().run_in_executor(self._executor, self._probe_sync, sae, text)
+            future = asyncio.get_running_loop().create_future()
+            with self._queue_lock:
+                self._queue.append(QueuedProbe(sae, text, future, asyncio.get_running_loop()))
+            self._executor.submit(self._run_batch)  # one turn of a worker per probe; a turn may take several
             self._inflight[key] = future
             future.add_done_callback(partial(self._finished, key))
         # shield: a client that goes away must not cancel the work others are waiting on
@@ -447,26 +470,52 @@ class ProbeService:
         while len(self._results) > self.settings.probe_cache_size:
             self._results.popitem(last=False)
 
-    def _probe_sync(self, sae: SaeWeights, text: str) -> ProbeResult:
+    def _run_batch(self) -> None:
+        """A worker's turn: the oldest queued probe and the others queued for the same SAE (up to
+        probe_batch), run as one forward pass; each waiting request gets its own result or error.
+        With more probes queued than workers, they share the passes instead of waiting in line."""
+        with self._queue_lock:
+            if not self._queue:
+                return  # an earlier turn took this probe along with its own
+            batch = [self._queue.popleft()]
+            for queued in list(self._queue):
+                if len(batch) < self.settings.probe_batch and queued.sae.key == batch[0].sae.key:
+                    self._queue.remove(queued)
+                    batch.append(queued)
+        try:
+            results = self._probe_batch(batch[0].sae, [queued.text for queued in batch])
+        except Exception as e:  # noqa: BLE001: loading failed (a 503), or a bug: every request hears of it
+            results = [e] * len(batch)
+        for queued, result in zip(batch, results):
+            queued.loop.call_soon_threadsafe(_settle, queued.future, result)
+
+    def _probe_batch(self, sae: SaeWeights, texts: list[str]) -> list[ProbeResult | HTTPException]:
         loaded = self.load(sae)
         encoder = loaded.encoder
         began = time.perf_counter()
-        token_ids = encoder.tokenize(text)
-        if not token_ids:
-            raise HTTPException(422, "text has no tokens")
         # the model's own context length may be shorter than the setting (a tiny test model's is)
         limit = min(self.settings.probe_max_tokens, getattr(encoder.lm.model.config, "max_position_embeddings", None) or math.inf)
-        if len(token_ids) > limit:
-            raise HTTPException(413, f"text is {len(token_ids)} tokens; the probe accepts at most {limit}")
-        # encode_text's own steps (tokenize, encode, token_strings), split to check the limit
-        # before the forward pass.
-        values, indices = encoder.encode_topk(token_ids)  # (T, k) strongest first
-        result = ProbeResult(
-            sae=sae.id, text=text, token_ids=[int(i) for i in token_ids], tokens=encoder.lm.token_strings(token_ids),
-            indices=indices.numpy(), values=values.numpy(), excluded_positions=loaded.excluded_positions,
-        )
-        self._seconds = 0.8 * self._seconds + 0.2 * (time.perf_counter() - began)
-        return result
+        outcomes: list[ProbeResult | HTTPException] = []
+        for text in texts:  # the token limit is checked before the forward pass
+            token_ids = encoder.tokenize(text)
+            if not token_ids:
+                outcomes.append(HTTPException(422, "text has no tokens"))
+            elif len(token_ids) > limit:
+                outcomes.append(HTTPException(413, f"text is {len(token_ids)} tokens; the probe accepts at most {limit}"))
+            else:
+                outcomes.append(token_ids)
+        runnable = [i for i, outcome in enumerate(outcomes) if isinstance(outcome, list)]
+        if runnable:
+            encoded = encoder.encode_topk_batch([outcomes[i] for i in runnable])  # (T, k) each, strongest first
+            for i, (values, indices) in zip(runnable, encoded):
+                token_ids = outcomes[i]
+                outcomes[i] = ProbeResult(
+                    sae=sae.id, text=texts[i], token_ids=[int(t) for t in token_ids], tokens=encoder.lm.token_strings(token_ids),
+                    indices=indices.numpy(), values=values.numpy(), excluded_positions=loaded.excluded_positions,
+                )
+            seconds = (time.perf_counter() - began) / len(runnable)
+            self._seconds = 0.8 * self._seconds + 0.2 * seconds
+        return outcomes
 
     def load(self, sae: SaeWeights) -> LoadedSae:
         """The shared encoder of `sae`, loaded once even when many threads ask at once; a model

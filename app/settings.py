@@ -26,8 +26,9 @@ class Settings(BaseSettings):
 
     probe_max_chars: int = Field(4000, description="Longest text the probe accepts (characters).")
     probe_max_tokens: int = Field(512, description="Longest text the probe accepts (tokens).")
-    probe_workers: int = Field(2, description="Threads that run probe inference at once.")
+    probe_workers: int = Field(1, ge=1, description="Threads that run probe inference at once (more: several SAEs' probes at once).")
     probe_max_pending: int = Field(16, description="Probes queued or running before answering 503.")
+    probe_batch: int = Field(8, ge=1, description="Queued probes of one SAE that a worker runs as one forward pass.")
     probe_threads: int | None = Field(
         None, description="torch threads per probe worker (default: CPU cores / probe_workers).")
     probe_cache_size: int = Field(256, description="Probe results kept in memory, by SAE and text.")

@@ -1,7 +1,7 @@
 """Probe latency under concurrent clients, against a real server, next to the bare forward pass.
 
     .venv/bin/python bench/probe_latency.py [--run demo/runs/smollm2-135m-instruct-l6-4096-k32]
-        [--db sqlite:///demo/saescope.db] [--clients 8] [--requests 24] [--workers 2] [--threads 1]
+        [--db sqlite:///demo/saescope.db] [--clients 8] [--requests 24] [--workers 1] [--threads N]
 
 One run: (1) the bare forward pass through block L of the model (no SAE, no server) on a 64-token
 text, in this process before the server starts; (2) a server (`app.server.serve` in a subprocess,
@@ -149,7 +149,7 @@ def main() -> None:
     parser.add_argument("--db", default=f"sqlite:///{ROOT / 'demo' / 'saescope.db'}", help="database with the run loaded")
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--requests", type=int, default=24, help="requests per client and scenario")
-    parser.add_argument("--workers", type=int, default=2, help="SAESCOPE_PROBE_WORKERS of the server")
+    parser.add_argument("--workers", type=int, default=1, help="SAESCOPE_PROBE_WORKERS of the server")
     parser.add_argument("--threads", type=int, default=None, help="SAESCOPE_PROBE_THREADS of the server")
     args = parser.parse_args()
     load_before = os.getloadavg()[0]  # other work on the machine shows here

@@ -71,6 +71,18 @@ def test_api_equals_direct_encoding(client, sae_id, encoder, text):
         assert_close(torch.tensor([v for _, v in got]), torch.tensor([v for _, v in want]), atol=1e-4, rtol=1e-4)
 
 
+def test_texts_encoded_together_equal_each_alone(encoder):
+    """Padding on the right changes nothing a causal model computes for the real tokens."""
+    texts = [encoder.tokenize(text) for text in TEXTS]
+    assert len({len(ids) for ids in texts}) > 1  # padding is exercised
+    for ids, together in zip(texts, encoder.encode_topk_batch(texts)):
+        alone = encoder.encode_topk(ids)
+        assert together.values.shape == (len(ids), encoder.sae.k)
+        assert_close(together.values, alone.values, atol=1e-4, rtol=1e-4)
+        fired = alone.values > 1e-3  # the order of near-equal values may differ in the last bits
+        assert torch.equal(together.indices[fired], alone.indices[fired])
+
+
 @pytest.mark.parametrize("hide", [True, False])
 @pytest.mark.parametrize("sort", ["max", "sum"])
 def test_whole_text_ranking_equals_aggregates(client, sae_id, encoder, density, explanations, hide, sort):

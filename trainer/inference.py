@@ -34,14 +34,26 @@ class LatentEncoder:
     def tokenize(self, text: str) -> list[int]:
         return self.lm.tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    @torch.no_grad()  # not inference_mode: callers may edit the result
     def encode_topk(self, token_ids: list[int]) -> TopKLatents:
         """Each token's k latents, strongest first: values and indices (T, k)."""
-        ids = torch.tensor([token_ids], dtype=torch.long)
-        x = self.lm.residual(ids)[0] * self.scale  # (T, d), normalised as in training
-        latents = self.sae.encode(x.to(self.sae.W_dec.device))
+        return self.encode_topk_batch([token_ids])[0]
+
+    @torch.no_grad()  # not inference_mode: callers may edit the result
+    def encode_topk_batch(self, texts: list[list[int]]) -> list[TopKLatents]:
+        """encode_topk of several texts in one forward pass (CPU matmuls are ~1.5x more efficient
+        on 8 texts than one by one). Shorter texts are padded on the right, which a causal model
+        never attends to: each text's tokens see what they would see alone, and only the last
+        bits of a sum can differ (the matmul blocks differ)."""
+        ids = torch.zeros(len(texts), max(map(len, texts)), dtype=torch.long)
+        for row, token_ids in enumerate(texts):
+            ids[row, : len(token_ids)] = torch.tensor(token_ids, dtype=torch.long)
+        x = self.lm.residual(ids) * self.scale  # (B, T, d), normalised as in training
+        rows = torch.cat([x[row, : len(token_ids)] for row, token_ids in enumerate(texts)])
+        latents = self.sae.encode(rows.to(self.sae.W_dec.device))
         values, order = latents.values.sort(dim=-1, descending=True)
-        return TopKLatents(values.cpu(), latents.indices.gather(-1, order).cpu())
+        indices = latents.indices.gather(-1, order)
+        sizes = [len(token_ids) for token_ids in texts]
+        return [TopKLatents(v.cpu(), i.cpu()) for v, i in zip(values.split(sizes), indices.split(sizes))]
 
     def encode_ids(self, token_ids: list[int]) -> torch.Tensor:
         """All latents of each token: (T, n), zeros outside its top k."""

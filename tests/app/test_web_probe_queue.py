@@ -22,12 +22,14 @@ from app.settings import Settings
 
 
 class BlockingEncoder:
-    """Tokens are words; latent 1 fires on each; encode_topk waits for `release`."""
+    """Tokens are words; latent 1 fires on each; encoding waits for `release`. `calls` counts
+    the texts encoded."""
 
     def __init__(self):
         self.release = threading.Event()
         self.started = threading.Event()
         self.calls = 0
+        self.batches = []  # texts per forward pass
         self.sae = SimpleNamespace(k=5)
         self.lm = SimpleNamespace(token_strings=lambda ids: [f" w{i}" for i in ids],
                                   model=SimpleNamespace(config=SimpleNamespace(max_position_embeddings=None)))
@@ -35,12 +37,12 @@ class BlockingEncoder:
     def tokenize(self, text: str) -> list[int]:
         return list(range(len(text.split())))
 
-    def encode_topk(self, token_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        self.calls += 1
+    def encode_topk_batch(self, texts: list[list[int]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        self.calls += len(texts)
+        self.batches.append(len(texts))
         self.started.set()
         assert self.release.wait(20), "the test never released the encoder"
-        values = torch.full((len(token_ids), 1), 1.5)
-        return values, torch.ones(len(token_ids), 1, dtype=torch.long)
+        return [(torch.full((len(ids), 1), 1.5), torch.ones(len(ids), 1, dtype=torch.long)) for ids in texts]
 
 
 def free_port() -> int:
@@ -50,9 +52,14 @@ def free_port() -> int:
 
 
 @pytest.fixture
-def server(database_url, sae_id):
+def settings():
+    return {"probe_workers": 1, "probe_max_pending": 2}
+
+
+@pytest.fixture
+def server(database_url, sae_id, settings):
     """A real uvicorn server in this process (so the test can hand it the stand-in encoder)."""
-    app = create_app(Settings(database_url=database_url, probe_workers=1, probe_max_pending=2))
+    app = create_app(Settings(database_url=database_url, **settings))
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
@@ -103,3 +110,19 @@ def test_full_queue_is_503_at_once_and_pages_keep_working(server, sae_id):
     assert [t["top_latents"] for t in results[0].json()["tokens"]][1] == [{"index": 1, "activation": 1.5}]
     assert probe("one two three").json() == results[0].json() and encoder.calls == 2  # from the cache
     assert probe("six seven").status_code == 200  # room again
+
+
+@pytest.mark.parametrize("settings", [{"probe_workers": 1, "probe_max_pending": 8, "probe_batch": 3}])
+def test_probes_queued_behind_a_busy_worker_share_one_pass(server, sae_id):
+    base, encoder = server
+    probe = lambda text: httpx.post(f"{base}/api/probe", json={"sae": sae_id, "text": text}, timeout=30)  # noqa: E731
+    with ThreadPoolExecutor(6) as clients:
+        first = clients.submit(probe, "one")
+        assert encoder.started.wait(10)
+        queued = [clients.submit(probe, text) for text in ("two two", "three three three", "four", "five five")]
+        time.sleep(0.5)  # all four wait behind the first
+        encoder.release.set()
+        results = [future.result() for future in (first, *queued)]
+    assert [r.status_code for r in results] == [200] * 5
+    assert [r.json()["n_tokens"] for r in results] == [1, 2, 3, 1, 2]  # each its own text's result
+    assert encoder.batches == [1, 3, 1]  # the four queued ones in passes of at most probe_batch
