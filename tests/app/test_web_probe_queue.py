@@ -79,12 +79,22 @@ def server(database_url, sae_id, settings):
         thread.join(timeout=10)
 
 
+def prober(base: str, sae_id: str):
+    return lambda text: httpx.post(f"{base}/api/probe", json={"sae": sae_id, "text": text}, timeout=30)
+
+
+def occupy_the_worker(clients: ThreadPoolExecutor, probe, text: str, encoder: BlockingEncoder):
+    """A probe the (one) worker is busy with until the test releases the encoder."""
+    running = clients.submit(probe, text)
+    assert encoder.started.wait(10)
+    return running
+
+
 def test_full_queue_is_503_at_once_and_pages_keep_working(server, sae_id):
     base, encoder = server
-    probe = lambda text: httpx.post(f"{base}/api/probe", json={"sae": sae_id, "text": text}, timeout=30)  # noqa: E731
+    probe = prober(base, sae_id)
     with ThreadPoolExecutor(4) as clients:
-        first = clients.submit(probe, "one two three")
-        assert encoder.started.wait(10)
+        first = occupy_the_worker(clients, probe, "one two three", encoder)
         second = clients.submit(probe, "four five")  # queued behind the first: 2 pending, the limit
         same = clients.submit(probe, "one two three")  # joins the first: no new work, no slot
         time.sleep(0.3)
@@ -115,10 +125,9 @@ def test_full_queue_is_503_at_once_and_pages_keep_working(server, sae_id):
 @pytest.mark.parametrize("settings", [{"probe_workers": 1, "probe_max_pending": 8, "probe_batch": 3}])
 def test_probes_queued_behind_a_busy_worker_share_one_pass(server, sae_id):
     base, encoder = server
-    probe = lambda text: httpx.post(f"{base}/api/probe", json={"sae": sae_id, "text": text}, timeout=30)  # noqa: E731
+    probe = prober(base, sae_id)
     with ThreadPoolExecutor(6) as clients:
-        first = clients.submit(probe, "one")
-        assert encoder.started.wait(10)
+        first = occupy_the_worker(clients, probe, "one", encoder)
         queued = [clients.submit(probe, text) for text in ("two two", "three three three", "four", "five five")]
         time.sleep(0.5)  # all four wait behind the first
         encoder.release.set()
