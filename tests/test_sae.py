@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch.testing import assert_close
 
-from trainer.sae import TopKLatents, TopKSAE, geometric_median
+from trainer.sae import TopKLatents, TopKSAE, geometric_median, top_k
 
 SIZES = [(7, 13, 3, 1), (33, 64, 5, 4), (5, 17, 16, 2)]  # (batch, n_latents, d_in, k)
 
@@ -115,3 +115,15 @@ def test_sparse_encoder_gradients_match_dense_autograd(batch, n, d, k):
     (x_hat + sae.b_dec - target).pow(2).sum().backward()
     for name, p in sae.named_parameters():
         assert_close(p.grad, dense[name], atol=1e-4, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("n,k", [(4096, 32), (256, 8), (64, 4), (100, 3), (64, 40)])
+def test_top_k_equals_torch_topk_with_ties(n, k):
+    g = torch.Generator().manual_seed(n + k)
+    pre = (torch.randn(300, n, generator=g) * 4).round().to(torch.bfloat16)  # many ties
+    pre[:5] = 0  # whole rows tied
+    got = top_k(pre, k)
+    want = pre.topk(k, dim=-1)
+    assert torch.equal(got.values.sort(-1).values, want.values.sort(-1).values)
+    assert torch.equal(pre.gather(1, got.indices), got.values)
+    assert (got.indices.sort(-1).values.diff(dim=-1) > 0).all()  # k distinct latents per row

@@ -36,6 +36,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from trainer.sae import top_k
+
 # Which dimension of each SAE tensor runs over the latents (b_dec has none: replicated).
 LATENT_DIM = {"W_dec": 0, "W_enc": 1, "b_enc": 0, "tokens_since_fired": 0}
 
@@ -116,7 +118,7 @@ class World:
 
     def topk(self, pre: torch.Tensor, k: int) -> Selection:
         """The k largest pre-activations of each token, over all latents: (B, k) of this rank's."""
-        values, indices = pre.topk(min(k, pre.shape[1]), dim=-1, sorted=False)  # (B, k)
+        values, indices = top_k(pre, min(k, pre.shape[1]))  # (B, k)
         values = values.float()
         if not self.sharded:
             return Selection(indices, values)
