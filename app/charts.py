@@ -192,18 +192,18 @@ class Scale:
 
 
 def log_ticks(low: float, high: float) -> list[float]:
-    """Round values for a log axis over [low, high]: powers of ten, else 1-2-5 times them, else
-    every digit (spaced out: 0.09 and 0.1 would overlap); a range narrower than that gets linear
-    round values."""
+    """Round values for a log axis over [low, high]: powers of ten first, then 2 and 5 times them,
+    then the other digits, each kept only where it is not crowding a rounder one already there
+    (0.1 wins over 0.09); a range too narrow for three of them gets linear round values."""
     decades = range(math.floor(math.log10(low)), math.ceil(math.log10(high)) + 1)
     gap = (math.log10(high) - math.log10(low)) / 7
-    for mantissas in ((1,), (1, 2, 5), range(1, 10)):
-        ticks = []
-        for tick in sorted(round(m * 10.0 ** e, 12) for e in decades for m in mantissas):
-            if low <= tick <= high and (not ticks or math.log10(tick / ticks[-1]) >= gap):
+    ticks: list[float] = []
+    for mantissas in ((1,), (2, 5), (3, 4, 6, 7, 8, 9)):
+        for tick in (round(m * 10.0**e, 12) for e in decades for m in mantissas):
+            if low <= tick <= high and all(abs(math.log10(tick / t)) >= gap for t in ticks):
                 ticks.append(tick)
         if len(ticks) >= 3:
-            return ticks
+            return sorted(ticks)
     return [t for t in nice_ticks(low, high, 4) if t > 0]
 
 
