@@ -495,26 +495,24 @@ class ProbeService:
         began = time.perf_counter()
         # the model's own context length may be shorter than the setting (a tiny test model's is)
         limit = min(self.settings.probe_max_tokens, getattr(encoder.lm.model.config, "max_position_embeddings", None) or math.inf)
-        outcomes: list[ProbeResult | HTTPException] = []
-        for text in texts:  # the token limit is checked before the forward pass
-            token_ids = encoder.tokenize(text)
-            if not token_ids:
-                outcomes.append(HTTPException(422, "text has no tokens"))
-            elif len(token_ids) > limit:
-                outcomes.append(HTTPException(413, f"text is {len(token_ids)} tokens; the probe accepts at most {limit}"))
+        token_ids: dict[int, list[int]] = {}  # by position in `texts`, the ones within the limits
+        outcomes: list[ProbeResult | HTTPException | None] = [None] * len(texts)
+        for i, text in enumerate(texts):  # the token limit is checked before the forward pass
+            ids = encoder.tokenize(text)
+            if not ids:
+                outcomes[i] = HTTPException(422, "text has no tokens")
+            elif len(ids) > limit:
+                outcomes[i] = HTTPException(413, f"text is {len(ids)} tokens; the probe accepts at most {limit}")
             else:
-                outcomes.append(token_ids)
-        runnable = [i for i, outcome in enumerate(outcomes) if isinstance(outcome, list)]
-        if runnable:
-            encoded = encoder.encode_topk_batch([outcomes[i] for i in runnable])  # (T, k) each, strongest first
-            for i, (values, indices) in zip(runnable, encoded):
-                token_ids = outcomes[i]
+                token_ids[i] = ids
+        if token_ids:
+            encoded = encoder.encode_topk_batch(list(token_ids.values()))  # (T, k) each, strongest first
+            for (i, ids), (values, indices) in zip(token_ids.items(), encoded):
                 outcomes[i] = ProbeResult(
-                    sae=sae.id, text=texts[i], token_ids=[int(t) for t in token_ids], tokens=encoder.lm.token_strings(token_ids),
+                    sae=sae.id, text=texts[i], token_ids=[int(t) for t in ids], tokens=encoder.lm.token_strings(ids),
                     indices=indices.numpy(), values=values.numpy(), excluded_positions=loaded.excluded_positions,
                 )
-            seconds = (time.perf_counter() - began) / len(runnable)
-            self._seconds = 0.8 * self._seconds + 0.2 * seconds
+            self._seconds = 0.8 * self._seconds + 0.2 * (time.perf_counter() - began) / len(token_ids)
         return outcomes
 
     def load(self, sae: SaeWeights) -> LoadedSae:

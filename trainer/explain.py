@@ -128,7 +128,7 @@ def explain_latents(tokens: np.ndarray, counted: np.ndarray, heldout: np.ndarray
     columns = []  # per n: latent, pattern tokens, train matches/hits, held-out matches/hits
     for n in range(1, MAX_N + 1):
         exists, lo, hi = index.ranges(position[sources], n)
-        unique, first = np.unique((latent[sources].astype(np.int64) << 32 | lo)[exists], return_index=True)
+        _, first = np.unique((latent[sources].astype(np.int64) << 32 | lo)[exists], return_index=True)
         which = np.flatnonzero(exists)[first]  # one source per distinct (latent, n-gram)
         lat, lo, hi = latent[sources[which]].astype(np.int64), lo[which], hi[which]
         low, high = (lat << 32) | lo, (lat << 32) | hi

@@ -166,11 +166,13 @@ def collect_firings(sae: TopKSAE, data: HarvestInput, scale: float, counted: np.
     dtype = fast_matmul_dtype(device)
     counted_rows = torch.from_numpy(counted.reshape(-1, 1))
     run_size = max(2**18, 16 * sae.n_latents)  # (runs x latents) stays a small table
-    runs, pending = [], []
+    runs, pending, pending_firings = [], [], 0
 
     def close_run():
+        nonlocal pending_firings
         runs.append(sort_run(*(torch.cat(column) for column in zip(*pending))))
         pending.clear()
+        pending_firings = 0
 
     with tqdm(total=data.n_contexts * T, desc="harvest", unit="tok", unit_scale=True) as bar:
         for first, x in data.batches(batch_contexts):
@@ -181,7 +183,8 @@ def collect_firings(sae: TopKSAE, data: HarvestInput, scale: float, counted: np.
                 values, latents = chosen.values.cpu(), chosen.indices.cpu()
                 keep = ((values > 0) & counted_rows[row : row + len(values)]).view(-1).nonzero().squeeze(1)
                 pending.append((latents.view(-1)[keep], row + keep // k, values.view(-1)[keep]))
-                if sum(len(part[0]) for part in pending) >= run_size:
+                pending_firings += len(keep)
+                if pending_firings >= run_size:
                     close_run()
             bar.update(x.shape[0])
     if pending:
