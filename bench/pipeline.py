@@ -10,6 +10,7 @@ in the user's cache.
 from __future__ import annotations
 
 import argparse
+import json
 import platform
 import tempfile
 import time
@@ -21,13 +22,14 @@ from trainer import corpus
 from trainer.config import HarvestConfig, TrainConfig
 from trainer.evaluate import evaluate_run
 from trainer.harvest import harvest_run
-from trainer.model import load_language_model
+from trainer.model import forward_dtype, load_language_model
 from trainer.train import train
 
 
-def bare_forward_seconds(cfg: TrainConfig, batch_size: int = 16) -> tuple[float, int]:
-    """The model alone through block L over the training tokens: no store, no SAE."""
-    lm = load_language_model(cfg.model, cfg.layer)
+def bare_forward_seconds(cfg: TrainConfig, fast: bool, batch_size: int = 16) -> tuple[float, int]:
+    """The model alone through block L over the training tokens: no store, no SAE; in the
+    precision `train` uses (`fast`: bf16 autocast where the hardware has it), or fp32."""
+    lm = load_language_model(cfg.model, cfg.layer, fast=fast)
     n = cfg.n_train_contexts + cfg.n_heldout_contexts
     contexts = corpus.tokenize_contexts(lm.tokenizer, corpus.iter_documents(cfg.corpus), cfg.context_length, n)
     start = time.perf_counter()
@@ -45,13 +47,15 @@ def main() -> None:
     args = parser.parse_args()
     cfg = TrainConfig(layer=args.layer, n_latents=args.latents, k=args.k, tokens=args.tokens)
 
-    forward_s, forward_tokens = bare_forward_seconds(cfg)
+    fp32_s, _ = bare_forward_seconds(cfg, fast=False)
+    forward_s, forward_tokens = bare_forward_seconds(cfg, fast=bool(cfg.fast_matmul))
     with tempfile.TemporaryDirectory() as tmp:
         run = Path(tmp) / "run"
         stages = {}
         start = time.perf_counter()
         train(cfg, run)
         stages["train (activations + SAE)"] = time.perf_counter() - start
+        trained = json.loads((run / "metrics.json").read_text())
         start = time.perf_counter()
         metrics = evaluate_run(run)
         stages["eval"] = time.perf_counter() - start
@@ -63,11 +67,17 @@ def main() -> None:
           f"{torch.get_num_threads()} threads, torch {torch.__version__}")
     print(f"config: layer {cfg.layer}, {cfg.n_latents} latents, k={cfg.k}, {cfg.tokens:,} training tokens; "
           f"held-out FVU {metrics['fvu']:.4f}, L0 {metrics['l0']:.1f}, dead {metrics['dead_fraction']:.2%}\n")
+    dtype = str(forward_dtype(None, bool(cfg.fast_matmul))).removeprefix("torch.")
     print("| stage | time / bare forward pass |")
     print("|---|---|")
-    print(f"| bare forward through block {cfg.layer} ({forward_tokens:,} tokens) | 1.00 |")
+    print(f"| bare forward through block {cfg.layer} ({forward_tokens:,} tokens), {dtype} matmuls as `train` runs it | 1.00 |")
+    print(f"| bare forward through block {cfg.layer}, fp32 | {fp32_s / forward_s:.2f} |")
     for stage, seconds in stages.items():
         print(f"| {stage} | {seconds / forward_s:.2f} |")
+    end_to_end = trained["end_to_end_tokens_per_s"]
+    print(f"\nend-to-end train: {end_to_end:,.0f} tokens/s; ratio to the bare forward pass ({dtype}): "
+          f"{end_to_end / (forward_tokens / forward_s):.2f}, to the fp32 forward: {end_to_end / (forward_tokens / fp32_s):.2f}; "
+          f"SAE step {trained['sae_tokens_per_s']:,.0f} tokens/s")
 
 
 if __name__ == "__main__":

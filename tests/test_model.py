@@ -7,10 +7,11 @@ from torch.testing import assert_close
 from transformers import AutoModelForCausalLM
 
 from trainer.model import BUNDLED_MODEL, ModelError, check_layer, load_language_model
+from trainer.sae import fast_matmul_dtype
 
 
 def assert_hookpoint_is_block_output(name, layer, full_model_folder):
-    lm = load_language_model(name, layer, "cpu")
+    lm = load_language_model(name, layer, "cpu", fast=False)  # fp32, to compare at 1e-4
     ids = torch.tensor([lm.tokenizer("def f(x):\n    return x + 1", add_special_tokens=False)["input_ids"]])
     full = AutoModelForCausalLM.from_pretrained(full_model_folder).eval()
     captured = []
@@ -30,6 +31,19 @@ def assert_hookpoint_is_block_output(name, layer, full_model_folder):
 def test_tiny_model_hookpoint(tiny_model_dir, layer):
     lm = assert_hookpoint_is_block_output(str(tiny_model_dir), layer, tiny_model_dir)
     assert lm.hookpoint == f"model.layers.{layer}"
+
+
+def test_fast_forward_is_bf16_autocast_close_to_fp32(tiny_model_dir):
+    """Where the hardware multiplies bf16, the forward's matmuls run in it; the result stays fp32
+    and within bf16's rounding of the exact forward."""
+    exact = load_language_model(str(tiny_model_dir), 2, "cpu", fast=False)
+    fast = load_language_model(str(tiny_model_dir), 2, "cpu")
+    assert exact.forward_dtype == torch.float32
+    assert fast.forward_dtype == fast_matmul_dtype(torch.device("cpu"))
+    ids = torch.tensor([exact.tokenizer("def f(x):\n    return x + 1", add_special_tokens=False)["input_ids"]])
+    reference, result = exact.residual(ids), fast.residual(ids)
+    assert result.dtype == torch.float32
+    assert float((result - reference).norm() / reference.norm()) < 0.02
 
 
 def test_layer_out_of_range(tiny_model_dir):

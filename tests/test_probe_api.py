@@ -72,13 +72,16 @@ def test_api_equals_direct_encoding(client, sae_id, encoder, text):
 
 
 def test_texts_encoded_together_equal_each_alone(encoder):
-    """Padding on the right changes nothing a causal model computes for the real tokens."""
+    """Padding on the right changes nothing a causal model computes for the real tokens, up to the
+    rounding of the forward's matmuls (whose blocking differs with the batch's shape): fp32's last
+    bits, or bf16's (8-bit mantissa) where the forward runs in it."""
     texts = [encoder.tokenize(text) for text in TEXTS]
     assert len({len(ids) for ids in texts}) > 1  # padding is exercised
+    tolerance = 1e-4 if encoder.lm.forward_dtype == torch.float32 else 1e-2
     for ids, together in zip(texts, encoder.encode_topk_batch(texts)):
         alone = encoder.encode_topk(ids)
         assert together.values.shape == (len(ids), encoder.sae.k)
-        assert_close(together.values, alone.values, atol=1e-4, rtol=1e-4)
+        assert_close(together.values, alone.values, atol=tolerance, rtol=tolerance)
         fired = alone.values > 1e-3  # the order of near-equal values may differ in the last bits
         assert torch.equal(together.indices[fired], alone.indices[fired])
 

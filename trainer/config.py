@@ -41,7 +41,7 @@ class TrainConfig:
     multi_topk: int = option(0, "1: add the Multi-TopK loss L(4k)/8 so that the SAE also works at higher k (Gao et al. 2024, Section 5.3)")
     auxk_alpha: float = option(1 / 32, "weight of the AuxK loss on dead latents (0 turns it off)")
     dead_tokens: int = option(0, "tokens without firing after which a latent counts as dead; 0 means min(10M, tokens/10)")
-    fast_matmul: int = option(1, "1: select the top k with a bf16 encoder matmul where the hardware has one (gradients stay fp32); 0: fp32")
+    fast_matmul: int = option(1, "1: bf16 matmuls where the hardware has them (CUDA, CPUs with AVX512-BF16 or AMX): the language model's forward under autocast, and choosing the top k (gradients stay fp32); 0: fp32 throughout")
     checkpoint_every: int = option(100, "steps between checkpoints for --resume (0: none)")
     memory_budget_mb: int = option(144, "MiB of activations held in RAM at once: the store stays on disk and is read in chunks of this size (shuffled token by token within a chunk); 144 holds 256 contexts of 128 tokens at d=576")
     seed: int = option(0, "seed for the data split, shuffling and initialisation")

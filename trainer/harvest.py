@@ -484,7 +484,7 @@ def harvest_run(run_dir: Path, cfg: HarvestConfig | None = None, store_dir: Path
     device = default_device()
     run_cfg, sae = TopKSAE.load(run_dir, device)
     store = store_for_run(run_dir, run_cfg, cfg, store_dir)
-    lm = load_language_model(run_cfg["model"], run_cfg["layer"], str(device))
+    lm = load_language_model(run_cfg["model"], run_cfg["layer"], str(device), fast=bool(run_cfg.get("fast_matmul", 1)))
     data = HarvestInput(tokens=store.tokens, n_heldout=int(store.meta.get("n_heldout", 0)),
                         store=None if from_model else store, lm=lm)
     harvest = harvest_sae(sae, data, run_cfg.get("input_scale", 1.0), cfg, lm)

@@ -28,7 +28,7 @@ class LatentEncoder:
     @classmethod
     def from_run(cls, run_dir: Path, device: str = "cpu") -> "LatentEncoder":
         cfg, sae = TopKSAE.load(run_dir, device)
-        lm = load_language_model(cfg["model"], cfg["layer"], device)
+        lm = load_language_model(cfg["model"], cfg["layer"], device, fast=bool(cfg.get("fast_matmul", 1)))
         return cls(cfg, sae, lm)
 
     def tokenize(self, text: str) -> list[int]:

@@ -18,7 +18,7 @@ from trainer import corpus, runfolder
 from trainer.activations import ActivationStore, build_store, store_matches
 from trainer.config import TrainConfig
 from trainer.distributed import Selection, World, barrier, check_world, training_forward
-from trainer.model import ModelError, check_layer, load_language_model
+from trainer.model import ModelError, check_layer, forward_dtype, load_language_model
 from trainer.sae import SparseTopK, TopKSAE, fast_matmul_dtype, geometric_median
 
 log = logging.getLogger(__name__)
@@ -39,6 +39,8 @@ def store_meta(cfg: TrainConfig) -> dict:
         "n_heldout": cfg.n_heldout_contexts,
         "n_contexts": cfg.n_train_contexts + cfg.n_heldout_contexts,
         "seed": cfg.seed,
+        # The forward's precision: a store made in bf16 is not reused by an fp32 run, nor the reverse.
+        "forward_dtype": str(forward_dtype(cfg.device or None, bool(cfg.fast_matmul))).removeprefix("torch."),
     }
 
 
@@ -52,7 +54,7 @@ def prepare_store(cfg: TrainConfig, store_dir: Path) -> ActivationStore:
     check_layer(cfg.model, cfg.layer)
     next(iter(corpus.iter_documents(cfg.corpus)), None)
     log.info("loading %s through block %d", cfg.model, cfg.layer)
-    lm = load_language_model(cfg.model, cfg.layer, cfg.device or None)
+    lm = load_language_model(cfg.model, cfg.layer, cfg.device or None, fast=bool(cfg.fast_matmul))
     log.info("tokenizing %s into %d contexts of %d tokens", cfg.corpus, meta["n_contexts"], cfg.context_length)
     contexts = corpus.tokenize_contexts(
         lm.tokenizer, corpus.iter_documents(cfg.corpus), cfg.context_length, meta["n_contexts"]
