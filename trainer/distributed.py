@@ -39,7 +39,7 @@ from torch import nn
 from trainer.sae import top_k
 
 # Which dimension of each SAE tensor runs over the latents (b_dec has none: replicated).
-LATENT_DIM = {"W_dec": 0, "W_enc": 1, "b_enc": 0, "tokens_since_fired": 0}
+LATENT_DIM = {"W_dec": 0, "W_enc_T": 0, "W_enc": 1, "b_enc": 0, "tokens_since_fired": 0}  # W_enc: on disk
 
 
 class Selection(NamedTuple):
@@ -158,7 +158,7 @@ class World:
     def shard_module(self, sae: nn.Module) -> nn.Module:
         """Keep this rank's latents of an SAE built whole (a no-op unless sharded)."""
         if self.sharded:
-            for name in ("W_dec", "W_enc", "b_enc"):
+            for name in ("W_dec", "W_enc_T", "b_enc"):
                 setattr(sae, name, nn.Parameter(self.shard_tensor(name, getattr(sae, name).data)))
             sae.n_latents = sae.W_dec.shape[0]
         return sae
@@ -179,9 +179,8 @@ class World:
 
     def shard_state(self, state: dict, sae: nn.Module) -> dict:
         """The inverse of gather_state: this rank's part of a checkpoint, with every Adam moment
-        laid out in memory like its parameter. The fused Adam kernel pairs elements in memory
-        order, and W_enc is stored transposed (W_dec.T): a gathered, contiguous moment would
-        be applied to the wrong weights."""
+        laid out in memory like its parameter (the fused Adam kernel pairs elements in memory
+        order, so a moment laid out otherwise would be applied to the wrong weights)."""
         params = dict(sae.named_parameters())
         names = list(params)
 

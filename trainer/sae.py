@@ -22,13 +22,14 @@ class TopKLatents(NamedTuple):
     indices: torch.Tensor  # (N, k) which latents
 
 
-# We rely on CSR @ dense only, which is stable; the beta notice would print on every run.
+# gather_dot relies on a CSR pattern (sampled_addmm), which is stable; the beta notice would print on every run.
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
 
 
 class SelectionPattern:
-    """Which latents each token selected, as the rows of a sparse (n, N) matrix in CSR form; built
-    once per step and shared by the encoder's and the decoder's weight gradients."""
+    """Which latents each token selected, sorted by latent (the CSR form of the sparse (n, N)
+    matrix S with S[latent, token] = 1 where the token chose the latent); built once per step and
+    shared by the encoder's and the decoder's weight gradients."""
 
     def __init__(self, indices: torch.Tensor, n_latents: int):
         N, k = indices.shape
@@ -37,15 +38,15 @@ class SelectionPattern:
         # indices (measured: 62 ms against 0.5 ms for 32k of them).
         self.order = torch.sort(latents.int(), stable=True).indices
         self.tokens = torch.arange(N, device=indices.device).repeat_interleave(k)[self.order]
-        self.crow = torch.zeros(n_latents + 1, dtype=torch.long, device=indices.device)
-        self.crow[1:] = torch.bincount(latents, minlength=n_latents).cumsum(0)
-        self.shape = (n_latents, N)
+        self.starts = torch.zeros(n_latents, dtype=torch.long, device=indices.device)
+        self.starts[1:] = torch.bincount(latents, minlength=n_latents)[:-1].cumsum(0)
 
-    def matrix(self, values: torch.Tensor) -> torch.Tensor:
-        """The (n, N) sparse matrix holding values[token, slot] at (latent, token)."""
-        return torch.sparse_csr_tensor(
-            self.crow, self.tokens, values.reshape(-1)[self.order], self.shape, check_invariants=False
-        )
+    def product(self, values: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """(n, d): row l is the sum of values[t, slot] * y[t] over the tokens t that chose l in that
+        slot, i.e. S @ y with S holding `values` (N, k). One embedding_bag with a bag per latent:
+        12x faster on this CPU than a CSR @ dense product, which zero-fills and then copies its
+        (n, d) result."""
+        return F.embedding_bag(self.tokens, y, self.starts, mode="sum", per_sample_weights=values.reshape(-1)[self.order])
 
 
 def gather_dot(rows: torch.Tensor, indices: torch.Tensor, y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -66,28 +67,29 @@ def gather_dot(rows: torch.Tensor, indices: torch.Tensor, y: torch.Tensor, dtype
 class SparseTopK(torch.autograd.Function):
     """x_hat - b_dec = W_dec^T ReLU(pre[indices]) for the chosen latents, where pre = x_c @ W_enc
     + b_enc was computed without grad (to select them). The backward pass touches only the N·k
-    selected (token, latent) pairs of W_enc and W_dec: O(N·k·d) instead of the dense O(N·n·d)."""
+    selected (token, latent) pairs of W_enc and W_dec: O(N·k·d) instead of the dense O(N·n·d).
+    Takes W_enc_T, (n, d), and gives its gradient in that layout."""
 
     @staticmethod
-    def forward(ctx, pre_selected, x_c, W_enc, b_enc, W_dec, indices, grad_dtype):
+    def forward(ctx, pre_selected, x_c, W_enc_T, b_enc, W_dec, indices, grad_dtype):
         values = pre_selected.relu()  # (N, k)
         x_hat = F.embedding_bag(indices, W_dec, per_sample_weights=values, mode="sum")  # (N, d)
-        ctx.save_for_backward(x_c, W_enc, W_dec, indices, values)
+        ctx.save_for_backward(x_c, W_enc_T, W_dec, indices, values)
         ctx.grad_dtype = grad_dtype
         ctx.mark_non_differentiable(values)
         return x_hat, values
 
     @staticmethod
     def backward(ctx, grad_x_hat, _):
-        x_c, W_enc, W_dec, indices, values = ctx.saved_tensors
+        x_c, W_enc_T, W_dec, indices, values = ctx.saved_tensors
         n = W_dec.shape[0]
         pattern = SelectionPattern(indices, n)
-        grad_W_dec = pattern.matrix(values) @ grad_x_hat  # (n, d)
+        grad_W_dec = pattern.product(values, grad_x_hat)  # (n, d)
         grad_pre = gather_dot(W_dec, indices, grad_x_hat, ctx.grad_dtype) * (values > 0)  # (N, k), through ReLU
-        grad_W_enc = (pattern.matrix(grad_pre) @ x_c).T  # (d, n)
+        grad_W_enc_T = pattern.product(grad_pre, x_c)  # (n, d)
         grad_b_enc = grad_pre.new_zeros(n).index_add_(0, indices.reshape(-1), grad_pre.reshape(-1))
-        grad_x_c = F.embedding_bag(indices, W_enc.T.contiguous(), per_sample_weights=grad_pre, mode="sum")  # (N, d)
-        return None, grad_x_c, grad_W_enc, grad_b_enc, grad_W_dec, None, None
+        grad_x_c = F.embedding_bag(indices, W_enc_T, per_sample_weights=grad_pre, mode="sum")  # (N, d)
+        return None, grad_x_c, grad_W_enc_T, grad_b_enc, grad_W_dec, None, None
 
 
 TOPK_GROUP = 8  # latents per group in top_k's first step (measured best of 2..32 here)
@@ -133,9 +135,18 @@ class TopKSAE(nn.Module):
         # which the paper found to prevent most dead latents (Section 2.4).
         W_dec = F.normalize(torch.randn(n_latents, d_in), dim=-1)
         self.W_dec = nn.Parameter(W_dec)  # (n, d)
-        self.W_enc = nn.Parameter(W_dec.T.clone())  # (d, n)
+        # W_enc is kept as its transpose, a row per latent like W_dec, and contiguous: the bf16
+        # encoder matmul reads it fastest this way (12.5 against 16 ms on this CPU at n = 4,096),
+        # its sparse gradient comes out in this layout, and the fused Adam kernel updates a
+        # contiguous tensor in one pass (0.9 against 4.6 ms for the transposed layout).
+        self.W_enc_T = nn.Parameter(W_dec.clone())  # (n, d)
         self.b_enc = nn.Parameter(torch.zeros(n_latents))  # (n,)
         self.b_dec = nn.Parameter(torch.zeros(d_in))  # (d,)
+
+    @property
+    def W_enc(self) -> torch.Tensor:
+        """(d, n), SAELens' name and layout: a view of W_enc_T."""
+        return self.W_enc_T.T
 
     # ------------------------------------------------------------ forward
 
@@ -145,15 +156,16 @@ class TopKSAE(nn.Module):
     @torch.no_grad()
     def pre_acts_centered(self, x_c: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Pre-activations of x - b_dec without grad, in `dtype` (N, n): only for choosing latents,
-        so bf16 keeps all three (N, n)-sized passes (matmul, bias, top-k) at half the bytes."""
-        return torch.addmm(self.b_enc.to(dtype), x_c.to(dtype), self.W_enc.to(dtype))
+        so bf16 keeps all three (N, n)-sized passes (matmul, bias, top-k) at half the bytes. The
+        bias is added after the product: addmm's bf16 bias costs 1.3 ms more at n = 4,096 here."""
+        return torch.mm(x_c.to(dtype), self.W_enc.to(dtype)).add_(self.b_enc.to(dtype))
 
     def sparse_forward(
         self, x_c: torch.Tensor, pre: torch.Tensor, indices: torch.Tensor, dtype: torch.dtype = torch.float32
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Training's forward for the latents `indices` (N, k) chosen from `pre`: returns
         (x_hat - b_dec, values), differentiable with respect to W_enc, b_enc, W_dec and x_c."""
-        return SparseTopK.apply(pre.gather(-1, indices).float(), x_c, self.W_enc, self.b_enc, self.W_dec, indices, dtype)
+        return SparseTopK.apply(pre.gather(-1, indices).float(), x_c, self.W_enc_T, self.b_enc, self.W_dec, indices, dtype)
 
     def encode(self, x: torch.Tensor, k: int | None = None) -> TopKLatents:
         values, indices = self.pre_acts(x).topk(k or self.k, dim=-1, sorted=False)  # (N, k)
@@ -165,7 +177,7 @@ class TopKSAE(nn.Module):
         faster on hardware that has it) and the chosen values computed exactly in fp32."""
         x_c = x - self.b_dec
         indices = top_k(self.pre_acts_centered(x_c, dtype), self.k).indices  # (N, k)
-        values = gather_dot(self.W_enc.T, indices, x_c, torch.float32) + self.b_enc[indices]
+        values = gather_dot(self.W_enc_T, indices, x_c, torch.float32) + self.b_enc[indices]
         return TopKLatents(F.relu(values), indices)
 
     def decode(self, latents: TopKLatents) -> torch.Tensor:
@@ -188,20 +200,23 @@ class TopKSAE(nn.Module):
 
     @torch.no_grad()
     def set_decoder_norm_to_unit_norm(self) -> None:
-        self.W_dec.data = F.normalize(self.W_dec.data, dim=-1)
+        self.W_dec.div_(torch.linalg.vector_norm(self.W_dec, dim=-1, keepdim=True).clamp_min(1e-12))
 
     @torch.no_grad()
     def remove_gradient_parallel_to_decoder_directions(self) -> None:
         """Keep each decoder row on the unit sphere to first order (Section 2.4, Appendix A.4)."""
         if self.W_dec.grad is None:
             return
-        parallel = (self.W_dec.grad * self.W_dec.data).sum(-1, keepdim=True)  # (n, 1)
-        self.W_dec.grad -= parallel * self.W_dec.data
+        n, d = self.W_dec.shape
+        # Row-wise dot products as a batched matmul, and the update in place: no (n, d)
+        # temporaries (5x faster than (grad * W_dec).sum(-1) at n = 4,096 on this CPU).
+        parallel = torch.bmm(self.W_dec.grad.view(n, 1, d), self.W_dec.view(n, d, 1)).view(n, 1)
+        self.W_dec.grad.addcmul_(parallel, self.W_dec, value=-1)
 
     # ------------------------------------------------------------ (de)serialisation
 
     def state_for_disk(self) -> dict[str, torch.Tensor]:
-        return {name: getattr(self, name).detach().float().cpu() for name in ("W_enc", "b_enc", "W_dec", "b_dec")}
+        return {name: getattr(self, name).detach().float().cpu().contiguous() for name in ("W_enc", "b_enc", "W_dec", "b_dec")}
 
     @classmethod
     def load(cls, run_dir, device: str | torch.device = "cpu") -> tuple[dict, "TopKSAE"]:

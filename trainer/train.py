@@ -158,7 +158,7 @@ class Trainer:
     def decode(self, x_c: torch.Tensor, selected: Selection) -> tuple[torch.Tensor, torch.Tensor]:
         """x_hat - b_dec from the selected latents (summed over the shards), and their activations."""
         sae = self.sae
-        x_hat, values = SparseTopK.apply(selected.pre, x_c, sae.W_enc, sae.b_enc, sae.W_dec, selected.indices, self.matmul_dtype)
+        x_hat, values = SparseTopK.apply(selected.pre, x_c, sae.W_enc_T, sae.b_enc, sae.W_dec, selected.indices, self.matmul_dtype)
         return self.world.from_shards(x_hat), values
 
     def auxk_loss(self, x_c: torch.Tensor, pre: torch.Tensor, error: torch.Tensor, total_variance: torch.Tensor) -> torch.Tensor:
