@@ -66,11 +66,28 @@ def test_encoder_starts_as_decoder_transpose_with_unit_rows():
     assert_close(sae.W_dec.norm(dim=-1), torch.ones(100))
 
 
-def test_parallel_gradient_removed_and_rows_renormalised():
+@pytest.mark.parametrize("batch,n,d,k", SIZES)
+def test_unit_decoder_gradient_is_the_dense_one_without_its_parallel_part(batch, n, d, k):
+    """Training's decoder gradient: plain autograd's, minus each row's component along the row
+    (Section 2.4), so that a small step keeps the rows on the unit sphere."""
+    sae = random_sae(n, d, k)
+    x, target = torch.randn(batch, d), torch.randn(batch, d)
+    x_hat, _ = sae(x)
+    (x_hat - target).pow(2).sum().backward()
+    dense = sae.W_dec.grad.clone()
+    sae.zero_grad()
+
+    x_c = x - sae.b_dec
+    pre = sae.pre_acts_centered(x_c)
+    x_hat, _ = sae.sparse_forward(x_c, pre, pre.topk(k, dim=-1).indices, unit_decoder=True)
+    (x_hat + sae.b_dec - target).pow(2).sum().backward()
+    W = sae.W_dec.detach()
+    assert_close(sae.W_dec.grad, dense - (dense * W).sum(-1, keepdim=True) * W, atol=1e-4, rtol=1e-4)
+    assert_close((sae.W_dec.grad * W).sum(-1), torch.zeros(n), atol=1e-4, rtol=0)
+
+
+def test_rows_renormalised():
     sae = random_sae(50, 12, 4)
-    sae.W_dec.grad = torch.randn_like(sae.W_dec)
-    sae.remove_gradient_parallel_to_decoder_directions()
-    assert_close((sae.W_dec.grad * sae.W_dec).sum(-1), torch.zeros(50), atol=1e-5, rtol=0)
     with torch.no_grad():
         sae.W_dec.mul_(3.0)
     sae.set_decoder_norm_to_unit_norm()

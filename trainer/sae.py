@@ -68,14 +68,18 @@ class SparseTopK(torch.autograd.Function):
     """x_hat - b_dec = W_dec^T ReLU(pre[indices]) for the chosen latents, where pre = x_c @ W_enc
     + b_enc was computed without grad (to select them). The backward pass touches only the N·k
     selected (token, latent) pairs of W_enc and W_dec: O(N·k·d) instead of the dense O(N·n·d).
-    Takes W_enc_T, (n, d), and gives its gradient in that layout."""
+    Takes W_enc_T, (n, d), and gives its gradient in that layout. With `unit_decoder`, W_dec's
+    gradient comes with each row's component along that row removed, as training needs for
+    unit-norm decoder rows (Section 2.4, Appendix A.4); the component is found from the N·k dot
+    products the backward computes anyway, with no extra pass over (n, d) (exact in fp32; on a
+    GPU the dot products are bf16's, so the component left is within its rounding)."""
 
     @staticmethod
-    def forward(ctx, pre_selected, x_c, W_enc_T, b_enc, W_dec, indices, grad_dtype):
+    def forward(ctx, pre_selected, x_c, W_enc_T, b_enc, W_dec, indices, grad_dtype, unit_decoder=False):
         values = pre_selected.relu()  # (N, k)
         x_hat = F.embedding_bag(indices, W_dec, per_sample_weights=values, mode="sum")  # (N, d)
         ctx.save_for_backward(x_c, W_enc_T, W_dec, indices, values)
-        ctx.grad_dtype = grad_dtype
+        ctx.grad_dtype, ctx.unit_decoder = grad_dtype, unit_decoder
         ctx.mark_non_differentiable(values)
         return x_hat, values
 
@@ -85,11 +89,15 @@ class SparseTopK(torch.autograd.Function):
         n = W_dec.shape[0]
         pattern = SelectionPattern(indices, n)
         grad_W_dec = pattern.product(values, grad_x_hat)  # (n, d)
-        grad_pre = gather_dot(W_dec, indices, grad_x_hat, ctx.grad_dtype) * (values > 0)  # (N, k), through ReLU
+        dots = gather_dot(W_dec, indices, grad_x_hat, ctx.grad_dtype)  # (N, k): W_dec[latent] · grad_x_hat[token]
+        if ctx.unit_decoder:  # grad_W_dec[l] · W_dec[l] = the sum of values · dots over l's firings
+            parallel = dots.new_zeros(n).index_add_(0, indices.reshape(-1), (values * dots).reshape(-1))
+            grad_W_dec.addcmul_(parallel[:, None], W_dec, value=-1)
+        grad_pre = dots * (values > 0)  # (N, k), through the ReLU
         grad_W_enc_T = pattern.product(grad_pre, x_c)  # (n, d)
         grad_b_enc = grad_pre.new_zeros(n).index_add_(0, indices.reshape(-1), grad_pre.reshape(-1))
         grad_x_c = F.embedding_bag(indices, W_enc_T, per_sample_weights=grad_pre, mode="sum")  # (N, d)
-        return None, grad_x_c, grad_W_enc_T, grad_b_enc, grad_W_dec, None, None
+        return None, grad_x_c, grad_W_enc_T, grad_b_enc, grad_W_dec, None, None, None
 
 
 TOPK_GROUP = 8  # latents per group in top_k's first step (measured best of 2..32 here)
@@ -161,11 +169,13 @@ class TopKSAE(nn.Module):
         return torch.mm(x_c.to(dtype), self.W_enc.to(dtype)).add_(self.b_enc.to(dtype))
 
     def sparse_forward(
-        self, x_c: torch.Tensor, pre: torch.Tensor, indices: torch.Tensor, dtype: torch.dtype = torch.float32
+        self, x_c: torch.Tensor, pre: torch.Tensor, indices: torch.Tensor, dtype: torch.dtype = torch.float32,
+        unit_decoder: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Training's forward for the latents `indices` (N, k) chosen from `pre`: returns
-        (x_hat - b_dec, values), differentiable with respect to W_enc, b_enc, W_dec and x_c."""
-        return SparseTopK.apply(pre.gather(-1, indices).float(), x_c, self.W_enc_T, self.b_enc, self.W_dec, indices, dtype)
+        (x_hat - b_dec, values), differentiable with respect to W_enc, b_enc, W_dec and x_c
+        (W_dec's gradient tangent to its unit rows with `unit_decoder`: see SparseTopK)."""
+        return SparseTopK.apply(pre.gather(-1, indices).float(), x_c, self.W_enc_T, self.b_enc, self.W_dec, indices, dtype, unit_decoder)
 
     def encode(self, x: torch.Tensor, k: int | None = None) -> TopKLatents:
         values, indices = self.pre_acts(x).topk(k or self.k, dim=-1, sorted=False)  # (N, k)
@@ -201,17 +211,6 @@ class TopKSAE(nn.Module):
     @torch.no_grad()
     def set_decoder_norm_to_unit_norm(self) -> None:
         self.W_dec.div_(torch.linalg.vector_norm(self.W_dec, dim=-1, keepdim=True).clamp_min(1e-12))
-
-    @torch.no_grad()
-    def remove_gradient_parallel_to_decoder_directions(self) -> None:
-        """Keep each decoder row on the unit sphere to first order (Section 2.4, Appendix A.4)."""
-        if self.W_dec.grad is None:
-            return
-        n, d = self.W_dec.shape
-        # Row-wise dot products as a batched matmul, and the update in place: no (n, d)
-        # temporaries (5x faster than (grad * W_dec).sum(-1) at n = 4,096 on this CPU).
-        parallel = torch.bmm(self.W_dec.grad.view(n, 1, d), self.W_dec.view(n, d, 1)).view(n, 1)
-        self.W_dec.grad.addcmul_(parallel, self.W_dec, value=-1)
 
     # ------------------------------------------------------------ (de)serialisation
 

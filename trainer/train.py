@@ -141,7 +141,6 @@ class Trainer:
         losses = self.forward(self.losses, x)
         self.optimizer.zero_grad(set_to_none=True)
         losses.loss.backward()
-        self.sae.remove_gradient_parallel_to_decoder_directions()
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.step()
@@ -158,7 +157,9 @@ class Trainer:
     def decode(self, x_c: torch.Tensor, selected: Selection) -> tuple[torch.Tensor, torch.Tensor]:
         """x_hat - b_dec from the selected latents (summed over the shards), and their activations."""
         sae = self.sae
-        x_hat, values = SparseTopK.apply(selected.pre, x_c, sae.W_enc_T, sae.b_enc, sae.W_dec, selected.indices, self.matmul_dtype)
+        x_hat, values = SparseTopK.apply(
+            selected.pre, x_c, sae.W_enc_T, sae.b_enc, sae.W_dec, selected.indices, self.matmul_dtype, True
+        )  # W_dec's gradient tangent to its unit rows
         return self.world.from_shards(x_hat), values
 
     def auxk_loss(self, x_c: torch.Tensor, pre: torch.Tensor, error: torch.Tensor, total_variance: torch.Tensor) -> torch.Tensor:
