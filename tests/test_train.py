@@ -147,3 +147,14 @@ def test_the_memory_budget_sets_the_chunks_read_from_the_store(tiny_run):
         assert released == chunks
     with pytest.raises(ConfigError, match="--memory-budget-mb"):
         TrainConfig(memory_budget_mb=0)
+
+
+def test_resume_refuses_a_checkpoint_with_the_old_encoder_layout(tmp_path):
+    """Checkpoints written before W_enc_T hold W_enc as [d_in, n] with Adam moments laid out for
+    it: resuming one would pair moments with the wrong weights, so it stops with a clear error."""
+    run = tmp_path / "old"
+    run.mkdir()
+    torch.save({"sae": {"W_enc": torch.zeros(4, 8)}, "cfg": {}}, run / CHECKPOINT_FILE)
+    result = saescope("train", "--resume", str(run))
+    assert result.returncode == 2 and "older saescope" in result.stderr and "without --resume" in result.stderr
+    assert (run / CHECKPOINT_FILE).exists()  # nothing changed

@@ -3,7 +3,8 @@
     z     = ReLU(TopK(W_enc^T (x - b_dec) + b_enc))      (Section 2.3)
     x_hat = W_dec^T z + b_dec
 
-Tensor names and layouts follow SAELens: W_enc [d_in, n], b_enc [n], W_dec [n, d_in], b_dec [d_in].
+Tensor names and layouts follow SAELens: W_enc [d_in, n], b_enc [n], W_dec [n, d_in], b_dec [d_in]
+(W_enc is a view: the parameter is its contiguous transpose W_enc_T [n, d_in]).
 The decoder is evaluated sparsely (only the k chosen rows of W_dec are read per token).
 """
 

@@ -334,6 +334,8 @@ def resume(out_dir: Path, world: World = World()) -> Path:
         done = (out_dir / runfolder.SAE_FILE).exists()
         raise TrainingError(f"{path}: no checkpoint to resume" + (" (the run is already complete)" if done else ""))
     state = torch.load(path, weights_only=False, map_location="cpu")
+    if "W_enc" in state["sae"]:  # before W_enc_T: its Adam moments are laid out the other way
+        raise TrainingError(f"{path}: a checkpoint of an older saescope (W_enc stored as [d_in, n]); train the run again without --resume")
     cfg = TrainConfig(**state["cfg"])
     check_world(cfg, world)
     store_dir = Path(state["store"])
