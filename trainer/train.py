@@ -18,7 +18,7 @@ from trainer import corpus, runfolder
 from trainer.activations import ActivationStore, build_store, store_matches
 from trainer.config import TrainConfig
 from trainer.distributed import Selection, World, barrier, check_world, training_forward
-from trainer.model import ModelError, check_layer, forward_dtype, load_language_model
+from trainer.model import ModelError, check_layer, load_language_model
 from trainer.sae import SparseTopK, TopKSAE, fast_matmul_dtype, geometric_median
 
 log = logging.getLogger(__name__)
@@ -40,7 +40,7 @@ def store_meta(cfg: TrainConfig) -> dict:
         "n_contexts": cfg.n_train_contexts + cfg.n_heldout_contexts,
         "seed": cfg.seed,
         # The forward's precision: a store made in bf16 is not reused by an fp32 run, nor the reverse.
-        "forward_dtype": str(forward_dtype(cfg.device or None, bool(cfg.fast_matmul))).removeprefix("torch."),
+        "forward_dtype": str(fast_matmul_dtype(cfg.device or None, bool(cfg.fast_matmul))).removeprefix("torch."),
     }
 
 
@@ -106,7 +106,7 @@ class Trainer:
         self.optimizer = torch.optim.Adam(self.sae.parameters(), lr=cfg.effective_lr, eps=6.25e-10, fused=True)
         self.tokens_since_fired = torch.zeros(self.sae.n_latents, dtype=torch.long, device=self.device)
         self.k_aux = min(store.meta["d_model"] // 2, cfg.n_latents)
-        self.matmul_dtype = fast_matmul_dtype(self.device) if cfg.fast_matmul else torch.float32
+        self.matmul_dtype = fast_matmul_dtype(self.device, bool(cfg.fast_matmul))
         self.forward = training_forward(world, self.sae)  # DDP when data parallel
 
     def init_b_dec(self) -> None:
