@@ -140,3 +140,22 @@ def test_an_option_added_since_training_counts_as_its_default(tmp_path):
     assert trained_with(tmp_path, cfg)
     assert not trained_with(tmp_path, replace(cfg, memory_budget_mb=16))
     assert not trained_with(tmp_path, replace(cfg, k=16))
+
+
+def test_an_option_that_changed_training_counts_as_what_the_run_did(tmp_path):
+    """auxk_rescale changed how AuxK trains when it was added (default 1): a run saved before it
+    was trained unscaled, so it is current for --auxk-rescale 0 and retrained for the default."""
+    from dataclasses import replace
+
+    from trainer import runfolder
+    from trainer.config import TrainConfig
+    from trainer.sweep import trained_with
+
+    cfg = TrainConfig()
+    saved = cfg.to_dict()
+    del saved["auxk_rescale"]
+    runfolder.save_cfg(tmp_path, saved)
+    (tmp_path / runfolder.SAE_FILE).write_bytes(b"weights")
+    assert not trained_with(tmp_path, cfg)
+    assert trained_with(tmp_path, replace(cfg, auxk_rescale=0))
+    assert TrainConfig.from_saved(saved).auxk_rescale == 0 and TrainConfig.from_saved(cfg.to_dict()) == cfg

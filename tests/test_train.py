@@ -109,6 +109,42 @@ def test_multi_topk_makes_the_sae_work_at_4k(tiny_run):
     assert fvu_at_4k(multi_topk=1) < fvu_at_4k(multi_topk=0)
 
 
+def test_rescaled_auxk_turns_dead_latents_without_shrinking_them(tiny_run):
+    """AuxK's reconstruction of the residual from many near-random dead latents overshoots it;
+    the paper's unscaled loss then pushes every dead latent's activation down (its derivative
+    along the dead latents' own encoder weights is positive), which in short runs killed more
+    latents than it revived. Rescaled per token by its least-squares factor, that radial
+    derivative is zero: the gradient only turns the dead latents."""
+    from trainer.activations import ActivationStore
+    from trainer.config import TrainConfig
+    from trainer.train import Trainer
+
+    cfg = runfolder.load_cfg(tiny_run)
+    store = ActivationStore.open(cfg["store"])
+    trainer = Trainer(TrainConfig(model=cfg["model"], layer=1, n_latents=256, k=4, context_length=32), store, cfg["input_scale"])
+    trainer.init_b_dec()
+    trainer.k_aux = 64
+    trainer.tokens_since_fired[8:] = 10**9  # all but 8 latents dead
+    sae = trainer.sae
+    x = store.rows(0, 8) * cfg["input_scale"]
+    x_c = x - sae.b_dec.detach()
+    pre = sae.pre_acts_centered(x_c)
+    error = 0.2 * (x - x.mean(0))  # a residual a fifth of the data's spread, as after some training
+    total_variance = (x - x.mean(0)).pow(2).sum()
+
+    def gradients(rescale: int) -> tuple[float, float]:
+        """The derivative along the encoder's own weights (radial), and the gradient's norm."""
+        trainer.cfg.auxk_rescale = rescale
+        sae.zero_grad()
+        trainer.auxk_loss(x_c, pre, error, total_variance).backward()
+        grad, weights = torch.cat([sae.W_enc_T.grad, sae.b_enc.grad[:, None]], 1), torch.cat([sae.W_enc_T, sae.b_enc[:, None]], 1)
+        return float((grad * weights.detach()).sum()), float(grad.norm() * weights.detach().norm())
+
+    (unscaled, unscaled_norm), (rescaled, rescaled_norm) = gradients(0), gradients(1)
+    assert unscaled > 0.1 * unscaled_norm  # mostly shrinking
+    assert abs(rescaled) < 1e-4 * rescaled_norm  # a gradient (not zero), none of it radial
+
+
 def test_retraining_a_folder_drops_its_old_metrics_and_harvest(tiny_run, tmp_path):
     """Stale numbers must never sit beside new weights (the demo skips stages whose output exists)."""
     from trainer.config import TrainConfig

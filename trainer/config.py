@@ -40,6 +40,7 @@ class TrainConfig:
     decay_fraction: float = option(0.3, "share of final steps with a linear decay to zero")
     multi_topk: int = option(0, "1: add the Multi-TopK loss L(4k)/8 so that the SAE also works at higher k (Gao et al. 2024, Section 5.3)")
     auxk_alpha: float = option(1 / 32, "weight of the AuxK loss on dead latents (0 turns it off)")
+    auxk_rescale: int = option(1, "1: each token's AuxK reconstruction of the residual is scaled by its least-squares factor, so AuxK turns dead latents towards the residual instead of pushing them all down (at n = 32,768: 4x fewer dead latents, same FVU; BENCHMARKS.md); 0: the paper's unscaled form")
     dead_tokens: int = option(0, "tokens without firing after which a latent counts as dead; 0 means min(10M, tokens/10)")
     fast_matmul: int = option(1, "1: bf16 matmuls where the hardware has them (CUDA, CPUs with AVX512-BF16 or AMX): the language model's forward under autocast, and choosing the top k (gradients stay fp32); 0: fp32 throughout")
     checkpoint_every: int = option(100, "steps between checkpoints for --resume (0: none)")
@@ -89,6 +90,17 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_saved(cls, saved: dict) -> "TrainConfig":
+        """The config a saved cfg.json or checkpoint was trained with: an option it lacks (added
+        later) takes the value that reproduces how that run was trained."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{**BEFORE_OPTION, **{key: value for key, value in saved.items() if key in names}})
+
+
+# Options whose default changed training when they were added: what a run saved before them did.
+BEFORE_OPTION = {"auxk_rescale": 0}
 
 
 @dataclass

@@ -46,12 +46,11 @@ def rung_configs(sweep: SweepConfig, base: TrainConfig) -> dict[str, TrainConfig
 
 
 def trained_with(run: Path, cfg: TrainConfig) -> bool:
-    """The run folder holds finished weights trained with exactly `cfg`; an option added since it
-    was trained counts as its default (which keeps the old behaviour)."""
+    """The run folder holds finished weights trained with exactly `cfg` (an option added since it
+    was trained counts as what the run did: TrainConfig.from_saved)."""
     if not (run / runfolder.SAE_FILE).exists() or not (run / runfolder.CFG_FILE).exists():
         return False
-    saved, defaults = runfolder.read_json(run / runfolder.CFG_FILE), TrainConfig().to_dict()
-    return all(saved.get(key, defaults[key]) == value for key, value in cfg.to_dict().items())
+    return TrainConfig.from_saved(runfolder.read_json(run / runfolder.CFG_FILE)) == cfg
 
 
 def checkpoint_of(run: Path, cfg: TrainConfig) -> bool:
