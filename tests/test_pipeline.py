@@ -169,6 +169,7 @@ def test_damaged_run_folder_is_one_line_and_writes_nothing(tiny_run, tmp_path):
         (["--latents", "64", "--k", "64"], "--k must be between"),
         (["--corpus", "/no/such/corpus"], "no such file or folder"),
         (["--layer", "9"], "layer 9 is out of range"),
+        (["--auxk-rescale", "2"], "--auxk-rescale is 0 or 1"),
     ],
 )
 def test_train_rejects_bad_config_in_one_line(tiny_model_dir, tmp_path, args, message):

@@ -71,6 +71,8 @@ class TrainConfig:
             raise ConfigError(f"--checkpoint-every must be >= 0, got {self.checkpoint_every}")
         if self.lr < 0:
             raise ConfigError(f"--lr must be >= 0, got {self.lr}")
+        if self.auxk_rescale not in (0, 1):
+            raise ConfigError(f"--auxk-rescale is 0 or 1, got {self.auxk_rescale}")
 
     @property
     def n_train_contexts(self) -> int:
