@@ -3,9 +3,9 @@
     .venv/bin/python bench/dead_latents.py --store DIR [--latents 32768 --k 32]
         [--variant "paper AuxK:auxk_rescale=0" --variant "no AuxK:auxk_alpha=0" ...]
 
-Each variant is a name and TrainConfig overrides (`field=value`, comma-separated) on top of the
-sweep's training budget (300,032 tokens, 65,536 held out: build the store with `saescope sweep`
-or pass one that has them); every variant starts from the same seed. Reported per variant:
+Each variant is a name and TrainConfig overrides (`field=value`, comma-separated) on top of
+`saescope train`'s defaults with the sweep's budget (300,032 training tokens, 65,536 held out:
+the store of a default `saescope sweep` has them); every variant starts from the same seed. Reported per variant:
 held-out FVU, latents that never fire on the held-out tokens (the sweep's "dead"), and latents
 the trainer counted dead at the end (no firing within --dead-tokens). Without --variant, the
 table of BENCHMARKS.md ("Dead latents at n = 32,768") is measured.
@@ -28,6 +28,7 @@ DEFAULT_VARIANTS = [
     "rescaled AuxK (default):",
     "rescaled, alpha 1/8:auxk_alpha=0.125",
     "rescaled, alpha 1:auxk_alpha=1",
+    "rescaled, alpha 1/4, dead after 8,192 tokens:auxk_alpha=0.25,dead_tokens=8192",
     "rescaled, alpha 1, dead after 8,192 tokens:auxk_alpha=1,dead_tokens=8192",
 ]
 
@@ -53,7 +54,8 @@ def main() -> None:
 
     store = ActivationStore.open(args.store)
     scale = input_scale(store)
-    base = TrainConfig(n_latents=args.latents, k=args.k, lr=args.lr, checkpoint_every=0, **SWEEP_TRAIN_DEFAULTS)
+    budget = {key: SWEEP_TRAIN_DEFAULTS[key] for key in ("tokens", "heldout_tokens")}  # the rest: train's defaults
+    base = TrainConfig(n_latents=args.latents, k=args.k, lr=args.lr, checkpoint_every=0, **budget)
     print(f"# {platform.processor() or platform.machine()}, n = {args.latents}, k = {args.k}, lr {base.effective_lr:g}, "
           f"{store.n_train_contexts * store.context_length:,} training tokens, "
           f"{(store.n_contexts - store.n_train_contexts) * store.context_length:,} held out")

@@ -142,8 +142,12 @@ def int_list(text: str, flag: str) -> list[int]:
         raise ConfigError(f"{flag} takes comma-separated integers, got {text!r}") from None
 
 
-# A sweep's training budget: every rung sees the same tokens (see BENCHMARKS.md, "Scaling sweep").
-SWEEP_TRAIN_DEFAULTS = {"tokens": 300_032, "heldout_tokens": 65_536}
+# A sweep's training budget and settings (BENCHMARKS.md, "Scaling sweep"). Every rung sees the same
+# 300k tokens, a few hundred steps: the 1/sqrt(n) learning-rate rule then leaves the large SAEs
+# undertrained (FVU rose past n = 4,096), so every rung gets the rule's value at n = 4,096; that
+# rate killed latents in the large ones, which AuxK at weight 1, counting a latent dead after
+# 8,192 tokens without firing, revives (n = 32,768: 7,552 never fired, 7 with these settings).
+SWEEP_TRAIN_DEFAULTS = {"tokens": 300_032, "heldout_tokens": 65_536, "lr": 1.2e-3, "auxk_alpha": 1.0, "dead_tokens": 8192}
 
 
 @dataclass

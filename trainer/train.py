@@ -168,7 +168,7 @@ class Trainer:
 
         With cfg.auxk_rescale, each token's reconstruction is first scaled by the factor that fits
         it best (held constant). Unscaled, a few hundred near-random dead latents add up to
-        several times the residual's norm, so the gradient pushes every one of them down, and in
+        more than the residual, so the gradient pushes every one of them down, and in
         a run of a few hundred steps AuxK killed more latents than it revived (n = 32,768: 7,552
         dead with it, 2,982 without; rescaled 1,840, at the same FVU; BENCHMARKS.md). Scaled, the
         gradient is orthogonal to the reconstruction: it turns the dead latents towards what the
