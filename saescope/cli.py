@@ -52,6 +52,7 @@ def cmd_train(args) -> None:
         raise CommandError("--out RUN is required (or --resume RUN to continue a killed run)")
     else:
         run = train(config_from_args(args, TrainConfig), args.out, args.store, world)
+    distributed.finish_world(world)
     if world.writes:
         print(f"trained {run} (held-out metrics: saescope eval {run})")
 

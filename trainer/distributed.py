@@ -262,8 +262,18 @@ def init_world(shard_latents: bool = False) -> World:
         # Shut the group's threads down before the interpreter does: a rank that finishes first
         # otherwise exits with gloo's threads alive and aborts ("terminate called without an
         # active exception"), which torchrun reports as a failed run.
-        atexit.register(dist.destroy_process_group)
+        atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())
     return world
+
+
+def finish_world(world: World) -> None:
+    """After a run that succeeded: the ranks wait for each other, then shut their process group
+    down together. Rank 0 writes the run folder after the others are done; a rank that exited
+    meanwhile could still abort in gloo's threads (seen in the resume test after the atexit
+    shutdown above), so no rank leaves before all have finished."""
+    if world.size > 1 and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def launch(parallel, train_args: list[str]) -> int:
