@@ -54,9 +54,10 @@ def trained_with(run: Path, cfg: TrainConfig) -> bool:
 
 
 def checkpoint_of(run: Path, cfg: TrainConfig) -> bool:
-    """The run folder holds a checkpoint of a training with exactly `cfg`."""
+    """The run folder holds a checkpoint of a training with exactly `cfg` (the same rule as
+    trained_with)."""
     path = run / CHECKPOINT_FILE
-    return path.is_file() and torch.load(path, weights_only=False, map_location="cpu")["cfg"] == cfg.to_dict()
+    return path.is_file() and TrainConfig.from_saved(torch.load(path, weights_only=False, map_location="cpu")["cfg"]) == cfg
 
 
 def run_rung(run: Path, cfg: TrainConfig, store_dir: Path, downstream_contexts: int) -> str:
