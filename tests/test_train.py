@@ -185,6 +185,34 @@ def test_the_memory_budget_sets_the_chunks_read_from_the_store(tiny_run):
         TrainConfig(memory_budget_mb=0)
 
 
+def test_each_epoch_trains_every_token_once_in_a_new_order(tiny_run):
+    """--epochs 2: every training token once per pass, each pass shuffled anew, the schedule and
+    the default dead window over both passes, and a resumed run's batches the same as an
+    uninterrupted run's (also when it resumes in the second pass)."""
+    from trainer.activations import ActivationStore
+    from trainer.config import ConfigError, TrainConfig
+    from trainer.train import Trainer
+
+    cfg = runfolder.load_cfg(tiny_run)
+    store = ActivationStore.open(cfg["store"])
+    store.token_rows = lambda positions: positions[:, None].float()  # each batch row says which token it is
+    one, two = (Trainer(TrainConfig(model=cfg["model"], layer=1, n_latents=64, k=4, context_length=32, batch_size=64,
+                                    tokens=store.n_train_contexts * 32, epochs=epochs), store, 1.0) for epochs in (1, 2))
+    assert two.total_steps == 2 * one.total_steps
+    assert two.cfg.effective_dead_tokens == 2 * one.cfg.effective_dead_tokens
+    batches = [(step, x.flatten().long()) for step, x in two.batches()]
+    assert [step for step, _ in batches] == list(range(two.total_steps))
+    first, second = (torch.cat([x for _, x in part]) for part in (batches[: one.total_steps], batches[one.total_steps :]))
+    assert torch.equal(first, torch.cat([x.flatten().long() for _, x in one.batches()]))  # pass 1 is the 1-epoch run
+    assert torch.equal(first.sort().values, second.sort().values)  # the same tokens, each once
+    assert len(first.unique()) == len(first)
+    assert not torch.equal(first, second)  # in another order
+    resume_at = one.total_steps + 3
+    assert all(torch.equal(x.flatten().long(), batches[step][1]) for step, x in two.batches(resume_at))
+    with pytest.raises(ConfigError, match="--epochs"):
+        TrainConfig(epochs=0)
+
+
 def test_resume_refuses_a_checkpoint_with_the_old_encoder_layout(tmp_path):
     """Checkpoints written before W_enc_T hold W_enc as [d_in, n] with Adam moments laid out for
     it: resuming one would pair moments with the wrong weights, so it stops with a clear error."""

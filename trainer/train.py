@@ -201,18 +201,19 @@ class Trainer:
     @property
     def total_steps(self) -> int:
         T, B = self.store.context_length, self.cfg.batch_size
-        return sum((last - first) * T // B for first, last in self.chunks())
+        return self.cfg.epochs * sum((last - first) * T // B for first, last in self.chunks())
 
     def batches(self, start_step: int = 0):
-        """Chunks of contexts read sequentially from the store, shuffled token by token. The
-        shuffle depends only on the seed, so a resumed run sees exactly the batches it would
-        have seen; chunks before `start_step` draw their permutation but are not read."""
+        """Chunks of contexts read sequentially from the store, shuffled token by token, once per
+        epoch. The shuffle depends only on the seed (each epoch and chunk draws its own), so a
+        resumed run sees exactly the batches it would have seen; chunks before `start_step` draw
+        their permutation but are not read."""
         generator = torch.Generator().manual_seed(self.cfg.seed + 1)
         T, B = self.store.context_length, self.cfg.batch_size
         share, shares = self.world.data_share
         b = B // shares  # this rank's tokens of each batch
         step = 0
-        for first, last in self.chunks():
+        for first, last in (chunk for _ in range(self.cfg.epochs) for chunk in self.chunks()):
             order = torch.randperm((last - first) * T, generator=generator)
             n_batches = len(order) // B
             if step + n_batches <= start_step:
