@@ -36,7 +36,7 @@ def make_sweep(folder: Path, seed: int = 0, neighbours: int = NEIGHBOURS) -> Pat
     runfolder.write_json(folder / "sweep.json", {
         "sweep": {"latents": ",".join(map(str, N_SERIES)), "k": K, "ks": ",".join(map(str, K_SERIES)),
                   "k_series_latents": ",".join(map(str, K_SERIES_N)), "family_neighbours": neighbours},
-        "train": {"model": MODEL, "layer": 6, "tokens": 4096}, "rungs": names})
+        "train": {"model": MODEL, "layer": 6, "tokens": 4096, "epochs": 3}, "rungs": names})
     scaling.write_scaling(folder, K)
     if neighbours:
         families.write_families(folder, [folder / "runs" / f"n{n}-k{K}" for n in N_SERIES], neighbours)

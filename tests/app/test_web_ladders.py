@@ -97,6 +97,7 @@ def test_the_scaling_page_draws_the_fits_and_links_every_rung(ladder_client):
     assert "fit c + a·n^−α" in html and '<polyline class="series fit"' in html
     assert f"<title>n = {N_SERIES[0]:,}, k = {K}: FVU " in html  # every point says what it is
     assert "<script" not in html.split("</head>")[1]  # no inline script (the CSP forbids it)
+    assert "4,096 × 3</span>" in html  # training tokens and passes over them
     for n in N_SERIES:
         assert f'href="/saes/{rung_id(n)}"' in html
     assert f'href="/ladders/{LADDER}"' in ladder_client.get("/").text
