@@ -5,7 +5,8 @@
 
 Each variant is a name and TrainConfig overrides (`field=value`, comma-separated) on top of
 `saescope train`'s defaults with the sweep's budget (300,032 training tokens, 65,536 held out:
-the store of a default `saescope sweep` has them); every variant starts from the same seed. Reported per variant:
+the store of a default `saescope sweep` has them; one pass over them unless a variant sets
+`epochs`, where the sweep now trains three); every variant starts from the same seed. Reported per variant:
 held-out FVU, latents that never fire on the held-out tokens (the sweep's "dead"), and latents
 the trainer counted dead at the end (no firing within --dead-tokens). Without --variant, the
 table of BENCHMARKS.md ("Dead latents at n = 32,768") is measured.
