@@ -280,7 +280,8 @@ class Trainer:
                 fvu_ema = self.train_step(step, x, total_steps, fvu_ema)
                 bar.update(1)
                 if step % 10 == 0:
-                    bar.set_postfix(fvu=f"{fvu_ema:.3f}", dead=int((self.tokens_since_fired > self.cfg.effective_dead_tokens).sum()))
+                    passes = {"epoch": f"{step * self.cfg.epochs // total_steps + 1}/{self.cfg.epochs}"} if self.cfg.epochs > 1 else {}
+                    bar.set_postfix(**passes, fvu=f"{fvu_ema:.3f}", dead=int((self.tokens_since_fired > self.cfg.effective_dead_tokens).sum()))
                 every = self.cfg.checkpoint_every
                 if save_checkpoint and every and (step + 1) % every == 0 and step + 1 < total_steps:
                     self.check_weights(step)
