@@ -53,7 +53,7 @@ def logit_effects(W_dec: torch.Tensor, final_norm: nn.Module, unembed: nn.Module
     # most of them (a 32,768-latent harvest peaked 2.5 GiB higher in this function).
     V = W_U.shape[0]
     product = torch.empty(block, V, dtype=dtype, device=device)
-    effects_buffer = torch.empty(block, V, device=device)
+    effects_buffer = product if dtype == torch.float32 else torch.empty(block, V, device=device)
     which_buffer = torch.empty(block, V, dtype=torch.int32, device=device)
     for start in range(0, W_dec.shape[0], block):
         directions = normed[start : start + block]  # (b, d)
