@@ -18,7 +18,7 @@ import argparse
 import platform
 from dataclasses import fields, replace
 
-from trainer.activations import ActivationStore
+from trainer.activations import ActivationStore, complete_heldout
 from trainer.config import SWEEP_TRAIN_DEFAULTS, TrainConfig
 from trainer.evaluate import evaluate_sae
 from trainer.train import Trainer, input_scale
@@ -53,7 +53,7 @@ def main() -> None:
     parser.add_argument("--variant", action="append", help="NAME:field=value,... (repeatable)")
     args = parser.parse_args()
 
-    store = ActivationStore.open(args.store)
+    store = complete_heldout(ActivationStore.open(args.store))
     scale = input_scale(store)
     budget = {key: SWEEP_TRAIN_DEFAULTS[key] for key in ("tokens", "heldout_tokens")}  # the rest: train's defaults
     base = TrainConfig(n_latents=args.latents, k=args.k, lr=args.lr, checkpoint_every=0, **budget)

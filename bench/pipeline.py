@@ -59,11 +59,11 @@ def main() -> None:
         stages = {}
         start = time.perf_counter()
         train(cfg, run)
-        stages["train (activations + SAE)"] = time.perf_counter() - start
+        stages["train (activations of the training tokens + SAE)"] = time.perf_counter() - start
         trained = json.loads((run / "metrics.json").read_text())
         start = time.perf_counter()
         metrics = evaluate_run(run)
-        stages["eval"] = time.perf_counter() - start
+        stages["eval (activations of the held-out tokens, FVU/L0/dead/dense, downstream loss)"] = time.perf_counter() - start
         start = time.perf_counter()
         harvest_run(run, HarvestConfig())
         stages["harvest (from stored activations)"] = time.perf_counter() - start
@@ -75,10 +75,11 @@ def main() -> None:
     dtype = str(train_dtype).removeprefix("torch.")
     print("| stage | time / bare forward pass |")
     print("|---|---|")
-    print(f"| bare forward through block {cfg.layer} ({forward_tokens:,} tokens), {dtype} matmuls as `train` runs it | 1.00 |")
+    print(f"| bare forward through block {cfg.layer} ({forward_tokens:,} tokens: training + held-out), {dtype} matmuls as `train` runs it | 1.00 |")
     print(f"| bare forward through block {cfg.layer}, fp32 | {fp32_s / forward_s:.2f} |")
     for stage, seconds in stages.items():
         print(f"| {stage} | {seconds / forward_s:.2f} |")
+    print(f"| the three stages together | {sum(stages.values()) / forward_s:.2f} |")
     end_to_end = trained["end_to_end_tokens_per_s"]
     print(f"\nend-to-end train: {end_to_end:,.0f} tokens/s; ratio to the bare forward pass ({dtype}): "
           f"{end_to_end / (forward_tokens / forward_s):.2f}, to the fp32 forward: {end_to_end / (forward_tokens / fp32_s):.2f}; "

@@ -1,17 +1,23 @@
 """Activations harvested once from the truncated model into an on-disk store.
 
     STORE/
-      meta.json          model, layer, context_length, n_contexts, n_heldout, d_model, complete
+      meta.json          model, layer, context_length, n_contexts, n_heldout, d_model, complete,
+                         heldout_complete
       tokens.npy         (C, T) int32 token ids, row c is context c
       activations.npy    (C * T, d) float16, memory-mapped; rows c*T .. c*T+T-1 are context c
 
 Contexts are stored in a seeded random order with the held-out ones last, so training reads the
 first rows in big sequential chunks and still sees text from all over the corpus. A store is
 reused by any run with the same model, layer and corpus settings.
+
+Training needs only the training rows, so `train` runs the model over those alone ("complete");
+the held-out rows are filled by the first evaluation or harvest that reads them
+("heldout_complete", `complete_heldout`), once per store, and every later run reuses them.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import mmap
 import os
@@ -22,7 +28,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from trainer.model import LanguageModel
+from trainer.model import LanguageModel, load_language_model
+
+
+class StoreError(RuntimeError):
+    pass
 
 
 @dataclass
@@ -44,8 +54,18 @@ class ActivationStore:
     def n_train_contexts(self) -> int:
         return self.meta["n_contexts"] - self.meta["n_heldout"]
 
+    @property
+    def heldout_ready(self) -> bool:
+        return self.meta.get("heldout_complete", True)  # stores made before the flag were built whole
+
+    def check_ready(self, last_context: int) -> None:
+        """Held-out rows are zeros until `complete_heldout` fills them: never hand those out."""
+        if last_context > self.n_train_contexts and not self.heldout_ready:
+            raise StoreError(f"{self.path}: the held-out activations are not computed yet (complete_heldout; `saescope eval` does it)")
+
     def rows(self, first_context: int, last_context: int) -> torch.Tensor:
         """Activations of contexts [first, last) as float32: ((last - first) * T, d)."""
+        self.check_ready(last_context)
         T = self.context_length
         return torch.from_numpy(np.asarray(self.activations[first_context * T : last_context * T], dtype=np.float32))
 
@@ -75,6 +95,7 @@ class ActivationStore:
 
     def contexts(self, rows) -> torch.Tensor:
         """Activations of the contexts `rows` (any order) as float32: (b, T, d)."""
+        self.check_ready(int(np.max(rows, initial=-1)) + 1)
         T, d = self.context_length, self.activations.shape[1]
         by_context = self.activations.reshape(-1, T, d)
         return torch.from_numpy(np.asarray(by_context[np.asarray(rows)], dtype=np.float32))
@@ -107,29 +128,69 @@ def store_matches(path: Path, meta: dict) -> bool:
 def build_store(
     path: Path, lm: LanguageModel, contexts: torch.Tensor, meta: dict, batch_size: int = 16
 ) -> ActivationStore:
-    """Run the truncated model over `contexts` (C, T) and write the store; resumable per batch
-    is not needed at this size, but a killed build is never mistaken for a complete one:
-    meta.json says complete only after every row is flushed."""
+    """Write the store's tokens (all contexts) and run the truncated model over the training
+    contexts, the first C - meta["n_heldout"] (see the module docstring for the held-out ones).
+    A killed build is never mistaken for a complete one: meta.json says complete only after
+    every training row is flushed."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     C, T = contexts.shape
-    meta = {**meta, "n_contexts": C, "context_length": T, "d_model": lm.d_model, "complete": False}
-    (path / "meta.json").write_text(json.dumps(meta, indent=2))
+    n_train = C - meta["n_heldout"]
+    meta = {**meta, "n_contexts": C, "context_length": T, "d_model": lm.d_model, "complete": False,
+            "heldout_complete": n_train == C}
+    write_meta(path, meta)
     np.save(path / "tokens.npy", contexts.numpy().astype(np.int32))
     (path / "vocab.json").write_text(json.dumps(token_vocab(lm.tokenizer)))
     activations = np.lib.format.open_memmap(
         path / "activations.npy", mode="w+", dtype=np.float16, shape=(C * T, lm.d_model)
     )
-    with tqdm(total=C * T, desc="activations", unit="tok", unit_scale=True) as bar:
-        for start in range(0, C, batch_size):
-            batch = contexts[start : start + batch_size]
+    run_model(lm, contexts, 0, n_train, activations, "activations", batch_size)
+    del activations
+    write_meta(path, {**meta, "complete": True})
+    return ActivationStore.open(path)
+
+
+def complete_heldout(store: ActivationStore, lm: LanguageModel | None = None, batch_size: int = 16) -> ActivationStore:
+    """The store with its held-out rows computed: the first caller runs the model over them (`lm`,
+    or the store's model loaded here) in the precision the store was made in; a lock makes
+    concurrent callers wait for it instead of repeating it. Killed mid-way, the flag stays unset
+    and the next caller starts again."""
+    if store.heldout_ready:
+        return store
+    with open(store.path / ".heldout.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        store = ActivationStore.open(store.path)  # another process may have filled it meanwhile
+        if store.heldout_ready:
+            return store
+        meta = store.meta
+        lm = lm or load_language_model(meta["model"], meta["layer"])
+        previous, lm.forward_dtype = lm.forward_dtype, getattr(torch, meta.get("forward_dtype", "float32"))
+        try:
+            activations = np.load(store.path / "activations.npy", mmap_mode="r+")
+            contexts = torch.from_numpy(store.tokens).long()
+            run_model(lm, contexts, store.n_train_contexts, store.n_contexts, activations, "held-out activations", batch_size)
+            del activations
+        finally:
+            lm.forward_dtype = previous
+        write_meta(store.path, {**meta, "heldout_complete": True})
+    return ActivationStore.open(store.path)
+
+
+def run_model(lm: LanguageModel, contexts: torch.Tensor, first: int, last: int, activations: np.ndarray,
+              desc: str, batch_size: int) -> None:
+    """The residual stream of contexts [first, last) into their rows of `activations`, flushed."""
+    T = contexts.shape[1]
+    with tqdm(total=(last - first) * T, desc=desc, unit="tok", unit_scale=True) as bar:
+        for start in range(first, last, batch_size):
+            batch = contexts[start : min(start + batch_size, last)]
             resid = lm.residual(batch)  # (B, T, d)
             activations[start * T : (start + batch.shape[0]) * T] = resid.reshape(-1, lm.d_model).cpu().numpy()
             bar.update(batch.numel())
     activations.flush()
-    del activations
-    meta["complete"] = True
-    tmp = path / "meta.json.tmp"
+
+
+def write_meta(path: Path, meta: dict) -> None:
+    """Atomically: readers see the old meta.json or the new one."""
+    tmp = Path(path) / "meta.json.tmp"
     tmp.write_text(json.dumps(meta, indent=2))
-    os.replace(tmp, path / "meta.json")
-    return ActivationStore.open(path)
+    os.replace(tmp, Path(path) / "meta.json")

@@ -34,7 +34,7 @@ import torch
 from tqdm.auto import tqdm
 
 from trainer import explain, runfolder
-from trainer.activations import ActivationStore, token_vocab
+from trainer.activations import ActivationStore, complete_heldout, token_vocab
 from trainer.config import HarvestConfig
 from trainer.directions import logit_effects, nearest_latents
 from trainer.grouping import group_codes, rank_within, sort_within, spread_within
@@ -485,6 +485,8 @@ def harvest_run(run_dir: Path, cfg: HarvestConfig | None = None, store_dir: Path
     run_cfg, sae = TopKSAE.load(run_dir, device)
     store = store_for_run(run_dir, run_cfg, cfg, store_dir)
     lm = load_language_model(run_cfg["model"], run_cfg["layer"], str(device), fast=bool(run_cfg.get("fast_matmul", 1)))
+    if not from_model:
+        store = complete_heldout(store, lm)
     data = HarvestInput(tokens=store.tokens, n_heldout=int(store.meta.get("n_heldout", 0)),
                         store=None if from_model else store, lm=lm)
     harvest = harvest_sae(sae, data, run_cfg.get("input_scale", 1.0), cfg, lm)
