@@ -34,3 +34,49 @@ def test_trained_sae_downstream_metrics(tiny_run):
         assert torch.isfinite(torch.tensor(metrics[key])), key
     assert metrics["kl"] >= 0
     assert metrics["delta_ce"] == pytest.approx(metrics["ce_spliced"] - metrics["ce_clean"])
+
+
+def test_the_spliced_and_ablated_passes_skip_the_blocks_before_the_hookpoint(tiny_run, monkeypatch):
+    """Blocks 0..L run once per batch (in the clean pass); the metrics equal three full forward
+    passes with block L's output replaced by a hook, as the paper splices."""
+    from trainer import model as model_module
+    from trainer.model import find_blocks, load_causal_lm
+
+    cfg = runfolder.load_cfg(tiny_run)
+    _, sae = TopKSAE.load(tiny_run)
+    store = ActivationStore.open(cfg["store"])
+    loaded, calls = [], []
+
+    def counting_loader(*args, **kwargs):  # the real model, with a count of block 0's runs
+        loaded.append(load_causal_lm(*args, **kwargs))
+        loaded.append(find_blocks(loaded[0][1].base_model)[1][0].register_forward_hook(lambda *a: calls.append(1)))
+        return loaded[0]
+
+    monkeypatch.setattr(model_module, "load_causal_lm", counting_loader)
+    got = downstream_loss(sae, cfg, store, n_contexts=8, batch=4)
+    assert len(calls) == 2  # once per batch of 4, not three times
+    loaded[1].remove()
+
+    _, model = loaded[0]
+    _, blocks = find_blocks(model.base_model)
+    assert all(type(block).__name__ != "Replay" for block in blocks)  # put back
+    ids = torch.from_numpy(store.tokens[store.n_train_contexts : store.n_train_contexts + 8]).long()
+    scale = cfg["input_scale"]
+
+    def spliced(module, args, output):
+        x = output.reshape(-1, output.shape[-1]) * scale
+        return (sae(x)[0] / scale).view_as(output)
+
+    def log_probs(hook=None):
+        handle = blocks[cfg["layer"]].register_forward_hook(hook) if hook else None
+        out = model(input_ids=ids, use_cache=False).logits[:, :-1].float().log_softmax(-1)
+        if handle:
+            handle.remove()
+        return out
+
+    clean, with_sae, ablated = log_probs(), log_probs(spliced), log_probs(lambda m, a, o: torch.zeros_like(o))
+    targets = ids[:, 1:, None]
+    assert got["ce_clean"] == pytest.approx(float(-clean.gather(-1, targets).mean()), rel=1e-5)
+    assert got["ce_spliced"] == pytest.approx(float(-with_sae.gather(-1, targets).mean()), rel=1e-5)
+    assert got["ce_ablated"] == pytest.approx(float(-ablated.gather(-1, targets).mean()), rel=1e-5)
+    assert got["kl"] == pytest.approx(float((clean.exp() * (clean - with_sae)).sum(-1).mean()), rel=1e-4, abs=1e-7)

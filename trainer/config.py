@@ -32,7 +32,7 @@ class TrainConfig:
     k: int = option(32, "active latents per token (TopK)")
     tokens: int = option(300_032, "training tokens (rounded down to whole contexts)")
     epochs: int = option(1, "passes over the training tokens, each in a new shuffled order; more passes reuse the stored activations (on a CPU the SAE step costs ~5x less per token than the model's forward that makes new ones)")
-    heldout_tokens: int = option(32_768, "held-out tokens for evaluation and harvest (whole contexts)")
+    heldout_tokens: int = option(32_768, "held-out tokens for evaluation and harvest (whole contexts; the model runs over them at the first eval or harvest on the store, not in train)")
     context_length: int = option(128, "tokens per context")
     corpus: str = option("stdlib", "'stdlib' (the Python standard library's source) or a .txt/.jsonl file or folder")
     batch_size: int = option(1024, "tokens per optimiser step")

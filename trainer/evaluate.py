@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -66,28 +67,49 @@ def evaluate_run(run_dir: Path, store_dir: Path | None = None, downstream_contex
 # ------------------------------------------------------------ downstream loss
 
 
+class Replay(torch.nn.Module):
+    """Stands in for one of blocks 0..L while the blocks after L run on a residual computed
+    before: blocks before L pass their input through (never read), block L returns `resid`."""
+
+    def __init__(self, resid: torch.Tensor | None, like):
+        super().__init__()
+        self.resid, self.like = resid, like  # like: block L's real output, for its structure
+
+    def forward(self, hidden_states, *args, **kwargs):
+        x = hidden_states if self.resid is None else self.resid
+        return (x, *self.like[1:]) if isinstance(self.like, tuple) else x
+
+
+@contextmanager
+def replaying(blocks: torch.nn.ModuleList, layer: int, resid: torch.Tensor, like):
+    """Within: the model's blocks 0..L are skipped and block L's output is `resid`."""
+    real = list(blocks)
+    try:
+        for i in range(layer + 1):
+            blocks[i] = Replay(resid if i == layer else None, like)
+        yield
+    finally:
+        for i, block in enumerate(real):
+            blocks[i] = block
+
+
 @torch.no_grad()
 def downstream_loss(sae: TopKSAE, run_cfg: dict, store: ActivationStore, n_contexts: int = 64, batch: int = 8) -> dict:
     """Splice the SAE's reconstruction into the forward pass at the hookpoint (Section 4.1) on
     held-out contexts: clean CE, spliced CE, CE with the block output zero-ablated, their
-    differences, and KL(clean || spliced) per token."""
+    differences, and KL(clean || spliced) per token. Blocks 0..L run once per batch, in the clean
+    pass; the spliced and ablated passes run only the blocks after L."""
     from trainer.model import find_blocks, load_causal_lm
 
     _, model = load_causal_lm(run_cfg["model"], str(sae.W_dec.device))
     _, blocks = find_blocks(model.base_model)
-    block = blocks[run_cfg["layer"]]
-    scale = run_cfg["input_scale"]
+    layer, scale = run_cfg["layer"], run_cfg["input_scale"]
     first = store.n_train_contexts
     rows = range(first, min(store.n_contexts, first + n_contexts))
     tokens = torch.from_numpy(store.tokens[list(rows)]).long().to(sae.W_dec.device)  # (C, T)
 
-    def replace_with(transform):
-        def hook(module, args, output):
-            resid = output[0] if isinstance(output, tuple) else output  # (B, T, d)
-            new = transform(resid)
-            return (new, *output[1:]) if isinstance(output, tuple) else new
-
-        return hook
+    def log_probs(ids):
+        return model(input_ids=ids, use_cache=False).logits[:, :-1].float().log_softmax(-1)  # (B, T-1, V)
 
     def reconstruct(resid):
         x = resid.reshape(-1, resid.shape[-1]).float() * scale
@@ -97,15 +119,19 @@ def downstream_loss(sae: TopKSAE, run_cfg: dict, store: ActivationStore, n_conte
     n_predictions = 0
     for start in tqdm(range(0, len(tokens), batch), desc="downstream", unit="batch"):
         ids = tokens[start : start + batch]
-        clean = model(input_ids=ids, use_cache=False).logits[:, :-1].float().log_softmax(-1)  # (B, T-1, V)
-        targets = ids[:, 1:]
+        captured = {}
+        handle = blocks[layer].register_forward_hook(lambda module, args, output: captured.update(output=output))
+        try:
+            clean = log_probs(ids)
+        finally:
+            handle.remove()
+        output = captured["output"]
+        resid = (output[0] if isinstance(output, tuple) else output).clone()  # (B, T, d); the blocks after may write in place
         results = {"ce_clean": clean}
         for name, transform in (("ce_spliced", reconstruct), ("ce_ablated", torch.zeros_like)):
-            handle = block.register_forward_hook(replace_with(transform))
-            try:
-                results[name] = model(input_ids=ids, use_cache=False).logits[:, :-1].float().log_softmax(-1)
-            finally:
-                handle.remove()
+            with replaying(blocks, layer, transform(resid), output):
+                results[name] = log_probs(ids)
+        targets = ids[:, 1:]
         for name, logprobs in results.items():
             sums[name] += float(-logprobs.gather(-1, targets[..., None]).sum())
         sums["kl"] += float((clean.exp() * (clean - results["ce_spliced"])).sum())
