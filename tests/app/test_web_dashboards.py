@@ -205,7 +205,11 @@ def test_sae_page_density_histogram(client, sae_id):
     assert re.findall(r'<text class="axis-label [xy]"[^>]*>([^<]*)</text>', chart) == [
         "density: share of tokens it fires on (log scale)", "latents"]
     assert '<text class="marker-label"' in chart and ">dense</text>" in chart
-    assert re.search(r'<span class="label">Dead</span><span class="value">2</span>', html)
+    assert re.search(r'<span class="label">Dead</span><span class="value">2</span>', html)  # in the harvest
+    # evaluation's count on its held-out tokens, as a number of latents and a share of them
+    evaluated = re.search(r'title="Latents that never fired on ([\d,]+) held-out tokens[^"]*"><span class="label">Dead</span>'
+                          r'<span class="value">(\d+) <span class="muted small">([^<]+)</span>', html)
+    assert evaluated.groups() == ("2,048", str(len(DEAD)), f"{100 * len(DEAD) / N_LATENTS:#.3g}".rstrip(".") + "%")
     data = client.get(f"/saes/{sae_id}.json").json()["sae"]
     histogram = data["density_histogram"]
     assert histogram["dead"] == len(DEAD) and sum(histogram["counts"]) == N_LATENTS - len(DEAD)

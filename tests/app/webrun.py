@@ -36,7 +36,7 @@ def make_run(run_dir: Path, seed: int = 0, model: str = "./models/Tiny-Model", d
     cfg = make_cfg(model, d_in, layer)
     save_cfg(run_dir, cfg)
     write_weights(run_dir, d_in, N_LATENTS, seed)
-    save_metrics(run_dir, {"fvu": 0.2345, "l0": 5.0, "dead_fraction": len(DEAD) / N_LATENTS, "delta_ce": float("nan")})
+    save_metrics(run_dir, {"fvu": 0.2345, "l0": 5.0, "dead_fraction": len(DEAD) / N_LATENTS, "delta_ce": float("nan"), "eval_tokens": 2048})
     harvest = random_harvest(N_LATENTS, VOCAB, K=TOP_K, T=T, C=N_CONTEXTS, Q=QUANTILE_BINS, S=SAMPLES_PER_BIN, seed=seed)
     h = {name: tensor.numpy() for name, tensor in harvest.tensors.items()}
     h["token_ids"][SCRIPT_CONTEXT, 2:5] = [5, 6, 7]  # "<script>", "alert(1)", "</script>"
