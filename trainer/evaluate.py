@@ -69,11 +69,19 @@ def evaluate_run(run_dir: Path, store_dir: Path | None = None, downstream_contex
 
 class Replay(torch.nn.Module):
     """Stands in for one of blocks 0..L while the blocks after L run on a residual computed
-    before: blocks before L pass their input through (never read), block L returns `resid`."""
+    before: blocks before L pass their input through (never read), block L returns `resid`.
+    Other attributes are the real block's (some models' loops read e.g. its attention type)."""
 
-    def __init__(self, resid: torch.Tensor | None, like):
+    def __init__(self, real: torch.nn.Module, resid: torch.Tensor | None, like):
         super().__init__()
+        object.__setattr__(self, "real", real)  # not registered as a submodule
         self.resid, self.like = resid, like  # like: block L's real output, for its structure
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.__dict__["real"], name)
 
     def forward(self, hidden_states, *args, **kwargs):
         x = hidden_states if self.resid is None else self.resid
@@ -86,7 +94,7 @@ def replaying(blocks: torch.nn.ModuleList, layer: int, resid: torch.Tensor, like
     real = list(blocks)
     try:
         for i in range(layer + 1):
-            blocks[i] = Replay(resid if i == layer else None, like)
+            blocks[i] = Replay(real[i], resid if i == layer else None, like)
         yield
     finally:
         for i, block in enumerate(real):
