@@ -71,6 +71,7 @@ def server(database_url, sae_id, settings):
     encoder = BlockingEncoder()
     service = app.state.probe
     service._loaded[service.locate(sae_id).key] = LoadedSae(encoder, excluded_positions=1)
+    encoder.pending = lambda: service._pending  # probes waiting or running: see wait_for_pending
     try:
         yield f"http://127.0.0.1:{port}", encoder
     finally:
@@ -90,6 +91,15 @@ def occupy_the_worker(clients: ThreadPoolExecutor, probe, text: str, encoder: Bl
     return running
 
 
+def wait_for_pending(encoder: BlockingEncoder, n: int, timeout: float = 10) -> None:
+    """Until n probes wait or run in the server: the clients' requests have all arrived (a fixed
+    sleep was not always long enough on a slow machine)."""
+    deadline = time.monotonic() + timeout
+    while encoder.pending() < n:
+        assert time.monotonic() < deadline, f"only {encoder.pending()} of {n} probes arrived"
+        time.sleep(0.01)
+
+
 def test_full_queue_is_503_at_once_and_pages_keep_working(server, sae_id):
     base, encoder = server
     probe = prober(base, sae_id)
@@ -97,7 +107,7 @@ def test_full_queue_is_503_at_once_and_pages_keep_working(server, sae_id):
         first = occupy_the_worker(clients, probe, "one two three", encoder)
         second = clients.submit(probe, "four five")  # queued behind the first: 2 pending, the limit
         same = clients.submit(probe, "one two three")  # joins the first: no new work, no slot
-        time.sleep(0.3)
+        wait_for_pending(encoder, 2)
 
         began = time.perf_counter()
         busy = probe("six seven")
@@ -129,7 +139,7 @@ def test_probes_queued_behind_a_busy_worker_share_one_pass(server, sae_id):
     with ThreadPoolExecutor(6) as clients:
         first = occupy_the_worker(clients, probe, "one", encoder)
         queued = [clients.submit(probe, text) for text in ("two two", "three three three", "four", "five five")]
-        time.sleep(0.5)  # all four wait behind the first
+        wait_for_pending(encoder, 5)  # all four wait behind the first
         encoder.release.set()
         results = [future.result() for future in (first, *queued)]
     assert [r.status_code for r in results] == [200] * 5
