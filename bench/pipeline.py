@@ -27,6 +27,8 @@ from trainer.harvest import harvest_run
 from trainer.model import load_language_model
 from trainer.train import train
 
+HELDOUT_STAGE = "held-out activations (run by the first eval on the store)"
+
 
 def bare_forward_seconds(cfg: TrainConfig, batch_size: int = 16) -> tuple[dict[torch.dtype, float], int]:
     """The model alone through block L over the training tokens (no store, no SAE), in fp32 and
@@ -63,7 +65,7 @@ def main() -> None:
         trained = json.loads((run / "metrics.json").read_text())
         start = time.perf_counter()
         complete_heldout(ActivationStore.open(run / "activations"))  # what the first eval on a store does first
-        stages["held-out activations (run by the first eval on the store)"] = time.perf_counter() - start
+        stages[HELDOUT_STAGE] = time.perf_counter() - start
         start = time.perf_counter()
         metrics = evaluate_run(run)
         stages["eval (FVU/L0/dead/dense, downstream loss)"] = time.perf_counter() - start
@@ -92,7 +94,7 @@ def main() -> None:
         print(f"| {stage} | {seconds / forward_s:.2f} |")
     print(f"| all of them together | {sum(stages.values()) / forward_s:.2f} |")
     end_to_end = trained["end_to_end_tokens_per_s"]
-    heldout_s = stages["held-out activations (run by the first eval on the store)"]
+    heldout_s = stages[HELDOUT_STAGE]
     with_heldout = trained["train_tokens"] / (trained["train_wall_s"] + heldout_s)  # as train was built before b1a168e
     print(f"\nend-to-end train: {end_to_end:,.0f} tokens/s; ratio to the bare forward pass ({dtype}): "
           f"{end_to_end / (forward_tokens / forward_s):.2f}, to the fp32 forward: {end_to_end / (forward_tokens / fp32_s):.2f}; "

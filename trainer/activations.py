@@ -20,7 +20,6 @@ from __future__ import annotations
 import fcntl
 import json
 import mmap
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +27,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from trainer import runfolder
 from trainer.model import LanguageModel, load_language_model
+
+META_FILE = "meta.json"  # written atomically: readers see the old one or the new one
 
 
 class StoreError(RuntimeError):
@@ -106,7 +108,7 @@ class ActivationStore:
     @classmethod
     def open(cls, path: Path) -> "ActivationStore":
         path = Path(path)
-        meta = json.loads((path / "meta.json").read_text())
+        meta = json.loads((path / META_FILE).read_text())
         tokens = np.load(path / "tokens.npy")
         activations = np.load(path / "activations.npy", mmap_mode="r")
         return cls(path, meta, tokens, activations)
@@ -118,7 +120,7 @@ def token_vocab(tokenizer) -> list[str]:
 
 
 def store_matches(path: Path, meta: dict) -> bool:
-    meta_file = Path(path) / "meta.json"
+    meta_file = Path(path) / META_FILE
     if not meta_file.exists():
         return False
     found = json.loads(meta_file.read_text())
@@ -138,7 +140,7 @@ def build_store(
     n_train = C - meta["n_heldout"]
     meta = {**meta, "n_contexts": C, "context_length": T, "d_model": lm.d_model, "complete": False,
             "heldout_complete": n_train == C}
-    write_meta(path, meta)
+    runfolder.write_json(path / META_FILE, meta)
     np.save(path / "tokens.npy", contexts.numpy().astype(np.int32))
     (path / "vocab.json").write_text(json.dumps(token_vocab(lm.tokenizer)))
     activations = np.lib.format.open_memmap(
@@ -146,7 +148,7 @@ def build_store(
     )
     run_model(lm, contexts, 0, n_train, activations, "activations", batch_size)
     del activations
-    write_meta(path, {**meta, "complete": True})
+    runfolder.write_json(path / META_FILE, {**meta, "complete": True})
     return ActivationStore.open(path)
 
 
@@ -172,7 +174,7 @@ def complete_heldout(store: ActivationStore, lm: LanguageModel | None = None, ba
             del activations
         finally:
             lm.forward_dtype = previous
-        write_meta(store.path, {**meta, "heldout_complete": True})
+        runfolder.write_json(store.path / META_FILE, {**meta, "heldout_complete": True})
     return ActivationStore.open(store.path)
 
 
@@ -188,9 +190,3 @@ def run_model(lm: LanguageModel, contexts: torch.Tensor, first: int, last: int, 
             bar.update(batch.numel())
     activations.flush()
 
-
-def write_meta(path: Path, meta: dict) -> None:
-    """Atomically: readers see the old meta.json or the new one."""
-    tmp = Path(path) / "meta.json.tmp"
-    tmp.write_text(json.dumps(meta, indent=2))
-    os.replace(tmp, Path(path) / "meta.json")
