@@ -41,11 +41,12 @@ def cmd_train(args) -> None:
 
     parallel = config_from_args(args, DistributedConfig)
     if parallel.nproc > 1 and "WORLD_SIZE" not in os.environ:  # start torchrun, which runs this on every rank
+        distributed.check_gpus(parallel.nproc, args.device)
         folders = []
         for name in ("out", "store", "resume"):
             folders += [f"--{name}", getattr(args, name)] if getattr(args, name) else []
         sys.exit(distributed.launch(parallel, folders + config_to_args(config_from_args(args, TrainConfig))))
-    world = distributed.init_world(bool(parallel.shard_latents))
+    world = distributed.init_world(bool(parallel.shard_latents), args.device)
     if args.resume:
         run = resume(_run_dir(args.resume), world)
     elif not args.out:

@@ -44,7 +44,7 @@ def test_train_leaves_the_heldout_rows_to_the_first_eval(trained, tiny_model_dir
     assert store.heldout_ready
     lm = load_language_model(str(tiny_model_dir), store.meta["layer"])
     tokens = torch.from_numpy(store.tokens[store.n_train_contexts :]).long()
-    expected = lm.residual(tokens).reshape(-1, store.meta["d_model"]).numpy()
+    expected = lm.residual(tokens).reshape(-1, store.meta["d_model"]).cpu().numpy()
     np.testing.assert_allclose(heldout_rows(store), expected, rtol=1e-2, atol=1e-2)
     assert complete_heldout(store) is store  # filled once: later callers load no model
 

@@ -23,11 +23,13 @@ from trainer.train import CHECKPOINT_FILE, store_meta
 
 # d = 16, 64 latents, k = 4 on 8,192 synthetic tokens: 64 steps of 128 (a killed run is stopped
 # well before its end even on a busy machine), AuxK active after a few steps (dead after 819
-# tokens); fp32 selection, so that both splits select exactly what one process does.
+# tokens); fp32 selection, so that both splits select exactly what one process does; on the CPU
+# (gloo), also on a machine with GPUs.
 CFG = TrainConfig(model="synthetic", layer=0, n_latents=64, k=4, tokens=8192, heldout_tokens=256, context_length=16,
-                  batch_size=128, checkpoint_every=4, fast_matmul=0, lr=3e-3)
+                  batch_size=128, checkpoint_every=4, fast_matmul=0, lr=3e-3, device="cpu")
 ARGS = ["--model", "synthetic", "--layer", "0", "--latents", "64", "--k", "4", "--tokens", "8192", "--heldout-tokens", "256",
-        "--context-length", "16", "--batch-size", "128", "--checkpoint-every", "4", "--fast-matmul", "0", "--lr", "0.003"]  # fmt: skip
+        "--context-length", "16", "--batch-size", "128", "--checkpoint-every", "4", "--fast-matmul", "0", "--lr", "0.003",
+        "--device", "cpu"]  # fmt: skip
 
 
 def write_store(path, cfg: TrainConfig, d: int = 16) -> None:
@@ -113,7 +115,7 @@ def test_killed_torchrun_run_resumes_to_the_uninterrupted_weights(folder, shard)
     process.wait()
     killed_at = torch.load(out / CHECKPOINT_FILE, weights_only=False)["step"]
     assert 0 < killed_at < 64 and not (out / runfolder.SAE_FILE).exists()
-    result = run(*torchrun("--resume", str(out), "--shard-latents", shard)[1:])
+    result = run(*torchrun("--resume", str(out), "--shard-latents", shard, "--device", "cpu")[1:])
     assert result.returncode == 0, result.stderr
     assert_same_weights(out, folder / "single")
 
@@ -143,3 +145,21 @@ def test_each_data_parallel_rank_reads_only_its_share_of_the_store(folder):
     single = [x for _, x in Trainer(CFG, store, 1.0).batches()]
     for step, x in enumerate(single):  # the global batch is the single process's batch
         assert_close(torch.cat([batches[0][step], batches[1][step]]), x, rtol=0, atol=0)
+
+
+def test_more_processes_than_gpus_fails_before_torchrun_starts(folder, monkeypatch, capsys):
+    """On a machine with one GPU, `--nproc 2` would start a rank with no GPU of its own, which
+    dies in CUDA ("invalid device ordinal"). The CUDA runtime is faked: this machine has none."""
+    from saescope.cli import main
+    from trainer import distributed
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(distributed, "launch", lambda *args: pytest.fail("torchrun started"))
+    out = folder / "too-many"
+    assert main(["train", "--nproc", "2", "--out", str(out), "--store", str(folder / "store"), *ARGS[:-2]]) == 2
+    assert "--nproc 2 needs 2 GPUs, this machine has 1 (--device cpu runs the processes on the CPU)" in capsys.readouterr().err
+    assert not out.exists()
+    distributed.check_gpus(2, "cpu")  # gloo on the CPU needs no GPU
+    distributed.check_gpus(1, "")
+    assert distributed.uses_gpus("cuda:0") and not distributed.uses_gpus("cpu")

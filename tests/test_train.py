@@ -102,9 +102,9 @@ def test_multi_topk_makes_the_sae_work_at_4k(tiny_run):
         trainer.fit()
         with torch.no_grad():
             sae = trainer.sae
-            latents = sae.encode(x, k=16)
-            x_hat = sae.decode(latents)
-        return float((x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
+            x_on = x.to(trainer.device)  # cuda where there is one
+            x_hat = sae.decode(sae.encode(x_on, k=16))
+        return float((x_on - x_hat).pow(2).sum() / (x_on - x_on.mean(0)).pow(2).sum())
 
     assert fvu_at_4k(multi_topk=1) < fvu_at_4k(multi_topk=0)
 
@@ -126,7 +126,7 @@ def test_rescaled_auxk_turns_dead_latents_without_shrinking_them(tiny_run):
     trainer.k_aux = 64
     trainer.tokens_since_fired[8:] = 10**9  # all but 8 latents dead
     sae = trainer.sae
-    x = store.rows(0, 8) * cfg["input_scale"]
+    x = (store.rows(0, 8) * cfg["input_scale"]).to(trainer.device)
     x_c = x - sae.b_dec.detach()
     pre = sae.pre_acts_centered(x_c)
     error = 0.2 * (x - x.mean(0))  # a residual a fifth of the data's spread, as after some training

@@ -55,6 +55,7 @@ class World:
     size: int = 1
     shard_latents: bool = False
     local_rank: int = 0
+    gpus: bool = False  # the ranks run on GPUs and talk over NCCL (else on CPUs, over gloo)
 
     @property
     def data_parallel(self) -> bool:
@@ -77,7 +78,8 @@ class World:
     def device(self, name: str) -> torch.device:
         if name:
             return torch.device(name)
-        return torch.device("cuda", self.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+        on_gpu = self.gpus if self.size > 1 else torch.cuda.is_available()
+        return torch.device("cuda", self.local_rank) if on_gpu else torch.device("cpu")
 
     def latents(self, n_latents: int) -> slice:
         """The latents this rank owns."""
@@ -248,17 +250,33 @@ def training_forward(world: World, sae: nn.Module):
 # ------------------------------------------------------------ process group
 
 
-def init_world(shard_latents: bool = False) -> World:
+def uses_gpus(device: str) -> bool:
+    """Whether processes asked to train on `device` ("" = the best there is) run on GPUs."""
+    return torch.cuda.is_available() and not device.startswith("cpu")
+
+
+def check_gpus(nproc: int, device: str) -> None:
+    """One GPU per process, before torchrun starts any: a rank without one would fail in CUDA."""
+    from trainer.config import ConfigError
+
+    if uses_gpus(device) and nproc > torch.cuda.device_count():
+        raise ConfigError(f"--nproc {nproc} needs {nproc} GPUs, this machine has {torch.cuda.device_count()} "
+                          f"(--device cpu runs the processes on the CPU)")
+
+
+def init_world(shard_latents: bool = False, device: str = "") -> World:
     """The World torchrun describes in the environment (RANK, WORLD_SIZE, LOCAL_RANK), with the
-    process group started: NCCL on GPUs, gloo on CPUs. A single process without torchrun: World()."""
+    process group started: NCCL on GPUs, gloo on CPUs (also on a GPU machine with --device cpu).
+    A single process without torchrun: World()."""
     size = int(os.environ.get("WORLD_SIZE", "1"))
     if size == 1:
         return World(shard_latents=shard_latents)
-    world = World(int(os.environ["RANK"]), size, shard_latents, int(os.environ.get("LOCAL_RANK", "0")))
+    check_gpus(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), device)
+    world = World(int(os.environ["RANK"]), size, shard_latents, int(os.environ.get("LOCAL_RANK", "0")), uses_gpus(device))
     if not dist.is_initialized():
-        if torch.cuda.is_available():
+        if world.gpus:
             torch.cuda.set_device(world.local_rank)
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group("nccl" if world.gpus else "gloo")
         # Shut the group's threads down before the interpreter does: a rank that finishes first
         # otherwise exits with gloo's threads alive and aborts ("terminate called without an
         # active exception"), which torchrun reports as a failed run.
@@ -291,6 +309,8 @@ def check_world(cfg, world: World) -> None:
     """What the split needs, before any work: whole shares of each batch, or of the latents."""
     from trainer.config import ConfigError
 
+    if world.gpus and cfg.device.startswith("cpu"):
+        raise ConfigError("this run trains on the CPU (--device cpu): give --device cpu here too, so that its processes talk over gloo")
     if world.data_parallel and cfg.batch_size % world.size:
         raise ConfigError(f"--batch-size {cfg.batch_size} must divide into {world.size} processes")
     if world.sharded and cfg.n_latents % world.size:

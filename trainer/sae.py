@@ -23,8 +23,10 @@ class TopKLatents(NamedTuple):
     indices: torch.Tensor  # (N, k) which latents
 
 
-# gather_dot relies on a CSR pattern (sampled_addmm), which is stable; the beta notice would print on every run.
+# gather_dot relies on a CSR pattern (sampled_addmm), which is stable; the beta notice would print on every run,
+# and so would (torch 2.11 on CUDA) a notice that the pattern's invariant checks are off, which they are on purpose.
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+warnings.filterwarnings("ignore", message="Sparse invariant checks are implicitly disabled")
 
 
 class SelectionPattern:
