@@ -26,6 +26,9 @@ keys = ["fvu", "l0", "dead_fraction", "ce_clean", "ce_spliced", "kl", "sae_token
 print("  ".join(f"{key}={m[key]:.4g}" for key in keys if m.get(key) is not None))
 PYEOF
 
+# The training pass split into reading and steps, on a synthetic store (where a GPU's time goes).
+"$PY" bench/sae_pass.py --device cuda
+
 # More than one GPU: the same SAE on the same store over every GPU with torchrun (NCCL), data
 # parallel and then latent sharded; both must land near the single-GPU run's FVU.
 NGPU=$("$PY" -c "import torch; print(torch.cuda.device_count())")

@@ -220,11 +220,13 @@ class Trainer:
                 step += n_batches
                 continue
             mine = order[: n_batches * B].view(n_batches, shares, b)[:, share].reshape(-1)  # all on one process
-            chunk = self.store.token_rows(first * T + mine).mul_(self.scale)  # (n_batches * b, d)
+            # (n_batches * b, d), moved to the device once per chunk and scaled there: on a GPU,
+            # a copy per batch cost more than the step itself (BENCHMARKS.md, "On a GPU").
+            chunk = self.store.token_rows(first * T + mine).to(self.device).mul_(self.scale)
             self.store.release(first, last)  # its pages leave this process (the OS cache may keep them)
             for i in range(n_batches):
                 if step >= start_step:
-                    yield step, chunk[i * b : (i + 1) * b].to(self.device)
+                    yield step, chunk[i * b : (i + 1) * b]
                 step += 1
 
     # ------------------------------------------------------------ checkpoints
