@@ -186,7 +186,9 @@ def run_model(lm: LanguageModel, contexts: torch.Tensor, first: int, last: int, 
         for start in range(first, last, batch_size):
             batch = contexts[start : min(start + batch_size, last)]
             resid = lm.residual(batch)  # (B, T, d)
-            activations[start * T : (start + batch.shape[0]) * T] = resid.reshape(-1, lm.d_model).cpu().numpy()
+            # Cast to fp16 in torch: NumPy's float16 conversion is ~15x slower (0.5 s of a store).
+            rows = resid.reshape(-1, lm.d_model).to(torch.float16).cpu().numpy()
+            activations[start * T : (start + batch.shape[0]) * T] = rows
             bar.update(batch.numel())
     activations.flush()
 

@@ -7,7 +7,9 @@ Users bring their own `.txt` / `.jsonl` (a "text" field per line) file or folder
 
 from __future__ import annotations
 
+import functools
 import json
+import os
 import sysconfig
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,16 +24,18 @@ class CorpusError(ValueError):
     """The corpus cannot be read or holds too little text."""
 
 
-def stdlib_files() -> list[Path]:
-    """The standard library's .py files sorted by path, without tests and third-party packages."""
+@functools.cache
+def stdlib_files() -> tuple[Path, ...]:
+    """The standard library's .py files sorted by path, without tests and third-party packages.
+    Walked with os.walk, which skips those folders instead of listing them (0.01 s against 1.3 s
+    for Path.rglob here), and once per process: `train` reads the corpus twice."""
     root = Path(sysconfig.get_paths()["stdlib"])
     files = []
-    for path in sorted(root.rglob("*.py")):
-        parts = path.relative_to(root).parts
-        if SKIPPED_DIRS.intersection(parts[:-1]) or parts == ("pydoc_data", "topics.py"):
-            continue  # topics.py is read as prose below, not as one giant dict literal
-        files.append(path)
-    return files
+    for folder, subfolders, names in os.walk(root):
+        subfolders[:] = [name for name in subfolders if name not in SKIPPED_DIRS]
+        files += [Path(folder, name) for name in names if name.endswith(".py")]
+    topics = root / "pydoc_data" / "topics.py"  # read as prose below, not as one giant dict literal
+    return tuple(sorted(path for path in files if path != topics))
 
 
 def pydoc_topics() -> Iterator[str]:
