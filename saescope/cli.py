@@ -20,8 +20,8 @@ import time
 from pathlib import Path
 
 from trainer.config import (
-    SWEEP_TRAIN_DEFAULTS, ConfigError, DistributedConfig, HarvestConfig, SweepConfig, TrainConfig,
-    add_config_arguments, config_from_args, config_to_args,
+    SWEEP_TRAIN_DEFAULTS, ConfigError, DistributedConfig, HarvestConfig, SweepConfig, TrainConfig, add_config_arguments,
+    check_device, config_from_args, config_to_args,
 )
 
 DEFAULT_HOST = "127.0.0.1"
@@ -41,6 +41,7 @@ def cmd_train(args) -> None:
 
     parallel = config_from_args(args, DistributedConfig)
     if parallel.nproc > 1 and "WORLD_SIZE" not in os.environ:  # start torchrun, which runs this on every rank
+        check_device(args.device)
         distributed.check_gpus(parallel.nproc, args.device)
         folders = []
         for name in ("out", "store", "resume"):

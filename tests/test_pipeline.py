@@ -170,6 +170,8 @@ def test_damaged_run_folder_is_one_line_and_writes_nothing(tiny_run, tmp_path):
         (["--corpus", "/no/such/corpus"], "no such file or folder"),
         (["--layer", "9"], "layer 9 is out of range"),
         (["--auxk-rescale", "2"], "--auxk-rescale is 0 or 1"),
+        (["--device", "gpu"], "--device gpu: not a torch device"),
+        (["--device", f"cuda:{torch.cuda.device_count()}"], "CUDA device"),  # one past the last, on any machine
     ],
 )
 def test_train_rejects_bad_config_in_one_line(tiny_model_dir, tmp_path, args, message):
@@ -177,4 +179,4 @@ def test_train_rejects_bad_config_in_one_line(tiny_model_dir, tmp_path, args, me
                      "--layer", "1", "--tokens", "256", "--heldout-tokens", "64", "--context-length", "32", *args)
     assert result.returncode == 2, result.stderr
     assert message in result.stderr and result.stderr.strip().count("\n") == 0
-    assert not (tmp_path / "run" / "sae.safetensors").exists()
+    assert not (tmp_path / "run" / "sae.safetensors").exists() and not (tmp_path / "run" / "activations").exists()

@@ -7,6 +7,8 @@ import argparse
 import math
 from dataclasses import MISSING, asdict, dataclass, field, fields
 
+import torch
+
 from trainer.model import BUNDLED_MODEL
 
 
@@ -18,6 +20,24 @@ LR_CONSTANT = 6e-4
 
 class ConfigError(ValueError):
     """A configuration that cannot work."""
+
+
+def check_device(name: str) -> None:
+    """The training device (--device; "" = the best there is) exists here, checked before any
+    work: torch would otherwise fail deep inside the first copy to it."""
+    if not name:
+        return
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"--device {name}: not a torch device (cpu, cuda, cuda:N)") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (device.index or 0) >= count:
+            raise ConfigError(f"--device {name}: this machine has {count} CUDA device{'s' * (count != 1)} "
+                              f"(torch {torch.__version__}); leave --device out to use the best there is")
+    elif device.type != "cpu":
+        raise ConfigError(f"--device {name}: saescope trains on cpu or cuda")
 
 
 def option(default, help: str, flag: str | None = None):

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from trainer import corpus, runfolder
 from trainer.activations import ActivationStore, build_store, store_matches
-from trainer.config import TrainConfig
+from trainer.config import TrainConfig, check_device
 from trainer.distributed import Selection, World, barrier, check_world, training_forward
 from trainer.model import ModelError, check_layer, load_language_model
 from trainer.sae import SparseTopK, TopKSAE, fast_matmul_dtype, geometric_median
@@ -320,6 +320,7 @@ def train(cfg: TrainConfig, out_dir: Path, store_dir: Path | None = None, world:
     """Activations (or a reused store) -> trained SAE -> run folder `out_dir`."""
     out_dir = Path(out_dir)
     store_dir = Path(store_dir) if store_dir else out_dir / "activations"
+    check_device(cfg.device)
     check_world(cfg, world)
     began = time.perf_counter()
     try:
@@ -353,6 +354,7 @@ def resume(out_dir: Path, world: World = World()) -> Path:
     if "W_enc" in state["sae"]:  # before W_enc_T: its Adam moments are laid out the other way
         raise TrainingError(f"{path}: a checkpoint of an older saescope (W_enc stored as [d_in, n]); train the run again without --resume")
     cfg = TrainConfig.from_saved(state["cfg"])
+    check_device(cfg.device)
     check_world(cfg, world)
     store_dir = Path(state["store"])
     store = ActivationStore.open(store_dir)
