@@ -7,6 +7,7 @@ from pathlib import Path
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import Engine, create_engine, event, make_url
+from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError
 from sqlalchemy.orm import Session, sessionmaker
 
 ROOT = Path(__file__).resolve().parent.parent  # the repository: migrations/, templates/, static/
@@ -36,6 +37,26 @@ def make_engine(database_url: str, *, statement_timeout_s: float | None = None,
         connect_args["options"] = f"{options} {timeout}" if options else timeout
     pool = {"pool_size": pool_size, "max_overflow": pool_size} if pool_size else {}
     return create_engine(database_url, pool_pre_ping=True, connect_args=connect_args, **pool)
+
+
+def database_problem(database_url: str) -> str | None:
+    """Why `database_url` cannot be opened, in one line, or None: checked by the command line
+    before it loads or serves, so that a mistyped URL is not a traceback."""
+    try:
+        shown = make_url(database_url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return f"{database_url!r} is not a database URL (sqlite:///FILE or postgresql+psycopg://USER@HOST/DB)"
+    try:
+        engine = make_engine(database_url)
+    except (ArgumentError, NoSuchModuleError, ImportError) as e:
+        return f"{shown}: {e} (sqlite:///FILE or postgresql+psycopg://USER@HOST/DB)"
+    try:
+        with engine.connect():
+            return None
+    except DBAPIError as e:
+        return f"cannot open {shown}: {str(e.orig).strip().splitlines()[0]}"
+    finally:
+        engine.dispose()
 
 
 def _sqlite_connect(dbapi_connection, _record) -> None:

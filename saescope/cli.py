@@ -83,11 +83,20 @@ def cmd_import(args) -> None:
     print(f"imported the {detect_format(source)} SAE {source} into {run}")
 
 
+def _check_database(url: str) -> None:
+    from app.db import database_problem
+
+    problem = database_problem(url)
+    if problem:
+        raise CommandError(problem)
+
+
 def cmd_load(args) -> None:
     from app.loader import load_run
     from app.sweep_loader import is_sweep, load_sweep
 
     folder = _run_dir(args.run_dir)
+    _check_database(args.db)
     if is_sweep(folder):  # a sweep folder: every rung, the ladder's fits and its families
         print(f"loaded ladder {load_sweep(folder, args.db, replace=args.replace)} into {args.db}")
         return
@@ -98,6 +107,7 @@ def cmd_load(args) -> None:
 def cmd_serve(args) -> None:
     from app.server import serve
 
+    _check_database(args.db)
     if args.preload:  # Settings.probe_preload, read by every server process
         os.environ["SAESCOPE_PROBE_PRELOAD"] = "1"
     print(f"serving {args.db} at http://{args.host}:{args.port}/", flush=True)

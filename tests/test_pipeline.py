@@ -164,6 +164,26 @@ def test_damaged_run_folder_is_one_line_and_writes_nothing(tiny_run, tmp_path):
 
 
 @pytest.mark.parametrize(
+    "url,message",
+    [
+        ("bogus://x", "bogus://x: Can't load plugin"),
+        ("not a url", "'not a url' is not a database URL"),
+        ("sqlite:////no/such/folder/x.db", "cannot open sqlite:////no/such/folder/x.db: unable to open database file"),
+        ("postgresql+psycopg://me:secret@127.0.0.1:1/x", "cannot open postgresql+psycopg://me:***@127.0.0.1:1/x: connection failed"),
+    ],
+)
+@pytest.mark.parametrize("command", ["load", "serve"])
+def test_a_database_that_cannot_be_opened_is_one_line(tiny_run, command, url, message):
+    """Before anything is loaded or served; the password is not printed."""
+    args = [str(tiny_run)] if command == "load" else ["--port", "1"]
+    result = run_cli(command, *args, "--db", url)
+    assert result.returncode == 2, result.stderr
+    error = result.stderr.strip()
+    assert error.startswith(f"saescope {command}: error: {message}") and "\n" not in error
+    assert "secret" not in result.stderr + result.stdout
+
+
+@pytest.mark.parametrize(
     "args,message",
     [
         (["--latents", "64", "--k", "64"], "--k must be between"),
