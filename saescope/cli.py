@@ -62,6 +62,8 @@ def cmd_train(args) -> None:
 def cmd_eval(args) -> None:
     from trainer.evaluate import evaluate_run
 
+    if args.downstream_contexts < 0:
+        raise CommandError(f"--downstream-contexts must be 0 (no downstream loss) or more, got {args.downstream_contexts}")
     metrics = evaluate_run(_run_dir(args.run_dir), args.store, args.downstream_contexts)
     print(" ".join(f"{key}={value:.4g}" for key, value in metrics.items() if value is not None))
 

@@ -163,6 +163,13 @@ def test_damaged_run_folder_is_one_line_and_writes_nothing(tiny_run, tmp_path):
         assert counts(url)["saes"] == 0
 
 
+def test_eval_rejects_a_negative_downstream_count(tiny_run):
+    before = (tiny_run / "metrics.json").read_text()
+    result = run_cli("eval", str(tiny_run), "--downstream-contexts", "-1")
+    assert result.returncode == 2 and "--downstream-contexts must be 0" in result.stderr
+    assert (tiny_run / "metrics.json").read_text() == before
+
+
 @pytest.mark.parametrize(
     "url,message",
     [
