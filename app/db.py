@@ -43,9 +43,13 @@ def database_problem(database_url: str) -> str | None:
     """Why `database_url` cannot be opened, in one line, or None: checked by the command line
     before it loads or serves, so that a mistyped URL is not a traceback."""
     try:
-        shown = make_url(database_url).render_as_string(hide_password=True)
+        url = make_url(database_url)
     except ArgumentError:
         return f"{database_url!r} is not a database URL (sqlite:///FILE or postgresql+psycopg://USER@HOST/DB)"
+    shown = url.render_as_string(hide_password=True)
+    sqlite_file = Path(url.database) if url.drivername.startswith("sqlite") and url.database not in (None, "", ":memory:") else None
+    if sqlite_file and not sqlite_file.exists():  # made by the first load; connecting now would leave an empty file
+        return None if sqlite_file.parent.is_dir() else f"cannot open {shown}: there is no folder {sqlite_file.parent}"
     try:
         engine = make_engine(database_url)
     except (ArgumentError, NoSuchModuleError, ImportError) as e:

@@ -175,13 +175,16 @@ def test_eval_rejects_a_negative_downstream_count(tiny_run):
     [
         ("bogus://x", "bogus://x: Can't load plugin"),
         ("not a url", "'not a url' is not a database URL"),
-        ("sqlite:////no/such/folder/x.db", "cannot open sqlite:////no/such/folder/x.db: unable to open database file"),
+        ("sqlite:////no/such/folder/x.db", "cannot open sqlite:////no/such/folder/x.db: there is no folder /no/such/folder"),
+        ("sqlite:///{tmp}/notes.txt", "cannot open sqlite:///{tmp}/notes.txt: file is not a database"),
         ("postgresql+psycopg://me:secret@127.0.0.1:1/x", "cannot open postgresql+psycopg://me:***@127.0.0.1:1/x: connection failed"),
     ],
 )
 @pytest.mark.parametrize("command", ["load", "serve"])
-def test_a_database_that_cannot_be_opened_is_one_line(tiny_run, command, url, message):
+def test_a_database_that_cannot_be_opened_is_one_line(tiny_run, tmp_path, command, url, message):
     """Before anything is loaded or served; the password is not printed."""
+    (tmp_path / "notes.txt").write_text("not a database\n" * 100)
+    url, message = url.format(tmp=tmp_path), message.format(tmp=tmp_path)
     args = [str(tiny_run)] if command == "load" else ["--port", "1"]
     result = run_cli(command, *args, "--db", url)
     assert result.returncode == 2, result.stderr
