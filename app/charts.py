@@ -149,9 +149,10 @@ class Series:
 
 def line_chart(series: list[Series], *, title: str, x_label: str, y_label: str, x_ticks: list[float],
                x_format: Callable[[float], str] = None, y_log: bool = True, legend: bool = True,
-               width: int = WIDTH) -> LineChart:
+               width: int = WIDTH, y_counts: bool = False) -> LineChart:
     """Lines on a log x axis (ticks at `x_ticks`) and a log y axis (a linear one with `y_log`
-    False, or when a value is not positive); a log axis leaves out values <= 0."""
+    False, or when a value is not positive); a log axis leaves out values <= 0. `y_counts`: the
+    values are whole numbers, so are the linear y axis's ticks."""
     x_format = x_format or short
     y_log = y_log and all(y > 0 for line in series for _, y, _ in line.values)
     series = [Series(line.label, line.css, [v for v in line.values if v[0] > 0 and math.isfinite(v[1])], line.markers)
@@ -165,6 +166,7 @@ def line_chart(series: list[Series], *, title: str, x_label: str, y_label: str, 
     else:
         low, high = min(0.0, min(ys)), max(ys)
         y_values = nice_ticks(low, nice_ceiling(high) if high > low else low + 1, 4)
+        y_values = [t for t in y_values if t == int(t)] if y_counts else y_values
         y_scale = Scale(y_values[0], y_values[-1] if y_values[-1] > y_values[0] else y_values[0] + 1, HEIGHT - BOTTOM, TOP)
     lines = [Line(line.label, [Point(at(x_scale(x)), at(y_scale(y)), text) for x, y, text in line.values], line.css,
                   line.markers) for line in series]
@@ -370,3 +372,26 @@ def dead_chart(ladder) -> LineChart:
     return line_chart([line], title="Dead latents against n", x_label="latents n (log scale)",
                       y_label="dead latents (%)", x_ticks=[n for n, _ in rungs], x_format=size_label, y_log=False,
                       legend=False)
+
+
+def tokens_label(n: float) -> str:
+    """A token count as a tick label: 500, 2k, 300k, 1.5M."""
+    for unit, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if n >= unit:
+            return f"{n / unit:g}{suffix}"
+    return f"{n:g}"
+
+
+def training_charts(curve: dict) -> tuple[LineChart, LineChart]:
+    """metrics.json's train_curve: the batches' FVU (log–log) and AuxK's dead latents, each
+    against the tokens trained on."""
+    points = [(t, fvu, dead) for t, fvu, dead in zip(curve["tokens"], curve["fvu"], curve["dead"]) if fvu is not None]
+    ticks = log_ticks(points[0][0], points[-1][0]) if points else []
+    describe = lambda t, fvu, dead: f"{t:,} tokens: FVU {fvu:.4g}, {dead:,} dead"  # noqa: E731
+    fvu = Series("FVU", "observed", [(t, f, describe(t, f, d)) for t, f, d in points])
+    dead = Series("dead", "s1", [(t, d, describe(t, f, d)) for t, f, d in points])
+    common = {"x_label": "tokens trained on (log scale)", "x_ticks": ticks, "x_format": tokens_label, "legend": False}
+    return (line_chart([fvu], title="FVU of the training batches against tokens trained on (log–log)",
+                       y_label="FVU (log scale)", **common),
+            line_chart([dead], title="Dead latents during training against tokens trained on",
+                       y_label="dead latents", y_log=False, y_counts=True, **common))

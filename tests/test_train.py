@@ -58,11 +58,30 @@ def test_resume_after_sigkill_matches_uninterrupted_run(uninterrupted, tiny_mode
     resumed = runfolder.load_sae_weights(run)
     for name in runfolder.SAE_TENSORS:
         assert_close(resumed[name], reference[name], rtol=1e-6, atol=1e-6)
-    assert runfolder.load_metrics(run)["train_fvu_final"] == pytest.approx(
-        runfolder.load_metrics(uninterrupted / "reference")["train_fvu_final"], rel=1e-6)
+    metrics, expected = runfolder.load_metrics(run), runfolder.load_metrics(uninterrupted / "reference")
+    assert metrics["train_fvu_final"] == pytest.approx(expected["train_fvu_final"], rel=1e-6)
+    # The training curve carries on from the checkpoint: the same points as the uninterrupted run.
+    assert metrics["train_curve"]["tokens"] == expected["train_curve"]["tokens"]
+    assert metrics["train_curve"]["dead"] == expected["train_curve"]["dead"]
+    assert metrics["train_curve"]["fvu"] == pytest.approx(expected["train_curve"]["fvu"], rel=1e-6)
     assert not (run / CHECKPOINT_FILE).exists()  # the finished run needs no checkpoint
     again = saescope("train", "--resume", str(run))
     assert again.returncode == 2 and "already complete" in again.stderr
+
+
+def test_the_training_curve_follows_the_whole_run(uninterrupted):
+    """metrics.json's train_curve: a point every CURVE_EVERY steps and one after the last step,
+    with the batches' FVU falling and AuxK's dead count from the progress bar."""
+    from trainer.train import CURVE_EVERY
+
+    metrics = runfolder.load_metrics(uninterrupted / "reference")
+    curve, steps, batch = metrics["train_curve"], metrics["train_steps"], 64
+    assert curve["tokens"] == [(step + 1) * batch for step in range(0, steps, CURVE_EVERY)] + (
+        [steps * batch] if (steps - 1) % CURVE_EVERY else [])
+    assert curve["tokens"][-1] == metrics["train_tokens"]
+    assert len(curve["fvu"]) == len(curve["dead"]) == len(curve["tokens"])
+    assert curve["fvu"][-1] == metrics["train_fvu_final"] and curve["fvu"][-1] < 0.7 * curve["fvu"][0]
+    assert all(isinstance(d, int) and 0 <= d <= 256 for d in curve["dead"])
 
 
 def test_nan_stops_training_naming_the_step_and_keeps_the_checkpoint(uninterrupted, tiny_model_dir):

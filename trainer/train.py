@@ -108,6 +108,7 @@ class Trainer:
         self.k_aux = min(store.meta["d_model"] // 2, cfg.n_latents)
         self.matmul_dtype = fast_matmul_dtype(self.device, bool(cfg.fast_matmul))
         self.forward = training_forward(world, self.sae)  # DDP when data parallel
+        self.curve = {"tokens": [], "fvu": [], "dead": []}  # metrics.json's train_curve (record)
 
     def init_b_dec(self) -> None:
         sample = self.store.rows(0, min(32, self.store.n_train_contexts)) * self.scale
@@ -236,6 +237,7 @@ class Trainer:
         return {
             "step": step,  # the next step to run
             "fvu_ema": fvu_ema,
+            "curve": {name: list(values) for name, values in self.curve.items()},
             **self.world.gather_state(self.sae, self.optimizer, self.tokens_since_fired),
             "rng": torch.get_rng_state(),
         }
@@ -246,6 +248,7 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.tokens_since_fired.copy_(state["tokens_since_fired"])
         torch.set_rng_state(state["rng"])
+        self.curve = state.get("curve", self.curve)  # checkpoints before the curve: it starts here
         return state["step"], state["fvu_ema"]
 
     # ------------------------------------------------------------ the loop
@@ -277,13 +280,15 @@ class Trainer:
         if start_step == 0:
             self.init_b_dec()
         began = time.perf_counter()
+        every_point = max(CURVE_EVERY, math.ceil(total_steps / CURVE_POINTS))
         with tqdm(total=total_steps, initial=start_step, desc="train", unit="step", disable=not self.world.writes) as bar:
             for step, x in self.batches(start_step):
                 fvu_ema = self.train_step(step, x, total_steps, fvu_ema)
                 bar.update(1)
-                if step % 10 == 0:
+                if step % every_point == 0 or step == total_steps - 1:
+                    dead = self.record(step, fvu_ema)
                     passes = {"epoch": f"{step * self.cfg.epochs // total_steps + 1}/{self.cfg.epochs}"} if self.cfg.epochs > 1 else {}
-                    bar.set_postfix(**passes, fvu=f"{fvu_ema:.3f}", dead=int((self.tokens_since_fired > self.cfg.effective_dead_tokens).sum()))
+                    bar.set_postfix(**passes, fvu=f"{fvu_ema:.3f}", dead=dead)
                 every = self.cfg.checkpoint_every
                 if save_checkpoint and every and (step + 1) % every == 0 and step + 1 < total_steps:
                     self.check_weights(step)
@@ -295,10 +300,22 @@ class Trainer:
             "train_tokens": total_steps * self.cfg.batch_size,
             "train_fvu_final": fvu_ema,
             "sae_tokens_per_s": steps_run * self.cfg.batch_size / max(time.perf_counter() - began, 1e-9),
+            "train_curve": self.curve,
         }
+
+    def record(self, step: int, fvu_ema: float) -> int:
+        """A point of the training curve after `step`: tokens trained on, the batches' FVU (the
+        running mean the progress bar shows) and the latents AuxK counts as dead; returns that count."""
+        dead = self.world.count(self.tokens_since_fired > self.cfg.effective_dead_tokens)
+        for name, value in (("tokens", (step + 1) * self.cfg.batch_size), ("fvu", fvu_ema), ("dead", dead)):
+            self.curve[name].append(value)
+        return dead
 
 
 CHECKPOINT_FILE = "checkpoint.pt"
+# Steps between the training curve's points (and the progress bar's numbers); fewer on long runs,
+# so that metrics.json holds at most CURVE_POINTS of them.
+CURVE_EVERY, CURVE_POINTS = 10, 1000
 
 
 def save_checkpoint(out_dir: Path, state: dict) -> None:

@@ -22,3 +22,14 @@ def test_log_ticks_are_round_spaced_and_inside(low, high):
 def test_a_power_of_ten_wins_over_the_digit_next_to_it():
     ticks = log_ticks(0.085, 0.35)  # 0.09 and 0.1 are too close to both be shown
     assert 0.1 in ticks and 0.09 not in ticks
+
+
+def test_a_count_axis_has_whole_ticks():
+    """The training page's dead latents: 0 or 1 latents is not an axis with 0.5 on it."""
+    from app.charts import training_charts
+
+    curve = {"tokens": [1024, 11264, 21504], "fvu": [0.7, 0.4, 0.3], "dead": [0, 1, 0]}
+    fvu, dead = training_charts(curve)
+    assert [tick.label for tick in dead.y_ticks] == ["0", "1"]
+    assert [tick.label for tick in dead.x_ticks] == [tick.label for tick in fvu.x_ticks] and "10k" in [t.label for t in fvu.x_ticks]
+    assert [len(line.points) for line in fvu.lines + dead.lines] == [3, 3]

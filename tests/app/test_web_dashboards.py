@@ -19,6 +19,7 @@ from webrun import (
     QUANTILE_BINS,
     SAMPLES_PER_BIN,
     T,
+    TRAIN_CURVE,
     TOP_K,
     VOCAB,
 )
@@ -215,6 +216,20 @@ def test_sae_page_density_histogram(client, sae_id):
     assert histogram["dead"] == len(DEAD) and sum(histogram["counts"]) == N_LATENTS - len(DEAD)
     assert histogram["dense"] == 0 and histogram["dense_threshold"] == 0.1
     assert data["n_explained"] == N_LATENTS - len(DEAD) and data["harvest"]["excluded_positions"] == [0]
+
+
+def test_sae_page_training_curve(client, sae_id):
+    """metrics.json's train_curve as two charts (the batches' FVU, log-log; AuxK's dead latents),
+    a point per record with its numbers on hover; the metrics table leaves the raw lists out."""
+    html = client.get(f"/saes/{sae_id}").text
+    fvu = re.search(r'<svg class="chart training fvu".*?</svg>', html, re.S).group()
+    dead = re.search(r'<svg class="chart training dead".*?</svg>', html, re.S).group()
+    assert re.findall(r'<text class="axis-label [xy]"[^>]*>([^<]*)</text>', fvu) == ["tokens trained on (log scale)", "FVU (log scale)"]
+    assert re.findall(r'<text class="axis-label [xy]"[^>]*>([^<]*)</text>', dead) == ["tokens trained on (log scale)", "dead latents"]
+    for tokens, value, n_dead in zip(TRAIN_CURVE["tokens"], TRAIN_CURVE["fvu"], TRAIN_CURVE["dead"]):
+        assert f"<title>{tokens:,} tokens: FVU {value:.4g}, {n_dead:,} dead</title>" in fvu
+    assert "<th>train_curve</th>" not in html and "<th>train_tokens</th>" in html
+    assert client.get(f"/saes/{sae_id}.json").json()["sae"]["metrics"]["train_curve"] == TRAIN_CURVE
 
 
 def test_sae_latents_sorted_by_explanation_score(client, sae_id):

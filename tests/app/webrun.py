@@ -28,6 +28,11 @@ def make_cfg(model: str = "./models/Tiny-Model", d_in: int = D_IN, layer: int = 
             "context_length": T, "seed": 0}
 
 
+# metrics.json's training curve as trainer.train.Trainer.record writes it (a point every 10 steps of 64 tokens).
+TRAIN_CURVE = {"tokens": [64, 704, 1344, 1984, 2624, 3264, 3904, 4096], "fvu": [1.2, 0.8, 0.5, 0.4, 0.33, 0.3, 0.28, 0.27],
+               "dead": [0, 0, 3, 7, 5, 2, 1, 1]}
+
+
 def make_run(run_dir: Path, seed: int = 0, model: str = "./models/Tiny-Model", d_in: int = D_IN, layer: int = 3) -> Path:
     """The tests' main run: 64 latents with known cases (see the constants above); `seed`
     changes the weights and the harvest (hence the content hash), `model`/`d_in`/`layer` point
@@ -36,7 +41,8 @@ def make_run(run_dir: Path, seed: int = 0, model: str = "./models/Tiny-Model", d
     cfg = make_cfg(model, d_in, layer)
     save_cfg(run_dir, cfg)
     write_weights(run_dir, d_in, N_LATENTS, seed)
-    save_metrics(run_dir, {"fvu": 0.2345, "l0": 5.0, "dead_fraction": len(DEAD) / N_LATENTS, "delta_ce": float("nan"), "eval_tokens": 2048})
+    save_metrics(run_dir, {"fvu": 0.2345, "l0": 5.0, "dead_fraction": len(DEAD) / N_LATENTS, "delta_ce": float("nan"),
+                           "eval_tokens": 2048, "train_tokens": 4096, "train_curve": TRAIN_CURVE})
     harvest = random_harvest(N_LATENTS, VOCAB, K=TOP_K, T=T, C=N_CONTEXTS, Q=QUANTILE_BINS, S=SAMPLES_PER_BIN, seed=seed)
     h = {name: tensor.numpy() for name, tensor in harvest.tensors.items()}
     h["token_ids"][SCRIPT_CONTEXT, 2:5] = [5, 6, 7]  # "<script>", "alert(1)", "</script>"
