@@ -81,8 +81,11 @@ def assert_same_weights(run_dir, reference_dir, tolerance=1e-5):
     got, expected = runfolder.load_sae_weights(run_dir), runfolder.load_sae_weights(reference_dir)
     for name in runfolder.SAE_TENSORS:
         assert_close(got[name], expected[name], rtol=tolerance, atol=tolerance)
-    assert runfolder.load_metrics(run_dir)["train_fvu_final"] == pytest.approx(
-        runfolder.load_metrics(reference_dir)["train_fvu_final"], rel=1e-4)
+    metrics, reference = runfolder.load_metrics(run_dir), runfolder.load_metrics(reference_dir)
+    assert metrics["train_fvu_final"] == pytest.approx(reference["train_fvu_final"], rel=1e-4)
+    curve, expected = metrics["train_curve"], reference["train_curve"]  # dead counts summed over the shards
+    assert curve["tokens"] == expected["tokens"] and curve["dead"] == expected["dead"]
+    assert curve["fvu"] == pytest.approx(expected["fvu"], rel=1e-4)
 
 
 def test_data_parallel_on_two_gloo_processes_equals_one_process(folder):
