@@ -80,3 +80,37 @@ def test_the_spliced_and_ablated_passes_skip_the_blocks_before_the_hookpoint(tin
     assert got["ce_spliced"] == pytest.approx(float(-with_sae.gather(-1, targets).mean()), rel=1e-5)
     assert got["ce_ablated"] == pytest.approx(float(-ablated.gather(-1, targets).mean()), rel=1e-5)
     assert got["kl"] == pytest.approx(float((clean.exp() * (clean - with_sae)).sum(-1).mean()), rel=1e-4, abs=1e-7)
+
+
+def test_the_ablated_loss_is_computed_once_per_store(tiny_run, tmp_path, monkeypatch):
+    """The zero-ablated CE depends on the store's tokens and the model, not on the SAE: a second
+    eval on the store (another rung of a sweep) skips that pass and reports the same number."""
+    import shutil
+
+    from trainer import model as model_module
+    from trainer.evaluate import ABLATED_CACHE
+    from trainer.model import find_blocks, load_causal_lm
+
+    cfg = runfolder.load_cfg(tiny_run)
+    shutil.copytree(cfg["store"], tmp_path / "store")
+    (tmp_path / "store" / ABLATED_CACHE).unlink(missing_ok=True)  # the fixture's own eval made one
+    store = ActivationStore.open(tmp_path / "store")
+    calls = []
+
+    def counting_loader(*args, **kwargs):  # the real model, counting its last block's runs: one per pass
+        loaded = load_causal_lm(*args, **kwargs)
+        find_blocks(loaded[1].base_model)[1][-1].register_forward_hook(lambda *a: calls.append(1))
+        return loaded
+
+    monkeypatch.setattr(model_module, "load_causal_lm", counting_loader)
+    _, sae = TopKSAE.load(tiny_run)
+    first = downstream_loss(sae, cfg, store, n_contexts=8)
+    assert len(calls) == 3  # clean, spliced, ablated (one batch of 8)
+    calls.clear()
+    again = downstream_loss(exact_sae(cfg["d_in"]), cfg, store, n_contexts=8)  # another SAE, same store
+    assert len(calls) == 2 and again["ce_ablated"] == first["ce_ablated"]
+    assert again["ce_spliced"] == pytest.approx(again["ce_clean"], abs=1e-4)  # its own spliced pass
+    calls.clear()
+    other = downstream_loss(sae, cfg, store, n_contexts=4)  # other tokens: computed
+    assert len(calls) == 3 and len(runfolder.read_json(tmp_path / "store" / ABLATED_CACHE)) == 2
+    assert other["ce_ablated"] != first["ce_ablated"]

@@ -5,6 +5,8 @@
                          heldout_complete
       tokens.npy         (C, T) int32 token ids, row c is context c
       activations.npy    (C * T, d) float16, memory-mapped; rows c*T .. c*T+T-1 are context c
+      ce_ablated.json    the first eval's CE with block L zero-ablated, which later evals reuse
+                         (trainer/evaluate.py)
 
 Contexts are stored in a seeded random order with the held-out ones last, so training reads the
 first rows in big sequential chunks and still sees text from all over the corpus. A store is

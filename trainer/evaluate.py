@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -13,6 +14,10 @@ from trainer.activations import ActivationStore, complete_heldout
 from trainer.sae import TopKSAE, default_device
 
 DENSE_THRESHOLD = 0.1  # a latent firing on more than 10 % of tokens counts as dense
+# In the store: the summed CE with block L zero-ablated, per (model, layer, device, held-out
+# tokens). It does not depend on the SAE, so the SAEs of a sweep (or a second eval) on one store
+# skip that pass: a third of the downstream loss's forward passes.
+ABLATED_CACHE = "ce_ablated.json"
 
 
 @torch.no_grad()
@@ -123,6 +128,9 @@ def downstream_loss(sae: TopKSAE, run_cfg: dict, store: ActivationStore, n_conte
         x = resid.reshape(-1, resid.shape[-1]).float() * scale
         return (sae(x)[0] / scale).view_as(resid).to(resid.dtype)
 
+    key = ablated_key(run_cfg, tokens)
+    known = read_ablated(store).get(key)  # the summed ablated CE, if an earlier eval on this store made it
+    passes = [("ce_spliced", reconstruct)] + ([("ce_ablated", torch.zeros_like)] if known is None else [])
     sums = {"ce_clean": 0.0, "ce_spliced": 0.0, "ce_ablated": 0.0, "kl": 0.0}
     n_predictions = 0
     for start in tqdm(range(0, len(tokens), batch), desc="downstream", unit="batch"):
@@ -136,7 +144,7 @@ def downstream_loss(sae: TopKSAE, run_cfg: dict, store: ActivationStore, n_conte
         output = captured["output"]
         resid = (output[0] if isinstance(output, tuple) else output).clone()  # (B, T, d); the blocks after may write in place
         results = {"ce_clean": clean}
-        for name, transform in (("ce_spliced", reconstruct), ("ce_ablated", torch.zeros_like)):
+        for name, transform in passes:
             with replaying(blocks, layer, transform(resid), output):
                 results[name] = log_probs(ids)
         targets = ids[:, 1:]
@@ -144,6 +152,10 @@ def downstream_loss(sae: TopKSAE, run_cfg: dict, store: ActivationStore, n_conte
             sums[name] += float(-logprobs.gather(-1, targets[..., None]).sum())
         sums["kl"] += float((clean.exp() * (clean - results["ce_spliced"])).sum())
         n_predictions += targets.numel()
+    if known is None:
+        save_ablated(store, key, sums["ce_ablated"])
+    else:
+        sums["ce_ablated"] = known
     metrics = {name: total / n_predictions for name, total in sums.items()}
     metrics["delta_ce"] = metrics["ce_spliced"] - metrics["ce_clean"]
     # Share of the loss the layer's ablation costs that the SAE recovers (1 = all of it);
@@ -154,3 +166,26 @@ def downstream_loss(sae: TopKSAE, run_cfg: dict, store: ActivationStore, n_conte
     )
     metrics["downstream_tokens"] = n_predictions
     return metrics
+
+
+def ablated_key(run_cfg: dict, tokens: torch.Tensor) -> str:
+    """What the ablated CE depends on: the model, the layer, the device kind (its arithmetic) and
+    the held-out tokens themselves (a store rebuilt in place gets new keys)."""
+    digest = hashlib.sha256(tokens.cpu().numpy().tobytes()).hexdigest()[:16]
+    return f"{run_cfg['model']}|layer {run_cfg['layer']}|{tokens.device.type}|{tuple(tokens.shape)}|{digest}"
+
+
+def read_ablated(store: ActivationStore) -> dict:
+    try:
+        return runfolder.read_json(store.path / ABLATED_CACHE)
+    except runfolder.RunFolderError:  # none yet (or damaged): computed again
+        return {}
+
+
+def save_ablated(store: ActivationStore, key: str, total: float) -> None:
+    """Atomically; two evals writing at once may drop one's entry, which costs only its recomputation."""
+    try:
+        runfolder.write_json(store.path / ABLATED_CACHE, {**read_ablated(store), key: total})
+    except OSError:  # a read-only store: the next eval computes it again
+        pass
+
