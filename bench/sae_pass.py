@@ -51,7 +51,12 @@ def one_pass(trainer: Trainer, batches) -> None:
 
 def measure(store: ActivationStore, n: int, B: int, device: str) -> dict:
     cfg = TrainConfig(n_latents=n, k=32, batch_size=B, checkpoint_every=0, device=device, tokens=(CONTEXTS - HELDOUT) * T)
-    fresh = lambda: (trainer := Trainer(cfg, store, 1.0), trainer.init_b_dec())[0]  # noqa: E731
+
+    def fresh() -> Trainer:
+        trainer = Trainer(cfg, store, 1.0)
+        trainer.init_b_dec()
+        return trainer
+
     trainer = fresh()
     one_pass(trainer, list(trainer.batches())[:3])  # warm-up: kernels, allocator
     trainer = fresh()
