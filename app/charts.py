@@ -374,6 +374,24 @@ def dead_chart(ladder) -> LineChart:
                       legend=False)
 
 
+def ladder_training_chart(ladder) -> LineChart:
+    """The training FVU of each SAE of the n series against the tokens trained on (log–log): whether
+    the larger SAEs were still improving when their tokens ran out."""
+    k, lines = ladder.summary.k, []
+    for i, rung in enumerate(r for r in ladder.n_series if r.sae_id in ladder.curves):
+        curve = ladder.curves[rung.sae_id]
+        points = [(t, f, f"n = {rung.n_latents:,}, k = {k}, {t:,} tokens: FVU {f:.4g}")
+                  for t, f in zip(curve["tokens"], curve["fvu"]) if f is not None]
+        lines.append(Series(f"n = {rung.n_latents:,}", f"s{i % SERIES_COLOURS}", points, markers=False))
+    tokens = [t for line in lines for t, _, _ in line.values] or [1]
+    return line_chart(lines, title="FVU of the training batches against tokens trained on, per SAE (log–log)",
+                      x_label="tokens trained on (log scale)", y_label="training FVU (log scale)",
+                      x_ticks=log_ticks(min(tokens), max(tokens)), x_format=tokens_label)
+
+
+SERIES_COLOURS = 6  # s0 .. s5 in static/style.css
+
+
 def tokens_label(n: float) -> str:
     """A token count as a tick label: 500, 2k, 300k, 1.5M."""
     for unit, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "k")):

@@ -12,12 +12,12 @@ key prefix.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from app.models import Ladder, LadderRung
+from app.models import Ladder, LadderRung, Sae
 from app.urls import URLs
 
 FIT_NAMES = {"fvu_n": "FVU vs n", "delta_ce_n": "ΔCE vs n", "fvu_joint": "FVU vs (n, k)",
@@ -62,6 +62,7 @@ class LadderPage:
     sweep: dict  # sweep.json: {"sweep": options, "train": the shared training options, "rungs"}
     scaling: dict  # scaling.json
     rungs: list[Rung]  # smallest n first, then k
+    curves: dict[str, dict] = field(default_factory=dict)  # sae_id -> its metrics.json train_curve, if any
 
     @property
     def id(self) -> str:
@@ -121,7 +122,15 @@ def get_ladder(session: Session, ladder_id: str) -> LadderPage | None:
                   *(row.get(key) for key in ("fvu", "delta_ce", "dead_fraction", "l0")))
              for row in scaling.get("rungs", [])]
     return LadderPage(summary=_summary(ladder.id, ladder.model, ladder.layer, ladder.k, scaling),
-                      sweep=json.loads(ladder.sweep), scaling=scaling, rungs=rungs)
+                      sweep=json.loads(ladder.sweep), scaling=scaling, rungs=rungs,
+                      curves=_training_curves(session, [rung.sae_id for rung in rungs if rung.sae_id]))
+
+
+def _training_curves(session: Session, sae_ids: list[str]) -> dict[str, dict]:
+    """Each loaded rung's training curve, from its metrics.json (one query by primary key)."""
+    rows = session.execute(select(Sae.id, Sae.metrics).where(Sae.id.in_(sae_ids))) if sae_ids else []
+    curves = {sae_id: json.loads(metrics).get("train_curve") for sae_id, metrics in rows}
+    return {sae_id: curve for sae_id, curve in curves.items() if curve and curve.get("tokens")}
 
 
 def _summary(ladder_id: str, model: str, layer: int, k: int, scaling: dict) -> LadderSummary:

@@ -119,7 +119,8 @@ def make_templates() -> Jinja2Templates:
                        explanation_html=explanation_html, chart_svg=charts.svg, activation_chart=charts.activation_chart,
                        logit_chart=charts.logit_chart, density_chart=charts.density_chart,
                        scaling_chart=charts.scaling_chart, k_series_chart=charts.k_series_chart,
-                       dead_chart=charts.dead_chart, size_label=charts.size_label, training_charts=charts.training_charts)
+                       dead_chart=charts.dead_chart, size_label=charts.size_label, training_charts=charts.training_charts,
+                       ladder_training_chart=charts.ladder_training_chart)
     return Jinja2Templates(env=env)
 
 

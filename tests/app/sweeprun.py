@@ -24,6 +24,12 @@ def fvu_law(n: int, k: int) -> float:
     return (0.05 + 0.8 * n ** -0.5) * (k / K) ** -0.2 * (1 + 0.01 * math.sin(n + k))
 
 
+def training_curve(final_fvu: float) -> dict:
+    """metrics.json's train_curve of a rung: the batches' FVU falling to `final_fvu` over 4,096 tokens."""
+    tokens = [512, 1024, 2048, 4096]
+    return {"tokens": tokens, "fvu": [final_fvu * (4096 / t) ** 0.3 for t in tokens], "dead": [0, 1, 0, 0]}
+
+
 def make_sweep(folder: Path, seed: int = 0, neighbours: int = NEIGHBOURS) -> Path:
     rungs = sorted({(n, K) for n in N_SERIES} | {(n, k) for n in K_SERIES_N for k in (K, *K_SERIES)})
     names = [f"n{n}-k{k}" for n, k in rungs]
@@ -32,7 +38,8 @@ def make_sweep(folder: Path, seed: int = 0, neighbours: int = NEIGHBOURS) -> Pat
                                  seed=seed * 1000 + n + k, model=MODEL)
         runfolder.save_cfg(run, {**runfolder.load_cfg(run), "k": k})
         runfolder.save_metrics(run, {"fvu": fvu_law(n, k), "delta_ce": (0.02 + 2 * n ** -0.4) * (1 + 0.01 * math.cos(n)), "l0": float(k),
-                                     "dead_fraction": 1 / n if n == max(N_SERIES) else 0.0, "train_tokens": 4096})
+                                     "dead_fraction": 1 / n if n == max(N_SERIES) else 0.0, "train_tokens": 4096,
+                                     "train_curve": training_curve(fvu_law(n, k))})
     runfolder.write_json(folder / "sweep.json", {
         "sweep": {"latents": ",".join(map(str, N_SERIES)), "k": K, "ks": ",".join(map(str, K_SERIES)),
                   "k_series_latents": ",".join(map(str, K_SERIES_N)), "family_neighbours": neighbours},

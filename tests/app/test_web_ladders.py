@@ -6,6 +6,7 @@ PostgreSQL, with the synthetic sweep of sweeprun.py (the trainer's own fits and 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import signal
 import subprocess
@@ -93,7 +94,11 @@ def test_the_scaling_page_json_is_scaling_json_with_links(ladder_client, sweep_d
 
 def test_the_scaling_page_draws_the_fits_and_links_every_rung(ladder_client):
     html = ladder_client.get(f"/ladders/{LADDER}").text
-    assert html.count('<svg class="chart scaling') == 4  # FVU and ΔCE vs n, the k series, dead latents
+    assert html.count('<svg class="chart scaling') == 5  # FVU and ΔCE vs n, the k series, dead latents, training
+    training = re.search(r'<svg class="chart scaling training".*?</svg>', html, re.S).group()
+    assert re.findall(r'<g class="legend s\d"><line[^>]*/><text[^>]*>([^<]*)</text>', training) == [
+        f"n = {n:,}" for n in N_SERIES]  # a line per SAE of the n series, in order
+    assert training.count('<polyline class="series s') == len(N_SERIES)
     assert "fit c + a·n^−α" in html and '<polyline class="series fit"' in html
     assert f"<title>n = {N_SERIES[0]:,}, k = {K}: FVU " in html  # every point says what it is
     assert "<script" not in html.split("</head>")[1]  # no inline script (the CSP forbids it)
@@ -252,8 +257,8 @@ def test_the_scaling_page_and_families_in_a_browser(ladder_server, browser):
     assert page.url == f"{ladder_server}/ladders/{LADDER}"
 
     charts = page.locator("svg.chart")
-    assert charts.count() == 4
-    for i in range(4):
+    assert charts.count() == 5  # FVU and ΔCE vs n, the k series, dead latents, training
+    for i in range(5):
         box = charts.nth(i).bounding_box()
         assert box["width"] > 300 and box["height"] > 100  # drawn, at a readable size
     fvu = page.locator("svg.chart.scaling.fvu")
