@@ -374,6 +374,9 @@ def dead_chart(ladder) -> LineChart:
                       legend=False)
 
 
+SERIES_COLOURS = 6  # s0 .. s5 in static/style.css
+
+
 def ladder_training_chart(ladder) -> LineChart:
     """The training FVU of each SAE of the n series against the tokens trained on (log–log): whether
     the larger SAEs were still improving when their tokens ran out."""
@@ -389,9 +392,6 @@ def ladder_training_chart(ladder) -> LineChart:
                       x_ticks=log_ticks(min(tokens), max(tokens)), x_format=tokens_label)
 
 
-SERIES_COLOURS = 6  # s0 .. s5 in static/style.css
-
-
 def tokens_label(n: float) -> str:
     """A token count as a tick label: 500, 2k, 300k, 1.5M."""
     for unit, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
@@ -405,9 +405,9 @@ def training_charts(curve: dict) -> tuple[LineChart, LineChart]:
     against the tokens trained on."""
     points = [(t, fvu, dead) for t, fvu, dead in zip(curve["tokens"], curve["fvu"], curve["dead"]) if fvu is not None]
     ticks = log_ticks(points[0][0], points[-1][0]) if points else []
-    describe = lambda t, fvu, dead: f"{t:,} tokens: FVU {fvu:.4g}, {dead:,} dead"  # noqa: E731
-    fvu = Series("FVU", "observed", [(t, f, describe(t, f, d)) for t, f, d in points])
-    dead = Series("dead", "s1", [(t, d, describe(t, f, d)) for t, f, d in points])
+    titles = [f"{t:,} tokens: FVU {f:.4g}, {d:,} dead" for t, f, d in points]  # each point's hover text, on both
+    fvu = Series("FVU", "observed", [(t, f, title) for (t, f, _), title in zip(points, titles)])
+    dead = Series("dead", "s1", [(t, d, title) for (t, _, d), title in zip(points, titles)])
     common = {"x_label": "tokens trained on (log scale)", "x_ticks": ticks, "x_format": tokens_label, "legend": False}
     return (line_chart([fvu], title="FVU of the training batches against tokens trained on (log–log)",
                        y_label="FVU (log scale)", **common),

@@ -188,4 +188,3 @@ def save_ablated(store: ActivationStore, key: str, total: float) -> None:
         runfolder.write_json(store.path / ABLATED_CACHE, {**read_ablated(store), key: total})
     except OSError:  # a read-only store: the next eval computes it again
         pass
-
