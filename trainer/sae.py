@@ -75,7 +75,9 @@ class SparseTopK(torch.autograd.Function):
     gradient comes with each row's component along that row removed, as training needs for
     unit-norm decoder rows (Section 2.4, Appendix A.4); the component is found from the N·k dot
     products the backward computes anyway, with no extra pass over (n, d) (exact in fp32; on a
-    GPU the dot products are bf16's, so the component left is within its rounding)."""
+    GPU the dot products are bf16's, so the component left is within its rounding). x_c must be
+    x - b_dec for a constant x: its gradient comes back as the batch's sum spread over the rows,
+    which is b_dec's exact gradient and nothing else's."""
 
     @staticmethod
     def forward(ctx, pre_selected, x_c, W_enc_T, b_enc, W_dec, indices, grad_dtype, unit_decoder=False):
@@ -99,7 +101,10 @@ class SparseTopK(torch.autograd.Function):
         grad_pre = dots * (values > 0)  # (N, k), through the ReLU
         grad_W_enc_T = pattern.product(grad_pre, x_c)  # (n, d)
         grad_b_enc = grad_pre.new_zeros(n).index_add_(0, indices.reshape(-1), grad_pre.reshape(-1))
-        grad_x_c = F.embedding_bag(indices, W_enc_T, per_sample_weights=grad_pre, mode="sum")  # (N, d)
+        # x_c = x - b_dec with x constant, so b_dec alone takes x_c's gradient, and only its sum over
+        # the tokens: grad_b_enc @ W_enc_T, (n,) @ (n, d), spread evenly over the rows. Each token's
+        # own gradient would be an (N, k) gather of W_enc_T rows, 10 % of the step.
+        grad_x_c = (grad_b_enc @ W_enc_T).div_(len(x_c)).expand_as(x_c)
         return None, grad_x_c, grad_W_enc_T, grad_b_enc, grad_W_dec, None, None, None
 
 
@@ -173,9 +178,19 @@ class TopKSAE(nn.Module):
     @torch.no_grad()
     def pre_acts_centered(self, x_c: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Pre-activations of x - b_dec without grad, in `dtype` (N, n): only for choosing latents,
-        so bf16 keeps all three (N, n)-sized passes (matmul, bias, top-k) at half the bytes. The
-        bias is added after the product: addmm's bf16 bias costs 1.3 ms more at n = 4,096 here."""
-        return torch.mm(x_c.to(dtype), self.W_enc.to(dtype)).add_(self.b_enc.to(dtype))
+        so bf16 keeps both (N, n)-sized passes (matmul, top-k) at half the bytes. The bias is a
+        column of the matmul ([x_c, 1] @ [W_enc; b_enc]): a separate pass adding it to the (N, n)
+        product cost more than the product itself on an AMX CPU (1.7 against 2.5 ms at n = 4,096,
+        BENCHMARKS.md); the copies into the widened operands are the casts to `dtype` anyway. In
+        the weights' own dtype there is no cast to fold it into, and addmm is as fast."""
+        if dtype == self.W_enc_T.dtype:
+            return torch.addmm(self.b_enc, x_c, self.W_enc)
+        (N, d), n = x_c.shape, self.n_latents
+        x_1 = x_c.new_empty(N, d + 1, dtype=dtype)
+        x_1[:, :d], x_1[:, d] = x_c, 1
+        W_b = x_c.new_empty(n, d + 1, dtype=dtype)
+        W_b[:, :d], W_b[:, d] = self.W_enc_T, self.b_enc
+        return torch.mm(x_1, W_b.T)
 
     def sparse_forward(
         self, x_c: torch.Tensor, pre: torch.Tensor, indices: torch.Tensor, dtype: torch.dtype = torch.float32,
