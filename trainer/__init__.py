@@ -1,0 +1,3 @@
+from trainer.allocator import reuse_large_blocks
+
+reuse_large_blocks()  # before any tensor: see trainer/allocator.py
