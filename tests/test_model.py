@@ -46,6 +46,26 @@ def test_fast_forward_is_bf16_autocast_close_to_fp32(tiny_model_dir):
     assert float((result - reference).norm() / reference.norm()) < 0.02
 
 
+def test_bf16_linears_cast_once_give_autocasts_result_and_switch_back(tiny_model_dir):
+    """The blocks' linear weights are held in bf16 (autocast would cast them on every call), which
+    must change no number: the same as autocast over the fp32 weights. Set back to fp32, the
+    forward is the exact one again (the fp32 weights were kept)."""
+    lm = load_language_model(str(tiny_model_dir), 2, "cpu", fast=False)
+    ids = torch.tensor([lm.tokenizer("def f(x):\n    return x + 1", add_special_tokens=False)["input_ids"]])
+    exact = lm.residual(ids)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # what autocast alone gives
+        captured = []
+        handle = lm.block.register_forward_hook(lambda module, args, out: captured.append(out[0] if isinstance(out, tuple) else out))
+        lm.model(input_ids=ids, use_cache=False)
+        handle.remove()
+    lm.forward_dtype = torch.bfloat16
+    assert torch.equal(lm.residual(ids), captured[0].float())
+    assert lm.model.layers[0].mlp.down_proj.weight.dtype == torch.bfloat16
+    lm.forward_dtype = torch.float32
+    assert torch.equal(lm.residual(ids), exact)
+    assert lm.model.layers[0].mlp.down_proj.weight.dtype == torch.float32
+
+
 def test_layer_out_of_range(tiny_model_dir):
     with pytest.raises(ModelError, match="layer 3 is out of range.*blocks 0..2"):
         check_layer(str(tiny_model_dir), 3)

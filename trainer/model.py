@@ -11,7 +11,7 @@ import importlib.util
 import logging
 import os
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -120,14 +120,40 @@ class LanguageModel:
     final_norm: nn.Module | None = None  # the norm before the unembedding (for logit effects)
     unembed: nn.Module | None = None  # the LM head
     forward_dtype: torch.dtype = torch.float32  # of the forward's matmuls (autocast): see fast_matmul_dtype
+    # The blocks' linear layers with their original (fp32) weights and biases, and the dtype the
+    # layers hold now: see _cast_linears.
+    _linears: list[tuple[nn.Linear, torch.Tensor, torch.Tensor | None]] = field(default_factory=list, repr=False)
+    _linears_dtype: torch.dtype = torch.float32
+    _linears_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def __post_init__(self):
+        self._linears = [
+            (m, m.weight.data, None if m.bias is None else m.bias.data) for m in self.model.modules() if isinstance(m, nn.Linear)
+        ]
 
     @property
     def special_token_ids(self) -> list[int]:
         return sorted(set(getattr(self.tokenizer, "all_special_ids", []) or []))
 
+    def _cast_linears(self) -> None:
+        """Hold the blocks' linear layers in forward_dtype. Under bf16 autocast each layer would
+        cast its fp32 weight on every call: 45 % of a 64-token text's forward on an AMX CPU
+        (BENCHMARKS.md). Cast once instead, the results are identical (autocast casts to the same
+        values); the originals are kept, so forward_dtype can be set back to fp32."""
+        dtype = self.forward_dtype
+        with self._linears_lock:
+            if self._linears_dtype == dtype:
+                return
+            for module, weight, bias in self._linears:
+                module.weight.data = weight.to(dtype)
+                if bias is not None:
+                    module.bias.data = bias.to(dtype)
+            self._linears_dtype = dtype
+
     @torch.no_grad()  # not inference_mode: callers may edit the result
     def residual(self, input_ids: torch.Tensor) -> torch.Tensor:
         """(B, T) token ids -> (B, T, d_model) residual stream after block `layer`."""
+        self._cast_linears()
         captured = {}
 
         def hook(module, args, output):
