@@ -1,3 +1,3 @@
-from trainer.allocator import reuse_large_blocks
+from trainer.allocator import reuse_freed_memory
 
-reuse_large_blocks()  # before any tensor: see trainer/allocator.py
+reuse_freed_memory()  # before any tensor: see trainer/allocator.py
