@@ -180,9 +180,9 @@ class TopKSAE(nn.Module):
         """Pre-activations of x - b_dec without grad, in `dtype` (N, n): only for choosing latents,
         so bf16 keeps both (N, n)-sized passes (matmul, top-k) at half the bytes. The bias is a
         column of the matmul ([x_c, 1] @ [W_enc; b_enc]): a separate pass adding it to the (N, n)
-        product cost more than the product itself on an AMX CPU (1.7 against 2.5 ms at n = 4,096,
-        BENCHMARKS.md); the copies into the widened operands are the casts to `dtype` anyway. In
-        the weights' own dtype there is no cast to fold it into, and addmm is as fast."""
+        product cost two thirds as much as the product itself on an AMX CPU (1.7 against 2.5 ms at
+        n = 4,096, BENCHMARKS.md); the copies into the widened operands are the casts to `dtype`
+        anyway. In the weights' own dtype there is no cast to fold it into, and addmm is as fast."""
         if dtype == self.W_enc_T.dtype:
             return torch.addmm(self.b_enc, x_c, self.W_enc)
         (N, d), n = x_c.shape, self.n_latents
