@@ -24,7 +24,8 @@ TRIM_THRESHOLD = 64 << 20  # free memory kept at the heap's top; 256 MiB cost 10
 
 def reuse_freed_memory() -> bool:
     """Apply the settings where the C library is glibc; True if they were applied."""
-    if {"MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"} & set(os.environ) or "glibc.malloc" in os.environ.get("GLIBC_TUNABLES", ""):
+    users_own = {"MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"} & set(os.environ)
+    if users_own or "glibc.malloc" in os.environ.get("GLIBC_TUNABLES", ""):
         return False
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")

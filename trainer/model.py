@@ -122,9 +122,9 @@ class LanguageModel:
     forward_dtype: torch.dtype = torch.float32  # of the forward's matmuls (autocast): see fast_matmul_dtype
     # The blocks' linear layers with their original (fp32) weights and biases, and the dtype the
     # layers hold now: see _cast_linears.
-    _linears: list[tuple[nn.Linear, torch.Tensor, torch.Tensor | None]] = field(default_factory=list, repr=False)
-    _linears_dtype: torch.dtype = torch.float32
-    _linears_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _linears: list[tuple[nn.Linear, torch.Tensor, torch.Tensor | None]] = field(init=False, repr=False)
+    _linears_dtype: torch.dtype = field(default=torch.float32, init=False)
+    _linears_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
     def __post_init__(self):
         self._linears = [
