@@ -1,23 +1,32 @@
 """The server under load: 16 concurrent keep-alive clients for 60 s against `python -m app.server`
 (its workers from SAESCOPE_WORKERS) over the 65,536-latent database, on SQLite and on PostgreSQL.
 
-    .venv/bin/python bench/http_load.py [--duration 60] [--clients 16] [--workers 2]
+    .venv/bin/python bench/http_load.py [--duration 60] [--clients 16] [--workers 2] [--slices 4]
         [--max-requests 400000] [--workdir /tmp/saescope-bench] [--postgres URL] [--keep]
 
 The mix, drawn at random per request: a latent's page and its JSON twin (a random latent), the
 SAE's latent list and its JSON twin (random sort, order and page, 50 per page), a search and its
 JSON twin (a random token of the synthetic vocabulary, which is also a word of some
-explanations), and, as the baseline measured in the same run, a static file of the same size (the median size of the mix's
-responses) served by the same server. Bounded in time and in requests, loopback only (the server
-binds 127.0.0.1 and the clients connect there). Every non-200 answer counts as an error. Prints
-Markdown tables for BENCHMARKS.md. The databases are those of bench/load_throughput.py (made
-here if missing); the PostgreSQL schema is dropped at the end unless --keep.
+explanations), and, as the baseline measured in the same run, a static file of the same size
+(the median size of the mix's responses) served by the same server. Bounded in time and in
+requests, loopback only (the servers bind 127.0.0.1 and the clients connect there). Every non-200
+answer counts as an error.
+
+Both backends' servers run at once and the clock alternates between them in --slices turns each
+(SQLite, PostgreSQL, PostgreSQL, SQLite, ...): a shared VM's speed drifts over minutes, and
+measuring one backend's whole minute after the other's put that drift between them. Besides the
+latencies, each backend's server CPU time per request (its processes, and PostgreSQL's) is read
+from /proc: it moves far less with the VM than latency does. Prints Markdown tables for
+BENCHMARKS.md. The databases are those of bench/load_throughput.py (made here if missing); the
+PostgreSQL schema is dropped at the end unless --keep.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
 import os
 import platform
 import random
@@ -31,6 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT / "tests" / "app"))
 
+from cpu_time import named_cpu_seconds, tree_cpu_seconds  # noqa: E402
 from load_throughput import BENCH_SCHEMA, add_run_arguments, loaded_database, run_of  # noqa: E402
 from servers import free_port, running_server  # noqa: E402
 from sqlalchemy import create_engine, text  # noqa: E402
@@ -114,35 +124,83 @@ def percentile(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=1000, method="inclusive")[int(q * 10) - 1] if len(values) > 1 else values[0]
 
 
-def measure(backend: str, url: str, sae_id: str, n_latents: int, args) -> dict:
-    port = free_port()
-    env = {"DATABASE_URL": url, "SAESCOPE_HOST": HOST, "SAESCOPE_PORT": str(port),
-           "SAESCOPE_WORKERS": str(args.workers), "SAESCOPE_ADMIN_TOKEN": ""}
-    next_request = request_maker(sae_id, n_latents)
+@dataclass
+class Measured:
+    """One backend's requests over all its slices."""
+
+    backend: str
+    latencies: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
+    sizes: dict[str, list[int]] = field(default_factory=lambda: defaultdict(list))
+    errors: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    elapsed: float = 0.0
+    app_cpu: float = 0.0  # CPU seconds of the server's processes while it was measured
+    db_cpu: float | None = None  # and of PostgreSQL's (None for SQLite: it runs inside the server)
+
+    def add(self, latencies, sizes, errors, elapsed: float) -> None:
+        for kind, values in latencies.items():
+            self.latencies[kind] += values
+        for kind, values in sizes.items():
+            self.sizes[kind] += values
+        for kind, count in errors.items():
+            self.errors[kind] += count
+        self.elapsed += elapsed
+
+
+def measure(databases: dict[str, tuple[str, str]], n_latents: int, args) -> list[Measured]:
+    """Every backend's server runs at once (an idle one costs nothing); the clock alternates
+    between them in slices, ABBA..., so that the VM's drift over the minutes falls on all alike."""
     static = ROOT / "static" / STATIC_NAME
-    with running_server(["-m", "app.server"], port, env) as (base, _):
-        # Warm-up: every worker's connections and caches, and the mix's median response size.
+    with ExitStack() as stack:
         static.write_bytes(b"<!-- placeholder -->")
-        warm = asyncio.run(run_clients(port, next_request, args.clients, 5, 2_000, seed=1))
-        dynamic = sorted(size for kind, values in warm[1].items() if kind in KINDS for size in values)
-        same_size = dynamic[len(dynamic) // 2]
+        stack.enter_context(static_removed(static))
+        servers = {}
+        for backend, (url, sae_id) in databases.items():
+            port = free_port()
+            env = {"DATABASE_URL": url, "SAESCOPE_HOST": HOST, "SAESCOPE_PORT": str(port),
+                   "SAESCOPE_WORKERS": str(args.workers), "SAESCOPE_ADMIN_TOKEN": ""}
+            _, proc = stack.enter_context(running_server(["-m", "app.server"], port, env))
+            servers[backend] = (port, request_maker(sae_id, n_latents), proc.pid)
+        # Warm-up: every worker's connections and caches, and the mix's median response size.
+        dynamic = []
+        for port, next_request, _ in servers.values():
+            warm = asyncio.run(run_clients(port, next_request, args.clients, 5, 2_000, seed=1))
+            dynamic += [size for kind, values in warm[1].items() if kind in KINDS for size in values]
+        same_size = sorted(dynamic)[len(dynamic) // 2]
         static.write_bytes((b"<!doctype html><p>" + b"x" * same_size)[:same_size])
-        try:
-            latencies, sizes, errors, elapsed = asyncio.run(
-                run_clients(port, next_request, args.clients, args.duration, args.max_requests, seed=2))
-        finally:
-            static.unlink(missing_ok=True)
-    return {"backend": backend, "latencies": latencies, "sizes": sizes, "errors": errors,
-            "elapsed": elapsed, "same_size": same_size}
+        results = {backend: Measured(backend) for backend in servers}
+        order = list(servers)
+        for slice_ in range(args.slices):
+            for backend in order if slice_ % 2 == 0 else order[::-1]:
+                port, next_request, pid = servers[backend]
+                app_before, db_before = tree_cpu_seconds(pid), named_cpu_seconds("postgres")
+                results[backend].add(*asyncio.run(run_clients(
+                    port, next_request, args.clients, args.duration / args.slices,
+                    args.max_requests // args.slices, seed=2 + slice_)))
+                results[backend].app_cpu += tree_cpu_seconds(pid) - app_before
+                if backend == "PostgreSQL":
+                    db = named_cpu_seconds("postgres") - db_before
+                    results[backend].db_cpu = (results[backend].db_cpu or 0.0) + db
+    return list(results.values())
 
 
-def report(result: dict) -> None:
-    latencies, sizes, errors = result["latencies"], result["sizes"], result["errors"]
+@contextmanager
+def static_removed(path: Path):
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def report(result: Measured) -> None:
+    latencies, sizes, errors = result.latencies, result.sizes, result.errors
     dynamic = [value for kind in KINDS for value in latencies[kind]]
     total = sum(len(values) for values in latencies.values())
     n_errors = sum(errors.values())
-    print(f"\n**{result['backend']}**: {total:,} requests in {result['elapsed']:.0f} s "
-          f"({total / result['elapsed']:,.0f}/s), {n_errors} errors\n")
+    cpu = f"server CPU {result.app_cpu / total * 1000:.2f} ms per request"
+    if result.db_cpu is not None:
+        cpu += f", PostgreSQL's {result.db_cpu / total * 1000:.2f} ms"
+    print(f"\n**{result.backend}**: {total:,} requests in {result.elapsed:.0f} s "
+          f"({total / result.elapsed:,.0f}/s), {n_errors} errors; {cpu}\n")
     print("| requests | count | median size | p50 | p99 | max |")
     print("|---|---|---|---|---|---|")
     rows = [(kind, latencies[kind], sizes[kind]) for kind in KINDS]
@@ -161,16 +219,15 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 2, help="server processes")
     parser.add_argument("--max-requests", type=int, default=400_000, help="upper bound per backend")
+    parser.add_argument("--slices", type=int, default=4, help="turns per backend, alternated ABBA...")
     add_run_arguments(parser)
     parser.add_argument("--backend", choices=("SQLite", "PostgreSQL"), action="append")
     parser.add_argument("--keep", action="store_true", help="keep the PostgreSQL schema")
     args = parser.parse_args()
     run = run_of(args)
-    results = []
     try:
-        for backend in args.backend or ("SQLite", "PostgreSQL"):
-            url, sae_id = loaded_database(backend, run, args)
-            results.append(measure(backend, url, sae_id, args.latents, args))
+        databases = {backend: loaded_database(backend, run, args) for backend in args.backend or ("SQLite", "PostgreSQL")}
+        results = measure(databases, args.latents, args)
     finally:
         if not args.keep:
             admin = create_engine(args.postgres, poolclass=NullPool)
@@ -178,7 +235,8 @@ def main() -> None:
                 conn.execute(text(f'DROP SCHEMA IF EXISTS "{BENCH_SCHEMA}" CASCADE'))
             admin.dispose()
     print(f"{platform.node()} · {os.cpu_count()} cores · Python {platform.python_version()} · "
-          f"{args.clients} clients, {args.workers} server workers, {args.duration:.0f} s per backend · "
+          f"{args.clients} clients, {args.workers} server workers, {args.duration:.0f} s per backend in "
+          f"{args.slices} alternated slices · "
           f"load average {os.getloadavg()[0]:.1f} at the end")
     for result in results:
         report(result)
