@@ -89,10 +89,13 @@ class ProbeResult:
     sae: str
     text: str
     token_ids: list[int]
-    tokens: list[str]  # each token's text, leading spaces and newlines kept
+    tokens: list[str]  # each token's piece of the text, leading spaces and newlines kept: they join into it
     indices: np.ndarray  # (T, k) latent indices, strongest first
     values: np.ndarray  # (T, k) their activations, 0 where fewer than k latents fire
     excluded_positions: int  # leading positions the harvest leaves out (attention sink)
+    # Tokens that hold the first bytes of a character a later token completes (an emoji split
+    # over byte tokens): shown with a mark, since their piece of the text lacks those bytes.
+    carries: tuple[bool, ...] = ()
 
     def __len__(self) -> int:
         return len(self.token_ids)
@@ -161,15 +164,18 @@ class TokenView:
     excluded: bool  # an attention-sink position, left out of the ranking
     shade: float  # background strength in [0, 1]
     tip: str  # the value shown on hover
+    carries: bool = False  # holds the first bytes of a character that a later token completes
 
     @property
     def pieces(self) -> list[tuple[str, str]]:
         """The token as (kind, text) runs: spaces, newlines and tabs visible, so its true
         boundaries show; a newline also breaks the line, so the text keeps its shape."""
-        return display_pieces(self.token)
+        return display_pieces(self.token, self.carries)
 
 
-def display_pieces(token: str) -> list[tuple[str, str]]:
+def display_pieces(token: str, carries: bool = False) -> list[tuple[str, str]]:
+    if carries:  # part of a character: "…" where its bytes are, the character on the token that ends it
+        return [*display_pieces(token), ("mark", "…")] if token else [("mark", "…")]
     if token == "":
         return [("mark", "∅")]
     pieces: list[tuple[str, str]] = []
@@ -264,7 +270,8 @@ class ProbeView:
                 tip = f"#{top.index}: {value:.3f}"
             else:
                 shade, tip = 0.0, ("first position: left out" if excluded else "no latent fires")
-            tokens.append(TokenView(position, token, token_id, shown, len(latents) - len(shown), excluded, shade, tip))
+            carries = position < len(self.result.carries) and self.result.carries[position]
+            tokens.append(TokenView(position, token, token_id, shown, len(latents) - len(shown), excluded, shade, tip, carries))
         return tokens
 
     def as_json(self, urls: URLs) -> dict:
@@ -508,9 +515,11 @@ class ProbeService:
         if token_ids:
             encoded = encoder.encode_topk_batch(list(token_ids.values()))  # (T, k) each, strongest first
             for (i, ids), (values, indices) in zip(token_ids.items(), encoded):
+                pieces = encoder.lm.token_pieces(ids)
                 outcomes[i] = ProbeResult(
-                    sae=sae.id, text=texts[i], token_ids=[int(t) for t in ids], tokens=encoder.lm.token_strings(ids),
+                    sae=sae.id, text=texts[i], token_ids=[int(t) for t in ids], tokens=[p.text for p in pieces],
                     indices=indices.numpy(), values=values.numpy(), excluded_positions=loaded.excluded_positions,
+                    carries=tuple(p.carries for p in pieces),
                 )
             self._seconds = 0.8 * self._seconds + 0.2 * (time.perf_counter() - began) / len(token_ids)
         return outcomes

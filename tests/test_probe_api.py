@@ -139,6 +139,20 @@ def test_token_fragment_lists_that_tokens_latents(client, sae_id, encoder):
     assert missing.status_code == 404 and "no token 999" in missing.text
 
 
+def test_characters_split_over_byte_tokens_show_whole(client, sae_id):
+    """An emoji or CJK character spans several byte tokens: the API's token pieces join into the
+    text, and the page shows each character (on the token that completes it), never U+FFFD,
+    with a mark on the tokens that hold its first bytes."""
+    text = TEXTS[2]
+    result = client.post("/api/probe", json={"sae": sae_id, "text": text}).json()
+    assert "".join(token["token"] for token in result["tokens"]) == text
+    page = client.get("/probe", params={"sae": sae_id, "text": text})
+    tokens = page.text.split('class="context probe-tokens', 1)[1].split("</div>", 1)[0]
+    assert "\ufffd" not in tokens
+    assert "😀" in tokens and "✓" in tokens and "Ü" in tokens
+    assert '<span class="ws mark">…</span>' in tokens
+
+
 def test_html_and_script_in_the_text_render_as_text(client, sae_id):
     text = TEXTS[3]
     page = client.get("/probe", params={"sae": sae_id, "text": text})

