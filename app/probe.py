@@ -648,4 +648,23 @@ def _model_problem(model: str) -> str | None:
         return None
     if model.startswith((".", "/", "~")) and not Path(model).expanduser().is_dir():
         return f"model folder {model} not found on this server"
+    if not model.startswith((".", "/", "~")) and _hub_offline() and not _in_hub_cache(model):
+        return f"the model {model!r} is not in this server's Hugging Face cache, and the hub is offline here (HF_HUB_OFFLINE)"
     return None
+
+
+def _hub_offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def _in_hub_cache(model: str) -> bool:
+    """Whether a hub model's config is in the local cache (a model never downloaded cannot load
+    offline; one whose config is there may still lack weights, which its first load tells)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(model, "config.json"), str)
+    except ValueError:  # not a valid repository id either
+        return False

@@ -1,0 +1,47 @@
+"""Which SAEs the probe's selector marks unavailable, checked without loading any model."""
+
+from __future__ import annotations
+
+import pytest
+from huggingface_hub import constants
+
+from app import probe
+from app.probe import _model_problem
+
+
+@pytest.fixture
+def offline_hub(tmp_path, monkeypatch):
+    """The hub offline, with an empty local cache at tmp_path."""
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    return tmp_path
+
+
+def cache_model(cache, repo_id: str) -> None:
+    """A model's config in the hub cache's own layout: refs/main names a snapshot."""
+    folder = cache / f"models--{repo_id.replace('/', '--')}"
+    (folder / "refs").mkdir(parents=True)
+    (folder / "refs" / "main").write_text("0" * 40)
+    (folder / "snapshots" / ("0" * 40)).mkdir(parents=True)
+    (folder / "snapshots" / ("0" * 40) / "config.json").write_text("{}")
+
+
+def test_a_missing_model_folder_is_unavailable(tmp_path):
+    assert "not found on this server" in _model_problem(str(tmp_path / "nowhere"))
+    assert _model_problem(str(tmp_path)) is None
+
+
+def test_an_uncached_hub_model_is_unavailable_offline(offline_hub):
+    reason = _model_problem("some-lab/never-downloaded")
+    assert "not in this server's Hugging Face cache" in reason and "HF_HUB_OFFLINE" in reason
+
+
+def test_a_cached_hub_model_may_load_offline(offline_hub):
+    cache_model(offline_hub, "some-lab/downloaded")
+    assert _model_problem("some-lab/downloaded") is None
+
+
+def test_online_a_hub_model_is_not_ruled_out(monkeypatch):
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    assert _model_problem("some-lab/never-downloaded") is None
+    assert probe._hub_offline() is False
