@@ -3,7 +3,9 @@ from their hash, and reopens the same view after the app restarts."""
 
 from __future__ import annotations
 
+import html
 import re
+from urllib.parse import urlencode
 
 import pytest
 from fastapi.testclient import TestClient
@@ -76,6 +78,44 @@ def test_shared_page_previews_with_open_graph_tags(tiny_db, sae_id):
         assert sae_id in description and "tokens" in description
         assert f'<meta property="og:url" content="http://testserver/p/{share["id"]}">' in head
         assert '<meta name="twitter:card" content="summary">' in head
+
+
+def open_graph(page: str) -> dict[str, str]:
+    """The og:* tags of a page's head, by property (og:title as "title"), their content unescaped."""
+    head = page.split("</head>", 1)[0]
+    return {name: html.unescape(content) for name, content in re.findall(r'<meta property="og:(\w+)" content="([^"]*)">', head)}
+
+
+def test_probe_page_previews_with_its_whole_view(tiny_db, sae_id):
+    state = {"latent": "3", "sort": "sum", "all": "1"}
+    with app_client(tiny_db) as client:
+        page = client.get("/probe", params={"sae": sae_id, "text": TEXT} | state)
+        assert page.status_code == 200 and "Highlighting latent" in page.text
+        og = open_graph(page.text)
+        assert og["type"] == "website" and og["site_name"] == "saescope"
+        assert og["title"].startswith("“for line in open(path): print(line)") and og["title"].endswith("· saescope probe")
+        assert sae_id in og["description"] and "tokens" in og["description"]
+        # the whole view, as the address bar holds it: the latent, the order and all=1 included
+        assert og["url"] == "http://testserver/probe?" + urlencode({"sae": sae_id, "text": TEXT} | state)
+        assert client.get(og["url"]).status_code == 200
+
+        share = client.post("/api/share", json={"sae": sae_id, "text": TEXT}).json()
+        shared = open_graph(client.get(share["url"], params=state).text)
+        assert shared["url"] == f"http://testserver{share['url']}?{urlencode(state)}"
+        assert shared["title"] == og["title"] and shared["description"] == og["description"]
+
+
+def test_blank_probe_page_previews_as_the_site(tiny_db, sae_id):
+    with app_client(tiny_db) as client:
+        for params in ({}, {"sae": sae_id}, {"sae": sae_id, "all": "1"}):
+            page = client.get("/probe", params=params)
+            assert page.status_code == 200 and 'class="context probe-tokens' not in page.text
+            og = open_graph(page.text)
+            assert og["title"] == "saescope probe" and og["type"] == "website"
+            assert "Type or paste text" in og["description"] and sae_id in og["description"]
+            assert og["url"] == "http://testserver/probe?" + urlencode({"sae": sae_id} | params)
+            assert f'<meta name="description" content="{html.escape(og["description"])}">' in page.text
+            assert "<title>Probe · saescope</title>" in page.text
 
 
 def test_unknown_share_and_sae_are_404(tiny_db, sae_id):

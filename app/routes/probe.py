@@ -17,7 +17,7 @@ from pydantic import BaseModel, Field
 from app.deps import ProbeDep, SessionDep, URLsDep
 from app.probe import DENSE, ProbeView
 from app.render import is_htmx, json_response, render
-from app.schemas import ErrorOut
+from app.schemas import ErrorOut, InvalidRequestOut
 from app.shares import Share, create_share, get_share
 from app.urls import URLs
 
@@ -58,7 +58,15 @@ router = APIRouter(tags=["probe"], lifespan=preload_models, route_class=Utf8Rout
 
 PAGE_TOP_N = 25  # latents in the page's whole-text ranking
 SortKey = Literal["max", "sum"]
-ERRORS = {code: {"model": ErrorOut} for code in (400, 404, 413, 503)}
+RETRY_AFTER = {"Retry-After": {"schema": {"type": "integer"},
+                               "description": "seconds to wait before asking again: sent when the probe is busy"}}
+ERRORS = {code: {"model": ErrorOut} for code in (400, 404, 413)} | {
+    422: {"model": InvalidRequestOut, "description": "the text failed the probe's checks (detail a sentence) "
+                                                     "or the request failed validation (detail a list)"}}
+UNAVAILABLE = {503: {"model": ErrorOut, "headers": RETRY_AFTER,
+                     "description": "the weights or the model are not on this server, or the probe is busy "
+                                    "(then with Retry-After)"}}
+BUSY = {503: {"model": ErrorOut, "headers": RETRY_AFTER, "description": "the probe is busy (with Retry-After)"}}
 
 
 # ---------------------------------------------------------------- JSON shapes (OpenAPI)
@@ -137,7 +145,7 @@ class SharedProbeOut(ShareOut):
 
 
 @router.post("/api/probe", response_model=ProbeResponse, summary="Latents of every token of a text",
-             responses=ERRORS | {422: {"model": ErrorOut}})
+             responses=ERRORS | UNAVAILABLE)
 async def create_probe(body: ProbeRequest, probe: ProbeDep, urls: URLsDep):
     """Tokens (text and id), each token's strongest latents, and the latents most active over the
     whole text. Errors: 422 empty text, control characters or a lone surrogate; 413 over the
@@ -153,7 +161,7 @@ async def create_probe(body: ProbeRequest, probe: ProbeDep, urls: URLsDep):
 
 
 @router.get("/probe.json", response_model=ProbeResponse, summary="The probe page's JSON twin",
-            responses=ERRORS | {422: {"model": ErrorOut}})
+            responses=ERRORS | UNAVAILABLE)
 async def read_probe_json(probe: ProbeDep, urls: URLsDep, sae: str, text: str,
                           sort: SortKey = "max", include_all: Annotated[bool, Query(alias="all")] = False,
                           latent: Annotated[int | None, Query(ge=0)] = None,
@@ -173,7 +181,7 @@ async def create_share_link(body: ShareRequest, session: SessionDep, probe: Prob
 
 
 @router.get("/p/{share_id}.json", response_model=SharedProbeOut, summary="A shared probe",
-            responses={code: {"model": ErrorOut} for code in (404, 503)})
+            responses={code: {"model": ErrorOut} for code in (400, 404)} | BUSY)
 async def read_share_json(share_id: str, session: SessionDep, probe: ProbeDep, urls: URLsDep,
                           sort: SortKey = "max", include_all: Annotated[bool, Query(alias="all")] = False,
                           latent: Annotated[int | None, Query(ge=0)] = None):
@@ -258,14 +266,21 @@ async def _probe_page(request: Request, probe, sae: str | None, text: str, laten
             view = await probe.view(sae, text, latent=latent, strict=False, sort=sort, hide=hide, top_n=PAGE_TOP_N)
             state = _state(view.latent, sort, hide)
         except HTTPException as e:
-            status, error = e.status_code, e.detail
+            error = e.detail
             retry_after = (e.headers or {}).get("Retry-After")
+            # a share link exists whether or not its probe can run here (the model missing, say):
+            # a 200 that says why, so a link preview shows it (crawlers skip a 503), as its JSON
+            # twin does; a busy probe stays a 503, to be asked again
+            if share is None or retry_after:
+                status = e.status_code
+    page_url = urls.probe(sae, text, **state)  # an empty text drops out of the query
+    address = urls.share(share.id, **state) if share else page_url  # what the address bar holds
     context = {
         "options": options, "sae": sae, "text": text, "state": state, "view": view, "error": error,
         "retry_after": retry_after, "share": share, "max_chars": probe.settings.probe_max_chars,
-        "page_url": urls.probe(sae, text, **state) if text else urls.probe(sae),
+        "page_url": page_url,
         "json_url": urls.probe(sae, text, fmt="json", **state) if view else None,
-        "og": open_graph(request, urls, view, share, sae, text) if text else None,
+        "og": open_graph(view, sae, text, absolute(request, address)),
     }
     template = "_probe_result.html" if is_htmx(request) else "probe.html"
     headers = {"Retry-After": retry_after} if retry_after else None
@@ -275,16 +290,21 @@ async def _probe_page(request: Request, probe, sae: str | None, text: str, laten
     return response
 
 
-def open_graph(request: Request, urls: URLs, view: ProbeView | None, share: Share | None, sae: str, text: str) -> dict:
-    """Open Graph tags, so a pasted link previews with a title and a description."""
+def open_graph(view: ProbeView | None, sae: str | None, text: str, url: str) -> dict:
+    """Open Graph tags, so a pasted link previews with a title and a description; `url` is the
+    page's whole shareable address, its view state included."""
+    if not text:
+        which = f"the sparse autoencoder {sae}" if sae else "a sparse autoencoder"
+        return {"title": "saescope probe", "url": url,
+                "description": f"Type or paste text and see which latents of {which} fire on every token, "
+                               "each linked to its page; the view is a link to share."}
     excerpt = " ".join(text.split())
     excerpt = excerpt if len(excerpt) <= 60 else excerpt[:59] + "…"
     description = f"Which latents of the sparse autoencoder {sae} fire on this text"
     if view is not None:
         top = ", ".join(f"#{t.latent.index} (max {t.max:.2f})" for t in view.text_latents[:3])
         description += f": {len(view.tokens)} tokens" + (f"; strongest latents {top}" if top else "")
-    path = urls.share(share.id) if share else urls.probe(sae, text)
-    return {"title": f"“{excerpt}” · saescope probe", "description": description + ".", "url": absolute(request, path)}
+    return {"title": f"“{excerpt}” · saescope probe", "description": description + ".", "url": url}
 
 
 def absolute(request: Request, path: str) -> str:

@@ -7,6 +7,7 @@ import json
 import shutil
 
 import pytest
+from fastapi import HTTPException
 from fastapi.testclient import TestClient
 
 from app.loader import load_run
@@ -54,7 +55,25 @@ def test_missing_weights_is_503(tmp_path, run_dir, sae_id):
         share = client.post("/api/share", json={"sae": sae_id, "text": "hello"}).json()
         shared = client.get(share["json_url"]).json()
         assert shared["text"] == "hello" and shared["probe"] is None and "not available" in shared["error"]
-        assert client.get(share["url"]).status_code == 503
+        # the share's page is a 200 (a link preview skips a 503), saying why, with its preview tags
+        page = client.get(share["url"])
+        assert page.status_code == 200 and "Retry-After" not in page.headers
+        assert '<p class="error" role="alert">' in page.text and "not available on this server" in page.text
+        head = page.text.split("</head>", 1)[0]
+        assert '<meta property="og:title" content="“hello” · saescope probe">' in head
+        assert f'<meta property="og:url" content="http://testserver{share["url"]}">' in head
+
+
+def test_shared_page_while_the_probe_is_busy_is_503(client, sae_id, monkeypatch):
+    async def busy(*args, **kwargs):
+        raise HTTPException(503, "the probe is busy; try again in 2 s", headers={"Retry-After": "2"})
+
+    share = client.post("/api/share", json={"sae": sae_id, "text": "hello"}).json()
+    monkeypatch.setattr(client.app.state.probe, "view", busy)
+    page = client.get(share["url"])
+    assert page.status_code == 503 and page.headers["Retry-After"] == "2" and "Trying again in 2 s" in page.text
+    twin = client.get(share["json_url"])
+    assert twin.status_code == 503 and twin.headers["Retry-After"] == "2"
 
 
 @pytest.mark.parametrize("text, detail", [
@@ -97,3 +116,32 @@ def test_openapi_documents_probe_and_share(client):
     probe = paths["/api/probe"]["post"]
     assert {"400", "404", "413", "422", "503"} <= set(probe["responses"])
     assert "/probe/tokens/{position}" not in paths and "/p/{share_id}" not in paths  # HTML, not API
+
+
+def test_openapi_422_has_both_shapes_and_503_its_retry_after(client, sae_id):
+    schema = client.get("/openapi.json").json()
+    components = schema["components"]["schemas"]
+    resolve = lambda s: components[s["$ref"].rsplit("/", 1)[1]] if "$ref" in s else s  # noqa: E731
+    operations = {"/api/probe": "post", "/probe.json": "get", "/api/share": "post", "/p/{share_id}.json": "get"}
+    for path, method in operations.items():
+        responses = schema["paths"][path][method]["responses"]
+        detail = resolve(responses["422"]["content"]["application/json"]["schema"])["properties"]["detail"]
+        shapes = [resolve(s) for s in detail.get("anyOf", [detail])]
+        if path != "/p/{share_id}.json":  # its 422 is FastAPI's own only: no check of its there gives a sentence
+            assert {"type": "string"} in shapes, path
+        field_list = next(s for s in shapes if s.get("type") == "array")
+        assert {"loc", "msg", "type"} <= set(resolve(field_list["items"])["required"]), path
+    # what the API answers has the shapes documented
+    sentence = client.post("/api/probe", json={"sae": sae_id, "text": " "})
+    assert sentence.status_code == 422 and isinstance(sentence.json()["detail"], str)
+    for request in (client.post("/api/probe", json={"sae": sae_id, "text": "hi", "top_k": 0}),
+                    client.get("/probe.json", params={"sae": sae_id, "text": "hi", "top_k": 0})):
+        fields = request.json()["detail"]
+        assert request.status_code == 422 and isinstance(fields, list)
+        assert {"loc", "msg", "type"} <= set(fields[0]) and fields[0]["loc"][-1] == "top_k"
+    # a 503 may carry Retry-After (the probe busy), an integer of seconds
+    for path in ("/api/probe", "/probe.json", "/p/{share_id}.json"):
+        busy = next(iter(schema["paths"][path].values()))["responses"]["503"]
+        assert busy["headers"]["Retry-After"]["schema"] == {"type": "integer"}, path
+        assert not busy["headers"]["Retry-After"].get("required"), path  # a missing model sends none
+    assert "503" not in schema["paths"]["/api/share"]["post"]["responses"]  # sharing never runs the probe

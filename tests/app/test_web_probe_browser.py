@@ -1,6 +1,7 @@
 """The probe in a real browser against a real server running the tiny real model: type text,
-see the shading appear, click a token, follow a latent link, highlight a latent, share, open the
-short link in a new page and see the same view; a text full of markup stays text."""
+see the shading appear, click a token, move along the tokens with Tab, follow a latent link,
+highlight a latent, share, open the short link in a new page and see the same view; a text full
+of markup stays text."""
 
 from __future__ import annotations
 
@@ -105,6 +106,13 @@ def test_type_click_highlight_share_and_reopen(probe_server, browser, tiny_sae):
     assert rows.count() >= 1
     assert re.fullmatch(r"\d+\.\d{3}", rows.first.locator("td.num").inner_text())
     assert rows.first.locator("td.density").inner_text().endswith("%")
+
+    # the keyboard does the same: Tab moves to the next token and lists its latents, Shift+Tab back
+    for key, position in (("Tab", 4), ("Shift+Tab", 3)):
+        page.keyboard.press(key)
+        assert page.locator(".probe-tokens .tok:focus").get_attribute("data-position") == str(position)
+        page.locator(f'#token-detail .token-detail[data-position="{position}"]').wait_for()
+        assert f"position {position}" in detail.inner_text() and rows.count() >= 1
     latent_link = rows.first.locator("a").first
     latent = latent_link.inner_text().lstrip("#")
     SHOTS.mkdir(parents=True, exist_ok=True)
@@ -161,6 +169,9 @@ def test_type_click_highlight_share_and_reopen(probe_server, browser, tiny_sae):
     assert tiny_sae in shared.locator('meta[property="og:description"]').get_attribute("content")
     shared.locator(".probe-tokens .tok").nth(2).click()  # the shared page is as live as the first
     shared.locator("#token-detail .token-detail").wait_for()
+    shared.locator(".probe-tokens .tok").nth(5).focus()  # focus alone, as a screen reader moves it
+    shared.locator('#token-detail .token-detail[data-position="5"]').wait_for()
+    assert "position 5" in shared.locator("#token-detail .token-detail").inner_text()
     shared.mouse.move(0, 0)
     shared.screenshot(path=str(SHOTS / "probe-shared.png"), full_page=True)
     assert problems == [] and shared_problems == []
