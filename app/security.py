@@ -40,7 +40,8 @@ CSP = (
 )
 EMBED_PATHS: tuple[str, ...] = ()  # path prefixes that other sites may frame; none today
 # Swagger UI and ReDoc load their JS from a CDN and start it with an inline script: the docs
-# pages exist only in debug mode, with a policy that says so.
+# pages exist only in debug mode, with a policy that says so. Outside debug mode those paths are
+# 404s like any other, and get the strict policy too.
 DOCS_PATHS = ("/docs", "/redoc", "/docs/oauth2-redirect")
 DOCS_CSP = ("default-src 'self'; script-src 'self' 'unsafe-inline' https://cdn.jsdelivr.net; "
             "style-src 'self' 'unsafe-inline' https://cdn.jsdelivr.net https://fonts.googleapis.com; "
@@ -48,9 +49,10 @@ DOCS_CSP = ("default-src 'self'; script-src 'self' 'unsafe-inline' https://cdn.j
             "frame-ancestors 'none'")
 
 
-def security_headers(path: str) -> dict[str, str]:
+def security_headers(path: str, debug: bool = False) -> dict[str, str]:
     embeddable = any(path.startswith(prefix) for prefix in EMBED_PATHS)
-    csp = DOCS_CSP if path in DOCS_PATHS else CSP.format(ancestors="*" if embeddable else "'none'")
+    docs = debug and path in DOCS_PATHS
+    csp = DOCS_CSP if docs else CSP.format(ancestors="*" if embeddable else "'none'")
     headers = {
         "Content-Security-Policy": csp,
         "X-Content-Type-Options": "nosniff",
@@ -64,16 +66,17 @@ def security_headers(path: str) -> dict[str, str]:
 
 
 @lru_cache(maxsize=64)
-def _raw_headers(path_kind: str) -> tuple[tuple[bytes, bytes], ...]:
-    return tuple((name.lower().encode(), value.encode()) for name, value in security_headers(path_kind).items())
+def _raw_headers(path_kind: str, debug: bool) -> tuple[tuple[bytes, bytes], ...]:
+    return tuple((name.lower().encode(), value.encode())
+                 for name, value in security_headers(path_kind, debug).items())
 
 
-def _headers_for(path: str) -> tuple[tuple[bytes, bytes], ...]:
+def _headers_for(path: str, debug: bool) -> tuple[tuple[bytes, bytes], ...]:
     """The raw headers for a path; computed once per kind of path (docs, embeddable, other)."""
-    if path in DOCS_PATHS:
-        return _raw_headers(path)
+    if debug and path in DOCS_PATHS:
+        return _raw_headers(path, True)
     embed = next((prefix for prefix in EMBED_PATHS if path.startswith(prefix)), None)
-    return _raw_headers(embed if embed is not None else "/")
+    return _raw_headers(embed if embed is not None else "/", False)
 
 
 class BodyTooLarge(HTTPException):
@@ -104,7 +107,8 @@ class RequestGuard:
                 started = True
                 headers = list(message.get("headers", ()))
                 present = {name.lower() for name, _ in headers}
-                headers += [(name, value) for name, value in _headers_for(scope["path"]) if name not in present]
+                secured = _headers_for(scope["path"], self.debug)
+                headers += [(name, value) for name, value in secured if name not in present]
                 message = {**message, "headers": headers}
             await send(message)
 

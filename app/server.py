@@ -5,13 +5,79 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
+from functools import cache
 
+import h11
 import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from app.db import upgrade
 from app.main import create_app
 from app.settings import Settings
+
+log = logging.getLogger("saescope.app")
+
+
+@cache
+def header_timeout_s() -> float:
+    """Read once per process from the environment: uvicorn imports the protocol class by name in
+    each worker process, where the app too builds its Settings from the environment."""
+    return Settings().header_timeout_s
+
+
+class HeaderTimeoutProtocol(H11Protocol):
+    """uvicorn's h11 protocol plus a deadline for the request head (slowloris).
+
+    uvicorn bounds a connection's idle time only after a response (timeout_keep_alive), and a
+    single byte cancels even that: a client that opens connections and trickles its headers
+    would hold each one, and with them the limit_concurrency slots, forever. Here, whenever the
+    connection waits for a request line and headers (from connection_made, and again after each
+    response on a keep-alive connection), a timer runs that closes it unless the whole head has
+    arrived within `header_timeout_s`. More bytes do not restart it; a parsed head stops it, so
+    a slow body or a slow handler is left to the request timeout (app.security).
+    """
+
+    _header_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._watch_for_head()
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        self._watch_for_head()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()  # may start the next cycle and parse a pipelined head
+        self._watch_for_head()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._stop_header_timer()
+        super().connection_lost(exc)
+
+    def _watch_for_head(self) -> None:
+        # h11 leaves the client's state IDLE until a complete request head has been parsed.
+        waiting = self.conn.their_state is h11.IDLE and not self.transport.is_closing()
+        if not waiting:
+            self._stop_header_timer()
+        elif self._header_timer is None:
+            self._header_timer = self.loop.call_later(header_timeout_s(), self._head_too_late)
+
+    def _stop_header_timer(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+
+    def _head_too_late(self) -> None:
+        self._header_timer = None
+        if self.transport.is_closing():
+            return
+        log.debug("closing a connection from %s: no complete request head within %g s", self.client, header_timeout_s())
+        self.conn.send(h11.ConnectionClosed())  # as uvicorn's keep-alive timeout closes one
+        self.transport.close()
 
 
 def serve(database_url: str | None = None, host: str | None = None, port: int | None = None,
@@ -31,10 +97,13 @@ def serve(database_url: str | None = None, host: str | None = None, port: int | 
         "port": settings.port,
         "log_level": "info",
         "timeout_keep_alive": settings.keep_alive_timeout_s,
+        # Over the limit uvicorn answers 503; the header timeout keeps slow clients from filling it.
+        "limit_concurrency": settings.limit_concurrency,
         "timeout_graceful_shutdown": 10,
         # h11 enforces a limit on the request line + headers (httptools, uvicorn's default when
-        # installed, buffers any size); per request it measured no slower here.
-        "http": "h11",
+        # installed, buffers any size); per request it measured no slower here. Named by import
+        # path, not passed as a class: worker processes import it, and so does `python -m`.
+        "http": "app.server:HeaderTimeoutProtocol",
         "h11_max_incomplete_event_size": settings.max_url_bytes + 16_384,
         "server_header": False,
     }

@@ -55,6 +55,13 @@ class Settings(BaseSettings):
         30.0, gt=0, description="A request not answered by then gets a 504; on PostgreSQL each SQL statement "
         "of the web app is also cancelled after this long.")
     keep_alive_timeout_s: int = Field(5, ge=1, description="Idle keep-alive connections are closed after this.")
+    header_timeout_s: float = Field(
+        10.0, gt=0, description="A connection whose request line and headers have not all arrived this long after "
+        "it opened (or after its previous response) is closed: a slow client cannot hold it open.")
+    # At least 2: uvicorn counts the asking connection itself, so a limit of 1 would refuse everything.
+    limit_concurrency: int = Field(
+        200, ge=2, description="Open connections (or running requests) per server process above which a new "
+        "request gets a 503. Each process counts its own: with several workers the limit is per worker.")
     db_pool_size: int = Field(8, ge=1, description="Database connections kept per server process (PostgreSQL).")
 
     @field_validator("admin_token", mode="before")

@@ -193,7 +193,24 @@ def _run_dir(path: str) -> Path:
 
 
 def default_db() -> str:
-    return os.environ.get("DATABASE_URL", "sqlite:///saescope.db")
+    """The database URL as the server's Settings read it: $DATABASE_URL, or its alias
+    $SAESCOPE_DATABASE_URL, or sqlite:///saescope.db."""
+    # Importing pydantic-settings costs about a quarter second of every command's start: only
+    # when such a variable is set. The default is Settings' own (tests/app/test_web_cli_db.py).
+    if not any(name.upper().endswith("DATABASE_URL") for name in os.environ):
+        return "sqlite:///saescope.db"
+    from pydantic_settings import BaseSettings
+
+    from app.settings import Settings
+
+    class DatabaseSettings(BaseSettings):
+        """Settings' database field alone: a bad value of another setting (say a short admin
+        token) is for `saescope serve` to report, not for every command to fail on."""
+
+        model_config = Settings.model_config
+        database_url: str = Settings.model_fields["database_url"]
+
+    return DatabaseSettings().database_url
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -14,6 +14,7 @@ from webrun import N_LATENTS, table_counts as counts
 
 from app.loader import load_run
 from app.main import create_app
+from app.security import DOCS_PATHS
 from app.settings import Settings
 
 TOKEN = "s3cret-admin-token-of-some-length"
@@ -79,12 +80,16 @@ def test_debug_mode_shows_the_traceback_and_the_docs(tmp_path):
     settings = Settings(database_url=unmigrated, debug=True)
     with TestClient(create_app(settings), raise_server_exceptions=False) as client:
         assert "Traceback" in client.get("/", headers={"Accept": "text/html"}).text
-        assert client.get("/docs").status_code == 200
+        docs = client.get("/docs")
+        assert docs.status_code == 200 and "'unsafe-inline'" in docs.headers["Content-Security-Policy"]
 
 
 def test_no_interactive_docs_outside_debug_mode(client):
     # Swagger UI needs a CDN and an inline script, which the CSP forbids; the schema stays.
-    assert client.get("/docs").status_code == 404 and client.get("/redoc").status_code == 404
+    for path in DOCS_PATHS:
+        response = client.get(path)
+        assert response.status_code == 404, path
+        assert_secured(response)  # the docs' permissive policy belongs to debug mode only
     assert client.get("/openapi.json").status_code == 200
 
 
@@ -203,17 +208,49 @@ SQL_PAYLOADS = ["'", '"', "' OR '1'='1", "1; DROP TABLE saes; --", "%", "_", "\\
 
 
 @pytest.mark.parametrize("payload", SQL_PAYLOADS)
-def test_sql_metacharacters_in_paths_and_queries(client, sae_id, payload):
+def test_sql_metacharacters_in_paths_and_queries(client, database_url, sae_id, payload):
+    """Every route's ids and parameters, as path segments, query values and JSON fields: a 4xx
+    or a normal answer, never a 5xx, and nothing in the database changes."""
     from urllib.parse import quote
 
-    before = client.get("/index.json").json()
+    before = counts(database_url), client.get("/index.json").json()
     quoted = quote(payload, safe="")
+    # Ids in the path: no such thing.
     for path in (f"/saes/{quoted}", f"/saes/{quoted}.json", f"/saes/{quoted}/features/0.json",
-                 f"/saes/{sae_id}/features/{quoted}.json"):
+                 f"/saes/{quoted}/features/0", f"/saes/{quoted}/random.json", f"/saes/{quoted}/random",
+                 f"/saes/{sae_id}/features/{quoted}.json", f"/saes/{sae_id}/features/{quoted}",
+                 f"/ladders/{quoted}", f"/ladders/{quoted}.json", f"/p/{quoted}", f"/p/{quoted}.json"):
         response = client.get(path)
         assert 400 <= response.status_code < 500, (path, response.status_code)
-    for name in ("sort", "order", "page", "per_page"):
-        response = client.get(f"/saes/{sae_id}.json", params={name: payload})
-        assert response.status_code == 422, (name, response.status_code)
-    assert client.get("/index.json", params={"q": payload}).json() == before  # unknown parameters ignored
-    assert client.get("/index.json").json() == before  # nothing was dropped or changed
+    # Typed parameters (numbers, booleans, choices): a 422.
+    typed = {f"/saes/{sae_id}.json": ("sort", "order", "page", "per_page", "min_density", "max_density",
+                                      "hide_dead", "hide_dense"),
+             f"/saes/{sae_id}": ("sort", "order", "page", "per_page", "min_density", "max_density"),
+             f"/saes/{sae_id}/features/0": ("context",),
+             "/search.json": ("limit",), "/search": ("limit",),
+             "/probe.json": ("sort", "all", "latent", "top_k", "top_n"),
+             "/probe": ("latent", "sort", "all"),
+             "/p/nope.json": ("sort", "all", "latent")}
+    for path, names in typed.items():
+        for name in names:
+            response = client.get(path, params={"sae": sae_id, "text": "hello", name: payload})
+            assert response.status_code == 422, (path, name, response.status_code)
+    for name in ("latent", "sort", "all"):  # the share page looks its id up first: a 404 or a 422
+        response = client.get("/p/nope", params={name: payload})
+        assert response.status_code in (404, 422), (name, response.status_code)
+    # Free text and SAE ids in the query string or a body: a normal answer or a 4xx.
+    searches = [("/search.json", {"q": payload}), ("/search", {"q": payload}), ("/search.json", {"sae": payload}),
+                ("/search", {"sae": payload, "q": "the"}), ("/search.json", {"sae": sae_id, "q": payload})]
+    for path, params in searches:
+        response = client.get(path, params=params)
+        assert response.status_code in (200, 404, 422), (path, params, response.status_code)
+        if path == "/search.json" and response.status_code == 200:
+            assert isinstance(response.json()["explanations"], list)
+    for path in ("/probe.json", "/probe"):
+        response = client.get(path, params={"sae": payload, "text": "hello"})
+        assert response.status_code in (200, 404), (path, response.status_code)  # the page says "no SAE"
+    for path in ("/api/probe", "/api/share"):
+        response = client.post(path, json={"sae": payload, "text": "hello"})
+        assert response.status_code == 404, (path, response.status_code)
+    assert client.get("/index.json", params={"q": payload}).json() == before[1]  # unknown parameters ignored
+    assert (counts(database_url), client.get("/index.json").json()) == before  # nothing was dropped or changed
