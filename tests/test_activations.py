@@ -65,3 +65,50 @@ def test_a_killed_fill_is_redone(trained, monkeypatch):
     monkeypatch.setattr(activations, "run_model", real)
     store = complete_heldout(ActivationStore.open(trained / "store"))
     assert store.heldout_ready and not (heldout_rows(store) == 7.0).any()
+
+
+def mapped_kib(path) -> int:
+    """Resident KiB of this process's mappings of the file `path` (/proc/self/smaps)."""
+    total, inside = 0, False
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            fields = line.split()
+            if "-" in fields[0] and not fields[0].endswith(":"):  # a mapping's header line
+                inside = len(fields) >= 6 and fields[5] == str(path)
+            elif inside and fields[0] == "Rss:":
+                total += int(fields[1])
+    return total
+
+
+@pytest.mark.skipif(not hasattr(__import__("mmap"), "MADV_DONTNEED"), reason="needs madvise")
+def test_the_model_writes_the_store_in_released_slices_with_the_same_rows(tiny_model_dir, tmp_path, monkeypatch):
+    """run_model flushes and unmaps what it wrote every RELEASE_BYTES, so that building a store never
+    holds all of it in the process; the rows are the same bytes as when it keeps them all until
+    the end, and the model's residual stream."""
+    if not __import__("os").path.exists("/proc/self/smaps"):
+        pytest.skip("needs /proc/self/smaps")
+    lm = load_language_model(str(tiny_model_dir), 1, "cpu")
+    C, T, d = 128, 64, lm.d_model  # 512 KiB of fp16 rows
+    contexts = torch.randint(0, len(lm.tokenizer), (C, T), generator=torch.Generator().manual_seed(0))
+
+    residual = lm.residual
+
+    def written(name: str, release_bytes: int) -> tuple[np.ndarray, int]:
+        """The rows run_model writes, and the most KiB of them it held at once."""
+        monkeypatch.setattr(activations, "RELEASE_BYTES", release_bytes)
+        path = (tmp_path / f"{name}.npy").resolve()
+        rows = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=(C * T, d))
+        held = []
+        monkeypatch.setattr(lm, "residual", lambda batch: held.append(mapped_kib(path)) or residual(batch))
+        activations.run_model(lm, contexts, 0, C, rows, name, batch_size=5)  # 20 KiB a batch: slices end mid-page
+        held.append(mapped_kib(path))
+        del rows
+        return np.load(path), max(held)
+
+    kept, kept_kib = written("kept", 2**40)
+    released, released_kib = written("released", 64 * 2**10)
+    assert kept_kib >= 450  # the test sees the pages held (512 KiB in all)...
+    assert released_kib < 100  # ...and that they are released as they are written
+    assert np.array_equal(kept, released)
+    expected = residual(contexts[:16]).reshape(-1, d).to(torch.float16).numpy()
+    assert np.array_equal(released[: 16 * T], expected)

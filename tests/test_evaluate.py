@@ -1,11 +1,15 @@
-"""Evaluation: downstream loss by splicing the reconstruction into the forward pass."""
+"""Evaluation: reconstruction metrics on held-out rows, and downstream loss by splicing the
+reconstruction into the forward pass."""
 
+import json
+
+import numpy as np
 import pytest
 import torch
 
 from trainer import runfolder
 from trainer.activations import ActivationStore
-from trainer.evaluate import downstream_loss
+from trainer.evaluate import downstream_loss, evaluate_sae
 from trainer.sae import TopKSAE
 
 
@@ -114,3 +118,49 @@ def test_the_ablated_loss_is_computed_once_per_store(tiny_run, tmp_path, monkeyp
     other = downstream_loss(sae, cfg, store, n_contexts=4)  # other tokens: computed
     assert len(calls) == 3 and len(runfolder.read_json(tmp_path / "store" / ABLATED_CACHE)) == 2
     assert other["ce_ablated"] != first["ce_ablated"]
+
+
+def synthetic_store(path, n_train: int, n_heldout: int, T: int, d: int, seed: int = 0) -> ActivationStore:
+    """A complete store in the real format: random rows, the training ones far larger (so that
+    reading them in an evaluation would show)."""
+    rng = np.random.default_rng(seed)
+    C = n_train + n_heldout
+    rows = rng.standard_normal((C * T, d)) + rng.standard_normal(d)  # around a mean other than 0
+    rows[: n_train * T] *= 100
+    path.mkdir()
+    (path / "meta.json").write_text(json.dumps({"n_contexts": C, "n_heldout": n_heldout, "context_length": T,
+                                               "d_model": d, "complete": True, "heldout_complete": True}))
+    np.save(path / "tokens.npy", np.zeros((C, T), dtype=np.int32))
+    np.save(path / "activations.npy", rows.astype(np.float16))
+    return ActivationStore.open(path)
+
+
+def test_reconstruction_metrics_equal_a_hand_computation(tmp_path):
+    """FVU = sum (x - x_hat)^2 / sum (x - mean)^2 over the held-out tokens only, L0, and the
+    shares of latents that never fire and that fire on more than 10 % of tokens; accumulated
+    over batches of contexts that do not divide the held-out ones."""
+    d, n, k, scale = 8, 12, 3, 0.7
+    store = synthetic_store(tmp_path / "store", n_train=5, n_heldout=7, T=16, d=d)
+    g = torch.Generator().manual_seed(1)
+    b_enc = torch.randn(n, generator=g) * 0.5
+    b_enc[0] = 100.0  # always among the top k: dense
+    b_enc[-2:] = -100.0  # never among them: dead
+    weights = {"W_enc": torch.randn(d, n, generator=g), "b_enc": b_enc,
+               "W_dec": torch.randn(n, d, generator=g), "b_dec": torch.randn(d, generator=g)}
+    sae = TopKSAE.from_weights(weights, k)
+
+    metrics = evaluate_sae(sae, store, scale, batch_contexts=3)
+
+    x = torch.from_numpy(np.load(tmp_path / "store" / "activations.npy")[5 * 16 :].astype(np.float64)) * scale
+    W = {name: t.double() for name, t in weights.items()}
+    pre = (x - W["b_dec"]) @ W["W_enc"] + W["b_enc"]  # (N, n)
+    top = pre.topk(k, dim=-1)
+    z = torch.zeros_like(pre).scatter_(-1, top.indices, top.values.clamp_min(0))  # ReLU on the kept k
+    x_hat = z @ W["W_dec"] + W["b_dec"]
+    density = (z > 0).double().mean(0)
+    assert metrics["eval_tokens"] == 7 * 16
+    assert metrics["fvu"] == pytest.approx(float((x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum()), rel=1e-5)
+    assert metrics["l0"] == pytest.approx(float((z > 0).sum(1).double().mean()), rel=1e-6)
+    assert metrics["dead_fraction"] == pytest.approx(float((density == 0).double().mean())) and metrics["dead_fraction"] >= 2 / n
+    assert metrics["dense_fraction"] == pytest.approx(float((density > 0.1).double().mean()))
+    assert 1 / n <= metrics["dense_fraction"] < 1 - metrics["dead_fraction"] + 1e-9

@@ -440,3 +440,34 @@ def test_imported_sparsify_sae_goes_through_harvest_eval_and_load(tiny_model_dir
     with TestClient(create_app(Settings(database_url=url))) as client:
         feature = client.get(f"/saes/{sae_id}/features/0.json")
         assert feature.status_code == 200 and feature.json()["density"] > 0
+
+
+@pytest.mark.parametrize("layout", ["saelens", "sparsify"])
+@pytest.mark.parametrize("command", ["harvest", "load", "eval"])
+def test_a_foreign_folder_given_to_harvest_or_load_says_to_import_it(tmp_path, layout, command, capsys):
+    """SAELens's and sparsify's cfg.json lack our keys: the error names `saescope import`, in one
+    line, instead of listing the missing keys."""
+    from saescope.cli import main
+
+    folder = tmp_path / "layers.6"
+    if layout == "saelens":
+        write_saelens(folder, random_tensors(20))
+    else:
+        write_sparsify(folder, sparsify_tensors(21))
+    with pytest.raises(RunFolderError) as error:
+        runfolder.load_cfg(folder)
+    message = one_line_naming(error, folder)
+    assert f"saescope import {folder} --out RUN" in message
+    assert ("SAELens" if layout == "saelens" else "sparsify") in message and "missing key" not in message
+
+    extra = ["--db", f"sqlite:///{tmp_path / 'db.sqlite'}"] if command == "load" else []
+    assert main([command, str(folder), *extra]) == 2
+    stderr = capsys.readouterr().err.strip()
+    assert stderr == f"saescope {command}: error: {message}"
+    assert not (folder / "harvest").exists() and not (folder / "activations").exists()
+
+
+def test_a_cfg_missing_our_keys_in_no_foreign_layout_still_lists_them(tmp_path):
+    (tmp_path / "cfg.json").write_text(json.dumps({"model": "m", "layer": 1}))
+    with pytest.raises(RunFolderError, match="missing key\\(s\\) d_in, n_latents, k$"):
+        runfolder.load_cfg(tmp_path)

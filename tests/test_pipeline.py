@@ -198,15 +198,25 @@ def test_a_database_that_cannot_be_opened_is_one_line(tiny_run, tmp_path, comman
     [
         (["--latents", "64", "--k", "64"], "--k must be between"),
         (["--corpus", "/no/such/corpus"], "no such file or folder"),
+        (["--corpus", "{tmp}/blank"], "the corpus holds no text"),  # blank documents: before the model loads
         (["--layer", "9"], "layer 9 is out of range"),
         (["--auxk-rescale", "2"], "--auxk-rescale is 0 or 1"),
         (["--device", "gpu"], "--device gpu: not a torch device"),
         (["--device", f"cuda:{torch.cuda.device_count()}"], "CUDA device"),  # one past the last, on any machine
+        (["--batch-size", "512"], "--batch-size 512 is larger than the 256 training tokens"),
+        # d_model 32, 32 tokens a context: 1 MiB holds 128 contexts (4,096 tokens) and their copy
+        (["--tokens", "16384", "--batch-size", "8192", "--memory-budget-mb", "1"],
+         "--memory-budget-mb 1 holds 4,096 tokens at d_model 32, fewer than one batch of 8,192: give --memory-budget-mb 2"),
     ],
 )
 def test_train_rejects_bad_config_in_one_line(tiny_model_dir, tmp_path, args, message):
-    result = run_cli("train", "--out", str(tmp_path / "run"), "--model", str(tiny_model_dir),
-                     "--layer", "1", "--tokens", "256", "--heldout-tokens", "64", "--context-length", "32", *args)
+    """Before any compute: nothing is written, neither the run folder nor an activation store."""
+    (tmp_path / "blank").mkdir()
+    (tmp_path / "blank" / "a.txt").write_text("  \n\n\t\n")
+    (tmp_path / "blank" / "b.jsonl").write_text('{"text": " "}\n\n{"text": ""}\n')
+    args = [arg.format(tmp=tmp_path) for arg in args]
+    result = run_cli("train", "--out", str(tmp_path / "run"), "--model", str(tiny_model_dir), "--layer", "1",
+                     "--tokens", "256", "--heldout-tokens", "64", "--context-length", "32", "--batch-size", "64", *args)
     assert result.returncode == 2, result.stderr
-    assert message in result.stderr and result.stderr.strip().count("\n") == 0
-    assert not (tmp_path / "run" / "sae.safetensors").exists() and not (tmp_path / "run" / "activations").exists()
+    assert message in result.stderr and result.stderr.strip().count("\n") == 0, result.stderr
+    assert not (tmp_path / "run").exists()

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -173,10 +174,16 @@ def test_retraining_a_folder_drops_its_old_metrics_and_harvest(tiny_run, tmp_pat
     shutil.copytree(tiny_run, run)
     assert (run / "metrics.json").exists() and (run / "harvest" / "harvest.json").exists()
     cfg = runfolder.load_cfg(tiny_run)
+    store_meta = runfolder.read_json(Path(cfg["store"]) / "meta.json")
     train(TrainConfig(model=cfg["model"], layer=1, n_latents=64, k=4, tokens=8192, heldout_tokens=2048,
-                      context_length=32, batch_size=256), run, cfg["store"])  # same store: reused
-    assert "fvu" not in runfolder.load_metrics(run)  # training metrics only, until eval runs
+                      context_length=32, batch_size=256, corpus=cfg["corpus"]), run, cfg["store"])
+    assert runfolder.read_json(Path(cfg["store"]) / "meta.json") == store_meta  # the same store: reused, not rebuilt
+    metrics = runfolder.load_metrics(run)
+    assert "fvu" not in metrics  # training metrics only, until eval runs
     assert not (run / "harvest").exists()
+    # The store was reused: its forward ran in another run, and no forward throughput is claimed.
+    assert "end_to_end_tokens_per_s" in metrics and "forward_tokens_per_s" not in metrics
+    assert "end_to_end_ratio_to_forward" not in metrics
 
 
 def test_the_memory_budget_sets_the_chunks_read_from_the_store(tiny_run):
@@ -241,3 +248,144 @@ def test_resume_refuses_a_checkpoint_with_the_old_encoder_layout(tmp_path):
     result = saescope("train", "--resume", str(run))
     assert result.returncode == 2 and "older saescope" in result.stderr and "without --resume" in result.stderr
     assert (run / CHECKPOINT_FILE).exists()  # nothing changed
+
+
+# ------------------------------------------------------------ the recipe's details
+
+
+def tiny_trainer(tiny_run, **overrides):
+    """A Trainer on the tiny run's store (d_in 32, 256 training contexts of 32 tokens)."""
+    from trainer.activations import ActivationStore
+    from trainer.config import TrainConfig
+    from trainer.train import Trainer
+
+    cfg = runfolder.load_cfg(tiny_run)
+    store = ActivationStore.open(cfg["store"])
+    options = dict(model=cfg["model"], layer=1, n_latents=64, k=4, tokens=8192, heldout_tokens=2048, context_length=32,
+                   batch_size=64, checkpoint_every=0) | overrides
+    return Trainer(TrainConfig(**options), store, cfg["input_scale"])
+
+
+def test_inputs_are_scaled_to_a_mean_squared_norm_of_d_in(tiny_run):
+    """Gao et al. 2024 (Section 2.1): a fixed scale makes E||x||^2 = d_in, measured on the first
+    training contexts; it is the one cfg.json records and training applies."""
+    from trainer.activations import ActivationStore
+    from trainer.train import input_scale
+
+    cfg = runfolder.load_cfg(tiny_run)
+    store = ActivationStore.open(cfg["store"])
+    scale = input_scale(store)
+    x = store.rows(0, min(64, store.n_train_contexts))
+    assert float((x * scale).pow(2).sum(-1).mean()) == pytest.approx(cfg["d_in"], rel=1e-4)
+    assert float(x.pow(2).sum(-1).mean()) != pytest.approx(cfg["d_in"], rel=0.1)  # not so before
+    assert cfg["input_scale"] == pytest.approx(scale, rel=1e-6)
+
+
+def test_b_dec_starts_at_the_geometric_median_of_a_sample(tiny_run):
+    """Section 2.4: b_dec (their b_pre) starts at the geometric median of the data: the point with
+    the least summed distance to the sample, not the mean."""
+    from trainer.sae import geometric_median
+
+    trainer = tiny_trainer(tiny_run)
+    trainer.init_b_dec()
+    b_dec = trainer.sae.b_dec.detach().cpu()
+    sample = trainer.store.rows(0, 32) * trainer.scale
+    assert_close(b_dec, geometric_median(sample), rtol=1e-5, atol=1e-5)
+
+    def summed_distance(point):
+        return float((sample - point).norm(dim=-1).sum())
+
+    assert summed_distance(b_dec) < summed_distance(sample.mean(0))
+    steps = torch.randn(8, sample.shape[1], generator=torch.Generator().manual_seed(0)) * 0.05
+    assert all(summed_distance(b_dec) <= summed_distance(b_dec + step) for step in steps)
+
+
+def test_decoder_rows_have_unit_norm_after_training(tiny_run):
+    W_dec = runfolder.load_sae_weights(tiny_run)["W_dec"]
+    assert_close(W_dec.norm(dim=-1), torch.ones(W_dec.shape[0]), rtol=0, atol=1e-5)
+
+
+def test_defaults_follow_the_recipe(tiny_run):
+    """AuxK at 1/32 on the top d_in/2 dead latents, a latent dead after min(10M, a tenth of the
+    tokens trained on), Adam with a small eps, and the 1/sqrt(n) learning rate with the constant
+    config.py documents (6e-4 at n = 2^14, a measured deviation from EleutherAI's 2e-4)."""
+    from trainer.config import LR_CONSTANT, TrainConfig
+
+    cfg = TrainConfig()
+    assert cfg.auxk_alpha == 1 / 32 and cfg.auxk_rescale == 1 and cfg.multi_topk == 0
+    assert cfg.effective_dead_tokens == min(10_000_000, cfg.tokens * cfg.epochs // 10) == 30_003
+    assert TrainConfig(tokens=200_000_000).effective_dead_tokens == 10_000_000
+    assert TrainConfig(epochs=3).effective_dead_tokens == 3 * cfg.tokens // 10
+    assert TrainConfig(dead_tokens=5).effective_dead_tokens == 5
+    assert LR_CONSTANT == 6e-4
+    assert TrainConfig(n_latents=2**14).effective_lr == pytest.approx(6e-4)
+    assert TrainConfig(n_latents=2**16).effective_lr == pytest.approx(3e-4)  # 1/sqrt(n)
+    assert TrainConfig(lr=1e-3).effective_lr == 1e-3
+
+    trainer = tiny_trainer(tiny_run, n_latents=256)
+    assert trainer.k_aux == trainer.store.meta["d_model"] // 2 == 16
+    assert tiny_trainer(tiny_run, n_latents=8).k_aux == 8  # never more than there are latents
+    adam = trainer.optimizer.defaults
+    assert adam["eps"] <= 1e-9 and adam["betas"] == (0.9, 0.999) and adam["lr"] == trainer.cfg.effective_lr
+
+
+def test_the_learning_rate_warms_up_then_holds_or_decays():
+    from trainer.config import TrainConfig
+    from trainer.train import learning_rate
+
+    total = 1000
+    held = TrainConfig(n_latents=2**14, warmup_fraction=0.05, decay_fraction=0)
+    peak = held.effective_lr
+    rates = [learning_rate(held, step, total) for step in range(total)]
+    assert rates[0] == pytest.approx(peak / 50)  # linear warm-up over 5 % of the steps
+    assert all(a < b for a, b in zip(rates[:50], rates[1:50]))
+    assert rates[49:] == [pytest.approx(peak)] * (total - 49)  # then held to the end
+
+    decayed = TrainConfig(n_latents=2**14, warmup_fraction=0.05, decay_fraction=0.3)
+    rates = [learning_rate(decayed, step, total) for step in range(total)]
+    assert rates[49:700] == [pytest.approx(peak)] * (700 - 49)
+    assert all(a > b for a, b in zip(rates[700:], rates[701:]))  # a linear decay over the last 30 %
+    assert rates[850] == pytest.approx(peak / 2) and 0 < rates[-1] < 0.01 * peak
+
+
+def test_non_finite_weights_stop_training_naming_the_step_and_keep_the_last_good_checkpoint(tiny_run, tmp_path):
+    """Weights are checked before each checkpoint: one that turned NaN stops the run there, with
+    the step named, and the checkpoint before it stays (finite) for a retry at a lower --lr."""
+    from trainer.train import TrainingError, checkpointer
+
+    trainer = tiny_trainer(tiny_run, checkpoint_every=25)
+    real_step, steps = trainer.step, []
+
+    def step(x, lr):
+        result = real_step(x, lr)
+        steps.append(len(steps))
+        if len(steps) == 50:  # after step 49, just before the second checkpoint
+            with torch.no_grad():
+                trainer.sae.b_enc[3] = float("nan")
+        return result
+
+    trainer.step = step
+    save = checkpointer(tmp_path, trainer.cfg, trainer.store.path, trainer.scale)
+    with pytest.raises(TrainingError, match=r"at step 49 \(non-finite weights\).*last good checkpoint is kept"):
+        trainer.fit(save)
+    saved = torch.load(tmp_path / CHECKPOINT_FILE, weights_only=False)
+    assert saved["step"] == 25
+    assert all(torch.isfinite(t).all() for t in saved["sae"].values())
+
+
+def test_metrics_record_the_throughput_of_the_run_and_of_its_forward(tiny_run):
+    """The tiny run built its store: metrics.json has the SAE step's and the whole run's tokens/s,
+    and the forward's (the model over the training tokens, timed in meta.json) with the ratio of
+    the two; a run that reuses a store has no forward to report (test above)."""
+    from trainer.activations import ActivationStore
+
+    metrics = runfolder.load_metrics(tiny_run)
+    for key in ("sae_tokens_per_s", "end_to_end_tokens_per_s", "forward_tokens_per_s"):
+        assert metrics[key] > 0, key
+    store = ActivationStore.open(runfolder.load_cfg(tiny_run)["store"])
+    tokens = store.n_train_contexts * store.context_length
+    assert metrics["forward_tokens_per_s"] == pytest.approx(tokens / store.meta["forward_seconds"])
+    ratio = metrics["end_to_end_tokens_per_s"] / metrics["forward_tokens_per_s"]
+    assert metrics["end_to_end_ratio_to_forward"] == pytest.approx(ratio)
+    assert 0 < ratio < 1  # the run's wall time holds the forward, over at least its tokens
+    assert metrics["end_to_end_tokens_per_s"] < metrics["sae_tokens_per_s"]

@@ -2,7 +2,7 @@
 
     STORE/
       meta.json          model, layer, context_length, n_contexts, n_heldout, d_model, complete,
-                         heldout_complete
+                         heldout_complete, forward_seconds (the model's time over the training rows)
       tokens.npy         (C, T) int32 token ids, row c is context c
       activations.npy    (C * T, d) float16, memory-mapped; rows c*T .. c*T+T-1 are context c
       ce_ablated.json    the first eval's CE with block L zero-ablated, which later evals reuse
@@ -22,6 +22,7 @@ from __future__ import annotations
 import fcntl
 import json
 import mmap
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,17 +84,8 @@ class ActivationStore:
     def release(self, first_context: int, last_context: int) -> None:
         """Unmap the pages of contexts [first, last) from this process: a memory-mapped store read
         once from end to end would otherwise stay resident, all of it counted in its memory."""
-        mapping = getattr(self.activations, "_mmap", None)
-        if mapping is None or not hasattr(mmap, "MADV_DONTNEED"):
-            return
-        row_bytes = self.activations.shape[1] * self.activations.itemsize
-        # numpy maps the file from the allocation boundary below the array's offset.
-        data = self.activations.offset % mmap.ALLOCATIONGRANULARITY
-        start = data + first_context * self.context_length * row_bytes
-        start -= start % mmap.PAGESIZE  # madvise takes whole pages
-        end = min(data + last_context * self.context_length * row_bytes, len(mapping))
-        if end > start:
-            mapping.madvise(mmap.MADV_DONTNEED, start, end - start)
+        T = self.context_length
+        release_rows(self.activations, first_context * T, last_context * T)
 
     def contexts(self, rows) -> torch.Tensor:
         """Activations of the contexts `rows` (any order) as float32: (b, T, d)."""
@@ -112,6 +104,25 @@ class ActivationStore:
         tokens = np.load(path / "tokens.npy")
         activations = np.load(path / "activations.npy", mmap_mode="r")
         return cls(path, meta, tokens, activations)
+
+
+def release_rows(activations: np.ndarray, first: int, last: int) -> None:
+    """Flush rows [first, last) of a memory-mapped array to its file and unmap their pages from
+    this process (the OS page cache may keep them): the data stays in the file, and a later read
+    faults it back in. Pages shared with neighbouring rows are unmapped too, which costs nothing."""
+    mapping = getattr(activations, "_mmap", None)
+    if mapping is None or not hasattr(mmap, "MADV_DONTNEED"):
+        return
+    row_bytes = activations.shape[1] * activations.itemsize
+    # numpy maps the file from the allocation boundary below the array's offset.
+    data = activations.offset % mmap.ALLOCATIONGRANULARITY
+    start = data + first * row_bytes
+    start -= start % mmap.PAGESIZE  # flush and madvise take whole pages
+    end = min(data + last * row_bytes, len(mapping))
+    if end > start:
+        if activations.flags.writeable:
+            mapping.flush(start, end - start)
+        mapping.madvise(mmap.MADV_DONTNEED, start, end - start)
 
 
 def token_vocab(tokenizer) -> list[str]:
@@ -133,7 +144,8 @@ def build_store(
     """Write the store's tokens (all contexts) and run the truncated model over the training
     contexts, the first C - meta["n_heldout"] (see the module docstring for the held-out ones).
     A killed build is never mistaken for a complete one: meta.json says complete only after
-    every training row is flushed."""
+    every training row is flushed. meta.json's forward_seconds is the time the model took over the
+    training contexts (metrics.json's forward_tokens_per_s)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     C, T = contexts.shape
@@ -146,9 +158,11 @@ def build_store(
     activations = np.lib.format.open_memmap(
         path / "activations.npy", mode="w+", dtype=np.float16, shape=(C * T, lm.d_model)
     )
+    began = time.perf_counter()
     run_model(lm, contexts, 0, n_train, activations, "activations", batch_size)
+    forward_seconds = time.perf_counter() - began
     del activations
-    runfolder.write_json(path / META_FILE, {**meta, "complete": True})
+    runfolder.write_json(path / META_FILE, {**meta, "complete": True, "forward_seconds": forward_seconds})
     return ActivationStore.open(path)
 
 
@@ -178,17 +192,29 @@ def complete_heldout(store: ActivationStore, lm: LanguageModel | None = None, ba
     return ActivationStore.open(store.path)
 
 
+# Bytes written to a store between releases of its written pages (release_rows): without them, every
+# page written stays in the writing process, and `train`'s peak memory held the whole store.
+RELEASE_BYTES = 64 * 2**20
+
+
 def run_model(lm: LanguageModel, contexts: torch.Tensor, first: int, last: int, activations: np.ndarray,
               desc: str, batch_size: int) -> None:
     """The residual stream of contexts [first, last) into their rows of `activations`, flushed."""
     T = contexts.shape[1]
+    row_bytes = activations.shape[1] * activations.itemsize
+    released = first * T  # rows before this one are flushed and out of this process
     with tqdm(total=(last - first) * T, desc=desc, unit="tok", unit_scale=True) as bar:
         for start in range(first, last, batch_size):
             batch = contexts[start : min(start + batch_size, last)]
             resid = lm.residual(batch)  # (B, T, d)
             # Cast to fp16 in torch: NumPy's float16 conversion is ~15x slower (0.5 s of a store).
             rows = resid.reshape(-1, lm.d_model).to(torch.float16).cpu().numpy()
-            activations[start * T : (start + batch.shape[0]) * T] = rows
+            written = (start + batch.shape[0]) * T
+            activations[start * T : written] = rows
+            if (written - released) * row_bytes >= RELEASE_BYTES:
+                release_rows(activations, released, written)
+                released = written
             bar.update(batch.numel())
     activations.flush()
+    release_rows(activations, released, last * T)
 

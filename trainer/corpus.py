@@ -69,6 +69,13 @@ def iter_documents(source: str) -> Iterator[str]:
         yield from _read_file(file)
 
 
+def check_has_text(source: str) -> None:
+    """Fail unless some document holds non-blank text: cheap (it stops at the first one), so that
+    an empty corpus fails before the model loads, not at tokenizing."""
+    if not any(text.strip() for text in iter_documents(source)):
+        raise CorpusError(f"{source}: the corpus holds no text (every document is blank)")
+
+
 def _read_file(path: Path) -> Iterator[str]:
     if path.suffix == ".txt":
         yield path.read_text(encoding="utf-8", errors="replace")

@@ -184,6 +184,7 @@ class LanguageModel:
 
 
 BUNDLED_N_LAYERS = 30  # SmolLM2-135M: known without de-quantising the GGUF
+BUNDLED_D_MODEL = 576  # and its width
 
 
 def count_layers(name: str) -> int:
@@ -196,6 +197,20 @@ def count_layers(name: str) -> int:
 
     try:
         return AutoConfig.from_pretrained(name).num_hidden_layers
+    except (OSError, ValueError) as e:
+        raise ModelError(f"cannot load model '{name}': {str(e).splitlines()[0]}") from None
+
+
+def model_width(name: str) -> int | None:
+    """The model's d_model, read from its config alone (no weights, as count_layers), so that a
+    --memory-budget-mb too small for a batch fails before any compute; None when the config does
+    not say."""
+    if name == BUNDLED_MODEL:
+        return BUNDLED_D_MODEL
+    from transformers import AutoConfig
+
+    try:
+        return getattr(AutoConfig.from_pretrained(name), "hidden_size", None)
     except (OSError, ValueError) as e:
         raise ModelError(f"cannot load model '{name}': {str(e).splitlines()[0]}") from None
 

@@ -204,8 +204,24 @@ def load_cfg(run_dir: Path) -> dict:
     cfg = read_json(Path(run_dir) / CFG_FILE)
     missing = [key for key in ("model", "layer", "d_in", "n_latents", "k") if key not in cfg]
     if missing:
+        foreign = _foreign_format(run_dir)
+        if foreign:
+            raise RunFolderError(f"{run_dir}: an SAE saved by {foreign}, not a saescope run folder; "
+                                 f"turn it into one with `saescope import {run_dir} --out RUN`")
         raise RunFolderError(f"{Path(run_dir) / CFG_FILE}: missing key(s) {', '.join(missing)}")
     return cfg
+
+
+def _foreign_format(folder: Path) -> str | None:
+    """"SAELens" or "sparsify" when `folder` holds an SAE in that tool's layout (as `saescope
+    import` recognises it), else None."""
+    from trainer.interop import detect_format  # interop reads run folders through this module
+
+    try:
+        found = detect_format(folder)
+    except RunFolderError:
+        return None
+    return {"saelens": "SAELens", "sparsify": "sparsify"}.get(found)
 
 
 def load_sae_weights(run_dir: Path, cfg: dict | None = None) -> dict[str, torch.Tensor]:

@@ -137,7 +137,9 @@ def fast_matmul_dtype(device: torch.device | str | None = None, enabled: bool = 
     `enabled`, else fp32 (device None: the default one). Used for the language model's forward
     under autocast (1.8-2x the fp32 tokens/s through SmolLM2's block 6 on an AVX512-BF16 CPU, the
     residual stream within 0.6 %, BENCHMARKS.md) and to *select* the top k; the residual stream,
-    the chosen latents' values and the gradients stay fp32."""
+    the gradients and (in the harvest and the probe, encode_selected) the chosen latents' values
+    stay fp32. Training's forward uses the bf16 product's values of the chosen latents: exact fp32
+    values cost 20 % of the step on an AMX CPU for the same held-out FVU (BENCHMARKS.md)."""
     device = torch.device(device or default_device())
     if not enabled:
         return torch.float32

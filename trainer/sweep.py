@@ -27,7 +27,7 @@ from trainer import families, runfolder, scaling
 from trainer.config import SweepConfig, TrainConfig
 from trainer.evaluate import evaluate_run
 from trainer.harvest import harvest_run
-from trainer.train import CHECKPOINT_FILE, prepare_store, resume, train
+from trainer.train import CHECKPOINT_FILE, check_batches_fit, prepare_store, resume, train
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +94,8 @@ def run_sweep(sweep: SweepConfig, base: TrainConfig, out_dir: Path) -> dict:
     out_dir = Path(out_dir)
     configs = rung_configs(sweep, base)
     store_dir = out_dir / STORE_DIR
+    for cfg in configs.values():  # a rung that cannot train fails now, not after the store is built
+        check_batches_fit(cfg, store_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     runfolder.write_json(out_dir / SWEEP_FILE, {"sweep": sweep.to_dict(), "train": base.to_dict(), "rungs": list(configs)})
     began = time.perf_counter()

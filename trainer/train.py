@@ -15,10 +15,10 @@ import torch
 from tqdm.auto import tqdm
 
 from trainer import corpus, runfolder
-from trainer.activations import ActivationStore, build_store, store_matches
-from trainer.config import TrainConfig, check_device
+from trainer.activations import META_FILE, ActivationStore, build_store, store_matches
+from trainer.config import ConfigError, TrainConfig, check_device
 from trainer.distributed import Selection, World, barrier, check_world, training_forward
-from trainer.model import ModelError, check_layer, load_language_model
+from trainer.model import ModelError, check_layer, load_language_model, model_width
 from trainer.sae import SparseTopK, TopKSAE, fast_matmul_dtype, geometric_median
 
 log = logging.getLogger(__name__)
@@ -52,7 +52,7 @@ def prepare_store(cfg: TrainConfig, store_dir: Path) -> ActivationStore:
         return ActivationStore.open(store_dir)
     # Cheap checks first: a bad corpus or layer fails before the model loads.
     check_layer(cfg.model, cfg.layer)
-    next(iter(corpus.iter_documents(cfg.corpus)), None)
+    corpus.check_has_text(cfg.corpus)
     log.info("loading %s through block %d", cfg.model, cfg.layer)
     lm = load_language_model(cfg.model, cfg.layer, cfg.device or None, fast=bool(cfg.fast_matmul))
     log.info("tokenizing %s into %d contexts of %d tokens", cfg.corpus, meta["n_contexts"], cfg.context_length)
@@ -62,6 +62,39 @@ def prepare_store(cfg: TrainConfig, store_dir: Path) -> ActivationStore:
     train, heldout = corpus.split_contexts(contexts, cfg.n_heldout_contexts, cfg.seed)
     meta["hookpoint"] = lm.hookpoint
     return build_store(store_dir, lm, torch.cat([train, heldout]), meta)
+
+
+def chunk_contexts(memory_budget_mb: int, context_length: int, d_model: int) -> int:
+    """Contexts read from the store at once: a chunk and its shuffled, scaled copy (fp32) fit in
+    --memory-budget-mb."""
+    bytes_per_context = 2 * context_length * d_model * 4
+    return max(1, memory_budget_mb * 2**20 // bytes_per_context)
+
+
+def check_batches(cfg: TrainConfig, d_model: int | None) -> None:
+    """A batch fits in the training tokens, and in a chunk of --memory-budget-mb (batches are drawn
+    within a chunk), checked before any compute. Not in TrainConfig: a store built for harvest
+    uses a TrainConfig without training on it."""
+    T, B = cfg.context_length, cfg.batch_size
+    train_tokens = cfg.n_train_contexts * T
+    if B > train_tokens:
+        raise ConfigError(f"--batch-size {B:,} is larger than the {train_tokens:,} training tokens "
+                          f"(--tokens {cfg.tokens:,} in whole contexts of {T})")
+    if d_model is None:
+        return
+    chunk = min(chunk_contexts(cfg.memory_budget_mb, T, d_model), cfg.n_train_contexts)
+    if chunk * T < B:
+        needed = math.ceil(math.ceil(B / T) * 2 * T * d_model * 4 / 2**20)
+        raise ConfigError(f"--memory-budget-mb {cfg.memory_budget_mb} holds {chunk * T:,} tokens at d_model {d_model}, "
+                          f"fewer than one batch of {B:,}: give --memory-budget-mb {needed} or more (or a smaller --batch-size)")
+
+
+def check_batches_fit(cfg: TrainConfig, store_dir: Path) -> bool:
+    """check_batches before any compute, with d_model from the model's config when the store is to
+    be built, or from the store's meta.json when it will be reused; returns whether it will be built."""
+    built = not store_matches(store_dir, store_meta(cfg))  # as prepare_store will decide
+    check_batches(cfg, model_width(cfg.model) if built else runfolder.read_json(Path(store_dir) / META_FILE)["d_model"])
+    return built
 
 
 def input_scale(store: ActivationStore, n_contexts: int = 64) -> float:
@@ -188,10 +221,7 @@ class Trainer:
 
     @property
     def chunk_contexts(self) -> int:
-        """Contexts read from the store at once: a chunk and its shuffled, scaled copy (fp32)
-        fit in --memory-budget-mb."""
-        bytes_per_context = 2 * self.store.context_length * self.store.meta["d_model"] * 4
-        return max(1, self.cfg.memory_budget_mb * 2**20 // bytes_per_context)
+        return chunk_contexts(self.cfg.memory_budget_mb, self.store.context_length, self.store.meta["d_model"])
 
     def chunks(self):
         """(first, last) context ranges read from the store at once."""
@@ -341,6 +371,7 @@ def train(cfg: TrainConfig, out_dir: Path, store_dir: Path | None = None, world:
     check_world(cfg, world)
     began = time.perf_counter()
     try:
+        built = check_batches_fit(cfg, store_dir)
         store = prepare_store(cfg, store_dir) if world.writes else None
     except (ModelError, corpus.CorpusError) as e:
         raise TrainingError(str(e)) from None
@@ -356,6 +387,8 @@ def train(cfg: TrainConfig, out_dir: Path, store_dir: Path | None = None, world:
         shutil.rmtree(out_dir / runfolder.HARVEST_DIR, ignore_errors=True)
     trainer = Trainer(cfg, store, scale, world)
     stats = trainer.fit(checkpointer(out_dir, cfg, store_dir, scale, world))
+    if built and store.meta.get("forward_seconds"):  # a reused store's forward ran in another run
+        stats["forward_tokens_per_s"] = store.n_train_contexts * store.context_length / store.meta["forward_seconds"]
     return finish_run(out_dir, trainer, stats, began, store_dir)
 
 
@@ -387,6 +420,8 @@ def finish_run(out_dir: Path, trainer: Trainer, stats: dict, began: float, store
     cfg, store = trainer.cfg, trainer.store
     stats["train_wall_s"] = time.perf_counter() - began
     stats["end_to_end_tokens_per_s"] = stats["train_tokens"] / stats["train_wall_s"]
+    if "forward_tokens_per_s" in stats:  # how close the whole run came to the model's forward alone
+        stats["end_to_end_ratio_to_forward"] = stats["end_to_end_tokens_per_s"] / stats["forward_tokens_per_s"]
     run_cfg = {
         **cfg.to_dict(),
         "model_name": cfg.model.rstrip("/").split("/")[-1],
