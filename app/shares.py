@@ -53,17 +53,31 @@ def create_share(session: Session, sae_id: str, text: str) -> tuple[Share, bool]
         share_id = digest[:length]
         row = session.get(ShareLink, share_id)
         if row is None:
-            try:
-                row = ShareLink(id=share_id, sae_id=sae_id, text=text, sae_content_hash=content_hash)
-                session.add(row)
-                session.commit()
-                return _share(row, content_hash), True
-            except IntegrityError:  # someone shared the same probe at the same moment
-                session.rollback()
-                row = session.get(ShareLink, share_id)
+            made = ShareLink(id=share_id, sae_id=sae_id, text=text, sae_content_hash=content_hash)
+            row = _insert(session, made)  # someone else's row when they shared it at the same moment
+            if row is None:
+                return _share(made, content_hash), True
         if row.sae_id == sae_id and row.text == text:
             return _share(row, content_hash), False
     raise RuntimeError(f"sha-256 collision on {digest}")  # not in this universe
+
+
+def _insert(session: Session, row: ShareLink) -> ShareLink | None:
+    """Insert `row` in a transaction of its own: None, or the row of a concurrent share that
+    inserted the same id first. Its own, because on SQLite a transaction that has read cannot write once
+    another writer has committed meanwhile: it fails at once ("database is locked") instead of
+    waiting for the lock, and two people sharing one new text together got a 500."""
+    session.rollback()  # ends the lookups' read transaction; nothing was written in it
+    session.add(row)
+    try:
+        session.commit()
+    except IntegrityError:
+        session.rollback()
+        existing = session.get(ShareLink, row.id)
+        if existing is None:  # not a duplicate id: a real error
+            raise
+        return existing
+    return None
 
 
 def get_share(session: Session, share_id: str) -> Share | None:
@@ -79,5 +93,7 @@ def _share(row: ShareLink, content_hash: str | None) -> Share:
     created = row.created_at
     if created is not None and created.tzinfo is None:  # SQLite keeps no time zone: it was UTC
         created = created.replace(tzinfo=timezone.utc)
+    if created is not None:  # PostgreSQL gives it in the connection's time zone: one spelling
+        created = created.astimezone(timezone.utc)
     return Share(id=row.id, sae=row.sae_id, text=row.text,
                  created_at=created.isoformat() if created else "", sae_changed=changed)
