@@ -119,3 +119,125 @@ def test_sigkill_at_any_point_leaves_before_or_after(backend, tmp_path, run_dir,
         assert table_counts(url) == after and integrity_problems(url) == []
         assert load_run(big_run, url) == rows.sae_id and table_counts(url) == after  # twice: a no-op
         assert outcomes[:2] == [False, False]
+
+
+# ------------------------------------------------------------ kills at "committing", and during a --replace
+
+SAE_TABLES = ("latents", "latent_details", "contexts", "examples", "vocab", "token_latents", "explanation_terms")
+
+
+def sae_snapshot(url: str, sae_id: str) -> dict:
+    """What tells one load of `sae_id` from another, or from a mix of two: the SAE's row, its rows
+    per table, sums over its examples, and its first and last latents and examples."""
+    engine = make_engine(url)
+    key = {"id": sae_id}
+    try:
+        with engine.connect() as conn:
+            def rows(sql: str) -> list[tuple]:
+                return [tuple(row) for row in conn.execute(text(sql), key).all()]
+
+            return {
+                "sae": rows("SELECT id, content_hash, n_latents, n_explained, run_dir, metrics, harvest "
+                            "FROM saes WHERE id = :id"),
+                "counts": {table: conn.execute(text(f"SELECT count(*) FROM {table} WHERE sae_id = :id"), key).scalar_one()
+                           for table in SAE_TABLES},
+                "example_sums": rows("SELECT sum(latent_index), sum(\"bin\"), sum(\"rank\"), sum(context_id), "
+                                     "sum(position) FROM examples WHERE sae_id = :id"),
+                **{f"examples_{order}": rows("SELECT latent_index, \"bin\", \"rank\", context_id, position, max_activation, "
+                                             f"activations FROM examples WHERE sae_id = :id ORDER BY latent_index {order}, "
+                                             f"\"bin\" {order}, \"rank\" {order} LIMIT 40")
+                   for order in ("ASC", "DESC")},
+                **{f"latents_{order}": rows("SELECT \"index\", density, max_activation, mean_activation, explanation "
+                                            f"FROM latents WHERE sae_id = :id ORDER BY \"index\" {order} LIMIT 20")
+                   for order in ("ASC", "DESC")},
+                "contexts": rows("SELECT context_id, tokens FROM contexts WHERE sae_id = :id ORDER BY context_id LIMIT 5"),
+                "terms": rows("SELECT term, latent, score FROM explanation_terms WHERE sae_id = :id "
+                              "ORDER BY term, latent LIMIT 20"),
+            }
+    finally:
+        engine.dispose()
+
+
+def start_replacer(run: Path, url: str) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
+    return subprocess.Popen([sys.executable, "-m", "saescope.cli", "load", str(run), "--db", url, "--replace"],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def kill_at(proc: subprocess.Popen, words: tuple[str, ...], delay: float) -> None:
+    wait_for(proc, *words)
+    time.sleep(delay)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait(timeout=30) == -signal.SIGKILL  # killed, not finished
+
+
+@pytest.fixture(scope="module")
+def old_run(tmp_path_factory) -> Path:
+    """The same SAE id as big_run (model, layer, size, k) from other files, with other row counts
+    (fewer examples and contexts, another seed): what a `--replace` of big_run swaps out."""
+    return make_synthetic_run(tmp_path_factory.mktemp("old") / "run", n_latents=4096, n_examples=8,
+                              context_length=32, n_contexts=4096, seed=1)
+
+
+# (what the loader says, seconds to wait after it, must the old run still be there?)
+REPLACE_KILL_POINTS = [
+    (("replacing",), 0.0, True),  # deleting the old rows
+    (("writing", "examples rows"), 0.0, True),  # old rows deleted, the new SAE and some tables written
+    (("committing",), 0.0, False),  # the commit may or may not have happened
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sigkill_during_replace_keeps_the_old_run_or_the_new_one(backend, tmp_path, run_dir, old_run, big_run):
+    """`saescope load --replace` deletes the old rows and writes the new ones in one transaction: a
+    kill at any point leaves exactly the old run (never no run, never a mix), or past the commit
+    exactly the new one."""
+    with empty_database(backend, tmp_path) as url:
+        other = load_run(run_dir, url)  # another SAE, which no replace may touch
+        other_before = sae_snapshot(url, other)
+        old_id = load_run(big_run, url)
+        new, counts_new = sae_snapshot(url, old_id), table_counts(url)
+        assert load_run(old_run, url, replace=True) == old_id
+        old, counts_old = sae_snapshot(url, old_id), table_counts(url)
+        assert old["sae"] and old["counts"] != new["counts"] and old["sae"] != new["sae"]  # tellable apart
+
+        for words, delay, must_be_old in REPLACE_KILL_POINTS:
+            kill_at(start_replacer(big_run, url), words, delay)
+            state, counts = sae_snapshot(url, old_id), table_counts(url)
+            assert integrity_problems(url) == []
+            assert sae_snapshot(url, other) == other_before
+            if must_be_old:
+                assert state == old and counts == counts_old, f"killed at {words} +{delay}s: the old run is not intact"
+            else:
+                assert (state, counts) in ((old, counts_old), (new, counts_new)), \
+                    f"killed at {words} +{delay}s: neither the old run nor the new one: {counts}"
+            if state == new and words != REPLACE_KILL_POINTS[-1][0]:  # put the old run back for the next kill
+                load_run(old_run, url, replace=True)
+                assert sae_snapshot(url, old_id) == old
+
+        # The database is usable: the replace completes, and the same replace again is a no-op.
+        assert load_run(big_run, url, replace=True) == old_id
+        assert sae_snapshot(url, old_id) == new and table_counts(url) == counts_new
+        assert sae_snapshot(url, other) == other_before and integrity_problems(url) == []
+        assert load_run(big_run, url, replace=True) == old_id and sae_snapshot(url, old_id) == new
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sigkill_at_committing_leaves_before_or_after(backend, tmp_path, run_dir, big_run):
+    """The kill loop above stops once a kill lands after the commit, so its last point may go
+    unvisited: here a fresh load is killed the moment it says "committing"."""
+    rows = read_run(big_run)
+    with empty_database(backend, tmp_path) as url:
+        other = load_run(run_dir, url)
+        other_before, before = sae_snapshot(url, other), table_counts(url)
+        after = {"saes": before["saes"] + 1} | {name: before[name] + len(table) for name, table in rows.tables.items()}
+        kill_at(start_loader(big_run, url), ("committing",), 0.0)
+        state = table_counts(url)
+        assert state in (before, after), f"killed at committing: partial state {state}"
+        assert integrity_problems(url) == [] and sae_snapshot(url, other) == other_before
+        if state == after:  # committed before the kill landed: the run is there, from these files
+            assert sae_snapshot(url, rows.sae_id)["sae"][0][1] == rows.sae["content_hash"]
+            return
+        assert sae_snapshot(url, rows.sae_id)["sae"] == []  # not committed: no trace, and the next load completes
+        assert load_run(big_run, url) == rows.sae_id
+        assert table_counts(url) == after and integrity_problems(url) == []
