@@ -64,6 +64,7 @@ from trainer.runfolder import (
     load_sae_weights,
     sae_slug,
 )
+from trainer.tokens import pieces_of_bytes
 
 log = logging.getLogger("app.loader")
 
@@ -196,7 +197,7 @@ def read_run(run_dir: str | Path) -> RunRows:
     tables = [
         latent_rows(arrays, explanations),
         detail_rows(arrays, explanations),
-        context_rows(arrays["token_ids"], np.unique(examples["context_id"]), vocab),
+        context_rows(arrays["token_ids"], np.unique(examples["context_id"]), vocab, harvest.token_bytes),
         examples,
         Rows(Vocab, {"token_id": np.arange(len(vocab)), "token": vocab}),
         token_rows(arrays),
@@ -284,14 +285,33 @@ def example_rows(arrays: dict[str, np.ndarray]) -> Rows:
     return Rows(Example, columns)
 
 
-def context_rows(token_ids: np.ndarray, used: np.ndarray, vocab: list[str]) -> Rows:
-    """Only the contexts some example shows; each as its token ids and their strings."""
+def context_rows(token_ids: np.ndarray, used: np.ndarray, vocab: list[str], token_bytes: list[str] | None = None) -> Rows:
+    """Only the contexts some example shows; each as its token ids and their strings: each token's
+    vocab string, or, in a context holding a character split over several byte tokens (an emoji,
+    CJK), each token's piece of the context's text (the character on the token that completes it)."""
     vocab_json = [json.dumps(token, ensure_ascii=False) for token in vocab]
+    raw = [bytes.fromhex(h) for h in token_bytes] if token_bytes is not None else None
+    partial = {i for i, b in enumerate(raw) if not _whole_utf8(b)} if raw is not None else set()
+
+    def tokens_json(ids: list[int]) -> str:
+        if partial and not partial.isdisjoint(ids):
+            pieces = [clean_text(piece.text) for piece in pieces_of_bytes([raw[t] for t in ids])]
+            return json.dumps(pieces, ensure_ascii=False)
+        return "[" + ", ".join(vocab_json[t] for t in ids) + "]"
+
     return Rows(Context, {
         "context_id": used,
         "token_ids": np.ascontiguousarray(token_ids[used]).astype("<i4"),
-        "tokens": ["[" + ", ".join(vocab_json[t] for t in ids) + "]" for ids in token_ids[used].tolist()],
+        "tokens": [tokens_json(ids) for ids in token_ids[used].tolist()],
     })
+
+
+def _whole_utf8(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def token_rows(arrays: dict[str, np.ndarray]) -> Rows:

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from trainer.tokens import BYTE_OF, TokenPiece, token_bytes, token_pieces
+from trainer.tokens import BYTE_OF, TokenPiece, pieces_of_bytes, token_bytes, token_pieces, vocab_bytes
 
 SPLIT_TEXTS = ["Ünïcödé ✓ — and 😀 emoji", "日本語のテキスト", "tab\tnew\nline  spaces", "a😀😀b\U0001F9D1\u200d\U0001F52C"]
 
@@ -56,3 +56,24 @@ def test_other_tokenizers_decode_one_token_at_a_time():
     fake = SimpleNamespace(convert_ids_to_tokens=lambda ids: [vocab[i] for i in ids],
                            decode=lambda ids: vocab[ids[0]].replace("▁", " "))
     assert token_pieces(fake, [0, 1]) == [TokenPiece(" hello", False), TokenPiece(" world", False)]
+
+
+def test_vocab_bytes_cut_a_text_as_the_tokenizer_does(tokenizer):
+    raw = vocab_bytes(tokenizer, len(tokenizer))
+    assert raw is not None and len(raw) == len(tokenizer)
+    for text in SPLIT_TEXTS:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        assert pieces_of_bytes([bytes.fromhex(raw[i]) for i in ids]) == token_pieces(tokenizer, ids)
+    fake = SimpleNamespace(convert_ids_to_tokens=lambda ids: ["▁a" for _ in ids])
+    assert vocab_bytes(fake, 3) is None  # not byte-level: no bytes to give
+
+
+def test_the_harvest_keeps_each_tokens_bytes(tiny_run, tokenizer):
+    """The tiny run's harvest holds token_bytes.json, one entry per vocab.json token."""
+    from trainer import runfolder
+
+    harvest = runfolder.load_harvest(tiny_run)
+    assert harvest.token_bytes is not None and len(harvest.token_bytes) == len(harvest.vocab)
+    assert harvest.token_bytes[: len(tokenizer)] == vocab_bytes(tokenizer, len(tokenizer))
+    whole = [i for i, h in enumerate(harvest.token_bytes[: len(tokenizer)]) if "\ufffd" not in harvest.vocab[i]]
+    assert all(bytes.fromhex(harvest.token_bytes[i]).decode() == harvest.vocab[i] for i in whole[:2000])

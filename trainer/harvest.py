@@ -40,6 +40,7 @@ from trainer.directions import logit_effects, nearest_latents
 from trainer.grouping import group_codes, rank_within, sort_within, spread_within
 from trainer.model import LanguageModel, load_language_model
 from trainer.sae import TopKSAE, default_device, fast_matmul_dtype
+from trainer.tokens import vocab_bytes
 
 log = logging.getLogger(__name__)
 
@@ -357,6 +358,12 @@ def harvest_vocab(data: HarvestInput, lm: LanguageModel) -> list[str]:
     return vocab + [f"<{i}>" for i in range(len(vocab), lm.unembed.weight.shape[0])]  # rows with no token (padding)
 
 
+def harvest_token_bytes(vocab: list[str], lm: LanguageModel) -> list[str] | None:
+    """Every vocab id's bytes in hex (tokens.vocab_bytes), the padding rows' names as their own."""
+    raw = vocab_bytes(lm.tokenizer, len(lm.tokenizer))
+    return None if raw is None else raw + [text.encode().hex() for text in vocab[len(raw):]]
+
+
 def statistics_and_examples(firings: Firings, by_value: ByValue, data: HarvestInput, counted: np.ndarray,
                             n_tokens: int, vocab_size: int, cfg: HarvestConfig) -> dict[str, torch.Tensor]:
     T, n, Q, S, K = data.context_length, len(firings.counts), cfg.quantile_bins, cfg.samples_per_bin, cfg.top_k
@@ -451,7 +458,8 @@ def harvest_sae(sae: TopKSAE, data: HarvestInput, scale: float, cfg: HarvestConf
         "explanation": explain.METHOD | {"heldout_contexts": data.n_heldout},
         "seconds": seconds,
     }
-    return runfolder.Harvest(tensors=tensors, explanations=explanations, vocab=vocab, info=info)
+    return runfolder.Harvest(tensors=tensors, explanations=explanations, vocab=vocab, info=info,
+                             token_bytes=harvest_token_bytes(vocab, lm))
 
 
 def store_for_run(run_dir: Path, run_cfg: dict, cfg: HarvestConfig, store_dir: Path | None) -> ActivationStore:

@@ -14,6 +14,7 @@
         tokens.safetensors   for search: per token, the latents that fire most on it
         explanations.json    per latent: a token pattern and its held-out precision / recall
         vocab.json           token id -> readable token string
+        token_bytes.json     token id -> its bytes in hex (byte-level BPE tokenizers only)
       (HARVEST_TENSORS below lists every tensor with its shape.)
 
 Every reader raises `RunFolderError` with a one-line message naming the file at fault.
@@ -35,6 +36,7 @@ CFG_FILE = "cfg.json"
 SAE_FILE = "sae.safetensors"
 METRICS_FILE = "metrics.json"
 HARVEST_DIR = "harvest"
+TOKEN_BYTES_FILE = "token_bytes.json"  # in HARVEST_DIR, optional
 SAE_TENSORS = ("W_enc", "b_enc", "W_dec", "b_dec")
 
 
@@ -149,6 +151,10 @@ class Harvest:
     explanations: list[dict]
     vocab: list[str]  # token id -> readable string
     info: dict
+    # token id -> its bytes in hex, for byte-level BPE tokenizers (None for others, and for
+    # harvests made before it): a context's characters split over several tokens are put back
+    # together when it is loaded (trainer/tokens.py), instead of showing each part as U+FFFD.
+    token_bytes: list[str] | None = None
 
     def __getattr__(self, name):  # harvest.density etc.
         tensors = self.__dict__.get("tensors", {})
@@ -169,6 +175,10 @@ def save_harvest(run_dir: Path, harvest: Harvest) -> None:
         write_tensors(out / file, {name: harvest.tensors[name].to(HARVEST_DTYPES.get(name, torch.float32)) for name in names})
     write_json(out / "explanations.json", harvest.explanations)
     write_json(out / "vocab.json", harvest.vocab)
+    if harvest.token_bytes is not None:
+        write_json(out / TOKEN_BYTES_FILE, harvest.token_bytes)
+    else:
+        (out / TOKEN_BYTES_FILE).unlink(missing_ok=True)
     # harvest.json last: its presence says the harvest is complete.
     write_json(out / "harvest.json", {**harvest.info, "version": HARVEST_VERSION})
 
@@ -282,7 +292,19 @@ def load_harvest(run_dir: Path, cfg: dict | None = None) -> Harvest:
             raise RunFolderError(f"{folder / file}: {name} uses id {int(tensors[name].max())}, vocab.json has {len(vocab)} tokens")
     tensors = {name: t.long() if HARVEST_DTYPES.get(name) in (torch.int64, torch.int32) else t.float()
                for name, t in tensors.items()}
-    return Harvest(tensors=tensors, explanations=explanations, vocab=vocab, info=info)
+    return Harvest(tensors=tensors, explanations=explanations, vocab=vocab, info=info,
+                   token_bytes=_token_bytes(folder, len(vocab)))
+
+
+def _token_bytes(folder: Path, n_tokens: int) -> list[str] | None:
+    """token_bytes.json when it is there and matches vocab.json (it is optional)."""
+    path = folder / TOKEN_BYTES_FILE
+    if not path.exists():
+        return None
+    found = read_json(path)
+    if not isinstance(found, list) or len(found) != n_tokens:
+        raise RunFolderError(f"{path}: expected a list of {n_tokens} hex strings, one per vocab.json token")
+    return found
 
 
 def _check_shape(path: Path, name: str, shape: tuple, symbols: tuple, sizes: dict) -> None:

@@ -48,6 +48,11 @@ def token_pieces(tokenizer, ids: list[int]) -> list[TokenPiece]:
     raw = [token_bytes(token) for token in tokenizer.convert_ids_to_tokens(ids)]
     if any(b is None for b in raw):
         return [TokenPiece(tokenizer.decode([i]), False) for i in ids]
+    return pieces_of_bytes(raw)
+
+
+def pieces_of_bytes(raw: list[bytes]) -> list[TokenPiece]:
+    """Each token's piece of the UTF-8 text its bytes spell, decoded in order."""
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     pieces = []
     for i, data in enumerate(raw):
@@ -55,3 +60,11 @@ def token_pieces(tokenizer, ids: list[int]) -> list[TokenPiece]:
         text = decoder.decode(data, final=final)
         pieces.append(TokenPiece(text, bool(decoder.getstate()[0])))
     return pieces
+
+
+def vocab_bytes(tokenizer, size: int) -> list[str] | None:
+    """Every token id's bytes as hex (harvest's token_bytes.json), so that text made of token ids
+    can be cut into pieces later without the tokenizer; None for a tokenizer that is not
+    byte-level BPE (its tokens decode one at a time)."""
+    raw = [token_bytes(token or "") for token in tokenizer.convert_ids_to_tokens(list(range(size)))]
+    return None if any(b is None for b in raw) else [b.hex() for b in raw]
