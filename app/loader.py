@@ -64,7 +64,7 @@ from trainer.runfolder import (
     load_sae_weights,
     sae_slug,
 )
-from trainer.tokens import pieces_of_bytes
+from trainer.tokens import pieces_of_bytes, whole_utf8
 
 log = logging.getLogger("app.loader")
 
@@ -291,7 +291,7 @@ def context_rows(token_ids: np.ndarray, used: np.ndarray, vocab: list[str], toke
     CJK), each token's piece of the context's text (the character on the token that completes it)."""
     vocab_json = [json.dumps(token, ensure_ascii=False) for token in vocab]
     raw = [bytes.fromhex(h) for h in token_bytes] if token_bytes is not None else None
-    partial = {i for i, b in enumerate(raw) if not _whole_utf8(b)} if raw is not None else set()
+    partial = {i for i, b in enumerate(raw) if not whole_utf8(b)} if raw is not None else set()
 
     def tokens_json(ids: list[int]) -> str:
         if partial and not partial.isdisjoint(ids):
@@ -305,13 +305,6 @@ def context_rows(token_ids: np.ndarray, used: np.ndarray, vocab: list[str], toke
         "tokens": [tokens_json(ids) for ids in token_ids[used].tolist()],
     })
 
-
-def _whole_utf8(data: bytes) -> bool:
-    try:
-        data.decode("utf-8")
-    except UnicodeDecodeError:
-        return False
-    return True
 
 
 def token_rows(arrays: dict[str, np.ndarray]) -> Rows:

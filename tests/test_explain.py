@@ -134,3 +134,36 @@ def test_every_reported_score_matches_a_naive_count_of_its_patterns(corpus):
             predicted |= matches_of(tokens, pattern)
         precision, recall = heldout_scores(corpus, fires & corpus[1], predicted)
         assert found["precision"] == pytest.approx(precision) and found["recall"] == pytest.approx(recall)
+
+
+# "a", the two halves of "😀" (each alone decodes to U+FFFD, as the vocab has them), " b"
+SPLIT_VOCAB = ["a", "\ufffd", "\ufffd", " b"]
+SPLIT_BYTES = ["a".encode().hex(), "f09f", "9880", " b".encode().hex()]
+
+
+def test_a_pattern_over_a_split_character_shows_the_character():
+    writer = explain.PatternWriter(SPLIT_VOCAB, SPLIT_BYTES)
+    assert writer.text([0, 1, 2]) == "a⟦😀⟧"  # the character on the token that completes it
+    assert writer.text([1, 2, 3]) == "😀⟦ b⟧"
+    assert writer.text([0, 1]) == "a⟦\ufffd⟧"  # fires on a character's first bytes: no character yet
+    assert writer.text([2]) == "⟦\ufffd⟧"  # a character's last bytes alone: the vocab's one U+FFFD
+    assert writer.text([0, 3]) == "a⟦ b⟧"  # no split character: the vocab strings
+
+
+def test_without_token_bytes_patterns_use_the_vocab_strings():
+    assert explain.PatternWriter(SPLIT_VOCAB).text([0, 1, 2]) == "a\ufffd⟦\ufffd⟧"
+
+
+def test_explanations_over_split_characters_name_the_character(corpus):
+    """A latent that fires on the token completing a split character (and not on the same token
+    after other bytes) is explained with that character."""
+    tokens = np.tile([0, 1, 2, 3, 3, 2], (40, 4))  # "a😀 b b" then a stray last half
+    counted = np.ones_like(tokens, dtype=bool)
+    heldout = np.zeros(40, dtype=bool)
+    heldout[30:] = True
+    flat = tokens.reshape(-1)
+    position = np.flatnonzero((flat == 2) & (np.roll(flat, 1) == 1))
+    latent, value = np.zeros(len(position), dtype=np.int64), np.ones(len(position))
+    found = explain.explain_latents(tokens, counted, heldout, latent, position, value, 1, SPLIT_VOCAB,
+                                    token_bytes=SPLIT_BYTES)
+    assert "😀⟧" in found[0]["text"] and "\ufffd" not in found[0]["text"]

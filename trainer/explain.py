@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from trainer.grouping import first_per_group, rank_within, sort_within, spread_within
+from trainer.tokens import pieces_of_bytes, whole_utf8
 
 MAX_N = 3  # longest pattern: the firing token and two before it
 MAX_PATTERNS = 5
@@ -101,10 +102,13 @@ def candidate_sources(latent: np.ndarray, by_value: np.ndarray, train: np.ndarra
 
 def explain_latents(tokens: np.ndarray, counted: np.ndarray, heldout: np.ndarray, latent: np.ndarray,
                     position: np.ndarray, value: np.ndarray, n_latents: int, vocab: list[str],
-                    n_examples: int = 20, seed: int = 0, by_value: np.ndarray | None = None) -> list[dict]:
+                    n_examples: int = 20, seed: int = 0, by_value: np.ndarray | None = None,
+                    token_bytes: list[str] | None = None) -> list[dict]:
     """One explanation per latent (see the module docstring). tokens, counted: (C, T); heldout:
     (C,) bool; latent, position, value: the firings (any order), position = context * T + t.
-    by_value: the firings' order by latent, then ascending value, where the caller has it."""
+    by_value: the firings' order by latent, then ascending value, where the caller has it.
+    token_bytes: each token's bytes in hex (byte-level BPE), to write a pattern holding a
+    character split over tokens as that character (PatternWriter)."""
     C, T = tokens.shape
     heldout_position = np.repeat(heldout, T)  # (C T,)
     held = heldout_position[position]
@@ -142,7 +146,8 @@ def explain_latents(tokens: np.ndarray, counted: np.ndarray, heldout: np.ndarray
     keep = first_per_group(torch.from_numpy(lat), own_f1, MAX_CANDIDATES, n_latents, descending=True).numpy()
     table = Candidates.of(lat[keep], pattern[keep], [m[keep], h[keep], m_ho[keep], h_ho[keep]], n_latents)
     chosen = choose_patterns(table, firings_train)
-    return [describe(table, l, chosen[l], int(firings_heldout[l]), vocab) for l in range(n_latents)]
+    writer = PatternWriter(vocab, token_bytes)
+    return [describe(table, l, chosen[l], int(firings_heldout[l]), writer) for l in range(n_latents)]
 
 
 def f1(hits, matches, firings):
@@ -211,13 +216,13 @@ def choose_patterns(table: Candidates, firings: np.ndarray) -> np.ndarray:
     return step
 
 
-def describe(table: Candidates, l: int, step: np.ndarray, firings_heldout: int, vocab: list[str]) -> dict:
+def describe(table: Candidates, l: int, step: np.ndarray, firings_heldout: int, writer: "PatternWriter") -> dict:
     """Latent l's explanation: its chosen patterns, in the order they joined, scored held out."""
     chosen = [c for c in np.argsort(step, kind="stable") if step[c] >= 0]
     patterns = [[int(t) for t in table.pattern[l, c] if t >= 0] for c in chosen]
     matches, hits = int(table.m_ho[l, chosen].sum()), int(table.h_ho[l, chosen].sum())
     return {
-        "text": " | ".join(pattern_text(pattern, vocab) for pattern in patterns),
+        "text": " | ".join(writer.text(pattern) for pattern in patterns),
         "patterns": patterns,
         "precision": hits / matches if matches else None,
         "recall": hits / firings_heldout if firings_heldout else None,
@@ -233,7 +238,24 @@ def show(token: str) -> str:
     return token
 
 
-def pattern_text(pattern: list[int], vocab: list[str]) -> str:
-    """`socket.⟦AF⟧`: the preceding tokens, then the firing token in brackets."""
-    *before, firing = pattern
-    return "".join(show(vocab[t]) for t in before) + "⟦" + show(vocab[firing]) + "⟧"
+class PatternWriter:
+    """Patterns as text, `socket.⟦AF⟧`: the preceding tokens, then the firing token in brackets.
+    Each token is its vocab string, except in a pattern holding part of a
+    character split over byte tokens (an emoji, CJK), whose tokens are cut from the bytes they
+    spell together (trainer/tokens.py): the character on the token that completes it, not one
+    U+FFFD per part."""
+
+    def __init__(self, vocab: list[str], token_bytes: list[str] | None = None):
+        self.vocab = vocab
+        self.raw = [bytes.fromhex(h) for h in token_bytes] if token_bytes is not None else None
+        self.partial = {i for i, b in enumerate(self.raw) if not whole_utf8(b)} if self.raw is not None else set()
+
+    def text(self, pattern: list[int]) -> str:
+        if self.partial.isdisjoint(pattern):
+            pieces = [self.vocab[t] for t in pattern]
+        else:
+            # A token whose bytes make no character here (a fragment) keeps its vocab string.
+            pieces = [piece.text if "\ufffd" not in piece.text else self.vocab[t]
+                      for t, piece in zip(pattern, pieces_of_bytes([self.raw[t] for t in pattern]))]
+        *before, firing = pieces
+        return "".join(show(p) for p in before) + "⟦" + show(firing) + "⟧"

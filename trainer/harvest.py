@@ -427,6 +427,7 @@ def harvest_sae(sae: TopKSAE, data: HarvestInput, scale: float, cfg: HarvestConf
     with Stopwatch(seconds, "after the pass (the three stages below, at once)"):
         by_value = ByValue.of(firings)  # shared by the quantiles and the explanations
         vocab = harvest_vocab(data, lm)
+        token_bytes = harvest_token_bytes(vocab, lm)
         heldout = np.zeros(data.n_contexts, dtype=bool)
         heldout[data.n_contexts - data.n_heldout :] = True
         # Three independent stages in threads: the sorts and gathers of the statistics, the numpy
@@ -437,6 +438,7 @@ def harvest_sae(sae: TopKSAE, data: HarvestInput, scale: float, cfg: HarvestConf
                 timed, seconds, "explanations", explain.explain_latents, data.tokens, counted, heldout,
                 firings.latent.numpy(), firings.position.numpy(), firings.value.numpy(), n, vocab,
                 n_examples=cfg.explanation_examples, seed=cfg.seed, by_value=by_value.order.numpy(),
+                token_bytes=token_bytes,
             )
             tensors = timed(seconds, "statistics and examples", statistics_and_examples, firings, by_value, data,
                             counted, n_tokens, len(vocab), cfg)
@@ -459,7 +461,7 @@ def harvest_sae(sae: TopKSAE, data: HarvestInput, scale: float, cfg: HarvestConf
         "seconds": seconds,
     }
     return runfolder.Harvest(tensors=tensors, explanations=explanations, vocab=vocab, info=info,
-                             token_bytes=harvest_token_bytes(vocab, lm))
+                             token_bytes=token_bytes)
 
 
 def store_for_run(run_dir: Path, run_cfg: dict, cfg: HarvestConfig, store_dir: Path | None) -> ActivationStore:

@@ -62,6 +62,15 @@ def pieces_of_bytes(raw: list[bytes]) -> list[TokenPiece]:
     return pieces
 
 
+def whole_utf8(data: bytes) -> bool:
+    """Whether a token's bytes are whole characters (they decode alone as they do in any text)."""
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
 def vocab_bytes(tokenizer, size: int) -> list[str] | None:
     """Every token id's bytes as hex (harvest's token_bytes.json), so that text made of token ids
     can be cut into pieces later without the tokenizer; None for a tokenizer that is not
