@@ -64,7 +64,7 @@ from trainer.runfolder import (
     load_sae_weights,
     sae_slug,
 )
-from trainer.tokens import pieces_of_bytes, whole_utf8
+from trainer.tokens import VocabBytes
 
 log = logging.getLogger("app.loader")
 
@@ -290,13 +290,11 @@ def context_rows(token_ids: np.ndarray, used: np.ndarray, vocab: list[str], toke
     vocab string, or, in a context holding a character split over several byte tokens (an emoji,
     CJK), each token's piece of the context's text (the character on the token that completes it)."""
     vocab_json = [json.dumps(token, ensure_ascii=False) for token in vocab]
-    raw = [bytes.fromhex(h) for h in token_bytes] if token_bytes is not None else None
-    partial = {i for i, b in enumerate(raw) if not whole_utf8(b)} if raw is not None else set()
+    split = VocabBytes(token_bytes)
 
     def tokens_json(ids: list[int]) -> str:
-        if partial and not partial.isdisjoint(ids):
-            pieces = [clean_text(piece.text) for piece in pieces_of_bytes([raw[t] for t in ids])]
-            return json.dumps(pieces, ensure_ascii=False)
+        if (pieces := split.pieces(ids)) is not None:
+            return json.dumps([clean_text(piece.text) for piece in pieces], ensure_ascii=False)
         return "[" + ", ".join(vocab_json[t] for t in ids) + "]"
 
     return Rows(Context, {

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from trainer.grouping import first_per_group, rank_within, sort_within, spread_within
-from trainer.tokens import pieces_of_bytes, whole_utf8
+from trainer.tokens import VocabBytes
 
 MAX_N = 3  # longest pattern: the firing token and two before it
 MAX_PATTERNS = 5
@@ -246,16 +246,12 @@ class PatternWriter:
     U+FFFD per part."""
 
     def __init__(self, vocab: list[str], token_bytes: list[str] | None = None):
-        self.vocab = vocab
-        self.raw = [bytes.fromhex(h) for h in token_bytes] if token_bytes is not None else None
-        self.partial = {i for i, b in enumerate(self.raw) if not whole_utf8(b)} if self.raw is not None else set()
+        self.vocab, self.split = vocab, VocabBytes(token_bytes)
 
     def text(self, pattern: list[int]) -> str:
-        if self.partial.isdisjoint(pattern):
-            pieces = [self.vocab[t] for t in pattern]
-        else:
-            # A token whose bytes make no character here (a fragment) keeps its vocab string.
-            pieces = [piece.text if "\ufffd" not in piece.text else self.vocab[t]
-                      for t, piece in zip(pattern, pieces_of_bytes([self.raw[t] for t in pattern]))]
+        pieces = self.split.pieces(pattern)
+        # A token whose bytes make no character here (a fragment) keeps its vocab string.
+        pieces = [self.vocab[t] if pieces is None or "\ufffd" in pieces[i].text else pieces[i].text
+                  for i, t in enumerate(pattern)]
         *before, firing = pieces
         return "".join(show(p) for p in before) + "⟦" + show(firing) + "⟧"

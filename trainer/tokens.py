@@ -62,6 +62,22 @@ def pieces_of_bytes(raw: list[bytes]) -> list[TokenPiece]:
     return pieces
 
 
+class VocabBytes:
+    """A vocabulary's token bytes (harvest/token_bytes.json: hex per id), to cut a sequence of
+    token ids into the pieces of its text without the tokenizer."""
+
+    def __init__(self, token_bytes: list[str] | None):
+        self.raw = [bytes.fromhex(h) for h in token_bytes] if token_bytes is not None else []
+        self.partial = {i for i, b in enumerate(self.raw) if not whole_utf8(b)}  # parts of characters
+
+    def pieces(self, ids: list[int]) -> list[TokenPiece] | None:
+        """Each token's piece of the text, or None when no token of `ids` holds part of a character
+        (then each token's own string is its piece)."""
+        if self.partial.isdisjoint(ids):
+            return None
+        return pieces_of_bytes([self.raw[t] for t in ids])
+
+
 def whole_utf8(data: bytes) -> bool:
     """Whether a token's bytes are whole characters (they decode alone as they do in any text)."""
     try:
