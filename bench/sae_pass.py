@@ -4,7 +4,7 @@ task's size (2,600 contexts of 128 tokens, d = 576): the whole pass as `saescope
 (the shuffled gather from the store and the move to the device). Any device: on a GPU it shows
 whether training is bound by the steps or by reading; `bench/gpu_check.sh` runs it.
 
-    .venv/bin/python bench/sae_pass.py [--device cuda] [--sizes 4096x1024 16384x4096]
+    .venv/bin/python bench/sae_pass.py [--device cuda] [--sizes 4096x1024 16384x4096] [--raw]
 
 Timed: the whole pass, then the same batches again through fresh weights (steps alone), each
 from a fresh Trainer; with a GPU, the queue is drained before each clock read.
@@ -49,8 +49,9 @@ def one_pass(trainer: Trainer, batches) -> None:
         fvu = trainer.train_step(step, x, trainer.total_steps, fvu)
 
 
-def measure(store: ActivationStore, n: int, B: int, device: str) -> dict:
-    cfg = TrainConfig(n_latents=n, k=32, batch_size=B, checkpoint_every=0, device=device, tokens=(CONTEXTS - HELDOUT) * T)
+def measure(store: ActivationStore, n: int, B: int, device: str, deterministic: int = 0) -> dict:
+    cfg = TrainConfig(n_latents=n, k=32, batch_size=B, checkpoint_every=0, device=device, tokens=(CONTEXTS - HELDOUT) * T,
+                      **({"deterministic": 1} if deterministic else {}))  # as is, it also runs an older trainer (A/B)
 
     def fresh() -> Trainer:
         trainer = Trainer(cfg, store, 1.0)
@@ -74,6 +75,8 @@ def main() -> None:
     parser.add_argument("--device", default="", help="torch device; empty: cuda when available, else cpu")
     parser.add_argument("--sizes", nargs="+", default=["4096x1024", "16384x1024", "16384x4096", "65536x4096"],
                         help="latents x batch size pairs")
+    parser.add_argument("--deterministic", type=int, default=0, help="1: train with --deterministic (its cost on a GPU)")
+    parser.add_argument("--raw", action="store_true", help="also print each row's tokens/s, for an A/B across versions")
     args = parser.parse_args()
     store = synthetic_store()
     device = Trainer(TrainConfig(n_latents=64, k=4, device=args.device), store, 1.0).device
@@ -85,10 +88,12 @@ def main() -> None:
     first = None
     for size in args.sizes:
         n, B = (int(part) for part in size.split("x"))
-        rates = measure(store, n, B, args.device)
+        rates = measure(store, n, B, args.device, args.deterministic)
         first = first or rates["steps"]
         print(f"| {n:,} | {B:,} | {rates['whole'] / rates['steps']:.2f} | {rates['reading'] / rates['steps']:.2f} "
               f"| {rates['steps'] / first:.2f} |", flush=True)
+        if args.raw:
+            print("raw", size, " ".join(f"{part}={rate:.0f}" for part, rate in rates.items()), flush=True)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,8 @@ from trainer.train import CHECKPOINT_FILE
 
 ARGS = ["--layer", "1", "--latents", "256", "--k", "8", "--tokens", "16384", "--heldout-tokens", "1024",
         "--context-length", "32", "--batch-size", "64", "--checkpoint-every", "25"]  # fmt: skip
+if torch.cuda.is_available():  # CUDA's atomic adds make two runs differ in the last bits (a GPU machine's run)
+    ARGS += ["--deterministic", "1"]
 
 
 def saescope(*args, **kwargs):

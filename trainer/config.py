@@ -67,6 +67,7 @@ class TrainConfig:
     checkpoint_every: int = option(100, "steps between checkpoints for --resume (0: none)")
     memory_budget_mb: int = option(144, "MiB of activations held in RAM at once: the store stays on disk and is read in chunks of this size (shuffled token by token within a chunk); 144 holds 256 contexts of 128 tokens at d=576")
     seed: int = option(0, "seed for the data split, shuffling and initialisation")
+    deterministic: int = option(0, "1: on CUDA, deterministic kernels (index_add_ without atomic adds, cuBLAS with a fixed workspace), so that a run resumed after a kill ends with exactly the weights of an uninterrupted one; 0: CUDA's atomic kernels, whose sums differ in the last bits from run to run. A CPU run is deterministic either way")
     device: str = option("", "torch device; empty means cuda when available, else cpu")
 
     def __post_init__(self):
@@ -94,8 +95,9 @@ class TrainConfig:
             raise ConfigError(f"--checkpoint-every must be >= 0, got {self.checkpoint_every}")
         if self.lr < 0:
             raise ConfigError(f"--lr must be >= 0, got {self.lr}")
-        if self.auxk_rescale not in (0, 1):
-            raise ConfigError(f"--auxk-rescale is 0 or 1, got {self.auxk_rescale}")
+        for name in ("auxk_rescale", "multi_topk", "fast_matmul", "deterministic"):
+            if getattr(self, name) not in (0, 1):
+                raise ConfigError(f"--{name.replace('_', '-')} is 0 or 1, got {getattr(self, name)}")
 
     @property
     def n_train_contexts(self) -> int:

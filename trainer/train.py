@@ -7,6 +7,7 @@ import math
 import os
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -62,6 +63,29 @@ def prepare_store(cfg: TrainConfig, store_dir: Path) -> ActivationStore:
     train, heldout = corpus.split_contexts(contexts, cfg.n_heldout_contexts, cfg.seed)
     meta["hookpoint"] = lm.hookpoint
     return build_store(store_dir, lm, torch.cat([train, heldout]), meta)
+
+
+def read_ahead(read, items):
+    """(item, read(item)) for each item in order, each read in a background thread while the
+    caller works on the item before it. NumPy's gather releases the GIL, so on a GPU reading
+    the store overlaps the Python thread that launches the steps."""
+    with ThreadPoolExecutor(1) as pool:
+        pending = None
+        for item in items:
+            future = pool.submit(read, item)
+            if pending is not None:
+                yield pending[0], pending[1].result()
+            pending = item, future
+        if pending is not None:
+            yield pending[0], pending[1].result()
+
+
+def use_deterministic_kernels() -> None:
+    """For --deterministic on CUDA, where index_add_ (the sparse backward's sums) adds atomically
+    in whatever order the threads come: a run and its resume then drift apart in the last bits,
+    and after a few hundred steps a different latent wins a TopK here and there."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS starts
+    torch.use_deterministic_algorithms(True)
 
 
 def chunk_contexts(memory_budget_mb: int, context_length: int, d_model: int) -> int:
@@ -132,6 +156,8 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, store: ActivationStore, scale: float, world: World = World()):
         self.cfg, self.store, self.scale, self.world = cfg, store, scale, world
         self.device = world.device(cfg.device)
+        if cfg.deterministic and self.device.type == "cuda":
+            use_deterministic_kernels()
         torch.manual_seed(cfg.seed)
         # Built whole, then sharded: every number of processes starts from the same weights.
         self.sae = world.shard_module(TopKSAE(store.meta["d_model"], cfg.n_latents, cfg.k)).to(self.device)
@@ -234,31 +260,41 @@ class Trainer:
         T, B = self.store.context_length, self.cfg.batch_size
         return self.cfg.epochs * sum((last - first) * T // B for first, last in self.chunks())
 
-    def batches(self, start_step: int = 0):
-        """Chunks of contexts read sequentially from the store, shuffled token by token, once per
-        epoch. The shuffle depends only on the seed (each epoch and chunk draws its own), so a
-        resumed run sees exactly the batches it would have seen; chunks before `start_step` draw
-        their permutation but are not read."""
+    def chunk_plan(self, start_step: int = 0):
+        """(first context, last context, this rank's token positions in the chunk, the step of its
+        first batch) of each chunk, shuffled token by token, once per epoch. The shuffle depends
+        only on the seed (each epoch and chunk draws its own), so a resumed run sees exactly the
+        batches it would have seen; chunks before `start_step` draw their permutation but are not
+        planned. A chunk's tokens beyond its last whole batch are not used."""
         generator = torch.Generator().manual_seed(self.cfg.seed + 1)
         T, B = self.store.context_length, self.cfg.batch_size
         share, shares = self.world.data_share
-        b = B // shares  # this rank's tokens of each batch
         step = 0
         for first, last in (chunk for _ in range(self.cfg.epochs) for chunk in self.chunks()):
             order = torch.randperm((last - first) * T, generator=generator)
             n_batches = len(order) // B
-            if step + n_batches <= start_step:
-                step += n_batches
-                continue
-            mine = order[: n_batches * B].view(n_batches, shares, b)[:, share].reshape(-1)  # all on one process
-            # (n_batches * b, d), moved to the device once per chunk and scaled there: on a GPU,
-            # a copy per batch cost more than the step itself (BENCHMARKS.md, "On a GPU").
-            chunk = self.store.token_rows(first * T + mine).to(self.device).mul_(self.scale)
-            self.store.release(first, last)  # its pages leave this process (the OS cache may keep them)
-            for i in range(n_batches):
-                if step >= start_step:
-                    yield step, chunk[i * b : (i + 1) * b]
-                step += 1
+            if step + n_batches > start_step:
+                mine = order[: n_batches * B].view(n_batches, shares, B // shares)[:, share].reshape(-1)
+                yield first, last, mine, step
+            step += n_batches
+
+    def read_chunk(self, plan: tuple) -> torch.Tensor:
+        """A chunk's token rows in the store's precision, in this rank's shuffled order."""
+        first, last, mine, _ = plan
+        rows = self.store.token_rows(first * self.store.context_length + mine)
+        self.store.release(first, last)  # its pages leave this process (the OS cache may keep them)
+        return rows
+
+    def batches(self, start_step: int = 0):
+        """(step, batch) from `start_step` on. The next chunk is read from the store while this
+        one's steps run: on a GPU, reading took as long as the steps (BENCHMARKS.md, "On a GPU")."""
+        b = self.cfg.batch_size // self.world.data_share[1]  # this rank's tokens of each batch
+        for (_, _, mine, step), rows in read_ahead(self.read_chunk, self.chunk_plan(start_step)):
+            # Moved to the device once per chunk, then widened and scaled there: on a GPU a copy
+            # per batch cost more than the step itself, and fp16 is half the bytes to move.
+            chunk = rows.to(self.device).float().mul_(self.scale)
+            for i in range(max(0, start_step - step), len(mine) // b):
+                yield step + i, chunk[i * b : (i + 1) * b]
 
     # ------------------------------------------------------------ checkpoints
 
