@@ -16,6 +16,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from app.db import upgrade
 from app.main import create_app
+from app.security import security_headers
 from app.settings import Settings
 
 log = logging.getLogger("saescope.app")
@@ -41,6 +42,21 @@ class HeaderTimeoutProtocol(H11Protocol):
     """
 
     _header_timer: asyncio.TimerHandle | None = None
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        # uvicorn's own 503 past limit_concurrency bypasses the app, so it would go out without
+        # the security headers every response carries: the same check runs in front of the app.
+        self._limit, self.limit_concurrency = self.limit_concurrency, None
+        self._app, self.app = self.app, self._app_within_limit
+
+    async def _app_within_limit(self, scope, receive, send) -> None:
+        # uvicorn counted tasks before adding this request's; here it is among them.
+        if self._limit is not None and (len(self.connections) >= self._limit or len(self.tasks) > self._limit):
+            log.warning("over the concurrency limit (%d): 503", self._limit)
+            await over_limit(scope, send)
+        else:
+            await self._app(scope, receive, send)
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -78,6 +94,16 @@ class HeaderTimeoutProtocol(H11Protocol):
         log.debug("closing a connection from %s: no complete request head within %g s", self.client, header_timeout_s())
         self.conn.send(h11.ConnectionClosed())  # as uvicorn's keep-alive timeout closes one
         self.transport.close()
+
+
+async def over_limit(scope, send) -> None:
+    """503 with the security headers, a Retry-After, and the connection closed (as uvicorn's)."""
+    headers = [(name.lower().encode(), value.encode()) for name, value in security_headers(scope["path"]).items()]
+    body = b"Service Unavailable: too many connections, try again shortly"
+    headers += [(b"content-type", b"text/plain; charset=utf-8"), (b"content-length", str(len(body)).encode()),
+                (b"retry-after", b"1"), (b"connection", b"close")]
+    await send({"type": "http.response.start", "status": 503, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
 
 
 def serve(database_url: str | None = None, host: str | None = None, port: int | None = None,

@@ -15,12 +15,16 @@ HEADER_TIMEOUT_S = 2.0  # room for the checks below on a busy machine; the test 
 LIMIT = 4  # connections per process, the asking one included (uvicorn counts it)
 
 
-def status_of(url: str) -> int:
+def answer_of(url: str):
     try:
         with urllib.request.urlopen(url, timeout=5) as response:
-            return response.status
+            return response.status, response.headers
     except urllib.error.HTTPError as e:
-        return e.code
+        return e.code, e.headers
+
+
+def status_of(url: str) -> int:
+    return answer_of(url)[0]
 
 
 def seconds_until_closed(conn: socket.socket, started: float) -> float:
@@ -60,7 +64,10 @@ def test_slow_request_heads_are_cut_off_and_free_their_slot(tmp_path):
         idle = socket.create_connection(("127.0.0.1", port))
         time.sleep(0.2)  # let the server accept it
         slow.sendall(b"X-More: 1\r\n")
-        assert status_of(f"{base}/healthz") == 503
+        status, headers = answer_of(f"{base}/healthz")
+        assert status == 503 and headers["Retry-After"] == "1"
+        # Refused before the app, but with the headers every response carries.
+        assert "default-src" in headers["Content-Security-Policy"] and headers["X-Content-Type-Options"] == "nosniff"
 
         assert seconds_until_closed(slow, opened) < HEADER_TIMEOUT_S + 1
         assert seconds_until_closed(reused, answered) < HEADER_TIMEOUT_S + 1
