@@ -60,10 +60,15 @@ def token_chips(tokens: list[str], activations: list[float], scale: float, start
     return Markup("".join(chips))
 
 
+CARRIED = Markup('<span class="ws mark" title="part of a character that the next token completes">…</span>')
+
+
 @lru_cache(maxsize=65_536)
 def _shown(token: str) -> str:
-    """A token escaped for a chip; a page shows the same vocabulary tokens many times."""
-    return escape(token_text(token))
+    """A token escaped for a chip; a page shows the same vocabulary tokens many times. In a
+    context an empty token holds the first bytes of a character split over byte tokens (the
+    loader gives the character to the token that completes it): marked "…" as in the probe."""
+    return CARRIED if token == "" else escape(token_text(token))
 
 
 FIRING = re.compile(r"⟦(.*?)⟧", re.S)

@@ -35,3 +35,11 @@ def test_without_token_bytes_each_token_is_its_vocab_string():
 
 def test_a_context_cut_inside_a_character_ends_in_a_replacement_character():
     assert stored_tokens([[0, 1]], BYTES) == [["a", "\ufffd"]]
+
+
+def test_a_feature_page_chip_marks_the_carried_bytes_as_the_probe_does():
+    from app.render import token_chips
+
+    tokens = stored_tokens([[0, 1, 2, 3]], BYTES)[0]
+    chips = str(token_chips(tokens, [0.0, 1.0, 2.0, 0.0], 2.0))
+    assert chips.count('<span class="ws mark"') == 1 and "…</span>" in chips and "😀" in chips and "∅" not in chips
