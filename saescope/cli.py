@@ -221,7 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="train a TopK SAE into a run folder")
     train.add_argument("--out", help="run folder to write")
     train.add_argument("--resume", metavar="RUN", help="continue a killed run from its last checkpoint (other options are ignored)")
-    train.add_argument("--store", help="activation store folder (default: OUT/activations; reused when it matches)")
+    train.add_argument("--store", help="activation store folder (default: OUT/activations; reused when it matches; a complete store of another configuration there is an error, never overwritten)")
     add_config_arguments(train, TrainConfig)
     add_config_arguments(train, DistributedConfig)
     train.set_defaults(func=cmd_train)

@@ -87,6 +87,24 @@ def test_the_training_curve_follows_the_whole_run(uninterrupted):
     assert all(isinstance(d, int) and 0 <= d <= 256 for d in curve["dead"])
 
 
+def test_a_shared_store_of_another_configuration_is_not_overwritten(uninterrupted, tiny_model_dir):
+    """--store names a store that other SAEs read: a run of another layer or context length
+    stops with one line before any compute, and the store stays as it was."""
+    store = uninterrupted / "store"
+    before = {name: (store / name).read_bytes() for name in ("meta.json", "tokens.npy")}
+    stamp = (store / "activations.npy").stat().st_mtime_ns
+    args = [*ARGS]
+    args[args.index("--layer") + 1] = "0"
+    result = saescope("train", "--out", str(uninterrupted / "other-layer"), "--store", str(store),
+                      "--model", str(tiny_model_dir), *args)
+    assert result.returncode == 2
+    assert "holds the activations of another configuration (layer 1, not 0)" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert {name: (store / name).read_bytes() for name in before} == before
+    assert (store / "activations.npy").stat().st_mtime_ns == stamp
+    assert not (uninterrupted / "other-layer").exists()
+
+
 def test_nan_stops_training_naming_the_step_and_keeps_the_checkpoint(uninterrupted, tiny_model_dir):
     store = uninterrupted / "nan-store"
     shutil.copytree(uninterrupted / "store", store)

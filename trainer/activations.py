@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+from trainer.progress import progress
 
 from trainer import runfolder
 from trainer.model import LanguageModel, load_language_model
@@ -138,6 +138,16 @@ def store_matches(path: Path, meta: dict) -> bool:
     return found.get("complete", False) and all(found.get(key) == value for key, value in meta.items())
 
 
+def store_differences(path: Path, meta: dict) -> list[str]:
+    """How the complete store at `path` differs from `meta` ("layer 6, not 1"); empty when there is
+    none (or only a killed build's leftovers) or it matches."""
+    meta_file = Path(path) / META_FILE
+    found = json.loads(meta_file.read_text()) if meta_file.exists() else {}
+    if not found.get("complete", False):
+        return []
+    return [f"{key} {found.get(key)!r}, not {value!r}" for key, value in meta.items() if found.get(key) != value]
+
+
 def build_store(
     path: Path, lm: LanguageModel, contexts: torch.Tensor, meta: dict, batch_size: int = 16
 ) -> ActivationStore:
@@ -203,7 +213,7 @@ def run_model(lm: LanguageModel, contexts: torch.Tensor, first: int, last: int, 
     T = contexts.shape[1]
     row_bytes = activations.shape[1] * activations.itemsize
     released = first * T  # rows before this one are flushed and out of this process
-    with tqdm(total=(last - first) * T, desc=desc, unit="tok", unit_scale=True) as bar:
+    with progress(total=(last - first) * T, desc=desc, unit="tok", unit_scale=True) as bar:
         for start in range(first, last, batch_size):
             batch = contexts[start : min(start + batch_size, last)]
             resid = lm.residual(batch)  # (B, T, d)

@@ -7,7 +7,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
+from trainer.progress import progress
 
 from trainer import runfolder
 from trainer.activations import ActivationStore, complete_heldout
@@ -31,7 +31,7 @@ def evaluate_sae(sae: TopKSAE, store: ActivationStore, scale: float, batch_conte
     fire_counts = torch.zeros(sae.n_latents, dtype=torch.long, device=device)
     x_sum = torch.zeros(sae.d_in, dtype=torch.float64, device=device)
     x_sq_sum = torch.zeros((), dtype=torch.float64, device=device)
-    for start in tqdm(range(first, store.n_contexts, batch_contexts), desc="eval", unit="batch"):
+    for start in progress(range(first, store.n_contexts, batch_contexts), desc="eval", unit="batch"):
         x = store.rows(start, min(start + batch_contexts, store.n_contexts)).to(device) * scale  # (N, d)
         x_hat, latents = sae(x)
         squared_error += float((x - x_hat).pow(2).sum())
@@ -133,7 +133,7 @@ def downstream_loss(sae: TopKSAE, run_cfg: dict, store: ActivationStore, n_conte
     passes = [("ce_spliced", reconstruct)] + ([("ce_ablated", torch.zeros_like)] if known is None else [])
     sums = {"ce_clean": 0.0, "ce_spliced": 0.0, "ce_ablated": 0.0, "kl": 0.0}
     n_predictions = 0
-    for start in tqdm(range(0, len(tokens), batch), desc="downstream", unit="batch"):
+    for start in progress(range(0, len(tokens), batch), desc="downstream", unit="batch"):
         ids = tokens[start : start + batch]
         captured = {}
         handle = blocks[layer].register_forward_hook(lambda module, args, output: captured.update(output=output))

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+from trainer.progress import progress
 
 from trainer import explain, runfolder
 from trainer.activations import ActivationStore, complete_heldout, token_vocab
@@ -175,7 +175,7 @@ def collect_firings(sae: TopKSAE, data: HarvestInput, scale: float, counted: np.
         pending.clear()
         pending_firings = 0
 
-    with tqdm(total=data.n_contexts * T, desc="harvest", unit="tok", unit_scale=True) as bar:
+    with progress(total=data.n_contexts * T, desc="harvest", unit="tok", unit_scale=True) as bar:
         for first, x in data.batches(batch_contexts):
             x = x.to(device).flatten(0, 1) * scale  # (N, d), normalised as in training
             for offset in range(0, x.shape[0], ENCODE_ROWS):

@@ -13,10 +13,10 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
-from tqdm.auto import tqdm
+from trainer.progress import progress
 
 from trainer import corpus, runfolder
-from trainer.activations import META_FILE, ActivationStore, build_store, store_matches
+from trainer.activations import META_FILE, ActivationStore, build_store, store_differences, store_matches
 from trainer.config import ConfigError, TrainConfig, check_device
 from trainer.distributed import Selection, World, barrier, check_world, training_forward
 from trainer.model import ModelError, check_layer, load_language_model, model_width
@@ -119,6 +119,14 @@ def check_batches_fit(cfg: TrainConfig, store_dir: Path) -> bool:
     built = not store_matches(store_dir, store_meta(cfg))  # as prepare_store will decide
     check_batches(cfg, model_width(cfg.model) if built else runfolder.read_json(Path(store_dir) / META_FILE)["d_model"])
     return built
+
+
+def check_store_not_taken(store_dir: Path, cfg: TrainConfig) -> None:
+    """--store names a folder that may hold another configuration's activations (other SAEs may
+    read them, and they may have cost hours): refuse to overwrite them, before any compute."""
+    if differences := store_differences(store_dir, store_meta(cfg)):
+        raise ConfigError(f"--store {store_dir} holds the activations of another configuration ({'; '.join(differences)}), "
+                          f"which this run would overwrite: give another --store, or delete {store_dir} to build it there")
 
 
 def input_scale(store: ActivationStore, n_contexts: int = 64) -> float:
@@ -347,14 +355,14 @@ class Trainer:
             self.init_b_dec()
         began = time.perf_counter()
         every_point = max(CURVE_EVERY, math.ceil(total_steps / CURVE_POINTS))
-        with tqdm(total=total_steps, initial=start_step, desc="train", unit="step", disable=not self.world.writes) as bar:
+        with progress(total=total_steps, initial=start_step, desc="train", unit="step", disable=not self.world.writes) as bar:
             for step, x in self.batches(start_step):
                 fvu_ema = self.train_step(step, x, total_steps, fvu_ema)
                 bar.update(1)
                 if step % every_point == 0 or step == total_steps - 1:
                     dead = self.record(step, fvu_ema)
                     passes = {"epoch": f"{step * self.cfg.epochs // total_steps + 1}/{self.cfg.epochs}"} if self.cfg.epochs > 1 else {}
-                    bar.set_postfix(**passes, fvu=f"{fvu_ema:.3f}", dead=dead)
+                    bar.set_postfix(**passes, fvu=f"{fvu_ema:.3f}", dead=dead, refresh=False)  # shown at the next update
                 every = self.cfg.checkpoint_every
                 if save_checkpoint and every and (step + 1) % every == 0 and step + 1 < total_steps:
                     self.check_weights(step)
@@ -402,9 +410,11 @@ def checkpointer(out_dir: Path, cfg: TrainConfig, store_dir: Path, scale: float,
 def train(cfg: TrainConfig, out_dir: Path, store_dir: Path | None = None, world: World = World()) -> Path:
     """Activations (or a reused store) -> trained SAE -> run folder `out_dir`."""
     out_dir = Path(out_dir)
-    store_dir = Path(store_dir) if store_dir else out_dir / "activations"
     check_device(cfg.device)
     check_world(cfg, world)
+    if store_dir:  # a store of its own (OUT/activations) is the run's to replace; a shared one is not
+        check_store_not_taken(Path(store_dir), cfg)
+    store_dir = Path(store_dir) if store_dir else out_dir / "activations"
     began = time.perf_counter()
     try:
         built = check_batches_fit(cfg, store_dir)
