@@ -159,7 +159,9 @@ def cmd_demo(args) -> None:
         print("[2/4] eval")
         evaluate_run(run)
     metrics = runfolder.load_metrics(run)
-    print(f"      held-out FVU {metrics['fvu']:.4f}, L0 {metrics['l0']:.1f}, dead {metrics['dead_fraction']:.1%}")
+    dead = round(metrics["dead_fraction"] * cfg.n_latents)  # a count: 1 of 4,096 is "0.0%" at one decimal
+    print(f"      held-out FVU {metrics['fvu']:.4f}, L0 {metrics['l0']:.1f}, "
+          f"dead {dead:,} of {cfg.n_latents:,} latents ({metrics['dead_fraction']:.2%})")
     if "delta_ce" in metrics:
         print(f"      CE clean {metrics['ce_clean']:.3f}, spliced {metrics['ce_spliced']:.3f} (ΔCE {metrics['delta_ce']:+.3f}), "
               f"zero-ablated {metrics['ce_ablated']:.3f}, KL {metrics['kl']:.3f}")
