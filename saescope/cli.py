@@ -40,6 +40,8 @@ def cmd_train(args) -> None:
     from trainer.train import resume, train
 
     parallel = config_from_args(args, DistributedConfig)
+    if args.out and not args.resume and not args.overwrite and "WORLD_SIZE" not in os.environ:
+        check_out_is_free(Path(args.out))
     if parallel.nproc > 1 and "WORLD_SIZE" not in os.environ:  # start torchrun, which runs this on every rank
         check_device(args.device)
         distributed.check_gpus(parallel.nproc, args.device)
@@ -57,6 +59,20 @@ def cmd_train(args) -> None:
     distributed.finish_world(world)
     if world.writes:
         print(f"trained {run} (held-out metrics: saescope eval {run})")
+
+
+def check_out_is_free(out: Path) -> None:
+    """A trained SAE or a killed run's checkpoint in --out is not replaced by accident (train()
+    itself replaces them: the sweep and the demo retrain a folder whose config changed)."""
+    from trainer import runfolder
+    from trainer.train import CHECKPOINT_FILE
+
+    if (out / CHECKPOINT_FILE).exists():
+        raise CommandError(f"{out} holds a killed run's checkpoint: continue it with `saescope train --resume {out}`, "
+                           "or pass --overwrite to start again")
+    if (out / runfolder.SAE_FILE).exists():
+        raise CommandError(f"{out} already holds a trained SAE: pass --overwrite to train a new one there "
+                           "(its metrics and harvest go too), or choose another --out")
 
 
 def cmd_eval(args) -> None:
@@ -223,6 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="train a TopK SAE into a run folder")
     train.add_argument("--out", help="run folder to write")
     train.add_argument("--resume", metavar="RUN", help="continue a killed run from its last checkpoint (other options are ignored)")
+    train.add_argument("--overwrite", action="store_true", help="train even where --out holds a trained SAE or a killed run's checkpoint (replaced, with its metrics and harvest)")
     train.add_argument("--store", help="activation store folder (default: OUT/activations; reused when it matches; a complete store of another configuration there is an error, never overwritten)")
     add_config_arguments(train, TrainConfig)
     add_config_arguments(train, DistributedConfig)

@@ -105,6 +105,29 @@ def test_a_shared_store_of_another_configuration_is_not_overwritten(uninterrupte
     assert not (uninterrupted / "other-layer").exists()
 
 
+def test_train_does_not_replace_a_trained_sae_or_a_checkpoint_unless_told(uninterrupted, tiny_model_dir, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(uninterrupted / "reference", run)
+    weights = (run / runfolder.SAE_FILE).read_bytes()
+    again = ["train", "--out", str(run), "--store", str(uninterrupted / "store"), "--model", str(tiny_model_dir), *ARGS]
+    result = saescope(*again)
+    assert result.returncode == 2 and "already holds a trained SAE: pass --overwrite" in result.stderr
+    assert (run / runfolder.SAE_FILE).read_bytes() == weights and (run / runfolder.METRICS_FILE).exists()
+
+    killed = tmp_path / "killed"
+    killed.mkdir()
+    (killed / CHECKPOINT_FILE).write_bytes(b"a killed run's")
+    result = saescope("train", "--out", str(killed), *again[3:])
+    assert result.returncode == 2 and f"saescope train --resume {killed}" in result.stderr
+    assert (killed / CHECKPOINT_FILE).read_bytes() == b"a killed run's"
+
+    args = [*again]
+    args[args.index("--k") + 1] = "6"  # another SAE on the same store
+    assert saescope(*args, "--overwrite").returncode == 0
+    assert runfolder.load_cfg(run)["k"] == 6
+    assert (run / runfolder.SAE_FILE).read_bytes() != weights
+
+
 def test_nan_stops_training_naming_the_step_and_keeps_the_checkpoint(uninterrupted, tiny_model_dir):
     store = uninterrupted / "nan-store"
     shutil.copytree(uninterrupted / "store", store)
