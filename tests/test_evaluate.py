@@ -164,3 +164,23 @@ def test_reconstruction_metrics_equal_a_hand_computation(tmp_path):
     assert metrics["dead_fraction"] == pytest.approx(float((density == 0).double().mean())) and metrics["dead_fraction"] >= 2 / n
     assert metrics["dense_fraction"] == pytest.approx(float((density > 0.1).double().mean()))
     assert 1 / n <= metrics["dense_fraction"] < 1 - metrics["dead_fraction"] + 1e-9
+
+
+@pytest.mark.parametrize("command", ["eval", "harvest"])
+def test_a_store_of_another_layer_is_refused_and_nothing_is_written(tiny_run, tmp_path, command):
+    """--store given a store of another layer (same model, same width): one line, not metrics
+    about the wrong activations."""
+    import shutil
+
+    from saescope.cli import main
+
+    cfg = runfolder.load_cfg(tiny_run)
+    other = tmp_path / "other-layer-store"
+    shutil.copytree(cfg["store"], other)
+    meta = json.loads((other / "meta.json").read_text())
+    (other / "meta.json").write_text(json.dumps({**meta, "layer": cfg["layer"] + 1}))
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    before = {path.name: path.read_bytes() for path in run.rglob("*.json")}
+    assert main([command, str(run), "--store", str(other)]) == 2
+    assert {path.name: path.read_bytes() for path in run.rglob("*.json")} == before

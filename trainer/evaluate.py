@@ -10,7 +10,7 @@ import torch
 from trainer.progress import progress
 
 from trainer import runfolder
-from trainer.activations import ActivationStore, complete_heldout
+from trainer.activations import ActivationStore, check_store_for_sae, complete_heldout
 from trainer.sae import TopKSAE, default_device
 
 DENSE_THRESHOLD = 0.1  # a latent firing on more than 10 % of tokens counts as dense
@@ -61,7 +61,9 @@ def evaluate_run(run_dir: Path, store_dir: Path | None = None, downstream_contex
         raise runfolder.RunFolderError(
             f"{Path(run_dir) / runfolder.CFG_FILE}: no activation store; pass --store or run `saescope harvest` first"
         )
-    store = complete_heldout(ActivationStore.open(store_dir or cfg["store"]))  # the first eval on a store computes them
+    store = ActivationStore.open(store_dir or cfg["store"])
+    check_store_for_sae(store, cfg, run_dir)
+    store = complete_heldout(store)  # the first eval on a store computes them
     metrics = evaluate_sae(sae, store, cfg["input_scale"])
     if downstream_contexts > 0:
         metrics |= downstream_loss(sae, cfg, store, downstream_contexts)

@@ -34,7 +34,7 @@ import torch
 from trainer.progress import progress
 
 from trainer import explain, runfolder
-from trainer.activations import ActivationStore, complete_heldout, token_vocab
+from trainer.activations import ActivationStore, check_store_for_sae, complete_heldout, token_vocab
 from trainer.config import HarvestConfig
 from trainer.directions import logit_effects, nearest_latents
 from trainer.grouping import group_codes, rank_within, sort_within, spread_within
@@ -468,7 +468,9 @@ def store_for_run(run_dir: Path, run_cfg: dict, cfg: HarvestConfig, store_dir: P
     """The run's activation store; an imported SAE has none, so build one for its model and
     layer (and record it in cfg.json, so that eval finds it too)."""
     if store_dir or run_cfg.get("store"):
-        return ActivationStore.open(store_dir or run_cfg["store"])
+        store = ActivationStore.open(store_dir or run_cfg["store"])
+        check_store_for_sae(store, run_cfg, run_dir)
+        return store
     from trainer.config import TrainConfig
     from trainer.train import prepare_store
 
