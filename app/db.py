@@ -47,6 +47,8 @@ def database_problem(database_url: str) -> str | None:
     except ArgumentError:
         return f"{database_url!r} is not a database URL (sqlite:///FILE or postgresql+psycopg://USER@HOST/DB)"
     shown = url.render_as_string(hide_password=True)
+    if url.drivername.startswith("sqlite") and url.database in (None, "", ":memory:"):
+        return f"{shown} is an in-memory SQLite database, gone when the command ends: give a file, sqlite:///FILE"
     sqlite_file = Path(url.database) if url.drivername.startswith("sqlite") and url.database not in (None, "", ":memory:") else None
     if sqlite_file and not sqlite_file.exists():  # made by the first load; connecting now would leave an empty file
         return None if sqlite_file.parent.is_dir() else f"cannot open {shown}: there is no folder {sqlite_file.parent}"

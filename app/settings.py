@@ -21,7 +21,7 @@ class Settings(BaseSettings):
         description="SQLAlchemy URL: sqlite:///file.db or postgresql+psycopg://user@host/db.",
     )
     host: str = Field("127.0.0.1", description="Address the server listens on.")
-    port: int = Field(8000, description="Port the server listens on.")
+    port: int = Field(8000, ge=0, le=65535, description="Port the server listens on (0: any free port).")
     debug: bool = Field(False, description="Show stack traces on errors (never in production).")
 
     probe_max_chars: int = Field(4000, description="Longest text the probe accepts (characters).")

@@ -40,14 +40,16 @@ def cmd_train(args) -> None:
     from trainer.train import resume, train
 
     parallel = config_from_args(args, DistributedConfig)
-    if args.out and not args.resume and not args.overwrite and "WORLD_SIZE" not in os.environ:
-        check_out_is_free(Path(args.out))
+    if args.out and not args.resume and "WORLD_SIZE" not in os.environ:
+        check_out_is_free(Path(args.out), args.overwrite)
     if parallel.nproc > 1 and "WORLD_SIZE" not in os.environ:  # start torchrun, which runs this on every rank
         check_device(args.device)
         distributed.check_gpus(parallel.nproc, args.device)
+        distributed.check_split(config_from_args(args, TrainConfig), parallel.nproc, bool(parallel.shard_latents))
         folders = []
         for name in ("out", "store", "resume"):
             folders += [f"--{name}", getattr(args, name)] if getattr(args, name) else []
+        folders += ["--overwrite"] if args.overwrite else []
         sys.exit(distributed.launch(parallel, folders + config_to_args(config_from_args(args, TrainConfig))))
     world = distributed.init_world(bool(parallel.shard_latents), args.device)
     if args.resume:
@@ -55,18 +57,24 @@ def cmd_train(args) -> None:
     elif not args.out:
         raise CommandError("--out RUN is required (or --resume RUN to continue a killed run)")
     else:
-        run = train(config_from_args(args, TrainConfig), args.out, args.store, world)
+        # --overwrite replaces the run's own store (OUT/activations), never one named by --store.
+        run = train(config_from_args(args, TrainConfig), args.out, args.store, world, replace_store=args.overwrite and not args.store)
     distributed.finish_world(world)
     if world.writes:
         print(f"trained {run} (held-out metrics: saescope eval {run})")
 
 
-def check_out_is_free(out: Path) -> None:
+def check_out_is_free(out: Path, overwrite: bool) -> None:
     """A trained SAE or a killed run's checkpoint in --out is not replaced by accident (train()
     itself replaces them: the sweep and the demo retrain a folder whose config changed)."""
     from trainer import runfolder
     from trainer.train import CHECKPOINT_FILE
 
+    for folder in (out, out.parent):
+        if folder.exists() and not folder.is_dir():
+            raise CommandError(f"--out {out}: {folder} is a file, not a folder")
+    if overwrite:
+        return
     if (out / CHECKPOINT_FILE).exists():
         raise CommandError(f"{out} holds a killed run's checkpoint: continue it with `saescope train --resume {out}`, "
                            "or pass --overwrite to start again")
@@ -101,6 +109,13 @@ def cmd_import(args) -> None:
     print(f"imported the {detect_format(source)} SAE {source} into {run}")
 
 
+def _sqlite_file(url: str) -> Path | None:
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(url)  # valid: _check_database has passed
+    return Path(parsed.database) if parsed.drivername.startswith("sqlite") and parsed.database else None
+
+
 def _check_database(url: str) -> None:
     from app.db import database_problem
 
@@ -125,7 +140,12 @@ def cmd_load(args) -> None:
 def cmd_serve(args) -> None:
     from app.server import serve
 
+    if not 0 <= args.port <= 65535:
+        raise CommandError(f"--port must be from 0 (any free port) to 65535, got {args.port}")
     _check_database(args.db)
+    if (file := _sqlite_file(args.db)) is not None and not file.exists():  # a typo, or a first start
+        print(f"note: {file} does not exist yet: serving an empty database "
+              f"(put runs in it with `saescope load RUN --db {args.db}`)", file=sys.stderr)
     if args.preload:  # Settings.probe_preload, read by every server process
         os.environ["SAESCOPE_PROBE_PRELOAD"] = "1"
     print(f"serving {args.db} at http://{args.host}:{args.port}/", flush=True)
@@ -162,6 +182,7 @@ def cmd_demo(args) -> None:
     cfg = config_from_args(args, TrainConfig)
     run = workdir / "runs" / runfolder.sae_slug({**cfg.to_dict(), "d_in": 0})
     db = args.db or f"sqlite:///{(workdir / 'saescope.db').resolve()}"
+    _check_database(db)  # before the stages that take minutes, not after them
     began = time.perf_counter()
 
     if trained_with(run, cfg):
@@ -323,7 +344,9 @@ def _is_user_error(e: Exception) -> bool:
     from trainer.runfolder import RunFolderError
     from trainer.train import TrainingError
 
-    user_errors = (CommandError, ConfigError, CorpusError, ModelError, RunFolderError, TrainingError)
+    from trainer.activations import StoreError
+
+    user_errors = (CommandError, ConfigError, CorpusError, ModelError, RunFolderError, StoreError, TrainingError)
     try:
         from app.loader import LoadError
 

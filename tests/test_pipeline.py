@@ -178,6 +178,7 @@ def test_eval_rejects_a_negative_downstream_count(tiny_run):
         ("sqlite:////no/such/folder/x.db", "cannot open sqlite:////no/such/folder/x.db: there is no folder /no/such/folder"),
         ("sqlite:///{tmp}/notes.txt", "cannot open sqlite:///{tmp}/notes.txt: file is not a database"),
         ("postgresql+psycopg://me:secret@127.0.0.1:1/x", "cannot open postgresql+psycopg://me:***@127.0.0.1:1/x: connection failed"),
+        ("sqlite://", "sqlite:// is an in-memory SQLite database"),
     ],
 )
 @pytest.mark.parametrize("command", ["load", "serve"])
@@ -201,6 +202,11 @@ def test_a_database_that_cannot_be_opened_is_one_line(tiny_run, tmp_path, comman
         (["--corpus", "{tmp}/blank"], "the corpus holds no text"),  # blank documents: before the model loads
         (["--layer", "9"], "layer 9 is out of range"),
         (["--auxk-rescale", "2"], "--auxk-rescale is 0 or 1"),
+        (["--lr", "nan"], "--lr must be a number >= 0"),
+        (["--warmup-fraction", "-0.1"], "--warmup-fraction is a share of the steps"),
+        (["--warmup-fraction", "0.8", "--decay-fraction", "0.5"], "add up to more than the whole run"),
+        (["--auxk-alpha", "-1"], "--auxk-alpha must be a number >= 0"),
+        (["--dead-tokens", "-5"], "--dead-tokens must be >= 0"),
         (["--device", "gpu"], "--device gpu: not a torch device"),
         (["--device", f"cuda:{torch.cuda.device_count()}"], "CUDA device"),  # one past the last, on any machine
         (["--batch-size", "512"], "--batch-size 512 is larger than the 256 training tokens"),
@@ -220,3 +226,15 @@ def test_train_rejects_bad_config_in_one_line(tiny_model_dir, tmp_path, args, me
     assert result.returncode == 2, result.stderr
     assert message in result.stderr and result.stderr.strip().count("\n") == 0, result.stderr
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--exclude-first", "32"], "--exclude-first 32 leaves out every position of the store's 32-token contexts"),
+    (["--histogram-bins", "100000000"], "--histogram-bins must be at most 1000"),
+    (["--exclude-special-tokens", "5"], "--exclude-special-tokens is 0 or 1"),
+])
+def test_harvest_rejects_bad_options_in_one_line(tiny_run, args, message):
+    before = (tiny_run / "harvest" / "harvest.json").read_bytes()
+    result = run_cli("harvest", str(tiny_run), *args)
+    assert result.returncode == 2 and message in result.stderr and result.stderr.strip().count("\n") == 0
+    assert (tiny_run / "harvest" / "harvest.json").read_bytes() == before

@@ -69,6 +69,16 @@ def test_saelens_tensor_layout(tmp_path):
         (lambda p: (p / "cfg.json").write_text("{not json"), "cfg.json"),
         (lambda p: (p / "harvest" / "vocab.json").unlink(), "vocab.json"),
         (lambda p: (p / "harvest" / "latents.safetensors").write_bytes(b"junk"), "latents.safetensors"),
+        # Valid JSON of the wrong kind, and values out of range.
+        (lambda p: (p / "cfg.json").write_text("5"), "cfg.json: expected a JSON object, found int"),
+        (lambda p: (p / "metrics.json").write_text("[]"), "metrics.json: expected a JSON object, found list"),
+        (lambda p: (p / "harvest" / "harvest.json").write_text("null"), "harvest.json: expected a JSON object"),
+        (lambda p: edit_cfg(p, k=0), r"cfg.json: needs layer >= 0, d_in >= 1 and 0 < k < n_latents"),
+        (lambda p: edit_cfg(p, k=12), r"0 < k < n_latents"),
+        (lambda p: edit_cfg(p, layer="1"), "must be whole numbers"),
+        (lambda p: edit_cfg(p, input_scale="x"), "input_scale must be a finite number > 0"),
+        (lambda p: runfolder.save_sae_weights(p, {**runfolder.load_sae_weights(p), "b_dec": torch.full((6,), float("nan"))}),
+         "sae.safetensors: b_dec hold NaN or infinite values"),
     ],
 )
 def test_damaged_folder_names_the_file(tmp_path, damage, named):
@@ -77,8 +87,14 @@ def test_damaged_folder_names_the_file(tmp_path, damage, named):
     with pytest.raises(RunFolderError, match=named) as error:
         runfolder.load_cfg(tmp_path)
         runfolder.load_sae_weights(tmp_path)
+        runfolder.load_metrics(tmp_path)
         runfolder.load_harvest(tmp_path)
     assert "\n" not in str(error.value)
+
+
+def edit_cfg(folder, **changes) -> None:
+    cfg = json.loads((folder / "cfg.json").read_text())
+    (folder / "cfg.json").write_text(json.dumps({**cfg, **changes}))
 
 
 def test_shape_mismatch_with_cfg(tmp_path):

@@ -128,6 +128,43 @@ def test_train_does_not_replace_a_trained_sae_or_a_checkpoint_unless_told(uninte
     assert (run / runfolder.SAE_FILE).read_bytes() != weights
 
 
+def other_layer_store(uninterrupted, folder: Path) -> Path:
+    """A copy of the tests' store that says it holds layer 0 (as a store rebuilt there would)."""
+    shutil.copytree(uninterrupted / "store", folder)
+    meta = runfolder.read_json(folder / "meta.json")
+    runfolder.write_json(folder / "meta.json", {**meta, "layer": 0})
+    return folder
+
+
+def test_the_run_folders_own_store_of_another_configuration_is_replaced_only_with_overwrite(
+        uninterrupted, tiny_model_dir, tmp_path):
+    """A folder that keeps one store for several runs (the demo's, a sweep's) is not rebuilt for
+    another layer by a run trained into it."""
+    workdir = tmp_path / "workdir"
+    store = other_layer_store(uninterrupted, workdir / "activations")
+    before = (store / "meta.json").read_bytes()
+    args = ["train", "--out", str(workdir), "--model", str(tiny_model_dir), *ARGS]
+    result = saescope(*args)
+    assert result.returncode == 2 and "holds the activations of another configuration (layer 0, not 1)" in result.stderr
+    assert (store / "meta.json").read_bytes() == before
+    assert saescope(*args, "--overwrite").returncode == 0
+    assert runfolder.read_json(store / "meta.json")["layer"] == 1
+
+
+def test_resume_refuses_a_store_replaced_since_the_kill(uninterrupted, tmp_path):
+    from trainer.config import TrainConfig
+
+    store = other_layer_store(uninterrupted, tmp_path / "store")
+    run = tmp_path / "killed"
+    run.mkdir()
+    cfg = runfolder.load_cfg(uninterrupted / "reference")
+    saved = {key: value for key, value in cfg.items() if key in TrainConfig.__dataclass_fields__}
+    torch.save({"sae": {}, "cfg": saved, "store": str(store), "step": 3}, run / CHECKPOINT_FILE)
+    result = saescope("train", "--resume", str(run))
+    assert result.returncode == 2 and "cannot be resumed on them" in result.stderr, result.stderr
+    assert not (run / runfolder.SAE_FILE).exists()
+
+
 def test_nan_stops_training_naming_the_step_and_keeps_the_checkpoint(uninterrupted, tiny_model_dir):
     store = uninterrupted / "nan-store"
     shutil.copytree(uninterrupted / "store", store)
@@ -432,3 +469,11 @@ def test_metrics_record_the_throughput_of_the_run_and_of_its_forward(tiny_run):
     assert metrics["end_to_end_ratio_to_forward"] == pytest.approx(ratio)
     assert 0 < ratio < 1  # the run's wall time holds the forward, over at least its tokens
     assert metrics["end_to_end_tokens_per_s"] < metrics["sae_tokens_per_s"]
+
+
+@pytest.mark.parametrize("content", [b"\x80garbage" * 40, b""])
+def test_resume_names_a_damaged_checkpoint_in_one_line(tmp_path, content):
+    (tmp_path / CHECKPOINT_FILE).write_bytes(content)
+    result = saescope("train", "--resume", str(tmp_path))
+    assert result.returncode == 2 and "not a readable checkpoint" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1

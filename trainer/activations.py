@@ -37,7 +37,7 @@ META_FILE = "meta.json"  # written atomically: readers see the old one or the ne
 
 
 class StoreError(RuntimeError):
-    pass
+    """A store that is missing, damaged or of another configuration (printed as one line)."""
 
 
 @dataclass
@@ -99,10 +99,16 @@ class ActivationStore:
 
     @classmethod
     def open(cls, path: Path) -> "ActivationStore":
+        """The store at `path`; a missing, partial or damaged one is a StoreError naming it."""
         path = Path(path)
-        meta = json.loads((path / META_FILE).read_text())
-        tokens = np.load(path / "tokens.npy")
-        activations = np.load(path / "activations.npy", mmap_mode="r")
+        try:
+            meta = json.loads((path / META_FILE).read_text())
+            tokens = np.load(path / "tokens.npy")
+            activations = np.load(path / "activations.npy", mmap_mode="r")
+        except (OSError, ValueError) as e:  # missing files, truncated or garbled JSON / .npy
+            raise StoreError(f"{path}: not a readable activation store ({type(e).__name__}: {e})") from None
+        if not isinstance(meta, dict) or not {"context_length", "n_contexts", "n_heldout", "d_model"} <= meta.keys():
+            raise StoreError(f"{path / META_FILE}: not an activation store's meta.json")
         return cls(path, meta, tokens, activations)
 
 
@@ -140,10 +146,13 @@ def store_matches(path: Path, meta: dict) -> bool:
 
 def store_differences(path: Path, meta: dict) -> list[str]:
     """How the complete store at `path` differs from `meta` ("layer 6, not 1"); empty when there is
-    none (or only a killed build's leftovers) or it matches."""
+    none (or only a killed build's leftovers, or a meta.json too damaged to say) or it matches."""
     meta_file = Path(path) / META_FILE
-    found = json.loads(meta_file.read_text()) if meta_file.exists() else {}
-    if not found.get("complete", False):
+    try:
+        found = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+    except (OSError, ValueError):
+        found = {}
+    if not isinstance(found, dict) or not found.get("complete", False):
         return []
     return [f"{key} {found.get(key)!r}, not {value!r}" for key, value in meta.items() if found.get(key) != value]
 

@@ -93,8 +93,18 @@ class TrainConfig:
             raise ConfigError(f"--memory-budget-mb must be at least 1, got {self.memory_budget_mb}")
         if self.checkpoint_every < 0:
             raise ConfigError(f"--checkpoint-every must be >= 0, got {self.checkpoint_every}")
-        if self.lr < 0:
-            raise ConfigError(f"--lr must be >= 0, got {self.lr}")
+        if not (math.isfinite(self.lr) and self.lr >= 0):
+            raise ConfigError(f"--lr must be a number >= 0 (0: the default rule), got {self.lr}")
+        for name in ("warmup_fraction", "decay_fraction"):
+            if not 0 <= getattr(self, name) <= 1:  # also refuses NaN
+                raise ConfigError(f"--{name.replace('_', '-')} is a share of the steps, from 0 to 1, got {getattr(self, name)}")
+        if self.warmup_fraction + self.decay_fraction > 1:
+            raise ConfigError(f"--warmup-fraction and --decay-fraction add up to more than the whole run "
+                              f"({self.warmup_fraction} + {self.decay_fraction})")
+        if not (math.isfinite(self.auxk_alpha) and self.auxk_alpha >= 0):
+            raise ConfigError(f"--auxk-alpha must be a number >= 0 (0 turns AuxK off), got {self.auxk_alpha}")
+        if self.dead_tokens < 0:
+            raise ConfigError(f"--dead-tokens must be >= 0 (0: a tenth of the run, at most 10M), got {self.dead_tokens}")
         for name in ("auxk_rescale", "multi_topk", "fast_matmul", "deterministic"):
             if getattr(self, name) not in (0, 1):
                 raise ConfigError(f"--{name.replace('_', '-')} is 0 or 1, got {getattr(self, name)}")
@@ -157,6 +167,12 @@ class HarvestConfig:
             raise ConfigError(f"--top-k must be positive, got {self.top_k}")
         if self.exclude_first < 0:
             raise ConfigError(f"--exclude-first must be >= 0, got {self.exclude_first}")
+        # Per-latent tables: n latents x these, held in memory and written to the database.
+        for name in ("histogram_bins", "logit_tokens", "neighbours", "token_latents", "quantile_bins"):
+            if getattr(self, name) > 1000:
+                raise ConfigError(f"--{name.replace('_', '-')} must be at most 1000, got {getattr(self, name)}")
+        if self.exclude_special_tokens not in (0, 1):
+            raise ConfigError(f"--exclude-special-tokens is 0 or 1, got {self.exclude_special_tokens}")
 
 
 def int_list(text: str, flag: str) -> list[int]:

@@ -311,10 +311,18 @@ def check_world(cfg, world: World) -> None:
 
     if world.gpus and cfg.device.startswith("cpu"):
         raise ConfigError("this run trains on the CPU (--device cpu): give --device cpu here too, so that its processes talk over gloo")
-    if world.data_parallel and cfg.batch_size % world.size:
-        raise ConfigError(f"--batch-size {cfg.batch_size} must divide into {world.size} processes")
-    if world.sharded and cfg.n_latents % world.size:
-        raise ConfigError(f"--latents {cfg.n_latents} must divide into {world.size} shards")
+    check_split(cfg, world.size, bool(world.shard_latents))
+
+
+def check_split(cfg, processes: int, shard_latents: bool) -> None:
+    """Whole shares for `processes`; also checked before torchrun starts them (one line, not one
+    per process and a torchrun traceback)."""
+    from trainer.config import ConfigError
+
+    if processes > 1 and not shard_latents and cfg.batch_size % processes:
+        raise ConfigError(f"--batch-size {cfg.batch_size} must divide into {processes} processes")
+    if processes > 1 and shard_latents and cfg.n_latents % processes:
+        raise ConfigError(f"--latents {cfg.n_latents} must divide into {processes} shards")
 
 
 def barrier(world: World) -> None:

@@ -64,7 +64,7 @@ def evaluate_run(run_dir: Path, store_dir: Path | None = None, downstream_contex
     store = ActivationStore.open(store_dir or cfg["store"])
     check_store_for_sae(store, cfg, run_dir)
     store = complete_heldout(store)  # the first eval on a store computes them
-    metrics = evaluate_sae(sae, store, cfg["input_scale"])
+    metrics = evaluate_sae(sae, store, cfg.get("input_scale", 1.0))  # as harvest and the probe read it
     if downstream_contexts > 0:
         metrics |= downstream_loss(sae, cfg, store, downstream_contexts)
     runfolder.save_metrics(run_dir, metrics)
@@ -118,7 +118,7 @@ def downstream_loss(sae: TopKSAE, run_cfg: dict, store: ActivationStore, n_conte
 
     _, model = load_causal_lm(run_cfg["model"], str(sae.W_dec.device))
     _, blocks = find_blocks(model.base_model)
-    layer, scale = run_cfg["layer"], run_cfg["input_scale"]
+    layer, scale = run_cfg["layer"], run_cfg.get("input_scale", 1.0)
     first = store.n_train_contexts
     rows = range(first, min(store.n_contexts, first + n_contexts))
     tokens = torch.from_numpy(store.tokens[list(rows)]).long().to(sae.W_dec.device)  # (C, T)

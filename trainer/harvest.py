@@ -35,7 +35,7 @@ from trainer.progress import progress
 
 from trainer import explain, runfolder
 from trainer.activations import ActivationStore, check_store_for_sae, complete_heldout, token_vocab
-from trainer.config import HarvestConfig
+from trainer.config import ConfigError, HarvestConfig
 from trainer.directions import logit_effects, nearest_latents
 from trainer.grouping import group_codes, rank_within, sort_within, spread_within
 from trainer.model import LanguageModel, load_language_model
@@ -496,6 +496,9 @@ def harvest_run(run_dir: Path, cfg: HarvestConfig | None = None, store_dir: Path
     device = default_device()
     run_cfg, sae = TopKSAE.load(run_dir, device)
     store = store_for_run(run_dir, run_cfg, cfg, store_dir)
+    if cfg.exclude_first >= store.context_length:
+        raise ConfigError(f"--exclude-first {cfg.exclude_first} leaves out every position of the store's "
+                          f"{store.context_length}-token contexts")
     lm = load_language_model(run_cfg["model"], run_cfg["layer"], str(device), fast=bool(run_cfg.get("fast_matmul", 1)))
     if not from_model:
         store = complete_heldout(store, lm)

@@ -23,6 +23,7 @@ Every reader raises `RunFolderError` with a one-line message naming the file at 
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from dataclasses import dataclass
@@ -196,6 +197,14 @@ def read_json(path: Path):
         raise RunFolderError(f"{path}: not valid JSON ({e})") from None
 
 
+def read_json_object(path: Path) -> dict:
+    """A JSON file that must hold an object (cfg.json, metrics.json, harvest.json)."""
+    found = read_json(path)
+    if not isinstance(found, dict):
+        raise RunFolderError(f"{path}: expected a JSON object, found {type(found).__name__}")
+    return found
+
+
 def read_tensors(path: Path, required: tuple[str, ...]) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
@@ -211,7 +220,7 @@ def read_tensors(path: Path, required: tuple[str, ...]) -> dict[str, torch.Tenso
 
 
 def load_cfg(run_dir: Path) -> dict:
-    cfg = read_json(Path(run_dir) / CFG_FILE)
+    cfg = read_json_object(Path(run_dir) / CFG_FILE)
     missing = [key for key in ("model", "layer", "d_in", "n_latents", "k") if key not in cfg]
     if missing:
         foreign = _foreign_format(run_dir)
@@ -219,7 +228,20 @@ def load_cfg(run_dir: Path) -> dict:
             raise RunFolderError(f"{run_dir}: an SAE saved by {foreign}, not a saescope run folder; "
                                  f"turn it into one with `saescope import {run_dir} --out RUN`")
         raise RunFolderError(f"{Path(run_dir) / CFG_FILE}: missing key(s) {', '.join(missing)}")
+    check_cfg_values(cfg, Path(run_dir) / CFG_FILE)
     return cfg
+
+
+def check_cfg_values(cfg: dict, path: Path) -> None:
+    """Sizes that are whole numbers in range, and a finite positive input scale where there is one."""
+    whole = {key: cfg[key] for key in ("layer", "d_in", "n_latents", "k")}
+    if not all(isinstance(value, int) and not isinstance(value, bool) for value in whole.values()):
+        raise RunFolderError(f"{path}: layer, d_in, n_latents and k must be whole numbers, found {whole}")
+    if cfg["layer"] < 0 or cfg["d_in"] < 1 or not 0 < cfg["k"] < cfg["n_latents"]:
+        raise RunFolderError(f"{path}: needs layer >= 0, d_in >= 1 and 0 < k < n_latents, found {whole}")
+    scale = cfg.get("input_scale", 1.0)
+    if not (isinstance(scale, (int, float)) and not isinstance(scale, bool) and math.isfinite(scale) and scale > 0):
+        raise RunFolderError(f"{path}: input_scale must be a finite number > 0, found {scale!r}")
 
 
 def _foreign_format(folder: Path) -> str | None:
@@ -246,19 +268,21 @@ def load_sae_weights(run_dir: Path, cfg: dict | None = None) -> dict[str, torch.
             raise RunFolderError(
                 f"{path}: {name} has shape {tuple(weights[name].shape)}, cfg.json says {shape}"
             )
+    if bad := [name for name in SAE_TENSORS if not torch.isfinite(weights[name]).all()]:
+        raise RunFolderError(f"{path}: {', '.join(bad)} hold NaN or infinite values")
     return {name: weights[name].float() for name in SAE_TENSORS}
 
 
 def load_metrics(run_dir: Path) -> dict:
     path = Path(run_dir) / METRICS_FILE
-    return read_json(path) if path.exists() else {}
+    return read_json_object(path) if path.exists() else {}
 
 
 def harvest_is_current(run_dir: Path) -> bool:
     """A complete harvest in this saescope's format (an older one is made again)."""
     path = Path(run_dir) / HARVEST_DIR / "harvest.json"
     try:
-        return path.is_file() and read_json(path).get("version") == HARVEST_VERSION
+        return path.is_file() and read_json_object(path).get("version") == HARVEST_VERSION
     except RunFolderError:
         return False
 
@@ -267,7 +291,7 @@ def load_harvest(run_dir: Path, cfg: dict | None = None) -> Harvest:
     """The harvest, with every tensor's shape checked against cfg.json and against each other."""
     cfg = cfg or load_cfg(run_dir)
     folder = Path(run_dir) / HARVEST_DIR
-    info = read_json(folder / "harvest.json")
+    info = read_json_object(folder / "harvest.json")
     if info.get("version") != HARVEST_VERSION:
         raise RunFolderError(
             f"{folder / 'harvest.json'}: made by an older saescope (harvest version {info.get('version', 1)}, "

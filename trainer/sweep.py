@@ -27,7 +27,7 @@ from trainer import families, runfolder, scaling
 from trainer.config import SweepConfig, TrainConfig
 from trainer.evaluate import evaluate_run
 from trainer.harvest import harvest_run
-from trainer.train import CHECKPOINT_FILE, check_batches_fit, prepare_store, resume, train
+from trainer.train import CHECKPOINT_FILE, check_batches_fit, check_store_not_taken, prepare_store, resume, train
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +99,7 @@ def run_sweep(sweep: SweepConfig, base: TrainConfig, out_dir: Path) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     runfolder.write_json(out_dir / SWEEP_FILE, {"sweep": sweep.to_dict(), "train": base.to_dict(), "rungs": list(configs)})
     began = time.perf_counter()
+    check_store_not_taken(store_dir, base)  # the rungs trained on it would read another configuration's
     prepare_store(base, store_dir)
     log.info("activation store ready in %.0f s", time.perf_counter() - began)
     for i, (name, cfg) in enumerate(configs.items()):

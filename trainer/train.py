@@ -125,8 +125,9 @@ def check_store_not_taken(store_dir: Path, cfg: TrainConfig) -> None:
     """--store names a folder that may hold another configuration's activations (other SAEs may
     read them, and they may have cost hours): refuse to overwrite them, before any compute."""
     if differences := store_differences(store_dir, store_meta(cfg)):
-        raise ConfigError(f"--store {store_dir} holds the activations of another configuration ({'; '.join(differences)}), "
-                          f"which this run would overwrite: give another --store, or delete {store_dir} to build it there")
+        raise ConfigError(f"{store_dir} holds the activations of another configuration ({'; '.join(differences)}), "
+                          f"which this run would overwrite: train into another folder (or --store), or delete {store_dir} "
+                          "to build the store there")
 
 
 def input_scale(store: ActivationStore, n_contexts: int = 64) -> float:
@@ -407,14 +408,16 @@ def checkpointer(out_dir: Path, cfg: TrainConfig, store_dir: Path, scale: float,
     return lambda state: save_checkpoint(out_dir, {**meta, **state}) if world.writes else None
 
 
-def train(cfg: TrainConfig, out_dir: Path, store_dir: Path | None = None, world: World = World()) -> Path:
-    """Activations (or a reused store) -> trained SAE -> run folder `out_dir`."""
+def train(cfg: TrainConfig, out_dir: Path, store_dir: Path | None = None, world: World = World(),
+          replace_store: bool = False) -> Path:
+    """Activations (or a reused store) -> trained SAE -> run folder `out_dir`. A complete store of
+    another configuration at `store_dir` is an error unless `replace_store`."""
     out_dir = Path(out_dir)
     check_device(cfg.device)
     check_world(cfg, world)
-    if store_dir:  # a store of its own (OUT/activations) is the run's to replace; a shared one is not
-        check_store_not_taken(Path(store_dir), cfg)
     store_dir = Path(store_dir) if store_dir else out_dir / "activations"
+    if not replace_store:  # other runs may read it (a demo or sweep folder keeps one for all its runs)
+        check_store_not_taken(store_dir, cfg)
     began = time.perf_counter()
     try:
         built = check_batches_fit(cfg, store_dir)
@@ -446,14 +449,22 @@ def resume(out_dir: Path, world: World = World()) -> Path:
     if not path.is_file():
         done = (out_dir / runfolder.SAE_FILE).exists()
         raise TrainingError(f"{path}: no checkpoint to resume" + (" (the run is already complete)" if done else ""))
-    state = torch.load(path, weights_only=False, map_location="cpu")
-    if "W_enc" in state["sae"]:  # before W_enc_T: its Adam moments are laid out the other way
+    try:
+        state = torch.load(path, weights_only=False, map_location="cpu")
+    except Exception as e:  # noqa: BLE001: truncated, garbled or not a torch file at all
+        raise TrainingError(f"{path}: not a readable checkpoint ({type(e).__name__}); train the run again with --overwrite") from None
+    if isinstance(state, dict) and "W_enc" in state.get("sae", {}):  # before W_enc_T: its Adam moments are laid out the other way
         raise TrainingError(f"{path}: a checkpoint of an older saescope (W_enc stored as [d_in, n]); train the run again without --resume")
+    if not isinstance(state, dict) or not {"sae", "cfg", "store", "step"} <= state.keys():
+        raise TrainingError(f"{path}: not a saescope checkpoint; train the run again with --overwrite")
     cfg = TrainConfig.from_saved(state["cfg"])
     check_device(cfg.device)
     check_world(cfg, world)
     store_dir = Path(state["store"])
     store = ActivationStore.open(store_dir)
+    if differences := store_differences(store_dir, store_meta(cfg)):  # replaced since the kill
+        raise TrainingError(f"{store_dir} now holds the activations of another configuration ({'; '.join(differences)}) "
+                            f"than the run in {out_dir} was trained on: it cannot be resumed on them")
     trainer = Trainer(cfg, store, state["input_scale"], world)
     start_step, fvu_ema = trainer.restore(state)
     log.info("resuming %s at step %d of %d", out_dir, start_step, trainer.total_steps)

@@ -52,7 +52,7 @@ def hostile_server(tmp_path_factory):
     save_harvest(run, harvest)
     url = f"sqlite:///{tmp_path_factory.mktemp('db') / 'hostile.db'}"
     sae_id = load_run(run, url)
-    assert sae_id == sae_slug({"model": HOSTILE_MODEL, "layer": 6, "n_latents": N_LATENTS, "k": 32})
+    assert sae_id == sae_slug({"model": HOSTILE_MODEL, "layer": 6, "n_latents": N_LATENTS, "k": N_LATENTS // 2})
     port = free_port()
     serve = f"from app.server import serve; serve({url!r}, '127.0.0.1', {port})"
     with running_server(["-c", serve], port) as (base, _):

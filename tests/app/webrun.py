@@ -117,10 +117,11 @@ def make_synthetic_run(run_dir: Path, n_latents: int, n_examples: int, context_l
     n_contexts = n_contexts or n_latents
     vocab = vocab or [f" tok{i}" for i in range(1000)]
     d_in = 8
-    save_cfg(run_dir, {"model": model, "layer": 6, "d_in": d_in, "n_latents": n_latents, "k": 32,
+    k = min(32, n_latents // 2)  # a valid TopK even for the tiny ones
+    save_cfg(run_dir, {"model": model, "layer": 6, "d_in": d_in, "n_latents": n_latents, "k": k,
                        "context_length": context_length, "seed": seed})
     write_weights(run_dir, d_in, n_latents, seed)
-    save_metrics(run_dir, {"fvu": 0.1, "l0": 32.0, "dead_fraction": 0.0})
+    save_metrics(run_dir, {"fvu": 0.1, "l0": float(k), "dead_fraction": 0.0})
     save_harvest(run_dir, random_harvest(n_latents, vocab, K=n_examples, T=context_length, C=n_contexts,
                                          Q=quantile_bins, S=samples_per_bin, seed=seed))
     return run_dir
