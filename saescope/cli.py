@@ -41,7 +41,7 @@ def cmd_train(args) -> None:
 
     parallel = config_from_args(args, DistributedConfig)
     if args.out and not args.resume and "WORLD_SIZE" not in os.environ:
-        check_out_is_free(Path(args.out), args.overwrite)
+        check_out_is_free(Path(args.out), args.overwrite, Path(args.store) if args.store else None)
     if parallel.nproc > 1 and "WORLD_SIZE" not in os.environ:  # start torchrun, which runs this on every rank
         check_device(args.device)
         distributed.check_gpus(parallel.nproc, args.device)
@@ -64,7 +64,7 @@ def cmd_train(args) -> None:
         print(f"trained {run} (held-out metrics: saescope eval {run})")
 
 
-def check_out_is_free(out: Path, overwrite: bool) -> None:
+def check_out_is_free(out: Path, overwrite: bool, store: Path | None = None) -> None:
     """A trained SAE or a killed run's checkpoint in --out is not replaced by accident (train()
     itself replaces them: the sweep and the demo retrain a folder whose config changed)."""
     from trainer import runfolder
@@ -73,6 +73,8 @@ def check_out_is_free(out: Path, overwrite: bool) -> None:
     for folder in (out, out.parent):
         if folder.exists() and not folder.is_dir():
             raise CommandError(f"--out {out}: {folder} is a file, not a folder")
+    if store is not None and store.exists() and not store.is_dir():
+        raise CommandError(f"--store {store}: a file, not a folder")
     if overwrite:
         return
     if (out / CHECKPOINT_FILE).exists():
@@ -346,7 +348,9 @@ def _is_user_error(e: Exception) -> bool:
 
     from trainer.activations import StoreError
 
-    user_errors = (CommandError, ConfigError, CorpusError, ModelError, RunFolderError, StoreError, TrainingError)
+    # A path the user gave that is a file, or not writable: the OS's own one-line reason is clear.
+    path_errors = (FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError)
+    user_errors = (CommandError, ConfigError, CorpusError, ModelError, RunFolderError, StoreError, TrainingError, *path_errors)
     try:
         from app.loader import LoadError
 

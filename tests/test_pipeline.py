@@ -207,6 +207,8 @@ def test_a_database_that_cannot_be_opened_is_one_line(tiny_run, tmp_path, comman
         (["--warmup-fraction", "0.8", "--decay-fraction", "0.5"], "add up to more than the whole run"),
         (["--auxk-alpha", "-1"], "--auxk-alpha must be a number >= 0"),
         (["--dead-tokens", "-5"], "--dead-tokens must be >= 0"),
+        (["--store", "{tmp}/blank/a.txt"], "a file, not a folder"),
+        (["--out", "{tmp}/blank/a.txt/run"], "is a file, not a folder"),
         (["--device", "gpu"], "--device gpu: not a torch device"),
         (["--device", f"cuda:{torch.cuda.device_count()}"], "CUDA device"),  # one past the last, on any machine
         (["--batch-size", "512"], "--batch-size 512 is larger than the 256 training tokens"),
