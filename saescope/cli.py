@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
@@ -53,6 +54,8 @@ def cmd_train(args) -> None:
         sys.exit(distributed.launch(parallel, folders + config_to_args(config_from_args(args, TrainConfig))))
     world = distributed.init_world(bool(parallel.shard_latents), args.device)
     if args.resume:
+        if "WORLD_SIZE" not in os.environ:
+            warn_ignored_with_resume(args)
         run = resume(_run_dir(args.resume), world)
     elif not args.out:
         raise CommandError("--out RUN is required (or --resume RUN to continue a killed run)")
@@ -62,6 +65,17 @@ def cmd_train(args) -> None:
     distributed.finish_world(world)
     if world.writes:
         print(f"trained {run} (held-out metrics: saescope eval {run})")
+
+
+def warn_ignored_with_resume(args) -> None:
+    """--resume continues with the settings the run was started with: say which given ones it ignores."""
+    given, default = config_from_args(args, TrainConfig), TrainConfig()
+    ignored = [f"{f.metadata.get('flag') or '--' + f.name.replace('_', '-')} {getattr(given, f.name)}"
+               for f in dataclasses.fields(TrainConfig) if f.name != "device" and getattr(given, f.name) != getattr(default, f.name)]
+    ignored += [f"--{name} {getattr(args, name)}" for name in ("out", "store") if getattr(args, name)]
+    if ignored:
+        print(f"note: --resume continues {args.resume} with the settings it was started with; ignored: "
+              f"{', '.join(ignored)}", file=sys.stderr)
 
 
 def check_out_is_free(out: Path, overwrite: bool, store: Path | None = None) -> None:

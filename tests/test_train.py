@@ -477,3 +477,10 @@ def test_resume_names_a_damaged_checkpoint_in_one_line(tmp_path, content):
     result = saescope("train", "--resume", str(tmp_path))
     assert result.returncode == 2 and "not a readable checkpoint" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_resume_says_which_given_options_it_ignores(tmp_path):
+    (tmp_path / CHECKPOINT_FILE).write_bytes(b"")
+    result = saescope("train", "--resume", str(tmp_path), "--latents", "128", "--layer", "0")
+    assert f"note: --resume continues {tmp_path} with the settings it was started with; ignored: --layer 0, --latents 128" in result.stderr
+    assert saescope("train", "--resume", str(tmp_path)).stderr.count("note:") == 0
