@@ -39,6 +39,13 @@ def make_engine(database_url: str, *, statement_timeout_s: float | None = None,
     return create_engine(database_url, pool_pre_ping=True, connect_args=connect_args, **pool)
 
 
+def sqlite_file(url) -> Path | None:
+    """The file of an SQLite URL (a parsed sqlalchemy URL); None for an in-memory one or another
+    database."""
+    on_disk = url.drivername.startswith("sqlite") and url.database not in (None, "", ":memory:")
+    return Path(url.database) if on_disk else None
+
+
 def database_problem(database_url: str) -> str | None:
     """Why `database_url` cannot be opened, in one line, or None: checked by the command line
     before it loads or serves, so that a mistyped URL is not a traceback."""
@@ -47,11 +54,11 @@ def database_problem(database_url: str) -> str | None:
     except ArgumentError:
         return f"{database_url!r} is not a database URL (sqlite:///FILE or postgresql+psycopg://USER@HOST/DB)"
     shown = url.render_as_string(hide_password=True)
-    if url.drivername.startswith("sqlite") and url.database in (None, "", ":memory:"):
+    file = sqlite_file(url)
+    if url.drivername.startswith("sqlite") and file is None:
         return f"{shown} is an in-memory SQLite database, gone when the command ends: give a file, sqlite:///FILE"
-    sqlite_file = Path(url.database) if url.drivername.startswith("sqlite") and url.database not in (None, "", ":memory:") else None
-    if sqlite_file and not sqlite_file.exists():  # made by the first load; connecting now would leave an empty file
-        return None if sqlite_file.parent.is_dir() else f"cannot open {shown}: there is no folder {sqlite_file.parent}"
+    if file and not file.exists():  # made by the first load; connecting now would leave an empty file
+        return None if file.parent.is_dir() else f"cannot open {shown}: there is no folder {file.parent}"
     try:
         engine = make_engine(database_url)
     except (ArgumentError, NoSuchModuleError, ImportError) as e:

@@ -304,7 +304,6 @@ def context_rows(token_ids: np.ndarray, used: np.ndarray, vocab: list[str], toke
     })
 
 
-
 def token_rows(arrays: dict[str, np.ndarray]) -> Rows:
     """tokens.safetensors in (token, latent) order, the primary key's."""
     order = np.lexsort((arrays["token_latent"], arrays["token_id"]))

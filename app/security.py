@@ -71,7 +71,7 @@ def _raw_headers(path_kind: str, debug: bool) -> tuple[tuple[bytes, bytes], ...]
                  for name, value in security_headers(path_kind, debug).items())
 
 
-def _headers_for(path: str, debug: bool) -> tuple[tuple[bytes, bytes], ...]:
+def headers_for(path: str, debug: bool) -> tuple[tuple[bytes, bytes], ...]:
     """The raw headers for a path; computed once per kind of path (docs, embeddable, other)."""
     if debug and path in DOCS_PATHS:
         return _raw_headers(path, True)
@@ -107,7 +107,7 @@ class RequestGuard:
                 started = True
                 headers = list(message.get("headers", ()))
                 present = {name.lower() for name, _ in headers}
-                secured = _headers_for(scope["path"], self.debug)
+                secured = headers_for(scope["path"], self.debug)
                 headers += [(name, value) for name, value in secured if name not in present]
                 message = {**message, "headers": headers}
             await send(message)

@@ -16,7 +16,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from app.db import upgrade
 from app.main import create_app
-from app.security import security_headers
+from app.security import headers_for
 from app.settings import Settings
 
 log = logging.getLogger("saescope.app")
@@ -98,7 +98,7 @@ class HeaderTimeoutProtocol(H11Protocol):
 
 async def over_limit(scope, send) -> None:
     """503 with the security headers, a Retry-After, and the connection closed (as uvicorn's)."""
-    headers = [(name.lower().encode(), value.encode()) for name, value in security_headers(scope["path"]).items()]
+    headers = [*headers_for(scope["path"], False)]  # what the app adds to every response
     body = b"Service Unavailable: too many connections, try again shortly"
     headers += [(b"content-type", b"text/plain; charset=utf-8"), (b"content-length", str(len(body)).encode()),
                 (b"retry-after", b"1"), (b"connection", b"close")]

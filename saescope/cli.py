@@ -22,7 +22,7 @@ from pathlib import Path
 
 from trainer.config import (
     SWEEP_TRAIN_DEFAULTS, ConfigError, DistributedConfig, HarvestConfig, SweepConfig, TrainConfig, add_config_arguments,
-    check_device, config_from_args, config_to_args,
+    check_device, config_from_args, config_to_args, flag_of,
 )
 
 DEFAULT_HOST = "127.0.0.1"
@@ -70,8 +70,8 @@ def cmd_train(args) -> None:
 def warn_ignored_with_resume(args) -> None:
     """--resume continues with the settings the run was started with: say which given ones it ignores."""
     given, default = config_from_args(args, TrainConfig), TrainConfig()
-    ignored = [f"{f.metadata.get('flag') or '--' + f.name.replace('_', '-')} {getattr(given, f.name)}"
-               for f in dataclasses.fields(TrainConfig) if f.name != "device" and getattr(given, f.name) != getattr(default, f.name)]
+    ignored = [f"{flag_of(f)} {getattr(given, f.name)}" for f in dataclasses.fields(TrainConfig)
+               if f.name != "device" and getattr(given, f.name) != getattr(default, f.name)]
     ignored += [f"--{name} {getattr(args, name)}" for name in ("out", "store") if getattr(args, name)]
     if ignored:
         print(f"note: --resume continues {args.resume} with the settings it was started with; ignored: "
@@ -125,13 +125,6 @@ def cmd_import(args) -> None:
     print(f"imported the {detect_format(source)} SAE {source} into {run}")
 
 
-def _sqlite_file(url: str) -> Path | None:
-    from sqlalchemy.engine import make_url
-
-    parsed = make_url(url)  # valid: _check_database has passed
-    return Path(parsed.database) if parsed.drivername.startswith("sqlite") and parsed.database else None
-
-
 def _check_database(url: str) -> None:
     from app.db import database_problem
 
@@ -154,12 +147,15 @@ def cmd_load(args) -> None:
 
 
 def cmd_serve(args) -> None:
+    from sqlalchemy.engine import make_url
+
+    from app.db import sqlite_file
     from app.server import serve
 
     if not 0 <= args.port <= 65535:
         raise CommandError(f"--port must be from 0 (any free port) to 65535, got {args.port}")
     _check_database(args.db)
-    if (file := _sqlite_file(args.db)) is not None and not file.exists():  # a typo, or a first start
+    if (file := sqlite_file(make_url(args.db))) is not None and not file.exists():  # a typo, or a first start
         print(f"note: {file} does not exist yet: serving an empty database "
               f"(put runs in it with `saescope load RUN --db {args.db}`)", file=sys.stderr)
     if args.preload:  # Settings.probe_preload, read by every server process

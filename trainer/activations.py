@@ -28,10 +28,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from trainer.progress import progress
 
 from trainer import runfolder
 from trainer.model import LanguageModel, load_language_model
+from trainer.progress import progress
 
 META_FILE = "meta.json"  # written atomically: readers see the old one or the new one
 
@@ -136,23 +136,27 @@ def token_vocab(tokenizer) -> list[str]:
     return [tokenizer.decode([i]) for i in range(len(tokenizer))]
 
 
-def store_matches(path: Path, meta: dict) -> bool:
+def complete_meta(path: Path) -> dict | None:
+    """The meta.json of a complete store at `path`; None when there is none (or only a killed
+    build's leftovers, or a meta.json too damaged to say)."""
     meta_file = Path(path) / META_FILE
-    if not meta_file.exists():
-        return False
-    found = json.loads(meta_file.read_text())
-    return found.get("complete", False) and all(found.get(key) == value for key, value in meta.items())
+    try:
+        found = json.loads(meta_file.read_text()) if meta_file.is_file() else None
+    except (OSError, ValueError):
+        return None
+    return found if isinstance(found, dict) and found.get("complete", False) else None
+
+
+def store_matches(path: Path, meta: dict) -> bool:
+    found = complete_meta(path)
+    return found is not None and all(found.get(key) == value for key, value in meta.items())
 
 
 def store_differences(path: Path, meta: dict) -> list[str]:
     """How the complete store at `path` differs from `meta` ("layer 6, not 1"); empty when there is
-    none (or only a killed build's leftovers, or a meta.json too damaged to say) or it matches."""
-    meta_file = Path(path) / META_FILE
-    try:
-        found = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
-    except (OSError, ValueError):
-        found = {}
-    if not isinstance(found, dict) or not found.get("complete", False):
+    none (complete_meta) or it matches."""
+    found = complete_meta(path)
+    if found is None:
         return []
     return [f"{key} {found.get(key)!r}, not {value!r}" for key, value in meta.items() if found.get(key) != value]
 

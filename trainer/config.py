@@ -256,15 +256,19 @@ class DistributedConfig:
 # ------------------------------------------------------------ argparse from dataclasses
 
 
+def flag_of(f) -> str:
+    """A config field's command-line flag."""
+    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+
+
 def add_config_arguments(parser: argparse.ArgumentParser, config_cls, exclude: tuple[str, ...] = (), defaults: dict | None = None) -> None:
     """One flag per field; `exclude` leaves fields out, `defaults` replaces some defaults."""
     for f in fields(config_cls):
         if f.name in exclude:
             continue
         default = (defaults or {}).get(f.name, f.default)
-        flag = f.metadata.get("flag") or "--" + f.name.replace("_", "-")
         parser.add_argument(
-            flag,
+            flag_of(f),
             dest=f.name,
             type=type(default) if default is not MISSING else str,
             default=default,
@@ -277,7 +281,7 @@ def config_to_args(cfg, exclude: tuple[str, ...] = ()) -> list[str]:
     args = []
     for f in fields(cfg):
         if f.name not in exclude:
-            args += [f.metadata.get("flag") or "--" + f.name.replace("_", "-"), str(getattr(cfg, f.name))]
+            args += [flag_of(f), str(getattr(cfg, f.name))]
     return args
 
 

@@ -7,10 +7,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from trainer.progress import progress
 
 from trainer import runfolder
 from trainer.activations import ActivationStore, check_store_for_sae, complete_heldout
+from trainer.progress import progress
 from trainer.sae import TopKSAE, default_device
 
 DENSE_THRESHOLD = 0.1  # a latent firing on more than 10 % of tokens counts as dense

@@ -31,7 +31,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from trainer.progress import progress
 
 from trainer import explain, runfolder
 from trainer.activations import ActivationStore, check_store_for_sae, complete_heldout, token_vocab
@@ -39,6 +38,7 @@ from trainer.config import ConfigError, HarvestConfig
 from trainer.directions import logit_effects, nearest_latents
 from trainer.grouping import group_codes, rank_within, sort_within, spread_within
 from trainer.model import LanguageModel, load_language_model
+from trainer.progress import progress
 from trainer.sae import TopKSAE, default_device, fast_matmul_dtype
 from trainer.tokens import vocab_bytes
 

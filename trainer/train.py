@@ -13,13 +13,13 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
-from trainer.progress import progress
 
 from trainer import corpus, runfolder
 from trainer.activations import META_FILE, ActivationStore, build_store, store_differences, store_matches
 from trainer.config import ConfigError, TrainConfig, check_device
 from trainer.distributed import Selection, World, barrier, check_world, training_forward
 from trainer.model import ModelError, check_layer, load_language_model, model_width
+from trainer.progress import progress
 from trainer.sae import SparseTopK, TopKSAE, fast_matmul_dtype, geometric_median
 
 log = logging.getLogger(__name__)
