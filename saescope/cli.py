@@ -146,14 +146,18 @@ def cmd_load(args) -> None:
     print(f"loaded {sae_id} into {args.db}")
 
 
+def _check_port(port: int) -> None:
+    if not 0 <= port <= 65535:
+        raise CommandError(f"--port must be from 0 (any free port) to 65535, got {port}")
+
+
 def cmd_serve(args) -> None:
     from sqlalchemy.engine import make_url
 
     from app.db import sqlite_file
     from app.server import serve
 
-    if not 0 <= args.port <= 65535:
-        raise CommandError(f"--port must be from 0 (any free port) to 65535, got {args.port}")
+    _check_port(args.port)
     _check_database(args.db)
     if (file := sqlite_file(make_url(args.db))) is not None and not file.exists():  # a typo, or a first start
         print(f"note: {file} does not exist yet: serving an empty database "
@@ -193,8 +197,14 @@ def cmd_demo(args) -> None:
     workdir = Path(args.workdir)
     cfg = config_from_args(args, TrainConfig)
     run = workdir / "runs" / runfolder.sae_slug({**cfg.to_dict(), "d_in": 0})
+    if workdir.exists() and not workdir.is_dir():
+        raise CommandError(f"--workdir {workdir}: a file, not a folder")
+    if not args.db:  # the default database lives in the workdir, made here on a first run
+        workdir.mkdir(parents=True, exist_ok=True)
     db = args.db or f"sqlite:///{(workdir / 'saescope.db').resolve()}"
     _check_database(db)  # before the stages that take minutes, not after them
+    if not args.no_serve:
+        _check_port(args.port)
     began = time.perf_counter()
 
     if trained_with(run, cfg):
