@@ -37,13 +37,10 @@ def uninterrupted(tiny_model_dir, tmp_path_factory):
     return folder
 
 
-def test_resume_after_sigkill_matches_uninterrupted_run(uninterrupted, tiny_model_dir):
-    run = uninterrupted / "killed"
-    process = subprocess.Popen(
-        [sys.executable, "-m", "saescope.cli", "train", "--out", str(run), "--store", str(uninterrupted / "store"),
-         "--model", str(tiny_model_dir), *ARGS],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
+def kill_at_first_checkpoint(run: Path, *args: str) -> None:
+    """`saescope train --out run *args`, SIGKILLed as soon as it has written a checkpoint."""
+    process = subprocess.Popen([sys.executable, "-m", "saescope.cli", "train", "--out", str(run), *args],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     while not (run / CHECKPOINT_FILE).exists():
         assert process.poll() is None, "training ended before its first checkpoint"
@@ -51,6 +48,11 @@ def test_resume_after_sigkill_matches_uninterrupted_run(uninterrupted, tiny_mode
         time.sleep(0.005)
     process.send_signal(signal.SIGKILL)
     assert process.wait() == -signal.SIGKILL
+
+
+def test_resume_after_sigkill_matches_uninterrupted_run(uninterrupted, tiny_model_dir):
+    run = uninterrupted / "killed"
+    kill_at_first_checkpoint(run, "--store", str(uninterrupted / "store"), "--model", str(tiny_model_dir), *ARGS)
     assert not (run / runfolder.SAE_FILE).exists()  # killed mid-way: no result yet
     killed_at = torch.load(run / CHECKPOINT_FILE, weights_only=False)["step"]
     assert 0 < killed_at < 256
@@ -126,6 +128,28 @@ def test_train_does_not_replace_a_trained_sae_or_a_checkpoint_unless_told(uninte
     assert saescope(*args, "--overwrite").returncode == 0
     assert runfolder.load_cfg(run)["k"] == 6
     assert (run / runfolder.SAE_FILE).read_bytes() != weights
+
+
+def test_an_overwrite_killed_mid_way_keeps_the_old_run_until_it_finishes(uninterrupted, tiny_model_dir, tmp_path):
+    """train --overwrite replaces a run's SAE, metrics and harvest only when its own weights are
+    written: killed before, the folder still holds the old run, whole; --resume then finishes the
+    new one and leaves none of the old run's results beside it."""
+    run = tmp_path / "run"
+    shutil.copytree(uninterrupted / "reference", run)
+    (run / runfolder.HARVEST_DIR).mkdir()
+    runfolder.write_json(run / runfolder.HARVEST_DIR / "harvest.json", {"version": runfolder.HARVEST_VERSION})
+    runfolder.save_metrics(run, {**runfolder.load_metrics(run), "fvu": 0.1})  # as if evaluated
+    old = {path.relative_to(run): path.read_bytes() for path in run.rglob("*") if path.is_file()}
+    args = [*ARGS]
+    args[args.index("--k") + 1] = "6"
+    kill_at_first_checkpoint(run, "--store", str(uninterrupted / "store"), "--model", str(tiny_model_dir), "--overwrite", *args)
+    assert {path: (run / path).read_bytes() for path in old} == old
+
+    assert saescope("train", "--resume", str(run)).returncode == 0
+    assert runfolder.load_cfg(run)["k"] == 6 and not (run / CHECKPOINT_FILE).exists()
+    assert (run / runfolder.SAE_FILE).read_bytes() != old[Path(runfolder.SAE_FILE)]
+    assert not (run / runfolder.HARVEST_DIR).exists()  # the old weights' harvest went with them
+    assert "fvu" not in runfolder.load_metrics(run)  # the new run's training metrics, not the old eval's
 
 
 def other_layer_store(uninterrupted, folder: Path) -> Path:

@@ -66,10 +66,7 @@ def run_rung(run: Path, cfg: TrainConfig, store_dir: Path, downstream_contexts: 
         if "fvu" in runfolder.load_metrics(run):
             return "done before"
         done = "evaluated"
-    else:
-        # The harvest describes the old weights; harvest.json goes first, so that a sweep killed
-        # during training harvests the new weights when it resumes (harvest_is_current is False).
-        (run / runfolder.HARVEST_DIR / "harvest.json").unlink(missing_ok=True)
+    else:  # train() removes the old weights' harvest when it writes the new ones
         if checkpoint_of(run, cfg):
             resume(run)
             done = "resumed, evaluated"

@@ -429,11 +429,9 @@ def train(cfg: TrainConfig, out_dir: Path, store_dir: Path | None = None, world:
     scale = input_scale(store)
     if world.writes:
         out_dir.mkdir(parents=True, exist_ok=True)
-        # A fresh run replaces what an earlier run left here: its checkpoint, metrics and harvest
-        # describe other weights.
+        # A fresh run starts over; an earlier SAE, metrics and harvest here stay usable until
+        # this run's weights replace them (finish_run), so a run killed on the way loses nothing.
         (out_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
-        (out_dir / runfolder.METRICS_FILE).unlink(missing_ok=True)
-        shutil.rmtree(out_dir / runfolder.HARVEST_DIR, ignore_errors=True)
     trainer = Trainer(cfg, store, scale, world)
     stats = trainer.fit(checkpointer(out_dir, cfg, store_dir, scale, world))
     if built and store.meta.get("forward_seconds"):  # a reused store's forward ran in another run
@@ -494,6 +492,10 @@ def finish_run(out_dir: Path, trainer: Trainer, stats: dict, began: float, store
     barrier(trainer.world)
     if not trainer.world.writes:
         return out_dir
+    # An earlier run's metrics and harvest describe other weights. The checkpoint goes last: until
+    # then a run killed here finishes again with --resume.
+    (out_dir / runfolder.METRICS_FILE).unlink(missing_ok=True)
+    shutil.rmtree(out_dir / runfolder.HARVEST_DIR, ignore_errors=True)
     runfolder.save_sae_weights(out_dir, weights)
     runfolder.save_cfg(out_dir, run_cfg)
     runfolder.save_metrics(out_dir, stats)
