@@ -109,3 +109,72 @@ def test_shape_mismatch_with_cfg(tmp_path):
 def test_slug_is_readable():
     cfg = {"model": "/some/path/SmolLM2-135M-Instruct", "layer": 6, "n_latents": 4096, "k": 32}
     assert runfolder.sae_slug(cfg) == "smollm2-135m-instruct-l6-4096-k32"
+
+
+# A process that saves a new harvest into a run folder and stops for good at one point of it,
+# so that the test can SIGKILL it there.
+SAVE_AND_STALL = """
+import os, sys, time
+from pathlib import Path
+from trainer import runfolder
+from tests.synthetic import random_harvest
+
+run, point = Path(sys.argv[1]), sys.argv[2]
+write_json, replace = runfolder.write_json, os.replace
+
+def stall():
+    print("stalled", flush=True)
+    time.sleep(600)
+
+def stall_before_swap(path, obj):  # every file of the new harvest is written but harvest.json
+    stall() if path.name == "harvest.json" else write_json(path, obj)
+
+def stall_between_renames(src, dst):  # the old harvest moved aside, the new one not yet in place
+    replace(src, dst)
+    if Path(src).name == "harvest":
+        stall()
+
+if point == "before the swap":
+    runfolder.write_json = stall_before_swap
+else:
+    os.replace = stall_between_renames
+runfolder.save_harvest(run, random_harvest(12, [f"t{i}" for i in range(9)], K=4, T=5, C=7))
+"""
+
+
+@pytest.mark.parametrize("point", ["before the swap", "between the renames"])
+def test_a_harvest_killed_while_it_is_saved_leaves_the_previous_one_whole(tmp_path, point):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    write_run(tmp_path)
+    before = runfolder.load_harvest(tmp_path)
+    files = {path.name: path.read_bytes() for path in (tmp_path / "harvest").iterdir()}
+    process = subprocess.Popen([sys.executable, "-c", SAVE_AND_STALL, str(tmp_path), point],
+                               stdout=subprocess.PIPE, text=True, cwd=os.getcwd())
+    assert process.stdout.readline() == "stalled\n"
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+
+    assert runfolder.harvest_is_current(tmp_path)  # put back if it was moved aside
+    assert {path.name: path.read_bytes() for path in (tmp_path / "harvest").iterdir()} == files
+    assert runfolder.load_harvest(tmp_path).vocab == before.vocab
+    runfolder.save_harvest(tmp_path, random_harvest(12, ["x"] * 9, K=4, T=5, C=7))  # the next save tidies up
+    assert runfolder.load_harvest(tmp_path).vocab == ["x"] * 9
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["cfg.json", "harvest", "metrics.json", "sae.safetensors"]
+
+
+def test_run_folder_files_take_the_umask_not_private_modes(tmp_path):
+    """A lab's server may run as another user than the trainer: the files must be as readable
+    as any the user makes (mkstemp and mkdtemp would make them 0600 and 0700)."""
+    import os
+
+    mask = os.umask(0o022)
+    try:
+        write_run(tmp_path)
+    finally:
+        os.umask(mask)
+    for path in [tmp_path / "harvest", *tmp_path.rglob("*.json"), *tmp_path.rglob("*.safetensors")]:
+        assert path.stat().st_mode & 0o777 == (0o755 if path.is_dir() else 0o644), path

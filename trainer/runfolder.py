@@ -25,7 +25,8 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
+import secrets
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,10 +53,14 @@ def _atomic_write(path: Path, write) -> None:
     """Write to a temporary file in the same folder, then rename: a killed process leaves
     either the old file or the new one, never half of one."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}"
+    # The umask's permissions, as a plain open gives: mkstemp's 0600 (and safetensors', which
+    # makes the file anew) would leave run folders unreadable to a server run as another user.
+    os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+    mode = tmp.stat().st_mode
     try:
         write(tmp)
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -169,19 +174,32 @@ class Harvest:
 
 
 def save_harvest(run_dir: Path, harvest: Harvest) -> None:
-    out = Path(run_dir) / HARVEST_DIR
-    # harvest.json says the files are complete and belong together: gone while they are replaced.
-    (out / "harvest.json").unlink(missing_ok=True)
-    for file, names in HARVEST_TENSORS.items():
-        write_tensors(out / file, {name: harvest.tensors[name].to(HARVEST_DTYPES.get(name, torch.float32)) for name in names})
-    write_json(out / "explanations.json", harvest.explanations)
-    write_json(out / "vocab.json", harvest.vocab)
-    if harvest.token_bytes is not None:
-        write_json(out / TOKEN_BYTES_FILE, harvest.token_bytes)
-    else:
-        (out / TOKEN_BYTES_FILE).unlink(missing_ok=True)
-    # harvest.json last: its presence says the harvest is complete.
-    write_json(out / "harvest.json", {**harvest.info, "version": HARVEST_VERSION})
+    """Write RUN/harvest in a folder beside it, then swap the two: a process killed at any point
+    leaves the previous harvest whole (or, between the two renames, whole under its old name)."""
+    run_dir = Path(run_dir)
+    out = run_dir / HARVEST_DIR
+    recover_harvest(run_dir)
+    for leftover in run_dir.glob(f".{HARVEST_DIR}.*"):  # of a harvest killed before its swap
+        shutil.rmtree(leftover, ignore_errors=True)
+    new = run_dir / f".{HARVEST_DIR}.new-{os.getpid()}"
+    new.mkdir()  # not mkdtemp: its 0700 would keep the harvest from other users
+    try:
+        for file, names in HARVEST_TENSORS.items():
+            write_tensors(new / file, {name: harvest.tensors[name].to(HARVEST_DTYPES.get(name, torch.float32)) for name in names})
+        write_json(new / "explanations.json", harvest.explanations)
+        write_json(new / "vocab.json", harvest.vocab)
+        if harvest.token_bytes is not None:
+            write_json(new / TOKEN_BYTES_FILE, harvest.token_bytes)
+        # harvest.json last: its presence says the harvest is complete.
+        write_json(new / "harvest.json", {**harvest.info, "version": HARVEST_VERSION})
+        old = run_dir / f".{HARVEST_DIR}.old-{os.getpid()}"
+        if out.exists():
+            os.replace(out, old)
+        os.replace(new, out)
+    except BaseException:
+        shutil.rmtree(new, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 # ---------------------------------------------------------------- reading
@@ -278,8 +296,24 @@ def load_metrics(run_dir: Path) -> dict:
     return read_json_object(path) if path.exists() else {}
 
 
+def recover_harvest(run_dir: Path) -> None:
+    """Put back a harvest that save_harvest had moved aside when it was killed, just before it put
+    the new one in its place (the one moment RUN/harvest is missing)."""
+    out = Path(run_dir) / HARVEST_DIR
+    if out.exists():
+        return
+    for old in Path(run_dir).glob(f".{HARVEST_DIR}.old-*"):
+        if (old / "harvest.json").is_file():
+            try:
+                os.replace(old, out)
+            except OSError:  # a folder we may only read: the harvest stays missing
+                pass
+            return
+
+
 def harvest_is_current(run_dir: Path) -> bool:
     """A complete harvest in this saescope's format (an older one is made again)."""
+    recover_harvest(run_dir)
     path = Path(run_dir) / HARVEST_DIR / "harvest.json"
     try:
         return path.is_file() and read_json_object(path).get("version") == HARVEST_VERSION
@@ -290,6 +324,7 @@ def harvest_is_current(run_dir: Path) -> bool:
 def load_harvest(run_dir: Path, cfg: dict | None = None) -> Harvest:
     """The harvest, with every tensor's shape checked against cfg.json and against each other."""
     cfg = cfg or load_cfg(run_dir)
+    recover_harvest(run_dir)
     folder = Path(run_dir) / HARVEST_DIR
     info = read_json_object(folder / "harvest.json")
     if info.get("version") != HARVEST_VERSION:
