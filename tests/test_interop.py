@@ -409,6 +409,27 @@ def test_import_command_writes_a_run_folder(tmp_path):
     assert main(["import", str(tmp_path / "nowhere"), "--out", str(tmp_path / "run2")]) == 2
 
 
+def test_import_checks_the_layer_and_width_against_a_model_this_machine_has(tiny_model_dir, tmp_path, caplog):
+    """The tiny model has 3 blocks of width 32: a layer past them or an SAE of another width is
+    refused with one line and nothing written; a model not on this machine is noted, not refused."""
+    src = tmp_path / "src" / "layers.1"
+    write_sparsify(src, sparsify_tensors(21, d=32))
+    with pytest.raises(RunFolderError, match=r"layer 7 is out of range: .* has blocks 0\.\.2") as e:
+        interop.import_sae(src, tmp_path / "run", model=str(tiny_model_dir), layer=7)
+    one_line_naming(e, src)
+    narrow = tmp_path / "narrow" / "layers.1"
+    write_sparsify(narrow, sparsify_tensors(22))
+    with pytest.raises(RunFolderError, match=f"reads {D}-wide activations, .* has d_model 32") as e:
+        interop.import_sae(narrow, tmp_path / "run", model=str(tiny_model_dir))
+    one_line_naming(e, narrow)
+    assert not (tmp_path / "run").exists()
+
+    assert runfolder.load_cfg(interop.import_sae(src, tmp_path / "run", model=str(tiny_model_dir)))["layer"] == 1
+    with caplog.at_level("WARNING", logger="trainer.interop"):
+        interop.import_sae(src, tmp_path / "elsewhere", model="not-on/this-machine")
+    assert "model 'not-on/this-machine' is not on this machine" in caplog.text
+
+
 def test_imported_sparsify_sae_goes_through_harvest_eval_and_load(tiny_model_dir, tmp_path):
     """An SAE trained elsewhere on the tiny model: import, harvest (building an activation store
     for its model and layer), evaluate, load, and read its feature page."""

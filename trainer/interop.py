@@ -45,6 +45,7 @@ Every error is a one-line RunFolderError naming the file at fault.
 
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
 
@@ -52,6 +53,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from trainer import runfolder
+from trainer.model import local_model_shape
 from trainer.runfolder import CFG_FILE, SAE_FILE, SAE_TENSORS, RunFolderError
 
 SAELENS_WEIGHTS_FILE = "sae_weights.safetensors"
@@ -62,6 +64,7 @@ FORMATS = ("saescope", "saelens", "sparsify")
 _BLOCK_OUTPUT = re.compile(r"(?:.*\.)?(?:layers|h|blocks|layer)\.(\d+)")
 _TL_RESID_POST = re.compile(r"blocks\.(\d+)\.hook_resid_post")
 _TL_RESID_PRE = re.compile(r"blocks\.(\d+)\.hook_resid_pre")
+log = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------- detection
@@ -386,11 +389,28 @@ def read_sae_folder(folder, model: str | None = None, layer: int | None = None) 
     return _READERS[detect_format(folder)](folder, model=model, layer=layer)
 
 
+def check_model_fits(cfg: dict, src: Path) -> None:
+    """The SAE's layer and width against its model's config, when this machine has the model;
+    otherwise a note (it may be a hub name for a machine with the network, or a TransformerLens
+    name: the run is still written, and eval, harvest and the probe will say what is missing)."""
+    shape = local_model_shape(cfg["model"])
+    if shape is None:
+        log.warning("note: model '%s' is not on this machine (no such folder, not in the Hugging Face cache): "
+                    "its layer and width are unchecked; give --model for eval, harvest and the probe", cfg["model"])
+        return
+    n_layers, width = shape
+    if not 0 <= cfg["layer"] < n_layers:
+        raise RunFolderError(f"{src}: layer {cfg['layer']} is out of range: '{cfg['model']}' has blocks 0..{n_layers - 1} (--layer)")
+    if width is not None and width != cfg["d_in"]:
+        raise RunFolderError(f"{src}: the SAE reads {cfg['d_in']}-wide activations, '{cfg['model']}' has d_model {width} (--model)")
+
+
 def import_sae(src_folder, out_run_dir, model: str | None = None, layer: int | None = None) -> Path:
     """Write a saescope run folder (cfg.json + sae.safetensors) for the SAE in `src_folder`.
     Harvest and eval then need an activation store (--store): an imported run has none."""
     src, out = Path(src_folder), Path(out_run_dir)
     cfg, weights = read_sae_folder(src, model=model, layer=layer)
+    check_model_fits(cfg, src)
     if out.exists() and out.resolve() == src.resolve():
         raise RunFolderError(f"{out}: the output folder is the source folder")
     for name in (CFG_FILE, SAE_FILE):

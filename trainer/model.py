@@ -215,6 +215,20 @@ def model_width(name: str) -> int | None:
         raise ModelError(f"cannot load model '{name}': {str(e).splitlines()[0]}") from None
 
 
+def local_model_shape(name: str) -> tuple[int, int | None] | None:
+    """(blocks, d_model) of a model this machine has, from its config alone and without the
+    network; None when it is not here (a hub name not in the cache, a folder that is missing)."""
+    if name == BUNDLED_MODEL:
+        return BUNDLED_N_LAYERS, BUNDLED_D_MODEL
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(name, local_files_only=True)
+    except (OSError, ValueError):
+        return None
+    return config.num_hidden_layers, getattr(config, "hidden_size", None)
+
+
 def check_layer(name: str, layer: int) -> None:
     n_layers = count_layers(name)
     if not 0 <= layer < n_layers:
