@@ -71,6 +71,16 @@ def test_layer_out_of_range(tiny_model_dir):
         check_layer(str(tiny_model_dir), 3)
 
 
+@pytest.mark.parametrize("name", ["/no/such/model", "./no-such-model", "~/no-such-model"])
+def test_a_model_path_that_is_not_a_folder_is_named_as_one(name):
+    """Not transformers' complaint about a malformed hub name."""
+    from trainer.model import count_layers, model_width
+
+    for check in (count_layers, model_width, lambda name: load_language_model(name, 1)):
+        with pytest.raises(ModelError, match=f"^model folder {name} not found"):
+            check(name)
+
+
 def test_bundled_smollm2_loads_offline(tmp_path, monkeypatch):
     """The embedded default, converted from its GGUF into a fresh cache (about 30 s)."""
     monkeypatch.setenv("SAESCOPE_CACHE", str(tmp_path))

@@ -77,9 +77,18 @@ def _load_bundled(dtype: torch.dtype):
     return tokenizer, model
 
 
+def check_folder(name: str) -> None:
+    """A model given as a path must be a folder here: transformers would take a missing one for a
+    malformed hub name and say so."""
+    if name.startswith((".", "/", "~")) and not Path(name).expanduser().is_dir():
+        raise ModelError(f"model folder {name} not found (a local model is a folder with config.json; "
+                         f"a hub model is named like HuggingFaceTB/SmolLM2-135M)")
+
+
 def _load_pretrained(name: str, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    check_folder(name)
     try:
         tokenizer = AutoTokenizer.from_pretrained(name)
         model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
@@ -193,6 +202,7 @@ def count_layers(name: str) -> int:
     if name == BUNDLED_MODEL:
         _bundled_folder()  # the package must be there
         return BUNDLED_N_LAYERS
+    check_folder(name)
     from transformers import AutoConfig
 
     try:
@@ -207,6 +217,7 @@ def model_width(name: str) -> int | None:
     not say."""
     if name == BUNDLED_MODEL:
         return BUNDLED_D_MODEL
+    check_folder(name)
     from transformers import AutoConfig
 
     try:
