@@ -49,3 +49,18 @@ def test_feature_page_in_a_browser(server, browser, sae_id):
     page.screenshot(path=str(SHOTS / "probe-empty.png"), full_page=True)
     assert dialogs == [] and errors == []
     page.close()
+
+
+def test_every_page_fits_a_phone(server, browser, sae_id):
+    """At 390 px nothing makes the page scroll sideways (the header wraps, a wide table scrolls
+    inside itself) and no heading breaks inside a word."""
+    page = browser.new_page(viewport={"width": 390, "height": 844})
+    for path in ["/", f"/saes/{sae_id}", f"/saes/{sae_id}/features/0", f"/saes/{sae_id}/features/0?context=full",
+                 f"/search?sae={sae_id}&q=the", "/api", "/ladders", f"/probe?sae={sae_id}&text=hello", "/no-such-page"]:
+        page.goto(f"{server}{path}")
+        page.wait_for_load_state("networkidle")
+        assert page.evaluate("document.documentElement.scrollWidth") <= 390, path
+        assert page.evaluate("getComputedStyle(document.querySelector('h1')).wordBreak") != "break-all", path
+    page.goto(f"{server}/saes/{sae_id}/features/0")
+    page.screenshot(path=str(SHOTS / "feature-phone.png"), full_page=True)
+    page.close()

@@ -106,6 +106,9 @@ def test_type_click_highlight_share_and_reopen(probe_server, browser, tiny_sae):
     assert rows.count() >= 1
     assert re.fullmatch(r"\d+\.\d{3}", rows.first.locator("td.num").inner_text())
     assert rows.first.locator("td.density").inner_text().endswith("%")
+    # the whole table, its highlight buttons included, fits the panel: nothing to scroll to
+    assert detail.evaluate("el => el.closest('.panel').scrollWidth <= el.closest('.panel').clientWidth")
+    assert rows.first.locator("button", has_text="highlight").is_visible()
 
     # the keyboard does the same: Tab moves to the next token and lists its latents, Shift+Tab back
     for key, position in (("Tab", 4), ("Shift+Tab", 3)):
