@@ -237,6 +237,16 @@ class ProbeView:
             values = np.where(self.stats.density[indices] > DENSE, 0, values)
         return indices, values
 
+    @cached_property
+    def hidden_dense(self) -> int:
+        """Dense latents that fire on the counted tokens but are left out of the ranking."""
+        if not self.hide:
+            return 0
+        first = len(self.excluded_positions)
+        indices, values = self.result.indices[first:], self.result.values[first:]
+        fired = indices[(values > 0) & (self.stats.density[indices] > DENSE)]
+        return len(np.unique(fired))
+
     def _rank(self) -> list[TextLatent]:
         indices, values = self._kept()
         n = len(self.stats.density)

@@ -126,13 +126,24 @@ def test_page_shows_the_same_numbers(client, sae_id, encoder):
     assert f"Highlighting latent <a href=\"/saes/{sae_id}/features/{latent}\">#{latent}</a>" in page.text
 
 
+def test_the_page_says_how_many_dense_latents_it_hides(client, sae_id, encoder, density):
+    text = TEXTS[0]
+    z = encoder.encode_text(text).latents[1:]  # the counted positions
+    hidden = int(((z > 0).any(0) & (density > DENSE)).sum())
+    assert hidden > 0, "the tiny SAE has dense latents that fire here"
+    page = client.get("/probe", params={"sae": sae_id, "text": text}).text
+    assert f"fire on more than {DENSE * 100:g} % of all tokens and say little about one text: {hidden} of them fire here" in page
+    assert f"show dense latents (on &gt; {DENSE * 100:g} % of tokens) and the first token" in page
+    assert "of them fire here" not in client.get("/probe", params={"sae": sae_id, "text": text, "all": 1}).text
+
+
 def test_token_fragment_lists_that_tokens_latents(client, sae_id, encoder):
     text = TEXTS[0]
     expected = encoder.encode_text(text).latents[3]
     fragment = client.post("/probe/tokens/3", data={"sae": sae_id, "text": text, "all": "1"}, headers={"HX-Request": "true"})
     assert fragment.status_code == 200 and "<html" not in fragment.text
     fired = [i for i in expected.argsort(descending=True).tolist() if expected[i] > 0]
-    listed = [int(i) for i in re.findall(r'<td><a href="/saes/[^"]+/features/(\d+)">', fragment.text)]
+    listed = [int(i) for i in re.findall(r'<span class="latent-head"><a href="/saes/[^"]+/features/(\d+)">', fragment.text)]
     assert listed == fired
     assert f"{expected[fired[0]].item():.3f}" in fragment.text and "position 3" in fragment.text
     missing = client.post("/probe/tokens/999", data={"sae": sae_id, "text": text}, headers={"HX-Request": "true"})

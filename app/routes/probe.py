@@ -278,6 +278,7 @@ async def _probe_page(request: Request, probe, sae: str | None, text: str, laten
     context = {
         "options": options, "sae": sae, "text": text, "state": state, "view": view, "error": error,
         "retry_after": retry_after, "share": share, "max_chars": probe.settings.probe_max_chars,
+        "dense_percent": f"{DENSE * 100:g} %",
         "page_url": page_url,
         "json_url": urls.probe(sae, text, fmt="json", **state) if view else None,
         "og": open_graph(view, sae, text, absolute(request, address)),
