@@ -140,7 +140,7 @@ def test_feature_page_links(client, sae_id, harvest):
 
 def contexts(html: str) -> list[int]:
     """Tokens shown per example context."""
-    return [len(re.findall(r'<span class="tok', context)) for context in re.findall(r'<div class="context">(.*?)</div>', html)]
+    return [len(re.findall(r'<span class="tok', context)) for context in re.findall(r'<div class="context">(.*?)</div>', html, re.S)]
 
 
 def test_snippet_by_default_full_on_request(client, sae_id):

@@ -14,6 +14,12 @@ from app.loader import load_run
 from app.render import token_text
 from trainer.runfolder import load_harvest, sae_slug, save_harvest
 
+
+def in_full_context(token: str) -> str:
+    """A token as a whole context shows it: newlines visible, and breaking the line."""
+    return token_text(token).replace("↵", "↵\n")
+
+
 QUANTILE_BINS, SAMPLES_PER_BIN = 4, 2  # make_synthetic_run's defaults
 HOSTILE = [
     "<script>alert('script tag')</script>",
@@ -103,7 +109,7 @@ def test_hostile_contexts_show_literally_and_run_nothing(hostile_server, browser
         assert len(contexts) == 4 + QUANTILE_BINS * SAMPLES_PER_BIN  # top and quantile examples
         for shown in contexts:
             assert len(shown) == len(HOSTILE)
-            assert all(text in {token_text(token) for token in HOSTILE} for text in shown)
+            assert all(text in {in_full_context(token) for token in HOSTILE} for text in shown)
         titles = page.eval_on_selector_all(".tok", "els => els.map(t => t.getAttribute('title'))")
         assert all(title.replace(".", "").isdigit() for title in titles)  # only numbers in attributes
         # The explanation (made of hostile tokens) and the logit tables read as text too.
@@ -121,7 +127,7 @@ def test_every_hostile_token_reads_as_itself_and_bidi_stays_inside_its_token(hos
     page, events = open_page(browser, f"{base}/saes/{sae_id}/features/{latent}?context=full")
     rows = page.eval_on_selector_all(
         ".context", "els => els.map(c => [...c.querySelectorAll('.tok')].map(t => t.textContent))")
-    assert [token_text(token) for token in HOSTILE] in rows  # context 0: each token once, in order
+    assert [in_full_context(token) for token in HOSTILE] in rows  # context 0: each token once, in order
     # An override left open inside one token must not reorder what follows: the next token
     # still starts to the right of where the overriding token starts.
     boxes = page.evaluate("""(needle) => {
