@@ -9,14 +9,14 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.db import ROOT, make_engine, session_factory
 from app.probe import ProbeService
 from app.render import make_templates, render
-from app.routes import admin, features, ladders, probe, saes, search
+from app.routes import admin, api_docs, features, ladders, probe, saes, search
 from app.security import RequestGuard
 from app.settings import Settings
 
@@ -52,12 +52,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.probe = probe_service
     app.state.templates = make_templates()
 
-    for router in (saes.router, features.router, ladders.router, search.router, probe.router, admin.router):
+    for router in (saes.router, features.router, ladders.router, search.router, probe.router, admin.router, api_docs.router):
         app.include_router(router)
 
     @app.get("/healthz", include_in_schema=False)
     def healthz():
         return PlainTextResponse("ok")
+
+    @app.get("/favicon.ico", include_in_schema=False)
+    def favicon():  # what a browser asks for by itself, on a JSON page say
+        return FileResponse(ROOT / "static" / "favicon.svg", media_type="image/svg+xml")
 
     # Third-party JS comes from npm (package.json); the vendor mount goes before /static.
     app.mount("/static/vendor/htmx.org",

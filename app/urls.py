@@ -74,6 +74,10 @@ class URLs:
     def docs(self) -> str:
         return self.root + "/docs"
 
+    def api_docs(self) -> str:
+        """The API reference page (app.routes.api_docs): offline, unlike /docs."""
+        return self.root + "/api"
+
     def openapi(self) -> str:
         return self.root + "/openapi.json"
 

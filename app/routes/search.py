@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Query, Request
+from fastapi.responses import RedirectResponse
 
 from app import queries, search
 from app.deps import SessionDep, URLsDep
@@ -34,6 +35,9 @@ def read_search_json(session: SessionDep, urls: URLsDep, q: Q = "", sae: Sae = N
 
 
 @router.get("/search", include_in_schema=False)
-def read_search(request: Request, session: SessionDep, q: Q = "", sae: Sae = None, limit: Limit = 20):
-    template = "_search_results.html" if hx_target(request, {"search-results"}) else "search.html"
-    return render(request, template, result=_search(session, sae, q, limit))
+def read_search(request: Request, session: SessionDep, urls: URLsDep, q: Q = "", sae: Sae = None, limit: Limit = 20):
+    result = _search(session, sae, q, limit)
+    live = hx_target(request, {"search-results"})
+    if not live and result.latent and q.strip().startswith("#"):  # "#123" from the search box: go there
+        return RedirectResponse(urls.feature(result.sae.id, result.latent.index), status_code=303)
+    return render(request, "_search_results.html" if live else "search.html", result=result)

@@ -6,6 +6,7 @@ import re
 from html.parser import HTMLParser
 
 import pytest
+from markupsafe import escape
 from webrun import DEAD, N_LATENTS, SCRIPT_CONTEXT, VOCAB
 
 
@@ -141,6 +142,14 @@ def test_feature_page_shades_tokens_and_escapes_corpus_text(client, sae_id):
     assert all(re.fullmatch(r"--a: [01]\.\d{3}|--a: 0", token["style"]) for token in parsed.tokens)
 
 
+def test_whole_contexts_break_their_lines_and_snippets_stay_on_one(client, sae_id):
+    """A newline shows as ↵ everywhere; in whole contexts (code, mostly) it also ends the line."""
+    snippet = [token["text"] for token in Page(client.get(f"/saes/{sae_id}/features/0").text).tokens]
+    full = [token["text"] for token in Page(client.get(f"/saes/{sae_id}/features/0?context=full").text).tokens]
+    assert "↵" in snippet and "↵\n" not in snippet
+    assert "↵\n" in full and "↵" not in full
+
+
 def test_dead_latent_page(client, sae_id):
     page = client.get(f"/saes/{sae_id}/features/{DEAD[0]}")
     assert page.status_code == 200 and "never fired" in page.text
@@ -191,6 +200,43 @@ def test_htmx_comes_from_node_modules_and_pages_send_a_csp(client):
 def test_openapi_documents_the_json_api(client):
     paths = client.get("/openapi.json").json()["paths"]
     assert {"/index.json", "/saes/{sae_id}.json", "/saes/{sae_id}/features/{index}.json", "/api/probe"} <= set(paths)
+
+
+def test_the_api_page_documents_every_route_of_the_schema_offline(client):
+    """/api, the reference a reader opens from the header: every operation of /openapi.json, every
+    schema it names linked to its own section, under the strict policy (no CDN, no inline script)."""
+    spec = client.get("/openapi.json").json()
+    response = client.get("/api")
+    assert response.status_code == 200
+    assert "script-src 'self';" in response.headers["Content-Security-Policy"]
+    html = response.text
+    page = Page(html)
+    assert page.scripts == [{"src": "/static/vendor/htmx.org/htmx.min.js", "defer": None}]
+    for path, operations in spec["paths"].items():
+        for method, operation in operations.items():
+            assert f'<span class="method {method}">{method.upper()}</span> <code>{path}</code>' in html
+            assert str(escape(operation["summary"])) in html
+    anchors = set(re.findall(r'id="schema-(\w+)"', html))
+    assert anchors == set(spec["components"]["schemas"])
+    assert {link.removeprefix("#schema-") for link in page.links if link.startswith("#schema-")} <= anchors
+    assert 'href="/api"' in client.get("/").text  # the header's API link
+
+
+def test_the_favicon_is_served_where_browsers_ask(client):
+    icon = client.get("/favicon.ico")
+    assert icon.status_code == 200 and icon.headers["content-type"].startswith("image/svg+xml") and "<svg" in icon.text
+
+
+def test_a_latent_number_with_a_hash_from_the_search_box_opens_its_page(client, sae_id):
+    """"#3" is a latent; a bare "3" may be a token too, so it shows the results (with the latent
+    first); the live search (htmx) never redirects."""
+    response = client.get("/search", params={"q": "#3"}, follow_redirects=False)
+    assert response.status_code == 303 and response.headers["location"] == f"/saes/{sae_id}/features/3"
+    assert client.get("/search", params={"q": "3"}, follow_redirects=False).status_code == 200
+    live = client.get("/search", params={"q": "#3"}, headers={"HX-Request": "true", "HX-Target": "search-results"},
+                      follow_redirects=False)
+    assert live.status_code == 200 and f'href="/saes/{sae_id}/features/3"' in live.text
+    assert client.get("/search", params={"q": f"#{N_LATENTS}"}, follow_redirects=False).status_code == 200
 
 
 def test_server_errors_hide_the_traceback(tmp_path):
