@@ -28,9 +28,9 @@ PARTS = {"examples": "_feature_examples.html", "try-result": "_feature_try.html"
 def _feature(session, sae_id: str, index: int) -> features.Feature:
     feature = features.get_feature(session, sae_id, index)
     if feature is None:
-        if queries.get_sae(session, sae_id) is None:
+        if (sae := queries.get_sae(session, sae_id)) is None:
             raise HTTPException(404, f"no SAE {sae_id!r}")
-        raise HTTPException(404, f"SAE {sae_id!r} has no latent {index}")
+        raise HTTPException(404, f"SAE {sae_id!r} has no latent {index} (its latents are 0 to {sae.n_latents - 1})")
     return feature
 
 

@@ -162,6 +162,12 @@ def test_unknown_things_are_404_pages(client, sae_id, path):
     assert "Traceback" not in page.text
 
 
+def test_a_latent_past_the_last_says_which_exist(client, sae_id):
+    page = client.get(f"/saes/{sae_id}/features/{N_LATENTS}.json")
+    assert page.status_code == 404
+    assert page.json()["detail"] == f"SAE {sae_id!r} has no latent {N_LATENTS} (its latents are 0 to {N_LATENTS - 1})"
+
+
 @pytest.mark.parametrize("index", ["-1", str(2**31), "99999999999999999999", "1e3", "0x10"])
 def test_impossible_latent_index_is_422(client, sae_id, index):
     page = client.get(f"/saes/{sae_id}/features/{index}")
