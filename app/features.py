@@ -263,8 +263,12 @@ def examples(session: Session, sae_id: str, index: int) -> tuple[list[Example], 
 
 
 def quantile_bins(edges: np.ndarray, share: np.ndarray, by_bin: dict[int, list[Example]]) -> list[QuantileBin]:
-    """Bins that hold a share of the firings or an example, highest first."""
-    bins = [QuantileBin(q + 1, float(edges[q]), float(edges[q + 1]), float(share[q]), by_bin.get(q + 1, []))
+    """Bins that hold a share of the firings or an example, highest first; within a bin, the
+    sampled firings strongest first (the harvest samples them in no order)."""
+    def strongest_first(examples: list[Example]) -> list[Example]:
+        return sorted(examples, key=lambda example: (-example.max_activation, example.rank))
+
+    bins = [QuantileBin(q + 1, float(edges[q]), float(edges[q + 1]), float(share[q]), strongest_first(by_bin.get(q + 1, [])))
             for q in range(len(share))]
     return [b for b in reversed(bins) if b.share > 0 or b.examples]
 
