@@ -189,6 +189,11 @@ def display_pieces(token: str, carries: bool = False) -> list[tuple[str, str]]:
     return pieces
 
 
+def view_state(latent: int | None, sort: SortKey, hide: bool) -> dict:
+    """The view state beyond SAE and text, as query parameters (defaults left out)."""
+    return {"latent": latent, "sort": None if sort == "max" else sort, "all": None if hide else 1}
+
+
 @dataclass
 class ProbeView:
     """One probe as the page and the API show it: the tokens, each token's latents, and the
@@ -299,7 +304,7 @@ class ProbeView:
             "hide_dense_and_first": self.hide,
             "excluded_positions": self.excluded_positions,
             "dense_density": DENSE,
-            "url": urls.probe(self.sae, self.text, all=None if self.hide else 1),
+            "url": urls.probe(self.sae, self.text, **view_state(self.latent, self.sort, self.hide)),
         }
 
 

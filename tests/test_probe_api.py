@@ -5,6 +5,7 @@ answer with the status codes and messages the README promises."""
 from __future__ import annotations
 
 import re
+from urllib.parse import urlencode
 
 import pytest
 import torch
@@ -113,6 +114,10 @@ def test_json_twin_of_the_page_equals_the_api(client, sae_id):
     twin = client.get("/probe.json", params={"sae": sae_id, "text": text})
     assert twin.status_code == 200 and twin.json() == api
     assert api["url"].startswith("/probe?") and client.get(api["url"]).status_code == 200
+    # the url keeps the whole view, as the page's address bar does
+    state = {"latent": str(api["tokens"][1]["top_latents"][0]["index"]), "sort": "sum", "all": "1"}
+    twin = client.get("/probe.json", params={"sae": sae_id, "text": text, **state}).json()
+    assert twin["url"] == "/probe?" + urlencode({"sae": sae_id, "text": text, **state})
 
 
 def test_page_shows_the_same_numbers(client, sae_id, encoder):

@@ -15,7 +15,7 @@ from fastapi.responses import RedirectResponse
 from pydantic import BaseModel, Field
 
 from app.deps import ProbeDep, SessionDep, URLsDep
-from app.probe import DENSE, ProbeView
+from app.probe import DENSE, ProbeView, view_state
 from app.render import is_htmx, json_response, render
 from app.schemas import ErrorOut, InvalidRequestOut
 from app.shares import Share, create_share, get_share
@@ -243,7 +243,7 @@ async def create_share_from_page(request: Request, session: SessionDep, probe: P
         if not is_htmx(request):
             raise
         return render(request, "_probe_error.html", status_code=e.status_code, error=e.detail)
-    link = urls.share(share.id, **_state(_latent(latent), sort, not include_all))
+    link = urls.share(share.id, **view_state(_latent(latent), sort, not include_all))
     if not is_htmx(request):
         return RedirectResponse(link, status_code=303)
     return render(request, "_probe_share.html", share=share, link=absolute(request, link))
@@ -258,13 +258,13 @@ async def _probe_page(request: Request, probe, sae: str | None, text: str, laten
     if sae is None:
         sae = next((o.id for o in options if not o.unavailable), options[0].id if options else None)
     urls = URLs(request.scope.get("root_path", ""))
-    state = _state(latent, sort, hide)
+    state = view_state(latent, sort, hide)
     view: ProbeView | None = None
     error, retry_after, status = None, None, 200
     if sae is not None and text:
         try:
             view = await probe.view(sae, text, latent=latent, strict=False, sort=sort, hide=hide, top_n=PAGE_TOP_N)
-            state = _state(view.latent, sort, hide)
+            state = view_state(view.latent, sort, hide)
         except HTTPException as e:
             error = e.detail
             retry_after = (e.headers or {}).get("Retry-After")
@@ -334,11 +334,6 @@ def _latent(value: str) -> int | None:
     if not value.strip().isdigit():
         raise HTTPException(422, f"latent must be a latent index, got {value!r}")
     return int(value)
-
-
-def _state(latent: int | None, sort: SortKey, hide: bool) -> dict:
-    """The view state beyond SAE and text, as query parameters (defaults left out)."""
-    return {"latent": latent, "sort": None if sort == "max" else sort, "all": None if hide else 1}
 
 
 async def _share(session, probe, sae: str, text: str) -> tuple[Share, bool]:
