@@ -25,9 +25,6 @@ from trainer.config import (
     check_device, config_from_args, config_to_args, flag_of,
 )
 
-DEFAULT_HOST = "127.0.0.1"
-DEFAULT_PORT = 8000
-
 
 class CommandError(Exception):
     """Bad input: printed as one line, exit status 2."""
@@ -151,20 +148,38 @@ def _check_port(port: int) -> None:
         raise CommandError(f"--port must be from 0 (any free port) to 65535, got {port}")
 
 
+def server_settings(db: str, host: str | None, port: int | None):
+    """The server's Settings from the environment and these options, or one line naming the bad
+    setting (pydantic would print a traceback of twenty lines)."""
+    from pydantic import ValidationError
+
+    from app.settings import Settings
+
+    if port is not None:
+        _check_port(port)
+    overrides = {"database_url": db, "host": host, "port": port}
+    try:
+        return Settings(**{name: value for name, value in overrides.items() if value is not None})
+    except ValidationError as e:
+        error = e.errors()[0]
+        name = str(error["loc"][0]) if error["loc"] else "?"
+        raise CommandError(f"setting SAESCOPE_{name.upper()}: {error['msg'].removeprefix('Value error, ')}") from None
+
+
 def cmd_serve(args) -> None:
     from sqlalchemy.engine import make_url
 
     from app.db import sqlite_file
     from app.server import serve
 
-    _check_port(args.port)
+    settings = server_settings(args.db, args.host, args.port)
     _check_database(args.db)
     if (file := sqlite_file(make_url(args.db))) is not None and not file.exists():  # a typo, or a first start
         print(f"note: {file} does not exist yet: serving an empty database "
               f"(put runs in it with `saescope load RUN --db {args.db}`)", file=sys.stderr)
     if args.preload:  # Settings.probe_preload, read by every server process
         os.environ["SAESCOPE_PROBE_PRELOAD"] = "1"
-    print(f"serving {args.db} at http://{args.host}:{args.port}/", flush=True)
+    print(f"serving {args.db} at http://{settings.host}:{settings.port}/", flush=True)
     serve(args.db, args.host, args.port)
 
 
@@ -203,8 +218,7 @@ def cmd_demo(args) -> None:
         workdir.mkdir(parents=True, exist_ok=True)
     db = args.db or f"sqlite:///{(workdir / 'saescope.db').resolve()}"
     _check_database(db)  # before the stages that take minutes, not after them
-    if not args.no_serve:
-        _check_port(args.port)
+    settings = None if args.no_serve else server_settings(db, args.host, args.port)
     began = time.perf_counter()
 
     if trained_with(run, cfg):
@@ -238,7 +252,7 @@ def cmd_demo(args) -> None:
         return
     from app.server import serve
 
-    url = f"http://{args.host}:{args.port}"
+    url = f"http://{settings.host}:{settings.port}"
     print(f"\nserving at {url}/\n  feature pages: {url}/saes/{sae_id}\n  probe: {url}/probe?sae={sae_id}\n", flush=True)
     serve(db, args.host, args.port)
 
@@ -276,7 +290,7 @@ def default_db() -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="saescope", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("-v", "--verbose", action="store_true", help="log more detail")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log more detail, and show an error's traceback")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     train = commands.add_parser("train", help="train a TopK SAE into a run folder")
@@ -319,8 +333,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser("serve", help="serve the web app")
     serve.add_argument("--db", default=default_db(), help="database URL (default: $DATABASE_URL or sqlite:///saescope.db)")
-    serve.add_argument("--host", default=DEFAULT_HOST)
-    serve.add_argument("--port", type=int, default=DEFAULT_PORT)
+    serve.add_argument("--host", help="address to listen on (default: $SAESCOPE_HOST or 127.0.0.1; 0.0.0.0 for every interface)")
+    serve.add_argument("--port", type=int, help="port to listen on (default: $SAESCOPE_PORT or 8000; 0 for any free port)")
     serve.add_argument("--preload", action="store_true",
                        help="load every SAE's model at start-up instead of on its first probe")
     serve.set_defaults(func=cmd_serve)
@@ -334,11 +348,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="the whole pipeline on the bundled model and the stdlib, then serve")
     demo.add_argument("--workdir", default="demo", help="where activations, runs and the database go (default: ./demo)")
     demo.add_argument("--db", help="database URL (default: sqlite:///WORKDIR/saescope.db)")
-    demo.add_argument("--host", default=DEFAULT_HOST)
-    demo.add_argument("--port", type=int, default=DEFAULT_PORT)
+    demo.add_argument("--host", help="address to listen on (default: $SAESCOPE_HOST or 127.0.0.1; 0.0.0.0 for every interface)")
+    demo.add_argument("--port", type=int, help="port to listen on (default: $SAESCOPE_PORT or 8000; 0 for any free port)")
     demo.add_argument("--no-serve", action="store_true", help="stop after loading the database")
     add_config_arguments(demo, TrainConfig)
     demo.set_defaults(func=cmd_demo)
+    for command in commands.choices.values():  # -v after the command too (SUPPRESS: not undoing one before it)
+        command.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                             help="log more detail, and show an error's traceback")
     return parser
 
 

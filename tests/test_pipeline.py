@@ -240,3 +240,11 @@ def test_harvest_rejects_bad_options_in_one_line(tiny_run, args, message):
     result = run_cli("harvest", str(tiny_run), *args)
     assert result.returncode == 2 and message in result.stderr and result.stderr.strip().count("\n") == 0
     assert (tiny_run / "harvest" / "harvest.json").read_bytes() == before
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_verbose_goes_before_or_after_the_command_and_shows_the_traceback(where):
+    args = ["serve", "--port", "99999"]
+    result = run_cli(*(["-v", *args] if where == "before" else [*args, "-v"]))
+    assert "Traceback" in result.stderr and "--port must be from 0" in result.stderr
+    assert "Traceback" not in run_cli(*args).stderr

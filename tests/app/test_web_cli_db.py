@@ -37,3 +37,34 @@ def test_default_db_ignores_other_settings(env):
     env.setenv("SAESCOPE_DATABASE_URL", "sqlite:///alias.db")
     env.setenv("SAESCOPE_ADMIN_TOKEN", "short")  # Settings() refuses it; `saescope train` must not care
     assert default_db() == "sqlite:///alias.db"
+
+
+def test_serve_listens_where_the_settings_say_unless_told(tmp_path):
+    """SAESCOPE_PORT and SAESCOPE_HOST reach `saescope serve` (its flags only override them)."""
+    from servers import free_port, running_server
+
+    port = free_port()
+    db = f"sqlite:///{tmp_path / 'empty.db'}"
+    with running_server(["-m", "saescope.cli", "serve", "--db", db], port,
+                        env={"SAESCOPE_PORT": str(port), "SAESCOPE_HOST": "127.0.0.1"}) as (base, _):
+        assert base.endswith(f":{port}")
+    other = free_port()
+    with running_server(["-m", "saescope.cli", "serve", "--db", db, "--port", str(other)], other,
+                        env={"SAESCOPE_PORT": str(port)}) as (base, _):
+        assert base.endswith(f":{other}")
+
+
+@pytest.mark.parametrize("variable, value, says", [
+    ("SAESCOPE_ADMIN_TOKEN", "short", "setting SAESCOPE_ADMIN_TOKEN: admin_token must be at least 16 characters"),
+    ("SAESCOPE_WORKERS", "0", "setting SAESCOPE_WORKERS: Input should be greater than or equal to 1"),
+    ("SAESCOPE_PORT", "http", "setting SAESCOPE_PORT: Input should be a valid integer"),
+])
+def test_a_bad_setting_stops_serve_with_one_line(tmp_path, variable, value, says):
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "saescope.cli", "serve", "--db", f"sqlite:///{tmp_path / 'x.db'}"],
+                            capture_output=True, text=True, timeout=60, env=dict(os.environ, **{variable: value}))
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.startswith(f"saescope serve: error: {says}") and len(result.stderr.splitlines()) == 1
+    assert not (tmp_path / "x.db").exists()
