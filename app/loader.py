@@ -112,7 +112,6 @@ def load_run(run_dir: str | Path, database_url: str, replace: bool = False) -> s
     log.info("reading %s", run_dir)
     rows = read_run(run_dir)
     write_to_database(database_url, lambda engine: write_in_one_transaction(engine, rows, replace=replace))
-    log.info("loaded %s", rows.sae_id)
     return rows.sae_id
 
 
@@ -367,7 +366,7 @@ def must_write(existing_hash: str | None, content_hash: str, what: str, replace:
         log.info("%s is already loaded from these files: nothing to do", what)
         return False
     if existing_hash is not None and not replace:
-        raise LoadError(f"{what} is already loaded from different files; pass --replace (replace=True) to overwrite it")
+        raise LoadError(f"{what} is already loaded from different files; load it with --replace to overwrite it")
     return True
 
 

@@ -88,7 +88,6 @@ def load_sweep(sweep_dir: str | Path, database_url: str, replace: bool = False) 
     """Load `sweep_dir` into the database at `database_url` (migrated first); returns the ladder id."""
     rows = read_sweep(sweep_dir)
     write_to_database(database_url, lambda engine: write_sweep_in_one_transaction(engine, rows, replace=replace))
-    log.info("loaded ladder %s", rows.ladder_id)
     return rows.ladder_id
 
 

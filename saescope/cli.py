@@ -117,7 +117,9 @@ def cmd_harvest(args) -> None:
 def cmd_import(args) -> None:
     from trainer.interop import detect_format, import_sae
 
-    source = _run_dir(args.source)
+    source = Path(args.source)
+    if not source.is_dir():
+        raise CommandError(f"{source}: no such folder")
     run = import_sae(source, args.out, model=args.model, layer=args.layer)
     print(f"imported the {detect_format(source)} SAE {source} into {run}")
 

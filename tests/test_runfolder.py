@@ -1,6 +1,7 @@
 """The run folder round trip, and one-line errors naming the file at fault."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -68,6 +69,8 @@ def test_saelens_tensor_layout(tmp_path):
         (lambda p: (p / "sae.safetensors").unlink(), "sae.safetensors"),
         (lambda p: (p / "cfg.json").write_text("{not json"), "cfg.json"),
         (lambda p: (p / "harvest" / "vocab.json").unlink(), "vocab.json"),
+        (lambda p: (p / "cfg.json").unlink(), r"not a run folder \(it has no cfg.json\): train one with `saescope train"),
+        (lambda p: shutil.rmtree(p / "harvest"), r"not harvested yet \(no harvest/harvest.json\): run `saescope harvest .*` first"),
         (lambda p: (p / "harvest" / "latents.safetensors").write_bytes(b"junk"), "latents.safetensors"),
         # Valid JSON of the wrong kind, and values out of range.
         (lambda p: (p / "cfg.json").write_text("5"), "cfg.json: expected a JSON object, found int"),

@@ -238,6 +238,9 @@ def read_tensors(path: Path, required: tuple[str, ...]) -> dict[str, torch.Tenso
 
 
 def load_cfg(run_dir: Path) -> dict:
+    if Path(run_dir).is_dir() and not (Path(run_dir) / CFG_FILE).exists():
+        raise RunFolderError(f"{run_dir}: not a run folder (it has no {CFG_FILE}): train one with `saescope train --out`, "
+                             "or make one of a SAELens or sparsify SAE with `saescope import`")
     cfg = read_json_object(Path(run_dir) / CFG_FILE)
     missing = [key for key in ("model", "layer", "d_in", "n_latents", "k") if key not in cfg]
     if missing:
@@ -326,6 +329,8 @@ def load_harvest(run_dir: Path, cfg: dict | None = None) -> Harvest:
     cfg = cfg or load_cfg(run_dir)
     recover_harvest(run_dir)
     folder = Path(run_dir) / HARVEST_DIR
+    if not (folder / "harvest.json").exists():
+        raise RunFolderError(f"{run_dir}: not harvested yet (no {HARVEST_DIR}/harvest.json): run `saescope harvest {run_dir}` first")
     info = read_json_object(folder / "harvest.json")
     if info.get("version") != HARVEST_VERSION:
         raise RunFolderError(
