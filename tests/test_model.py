@@ -81,6 +81,21 @@ def test_a_model_path_that_is_not_a_folder_is_named_as_one(name):
             check(name)
 
 
+def test_a_hub_model_missing_from_the_cache_fails_at_once_when_the_hub_is_unreachable(tmp_path):
+    """One line, without huggingface_hub's half minute of retries (".invalid" never resolves)."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, HF_ENDPOINT="https://hub.invalid", HF_HOME=str(tmp_path / "hf"))
+    result = subprocess.run([sys.executable, "-m", "saescope.cli", "train", "--model", "no-org/no-model",
+                             "--out", str(tmp_path / "run")], capture_output=True, text=True, timeout=60, env=env)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "saescope train: error: cannot load model 'no-org/no-model': not in this machine's Hugging Face cache, "
+        "and hub.invalid cannot be reached from this machine"]
+
+
 def test_bundled_smollm2_loads_offline(tmp_path, monkeypatch):
     """The embedded default, converted from its GGUF into a fresh cache (about 30 s)."""
     monkeypatch.setenv("SAESCOPE_CACHE", str(tmp_path))

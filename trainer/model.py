@@ -85,16 +85,47 @@ def check_folder(name: str) -> None:
                          f"a hub model is named like HuggingFaceTB/SmolLM2-135M)")
 
 
+def hub_unreachable() -> str | None:
+    """Why the Hugging Face hub cannot be reached from here, found at once (None: it may be).
+    Offline, huggingface_hub would retry each file for half a minute, printing every retry."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return "the hub is off (HF_HUB_OFFLINE)"
+    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+    try:
+        socket.getaddrinfo(host, 443)
+    except OSError:
+        return f"{host} cannot be reached from this machine"
+    return None
+
+
+def from_pretrained(name: str, load):
+    """`load(local_files_only=...)` for a local folder or a hub name: from the cache first, then the
+    hub if it can be reached; a missing model is a one-line ModelError either way."""
+    check_folder(name)
+    try:
+        return load(local_files_only=True)
+    except (OSError, ValueError) as e:
+        local = str(e).splitlines()[0]
+        if Path(name).expanduser().is_dir():
+            raise ModelError(f"cannot load model '{name}': {local}") from None
+    if reason := hub_unreachable():
+        raise ModelError(f"cannot load model '{name}': not in this machine's Hugging Face cache, and {reason}") from None
+    try:
+        return load(local_files_only=False)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"cannot load model '{name}': {str(e).splitlines()[0]}") from None
+
+
 def _load_pretrained(name: str, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    check_folder(name)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(name)
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
-    except OSError as e:
-        raise ModelError(f"cannot load model '{name}': {str(e).splitlines()[0]}") from None
-    return tokenizer, model
+    return from_pretrained(name, lambda **hub: (AutoTokenizer.from_pretrained(name, **hub),
+                                                AutoModelForCausalLM.from_pretrained(name, dtype=dtype, **hub)))
 
 
 def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
@@ -202,13 +233,9 @@ def count_layers(name: str) -> int:
     if name == BUNDLED_MODEL:
         _bundled_folder()  # the package must be there
         return BUNDLED_N_LAYERS
-    check_folder(name)
     from transformers import AutoConfig
 
-    try:
-        return AutoConfig.from_pretrained(name).num_hidden_layers
-    except (OSError, ValueError) as e:
-        raise ModelError(f"cannot load model '{name}': {str(e).splitlines()[0]}") from None
+    return from_pretrained(name, lambda **hub: AutoConfig.from_pretrained(name, **hub)).num_hidden_layers
 
 
 def model_width(name: str) -> int | None:
@@ -217,13 +244,9 @@ def model_width(name: str) -> int | None:
     not say."""
     if name == BUNDLED_MODEL:
         return BUNDLED_D_MODEL
-    check_folder(name)
     from transformers import AutoConfig
 
-    try:
-        return getattr(AutoConfig.from_pretrained(name), "hidden_size", None)
-    except (OSError, ValueError) as e:
-        raise ModelError(f"cannot load model '{name}': {str(e).splitlines()[0]}") from None
+    return getattr(from_pretrained(name, lambda **hub: AutoConfig.from_pretrained(name, **hub)), "hidden_size", None)
 
 
 def local_model_shape(name: str) -> tuple[int, int | None] | None:
