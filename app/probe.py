@@ -118,6 +118,7 @@ class LatentStats:
     density: np.ndarray
     max_activation: np.ndarray
     explanation: list[str | None]
+    explanation_f1: list[float | None]  # its held-out score (None: not scored)
 
 
 # ---------------------------------------------------------------- what the probe shows
@@ -131,6 +132,7 @@ class LatentInfo:
     density: float
     max_activation: float  # over the harvest: the scale its shading uses
     explanation: str | None = None  # its automatic explanation, when the harvest found one
+    explanation_f1: float | None = None  # and that explanation's held-out F1, when scored
 
     @property
     def dense(self) -> bool:
@@ -150,7 +152,8 @@ class TextLatent:
         return {
             "index": self.latent.index, "max": _short(self.max), "sum": _short(self.sum), "n_tokens": self.n_tokens,
             "density": self.latent.density, "max_activation": self.latent.max_activation,
-            "explanation": self.latent.explanation, "url": urls.feature(sae_id, self.latent.index),
+            "explanation": self.latent.explanation, "explanation_f1": self.latent.explanation_f1,
+            "url": urls.feature(sae_id, self.latent.index),
         }
 
 
@@ -232,7 +235,7 @@ class ProbeView:
     def info(self, index: int) -> LatentInfo:
         return LatentInfo(index=index, density=float(self.stats.density[index]),
                           max_activation=float(self.stats.max_activation[index]),
-                          explanation=self.stats.explanation[index])
+                          explanation=self.stats.explanation[index], explanation_f1=self.stats.explanation_f1[index])
 
     def _kept(self) -> tuple[np.ndarray, np.ndarray]:
         """(indices, values) over the positions and latents the view counts: (T', k) each."""
@@ -595,13 +598,14 @@ class ProbeService:
         with self.sessions() as session:
             n = session.execute(select(Sae.n_latents).where(Sae.id == sae_id)).scalar_one()
             rows = session.execute(
-                select(Latent.index, Latent.density, Latent.max_activation, Latent.explanation)
+                select(Latent.index, Latent.density, Latent.max_activation, Latent.explanation, Latent.explanation_f1)
                 .where(Latent.sae_id == sae_id)
             ).all()
-        density, max_activation, explanation = np.zeros(n), np.zeros(n), [None] * n
-        for index, d, m, text in rows:
+        density, max_activation, explanation, f1 = np.zeros(n), np.zeros(n), [None] * n, [None] * n
+        for index, d, m, text, score in rows:
             density[index], max_activation[index], explanation[index] = d, m, text or None
-        return LatentStats(np.nan_to_num(density), np.nan_to_num(max_activation), explanation)
+            f1[index] = score if text else None
+        return LatentStats(np.nan_to_num(density), np.nan_to_num(max_activation), explanation, f1)
 
     async def view(self, sae_id: str, text: str, latent: int | None = None, strict: bool = True, **options) -> ProbeView:
         """Probe `text` and shape it for the page or the API (options: ProbeView's fields). A

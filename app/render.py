@@ -17,6 +17,7 @@ from app.db import ROOT
 from app.urls import URLs
 
 VISIBLE = {"\n": "↵", "\r": "␍", "\t": "⇥"}
+WEAK_F1 = 0.1  # an explanation scoring below this on held-out text is shown dimmed
 
 
 def token_text(token: str) -> str:
@@ -124,7 +125,7 @@ def make_templates() -> Jinja2Templates:
         lstrip_blocks=True,
     )
     env.filters.update(token=token_text, lone_token=lone_token, number=number, percent=percent)
-    env.globals.update(zip=zip, shade=shade, density_bar=density_bar, token_chips=token_chips, urls=URLs(),
+    env.globals.update(zip=zip, weak_f1=WEAK_F1, shade=shade, density_bar=density_bar, token_chips=token_chips, urls=URLs(),
                        explanation_html=explanation_html, chart_svg=charts.svg, activation_chart=charts.activation_chart,
                        logit_chart=charts.logit_chart, density_chart=charts.density_chart,
                        scaling_chart=charts.scaling_chart, k_series_chart=charts.k_series_chart,

@@ -101,6 +101,8 @@ def test_whole_text_ranking_equals_aggregates(client, sae_id, encoder, density, 
         assert_close(torch.tensor([g["max"], g["sum"]]), torch.tensor([w["max"], w["sum"]]), atol=1e-3, rtol=1e-4)
         assert g["density"] == pytest.approx(density[g["index"]].item())
         assert g["explanation"] == (explanations[g["index"]]["text"] or None)  # the harvest's, as loaded
+        f1 = explanations[g["index"]]["f1"] if g["explanation"] else None
+        assert g["explanation_f1"] == (None if f1 is None else pytest.approx(f1))
         assert g["url"] == f"/saes/{sae_id}/features/{g['index']}"
     assert result["excluded_positions"] == ([0] if hide else [])
     assert result["hide_dense_and_first"] is hide and result["dense_density"] == DENSE

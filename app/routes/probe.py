@@ -105,6 +105,7 @@ class TextLatentOut(BaseModel):
     max_activation: float = Field(description="its largest activation in the harvest")
     explanation: str | None = Field(description="its automatic explanation (a token pattern, ⟦ ⟧ marking the token "
                                                 "it fires on), or null when the harvest found none")
+    explanation_f1: float | None = Field(description="that explanation's F1 on held-out contexts (null: not scored)")
     url: str
 
 

@@ -7,7 +7,7 @@ from html.parser import HTMLParser
 
 import pytest
 from markupsafe import escape
-from webrun import DEAD, N_LATENTS, SCRIPT_CONTEXT, VOCAB
+from webrun import DEAD, N_LATENTS, SCRIPT_CONTEXT, VOCAB, WEAK
 
 
 class Page(HTMLParser):
@@ -148,6 +148,16 @@ def test_whole_contexts_break_their_lines_and_snippets_stay_on_one(client, sae_i
     full = [token["text"] for token in Page(client.get(f"/saes/{sae_id}/features/0?context=full").text).tokens]
     assert "↵" in snippet and "↵\n" not in snippet
     assert "↵\n" in full and "↵" not in full
+
+
+def test_weak_explanations_are_dimmed_with_their_f1(client, sae_id):
+    params = {"sort": "explanation_f1", "order": "asc", "per_page": 50}
+    latents = client.get(f"/saes/{sae_id}.json", params=params).json()["latents"]
+    weak = [latent for latent in latents if latent["explanation"] and latent["explanation_f1"] < 0.1]
+    assert WEAK in [latent["index"] for latent in weak] and len(weak) < len(latents)
+    html = client.get(f"/saes/{sae_id}", params=params).text
+    assert html.count('class="explanation weak"') == len(weak)
+    assert all(f"F1 {latent['explanation_f1']:.2f}" in html for latent in latents)
 
 
 def test_dead_latent_page(client, sae_id):

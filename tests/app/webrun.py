@@ -21,6 +21,7 @@ FEW = 1  # a latent that fired in only three contexts
 CAT = 2  # the best explanation that mentions " cat"
 DEF_TOKEN, DEF_LATENT = VOCAB.index(" def"), 3  # latent 3 fires most on " def"
 HOSTILE_EXPLANATION = "<script>⟦alert(1)⟧"  # latent 0's explanation: markup that must stay text
+WEAK = 4  # a latent whose explanation scores F1 0.05 on held-out text (shown dimmed)
 
 
 def make_cfg(model: str = "./models/Tiny-Model", d_in: int = D_IN, layer: int = 3) -> dict:
@@ -72,6 +73,7 @@ def make_run(run_dir: Path, seed: int = 0, model: str = "./models/Tiny-Model", d
     explanations = harvest.explanations
     explanations[0] = explanation(HOSTILE_EXPLANATION, [[5, 6]], 0.9, 0.5)
     explanations[CAT] = explanation("the⟦ cat⟧", [[1, 2]], 0.99, 0.98)
+    explanations[WEAK] = explanation("⟦ on⟧", [[8]], 0.06, 0.045)
     for latent in dead:
         explanations[latent] = explanation("", [], None, None)
     info = {**harvest.info, "n_tokens": 10_000, "excluded_positions": [0], "excluded_token_ids": [0],
