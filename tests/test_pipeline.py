@@ -141,7 +141,7 @@ def test_probe_rejects_empty_text(client, sae_id):
 
 
 def test_unknown_ids_are_404(client, sae_id):
-    for path in (f"/saes/nope", f"/saes/nope.json", f"/saes/{sae_id}/features/999", f"/saes/{sae_id}/features/999.json"):
+    for path in ("/saes/nope", "/saes/nope.json", f"/saes/{sae_id}/features/999", f"/saes/{sae_id}/features/999.json"):
         assert client.get(path).status_code == 404, path
     assert client.get(f"/saes/{sae_id}/features/999.json").json()["detail"]
 

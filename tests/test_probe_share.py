@@ -7,7 +7,6 @@ import html
 import re
 from urllib.parse import urlencode
 
-import pytest
 from fastapi.testclient import TestClient
 
 from app.db import make_engine, session_factory
@@ -15,7 +14,6 @@ from app.main import create_app
 from app.models import ShareLink
 from app.settings import Settings
 from app.shares import create_share, share_digest
-from trainer import runfolder
 
 TEXT = "for line in open(path):\n    print(line)  # <i>x</i>"
 

