@@ -266,7 +266,7 @@ def quantile_bins(edges: np.ndarray, share: np.ndarray, by_bin: dict[int, list[E
     """Bins that hold a share of the firings or an example, highest first; within a bin, the
     sampled firings strongest first (the harvest samples them in no order)."""
     def strongest_first(examples: list[Example]) -> list[Example]:
-        return sorted(examples, key=lambda example: (-example.max_activation, example.rank))
+        return sorted(examples, key=lambda example: (-example.activation, example.rank))
 
     bins = [QuantileBin(q + 1, float(edges[q]), float(edges[q + 1]), float(share[q]), strongest_first(by_bin.get(q + 1, [])))
             for q in range(len(share))]
