@@ -1,7 +1,9 @@
 """The run folder round trip, and one-line errors naming the file at fault."""
 
 import json
+import os
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -115,7 +117,7 @@ def test_slug_is_readable():
 
 
 # A process that saves a new harvest into a run folder and stops for good at one point of it,
-# so that the test can SIGKILL it there.
+# so that the test can SIGKILL it there (or look at the folder while it waits).
 SAVE_AND_STALL = """
 import os, sys, time
 from pathlib import Path
@@ -139,10 +141,15 @@ def stall_between_renames(src, dst):  # the old harvest moved aside, the new one
 
 if point == "before the swap":
     runfolder.write_json = stall_before_swap
-else:
+else:  # a system without renameat2's exchange: two renames
+    runfolder._exchange = lambda a, b: False
     os.replace = stall_between_renames
 runfolder.save_harvest(run, random_harvest(12, [f"t{i}" for i in range(9)], K=4, T=5, C=7))
 """
+
+
+def files_of(folder):
+    return {path.name: path.read_bytes() for path in folder.iterdir()}
 
 
 @pytest.mark.parametrize("point", ["before the swap", "between the renames"])
@@ -153,20 +160,54 @@ def test_a_harvest_killed_while_it_is_saved_leaves_the_previous_one_whole(tmp_pa
     import sys
 
     write_run(tmp_path)
-    before = runfolder.load_harvest(tmp_path)
-    files = {path.name: path.read_bytes() for path in (tmp_path / "harvest").iterdir()}
+    before = files_of(tmp_path / "harvest")
     process = subprocess.Popen([sys.executable, "-c", SAVE_AND_STALL, str(tmp_path), point],
                                stdout=subprocess.PIPE, text=True, cwd=os.getcwd())
     assert process.stdout.readline() == "stalled\n"
+    moved = tmp_path / f".harvest.old-{process.pid}"
+    if point == "between the renames":
+        # A reader meanwhile sees no harvest, and leaves the writer's folders alone.
+        assert not runfolder.harvest_is_current(tmp_path) and files_of(moved) == before
+        runfolder.recover_harvest(tmp_path)  # a writer waits for the live one
+        assert not (tmp_path / "harvest").exists()
     process.send_signal(signal.SIGKILL)
     process.wait()
 
-    assert runfolder.harvest_is_current(tmp_path)  # put back if it was moved aside
-    assert {path.name: path.read_bytes() for path in (tmp_path / "harvest").iterdir()} == files
-    assert runfolder.load_harvest(tmp_path).vocab == before.vocab
-    runfolder.save_harvest(tmp_path, random_harvest(12, ["x"] * 9, K=4, T=5, C=7))  # the next save tidies up
+    if point == "between the renames":
+        assert files_of(moved) == before
+        runfolder.recover_harvest(tmp_path)  # what the next save does first
+    assert runfolder.harvest_is_current(tmp_path) and files_of(tmp_path / "harvest") == before
+    runfolder.save_harvest(tmp_path, random_harvest(12, ["x"] * 9, K=4, T=5, C=7))  # and it tidies up
     assert runfolder.load_harvest(tmp_path).vocab == ["x"] * 9
     assert sorted(path.name for path in tmp_path.iterdir()) == ["cfg.json", "harvest", "metrics.json", "sae.safetensors"]
+
+
+def test_a_reader_between_a_saves_renames_does_not_break_it(tmp_path, monkeypatch):
+    """Without renameat2 the harvest is missing for a moment; a reader then must not put anything
+    back (the writer's second rename would fail, and the new harvest be lost)."""
+    write_run(tmp_path)
+    monkeypatch.setattr(runfolder, "_exchange", lambda a, b: False)
+    replace = os.replace
+
+    def read_between(src, dst):
+        replace(src, dst)
+        if Path(src).name == "harvest":
+            assert not runfolder.harvest_is_current(tmp_path)
+
+    monkeypatch.setattr(os, "replace", read_between)
+    runfolder.save_harvest(tmp_path, random_harvest(12, ["y"] * 9, K=4, T=5, C=7))
+    assert runfolder.load_harvest(tmp_path).vocab == ["y"] * 9
+
+
+def test_new_weights_drop_every_harvest_beside_them(tmp_path):
+    """finish_run's drop_harvest: the harvest and one a killed save left aside, so that none of
+    them is put back beside weights they do not describe."""
+    write_run(tmp_path)
+    shutil.copytree(tmp_path / "harvest", tmp_path / ".harvest.old-999999999")  # no such process
+    runfolder.drop_harvest(tmp_path)
+    runfolder.recover_harvest(tmp_path)
+    assert not runfolder.harvest_is_current(tmp_path)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["cfg.json", "metrics.json", "sae.safetensors"]
 
 
 def test_run_folder_files_take_the_umask_not_private_modes(tmp_path):

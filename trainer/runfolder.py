@@ -22,11 +22,13 @@ Every reader raises `RunFolderError` with a one-line message naming the file at 
 
 from __future__ import annotations
 
+import ctypes
 import json
 import math
 import os
 import secrets
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -174,12 +176,13 @@ class Harvest:
 
 
 def save_harvest(run_dir: Path, harvest: Harvest) -> None:
-    """Write RUN/harvest in a folder beside it, then swap the two: a process killed at any point
-    leaves the previous harvest whole (or, between the two renames, whole under its old name)."""
+    """Write RUN/harvest in a folder beside it, then swap the two in one step (renameat2's exchange;
+    two renames where the system lacks it): a process killed at any point leaves the previous
+    harvest whole, and a reader never finds the folder missing or half written."""
     run_dir = Path(run_dir)
     out = run_dir / HARVEST_DIR
     recover_harvest(run_dir)
-    for leftover in run_dir.glob(f".{HARVEST_DIR}.*"):  # of a harvest killed before its swap
+    for leftover in _leftovers(run_dir):  # of harvests killed before their swap
         shutil.rmtree(leftover, ignore_errors=True)
     new = run_dir / f".{HARVEST_DIR}.new-{os.getpid()}"
     new.mkdir()  # not mkdtemp: its 0700 would keep the harvest from other users
@@ -192,14 +195,56 @@ def save_harvest(run_dir: Path, harvest: Harvest) -> None:
             write_json(new / TOKEN_BYTES_FILE, harvest.token_bytes)
         # harvest.json last: its presence says the harvest is complete.
         write_json(new / "harvest.json", {**harvest.info, "version": HARVEST_VERSION})
-        old = run_dir / f".{HARVEST_DIR}.old-{os.getpid()}"
-        if out.exists():
-            os.replace(out, old)
-        os.replace(new, out)
-    except BaseException:
-        shutil.rmtree(new, ignore_errors=True)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
+        if not out.exists():
+            os.replace(new, out)
+        elif not _exchange(new, out):  # a kill between these two renames is undone by recover_harvest
+            os.replace(out, run_dir / f".{HARVEST_DIR}.old-{os.getpid()}")
+            os.replace(new, out)
+            new = run_dir / f".{HARVEST_DIR}.old-{os.getpid()}"
+    finally:
+        shutil.rmtree(new, ignore_errors=True)  # the old harvest after a swap, the unfinished new one after an error
+
+
+def drop_harvest(run_dir: Path) -> None:
+    """Remove RUN/harvest and any harvest left beside it (new weights make them all stale): moved
+    aside first, so that a kill mid-way leaves no half folder under the harvest's name."""
+    run_dir = Path(run_dir)
+    if (run_dir / HARVEST_DIR).exists():
+        os.replace(run_dir / HARVEST_DIR, run_dir / f".{HARVEST_DIR}.drop-{os.getpid()}")
+    for folder in run_dir.glob(f".{HARVEST_DIR}.*"):
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one step (Linux's renameat2 with RENAME_EXCHANGE); False where the
+    system or the file system cannot, for the caller to fall back on."""
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None) if sys.platform == "linux" else None
+    if renameat2 is None:
+        return False
+    at_cwd, rename_exchange = -100, 2  # AT_FDCWD, RENAME_EXCHANGE from <fcntl.h> and <stdio.h>
+    return renameat2(at_cwd, os.fsencode(a), at_cwd, os.fsencode(b), rename_exchange) == 0
+
+
+def _owner_alive(folder: Path) -> bool:
+    """Whether the process whose id ends the folder's name (.harvest.new-PID) still runs."""
+    try:
+        pid = int(folder.name.rsplit("-", 1)[1])
+    except (IndexError, ValueError):
+        return False
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _leftovers(run_dir: Path) -> list[Path]:
+    """Folders beside RUN/harvest that no running process is writing."""
+    return [folder for folder in Path(run_dir).glob(f".{HARVEST_DIR}.*") if not _owner_alive(folder)]
 
 
 # ---------------------------------------------------------------- reading
@@ -300,23 +345,20 @@ def load_metrics(run_dir: Path) -> dict:
 
 
 def recover_harvest(run_dir: Path) -> None:
-    """Put back a harvest that save_harvest had moved aside when it was killed, just before it put
-    the new one in its place (the one moment RUN/harvest is missing)."""
+    """Put back a harvest that save_harvest, without renameat2, had moved aside when it was killed
+    between its two renames. Only writers call it: a reader putting it back while the writer is
+    alive between them would make the writer's second rename fail."""
     out = Path(run_dir) / HARVEST_DIR
     if out.exists():
         return
     for old in Path(run_dir).glob(f".{HARVEST_DIR}.old-*"):
-        if (old / "harvest.json").is_file():
-            try:
-                os.replace(old, out)
-            except OSError:  # a folder we may only read: the harvest stays missing
-                pass
+        if (old / "harvest.json").is_file() and not _owner_alive(old):
+            os.replace(old, out)
             return
 
 
 def harvest_is_current(run_dir: Path) -> bool:
     """A complete harvest in this saescope's format (an older one is made again)."""
-    recover_harvest(run_dir)
     path = Path(run_dir) / HARVEST_DIR / "harvest.json"
     try:
         return path.is_file() and read_json_object(path).get("version") == HARVEST_VERSION
@@ -327,7 +369,6 @@ def harvest_is_current(run_dir: Path) -> bool:
 def load_harvest(run_dir: Path, cfg: dict | None = None) -> Harvest:
     """The harvest, with every tensor's shape checked against cfg.json and against each other."""
     cfg = cfg or load_cfg(run_dir)
-    recover_harvest(run_dir)
     folder = Path(run_dir) / HARVEST_DIR
     if not (folder / "harvest.json").exists():
         raise RunFolderError(f"{run_dir}: not harvested yet (no {HARVEST_DIR}/harvest.json): run `saescope harvest {run_dir}` first")

@@ -11,7 +11,8 @@
 Rerunning the same sweep resumes it: finished rungs (weights and held-out metrics present, cfg
 unchanged) are skipped, a rung killed mid-training continues from its checkpoint, a rung trained
 but not evaluated is evaluated, a rung without a current harvest is harvested. A rung whose config
-changed (other --tokens, say) is retrained, and its old harvest dropped before training starts.
+changed (other --tokens, say) is retrained; its old weights, metrics and harvest stay until the new
+weights replace them (trainer.train.finish_run), and it is harvested again.
 """
 
 from __future__ import annotations

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -495,7 +494,7 @@ def finish_run(out_dir: Path, trainer: Trainer, stats: dict, began: float, store
     # An earlier run's metrics and harvest describe other weights. The checkpoint goes last: until
     # then a run killed here finishes again with --resume.
     (out_dir / runfolder.METRICS_FILE).unlink(missing_ok=True)
-    shutil.rmtree(out_dir / runfolder.HARVEST_DIR, ignore_errors=True)
+    runfolder.drop_harvest(out_dir)
     runfolder.save_sae_weights(out_dir, weights)
     runfolder.save_cfg(out_dir, run_cfg)
     runfolder.save_metrics(out_dir, stats)
