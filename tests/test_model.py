@@ -87,13 +87,23 @@ def test_a_hub_model_missing_from_the_cache_fails_at_once_when_the_hub_is_unreac
     import subprocess
     import sys
 
-    env = dict(os.environ, HF_ENDPOINT="https://hub.invalid", HF_HOME=str(tmp_path / "hf"))
+    env = {name: value for name, value in os.environ.items() if "PROXY" not in name.upper() and name != "HF_HUB_OFFLINE"}
+    env.update(HF_ENDPOINT="https://hub.invalid", HF_HOME=str(tmp_path / "hf"))
     result = subprocess.run([sys.executable, "-m", "saescope.cli", "train", "--model", "no-org/no-model",
                              "--out", str(tmp_path / "run")], capture_output=True, text=True, timeout=60, env=env)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         "saescope train: error: cannot load model 'no-org/no-model': not in this machine's Hugging Face cache, "
         "and hub.invalid cannot be reached from this machine"]
+
+
+def test_a_model_folder_under_home_is_found_when_the_shell_left_its_tilde(tiny_model_dir, tmp_path, monkeypatch):
+    from trainer.model import count_layers, local_model_shape, model_width
+
+    monkeypatch.setenv("HOME", str(tiny_model_dir.parent))
+    name = f"~/{tiny_model_dir.name}"
+    assert count_layers(name) == 3 and model_width(name) == 32 and local_model_shape(name) == (3, 32)
+    assert load_language_model(name, 1).layer == 1
 
 
 def test_bundled_smollm2_loads_offline(tmp_path, monkeypatch):

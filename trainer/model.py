@@ -95,6 +95,8 @@ def hub_unreachable() -> str | None:
 
     if constants.HF_HUB_OFFLINE:
         return "the hub is off (HF_HUB_OFFLINE)"
+    if any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None  # the proxy resolves the hub's name, not this machine
     host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
     try:
         socket.getaddrinfo(host, 443)
@@ -103,20 +105,26 @@ def hub_unreachable() -> str | None:
     return None
 
 
+def local_source(name: str) -> str:
+    """What transformers is given: a path with ~ expanded (a shell leaves `--model=~/m` as is)."""
+    return str(Path(name).expanduser()) if name.startswith("~") else name
+
+
 def from_pretrained(name: str, load):
-    """`load(local_files_only=...)` for a local folder or a hub name: from the cache first, then the
-    hub if it can be reached; a missing model is a one-line ModelError either way."""
+    """`load(source, local_files_only=...)` for a local folder or a hub name: from the cache first,
+    then the hub if it can be reached; a missing model is a one-line ModelError either way."""
     check_folder(name)
+    source = local_source(name)
     try:
-        return load(local_files_only=True)
+        return load(source, local_files_only=True)
     except (OSError, ValueError) as e:
         local = str(e).splitlines()[0]
-        if Path(name).expanduser().is_dir():
+        if Path(source).is_dir():
             raise ModelError(f"cannot load model '{name}': {local}") from None
     if reason := hub_unreachable():
         raise ModelError(f"cannot load model '{name}': not in this machine's Hugging Face cache, and {reason}") from None
     try:
-        return load(local_files_only=False)
+        return load(source, local_files_only=False)
     except (OSError, ValueError) as e:
         raise ModelError(f"cannot load model '{name}': {str(e).splitlines()[0]}") from None
 
@@ -124,8 +132,8 @@ def from_pretrained(name: str, load):
 def _load_pretrained(name: str, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    return from_pretrained(name, lambda **hub: (AutoTokenizer.from_pretrained(name, **hub),
-                                                AutoModelForCausalLM.from_pretrained(name, dtype=dtype, **hub)))
+    return from_pretrained(name, lambda source, **hub: (AutoTokenizer.from_pretrained(source, **hub),
+                                                        AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **hub)))
 
 
 def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
@@ -235,7 +243,7 @@ def count_layers(name: str) -> int:
         return BUNDLED_N_LAYERS
     from transformers import AutoConfig
 
-    return from_pretrained(name, lambda **hub: AutoConfig.from_pretrained(name, **hub)).num_hidden_layers
+    return from_pretrained(name, AutoConfig.from_pretrained).num_hidden_layers
 
 
 def model_width(name: str) -> int | None:
@@ -246,7 +254,7 @@ def model_width(name: str) -> int | None:
         return BUNDLED_D_MODEL
     from transformers import AutoConfig
 
-    return getattr(from_pretrained(name, lambda **hub: AutoConfig.from_pretrained(name, **hub)), "hidden_size", None)
+    return getattr(from_pretrained(name, AutoConfig.from_pretrained), "hidden_size", None)
 
 
 def local_model_shape(name: str) -> tuple[int, int | None] | None:
@@ -257,7 +265,7 @@ def local_model_shape(name: str) -> tuple[int, int | None] | None:
     from transformers import AutoConfig
 
     try:
-        config = AutoConfig.from_pretrained(name, local_files_only=True)
+        config = AutoConfig.from_pretrained(local_source(name), local_files_only=True)
     except (OSError, ValueError):
         return None
     return config.num_hidden_layers, getattr(config, "hidden_size", None)
