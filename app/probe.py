@@ -237,10 +237,14 @@ class ProbeView:
                           max_activation=float(self.stats.max_activation[index]),
                           explanation=self.stats.explanation[index], explanation_f1=self.stats.explanation_f1[index])
 
-    def _kept(self) -> tuple[np.ndarray, np.ndarray]:
-        """(indices, values) over the positions and latents the view counts: (T', k) each."""
+    def _counted(self) -> tuple[np.ndarray, np.ndarray]:
+        """(indices, values) over the positions the view counts: (T', k) each."""
         first = len(self.excluded_positions)
-        indices, values = self.result.indices[first:], self.result.values[first:]
+        return self.result.indices[first:], self.result.values[first:]
+
+    def _kept(self) -> tuple[np.ndarray, np.ndarray]:
+        """The same over the latents the view counts: a hidden dense latent's values are 0."""
+        indices, values = self._counted()
         if self.hide:
             values = np.where(self.stats.density[indices] > DENSE, 0, values)
         return indices, values
@@ -250,10 +254,8 @@ class ProbeView:
         """Dense latents that fire on the counted tokens but are left out of the ranking."""
         if not self.hide:
             return 0
-        first = len(self.excluded_positions)
-        indices, values = self.result.indices[first:], self.result.values[first:]
-        fired = indices[(values > 0) & (self.stats.density[indices] > DENSE)]
-        return len(np.unique(fired))
+        indices, values = self._counted()
+        return len(np.unique(indices[(values > 0) & (self.stats.density[indices] > DENSE)]))
 
     def _rank(self) -> list[TextLatent]:
         indices, values = self._kept()

@@ -45,7 +45,7 @@ def test_the_demo_checks_its_database_and_port_before_any_stage(tiny_model_dir, 
     result = subprocess.run([sys.executable, "-m", "saescope.cli", "demo", "--workdir", str(tmp_path / "b"),
                              "--port", "99999", *base], capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "--port must be from 0" in result.stderr
-    assert not (tmp_path / "b" / "runs").exists()
+    assert not (tmp_path / "b").exists()
 
     (tmp_path / "file").write_text("")
     result = demo("--workdir", str(tmp_path / "file"), *base)

@@ -4,6 +4,7 @@ page works offline under the strict Content-Security-Policy."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 
 from fastapi import APIRouter, Request
@@ -16,7 +17,7 @@ REF = "#/components/schemas/"
 
 
 @dataclass
-class Field:
+class ApiField:
     name: str
     type: str  # as shown: "integer", "array of LatentOut", "string | null"
     refs: list[str]  # the schemas it names, linked on the page
@@ -31,8 +32,8 @@ class Endpoint:
     path: str
     summary: str
     description: str
-    parameters: list[Field]
-    body: Field | None
+    parameters: list[ApiField]
+    body: ApiField | None
     responses: list[tuple[str, str, list[str]]]  # (status, description, schemas)
 
 
@@ -40,7 +41,7 @@ class Endpoint:
 class Schema:
     name: str
     description: str
-    fields: list[Field] = field(default_factory=list)
+    fields: list[ApiField] = field(default_factory=list)
 
 
 def type_of(schema: dict) -> tuple[str, list[str]]:
@@ -52,9 +53,9 @@ def type_of(schema: dict) -> tuple[str, list[str]]:
         parts = [type_of(option) for option in options]
         return " | ".join(name for name, _ in parts), [ref for _, refs in parts for ref in refs]
     if "enum" in schema:
-        return " | ".join(repr(value) for value in schema["enum"]), []
+        return " | ".join(json.dumps(value) for value in schema["enum"]), []
     if "const" in schema:
-        return repr(schema["const"]), []
+        return json.dumps(schema["const"]), []
     kind = schema.get("type", "any")
     if kind == "array":
         name, refs = type_of(schema.get("items", {}))
@@ -65,10 +66,10 @@ def type_of(schema: dict) -> tuple[str, list[str]]:
     return kind, []
 
 
-def field_of(name: str, schema: dict, required: bool, description: str = "") -> Field:
+def field_of(name: str, schema: dict, required: bool, description: str = "") -> ApiField:
     shown, refs = type_of(schema)
-    default = repr(schema["default"]) if "default" in schema else None
-    return Field(name, shown, refs, required, description or schema.get("description", ""), default)
+    default = json.dumps(schema["default"]) if "default" in schema else None
+    return ApiField(name, shown, refs, required, description or schema.get("description", ""), default)
 
 
 def endpoints(spec: dict) -> list[Endpoint]:

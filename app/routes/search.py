@@ -35,9 +35,12 @@ def read_search_json(session: SessionDep, urls: URLsDep, q: Q = "", sae: Sae = N
 
 
 @router.get("/search", include_in_schema=False)
-def read_search(request: Request, session: SessionDep, urls: URLsDep, q: Q = "", sae: Sae = None, limit: Limit = 20):
+def read_search(request: Request, session: SessionDep, urls: URLsDep, q: Q = "", sae: Sae = None, limit: Limit = 20,
+                go: Annotated[bool, Query(include_in_schema=False)] = False):
     result = _search(session, sae, q, limit)
     live = hx_target(request, {"search-results"})
-    if not live and result.latent and q.strip().startswith("#"):  # "#123" from the search box: go there
+    # "#123" typed in the header's box (go=1) opens the latent; the search page's own address
+    # (pushed as one types there) stays a list of results, also when reloaded
+    if go and not live and result.latent and q.strip().startswith("#"):
         return RedirectResponse(urls.feature(result.sae.id, result.latent.index), status_code=303)
     return render(request, "_search_results.html" if live else "search.html", result=result)

@@ -244,15 +244,18 @@ def test_the_favicon_is_served_where_browsers_ask(client):
 
 
 def test_a_latent_number_with_a_hash_from_the_search_box_opens_its_page(client, sae_id):
-    """"#3" is a latent; a bare "3" may be a token too, so it shows the results (with the latent
-    first); the live search (htmx) never redirects."""
-    response = client.get("/search", params={"q": "#3"}, follow_redirects=False)
+    """"#3" from the header's box (go=1) is a latent; a bare "3" may be a token too, so it shows
+    the results (with the latent first); the search page's own address and its live search never
+    redirect."""
+    response = client.get("/search", params={"q": "#3", "go": 1}, follow_redirects=False)
     assert response.status_code == 303 and response.headers["location"] == f"/saes/{sae_id}/features/3"
-    assert client.get("/search", params={"q": "3"}, follow_redirects=False).status_code == 200
-    live = client.get("/search", params={"q": "#3"}, headers={"HX-Request": "true", "HX-Target": "search-results"},
+    assert 'name="go" value="1"' in client.get("/").text
+    assert client.get("/search", params={"q": "3", "go": 1}, follow_redirects=False).status_code == 200
+    assert client.get("/search", params={"q": "#3"}, follow_redirects=False).status_code == 200
+    live = client.get("/search", params={"q": "#3", "go": 1}, headers={"HX-Request": "true", "HX-Target": "search-results"},
                       follow_redirects=False)
     assert live.status_code == 200 and f'href="/saes/{sae_id}/features/3"' in live.text
-    assert client.get("/search", params={"q": f"#{N_LATENTS}"}, follow_redirects=False).status_code == 200
+    assert client.get("/search", params={"q": f"#{N_LATENTS}", "go": 1}, follow_redirects=False).status_code == 200
 
 
 def test_server_errors_hide_the_traceback(tmp_path):
