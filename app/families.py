@@ -31,6 +31,7 @@ class Relative:
     cosine: float  # between its decoder direction and this latent's
     explanation: str | None = None
     density: float | None = None
+    explanation_f1: float | None = None
 
 
 @dataclass
@@ -57,11 +58,12 @@ class AcrossSizes:
         """The latents whose explanation and density the page shows, by SAE."""
         return {size.sae_id: [r.index for r in size.latents] for size in self.smaller + self.larger}
 
-    def describe(self, summaries: dict[tuple[str, int], tuple[str | None, float]]) -> None:
-        """Fill in explanations and densities: summaries[(sae_id, index)] = (explanation, density)."""
+    def describe(self, summaries: dict[tuple[str, int], tuple[str | None, float, float | None]]) -> None:
+        """Fill in explanations and densities: summaries[(sae_id, index)] = (explanation, density, F1)."""
         for size in self.smaller + self.larger:
             for relative in size.latents:
-                relative.explanation, relative.density = summaries.get((size.sae_id, relative.index), (None, None))
+                relative.explanation, relative.density, relative.explanation_f1 = summaries.get(
+                    (size.sae_id, relative.index), (None, None, None))
 
     def as_json(self, urls: URLs) -> dict:
         return {"ladder": self.ladder_id, "ladder_url": urls.ladder(self.ladder_id, fmt="json"),

@@ -99,6 +99,7 @@ class Neighbour:
     cosine: float  # between the two latents' decoder directions
     explanation: str | None
     density: float
+    explanation_f1: float | None = None  # the explanation's held-out score (dims a weak one)
 
 
 @dataclass(frozen=True)
@@ -285,15 +286,16 @@ def effects(ids: np.ndarray, values: np.ndarray, tokens: dict[int, str]) -> list
     return [TokenEffect(i, tokens.get(i, ""), round(v, 6)) for i, v in zip(ids.tolist(), values.tolist())]
 
 
-def latent_summaries(session: Session, wanted: dict[str, list[int]]) -> dict[tuple[str, int], tuple[str | None, float]]:
-    """(explanation, density) of latents of one or more SAEs, {(sae_id, index): ...}: the page's
-    neighbours and family in one read, a primary-key range per SAE."""
+def latent_summaries(session: Session, wanted: dict[str, list[int]]) -> dict[tuple[str, int], tuple[str | None, float, float | None]]:
+    """(explanation, density, explanation F1) of latents of one or more SAEs, {(sae_id, index): ...}:
+    the page's neighbours and family in one read, a primary-key range per SAE."""
     conditions = [and_(Latent.sae_id == sae_id, Latent.index.in_(sorted(set(indices))))
                   for sae_id, indices in wanted.items() if indices]
     if not conditions:
         return {}
-    rows = session.execute(select(Latent.sae_id, Latent.index, Latent.explanation, Latent.density).where(or_(*conditions)))
-    return {(sae_id, index): (explanation, density) for sae_id, index, explanation, density in rows}
+    rows = session.execute(select(Latent.sae_id, Latent.index, Latent.explanation, Latent.density, Latent.explanation_f1)
+                           .where(or_(*conditions)))
+    return {(sae_id, index): (explanation, density, f1) for sae_id, index, explanation, density, f1 in rows}
 
 
 def blob(data: bytes | None, dtype: str) -> np.ndarray:

@@ -160,6 +160,14 @@ def test_weak_explanations_are_dimmed_with_their_f1(client, sae_id):
     assert all(f"F1 {latent['explanation_f1']:.2f}" in html for latent in latents)
 
 
+def test_a_weak_neighbour_is_dimmed_too(client, sae_id):
+    latent = next(i for i in range(N_LATENTS)
+                  if WEAK in [n["index"] for n in client.get(f"/saes/{sae_id}/features/{i}.json").json()["neighbours"]])
+    html = client.get(f"/saes/{sae_id}/features/{latent}").text
+    nearest = html.split('<ol class="neighbour-list">', 1)[1].split("</ol>", 1)[0]
+    assert re.search(rf'features/{WEAK}">#{WEAK}</a>\s*<span class="cosine"[^>]*>[^<]*</span>\s*<span class="explanation weak"', nearest)
+
+
 def test_dead_latent_page(client, sae_id):
     page = client.get(f"/saes/{sae_id}/features/{DEAD[0]}")
     assert page.status_code == 200 and "never fired" in page.text
