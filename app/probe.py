@@ -27,7 +27,7 @@ import time
 from collections import OrderedDict, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from functools import cached_property, partial
+from functools import cached_property, lru_cache, partial
 from pathlib import Path
 from typing import Literal
 
@@ -40,7 +40,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from app.models import Latent, Sae
 from app.settings import Settings
 from app.urls import URLs
-from trainer.runfolder import HARVEST_DIR, SAE_FILE
+from trainer.runfolder import CFG_FILE, HARVEST_DIR, SAE_FILE
 
 log = logging.getLogger("saescope.probe")
 
@@ -457,9 +457,10 @@ class ProbeService:
 
     def unavailable_for(self, row) -> str | None:
         """The same for an SAE row already read (id, model, run_dir, content_hash): no query."""
-        if self._find_run_dir(row.run_dir) is None:
+        run_dir = self._find_run_dir(row.run_dir)
+        if run_dir is None:
             return f"weights not on this server (run folder {row.run_dir} not found)"
-        return self._failures.get((row.id, row.content_hash)) or _model_problem(row.model)
+        return self._failures.get((row.id, row.content_hash)) or _model_problem(_model_source(run_dir) or row.model)
 
     # ------------------------------------------------------------ probing
 
@@ -657,6 +658,16 @@ def _excluded_positions(run_dir: Path) -> int:
         return 1
 
 
+def _model_source(run_dir: Path) -> str | None:
+    """The model the run's cfg.json names: what the encoder loads (a folder, a hub name, the
+    bundled alias). The database keeps only its short name for display."""
+    try:
+        model = json.loads((run_dir / CFG_FILE).read_text()).get("model")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return model if isinstance(model, str) else None
+
+
 def _model_problem(model: str) -> str | None:
     """Why `model` surely cannot be loaded here, checked without loading it (None: it may)."""
     from trainer.model import BUNDLED_MODEL, BUNDLED_PACKAGE, cache_dir
@@ -669,15 +680,24 @@ def _model_problem(model: str) -> str | None:
         return None
     if model.startswith((".", "/", "~")) and not Path(model).expanduser().is_dir():
         return f"model folder {model} not found on this server"
-    if not model.startswith((".", "/", "~")) and _hub_offline() and not _in_hub_cache(model):
-        return f"the model {model!r} is not in this server's Hugging Face cache, and the hub is offline here (HF_HUB_OFFLINE)"
+    if not model.startswith((".", "/", "~")) and not _in_hub_cache(model) and (reason := _hub_unreachable()):
+        return f"the model {model!r} is not in this server's Hugging Face cache, and {reason}"
     return None
 
 
-def _hub_offline() -> bool:
+def _hub_unreachable() -> str | None:
+    """trainer.model.hub_unreachable, looked up at most once a minute per hub setting: the
+    selector asks on every probe page."""
     from huggingface_hub import constants
 
-    return bool(constants.HF_HUB_OFFLINE)
+    return _hub_reason(int(time.monotonic() // 60), bool(constants.HF_HUB_OFFLINE), constants.ENDPOINT)
+
+
+@lru_cache(maxsize=4)
+def _hub_reason(_minute: int, _offline: bool, _endpoint: str) -> str | None:
+    from trainer.model import hub_unreachable
+
+    return hub_unreachable()
 
 
 def _in_hub_cache(model: str) -> bool:

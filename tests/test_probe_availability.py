@@ -36,6 +36,15 @@ def test_an_uncached_hub_model_is_unavailable_offline(offline_hub):
     assert "not in this server's Hugging Face cache" in reason and "HF_HUB_OFFLINE" in reason
 
 
+def test_an_uncached_hub_model_is_unavailable_where_the_hub_cannot_be_reached(tmp_path, monkeypatch):
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(constants, "ENDPOINT", "https://hub.invalid")  # never resolves
+    for proxy in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(proxy, raising=False)
+    assert _model_problem("some-lab/never-downloaded").endswith("and hub.invalid cannot be reached from this machine")
+
+
 def test_a_cached_hub_model_may_load_offline(offline_hub):
     cache_model(offline_hub, "some-lab/downloaded")
     assert _model_problem("some-lab/downloaded") is None
@@ -43,5 +52,17 @@ def test_a_cached_hub_model_may_load_offline(offline_hub):
 
 def test_online_a_hub_model_is_not_ruled_out(monkeypatch):
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1")  # a hub this machine can reach
     assert _model_problem("some-lab/never-downloaded") is None
-    assert probe._hub_offline() is False
+    assert probe._hub_unreachable() is None
+
+
+def test_an_sae_of_a_local_model_stays_available_offline(offline_hub, tiny_db, sae_id):
+    """The database keeps the model's short name ("tiny-model0"); the probe checks what the run's
+    cfg.json names, the folder it loads, which no hub setting rules out."""
+    from app.main import create_app
+    from app.settings import Settings
+
+    service = create_app(Settings(database_url=tiny_db)).state.probe
+    [option] = service.options()
+    assert option.id == sae_id and not option.model.startswith("/") and option.unavailable is None
