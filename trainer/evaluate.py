@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from trainer import runfolder
-from trainer.activations import ActivationStore, check_store_for_sae, complete_heldout
+from trainer.activations import ActivationStore, complete_heldout, open_store_for_sae
 from trainer.progress import progress
 from trainer.sae import TopKSAE, default_device
 
@@ -61,9 +61,7 @@ def evaluate_run(run_dir: Path, store_dir: Path | None = None, downstream_contex
         raise runfolder.RunFolderError(
             f"{Path(run_dir) / runfolder.CFG_FILE}: no activation store; pass --store or run `saescope harvest` first"
         )
-    store = ActivationStore.open(store_dir or cfg["store"])
-    check_store_for_sae(store, cfg, run_dir)
-    store = complete_heldout(store)  # the first eval on a store computes them
+    store = complete_heldout(open_store_for_sae(store_dir or cfg["store"], cfg, run_dir))  # the first eval on a store computes them
     metrics = evaluate_sae(sae, store, cfg.get("input_scale", 1.0))  # as harvest and the probe read it
     if downstream_contexts > 0:
         metrics |= downstream_loss(sae, cfg, store, downstream_contexts)

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from trainer import explain, runfolder
-from trainer.activations import ActivationStore, check_store_for_sae, complete_heldout, token_vocab
+from trainer.activations import ActivationStore, complete_heldout, open_store_for_sae, token_vocab
 from trainer.config import ConfigError, HarvestConfig
 from trainer.directions import logit_effects, nearest_latents
 from trainer.grouping import group_codes, rank_within, sort_within, spread_within
@@ -468,9 +468,7 @@ def store_for_run(run_dir: Path, run_cfg: dict, cfg: HarvestConfig, store_dir: P
     """The run's activation store; an imported SAE has none, so build one for its model and
     layer (and record it in cfg.json, so that eval finds it too)."""
     if store_dir or run_cfg.get("store"):
-        store = ActivationStore.open(store_dir or run_cfg["store"])
-        check_store_for_sae(store, run_cfg, run_dir)
-        return store
+        return open_store_for_sae(store_dir or run_cfg["store"], run_cfg, run_dir)
     from trainer.config import TrainConfig
     from trainer.train import prepare_store
 

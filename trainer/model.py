@@ -77,10 +77,15 @@ def _load_bundled(dtype: torch.dtype):
     return tokenizer, model
 
 
+def is_path(name: str) -> bool:
+    """A model named by a path (a folder), not by a hub name or the bundled alias."""
+    return name.startswith((".", "/", "~"))
+
+
 def check_folder(name: str) -> None:
     """A model given as a path must be a folder here: transformers would take a missing one for a
     malformed hub name and say so."""
-    if name.startswith((".", "/", "~")) and not Path(name).expanduser().is_dir():
+    if is_path(name) and not Path(name).expanduser().is_dir():
         raise ModelError(f"model folder {name} not found (a local model is a folder with config.json; "
                          f"a hub model is named like HuggingFaceTB/SmolLM2-135M)")
 
