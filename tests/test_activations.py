@@ -81,7 +81,7 @@ def mapped_kib(path) -> int:
 
 
 def test_the_model_writes_the_store_in_released_slices_with_the_same_rows(tiny_model_dir, tmp_path, monkeypatch):
-    """run_model flushes and unmaps what it wrote every RELEASE_BYTES, so that building a store never
+    """run_model unmaps what it wrote every RELEASE_BYTES (and flushes at the end), so that building a store never
     holds all of it in the process; the rows are the same bytes as when it keeps them all until
     the end, and the model's residual stream. (Linux: /proc/self/smaps and madvise, as the
     project needs anyway.)"""
