@@ -192,9 +192,10 @@ def display_pieces(token: str, carries: bool = False) -> list[tuple[str, str]]:
     return pieces
 
 
-def view_state(latent: int | None, sort: SortKey, hide: bool) -> dict:
-    """The view state beyond SAE and text, as query parameters (defaults left out)."""
-    return {"latent": latent, "sort": None if sort == "max" else sort, "all": None if hide else 1}
+def view_state(latent: int | None, sort: SortKey, hide: bool, token: int | None = None) -> dict:
+    """The view state beyond SAE and text, as query parameters (defaults left out); `token` is the
+    page's open token panel (the JSON lists every token anyway)."""
+    return {"latent": latent, "sort": None if sort == "max" else sort, "all": None if hide else 1, "token": token}
 
 
 @dataclass

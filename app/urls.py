@@ -51,7 +51,7 @@ class URLs:
 
     def probe(self, sae: str | None = None, text: str | None = None, fmt: str | None = None, **state) -> str:
         """Probe page; state: latent (highlighted), sort (max|sum), all=1 (dense latents and the
-        first position included)."""
+        first position included), token (the position whose latents the page lists)."""
         return self._build("/probe", fmt, sae=sae, text=text, **state)
 
     def probe_token(self, position: int) -> str:

@@ -157,6 +157,32 @@ def test_token_fragment_lists_that_tokens_latents(client, sae_id, encoder):
     assert missing.status_code == 404 and "no token 999" in missing.text
 
 
+def test_the_open_token_is_view_state(client, sae_id):
+    """A focused token's fragment puts the token into the address bar (replaced, not pushed) and
+    into the state form, so highlighting keeps its panel open; a page whose address names a token
+    opens that panel, and so does its share link."""
+    text, latent = TEXTS[0], 7
+    fragment = client.post("/probe/tokens/3", data={"sae": sae_id, "text": text, "latent": str(latent), "sort": "sum"},
+                           headers={"HX-Request": "true"})
+    state = {"sae": sae_id, "text": text, "latent": latent, "sort": "sum", "token": 3}
+    assert fragment.headers["HX-Replace-Url"] == "/probe?" + urlencode(state)
+    assert '<input type="hidden" id="probe-token" name="token" value="3" hx-swap-oob="true">' in fragment.text
+
+    page = client.get("/probe", params=state, headers={"HX-Request": "true"}).text
+    panel = page.split('<div id="token-detail">', 1)[1].split("</section>", 1)[0]
+    assert 'data-position="3"' in panel and "position 3" in panel and "hx-swap-oob" not in panel
+    assert '<input type="hidden" id="probe-token" name="token" value="3">' in page
+    assert len(re.findall(r'class="tok[^"]* current"', page)) == 1 and 'current" tabindex="0" data-position="3"' in page
+
+    closed = client.get("/probe", params={**state, "token": 999}).text  # beyond the text: the panel stays closed
+    assert "Click a token" in closed and 'id="probe-token" name="token" value="" disabled' in closed
+    assert client.get("/probe", params={**state, "token": "x"}).status_code == 422
+
+    shared = client.post("/probe/share", data={**state, "all": ""}, follow_redirects=False)
+    assert shared.status_code == 303 and shared.headers["location"].endswith("?latent=7&sort=sum&token=3")
+    assert "position 3" in client.get(shared.headers["location"]).text.split('<div id="token-detail">', 1)[1]
+
+
 def test_characters_split_over_byte_tokens_show_whole(client, sae_id):
     """An emoji or CJK character spans several byte tokens: the API's token pieces join into the
     text, and the page shows each character (on the token that completes it), never U+FFFD,

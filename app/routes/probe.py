@@ -205,37 +205,48 @@ async def read_share_json(share_id: str, session: SessionDep, probe: ProbeDep, u
 
 @router.get("/probe", include_in_schema=False)
 async def read_probe(request: Request, probe: ProbeDep, sae: str | None = None, text: str | None = None,
-                     latent: str = "", sort: SortKey = "max", include_all: Annotated[bool, Query(alias="all")] = False):
-    return await _probe_page(request, probe, sae, page_text(text or ""), _latent(latent), sort, not include_all)
+                     latent: str = "", sort: SortKey = "max", include_all: Annotated[bool, Query(alias="all")] = False,
+                     token: str = ""):
+    return await _probe_page(request, probe, sae, page_text(text or ""), _index(latent, "latent"), sort,
+                             not include_all, token=_index(token, "token"))
 
 
 @router.get("/p/{share_id}", include_in_schema=False)
 async def read_share(request: Request, share_id: str, session: SessionDep, probe: ProbeDep,
-                     latent: str = "", sort: SortKey = "max", include_all: Annotated[bool, Query(alias="all")] = False):
+                     latent: str = "", sort: SortKey = "max", include_all: Annotated[bool, Query(alias="all")] = False,
+                     token: str = ""):
     share = await _get_share(session, share_id)
-    return await _probe_page(request, probe, share.sae, page_text(share.text), _latent(latent), sort,
-                             not include_all, share=share)
+    return await _probe_page(request, probe, share.sae, page_text(share.text), _index(latent, "latent"), sort,
+                             not include_all, share=share, token=_index(token, "token"))
 
 
 @router.post("/probe/tokens/{position}", include_in_schema=False)
 async def read_probe_token(request: Request, position: int, probe: ProbeDep, sae: Annotated[str, Form()],
                            text: Annotated[str, Form()], latent: Annotated[str, Form()] = "",
+                           sort: Annotated[SortKey, Form()] = "max",
                            include_all: Annotated[bool, Form(alias="all")] = False):
-    """The latents of one token (the fragment a focused token asks for)."""
+    """The latents of one token (the fragment a focused token asks for). The address bar takes
+    the token too (replaced, not pushed: moving along the tokens with Tab is not history), and
+    so does the page's state form, so that highlighting or sorting keeps the panel open."""
+    text, hide = page_text(text), not include_all
     try:
-        view = await probe.view(sae, page_text(text), latent=_latent(latent), strict=False, hide=not include_all)
+        view = await probe.view(sae, text, latent=_index(latent, "latent"), strict=False, hide=hide)
         if not 0 <= position < len(view.tokens):
             raise HTTPException(404, f"the text has no token {position}")
     except HTTPException as e:
         return render(request, "_probe_error.html", status_code=e.status_code, error=e.detail)
-    return render(request, "_probe_token.html", view=view, token=view.tokens[position])
+    response = render(request, "_probe_token.html", view=view, token=view.tokens[position], oob=True)
+    urls = URLs(request.scope.get("root_path", ""))
+    response.headers["HX-Replace-Url"] = urls.probe(sae, text, **view_state(view.latent, sort, hide, position))
+    return response
 
 
 @router.post("/probe/share", include_in_schema=False)
 async def create_share_from_page(request: Request, session: SessionDep, probe: ProbeDep, sae: Annotated[str, Form()],
                                  text: Annotated[str, Form()], latent: Annotated[str, Form()] = "",
                                  sort: Annotated[SortKey, Form()] = "max",
-                                 include_all: Annotated[bool, Form(alias="all")] = False):
+                                 include_all: Annotated[bool, Form(alias="all")] = False,
+                                 token: Annotated[str, Form()] = ""):
     """The Share button: the link as a fragment (htmx), or a redirect to it (no JavaScript)."""
     urls = URLs(request.scope.get("root_path", ""))
     try:
@@ -244,7 +255,7 @@ async def create_share_from_page(request: Request, session: SessionDep, probe: P
         if not is_htmx(request):
             raise
         return render(request, "_probe_error.html", status_code=e.status_code, error=e.detail)
-    link = urls.share(share.id, **view_state(_latent(latent), sort, not include_all))
+    link = urls.share(share.id, **view_state(_index(latent, "latent"), sort, not include_all, _index(token, "token")))
     if not is_htmx(request):
         return RedirectResponse(link, status_code=303)
     return render(request, "_probe_share.html", share=share, link=absolute(request, link))
@@ -254,18 +265,21 @@ async def create_share_from_page(request: Request, session: SessionDep, probe: P
 
 
 async def _probe_page(request: Request, probe, sae: str | None, text: str, latent: int | None, sort: SortKey,
-                      hide: bool, share: Share | None = None):
+                      hide: bool, share: Share | None = None, token: int | None = None):
     options = await run_in_threadpool(probe.options)
     if sae is None:
         sae = next((o.id for o in options if not o.unavailable), options[0].id if options else None)
     urls = URLs(request.scope.get("root_path", ""))
     state = view_state(latent, sort, hide)
     view: ProbeView | None = None
+    focus = None  # the token whose panel is open
     error, retry_after, status = None, None, 200
     if sae is not None and text:
         try:
             view = await probe.view(sae, text, latent=latent, strict=False, sort=sort, hide=hide, top_n=PAGE_TOP_N)
-            state = view_state(view.latent, sort, hide)
+            # a position beyond this text (an edited link) just leaves the panel closed
+            focus = view.tokens[token] if token is not None and token < len(view.tokens) else None
+            state = view_state(view.latent, sort, hide, focus.position if focus else None)
         except HTTPException as e:
             error = e.detail
             retry_after = (e.headers or {}).get("Retry-After")
@@ -277,11 +291,11 @@ async def _probe_page(request: Request, probe, sae: str | None, text: str, laten
     page_url = urls.probe(sae, text, **state)  # an empty text drops out of the query
     address = urls.share(share.id, **state) if share else page_url  # what the address bar holds
     context = {
-        "options": options, "sae": sae, "text": text, "state": state, "view": view, "error": error,
+        "options": options, "sae": sae, "text": text, "state": state, "view": view, "focus": focus, "error": error,
         "retry_after": retry_after, "share": share, "max_chars": probe.settings.probe_max_chars,
         "dense_percent": f"{DENSE * 100:g} %",
         "page_url": page_url,
-        "json_url": urls.probe(sae, text, fmt="json", **state) if view else None,
+        "json_url": urls.probe(sae, text, fmt="json", **state | {"token": None}) if view else None,
         "og": open_graph(view, sae, text, absolute(request, address)),
     }
     template = "_probe_result.html" if is_htmx(request) else "probe.html"
@@ -328,12 +342,12 @@ def check_utf8(encoded: bytes, what: str) -> None:
             raise HTTPException(400, f"{what} {name!r} is not valid UTF-8") from None
 
 
-def _latent(value: str) -> int | None:
-    """The highlighted latent from the query string or a form ('' clears it)."""
+def _index(value: str, what: str) -> int | None:
+    """The highlighted latent or the open token from the query string or a form ('' clears it)."""
     if value.strip() == "":
         return None
     if not value.strip().isdigit():
-        raise HTTPException(422, f"latent must be a latent index, got {value!r}")
+        raise HTTPException(422, f"{what} must be a {what} index, got {value!r}")
     return int(value)
 
 

@@ -125,7 +125,7 @@ def test_feature_page_explains_its_numbers(client, sae_id):
 
 def test_hostile_explanation_is_text(client, sae_id):
     html = client.get(f"/saes/{sae_id}/features/0").text
-    assert html.count("<script") == 1  # the htmx tag only
+    assert html.count("<script") == 2  # htmx and static/app.js only
     assert '&lt;script&gt;<mark class="fires" title="the token it fires on">alert(1)</mark>' in html
 
 
@@ -312,7 +312,7 @@ def test_search_by_number_and_defaults(client, sae_id):
 
 def test_search_page(client, sae_id):
     html = client.get("/search", params={"sae": sae_id, "q": "<script>"}).text
-    assert html.count("<script") == 1 and "&lt;script&gt;" in html
+    assert html.count("<script") == 2 and "&lt;script&gt;" in html  # htmx and static/app.js only
     parsed = Page(html)
     assert ("application/json", f"/search.json?sae={sae_id}&q=%3Cscript%3E") in parsed.alternates
     page = client.get("/search", params={"sae": sae_id, "q": " def"}).text

@@ -91,7 +91,7 @@ def open_page(browser, url: str):
 
 def assert_nothing_ran(page, events):
     found = page.evaluate(INJECTED)
-    assert [s for s in found["scripts"] if not s.endswith("/static/vendor/htmx.org/htmx.min.js")] == []
+    assert [s for s in found["scripts"] if not s.endswith(("/static/vendor/htmx.org/htmx.min.js", "/static/app.js"))] == []
     assert found["handlers"] == [] and found["javascriptUrls"] == [] and found["foreign"] == []
     assert found["pwned"] is None and not found["hidden"]
     assert events["dialogs"] == [] and events["errors"] == []

@@ -128,7 +128,7 @@ def test_feature_page_shades_tokens_and_escapes_corpus_text(client, sae_id):
     page = client.get(f"/saes/{sae_id}/features/0")
     assert page.status_code == 200
     html = page.text
-    assert "<script>alert(1)" not in html and html.count("<script") == 1  # the htmx tag only
+    assert "<script>alert(1)" not in html and html.count("<script") == 2  # htmx and static/app.js only
     assert "&lt;script&gt;" in html and "&lt;/script&gt;" in html
     parsed = Page(html)
     assert all(script.get("src") for script in parsed.scripts)  # only the htmx file: no inline scripts
@@ -219,6 +219,8 @@ def test_htmx_comes_from_node_modules_and_pages_send_a_csp(client):
     htmx = client.get("/static/vendor/htmx.org/htmx.min.js")
     assert htmx.status_code == 200 and "htmx" in htmx.text[:2000]
     assert client.get("/static/style.css").status_code == 200
+    assert '<script src="/static/app.js" defer></script>' in page.text  # our own, no inline script
+    assert "clipboard" in client.get("/static/app.js").text
 
 
 def test_openapi_documents_the_json_api(client):
@@ -235,7 +237,7 @@ def test_the_api_page_documents_every_route_of_the_schema_offline(client):
     assert "script-src 'self';" in response.headers["Content-Security-Policy"]
     html = response.text
     page = Page(html)
-    assert page.scripts == [{"src": "/static/vendor/htmx.org/htmx.min.js", "defer": None}]
+    assert page.scripts == [{"src": "/static/vendor/htmx.org/htmx.min.js", "defer": None}, {"src": "/static/app.js", "defer": None}]
     for path, operations in spec["paths"].items():
         for method, operation in operations.items():
             assert f'<span class="method {method}">{method.upper()}</span> <code>{path}</code>' in html

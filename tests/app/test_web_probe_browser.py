@@ -116,6 +116,7 @@ def test_type_click_highlight_share_and_reopen(probe_server, browser, tiny_sae):
         assert page.locator(".probe-tokens .tok:focus").get_attribute("data-position") == str(position)
         page.locator(f'#token-detail .token-detail[data-position="{position}"]').wait_for()
         assert f"position {position}" in detail.inner_text() and rows.count() >= 1
+    page.wait_for_url(re.compile(r".*[?&]token=3$"))  # the open token is in the address bar too
     latent_link = rows.first.locator("a").first
     latent = latent_link.inner_text().lstrip("#")
     SHOTS.mkdir(parents=True, exist_ok=True)
@@ -141,19 +142,29 @@ def test_type_click_highlight_share_and_reopen(probe_server, browser, tiny_sae):
     tips = page.locator(".probe-tokens .tok").evaluate_all("els => els.map(el => el.dataset.tip)")
     assert all(tip.startswith(f"#{chosen}: ") for tip in tips[1:])
     assert page.locator(".text-latents tr.selected").count() == 1
+    # the token panel stays open on the token it showed, now marked in the text
+    assert "position 3" in detail.inner_text()
+    assert page.locator(".probe-tokens .tok.current").get_attribute("data-position") == "3"
 
     # share: a short link, which opens the same view in a new page
     page.locator("#probe-state button", has_text="Share").click()
     link = page.locator(".share-url")
     link.wait_for()
     href = link.get_attribute("href")
-    assert re.fullmatch(rf"{probe_server}/p/[a-z2-7]{{10}}\?latent={chosen}&all=1", href), href
+    assert re.fullmatch(rf"{probe_server}/p/[a-z2-7]{{10}}\?latent={chosen}&all=1&token=3", href), href
+    # copy: the link reaches the clipboard (127.0.0.1 is a secure context, so the clipboard API)
+    page.context.grant_permissions(["clipboard-read", "clipboard-write"], origin=probe_server)
+    copy = page.locator(".share-link button.copy")
+    copy.click()
+    until(lambda: copy.inner_text() == "copied")
+    assert page.evaluate("navigator.clipboard.readText()") == href
     page.screenshot(path=str(SHOTS / "probe-highlight.png"), full_page=True)
     view = {
         "tokens": page.locator(".probe-tokens").inner_text(),
         "tips": tips,
         "ranking": page.locator(".text-latents").inner_text(),
         "highlight": page.locator(".highlight-note").inner_text(),
+        "panel": detail.inner_text(),
     }
 
     shared = browser.new_page(viewport={"width": 1280, "height": 900})
@@ -167,6 +178,7 @@ def test_type_click_highlight_share_and_reopen(probe_server, browser, tiny_sae):
         "tips": shared.locator(".probe-tokens .tok").evaluate_all("els => els.map(el => el.dataset.tip)"),
         "ranking": shared.locator(".text-latents").inner_text(),
         "highlight": shared.locator(".highlight-note").inner_text(),
+        "panel": shared.locator("#token-detail .token-detail").inner_text(),
     } == view
     assert shared.locator('meta[property="og:title"]').get_attribute("content").startswith("“def greet(name):")
     assert tiny_sae in shared.locator('meta[property="og:description"]').get_attribute("content")
