@@ -199,6 +199,34 @@ def test_a_reader_between_a_saves_renames_does_not_break_it(tmp_path, monkeypatc
     assert runfolder.load_harvest(tmp_path).vocab == ["y"] * 9
 
 
+def test_a_harvest_saved_while_it_is_read_is_read_whole(tmp_path, monkeypatch):
+    """A loader reading a run while `saescope harvest` swaps a new harvest in gets one harvest or
+    the other, never files of both; one that keeps changing is a clear error."""
+    write_run(tmp_path)
+    newer = random_harvest(12, ["n"] * 9, K=4, T=5, C=7)
+    read_tensors, saves = runfolder.read_tensors, []
+
+    def save_after_the_first_file(path, required):
+        found = read_tensors(path, required)
+        if path.name == "latents.safetensors" and len(saves) < saves_wanted:  # the first file read
+            saves.append(path.name)
+            runfolder.save_harvest(tmp_path, newer)  # as another process would, mid-read
+        return found
+
+    monkeypatch.setattr(runfolder, "read_tensors", save_after_the_first_file)
+    saves_wanted = 1
+    back = runfolder.load_harvest(tmp_path)
+    assert saves == ["latents.safetensors"] and back.vocab == ["n"] * 9
+    for name, tensor in newer.tensors.items():  # every file from the new one
+        assert_close(back.tensors[name], tensor.half().float() if tensor.dtype == torch.float16 else tensor,
+                     check_dtype=False, msg=name)
+
+    saves.clear()
+    saves_wanted = runfolder.HARVEST_READ_TRIES  # a new harvest during every try
+    with pytest.raises(RunFolderError, match=r"harvest: rewritten 3 times while it was read; try again"):
+        runfolder.load_harvest(tmp_path)
+
+
 def test_new_weights_drop_every_harvest_beside_them(tmp_path):
     """finish_run's drop_harvest: the harvest and one a killed save left aside, so that none of
     them is put back beside weights they do not describe."""

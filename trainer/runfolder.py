@@ -366,10 +366,40 @@ def harvest_is_current(run_dir: Path) -> bool:
         return False
 
 
+HARVEST_READ_TRIES = 3
+
+
 def load_harvest(run_dir: Path, cfg: dict | None = None) -> Harvest:
-    """The harvest, with every tensor's shape checked against cfg.json and against each other."""
+    """The harvest, with every tensor's shape checked against cfg.json and against each other.
+
+    All of it from one harvest: a harvest swapped in while this reads (save_harvest, from another
+    process) would give files of both, so harvest.json's identity is taken before and after the
+    read (each save writes a new file), and a read it changed under is done again."""
     cfg = cfg or load_cfg(run_dir)
-    folder = Path(run_dir) / HARVEST_DIR
+    stamp = Path(run_dir) / HARVEST_DIR / "harvest.json"
+    for attempt in range(HARVEST_READ_TRIES):
+        before = _file_identity(stamp)
+        try:
+            harvest = _read_harvest(Path(run_dir), cfg)
+        except (RunFolderError, OSError):
+            if _file_identity(stamp) == before or attempt == HARVEST_READ_TRIES - 1:
+                raise
+            continue  # the harvest changed under the read: its error may be the mix
+        if _file_identity(stamp) == before:
+            return harvest
+    raise RunFolderError(f"{stamp.parent}: rewritten {HARVEST_READ_TRIES} times while it was read; try again")
+
+
+def _file_identity(path: Path) -> tuple | None:
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size
+
+
+def _read_harvest(run_dir: Path, cfg: dict) -> Harvest:
+    folder = run_dir / HARVEST_DIR
     if not (folder / "harvest.json").exists():
         raise RunFolderError(f"{run_dir}: not harvested yet (no {HARVEST_DIR}/harvest.json): run `saescope harvest {run_dir}` first")
     info = read_json_object(folder / "harvest.json")
