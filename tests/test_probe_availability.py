@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+
 import pytest
 from huggingface_hub import constants
 
@@ -52,9 +54,21 @@ def test_a_cached_hub_model_may_load_offline(offline_hub):
 
 def test_online_a_hub_model_is_not_ruled_out(monkeypatch):
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1")  # a hub this machine can reach
-    assert _model_problem("some-lab/never-downloaded") is None
-    assert probe._hub_unreachable() is None
+    with socket.create_server(("127.0.0.1", 0)) as hub:  # a hub this machine can reach
+        monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{hub.getsockname()[1]}")
+        assert _model_problem("some-lab/never-downloaded") is None
+        assert probe._hub_unreachable() is None
+
+
+def test_a_hub_whose_name_resolves_but_that_does_not_answer_is_unreachable(monkeypatch):
+    """A firewall: the name is known, the connection refused (or dropped, up to a short timeout)."""
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    with socket.create_server(("127.0.0.1", 0)) as closed:
+        port = closed.getsockname()[1]
+    monkeypatch.setattr(constants, "ENDPOINT", f"https://localhost:{port}")  # nothing listens there now
+    for proxy in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(proxy, raising=False)
+    assert _model_problem("some-lab/never-downloaded").endswith("and localhost cannot be reached from this machine")
 
 
 def test_an_sae_of_a_local_model_stays_available_offline(offline_hub, tiny_db, sae_id):

@@ -90,9 +90,14 @@ def check_folder(name: str) -> None:
                          f"a hub model is named like HuggingFaceTB/SmolLM2-135M)")
 
 
+HUB_CONNECT_TIMEOUT_S = 2.0
+
+
 def hub_unreachable() -> str | None:
     """Why the Hugging Face hub cannot be reached from here, found at once (None: it may be).
-    Offline, huggingface_hub would retry each file for half a minute, printing every retry."""
+    Offline, huggingface_hub would retry each file for half a minute, printing every retry. A
+    connection is tried, not only the name looked up: behind a firewall that drops packets the
+    name may resolve and every retry still wait."""
     import socket
     from urllib.parse import urlparse
 
@@ -102,10 +107,12 @@ def hub_unreachable() -> str | None:
         return "the hub is off (HF_HUB_OFFLINE)"
     if any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
         return None  # the proxy resolves the hub's name, not this machine
-    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+    endpoint = urlparse(constants.ENDPOINT)
+    host = endpoint.hostname or "huggingface.co"
     try:
-        socket.getaddrinfo(host, 443)
-    except OSError:
+        socket.create_connection((host, endpoint.port or (80 if endpoint.scheme == "http" else 443)),
+                                 timeout=HUB_CONNECT_TIMEOUT_S).close()
+    except OSError:  # the name unknown, the connection refused, or no answer in time
         return f"{host} cannot be reached from this machine"
     return None
 
