@@ -123,6 +123,22 @@ def test_a_rung_that_cannot_work_fails_before_any_compute(tmp_path):
     assert not (tmp_path / "s").exists()
 
 
+def test_a_sweep_that_fails_its_checks_writes_no_sweep_json(tiny_model_dir, tmp_path):
+    """sweep.json makes `load` read a folder as a sweep: a layer beyond the model, a store of
+    another configuration or a run folder as --out fail in one line and leave no sweep.json."""
+    run = lambda out, *extra: subprocess.run(  # noqa: E731
+        [*sweep_command(out, tiny_model_dir), *extra], capture_output=True, text=True, timeout=120)
+    failed = run(tmp_path / "s", "--layer", "7")
+    assert failed.returncode == 2 and "layer 7" in failed.stderr and failed.stderr.count("\n") == 1
+    assert not (tmp_path / "s" / "sweep.json").exists()
+
+    (tmp_path / "run").mkdir()
+    runfolder.save_cfg(tmp_path / "run", {"model": "m", "layer": 1, "d_in": 6, "n_latents": 12, "k": 3})
+    into_a_run = run(tmp_path / "run")
+    assert into_a_run.returncode == 2 and "is a run folder (it has cfg.json)" in into_a_run.stderr
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["cfg.json"]
+
+
 def test_an_option_added_since_training_counts_as_its_default(tmp_path):
     """A rung (or the demo's run) trained before an option existed is not retrained for it,
     unless the option is set to something else than its default."""

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from trainer import families, runfolder, scaling
-from trainer.config import SweepConfig, TrainConfig
+from trainer.config import ConfigError, SweepConfig, TrainConfig
 from trainer.evaluate import evaluate_run
 from trainer.harvest import harvest_run
 from trainer.train import CHECKPOINT_FILE, check_batches_fit, check_store_not_taken, prepare_store, resume, train
@@ -90,16 +90,18 @@ def harvest_rung(run: Path, store_dir: Path) -> str:
 def run_sweep(sweep: SweepConfig, base: TrainConfig, out_dir: Path) -> dict:
     """Train, evaluate and harvest every rung, then fit the scaling laws and match feature families."""
     out_dir = Path(out_dir)
+    if (out_dir / runfolder.CFG_FILE).exists():  # sweep.json beside it would make `load` read it as a sweep
+        raise ConfigError(f"--out {out_dir} is a run folder (it has {runfolder.CFG_FILE}): give the sweep a folder of its own")
     configs = rung_configs(sweep, base)
     store_dir = out_dir / STORE_DIR
     for cfg in configs.values():  # a rung that cannot train fails now, not after the store is built
         check_batches_fit(cfg, store_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    runfolder.write_json(out_dir / SWEEP_FILE, {"sweep": sweep.to_dict(), "train": base.to_dict(), "rungs": list(configs)})
-    began = time.perf_counter()
     check_store_not_taken(store_dir, base)  # the rungs trained on it would read another configuration's
-    prepare_store(base, store_dir)
+    began = time.perf_counter()
+    prepare_store(base, store_dir)  # checks the layer and the corpus before the model runs
     log.info("activation store ready in %.0f s", time.perf_counter() - began)
+    # Only now, with every check passed: sweep.json makes `load` read the folder as this sweep.
+    runfolder.write_json(out_dir / SWEEP_FILE, {"sweep": sweep.to_dict(), "train": base.to_dict(), "rungs": list(configs)})
     for i, (name, cfg) in enumerate(configs.items()):
         started = time.perf_counter()
         done = run_rung(out_dir / RUNS_DIR / name, cfg, store_dir, sweep.downstream_contexts)
