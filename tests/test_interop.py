@@ -451,8 +451,19 @@ def test_imported_sparsify_sae_goes_through_harvest_eval_and_load(tiny_model_dir
                "b_dec": torch.zeros(d)}, str(source / "sae.safetensors"))
     run = tmp_path / "run"
     assert main(["import", str(source), "--out", str(run), "--model", str(tiny_model_dir)]) == 0
+    imported = sorted(path.name for path in run.iterdir()), runfolder.load_cfg(run)
+    # a harvest that fails its checks builds no store and records none
+    assert main(["harvest", str(run), "--tokens", "4096", "--context-length", "32", "--exclude-first", "32"]) == 2
+    assert (sorted(path.name for path in run.iterdir()), runfolder.load_cfg(run)) == imported
     assert main(["harvest", str(run), "--tokens", "4096", "--context-length", "32"]) == 0
     assert main(["eval", str(run), "--downstream-contexts", "4"]) == 0
+    # another import of it harvested from that store with --store: recorded, so eval finds it
+    again = tmp_path / "again"
+    assert main(["import", str(source), "--out", str(again), "--model", str(tiny_model_dir)]) == 0
+    assert main(["harvest", str(again), "--store", str(run / "activations")]) == 0
+    assert runfolder.load_cfg(again)["store"] == str((run / "activations").resolve())
+    assert main(["eval", str(again), "--downstream-contexts", "4"]) == 0
+    assert runfolder.load_metrics(again)["fvu"] == runfolder.load_metrics(run)["fvu"]
     metrics = runfolder.load_metrics(run)
     assert 0 < metrics["fvu"] and metrics["l0"] <= k
     url = f"sqlite:///{tmp_path / 'db.sqlite'}"

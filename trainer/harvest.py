@@ -37,7 +37,7 @@ from trainer.activations import ActivationStore, complete_heldout, open_store_fo
 from trainer.config import ConfigError, HarvestConfig
 from trainer.directions import logit_effects, nearest_latents
 from trainer.grouping import group_codes, rank_within, sort_within, spread_within
-from trainer.model import LanguageModel, load_language_model
+from trainer.model import LanguageModel, load_language_model, local_model_shape
 from trainer.progress import progress
 from trainer.sae import TopKSAE, default_device, fast_matmul_dtype
 from trainer.tokens import vocab_bytes
@@ -466,9 +466,21 @@ def harvest_sae(sae: TopKSAE, data: HarvestInput, scale: float, cfg: HarvestConf
 
 def store_for_run(run_dir: Path, run_cfg: dict, cfg: HarvestConfig, store_dir: Path | None) -> ActivationStore:
     """The run's activation store; an imported SAE has none, so build one for its model and
-    layer (and record it in cfg.json, so that eval finds it too)."""
+    layer, or take --store's. Either is recorded in cfg.json (eval finds it there), but only once
+    every check has passed: a harvest that fails leaves the run as it was."""
     if store_dir or run_cfg.get("store"):
-        return open_store_for_sae(store_dir or run_cfg["store"], run_cfg, run_dir)
+        store = open_store_for_sae(store_dir or run_cfg["store"], run_cfg, run_dir)
+        check_exclude_first(cfg.exclude_first, store.context_length)
+        if not run_cfg.get("store"):
+            runfolder.save_cfg(run_dir, {**run_cfg, "store": str(store.path.resolve())})
+        return store
+    check_exclude_first(cfg.exclude_first, cfg.context_length)
+    shape = local_model_shape(run_cfg["model"])  # the width, before minutes of forward passes
+    if shape is not None and shape[1] is not None and shape[1] != run_cfg["d_in"]:
+        raise runfolder.RunFolderError(
+            f"{Path(run_dir) / runfolder.CFG_FILE}: the SAE reads {run_cfg['d_in']}-dim inputs but "
+            f"{run_cfg['model']} has d_model {shape[1]}"
+        )
     from trainer.config import TrainConfig
     from trainer.train import prepare_store
 
@@ -486,6 +498,12 @@ def store_for_run(run_dir: Path, run_cfg: dict, cfg: HarvestConfig, store_dir: P
     return store
 
 
+def check_exclude_first(exclude_first: int, context_length: int) -> None:
+    if exclude_first >= context_length:
+        raise ConfigError(f"--exclude-first {exclude_first} leaves out every position of the store's "
+                          f"{context_length}-token contexts")
+
+
 def harvest_run(run_dir: Path, cfg: HarvestConfig | None = None, store_dir: Path | None = None,
                 from_model: bool = False) -> runfolder.Harvest:
     """Harvest a run folder into RUN/harvest. The activations come from the run's store, or, with
@@ -494,9 +512,6 @@ def harvest_run(run_dir: Path, cfg: HarvestConfig | None = None, store_dir: Path
     device = default_device()
     run_cfg, sae = TopKSAE.load(run_dir, device)
     store = store_for_run(run_dir, run_cfg, cfg, store_dir)
-    if cfg.exclude_first >= store.context_length:
-        raise ConfigError(f"--exclude-first {cfg.exclude_first} leaves out every position of the store's "
-                          f"{store.context_length}-token contexts")
     lm = load_language_model(run_cfg["model"], run_cfg["layer"], str(device), fast=bool(run_cfg.get("fast_matmul", 1)))
     if not from_model:
         store = complete_heldout(store, lm)
