@@ -2,6 +2,7 @@
 small reference encoders that follow each tool's own arithmetic literally."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -407,6 +408,14 @@ def test_import_command_writes_a_run_folder(tmp_path):
     cfg, sae = TopKSAE.load(tmp_path / "run")
     assert (cfg["layer"], cfg["k"], cfg["n_latents"], cfg["model"]) == (2, k, n, "some/model")
     assert main(["import", str(tmp_path / "nowhere"), "--out", str(tmp_path / "run2")]) == 2
+    # another SAE's metrics or harvest left in --out would be loaded as this one's
+    for leftover in ("metrics.json", "harvest"):
+        stale = tmp_path / f"stale-{leftover}"
+        shutil.copytree(tmp_path / "run", stale)
+        (stale / "cfg.json").unlink(), (stale / "sae.safetensors").unlink()
+        (stale / "harvest").mkdir() if leftover == "harvest" else (stale / leftover).write_text("{}")
+        assert main(["import", str(source), "--out", str(stale)]) == 2
+        assert sorted(path.name for path in stale.iterdir()) == [leftover]
 
 
 def test_import_checks_the_layer_and_width_against_a_model_this_machine_has(tiny_model_dir, tmp_path, caplog):

@@ -396,7 +396,8 @@ def check_model_fits(cfg: dict, src: Path) -> None:
     shape = local_model_shape(cfg["model"])
     if shape is None:
         log.warning("note: model '%s' is not on this machine (no such folder, not in the Hugging Face cache): "
-                    "its layer and width are unchecked; give --model for eval, harvest and the probe", cfg["model"])
+                    "its layer and width are unchecked (harvest, eval and the probe load it by this name: "
+                    "import again with --model naming a local copy or a hub model if it is wrong)", cfg["model"])
         return
     n_layers, width = shape
     if not 0 <= cfg["layer"] < n_layers:
@@ -413,7 +414,8 @@ def import_sae(src_folder, out_run_dir, model: str | None = None, layer: int | N
     check_model_fits(cfg, src)
     if out.exists() and out.resolve() == src.resolve():
         raise RunFolderError(f"{out}: the output folder is the source folder")
-    for name in (CFG_FILE, SAE_FILE):
+    # A harvest or metrics there describe other weights, and load would show them as this SAE's.
+    for name in (CFG_FILE, SAE_FILE, runfolder.METRICS_FILE, runfolder.HARVEST_DIR):
         if (out / name).exists():
             raise RunFolderError(f"{out / name}: already exists; import into a new folder")
     runfolder.save_sae_weights(out, weights)
