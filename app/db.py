@@ -6,6 +6,7 @@ from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
+from alembic.util import CommandError
 from sqlalchemy import Engine, create_engine, event, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError
 from sqlalchemy.orm import Session, sessionmaker
@@ -100,9 +101,19 @@ def alembic_config(database_url: str) -> Config:
     return cfg
 
 
+class MigrationError(RuntimeError):
+    """The database opens but cannot be brought to this saescope's schema (one line)."""
+
+
 def upgrade(database_url: str, revision: str = "head") -> None:
     """Bring the database at `database_url` to `revision` (creates it on a fresh database)."""
-    command.upgrade(alembic_config(database_url), revision)
+    shown = make_url(database_url).render_as_string(hide_password=True)
+    try:
+        command.upgrade(alembic_config(database_url), revision)
+    except CommandError as e:  # "Can't locate revision ...": most likely a newer saescope's schema
+        raise MigrationError(f"cannot migrate {shown}: {e} (was it made by a newer saescope?)") from None
+    except DBAPIError as e:  # e.g. a PostgreSQL search_path naming a schema that does not exist
+        raise MigrationError(f"cannot migrate {shown}: {str(e.orig).strip().splitlines()[0]}") from None
 
 
 def downgrade(database_url: str, revision: str = "base") -> None:

@@ -391,9 +391,10 @@ def _is_user_error(e: Exception) -> bool:
     path_errors = (FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError)
     user_errors = (CommandError, ConfigError, CorpusError, ModelError, RunFolderError, StoreError, TrainingError, *path_errors)
     try:
+        from app.db import MigrationError
         from app.loader import LoadError
 
-        user_errors += (LoadError,)
+        user_errors += (LoadError, MigrationError)
     except ImportError:
         pass
     return isinstance(e, user_errors)

@@ -170,6 +170,29 @@ def test_eval_rejects_a_negative_downstream_count(tiny_run):
     assert (tiny_run / "metrics.json").read_text() == before
 
 
+@pytest.mark.parametrize("command", ["load", "serve"])
+def test_a_database_that_opens_but_cannot_be_migrated_is_one_line(tiny_run, tiny_db, tmp_path, command):
+    """A schema from a newer saescope, a PostgreSQL schema that does not exist: one line, and the
+    database is left as it was."""
+    import sqlite3
+
+    newer = tmp_path / "newer.db"
+    shutil.copy(tiny_db.removeprefix("sqlite:///"), newer)
+    with sqlite3.connect(newer) as db:
+        db.execute("UPDATE alembic_version SET version_num = '9999_future'")
+    missing_schema = "postgresql+psycopg://postgres@127.0.0.1:5432/test?options=-csearch_path%3Dno_such_schema_here"
+    for url, message in ((f"sqlite:///{newer}", "Can't locate revision identified by '9999_future' (was it made by a newer saescope?)"),
+                         (missing_schema, "no schema has been selected to create in")):
+        args = [str(tiny_run)] if command == "load" else ["--port", "1"]
+        result = run_cli(command, *args, "--db", url)
+        error = result.stderr.strip().splitlines()[-1]
+        assert result.returncode == 2 and error.startswith(f"saescope {command}: error: cannot migrate ") and message in error, result.stderr
+        assert "Traceback" not in result.stderr
+    with sqlite3.connect(newer) as db:
+        assert db.execute("SELECT version_num FROM alembic_version").fetchall() == [("9999_future",)]
+    assert counts(f"sqlite:///{newer}") == counts(tiny_db)
+
+
 @pytest.mark.parametrize(
     "url,message",
     [
