@@ -74,6 +74,28 @@ def test_resume_after_sigkill_matches_uninterrupted_run(uninterrupted, tiny_mode
     assert again.returncode == 2 and "already complete" in again.stderr
 
 
+def test_a_run_moved_with_its_store_resumes_and_evaluates_there(uninterrupted, tiny_model_dir, tmp_path):
+    """The checkpoint and cfg.json also name the store by its path from the run folder: a run
+    moved together with its store (a demo or sweep folder) resumes and evaluates from the store's
+    new place; moved without it, eval says what is missing."""
+    first = tmp_path / "first"
+    shutil.copytree(uninterrupted / "store", first / "store")
+    kill_at_first_checkpoint(first / "run", "--store", str(first / "store"), "--model", str(tiny_model_dir), *ARGS)
+    second = first.rename(tmp_path / "second")
+    result = saescope("train", "--resume", str(second / "run"))
+    assert result.returncode == 0, result.stderr
+    assert runfolder.load_cfg(second / "run")["store_relative"] == "../store"
+    reference = runfolder.load_sae_weights(uninterrupted / "reference")
+    for name, tensor in runfolder.load_sae_weights(second / "run").items():
+        assert_close(tensor, reference[name], rtol=1e-6, atol=1e-6)
+
+    third = second.rename(tmp_path / "third")
+    assert saescope("eval", str(third / "run"), "--downstream-contexts", "0").returncode == 0
+    lonely = shutil.move(third / "run", tmp_path / "lonely")
+    result = saescope("eval", str(lonely), "--downstream-contexts", "0")
+    assert result.returncode == 2 and f"{second / 'store'}: no such activation store (moved or deleted?): give its place with --store" in result.stderr
+
+
 def test_the_training_curve_follows_the_whole_run(uninterrupted):
     """metrics.json's train_curve: a point every CURVE_EVERY steps and one after the last step,
     with the batches' FVU falling and AuxK's dead count from the progress bar."""

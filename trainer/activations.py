@@ -166,6 +166,8 @@ def store_differences(path: Path, meta: dict) -> list[str]:
 def open_store_for_sae(path: Path, sae_cfg: dict, run_dir: Path) -> ActivationStore:
     """The store at `path`, checked to hold what the SAE reads (its model and layer): eval or
     harvest on another store would write plausible-looking numbers about the wrong activations."""
+    if not Path(path).exists():
+        raise StoreError(f"{path}: no such activation store (moved or deleted?): give its place with --store")
     store = ActivationStore.open(path)
     found, wanted = (store.meta.get("model"), store.meta.get("layer")), (sae_cfg.get("model"), sae_cfg.get("layer"))
     if found != wanted:

@@ -57,11 +57,12 @@ def evaluate_run(run_dir: Path, store_dir: Path | None = None, downstream_contex
     """Reconstruction metrics, then downstream loss on `downstream_contexts` held-out contexts
     (0 skips it), into metrics.json."""
     cfg, sae = TopKSAE.load(run_dir, default_device())
-    if not (store_dir or cfg.get("store")):
+    store_dir = store_dir or runfolder.recorded_store(cfg, run_dir)
+    if store_dir is None:
         raise runfolder.RunFolderError(
             f"{Path(run_dir) / runfolder.CFG_FILE}: no activation store; pass --store or run `saescope harvest` first"
         )
-    store = complete_heldout(open_store_for_sae(store_dir or cfg["store"], cfg, run_dir))  # the first eval on a store computes them
+    store = complete_heldout(open_store_for_sae(store_dir, cfg, run_dir))  # the first eval on a store computes them
     metrics = evaluate_sae(sae, store, cfg.get("input_scale", 1.0))  # as harvest and the probe read it
     if downstream_contexts > 0:
         metrics |= downstream_loss(sae, cfg, store, downstream_contexts)

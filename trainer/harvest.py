@@ -468,11 +468,11 @@ def store_for_run(run_dir: Path, run_cfg: dict, cfg: HarvestConfig, store_dir: P
     """The run's activation store; an imported SAE has none, so build one for its model and
     layer, or take --store's. Either is recorded in cfg.json (eval finds it there), but only once
     every check has passed: a harvest that fails leaves the run as it was."""
-    if store_dir or run_cfg.get("store"):
-        store = open_store_for_sae(store_dir or run_cfg["store"], run_cfg, run_dir)
+    if store_dir := store_dir or runfolder.recorded_store(run_cfg, run_dir):
+        store = open_store_for_sae(store_dir, run_cfg, run_dir)
         check_exclude_first(cfg.exclude_first, store.context_length)
         if not run_cfg.get("store"):
-            runfolder.save_cfg(run_dir, {**run_cfg, "store": str(store.path.resolve())})
+            runfolder.save_cfg(run_dir, {**run_cfg, **runfolder.store_record(store.path, run_dir)})
         return store
     check_exclude_first(cfg.exclude_first, cfg.context_length)
     shape = local_model_shape(run_cfg["model"])  # the width, before minutes of forward passes
@@ -494,7 +494,7 @@ def store_for_run(run_dir: Path, run_cfg: dict, cfg: HarvestConfig, store_dir: P
             f"{Path(run_dir) / runfolder.CFG_FILE}: the SAE reads {run_cfg['d_in']}-dim inputs but "
             f"{run_cfg['model']} has d_model {store.meta['d_model']}"
         )
-    runfolder.save_cfg(run_dir, {**run_cfg, "store": str(store.path.resolve())})
+    runfolder.save_cfg(run_dir, {**run_cfg, **runfolder.store_record(store.path, run_dir)})
     return store
 
 

@@ -205,6 +205,24 @@ def save_harvest(run_dir: Path, harvest: Harvest) -> None:
         shutil.rmtree(new, ignore_errors=True)  # the old harvest after a swap, the unfinished new one after an error
 
 
+def store_record(store_dir: Path, run_dir: Path) -> dict:
+    """How cfg.json and checkpoints name a run's activation store: its absolute path, and its path
+    from the run folder, which still leads to it when the two are moved together (a demo or
+    sweep folder, a run trained into its own folder)."""
+    store = Path(store_dir).resolve()
+    return {"store": str(store), "store_relative": os.path.relpath(store, Path(run_dir).resolve())}
+
+
+def recorded_store(record: dict, run_dir: Path) -> Path | None:
+    """The store that `record` (cfg.json, a checkpoint) names: where it was, or where its
+    relative path now leads when the run folder was moved; None when it names none."""
+    if not record.get("store"):
+        return None
+    path = Path(record["store"])
+    moved = Path(run_dir) / record.get("store_relative", "")
+    return moved if not path.exists() and record.get("store_relative") and moved.exists() else path
+
+
 def drop_harvest(run_dir: Path) -> None:
     """Remove RUN/harvest and any harvest left beside it (new weights make them all stale): moved
     aside first, so that a kill mid-way leaves no half folder under the harvest's name."""

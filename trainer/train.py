@@ -403,7 +403,7 @@ def save_checkpoint(out_dir: Path, state: dict) -> None:
 def checkpointer(out_dir: Path, cfg: TrainConfig, store_dir: Path, scale: float, world: World = World()):
     """save_checkpoint for Trainer.fit: the training state plus what `resume` needs to rebuild it
     (rank 0 writes it)."""
-    meta = {"cfg": cfg.to_dict(), "store": str(Path(store_dir).resolve()), "input_scale": scale}
+    meta = {"cfg": cfg.to_dict(), **runfolder.store_record(store_dir, out_dir), "input_scale": scale}
     return lambda state: save_checkpoint(out_dir, {**meta, **state}) if world.writes else None
 
 
@@ -457,7 +457,10 @@ def resume(out_dir: Path, world: World = World()) -> Path:
     cfg = TrainConfig.from_saved(state["cfg"])
     check_device(cfg.device)
     check_world(cfg, world)
-    store_dir = Path(state["store"])
+    store_dir = runfolder.recorded_store(state, out_dir)
+    if not store_dir.exists():
+        raise TrainingError(f"{store_dir}: the activation store this run trains on is gone (moved or deleted?); "
+                            f"move it back there to resume, or train the run again")
     store = ActivationStore.open(store_dir)
     if differences := store_differences(store_dir, store_meta(cfg)):  # replaced since the kill
         raise TrainingError(f"{store_dir} now holds the activations of another configuration ({'; '.join(differences)}) "
@@ -484,7 +487,7 @@ def finish_run(out_dir: Path, trainer: Trainer, stats: dict, began: float, store
         "input_scale": trainer.scale,
         "lr_effective": cfg.effective_lr,
         "dead_tokens_effective": cfg.effective_dead_tokens,
-        "store": str(Path(store_dir).resolve()),
+        **runfolder.store_record(store_dir, out_dir),
         "architecture": "topk",
     }
     weights = {name: trainer.world.gather_tensor(name, t) for name, t in trainer.sae.state_for_disk().items()}
