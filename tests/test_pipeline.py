@@ -163,6 +163,18 @@ def test_damaged_run_folder_is_one_line_and_writes_nothing(tiny_run, tmp_path):
         assert counts(url)["saes"] == 0
 
 
+def test_eval_reads_a_damaged_metrics_json_before_any_work(tiny_run, tmp_path, monkeypatch):
+    """metrics.json is merged into at the end: broken, it must fail before the evaluation runs."""
+    from trainer import evaluate
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_run, broken, ignore=shutil.ignore_patterns("activations"))
+    (broken / "metrics.json").write_text("{broken")
+    monkeypatch.setattr(evaluate, "evaluate_sae", lambda *a: pytest.fail("evaluated before reading metrics.json"))
+    with pytest.raises(runfolder.RunFolderError, match="metrics.json: not valid JSON"):
+        evaluate.evaluate_run(broken)
+
+
 def test_eval_rejects_a_negative_downstream_count(tiny_run):
     before = (tiny_run / "metrics.json").read_text()
     result = run_cli("eval", str(tiny_run), "--downstream-contexts", "-1")

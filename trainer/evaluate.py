@@ -57,6 +57,7 @@ def evaluate_run(run_dir: Path, store_dir: Path | None = None, downstream_contex
     """Reconstruction metrics, then downstream loss on `downstream_contexts` held-out contexts
     (0 skips it), into metrics.json."""
     cfg, sae = TopKSAE.load(run_dir, default_device())
+    runfolder.load_metrics(run_dir)  # a damaged metrics.json fails now, not after the whole evaluation
     store_dir = store_dir or runfolder.recorded_store(cfg, run_dir)
     if store_dir is None:
         raise runfolder.RunFolderError(
