@@ -16,6 +16,7 @@ import argparse
 import dataclasses
 import logging
 import os
+import socket
 import sys
 import time
 from pathlib import Path
@@ -70,6 +71,7 @@ def warn_ignored_with_resume(args) -> None:
     ignored = [f"{flag_of(f)} {getattr(given, f.name)}" for f in dataclasses.fields(TrainConfig)
                if f.name != "device" and getattr(given, f.name) != getattr(default, f.name)]
     ignored += [f"--{name} {getattr(args, name)}" for name in ("out", "store") if getattr(args, name)]
+    ignored += ["--overwrite"] if args.overwrite else []
     if ignored:
         print(f"note: --resume continues {args.resume} with the settings it was started with; ignored: "
               f"{', '.join(ignored)}", file=sys.stderr)
@@ -120,6 +122,8 @@ def cmd_import(args) -> None:
     source = Path(args.source)
     if not source.is_dir():
         raise CommandError(f"{source}: no such folder")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise CommandError(f"--out {args.out}: a file, not a folder")
     run = import_sae(source, args.out, model=args.model, layer=args.layer)
     print(f"imported the {detect_format(source)} SAE {source} into {run}")
 
@@ -161,11 +165,15 @@ def server_settings(db: str, host: str | None, port: int | None):
         _check_port(port)
     overrides = {"database_url": db, "host": host, "port": port}
     try:
-        return Settings(**{name: value for name, value in overrides.items() if value is not None})
+        settings = Settings(**{name: value for name, value in overrides.items() if value is not None})
     except ValidationError as e:
         error = e.errors()[0]
         name = str(error["loc"][0]) if error["loc"] else "?"
         raise CommandError(f"setting SAESCOPE_{name.upper()}: {error['msg'].removeprefix('Value error, ')}") from None
+    if settings.port == 0:  # any free port: chosen here, so that the addresses printed are the real ones
+        with socket.create_server((settings.host, 0)) as free:
+            settings = settings.model_copy(update={"port": free.getsockname()[1]})
+    return settings
 
 
 def cmd_serve(args) -> None:
@@ -182,7 +190,7 @@ def cmd_serve(args) -> None:
     if args.preload:  # Settings.probe_preload, read by every server process
         os.environ["SAESCOPE_PROBE_PRELOAD"] = "1"
     print(f"serving {args.db} at http://{settings.host}:{settings.port}/", flush=True)
-    serve(args.db, args.host, args.port)
+    serve(args.db, settings.host, settings.port)
 
 
 def cmd_sweep(args) -> None:
@@ -256,13 +264,13 @@ def cmd_demo(args) -> None:
 
     url = f"http://{settings.host}:{settings.port}"
     print(f"\nserving at {url}/\n  feature pages: {url}/saes/{sae_id}\n  probe: {url}/probe?sae={sae_id}\n", flush=True)
-    serve(db, args.host, args.port)
+    serve(db, settings.host, settings.port)
 
 
 def _run_dir(path: str) -> Path:
     run = Path(path)
     if not run.is_dir():
-        raise CommandError(f"{run}: no such run folder")
+        raise CommandError(f"{run}: " + ("a file, not a run folder" if run.exists() else "no such run folder"))
     return run
 
 

@@ -175,6 +175,21 @@ def test_eval_reads_a_damaged_metrics_json_before_any_work(tiny_run, tmp_path, m
         evaluate.evaluate_run(broken)
 
 
+def test_a_file_or_a_killed_run_where_a_run_folder_goes_says_so(tiny_run, tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("notes")
+    killed = tmp_path / "killed"
+    killed.mkdir()
+    (killed / "checkpoint.pt").write_bytes(b"")
+    for args, says in ((["eval", str(afile)], f"{afile}: a file, not a run folder"),
+                       (["import", str(tiny_run), "--out", str(afile)], f"--out {afile}: a file, not a folder"),
+                       (["sweep", "--out", str(afile)], f"--out {afile}: a file, not a folder"),
+                       (["harvest", str(killed)], f"finish it with `saescope train --resume {killed}`")):
+        result = run_cli(*args)
+        assert result.returncode == 2 and says in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert afile.read_text() == "notes" and [p.name for p in killed.iterdir()] == ["checkpoint.pt"]
+
+
 def test_eval_rejects_a_negative_downstream_count(tiny_run):
     before = (tiny_run / "metrics.json").read_text()
     result = run_cli("eval", str(tiny_run), "--downstream-contexts", "-1")

@@ -527,6 +527,7 @@ def test_resume_names_a_damaged_checkpoint_in_one_line(tmp_path, content):
 
 def test_resume_says_which_given_options_it_ignores(tmp_path):
     (tmp_path / CHECKPOINT_FILE).write_bytes(b"")
-    result = saescope("train", "--resume", str(tmp_path), "--latents", "128", "--layer", "0")
-    assert f"note: --resume continues {tmp_path} with the settings it was started with; ignored: --layer 0, --latents 128" in result.stderr
+    result = saescope("train", "--resume", str(tmp_path), "--latents", "128", "--layer", "0", "--overwrite")
+    assert (f"note: --resume continues {tmp_path} with the settings it was started with; "
+            "ignored: --layer 0, --latents 128, --overwrite") in result.stderr
     assert saescope("train", "--resume", str(tmp_path)).stderr.count("note:") == 0

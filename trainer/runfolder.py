@@ -302,6 +302,9 @@ def read_tensors(path: Path, required: tuple[str, ...]) -> dict[str, torch.Tenso
 
 def load_cfg(run_dir: Path) -> dict:
     if Path(run_dir).is_dir() and not (Path(run_dir) / CFG_FILE).exists():
+        if (Path(run_dir) / "checkpoint.pt").exists():  # train.CHECKPOINT_FILE: a run killed mid-way
+            raise RunFolderError(f"{run_dir}: a run killed before it finished (it has a checkpoint, no {CFG_FILE} yet): "
+                                 f"finish it with `saescope train --resume {run_dir}`")
         raise RunFolderError(f"{run_dir}: not a run folder (it has no {CFG_FILE}): train one with `saescope train --out`, "
                              "or make one of a SAELens or sparsify SAE with `saescope import`")
     cfg = read_json_object(Path(run_dir) / CFG_FILE)

@@ -90,6 +90,8 @@ def harvest_rung(run: Path, store_dir: Path) -> str:
 def run_sweep(sweep: SweepConfig, base: TrainConfig, out_dir: Path) -> dict:
     """Train, evaluate and harvest every rung, then fit the scaling laws and match feature families."""
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"--out {out_dir}: a file, not a folder")
     if (out_dir / runfolder.CFG_FILE).exists():  # sweep.json beside it would make `load` read it as a sweep
         raise ConfigError(f"--out {out_dir} is a run folder (it has {runfolder.CFG_FILE}): give the sweep a folder of its own")
     configs = rung_configs(sweep, base)

@@ -4,6 +4,7 @@ the same variables, the same precedence, the same default."""
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
 
@@ -52,6 +53,31 @@ def test_serve_listens_where_the_settings_say_unless_told(tmp_path):
     with running_server(["-m", "saescope.cli", "serve", "--db", db, "--port", str(other)], other,
                         env={"SAESCOPE_PORT": str(port)}) as (base, _):
         assert base.endswith(f":{other}")
+
+
+def test_serve_on_port_0_says_the_port_it_listens_on(tmp_path):
+    """--port 0 asks for any free port: the line printed names the real one, where it answers."""
+    import subprocess
+    import sys
+    import urllib.request
+
+    process = subprocess.Popen([sys.executable, "-m", "saescope.cli", "serve", "--db", f"sqlite:///{tmp_path / 'e.db'}",
+                                "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        line = process.stdout.readline()
+        assert line.startswith("serving ") and ":0/" not in line, line
+        url = line.split(" at ")[1].strip()
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                assert urllib.request.urlopen(url + "healthz", timeout=2).read() == b"ok"
+                break
+            except OSError:
+                assert time.monotonic() < deadline and process.poll() is None
+                time.sleep(0.2)
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
 
 
 @pytest.mark.parametrize("variable, value, says", [
