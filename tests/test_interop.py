@@ -408,6 +408,8 @@ def test_import_command_writes_a_run_folder(tmp_path):
     cfg, sae = TopKSAE.load(tmp_path / "run")
     assert (cfg["layer"], cfg["k"], cfg["n_latents"], cfg["model"]) == (2, k, n, "some/model")
     assert main(["import", str(tmp_path / "nowhere"), "--out", str(tmp_path / "run2")]) == 2
+    assert main(["import", str(source), "--out", str(tmp_path / "run3"), "--model", str(tmp_path / "no-such-model")]) == 2
+    assert not (tmp_path / "run3").exists()
     # another SAE's metrics or harvest left in --out would be loaded as this one's
     for leftover in ("metrics.json", "harvest"):
         stale = tmp_path / f"stale-{leftover}"
