@@ -466,7 +466,8 @@ def test_imported_sparsify_sae_goes_through_harvest_eval_and_load(tiny_model_dir
     # a harvest that fails its checks builds no store and records none
     assert main(["harvest", str(run), "--tokens", "4096", "--context-length", "32", "--exclude-first", "32"]) == 2
     assert (sorted(path.name for path in run.iterdir()), runfolder.load_cfg(run)) == imported
-    assert main(["harvest", str(run), "--tokens", "4096", "--context-length", "32"]) == 0
+    assert main(["harvest", str(run), "--tokens", "4096", "--context-length", "32", "--heldout-tokens", "2048"]) == 0
+    assert json.loads((run / "activations" / "meta.json").read_text())["n_heldout"] == 2048 // 32
     assert main(["eval", str(run), "--downstream-contexts", "4"]) == 0
     # another import of it harvested from that store with --store: recorded, so eval finds it
     again = tmp_path / "again"

@@ -148,6 +148,8 @@ class HarvestConfig:
     tokens: int = option(131_072, "for a run without an activation store (an imported SAE): tokens to build one from")
     context_length: int = option(128, "for a run without an activation store: tokens per context")
     corpus: str = option("stdlib", "for a run without an activation store: the corpus to read")
+    heldout_tokens: int = option(8_192, "for a run without an activation store: held-out tokens (whole contexts) "
+                                        "that eval measures on")
     quantile_bins: int = option(10, "examples are also sampled from this many bins between exact activation quantiles")
     samples_per_bin: int = option(5, "examples sampled per quantile bin (distinct contexts)")
     seed: int = option(0, "seed of the quantile sampling")
@@ -173,6 +175,8 @@ class HarvestConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at most 1000, got {getattr(self, name)}")
         if self.exclude_special_tokens not in (0, 1):
             raise ConfigError(f"--exclude-special-tokens is 0 or 1, got {self.exclude_special_tokens}")
+        if self.heldout_tokens < self.context_length:
+            raise ConfigError(f"--heldout-tokens ({self.heldout_tokens}) must hold at least one context of {self.context_length}")
 
 
 def int_list(text: str, flag: str) -> list[int]:

@@ -486,7 +486,7 @@ def store_for_run(run_dir: Path, run_cfg: dict, cfg: HarvestConfig, store_dir: P
 
     store_cfg = TrainConfig(
         model=run_cfg["model"], layer=run_cfg["layer"], n_latents=2, k=1, corpus=cfg.corpus,
-        tokens=cfg.tokens, heldout_tokens=cfg.context_length * 16, context_length=cfg.context_length,
+        tokens=cfg.tokens, heldout_tokens=cfg.heldout_tokens, context_length=cfg.context_length,
     )
     store = prepare_store(store_cfg, Path(run_dir) / "activations")
     if store.meta["d_model"] != run_cfg["d_in"]:
