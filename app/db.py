@@ -113,7 +113,7 @@ def upgrade(database_url: str, revision: str = "head") -> None:
     except CommandError as e:  # "Can't locate revision ...": most likely a newer saescope's schema
         raise MigrationError(f"cannot migrate {shown}: {e} (was it made by a newer saescope?)") from None
     except DBAPIError as e:  # e.g. a PostgreSQL search_path naming a schema that does not exist
-        raise MigrationError(f"cannot migrate {shown}: {str(e.orig).strip().splitlines()[0]}") from None
+        raise MigrationError(f"cannot migrate {shown}: {(str(e.orig).strip().splitlines() or [type(e.orig).__name__])[0]}") from None
 
 
 def downgrade(database_url: str, revision: str = "base") -> None:

@@ -184,6 +184,10 @@ def content_hash(run_dir: Path) -> str:
 def read_run(run_dir: str | Path) -> RunRows:
     """Read and check a run folder (raises RunFolderError) and turn it into table columns."""
     run_dir = Path(run_dir).resolve()
+    # Hashed before anything is read: a harvest or eval that rewrites the run meanwhile then leaves
+    # rows newer than their hash, which the next load sees as changed and loads again (the other
+    # order would keep old rows under the new files' hash, "already loaded" for good).
+    digest = content_hash(run_dir)
     cfg = load_cfg(run_dir)
     load_sae_weights(run_dir, cfg)  # checks the weights exist and match cfg.json
     metrics = load_metrics(run_dir)
@@ -220,7 +224,7 @@ def read_run(run_dir: str | Path) -> RunRows:
         "density_histogram": json.dumps(density_histogram(density)),
         "n_explained": sum(e["f1"] is not None for e in explanations),
         "run_dir": str(run_dir),
-        "content_hash": content_hash(run_dir),
+        "content_hash": digest,
     }
     return RunRows(sae=sae, tables={rows.table.__tablename__: rows for rows in tables})
 

@@ -691,7 +691,11 @@ def _hub_unreachable() -> str | None:
     selector asks on every probe page."""
     from huggingface_hub import constants
 
-    return _hub_reason(int(time.monotonic() // 60), bool(constants.HF_HUB_OFFLINE), constants.ENDPOINT)
+    with _hub_lock:  # requests at the same minute's start wait for one lookup (up to 2 s) instead of each making one
+        return _hub_reason(int(time.monotonic() // 60), bool(constants.HF_HUB_OFFLINE), constants.ENDPOINT)
+
+
+_hub_lock = threading.Lock()
 
 
 @lru_cache(maxsize=4)

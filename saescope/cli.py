@@ -165,15 +165,25 @@ def server_settings(db: str, host: str | None, port: int | None):
         _check_port(port)
     overrides = {"database_url": db, "host": host, "port": port}
     try:
-        settings = Settings(**{name: value for name, value in overrides.items() if value is not None})
+        return Settings(**{name: value for name, value in overrides.items() if value is not None})
     except ValidationError as e:
         error = e.errors()[0]
         name = str(error["loc"][0]) if error["loc"] else "?"
         raise CommandError(f"setting SAESCOPE_{name.upper()}: {error['msg'].removeprefix('Value error, ')}") from None
-    if settings.port == 0:  # any free port: chosen here, so that the addresses printed are the real ones
-        with socket.create_server((settings.host, 0)) as free:
-            settings = settings.model_copy(update={"port": free.getsockname()[1]})
-    return settings
+
+
+def listening_port(host: str, port: int) -> int:
+    """The port to serve on: port 0 asks for any free one, chosen here just before the server
+    binds it, so that the addresses printed are the real ones."""
+    if port:
+        return port
+    try:
+        family, kind, _, _, address = socket.getaddrinfo(host, 0, type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind) as free:
+            free.bind(address)
+            return free.getsockname()[1]
+    except OSError as e:
+        raise CommandError(f"cannot listen on {host}: {e}") from None
 
 
 def cmd_serve(args) -> None:
@@ -189,8 +199,9 @@ def cmd_serve(args) -> None:
               f"(put runs in it with `saescope load RUN --db {args.db}`)", file=sys.stderr)
     if args.preload:  # Settings.probe_preload, read by every server process
         os.environ["SAESCOPE_PROBE_PRELOAD"] = "1"
-    print(f"serving {args.db} at http://{settings.host}:{settings.port}/", flush=True)
-    serve(args.db, settings.host, settings.port)
+    port = listening_port(settings.host, settings.port)
+    print(f"serving {args.db} at http://{settings.host}:{port}/", flush=True)
+    serve(args.db, settings.host, port)
 
 
 def cmd_sweep(args) -> None:
@@ -262,9 +273,10 @@ def cmd_demo(args) -> None:
         return
     from app.server import serve
 
-    url = f"http://{settings.host}:{settings.port}"
+    port = listening_port(settings.host, settings.port)
+    url = f"http://{settings.host}:{port}"
     print(f"\nserving at {url}/\n  feature pages: {url}/saes/{sae_id}\n  probe: {url}/probe?sae={sae_id}\n", flush=True)
-    serve(db, settings.host, settings.port)
+    serve(db, settings.host, port)
 
 
 def _run_dir(path: str) -> Path:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sqlite3
 import subprocess
@@ -207,7 +208,8 @@ def test_a_database_that_opens_but_cannot_be_migrated_is_one_line(tiny_run, tiny
     shutil.copy(tiny_db.removeprefix("sqlite:///"), newer)
     with sqlite3.connect(newer) as db:
         db.execute("UPDATE alembic_version SET version_num = '9999_future'")
-    missing_schema = "postgresql+psycopg://postgres@127.0.0.1:5432/test?options=-csearch_path%3Dno_such_schema_here"
+    postgres = os.environ.get("SAESCOPE_TEST_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432/test")  # as tests/app
+    missing_schema = f"{postgres}?options=-csearch_path%3Dno_such_schema_here"
     for url, message in ((f"sqlite:///{newer}", "Can't locate revision identified by '9999_future' (was it made by a newer saescope?)"),
                          (missing_schema, "no schema has been selected to create in")):
         args = [str(tiny_run)] if command == "load" else ["--port", "1"]

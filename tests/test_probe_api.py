@@ -180,7 +180,14 @@ def test_the_open_token_is_view_state(client, sae_id):
 
     shared = client.post("/probe/share", data={**state, "all": ""}, follow_redirects=False)
     assert shared.status_code == 303 and shared.headers["location"].endswith("?latent=7&sort=sum&token=3")
-    assert "position 3" in client.get(shared.headers["location"]).text.split('<div id="token-detail">', 1)[1]
+    share_page = client.get(shared.headers["location"]).text
+    assert "position 3" in share_page.split('<div id="token-detail">', 1)[1]
+    # on the shared page, focusing a token keeps the short link in the address bar
+    share_id = shared.headers["location"].split("/p/", 1)[1].split("?", 1)[0]
+    assert f"""hx-vals='{{"share": "{share_id}"}}'""" in share_page
+    on_share = client.post("/probe/tokens/5", data={"sae": sae_id, "text": text, "share": share_id},
+                           headers={"HX-Request": "true"})
+    assert on_share.headers["HX-Replace-Url"] == f"/p/{share_id}?token=5"
 
 
 def test_characters_split_over_byte_tokens_show_whole(client, sae_id):

@@ -124,8 +124,8 @@ def test_a_rung_that_cannot_work_fails_before_any_compute(tmp_path):
 
 
 def test_a_sweep_that_fails_its_checks_writes_no_sweep_json(tiny_model_dir, tmp_path):
-    """sweep.json makes `load` read a folder as a sweep: a layer beyond the model, a store of
-    another configuration or a run folder as --out fail in one line and leave no sweep.json."""
+    """sweep.json makes `load` read a folder as a sweep: a layer beyond the model or a run folder
+    as --out fail in one line and leave no sweep.json."""
     run = lambda out, *extra: subprocess.run(  # noqa: E731
         [*sweep_command(out, tiny_model_dir), *extra], capture_output=True, text=True, timeout=120)
     failed = run(tmp_path / "s", "--layer", "7")

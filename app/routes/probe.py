@@ -224,7 +224,8 @@ async def read_share(request: Request, share_id: str, session: SessionDep, probe
 async def read_probe_token(request: Request, position: int, probe: ProbeDep, sae: Annotated[str, Form()],
                            text: Annotated[str, Form()], latent: Annotated[str, Form()] = "",
                            sort: Annotated[SortKey, Form()] = "max",
-                           include_all: Annotated[bool, Form(alias="all")] = False):
+                           include_all: Annotated[bool, Form(alias="all")] = False,
+                           share: Annotated[str, Form()] = ""):
     """The latents of one token (the fragment a focused token asks for). The address bar takes
     the token too (replaced, not pushed: moving along the tokens with Tab is not history), and
     so does the page's state form, so that highlighting or sorting keeps the panel open."""
@@ -237,7 +238,9 @@ async def read_probe_token(request: Request, position: int, probe: ProbeDep, sae
         return render(request, "_probe_error.html", status_code=e.status_code, error=e.detail)
     response = render(request, "_probe_token.html", view=view, token=view.tokens[position], oob=True)
     urls = URLs(request.scope.get("root_path", ""))
-    response.headers["HX-Replace-Url"] = urls.probe(sae, text, **view_state(view.latent, sort, hide, position))
+    state = view_state(view.latent, sort, hide, position)
+    # on a shared probe's page the address stays its short link
+    response.headers["HX-Replace-Url"] = urls.share(share, **state) if share else urls.probe(sae, text, **state)
     return response
 
 
@@ -270,7 +273,7 @@ async def _probe_page(request: Request, probe, sae: str | None, text: str, laten
     if sae is None:
         sae = next((o.id for o in options if not o.unavailable), options[0].id if options else None)
     urls = URLs(request.scope.get("root_path", ""))
-    state = view_state(latent, sort, hide)
+    state = view_state(latent, sort, hide, token)  # kept as asked while the probe cannot run (a retry reloads it)
     view: ProbeView | None = None
     focus = None  # the token whose panel is open
     error, retry_after, status = None, None, 200

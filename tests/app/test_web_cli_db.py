@@ -55,6 +55,15 @@ def test_serve_listens_where_the_settings_say_unless_told(tmp_path):
         assert base.endswith(f":{other}")
 
 
+def test_the_port_to_listen_on():
+    from saescope.cli import CommandError, listening_port
+
+    assert listening_port("127.0.0.1", 8123) == 8123
+    assert 0 < listening_port("127.0.0.1", 0) < 65536
+    with pytest.raises(CommandError, match="cannot listen on no-such-host.invalid"):
+        listening_port("no-such-host.invalid", 0)
+
+
 def test_serve_on_port_0_says_the_port_it_listens_on(tmp_path):
     """--port 0 asks for any free port: the line printed names the real one, where it answers."""
     import subprocess

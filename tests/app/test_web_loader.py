@@ -195,3 +195,24 @@ def test_text_that_postgresql_cannot_store_is_cleaned():
     assert clean_text("a\x00b") == "a\u2400b"  # NUL: shown as the symbol for it
     assert clean_text("x\ud800y") == "x?y"  # a lone surrogate
     assert clean_text(" def") == " def"
+
+
+def test_a_harvest_swapped_in_while_a_run_is_read_is_loaded_again_next_time(tmp_path, monkeypatch):
+    """The hash is taken before the files are read: rows read after a new harvest came in stand
+    under the older hash, so the next load sees the run as changed (the other order would keep
+    the old rows under the new files' hash, skipped as "already loaded")."""
+    from app import loader
+
+    run = make_run(tmp_path / "run")
+    read = loader.load_harvest
+
+    def read_then_reharvest(run_dir, cfg):
+        harvest = read(run_dir, cfg)
+        newer = load_harvest(run_dir)
+        newer.explanations[0] = {**newer.explanations[0], "text": "newer"}
+        save_harvest(run_dir, newer)  # as `saescope harvest` would, from another process
+        return harvest
+
+    monkeypatch.setattr(loader, "load_harvest", read_then_reharvest)
+    rows = read_run(run)
+    assert rows.sae["content_hash"] != loader.content_hash(run)

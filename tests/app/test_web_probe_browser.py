@@ -117,6 +117,7 @@ def test_type_click_highlight_share_and_reopen(probe_server, browser, tiny_sae):
         page.locator(f'#token-detail .token-detail[data-position="{position}"]').wait_for()
         assert f"position {position}" in detail.inner_text() and rows.count() >= 1
     page.wait_for_url(re.compile(r".*[?&]token=3$"))  # the open token is in the address bar too
+    assert page.locator(".probe-tokens .tok.current").evaluate_all("els => els.map(el => el.dataset.position)") == ["3"]
     latent_link = rows.first.locator("a").first
     latent = latent_link.inner_text().lstrip("#")
     SHOTS.mkdir(parents=True, exist_ok=True)
@@ -187,6 +188,7 @@ def test_type_click_highlight_share_and_reopen(probe_server, browser, tiny_sae):
     shared.locator(".probe-tokens .tok").nth(5).focus()  # focus alone, as a screen reader moves it
     shared.locator('#token-detail .token-detail[data-position="5"]').wait_for()
     assert "position 5" in shared.locator("#token-detail .token-detail").inner_text()
+    shared.wait_for_url(re.compile(r".*/p/[a-z2-7]{10}\?latent=\d+&all=1&token=5$"))  # still the short link
     shared.mouse.move(0, 0)
     shared.screenshot(path=str(SHOTS / "probe-shared.png"), full_page=True)
     assert problems == [] and shared_problems == []
