@@ -469,6 +469,10 @@ def test_imported_sparsify_sae_goes_through_harvest_eval_and_load(tiny_model_dir
     assert main(["harvest", str(run), "--tokens", "4096", "--context-length", "32", "--heldout-tokens", "2048"]) == 0
     assert json.loads((run / "activations" / "meta.json").read_text())["n_heldout"] == 2048 // 32
     assert main(["eval", str(run), "--downstream-contexts", "4"]) == 0
+    from trainer.train import TrainingError, resume
+
+    with pytest.raises(TrainingError, match=r"no checkpoint to resume \(an imported SAE: it was not trained here\)"):
+        resume(run)
     # another import of it harvested from that store with --store: recorded, so eval finds it
     again = tmp_path / "again"
     assert main(["import", str(source), "--out", str(again), "--model", str(tiny_model_dir)]) == 0

@@ -264,6 +264,8 @@ def test_a_database_that_cannot_be_opened_is_one_line(tiny_run, tmp_path, comman
         (["--device", "gpu"], "--device gpu: not a torch device"),
         (["--device", f"cuda:{torch.cuda.device_count()}"], "CUDA device"),  # one past the last, on any machine
         (["--batch-size", "512"], "--batch-size 512 is larger than the 256 training tokens"),
+        (["--context-length", "512", "--tokens", "1024", "--heldout-tokens", "512"],  # the tiny model takes 256
+         "--context-length 512 is longer than"),
         # d_model 32, 32 tokens a context: 1 MiB holds 128 contexts (4,096 tokens) and their copy
         (["--tokens", "16384", "--batch-size", "8192", "--memory-budget-mb", "1"],
          "--memory-budget-mb 1 holds 4,096 tokens at d_model 32, fewer than one batch of 8,192: give --memory-budget-mb 2"),

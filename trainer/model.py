@@ -274,13 +274,28 @@ def local_model_shape(name: str) -> tuple[int, int | None] | None:
     network; None when it is not here (a hub name not in the cache, a folder that is missing)."""
     if name == BUNDLED_MODEL:
         return BUNDLED_N_LAYERS, BUNDLED_D_MODEL
+    config = _local_config(name)
+    return None if config is None else (config.num_hidden_layers, getattr(config, "hidden_size", None))
+
+
+def _local_config(name: str):
+    """The model's transformers config from this machine alone (no weights, no network), or None."""
     from transformers import AutoConfig
 
     try:
-        config = AutoConfig.from_pretrained(local_source(name), local_files_only=True)
+        return AutoConfig.from_pretrained(local_source(name), local_files_only=True)
     except (OSError, ValueError):
         return None
-    return config.num_hidden_layers, getattr(config, "hidden_size", None)
+
+
+BUNDLED_MAX_POSITIONS = 8192  # its GGUF's llama.context_length
+
+
+def max_positions(name: str) -> int | None:
+    """The longest context the model takes, from its config alone; None when unknown here."""
+    if name == BUNDLED_MODEL:
+        return BUNDLED_MAX_POSITIONS
+    return getattr(_local_config(name), "max_position_embeddings", None)
 
 
 def check_layer(name: str, layer: int) -> None:

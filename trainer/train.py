@@ -17,7 +17,7 @@ from trainer import corpus, runfolder
 from trainer.activations import META_FILE, ActivationStore, build_store, store_differences, store_matches
 from trainer.config import ConfigError, TrainConfig, check_device
 from trainer.distributed import Selection, World, barrier, check_world, training_forward
-from trainer.model import ModelError, check_layer, load_language_model, model_width
+from trainer.model import ModelError, check_layer, load_language_model, max_positions, model_width
 from trainer.progress import progress
 from trainer.sae import SparseTopK, TopKSAE, fast_matmul_dtype, geometric_median
 
@@ -52,6 +52,9 @@ def prepare_store(cfg: TrainConfig, store_dir: Path) -> ActivationStore:
         return ActivationStore.open(store_dir)
     # Cheap checks first: a bad corpus or layer fails before the model loads.
     check_layer(cfg.model, cfg.layer)
+    positions = max_positions(cfg.model)
+    if positions and cfg.context_length > positions:  # beyond them: out-of-distribution activations, or a failure
+        raise ConfigError(f"--context-length {cfg.context_length} is longer than {cfg.model} takes ({positions} positions)")
     corpus.check_has_text(cfg.corpus)
     log.info("loading %s through block %d", cfg.model, cfg.layer)
     lm = load_language_model(cfg.model, cfg.layer, cfg.device or None, fast=bool(cfg.fast_matmul))
@@ -445,7 +448,10 @@ def resume(out_dir: Path, world: World = World()) -> Path:
     path = out_dir / CHECKPOINT_FILE
     if not path.is_file():
         done = (out_dir / runfolder.SAE_FILE).exists()
-        raise TrainingError(f"{path}: no checkpoint to resume" + (" (the run is already complete)" if done else ""))
+        imported = done and (out_dir / runfolder.CFG_FILE).exists() and runfolder.read_json(out_dir / runfolder.CFG_FILE).get(
+            "source_format", "saescope") != "saescope"
+        why = " (an imported SAE: it was not trained here)" if imported else " (the run is already complete)" if done else ""
+        raise TrainingError(f"{path}: no checkpoint to resume{why}")
     try:
         state = torch.load(path, weights_only=False, map_location="cpu")
     except Exception as e:  # noqa: BLE001: truncated, garbled or not a torch file at all
