@@ -107,10 +107,19 @@ class RunRows:
         return 1 + sum(len(rows) for rows in self.tables.values())
 
 
-def load_run(run_dir: str | Path, database_url: str, replace: bool = False) -> str:
-    """Load `run_dir` into the database at `database_url` (migrated first); returns the SAE id."""
+SAE_ID = re.compile(r"[a-z0-9][a-z0-9.-]{0,199}")  # what sae_slug makes: one URL path segment, as is
+
+
+def load_run(run_dir: str | Path, database_url: str, replace: bool = False, sae_id: str | None = None) -> str:
+    """Load `run_dir` into the database at `database_url` (migrated first); returns the SAE id,
+    `sae_id` or by default one made of the model, layer, size and k (two SAEs alike in those, say
+    a SAELens and a sparsify one, need their own)."""
+    if sae_id is not None and not SAE_ID.fullmatch(sae_id):
+        raise LoadError(f"--id {sae_id!r}: lowercase letters, digits, '.' and '-' (at most 200), starting with a letter or digit")
     log.info("reading %s", run_dir)
     rows = read_run(run_dir)
+    if sae_id is not None:
+        rows.sae["id"] = sae_id
     write_to_database(database_url, lambda engine: write_in_one_transaction(engine, rows, replace=replace))
     return rows.sae_id
 
@@ -358,6 +367,9 @@ def write_run(conn: Connection, rows: RunRows, replace: bool = False) -> bool:
     if existing is not None:
         log.info("replacing %s", rows.sae_id)
         delete_sae(conn, rows.sae_id)
+    twin = conn.execute(select(Sae.id).where(Sae.content_hash == rows.sae["content_hash"])).scalar_one_or_none()
+    if twin is not None:  # the same files under another id (load --id): one SAE, one id
+        raise LoadError(f"{rows.sae['run_dir']} is already loaded as {twin!r}")
     conn.execute(Sae.__table__.insert(), [dict(rows.sae)])
     write_tables(conn, rows.sae_id, rows.tables)
     return True

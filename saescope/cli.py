@@ -143,9 +143,11 @@ def cmd_load(args) -> None:
     folder = _run_dir(args.run_dir)
     _check_database(args.db)
     if is_sweep(folder):  # a sweep folder: every rung, the ladder's fits and its families
+        if args.id:
+            raise CommandError("--id names one SAE: a sweep folder's rungs take their ids from their sizes")
         print(f"loaded ladder {load_sweep(folder, args.db, replace=args.replace)} into {args.db}")
         return
-    sae_id = load_run(folder, args.db, replace=args.replace)
+    sae_id = load_run(folder, args.db, replace=args.replace, sae_id=args.id)
     print(f"loaded {sae_id} into {args.db}")
 
 
@@ -351,6 +353,8 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("--db", default=default_db(), help="database URL (default: $DATABASE_URL or sqlite:///saescope.db)")
     load.add_argument("--replace", action="store_true",
                       help="replace an SAE (or a ladder) of the same id with different content")
+    load.add_argument("--id", help="the SAE's id in the database and its URLs (default: model-lLAYER-N-kK, "
+                                   "e.g. smollm2-135m-instruct-l6-4096-k32)")
     load.set_defaults(func=cmd_load)
 
     serve = commands.add_parser("serve", help="serve the web app")

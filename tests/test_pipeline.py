@@ -191,6 +191,25 @@ def test_a_file_or_a_killed_run_where_a_run_folder_goes_says_so(tiny_run, tmp_pa
     assert afile.read_text() == "notes" and [p.name for p in killed.iterdir()] == ["checkpoint.pt"]
 
 
+def test_load_can_name_the_sae(tiny_run, tmp_path):
+    """Two SAEs alike in model, layer, size and k (a SAELens and a sparsify import, say) share the
+    default id: --id gives each its own, and a bad one changes nothing."""
+    from saescope.cli import main
+
+    url = f"sqlite:///{tmp_path / 'two.db'}"
+    other = tmp_path / "other"
+    shutil.copytree(tiny_run, other, ignore=shutil.ignore_patterns("activations"))
+    runfolder.save_metrics(other, {"fvu": 0.5})
+    assert main(["load", str(tiny_run), "--db", url]) == 0
+    assert main(["load", str(other), "--db", url]) == 2  # the same default id, other files
+    assert main(["load", str(other), "--db", url, "--id", "tiny.b"]) == 0
+    assert main(["load", str(tiny_run), "--db", url, "--id", "tiny-a"]) == 2  # already loaded, under its default id
+    assert main(["load", str(other), "--db", url, "--id", "Tiny B/../x"]) == 2
+    with sqlite3.connect(tmp_path / "two.db") as db:
+        assert sorted(row[0] for row in db.execute("SELECT id FROM saes")) == [runfolder.sae_slug(runfolder.load_cfg(tiny_run)), "tiny.b"]
+    assert counts(url)["latents"] == 2 * runfolder.load_cfg(tiny_run)["n_latents"]
+
+
 def test_eval_rejects_a_negative_downstream_count(tiny_run):
     before = (tiny_run / "metrics.json").read_text()
     result = run_cli("eval", str(tiny_run), "--downstream-contexts", "-1")
