@@ -151,9 +151,11 @@ def test_saelens_layer_from_hook_name(tmp_path, hook, layer):
 @pytest.mark.parametrize("hook", ["blocks.6.hook_mlp_out", "blocks.6.hook_resid_mid", "blocks.0.hook_resid_pre", "hook_embed"])
 def test_saelens_other_hooks_need_an_explicit_layer(tmp_path, hook):
     write_saelens(tmp_path, random_tensors(3), metadata={"model_name": "m", "hook_name": hook})
-    with pytest.raises(RunFolderError, match="--layer") as e:
+    with pytest.raises(RunFolderError, match="only if it is in fact block L's output, give --layer L") as e:
         interop.read_sae_folder(tmp_path)
     one_line_naming(e, tmp_path / "cfg.json")
+    embeddings = "the input of block 0 is the embeddings" in str(e.value)
+    assert embeddings == (hook == "blocks.0.hook_resid_pre")
     cfg, _ = interop.read_sae_folder(tmp_path, layer=5, model="other/model")
     assert (cfg["layer"], cfg["model"], cfg["model_name"]) == (5, "other/model", "model")
 

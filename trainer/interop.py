@@ -258,8 +258,9 @@ def read_saelens_folder(folder, model=None, layer=None) -> tuple[dict, dict[str,
             layer = _as_int(hook_layer, "hook_layer", cfg_path) if hook_layer is not None else None
         if layer is None:
             raise RunFolderError(
-                f"{cfg_path}: hook {hook!r} is not the residual stream after a block (our hookpoint); "
-                f"give the layer (--layer) to import it anyway"
+                f"{cfg_path}: hook {hook!r} is not the residual stream after a block (our hookpoint; "
+                f"{'the input of block 0 is the embeddings' if hook == 'blocks.0.hook_resid_pre' else 'an MLP or attention output is not'}"
+                "); only if it is in fact block L's output, give --layer L"
                 if hook
                 else f"{cfg_path}: no hook_name; give the layer (--layer)"
             )
@@ -334,7 +335,8 @@ def read_sparsify_folder(folder, model=None, layer=None) -> tuple[dict, dict[str
         if match is None:
             raise RunFolderError(
                 f"{cfg_path}: sparsify does not record the layer and the folder name {hookpoint!r} is not a "
-                f"block's output (like layers.6); give the layer (--layer)"
+                f"block's output (like layers.6; an MLP or attention output is not): only if it is in fact block "
+                f"L's output, give --layer L"
             )
         layer = int(match.group(1))
     if model is None:
