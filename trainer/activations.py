@@ -239,10 +239,10 @@ RELEASE_BYTES = 64 * 2**20
 
 def run_model(lm: LanguageModel, contexts: torch.Tensor, first: int, last: int, activations: np.ndarray,
               desc: str, batch_size: int) -> None:
-    """The residual stream of contexts [first, last) into their rows of `activations`, flushed."""
+    """The residual stream of contexts [first, last) into their rows of `activations`, flushed at the end."""
     T = contexts.shape[1]
     row_bytes = activations.shape[1] * activations.itemsize
-    released = first * T  # rows before this one are flushed and out of this process
+    released = first * T  # rows before this one are out of this process (in the file or the page cache)
     with progress(total=(last - first) * T, desc=desc, unit="tok", unit_scale=True) as bar:
         for start in range(first, last, batch_size):
             batch = contexts[start : min(start + batch_size, last)]
