@@ -182,10 +182,16 @@ def list_saes(session: Session) -> list[SaeSummary]:
     return [_summary(row) for row in rows]
 
 
-def first_sae(session: Session) -> SaeDetail | None:
-    """The SAE a page without one shows (the first by id)."""
-    sae_id = session.execute(select(Sae.id).order_by(Sae.id).limit(1)).scalar_one_or_none()
-    return None if sae_id is None else get_sae(session, sae_id)
+SUMMARY_COLUMNS = (Sae.id, Sae.model, Sae.layer, Sae.n_latents, Sae.k, Sae.fvu, Sae.l0, Sae.dead_fraction)
+
+
+def get_sae_summary(session: Session, sae_id: str | None = None) -> SaeSummary | None:
+    """An SAE's summary, or the first SAE's (by id) without `sae_id`: the columns alone, for pages
+    that need no more (search). get_sae's full row parses cfg, metrics and harvest JSON."""
+    query = select(*SUMMARY_COLUMNS)
+    query = query.where(Sae.id == sae_id) if sae_id is not None else query.order_by(Sae.id).limit(1)
+    row = session.execute(query).one_or_none()
+    return None if row is None else SaeSummary(*row)
 
 
 def get_sae(session: Session, sae_id: str) -> SaeDetail | None:

@@ -20,7 +20,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.models import ExplanationTerm, Latent, TokenLatent, Vocab
-from app.queries import SaeDetail
+from app.queries import SaeSummary
 from app.urls import URLs
 
 WORD = re.compile(r"\w+")
@@ -87,7 +87,7 @@ class TokenMatch:
 
 @dataclass
 class SearchResult:
-    sae: SaeDetail | None  # None: no SAE to search
+    sae: SaeSummary | None  # None: no SAE to search
     q: str
     limit: int
     terms: list[str] = field(default_factory=list)
@@ -109,7 +109,7 @@ class SearchResult:
         }
 
 
-def search(session: Session, sae: SaeDetail | None, q: str, limit: int = 20) -> SearchResult:
+def search(session: Session, sae: SaeSummary | None, q: str, limit: int = 20) -> SearchResult:
     result = SearchResult(sae=sae, q=q, limit=limit, terms=terms(q)[:MAX_TERMS])
     if sae is None or not q.strip():
         return result

@@ -20,7 +20,7 @@ Limit = Annotated[int, Query(ge=1, le=100, description="results per kind")]
 
 
 def _search(session, sae_id: str | None, q: str, limit: int) -> search.SearchResult:
-    sae = queries.get_sae(session, sae_id) if sae_id else queries.first_sae(session)
+    sae = queries.get_sae_summary(session, sae_id)  # the first SAE without one
     if sae_id and sae is None:
         raise HTTPException(404, f"no SAE {sae_id!r}")
     return search.search(session, sae, q, limit)
