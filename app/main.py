@@ -50,7 +50,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.engine = engine
     app.state.sessions = sessions
     app.state.probe = probe_service
-    app.state.templates = make_templates()
+    app.state.templates = make_templates(reload=settings.debug)
 
     for router in (saes.router, features.router, ladders.router, search.router, probe.router, admin.router, api_docs.router):
         app.include_router(router)

@@ -116,9 +116,12 @@ def density_bar(density: float) -> str:
     return f"{min(1.0, max(0.0, (math.log10(density) + 6) / 6)):.3f}"
 
 
-def make_templates() -> Jinja2Templates:
+def make_templates(reload: bool = False) -> Jinja2Templates:
+    """The app's templates; `reload` (debug mode) re-reads a template file that changed, at the
+    cost of a stat() of it on every render."""
     env = Environment(
         loader=FileSystemLoader(ROOT / "templates"),
+        auto_reload=reload,
         autoescape=True,
         undefined=StrictUndefined,
         trim_blocks=True,

@@ -62,7 +62,7 @@ class Settings(BaseSettings):
     limit_concurrency: int = Field(
         200, ge=2, description="Open connections (or running requests) per server process above which a new "
         "request gets a 503. Each process counts its own: with several workers the limit is per worker.")
-    db_pool_size: int = Field(8, ge=1, description="Database connections kept per server process (PostgreSQL).")
+    db_pool_size: int = Field(8, ge=1, description="Database connections kept per server process, and as many more at once.")
 
     @field_validator("admin_token", mode="before")
     @classmethod
