@@ -163,7 +163,7 @@ class TokenView:
     token: str
     token_id: int
     latents: list[tuple[LatentInfo, float]]  # those shown, strongest first
-    hidden_dense: int  # dense latents left out of `latents`
+    dense: list[tuple[LatentInfo, float]]  # dense latents left out of `latents` (listed apart), strongest first
     excluded: bool  # an attention-sink position, left out of the ranking
     shade: float  # background strength in [0, 1]
     tip: str  # the value shown on hover
@@ -280,6 +280,7 @@ class ProbeView:
         for position, (token, token_id) in enumerate(zip(self.result.tokens, self.result.token_ids)):
             latents = [(self.info(i), v) for i, v in self.result.token_latents(position)]
             shown = [(info, v) for info, v in latents if not (self.hide and info.dense)]
+            dense = [(info, v) for info, v in latents if self.hide and info.dense]
             excluded = position < n_excluded
             if selected is not None:
                 value = float(selected[position])
@@ -292,7 +293,7 @@ class ProbeView:
             else:
                 shade, tip = 0.0, ("first position: left out" if excluded else "no latent fires")
             carries = position < len(self.result.carries) and self.result.carries[position]
-            tokens.append(TokenView(position, token, token_id, shown, len(latents) - len(shown), excluded, shade, tip, carries))
+            tokens.append(TokenView(position, token, token_id, shown, dense, excluded, shade, tip, carries))
         return tokens
 
     def as_json(self, urls: URLs) -> dict:

@@ -157,6 +157,23 @@ def test_token_fragment_lists_that_tokens_latents(client, sae_id, encoder):
     assert missing.status_code == 404 and "no token 999" in missing.text
 
 
+def test_a_tokens_dense_latents_are_listed_apart_not_hidden(client, sae_id, encoder, density):
+    """Dense latents stay out of the shading and the ranking, but a token's panel still lists
+    them, in a box of their own: a token's strongest latent may be one of them."""
+    text = TEXTS[0]
+    for position, z in enumerate(encoder.encode_text(text).latents):
+        fired = [i for i in z.argsort(descending=True).tolist() if z[i] > 0]
+        dense = [i for i in fired if density[i] > DENSE]
+        if position > 0 and dense:  # (nearly every latent of the tiny SAE is dense)
+            break
+    fragment = client.post(f"/probe/tokens/{position}", data={"sae": sae_id, "text": text}, headers={"HX-Request": "true"}).text
+    shown, boxed = fragment.split('<details class="dense-latents">', 1)
+    listed = lambda html: [int(i) for i in re.findall(r'<span class="latent-head"><a href="/saes/[^"]+/features/(\d+)">', html)]  # noqa: E731
+    assert listed(shown) == [i for i in fired if i not in dense] and listed(boxed) == dense
+    assert ("No latent but dense ones fires on this token" in shown) == (len(dense) == len(fired))
+    assert f"{len(dense)} dense latent{'s' if len(dense) != 1 else ''} (on more than {DENSE * 100:g} % of all tokens) also fire here" in boxed
+
+
 def test_the_open_token_is_view_state(client, sae_id):
     """A focused token's fragment puts the token into the address bar (replaced, not pushed) and
     into the state form, so highlighting keeps its panel open; a page whose address names a token

@@ -203,6 +203,9 @@ async def read_share_json(share_id: str, session: SessionDep, probe: ProbeDep, u
 # ---------------------------------------------------------------- pages and fragments
 
 
+DENSE_PERCENT = f"{DENSE * 100:g} %"
+
+
 @router.get("/probe", include_in_schema=False)
 async def read_probe(request: Request, probe: ProbeDep, sae: str | None = None, text: str | None = None,
                      latent: str = "", sort: SortKey = "max", include_all: Annotated[bool, Query(alias="all")] = False,
@@ -236,7 +239,8 @@ async def read_probe_token(request: Request, position: int, probe: ProbeDep, sae
             raise HTTPException(404, f"the text has no token {position}")
     except HTTPException as e:
         return render(request, "_probe_error.html", status_code=e.status_code, error=e.detail)
-    response = render(request, "_probe_token.html", view=view, token=view.tokens[position], oob=True)
+    response = render(request, "_probe_token.html", view=view, token=view.tokens[position], oob=True,
+                      dense_percent=DENSE_PERCENT)
     urls = URLs(request.scope.get("root_path", ""))
     state = view_state(view.latent, sort, hide, position)
     # on a shared probe's page the address stays its short link
@@ -296,7 +300,7 @@ async def _probe_page(request: Request, probe, sae: str | None, text: str, laten
     context = {
         "options": options, "sae": sae, "text": text, "state": state, "view": view, "focus": focus, "error": error,
         "retry_after": retry_after, "share": share, "max_chars": probe.settings.probe_max_chars,
-        "dense_percent": f"{DENSE * 100:g} %",
+        "dense_percent": DENSE_PERCENT,
         "page_url": page_url,
         "json_url": urls.probe(sae, text, fmt="json", **state | {"token": None}) if view else None,
         "og": open_graph(view, sae, text, absolute(request, address)),

@@ -96,6 +96,17 @@ def test_type_click_highlight_share_and_reopen(probe_server, browser, tiny_sae):
     page.wait_for_url(re.compile(r".*[?&]all=1"))
     until(lambda: shaded(page) > 0)
     assert shaded(page) >= tokens.count() - 1
+    # Back and Forward give each state whole, the typed text included (htmx's own snapshots of the
+    # page lacked it: the box was empty under the tokens of the state before)
+    with_all = page.url
+    with page.expect_event("load"):  # the page is loaded again from its address
+        page.go_back()
+    assert "all=1" not in page.url
+    assert page.locator("#probe-text").input_value() == TEXT and not page.locator("#probe-all").is_checked()
+    with page.expect_event("load"):
+        page.go_forward()
+    assert page.url == with_all and shaded(page) > 0
+    assert page.locator("#probe-text").input_value() == TEXT and page.locator("#probe-all").is_checked()
 
     # click a token: its latents, with activations and densities, each linking to its page
     tokens.nth(3).click()
@@ -117,6 +128,13 @@ def test_type_click_highlight_share_and_reopen(probe_server, browser, tiny_sae):
         page.locator(f'#token-detail .token-detail[data-position="{position}"]').wait_for()
         assert f"position {position}" in detail.inner_text() and rows.count() >= 1
     page.wait_for_url(re.compile(r".*[?&]token=3$"))  # the open token is in the address bar too
+    # the dense-latents box is its own request on the same text: the panel stays open
+    page.locator("#probe-all").uncheck()
+    page.wait_for_url(lambda url: "token=3" in url and "all=1" not in url)
+    page.locator('#token-detail .token-detail[data-position="3"]').wait_for()
+    page.locator("#probe-all").check()
+    page.wait_for_url(lambda url: "token=3" in url and "all=1" in url)
+    page.locator('#token-detail .token-detail[data-position="3"]').wait_for()
     assert page.locator(".probe-tokens .tok.current").evaluate_all("els => els.map(el => el.dataset.position)") == ["3"]
     latent_link = rows.first.locator("a").first
     latent = latent_link.inner_text().lstrip("#")
