@@ -342,3 +342,12 @@ def test_quantile_examples_come_strongest_first(client, sae_id):
     listed = [[example["activation"] for example in q["examples"]] for q in quantiles]  # the value shown
     assert sum(len(values) > 1 for values in listed) >= 2
     assert all(values == sorted(values, reverse=True) for values in listed)
+
+
+def test_a_page_past_the_last_says_so_and_links_the_last(client, sae_id):
+    from webrun import N_LATENTS
+
+    last = -(-N_LATENTS // 10)
+    page = client.get(f"/saes/{sae_id}", params={"page": last + 5, "per_page": 10})
+    assert page.status_code == 200
+    assert f"There is no page {last + 5}: the list has {last}, <a href=\"/saes/{sae_id}?sort=density&amp;order=desc&amp;page={last}&amp;per_page=10\">the last</a>." in page.text
