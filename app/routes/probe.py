@@ -300,6 +300,7 @@ async def _probe_page(request: Request, probe, sae: str | None, text: str, laten
     context = {
         "options": options, "sae": sae, "text": text, "state": state, "view": view, "focus": focus, "error": error,
         "retry_after": retry_after, "share": share, "max_chars": probe.settings.probe_max_chars,
+        "max_tokens": probe.settings.probe_max_tokens,
         "dense_percent": DENSE_PERCENT,
         "page_url": page_url,
         "json_url": urls.probe(sae, text, fmt="json", **state | {"token": None}) if view else None,
