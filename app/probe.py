@@ -311,6 +311,10 @@ class ProbeView:
             "hide_dense_and_first": self.hide,
             "excluded_positions": self.excluded_positions,
             "dense_density": DENSE,
+            "highlighted": None if self.selected is None else {
+                "index": self.latent, "activations": [_short(v) for v in self.result.activations_of(self.latent)],
+                "max_activation": self.selected.max_activation, "density": self.selected.density,
+                "url": urls.feature(self.sae, self.latent)},
             "url": urls.probe(self.sae, self.text, **view_state(self.latent, self.sort, self.hide)),
         }
 

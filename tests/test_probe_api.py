@@ -110,7 +110,7 @@ def test_whole_text_ranking_equals_aggregates(client, sae_id, encoder, density, 
         assert got, "latents fire on the text"
 
 
-def test_json_twin_of_the_page_equals_the_api(client, sae_id):
+def test_json_twin_of_the_page_equals_the_api(client, sae_id, encoder):
     text = TEXTS[1]
     api = client.post("/api/probe", json={"sae": sae_id, "text": text}).json()
     twin = client.get("/probe.json", params={"sae": sae_id, "text": text})
@@ -120,6 +120,11 @@ def test_json_twin_of_the_page_equals_the_api(client, sae_id):
     state = {"latent": str(api["tokens"][1]["top_latents"][0]["index"]), "sort": "sum", "all": "1"}
     twin = client.get("/probe.json", params={"sae": sae_id, "text": text, **state}).json()
     assert twin["url"] == "/probe?" + urlencode({"sae": sae_id, "text": text, **state})
+    # the highlighted latent over every token, as the page shades it
+    latent, highlighted = int(state["latent"]), twin["highlighted"]
+    assert api["highlighted"] is None and highlighted["index"] == latent
+    assert highlighted["url"] == f"/saes/{sae_id}/features/{latent}"
+    assert_close(torch.tensor(highlighted["activations"]), encoder.encode_text(text).latents[:, latent], rtol=1e-5, atol=1e-5)
 
 
 def test_page_shows_the_same_numbers(client, sae_id, encoder):

@@ -109,6 +109,14 @@ class TextLatentOut(BaseModel):
     url: str
 
 
+class HighlightOut(BaseModel):
+    index: int
+    activations: list[float] = Field(description="its activation on every token of the text, 0 where it does not fire")
+    max_activation: float = Field(description="its largest activation in the harvest")
+    density: float
+    url: str
+
+
 class ProbeResponse(BaseModel):
     sae: str
     text: str
@@ -119,6 +127,7 @@ class ProbeResponse(BaseModel):
     hide_dense_and_first: bool
     excluded_positions: list[int] = Field(description="positions left out of top_latents")
     dense_density: float = Field(description="density above which a latent counts as dense")
+    highlighted: HighlightOut | None = Field(None, description="the latent the query string's latent= names, over the text")
     url: str = Field(description="the probe page showing this result")
 
 

@@ -259,7 +259,8 @@ def test_sae_latents_filtered_by_density(client, sae_id, harvest):
     html = client.get(f"/saes/{sae_id}", params={"hide_dead": 1, "per_page": 10}).text
     parsed = Page(html)
     assert f"/saes/{sae_id}?sort=density&order=desc&page=2&per_page=10&hide_dead=1" in parsed.links
-    assert f"/saes/{sae_id}?sort=index&order=desc&per_page=10&hide_dead=1" in parsed.links  # sorting keeps it too
+    assert f"/saes/{sae_id}?sort=index&order=asc&per_page=10&hide_dead=1" in parsed.links  # sorting keeps it too (index from 0)
+    assert f"/saes/{sae_id}?sort=max_activation&order=desc&per_page=10&hide_dead=1" in parsed.links  # the rest largest first
     assert 'name="hide_dead" value="1" checked' in html
     # the form sends its empty fields too: no bound, not a bad number
     form = client.get(f"/saes/{sae_id}", params={"min_density": "", "max_density": "", "hide_dead": 1, "per_page": 10})
