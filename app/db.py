@@ -70,7 +70,7 @@ def database_problem(database_url: str) -> str | None:
         with engine.connect():
             return None
     except DBAPIError as e:
-        return f"cannot open {shown}: {str(e.orig).strip().splitlines()[0]}"
+        return f"cannot open {shown}: {_first_line(e)}"
     finally:
         engine.dispose()
 
@@ -115,7 +115,12 @@ def upgrade(database_url: str, revision: str = "head") -> None:
     except CommandError as e:  # "Can't locate revision ...": most likely a newer saescope's schema
         raise MigrationError(f"cannot migrate {shown}: {e} (was it made by a newer saescope?)") from None
     except DBAPIError as e:  # e.g. a PostgreSQL search_path naming a schema that does not exist
-        raise MigrationError(f"cannot migrate {shown}: {(str(e.orig).strip().splitlines() or [type(e.orig).__name__])[0]}") from None
+        raise MigrationError(f"cannot migrate {shown}: {_first_line(e)}") from None
+
+
+def _first_line(e: DBAPIError) -> str:
+    """The driver's own message, first line (PostgreSQL's go on with hints), or its error's name."""
+    return (str(e.orig).strip().splitlines() or [type(e.orig).__name__])[0]
 
 
 def downgrade(database_url: str, revision: str = "base") -> None:

@@ -312,6 +312,12 @@ def default_db() -> str:
     return DatabaseSettings().database_url
 
 
+def add_listen_arguments(parser: argparse.ArgumentParser) -> None:
+    """serve's and demo's --host and --port (None: the settings say, see server_settings)."""
+    parser.add_argument("--host", help="address to listen on (default: $SAESCOPE_HOST or 127.0.0.1; 0.0.0.0 for every interface)")
+    parser.add_argument("--port", type=int, help="port to listen on (default: $SAESCOPE_PORT or 8000; 0 for any free port)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="saescope", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="log more detail, and show an error's traceback")
@@ -359,8 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser("serve", help="serve the web app")
     serve.add_argument("--db", default=default_db(), help="database URL (default: $DATABASE_URL or sqlite:///saescope.db)")
-    serve.add_argument("--host", help="address to listen on (default: $SAESCOPE_HOST or 127.0.0.1; 0.0.0.0 for every interface)")
-    serve.add_argument("--port", type=int, help="port to listen on (default: $SAESCOPE_PORT or 8000; 0 for any free port)")
+    add_listen_arguments(serve)
     serve.add_argument("--preload", action="store_true",
                        help="load every SAE's model at start-up instead of on its first probe")
     serve.set_defaults(func=cmd_serve)
@@ -374,8 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="the whole pipeline on the bundled model and the stdlib, then serve")
     demo.add_argument("--workdir", default="demo", help="where activations, runs and the database go (default: ./demo)")
     demo.add_argument("--db", help="database URL (default: sqlite:///WORKDIR/saescope.db)")
-    demo.add_argument("--host", help="address to listen on (default: $SAESCOPE_HOST or 127.0.0.1; 0.0.0.0 for every interface)")
-    demo.add_argument("--port", type=int, help="port to listen on (default: $SAESCOPE_PORT or 8000; 0 for any free port)")
+    add_listen_arguments(demo)
     demo.add_argument("--no-serve", action="store_true", help="stop after loading the database")
     add_config_arguments(demo, TrainConfig)
     demo.set_defaults(func=cmd_demo)

@@ -476,11 +476,7 @@ def store_for_run(run_dir: Path, run_cfg: dict, cfg: HarvestConfig, store_dir: P
         return store
     check_exclude_first(cfg.exclude_first, cfg.context_length)
     shape = local_model_shape(run_cfg["model"])  # the width, before minutes of forward passes
-    if shape is not None and shape[1] is not None and shape[1] != run_cfg["d_in"]:
-        raise runfolder.RunFolderError(
-            f"{Path(run_dir) / runfolder.CFG_FILE}: the SAE reads {run_cfg['d_in']}-dim inputs but "
-            f"{run_cfg['model']} has d_model {shape[1]}"
-        )
+    check_width(run_dir, run_cfg, shape[1] if shape else None)
     from trainer.config import TrainConfig
     from trainer.train import prepare_store
 
@@ -489,13 +485,15 @@ def store_for_run(run_dir: Path, run_cfg: dict, cfg: HarvestConfig, store_dir: P
         tokens=cfg.tokens, heldout_tokens=cfg.heldout_tokens, context_length=cfg.context_length,
     )
     store = prepare_store(store_cfg, Path(run_dir) / "activations")
-    if store.meta["d_model"] != run_cfg["d_in"]:
-        raise runfolder.RunFolderError(
-            f"{Path(run_dir) / runfolder.CFG_FILE}: the SAE reads {run_cfg['d_in']}-dim inputs but "
-            f"{run_cfg['model']} has d_model {store.meta['d_model']}"
-        )
+    check_width(run_dir, run_cfg, store.meta["d_model"])  # a model whose config was not here before
     runfolder.save_cfg(run_dir, {**run_cfg, **runfolder.store_record(store.path, run_dir)})
     return store
+
+
+def check_width(run_dir: Path, run_cfg: dict, d_model: int | None) -> None:
+    if d_model is not None and d_model != run_cfg["d_in"]:
+        raise runfolder.RunFolderError(f"{Path(run_dir) / runfolder.CFG_FILE}: the SAE reads {run_cfg['d_in']}-dim "
+                                       f"inputs but {run_cfg['model']} has d_model {d_model}")
 
 
 def check_exclude_first(exclude_first: int, context_length: int) -> None:

@@ -53,7 +53,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from trainer import runfolder
-from trainer.model import is_path, local_model_shape
+from trainer.model import check_folder, local_model_shape
 from trainer.runfolder import CFG_FILE, SAE_FILE, SAE_TENSORS, RunFolderError
 
 SAELENS_WEIGHTS_FILE = "sae_weights.safetensors"
@@ -412,8 +412,8 @@ def import_sae(src_folder, out_run_dir, model: str | None = None, layer: int | N
     """Write a saescope run folder (cfg.json + sae.safetensors) for the SAE in `src_folder`.
     Harvest and eval then need an activation store (--store): an imported run has none."""
     src, out = Path(src_folder), Path(out_run_dir)
-    if model and is_path(model) and not Path(model).expanduser().is_dir():  # typed here, so checked (train does too)
-        raise RunFolderError(f"--model {model}: model folder not found")
+    if model:
+        check_folder(model)  # typed here, so checked as train checks it
     cfg, weights = read_sae_folder(src, model=model, layer=layer)
     check_model_fits(cfg, src)
     if out.exists() and out.resolve() == src.resolve():

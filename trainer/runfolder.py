@@ -40,6 +40,7 @@ CFG_FILE = "cfg.json"
 SAE_FILE = "sae.safetensors"
 METRICS_FILE = "metrics.json"
 HARVEST_DIR = "harvest"
+CHECKPOINT_FILE = "checkpoint.pt"  # a run still training, or killed before it finished (trainer.train)
 TOKEN_BYTES_FILE = "token_bytes.json"  # in HARVEST_DIR, optional
 SAE_TENSORS = ("W_enc", "b_enc", "W_dec", "b_dec")
 
@@ -219,8 +220,10 @@ def recorded_store(record: dict, run_dir: Path) -> Path | None:
     if not record.get("store"):
         return None
     path = Path(record["store"])
-    moved = Path(run_dir) / record.get("store_relative", "")
-    return moved if not path.exists() and record.get("store_relative") and moved.exists() else path
+    if path.exists() or not record.get("store_relative"):
+        return path
+    moved = Path(run_dir) / record["store_relative"]
+    return moved if moved.exists() else path
 
 
 def drop_harvest(run_dir: Path) -> None:
@@ -302,7 +305,7 @@ def read_tensors(path: Path, required: tuple[str, ...]) -> dict[str, torch.Tenso
 
 def load_cfg(run_dir: Path) -> dict:
     if Path(run_dir).is_dir() and not (Path(run_dir) / CFG_FILE).exists():
-        if (Path(run_dir) / "checkpoint.pt").exists():  # train.CHECKPOINT_FILE: a run killed mid-way
+        if (Path(run_dir) / CHECKPOINT_FILE).exists():  # a run killed mid-way
             raise RunFolderError(f"{run_dir}: a run killed before it finished (it has a checkpoint, no {CFG_FILE} yet): "
                                  f"finish it with `saescope train --resume {run_dir}`")
         raise RunFolderError(f"{run_dir}: not a run folder (it has no {CFG_FILE}): train one with `saescope train --out`, "

@@ -389,7 +389,7 @@ class Trainer:
         return dead
 
 
-CHECKPOINT_FILE = "checkpoint.pt"
+CHECKPOINT_FILE = runfolder.CHECKPOINT_FILE
 # Steps between the training curve's points (and the progress bar's numbers); fewer on long runs,
 # so that metrics.json holds at most CURVE_POINTS of them.
 CURVE_EVERY, CURVE_POINTS = 10, 1000
