@@ -51,7 +51,7 @@ from app.models import (
     Vocab,
 )
 from app.search import terms
-from trainer.evaluate import DENSE_THRESHOLD
+from trainer.thresholds import DENSE_THRESHOLD
 from trainer.runfolder import (
     CFG_FILE,
     HARVEST_DIR,

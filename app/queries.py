@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 
 from app.models import LadderRung, Latent, Sae
 from app.urls import URLs
-from trainer.evaluate import DENSE_THRESHOLD
+from trainer.thresholds import DENSE_THRESHOLD
 
 SortKey = Literal["density", "max_activation", "explanation_f1", "index"]
 Order = Literal["desc", "asc"]

@@ -15,9 +15,9 @@ from markupsafe import Markup, escape
 from app import charts
 from app.db import ROOT
 from app.urls import URLs
+from trainer.thresholds import WEAK_F1  # an explanation scoring below it on held-out text is shown dimmed
 
 VISIBLE = {"\n": "↵", "\r": "␍", "\t": "⇥"}
-WEAK_F1 = 0.1  # an explanation scoring below this on held-out text is shown dimmed
 
 
 def token_text(token: str) -> str:

@@ -13,7 +13,7 @@ from trainer.activations import ActivationStore, complete_heldout, open_store_fo
 from trainer.progress import progress
 from trainer.sae import TopKSAE, default_device
 
-DENSE_THRESHOLD = 0.1  # a latent firing on more than 10 % of tokens counts as dense
+from trainer.thresholds import DENSE_THRESHOLD
 # In the store: the summed CE with block L zero-ablated, per (model, layer, device, held-out
 # tokens). It does not depend on the SAE, so the SAEs of a sweep (or a second eval) on one store
 # skip that pass: a third of the downstream loss's forward passes.
