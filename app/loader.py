@@ -51,19 +51,11 @@ from app.models import (
     Vocab,
 )
 from app.search import terms
+from trainer.errors import RunFolderError
+from trainer.formats import CFG_FILE, SAE_FILE
+from trainer.runconfig import RunConfig
+from trainer.runfolder import HARVEST_DIR, METRICS_FILE, load_harvest, load_metrics, load_sae_weights
 from trainer.thresholds import DENSE_THRESHOLD
-from trainer.runfolder import (
-    CFG_FILE,
-    HARVEST_DIR,
-    METRICS_FILE,
-    SAE_FILE,
-    RunFolderError,
-    load_cfg,
-    load_harvest,
-    load_metrics,
-    load_sae_weights,
-    sae_slug,
-)
 from trainer.tokens import VocabBytes
 
 log = logging.getLogger("app.loader")
@@ -107,7 +99,7 @@ class RunRows:
         return 1 + sum(len(rows) for rows in self.tables.values())
 
 
-SAE_ID = re.compile(r"[a-z0-9][a-z0-9.-]{0,199}")  # what sae_slug makes: one URL path segment, as is
+SAE_ID = re.compile(r"[a-z0-9][a-z0-9.-]{0,199}")  # what RunConfig.slug makes: one URL path segment, as is
 
 
 def load_run(run_dir: str | Path, database_url: str, replace: bool = False, sae_id: str | None = None) -> str:
@@ -197,7 +189,7 @@ def read_run(run_dir: str | Path) -> RunRows:
     # rows newer than their hash, which the next load sees as changed and loads again (the other
     # order would keep old rows under the new files' hash, "already loaded" for good).
     digest = content_hash(run_dir)
-    cfg = load_cfg(run_dir)
+    cfg = RunConfig.load(run_dir)
     load_sae_weights(run_dir, cfg)  # checks the weights exist and match cfg.json
     metrics = load_metrics(run_dir)
     harvest = load_harvest(run_dir, cfg)
@@ -217,17 +209,17 @@ def read_run(run_dir: str | Path) -> RunRows:
     ]
     density = _finite_array(arrays["density"])
     sae = {
-        "id": sae_slug(cfg),
-        "model": str(cfg.get("model_name") or cfg["model"]),
-        "layer": int(cfg["layer"]),
-        "d_in": int(cfg["d_in"]),
-        "n_latents": int(cfg["n_latents"]),
-        "k": int(cfg["k"]),
-        "context_length": int(cfg.get("context_length") or harvest.info.get("context_length") or arrays["token_ids"].shape[1]),
+        "id": cfg.slug,
+        "model": cfg.model_name,
+        "layer": cfg.layer,
+        "d_in": cfg.d_in,
+        "n_latents": cfg.n_latents,
+        "k": cfg.k,
+        "context_length": int(harvest.info.get("context_length") or arrays["token_ids"].shape[1]),
         "fvu": _number(metrics.get("fvu")),
         "l0": _number(metrics.get("l0")),
         "dead_fraction": _number(metrics.get("dead_fraction")),
-        "cfg": json.dumps(finite_json(cfg), sort_keys=True),
+        "cfg": json.dumps(finite_json(cfg.to_json()), sort_keys=True),
         "metrics": json.dumps(finite_json(metrics), sort_keys=True),
         "harvest": json.dumps(finite_json(harvest.info), sort_keys=True),
         "density_histogram": json.dumps(density_histogram(density)),

@@ -47,7 +47,7 @@ def _now() -> datetime:
 class Sae(Base):
     __tablename__ = "saes"
 
-    id: Mapped[str] = mapped_column(String(200), primary_key=True)  # sae_slug(cfg)
+    id: Mapped[str] = mapped_column(String(200), primary_key=True)  # RunConfig.slug, or load --id
     model: Mapped[str] = mapped_column(String(300))
     layer: Mapped[int] = mapped_column(Integer)
     d_in: Mapped[int] = mapped_column(Integer)

@@ -40,7 +40,10 @@ from sqlalchemy.orm import Session, sessionmaker
 from app.models import Latent, Sae
 from app.settings import Settings
 from app.urls import URLs
-from trainer.runfolder import CFG_FILE, HARVEST_DIR, SAE_FILE, RunFolderError, read_json_object
+from trainer.errors import RunFolderError
+from trainer.files import read_json_object
+from trainer.formats import CFG_FILE, SAE_FILE
+from trainer.runfolder import HARVEST_DIR
 
 log = logging.getLogger("saescope.probe")
 
@@ -528,7 +531,7 @@ class ProbeService:
         encoder = loaded.encoder
         began = time.perf_counter()
         # the model's own context length may be shorter than the setting (a tiny test model's is)
-        limit = min(self.settings.probe_max_tokens, getattr(encoder.lm.model.config, "max_position_embeddings", None) or math.inf)
+        limit = min(self.settings.probe_max_tokens, encoder.lm.max_positions or math.inf)
         token_ids: dict[int, list[int]] = {}  # by position in `texts`, the ones within the limits
         outcomes: list[ProbeResult | HTTPException | None] = [None] * len(texts)
         for i, text in enumerate(texts):  # the token limit is checked before the forward pass

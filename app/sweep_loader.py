@@ -49,8 +49,11 @@ from app.loader import (
     write_transaction,
 )
 from app.models import Ladder, LadderRung, LatentFamily, Sae
+from trainer.config import run_slug
+from trainer.errors import RunFolderError
 from trainer.families import FAMILIES_FILE
-from trainer.runfolder import RunFolderError, harvest_is_current, load_sae_weights, read_json, read_tensors, sae_slug
+from trainer.files import read_json, read_tensors
+from trainer.runfolder import harvest_is_current, load_sae_weights
 
 log = logging.getLogger("app.loader")
 
@@ -104,15 +107,15 @@ def read_sweep(sweep_dir: str | Path) -> SweepRows:
     scaling = read_json(sweep_dir / SCALING_FILE)
     check_scaling(sweep_dir / SCALING_FILE, scaling, rungs)
     families, family_rungs = read_families(sweep_dir, rungs)
-    cfg = json.loads(rungs[0].sae["cfg"])
+    first = rungs[0].sae
     if len({(rung.sae["model"], rung.sae["layer"]) for rung in rungs}) > 1:
         raise RunFolderError(f"{sweep_dir / SWEEP_FILE}: the rungs are not all of one model and layer")
-    k = int(sweep.get("sweep", {}).get("k", scaling.get("k", cfg["k"])))
+    k = int(sweep.get("sweep", {}).get("k", scaling.get("k", first["k"])))
     sizes = [rung.sae["n_latents"] for rung in rungs if rung.sae["k"] == k] or [rung.sae["n_latents"] for rung in rungs]
     ladder = {
-        "id": sae_slug({**cfg, "n_latents": f"{min(sizes)}to{max(sizes)}", "k": k}),
-        "model": rungs[0].sae["model"],
-        "layer": rungs[0].sae["layer"],
+        "id": run_slug(first["model"], first["layer"], f"{min(sizes)}to{max(sizes)}", k),
+        "model": first["model"],
+        "layer": first["layer"],
         "k": k,
         "sweep": json.dumps(finite_json(sweep), sort_keys=True),
         "scaling": json.dumps(finite_json(scaling), sort_keys=True),

@@ -18,9 +18,9 @@ import argparse
 import platform
 from dataclasses import fields, replace
 
-from trainer.activations import ActivationStore, complete_heldout
-from trainer.config import SWEEP_TRAIN_DEFAULTS, TrainConfig
+from trainer.config import BOOLEAN_WORDS, SWEEP_TRAIN_DEFAULTS, TrainConfig
 from trainer.evaluate import evaluate_sae
+from trainer.store import ActivationStore, complete_heldout
 from trainer.train import Trainer, input_scale
 
 DEFAULT_VARIANTS = [
@@ -40,7 +40,7 @@ def parse_variant(text: str, base: TrainConfig) -> tuple[str, TrainConfig]:
     changes = {}
     for item in filter(None, overrides.split(",")):
         key, value = item.split("=")
-        changes[key] = types[key](value)
+        changes[key] = BOOLEAN_WORDS[value.lower()] if types[key] is bool else types[key](value)
     return name, replace(base, **changes)
 
 

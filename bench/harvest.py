@@ -21,18 +21,17 @@ from pathlib import Path
 
 import torch
 
-from trainer import runfolder
-from trainer.activations import ActivationStore
 from trainer.harvest import harvest_run
-from trainer.model import load_language_model
+from trainer.runconfig import RunConfig
+from trainer.store import ActivationStore
 
 DEMO_RUN = Path("demo/runs/smollm2-135m-instruct-l6-4096-k32")
 
 
 def bare_forward_seconds(run: Path, batch_contexts: int = 32) -> tuple[float, int]:
-    cfg = runfolder.load_cfg(run)
-    tokens = torch.from_numpy(ActivationStore.open(cfg["store"]).tokens).long()
-    lm = load_language_model(cfg["model"], cfg["layer"])
+    cfg = RunConfig.load(run)
+    tokens = torch.from_numpy(ActivationStore.open(cfg.store.path).tokens).long()
+    lm = cfg.language_model()
     start = time.perf_counter()
     for first in range(0, len(tokens), batch_contexts):
         lm.residual(tokens[first : first + batch_contexts])
@@ -52,10 +51,10 @@ def main() -> None:
     forward_s, n_tokens = bare_forward_seconds(args.run)
     from_model_s, model_info = timed_harvest(args.run, from_model=True)
     from_store_s, info = timed_harvest(args.run, from_model=False)
-    cfg = runfolder.load_cfg(args.run)
+    cfg = RunConfig.load(args.run)
     print(f"{time.strftime('%Y-%m-%d')}, {platform.processor() or platform.machine()}, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}")
-    print(f"run: {cfg['model']} layer {cfg['layer']}, {cfg['n_latents']} latents, k={cfg['k']}; "
+    print(f"run: {cfg.model} layer {cfg.layer}, {cfg.n_latents} latents, k={cfg.k}; "
           f"{n_tokens:,} harvest tokens, {info['n_firings']:,} firings\n")
     print("| measurement | time / bare forward pass | tokens/s |")
     print("|---|---|---|")

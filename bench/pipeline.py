@@ -20,11 +20,11 @@ from pathlib import Path
 import torch
 
 from trainer import corpus
-from trainer.activations import ActivationStore, complete_heldout
 from trainer.config import HarvestConfig, TrainConfig
 from trainer.evaluate import evaluate_run
 from trainer.harvest import harvest_run
 from trainer.model import load_language_model
+from trainer.store import ActivationStore, complete_heldout
 from trainer.train import train
 
 HELDOUT_STAGE = "held-out activations (run by the first eval on the store)"
@@ -33,12 +33,14 @@ HELDOUT_STAGE = "held-out activations (run by the first eval on the store)"
 def bare_forward_seconds(cfg: TrainConfig, batch_size: int = 16) -> tuple[dict[torch.dtype, float], int]:
     """The model alone through block L over the training tokens (no store, no SAE), in fp32 and
     in the precision `train` runs it (bf16 autocast where the hardware has it): seconds of each."""
-    lm = load_language_model(cfg.model, cfg.layer, fast=bool(cfg.fast_matmul))
     n = cfg.n_train_contexts + cfg.n_heldout_contexts
-    contexts = corpus.tokenize_contexts(lm.tokenizer, corpus.iter_documents(cfg.corpus), cfg.context_length, n)
+    contexts = None
     seconds = {}
-    for dtype in dict.fromkeys([torch.float32, lm.forward_dtype]):
-        lm.forward_dtype = dtype
+    for fast in dict.fromkeys([False, cfg.fast_matmul]):
+        lm = load_language_model(cfg.model, cfg.layer, fast=fast)
+        dtype = lm.forward_dtype
+        if contexts is None:
+            contexts = corpus.tokenize_contexts(lm.tokenizer, corpus.iter_documents(cfg.corpus), cfg.context_length, n)
         start = time.perf_counter()
         for first in range(0, n, batch_size):
             lm.residual(contexts[first : first + batch_size])

@@ -156,13 +156,11 @@ def main() -> None:
 
     import torch
 
-    from trainer import runfolder
-    from trainer.model import load_language_model
-    from trainer.runfolder import sae_slug
+    from trainer.runconfig import RunConfig
 
-    cfg = runfolder.load_cfg(Path(args.run))
-    sae = sae_slug(cfg)
-    lm = load_language_model(cfg["model"], cfg["layer"], "cpu")
+    cfg = RunConfig.load(Path(args.run))
+    sae = cfg.slug
+    lm = cfg.language_model("cpu")
     n_distinct = args.clients * args.requests + args.requests
     texts = texts_of(lm.tokenizer, 1 + 4 + n_distinct)
     text, warm_up, distinct = texts[0], texts[1:5], texts[5:]  # each text used once (no cache hits)
@@ -191,7 +189,7 @@ def main() -> None:
           f"load average before the run {load_before:.1f}")
     print(f"SAE {sae} · {N_TOKENS}-token stdlib texts · {args.clients} clients × {args.requests} requests · "
           f"server: {args.workers} probe workers, {args.threads or 'cores / workers'} torch threads each\n")
-    print(f"Bare forward pass through block {cfg['layer']} on the {N_TOKENS}-token text, this process "
+    print(f"Bare forward pass through block {cfg.layer} on the {N_TOKENS}-token text, this process "
           f"({torch.get_num_threads()} threads): {forward:.1f} ms (median of 30)\n")
     print("| scenario | clients | server p50 | server p99 | p50 / forward | p99 / forward | client p50 |")
     print("|---|---|---|---|---|---|---|")

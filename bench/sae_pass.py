@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from trainer.activations import ActivationStore
 from trainer.config import TrainConfig
+from trainer.store import ActivationStore
 from trainer.train import Trainer
 
 CONTEXTS, T, D, HELDOUT = 2600, 128, 576, 256

@@ -18,8 +18,8 @@ import time
 
 import torch
 
-from trainer.activations import ActivationStore
 from trainer.config import TrainConfig
+from trainer.store import ActivationStore
 from trainer.train import Trainer, input_scale
 
 

@@ -22,9 +22,20 @@ import time
 from pathlib import Path
 
 from trainer.config import (
-    SWEEP_TRAIN_DEFAULTS, ConfigError, DistributedConfig, HarvestConfig, SweepConfig, TrainConfig, add_config_arguments,
-    check_device, config_from_args, config_to_args, flag_of,
+    SWEEP_TRAIN_DEFAULTS,
+    DistributedConfig,
+    HarvestConfig,
+    SweepConfig,
+    TrainConfig,
+    add_config_arguments,
+    boolean_flags,
+    check_device,
+    config_from_args,
+    config_to_args,
+    flag_of,
+    with_boolean_words,
 )
+from trainer.errors import ConfigError, RunFolderError
 
 
 class CommandError(Exception):
@@ -44,13 +55,13 @@ def cmd_train(args) -> None:
     if parallel.nproc > 1 and "WORLD_SIZE" not in os.environ:  # start torchrun, which runs this on every rank
         check_device(args.device)
         distributed.check_gpus(parallel.nproc, args.device)
-        distributed.check_split(config_from_args(args, TrainConfig), parallel.nproc, bool(parallel.shard_latents))
+        distributed.check_split(config_from_args(args, TrainConfig), parallel.nproc, parallel.shard_latents)
         folders = []
         for name in ("out", "store", "resume"):
             folders += [f"--{name}", getattr(args, name)] if getattr(args, name) else []
         folders += ["--overwrite"] if args.overwrite else []
         sys.exit(distributed.launch(parallel, folders + config_to_args(config_from_args(args, TrainConfig))))
-    world = distributed.init_world(bool(parallel.shard_latents), args.device)
+    world = distributed.init_world(parallel.shard_latents, args.device)
     if args.resume:
         if "WORLD_SIZE" not in os.environ:
             warn_ignored_with_resume(args)
@@ -80,8 +91,8 @@ def warn_ignored_with_resume(args) -> None:
 def check_out_is_free(out: Path, overwrite: bool, store: Path | None = None) -> None:
     """A trained SAE or a killed run's checkpoint in --out is not replaced by accident (train()
     itself replaces them: the sweep and the demo retrain a folder whose config changed)."""
-    from trainer import runfolder
-    from trainer.train import CHECKPOINT_FILE
+    from trainer.formats import SAE_FILE
+    from trainer.runconfig import CHECKPOINT_FILE
 
     for folder in (out, out.parent):
         if folder.exists() and not folder.is_dir():
@@ -93,7 +104,7 @@ def check_out_is_free(out: Path, overwrite: bool, store: Path | None = None) -> 
     if (out / CHECKPOINT_FILE).exists():
         raise CommandError(f"{out} holds a killed run's checkpoint: continue it with `saescope train --resume {out}`, "
                            "or pass --overwrite to start again")
-    if (out / runfolder.SAE_FILE).exists():
+    if (out / SAE_FILE).exists():
         raise CommandError(f"{out} already holds a trained SAE: pass --overwrite to train a new one there "
                            "(its metrics and harvest go too), or choose another --out")
 
@@ -234,7 +245,7 @@ def cmd_demo(args) -> None:
 
     workdir = Path(args.workdir)
     cfg = config_from_args(args, TrainConfig)
-    run = workdir / "runs" / runfolder.sae_slug({**cfg.to_dict(), "d_in": 0})
+    run = workdir / "runs" / cfg.slug
     if workdir.exists() and not workdir.is_dir():
         raise CommandError(f"--workdir {workdir}: a file, not a folder")
     db = args.db or f"sqlite:///{(workdir / 'saescope.db').resolve()}"
@@ -390,6 +401,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:  # `--fast-matmul 0` as scripts wrote it when the boolean options were numbers
+        argv = with_boolean_words(argv, boolean_flags(TrainConfig, HarvestConfig, DistributedConfig, SweepConfig))
+    except ConfigError as e:
+        command = next((arg for arg in argv if not arg.startswith("-")), "")
+        print(f"saescope {command}: error: {e}", file=sys.stderr)
+        return 2
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     for ours in ("trainer", "app"):  # our own progress messages, without third-party chatter
@@ -410,10 +428,8 @@ def main(argv: list[str] | None = None) -> int:
 def _is_user_error(e: Exception) -> bool:
     from trainer.corpus import CorpusError
     from trainer.model import ModelError
-    from trainer.runfolder import RunFolderError
+    from trainer.store import StoreError
     from trainer.train import TrainingError
-
-    from trainer.activations import StoreError
 
     # A path the user gave that is a file, or not writable: the OS's own one-line reason is clear.
     path_errors = (FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError)

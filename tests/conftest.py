@@ -60,9 +60,9 @@ def tiny_db(tiny_run, tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def sae_id(tiny_run) -> str:
     """The tiny run's id in the database (tests/app has its own, for its synthetic run)."""
-    from trainer.runfolder import load_cfg, sae_slug
+    from trainer.runconfig import RunConfig
 
-    return sae_slug(load_cfg(tiny_run))
+    return RunConfig.load(tiny_run).slug
 
 
 @pytest.fixture(scope="module")

@@ -17,9 +17,9 @@ import torch
 from torch.testing import assert_close
 
 from trainer import runfolder
-from trainer.activations import ActivationStore
 from trainer.config import TrainConfig
-from trainer.train import CHECKPOINT_FILE, store_meta
+from trainer.runconfig import CHECKPOINT_FILE
+from trainer.store import ActivationStore
 
 # d = 16, 64 latents, k = 4 on 8,192 synthetic tokens: 64 steps of 128 (a killed run is stopped
 # well before its end even on a busy machine), AuxK active after a few steps (dead after 819
@@ -34,7 +34,7 @@ ARGS = ["--model", "synthetic", "--layer", "0", "--latents", "64", "--k", "4", "
 
 def write_store(path, cfg: TrainConfig, d: int = 16) -> None:
     """An activation store in the real format, from random vectors with a few strong directions."""
-    meta = store_meta(cfg) | {"d_model": d, "complete": True, "hookpoint": "synthetic"}
+    meta = cfg.store_config().meta() | {"d_model": d, "complete": True, "hookpoint": "synthetic"}
     T, C = cfg.context_length, meta["n_contexts"]
     generator = np.random.default_rng(0)
     directions = generator.standard_normal((32, d))
@@ -124,10 +124,10 @@ def test_killed_torchrun_run_resumes_to_the_uninterrupted_weights(folder, shard)
 
 
 def test_each_data_parallel_rank_reads_only_its_share_of_the_store(folder):
+    import torch.distributed as dist
+
     from trainer.distributed import World
     from trainer.train import Trainer
-
-    import torch.distributed as dist
 
     # DDP is built with the trainer: a one-process group stands in for the two ranks, whose
     # reading is what this test looks at (no collective runs in `batches`).

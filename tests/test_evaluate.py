@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from trainer import runfolder
-from trainer.activations import ActivationStore
 from trainer.evaluate import downstream_loss, evaluate_sae
+from trainer.runconfig import RunConfig
 from trainer.sae import TopKSAE
+from trainer.store import ActivationStore
 
 
 def exact_sae(d: int) -> TopKSAE:
@@ -22,14 +23,14 @@ def exact_sae(d: int) -> TopKSAE:
 
 
 def test_exact_reconstruction_changes_nothing_downstream(tiny_run):
-    cfg = runfolder.load_cfg(tiny_run)
-    store = ActivationStore.open(cfg["store"])
-    metrics = downstream_loss(exact_sae(cfg["d_in"]), cfg, store, n_contexts=8)
+    cfg = RunConfig.load(tiny_run)
+    store = ActivationStore.open(cfg.store.path)
+    metrics = downstream_loss(exact_sae(cfg.d_in), cfg, store, n_contexts=8)
     assert metrics["ce_spliced"] == pytest.approx(metrics["ce_clean"], abs=1e-4)
     assert metrics["kl"] == pytest.approx(0.0, abs=1e-4)
     if metrics["loss_recovered"] is not None:  # None where ablating the block costs nothing
         assert metrics["loss_recovered"] == pytest.approx(1.0, abs=1e-3)
-    assert metrics["downstream_tokens"] == 8 * (cfg["context_length"] - 1)
+    assert metrics["downstream_tokens"] == 8 * (cfg.train.context_length - 1)
 
 
 def test_trained_sae_downstream_metrics(tiny_run):
@@ -40,39 +41,31 @@ def test_trained_sae_downstream_metrics(tiny_run):
     assert metrics["delta_ce"] == pytest.approx(metrics["ce_spliced"] - metrics["ce_clean"])
 
 
-def test_the_spliced_and_ablated_passes_skip_the_blocks_before_the_hookpoint(tiny_run, monkeypatch):
+def test_the_spliced_and_ablated_passes_skip_the_blocks_before_the_hookpoint(tiny_run):
     """Blocks 0..L run once per batch (in the clean pass); the metrics equal three full forward
     passes with block L's output replaced by a hook, as the paper splices."""
-    from trainer import model as model_module
-    from trainer.model import find_blocks, load_causal_lm
+    from trainer.model import find_blocks
 
-    cfg = runfolder.load_cfg(tiny_run)
-    _, sae = TopKSAE.load(tiny_run)
-    store = ActivationStore.open(cfg["store"])
-    loaded, calls = [], []
-
-    def counting_loader(*args, **kwargs):  # the real model, with a count of block 0's runs
-        loaded.append(load_causal_lm(*args, **kwargs))
-        loaded.append(find_blocks(loaded[0][1].base_model)[1][0].register_forward_hook(lambda *a: calls.append(1)))
-        return loaded[0]
-
-    monkeypatch.setattr(model_module, "load_causal_lm", counting_loader)
+    cfg, sae = runfolder.load_sae(tiny_run)
+    store = ActivationStore.open(cfg.store.path)
+    model = cfg.language_model(sae.W_dec.device, fast=False).loaded.causal_lm  # the one downstream_loss gets
+    calls = []
+    counting = find_blocks(model.base_model)[1][0].register_forward_hook(lambda *a: calls.append(1))
     got = downstream_loss(sae, cfg, store, n_contexts=8, batch=4)
     assert len(calls) == 2  # once per batch of 4, not three times
-    loaded[1].remove()
+    counting.remove()
 
-    _, model = loaded[0]
     _, blocks = find_blocks(model.base_model)
     assert all(type(block).__name__ != "Replay" for block in blocks)  # put back
     ids = torch.from_numpy(store.tokens[store.n_train_contexts : store.n_train_contexts + 8]).long()
-    scale = cfg["input_scale"]
+    scale = cfg.input_scale
 
     def spliced(module, args, output):
         x = output.reshape(-1, output.shape[-1]) * scale
         return (sae(x)[0] / scale).view_as(output)
 
     def log_probs(hook=None):
-        handle = blocks[cfg["layer"]].register_forward_hook(hook) if hook else None
+        handle = blocks[cfg.layer].register_forward_hook(hook) if hook else None
         out = model(input_ids=ids, use_cache=False).logits[:, :-1].float().log_softmax(-1)
         if handle:
             handle.remove()
@@ -91,33 +84,28 @@ def test_the_ablated_loss_is_computed_once_per_store(tiny_run, tmp_path, monkeyp
     eval on the store (another rung of a sweep) skips that pass and reports the same number."""
     import shutil
 
-    from trainer import model as model_module
     from trainer.evaluate import ABLATED_CACHE
-    from trainer.model import find_blocks, load_causal_lm
+    from trainer.model import find_blocks
 
-    cfg = runfolder.load_cfg(tiny_run)
-    shutil.copytree(cfg["store"], tmp_path / "store")
+    cfg, sae = runfolder.load_sae(tiny_run)
+    shutil.copytree(cfg.store.path, tmp_path / "store")
     (tmp_path / "store" / ABLATED_CACHE).unlink(missing_ok=True)  # the fixture's own eval made one
     store = ActivationStore.open(tmp_path / "store")
     calls = []
-
-    def counting_loader(*args, **kwargs):  # the real model, counting its last block's runs: one per pass
-        loaded = load_causal_lm(*args, **kwargs)
-        find_blocks(loaded[1].base_model)[1][-1].register_forward_hook(lambda *a: calls.append(1))
-        return loaded
-
-    monkeypatch.setattr(model_module, "load_causal_lm", counting_loader)
-    _, sae = TopKSAE.load(tiny_run)
+    model = cfg.language_model(sae.W_dec.device, fast=False).loaded.causal_lm  # the one downstream_loss gets
+    # Its last block's runs: one per pass.
+    counting = find_blocks(model.base_model)[1][-1].register_forward_hook(lambda *a: calls.append(1))
     first = downstream_loss(sae, cfg, store, n_contexts=8)
     assert len(calls) == 3  # clean, spliced, ablated (one batch of 8)
     calls.clear()
-    again = downstream_loss(exact_sae(cfg["d_in"]), cfg, store, n_contexts=8)  # another SAE, same store
+    again = downstream_loss(exact_sae(cfg.d_in), cfg, store, n_contexts=8)  # another SAE, same store
     assert len(calls) == 2 and again["ce_ablated"] == first["ce_ablated"]
     assert again["ce_spliced"] == pytest.approx(again["ce_clean"], abs=1e-4)  # its own spliced pass
     calls.clear()
     other = downstream_loss(sae, cfg, store, n_contexts=4)  # other tokens: computed
     assert len(calls) == 3 and len(runfolder.read_json(tmp_path / "store" / ABLATED_CACHE)) == 2
     assert other["ce_ablated"] != first["ce_ablated"]
+    counting.remove()
 
 
 def synthetic_store(path, n_train: int, n_heldout: int, T: int, d: int, seed: int = 0) -> ActivationStore:
@@ -174,11 +162,11 @@ def test_a_store_of_another_layer_is_refused_and_nothing_is_written(tiny_run, tm
 
     from saescope.cli import main
 
-    cfg = runfolder.load_cfg(tiny_run)
+    cfg = RunConfig.load(tiny_run)
     other = tmp_path / "other-layer-store"
-    shutil.copytree(cfg["store"], other)
+    shutil.copytree(cfg.store.path, other)
     meta = json.loads((other / "meta.json").read_text())
-    (other / "meta.json").write_text(json.dumps({**meta, "layer": cfg["layer"] + 1}))
+    (other / "meta.json").write_text(json.dumps({**meta, "layer": cfg.layer + 1}))
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)
     before = {path.name: path.read_bytes() for path in run.rglob("*.json")}

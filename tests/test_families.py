@@ -12,6 +12,7 @@ from torch.testing import assert_close
 
 from trainer import runfolder
 from trainer.families import FAMILIES_FILE, family_tensors, nearest_both_ways, write_families
+from trainer.runconfig import RunConfig
 
 
 def brute_force(W_a, W_b, m):
@@ -59,7 +60,7 @@ def test_a_latent_split_in_two_finds_its_parent_and_its_children(tmp_path):
         run = tmp_path / "runs" / f"n{n}-k2"
         weights = {"W_enc": W_dec.T.clone(), "b_enc": torch.zeros(n), "W_dec": W_dec, "b_dec": torch.zeros(16)}
         runfolder.save_sae_weights(run, weights)
-        runfolder.save_cfg(run, {"model": "m", "layer": 0, "d_in": 16, "n_latents": n, "k": 2})
+        RunConfig(model="m", layer=0, d_in=16, n_latents=n, k=2).save(run)
         runs.append(run)
     write_families(tmp_path, runs, m=2)
     with safe_open(tmp_path / FAMILIES_FILE, "pt") as f:

@@ -3,6 +3,7 @@ small reference encoders that follow each tool's own arithmetic literally."""
 
 import json
 import shutil
+from dataclasses import replace
 
 import pytest
 import torch
@@ -11,7 +12,8 @@ from safetensors.torch import save_file
 from torch.testing import assert_close
 
 from trainer import interop, runfolder
-from trainer.runfolder import RunFolderError
+from trainer.errors import RunFolderError
+from trainer.runconfig import ImportSource, RunConfig
 from trainer.sae import TopKSAE
 
 D, N, K = 13, 50, 5
@@ -38,10 +40,10 @@ def dense(values: torch.Tensor, indices: torch.Tensor, n: int) -> torch.Tensor:
 
 def ours(folder, **overrides):
     cfg, weights = interop.read_sae_folder(folder, **overrides)
-    for name, shape in {"W_enc": (cfg["d_in"], cfg["n_latents"]), "b_enc": (cfg["n_latents"],),
-                        "W_dec": (cfg["n_latents"], cfg["d_in"]), "b_dec": (cfg["d_in"],)}.items():  # fmt: skip
+    for name, shape in {"W_enc": (cfg.d_in, cfg.n_latents), "b_enc": (cfg.n_latents,),
+                        "W_dec": (cfg.n_latents, cfg.d_in), "b_dec": (cfg.d_in,)}.items():  # fmt: skip
         assert weights[name].dtype == torch.float32 and tuple(weights[name].shape) == shape
-    return cfg, TopKSAE.from_weights(weights, cfg["k"]).requires_grad_(False)
+    return cfg, TopKSAE.from_weights(weights, cfg.k).requires_grad_(False)
 
 
 def one_line_naming(error: pytest.ExceptionInfo, path) -> str:
@@ -102,8 +104,8 @@ def test_saelens_topk_matches_saelens_arithmetic(tmp_path, fields):
     cfg = write_saelens(tmp_path / "sae", tensors, **fields)
     assert interop.detect_format(tmp_path / "sae") == "saelens"
     our_cfg, sae = ours(tmp_path / "sae")
-    assert (our_cfg["model"], our_cfg["layer"], our_cfg["d_in"], our_cfg["n_latents"], our_cfg["k"]) == ("gpt2", 6, D, N, K)
-    assert our_cfg["source_format"] == "saelens" and our_cfg["input_scale"] == 1.0
+    assert (our_cfg.model, our_cfg.layer, our_cfg.d_in, our_cfg.n_latents, our_cfg.k) == ("gpt2", 6, D, N, K)
+    assert our_cfg.source.format == "saelens" and our_cfg.input_scale == 1.0
     folded = fields != {"apply_b_dec_to_input": True}
     for i, batch in enumerate(BATCHES):
         x = inputs(batch, i)
@@ -129,9 +131,9 @@ def test_saelens_pre_6_config(tmp_path):
         hook_point_layer=3, normalize_activations=False, finetuning_scaling_factor=True,
     )  # fmt: skip
     our_cfg, sae = ours(tmp_path / "old")
-    assert our_cfg["model"] == "pythia-70m-deduped"
-    assert our_cfg["layer"] == 2  # the input of block 3 is the output of block 2
-    assert our_cfg["k"] == 7 and our_cfg["hookpoint"] == "blocks.3.hook_resid_pre"
+    assert our_cfg.model == "pythia-70m-deduped"
+    assert our_cfg.layer == 2  # the input of block 3 is the output of block 2
+    assert our_cfg.k == 7 and our_cfg.hookpoint == "blocks.3.hook_resid_pre"
     x = inputs(9, 5)
     want = saelens_encode(x, tensors, cfg)
     assert_close(sae.encode_dense(x), want)
@@ -145,7 +147,7 @@ def test_saelens_pre_6_config(tmp_path):
 def test_saelens_layer_from_hook_name(tmp_path, hook, layer):
     write_saelens(tmp_path, random_tensors(3), metadata={"model_name": "m", "hook_name": hook})
     cfg, _ = interop.read_sae_folder(tmp_path)
-    assert cfg["layer"] == layer and cfg["hookpoint"] == hook
+    assert cfg.layer == layer and cfg.hookpoint == hook
 
 
 @pytest.mark.parametrize("hook", ["blocks.6.hook_mlp_out", "blocks.6.hook_resid_mid", "blocks.0.hook_resid_pre", "hook_embed"])
@@ -157,7 +159,7 @@ def test_saelens_other_hooks_need_an_explicit_layer(tmp_path, hook):
     embeddings = "the input of block 0 is the embeddings" in str(e.value)
     assert embeddings == (hook == "blocks.0.hook_resid_pre")
     cfg, _ = interop.read_sae_folder(tmp_path, layer=5, model="other/model")
-    assert (cfg["layer"], cfg["model"], cfg["model_name"]) == (5, "other/model", "model")
+    assert (cfg.layer, cfg.model, cfg.model_name) == (5, "other/model", "model")
 
 
 @pytest.mark.parametrize(
@@ -235,8 +237,8 @@ def test_sparsify_matches_sparsify_arithmetic(tmp_path, enc_bias):
     (run / "config.json").write_text(json.dumps({"model": "EleutherAI/pythia-160m", "hookpoints": ["layers.6", "layers.7"]}))
     assert interop.detect_format(run / "layers.6") == "sparsify"
     our_cfg, sae = ours(run / "layers.6")
-    assert (our_cfg["model"], our_cfg["model_name"], our_cfg["layer"]) == ("EleutherAI/pythia-160m", "pythia-160m", 6)
-    assert (our_cfg["hookpoint"], our_cfg["n_latents"], our_cfg["k"], our_cfg["source_format"]) == ("layers.6", N, K, "sparsify")
+    assert (our_cfg.model, our_cfg.model_name, our_cfg.layer) == ("EleutherAI/pythia-160m", "pythia-160m", 6)
+    assert (our_cfg.hookpoint, our_cfg.n_latents, our_cfg.k, our_cfg.source.format) == ("layers.6", N, K, "sparsify")
     fewer_than_k = 0
     for i, batch in enumerate(BATCHES):
         x = inputs(batch, i)
@@ -253,7 +255,7 @@ def test_sparsify_bf16_weights_are_read_as_fp32(tmp_path):
     tensors = sparsify_tensors(8, dtype=torch.bfloat16)
     cfg = write_sparsify(tmp_path / "layers.2", tensors)
     our_cfg, sae = ours(tmp_path / "layers.2", model="m")
-    assert our_cfg["source_dtype"] == "bfloat16"
+    assert our_cfg.source.dtype == "bfloat16"
     upcast = {name: t.float() for name, t in tensors.items()}
     x = inputs(5, 0)
     assert_close(sae.encode_dense(x), dense(*sparsify_encode(x, upcast, cfg), N))
@@ -263,7 +265,7 @@ def test_sparsify_num_latents_from_expansion_factor(tmp_path):
     tensors = sparsify_tensors(9, d=4, n=8)
     write_sparsify(tmp_path / "model.layers.0", tensors, num_latents=0, expansion_factor=2, k=3)
     cfg, _ = interop.read_sae_folder(tmp_path / "model.layers.0", model="m")
-    assert (cfg["n_latents"], cfg["layer"]) == (8, 0)
+    assert (cfg.n_latents, cfg.layer) == (8, 0)
 
 
 @pytest.mark.parametrize("folder_name", ["layers.6.mlp", "embed_tokens", "sae"])
@@ -273,7 +275,7 @@ def test_sparsify_without_layer(tmp_path, folder_name):
     with pytest.raises(RunFolderError, match="--layer") as e:
         interop.read_sae_folder(folder, model="m")
     one_line_naming(e, folder / "cfg.json")
-    assert interop.read_sae_folder(folder, model="m", layer=3)[0]["layer"] == 3
+    assert interop.read_sae_folder(folder, model="m", layer=3)[0].layer == 3
 
 
 def test_sparsify_without_model(tmp_path):
@@ -346,12 +348,12 @@ def test_unknown_folders(tmp_path):
 
 def test_saescope_folder_reads_as_itself(tmp_path):
     weights = random_tensors(17)
-    cfg = {"model": "tiny", "layer": 1, "d_in": D, "n_latents": N, "k": K, "input_scale": 0.5}
-    runfolder.save_cfg(tmp_path, cfg)
+    cfg = RunConfig(model="tiny", layer=1, d_in=D, n_latents=N, k=K, input_scale=0.5)
+    cfg.save(tmp_path)
     runfolder.save_sae_weights(tmp_path, weights)
     assert interop.detect_format(tmp_path) == "saescope"
     got_cfg, got = interop.read_sae_folder(tmp_path)
-    assert got_cfg == {**cfg, "source_format": "saescope"}
+    assert got_cfg == replace(cfg, source=ImportSource("saescope"))
     for name in runfolder.SAE_TENSORS:
         assert torch.equal(got[name], weights[name])
 
@@ -369,15 +371,15 @@ def test_import_round_trip(tmp_path, fmt):
         src_cfg = write_sparsify(src, tensors)
         reference = lambda x: dense(*sparsify_encode(x, tensors, src_cfg), N)  # noqa: E731
     out = interop.import_sae(src, tmp_path / "run", model="the/model")
-    cfg = runfolder.load_cfg(out)
-    assert cfg["model"] == "the/model" and cfg["source_format"] == fmt and cfg["input_scale"] == 1.0
-    assert cfg["source_cfg"] == src_cfg
+    cfg = RunConfig.load(out)
+    assert cfg.model == "the/model" and cfg.source.format == fmt and cfg.input_scale == 1.0
+    assert cfg.source.cfg == src_cfg
     weights = runfolder.load_sae_weights(out, cfg)
     _, direct = interop.read_sae_folder(src, model="the/model")
     for name in runfolder.SAE_TENSORS:
         assert torch.equal(weights[name], direct[name])
-    loaded_cfg, sae = TopKSAE.load(out)
-    assert runfolder.sae_slug(loaded_cfg) == f"model-l{cfg['layer']}-{N}-k{K}"
+    loaded_cfg, sae = runfolder.load_sae(out)
+    assert loaded_cfg.slug == f"model-l{cfg.layer}-{N}-k{K}"
     x = inputs(11, 3)
     assert_close(sae.encode_dense(x), reference(x), rtol=1e-5, atol=1e-5)
     # The imported run reads back as our own format, and import refuses to overwrite it.
@@ -396,8 +398,6 @@ def test_bad_layer_override(tmp_path):
 def test_import_command_writes_a_run_folder(tmp_path):
     """`saescope import` on a sparsify folder: a run folder our own loader reads."""
     from saescope.cli import main
-    from trainer.sae import TopKSAE
-
     n, d, k = 24, 8, 3
     source = tmp_path / "sparsify-run" / "layers.2"
     source.mkdir(parents=True)
@@ -407,8 +407,8 @@ def test_import_command_writes_a_run_folder(tmp_path):
     save_file({"encoder.weight": torch.randn(n, d), "encoder.bias": torch.randn(n),
                "W_dec": torch.randn(n, d), "b_dec": torch.randn(d)}, str(source / "sae.safetensors"))
     assert main(["import", str(source), "--out", str(tmp_path / "run"), "--model", "some/model"]) == 0
-    cfg, sae = TopKSAE.load(tmp_path / "run")
-    assert (cfg["layer"], cfg["k"], cfg["n_latents"], cfg["model"]) == (2, k, n, "some/model")
+    cfg, sae = runfolder.load_sae(tmp_path / "run")
+    assert (cfg.layer, cfg.k, cfg.n_latents, cfg.model) == (2, k, n, "some/model")
     assert main(["import", str(tmp_path / "nowhere"), "--out", str(tmp_path / "run2")]) == 2
     assert main(["import", str(source), "--out", str(tmp_path / "run3"), "--model", str(tmp_path / "no-such-model")]) == 2
     assert not (tmp_path / "run3").exists()
@@ -437,7 +437,7 @@ def test_import_checks_the_layer_and_width_against_a_model_this_machine_has(tiny
     one_line_naming(e, narrow)
     assert not (tmp_path / "run").exists()
 
-    assert runfolder.load_cfg(interop.import_sae(src, tmp_path / "run", model=str(tiny_model_dir)))["layer"] == 1
+    assert RunConfig.load(interop.import_sae(src, tmp_path / "run", model=str(tiny_model_dir))).layer == 1
     with caplog.at_level("WARNING", logger="trainer.interop"):
         interop.import_sae(src, tmp_path / "elsewhere", model="not-on/this-machine")
     assert "model 'not-on/this-machine' is not on this machine" in caplog.text
@@ -464,10 +464,10 @@ def test_imported_sparsify_sae_goes_through_harvest_eval_and_load(tiny_model_dir
                "b_dec": torch.zeros(d)}, str(source / "sae.safetensors"))
     run = tmp_path / "run"
     assert main(["import", str(source), "--out", str(run), "--model", str(tiny_model_dir)]) == 0
-    imported = sorted(path.name for path in run.iterdir()), runfolder.load_cfg(run)
+    imported = sorted(path.name for path in run.iterdir()), RunConfig.load(run)
     # a harvest that fails its checks builds no store and records none
     assert main(["harvest", str(run), "--tokens", "4096", "--context-length", "32", "--exclude-first", "32"]) == 2
-    assert (sorted(path.name for path in run.iterdir()), runfolder.load_cfg(run)) == imported
+    assert (sorted(path.name for path in run.iterdir()), RunConfig.load(run)) == imported
     assert main(["harvest", str(run), "--tokens", "4096", "--context-length", "32", "--heldout-tokens", "2048"]) == 0
     assert json.loads((run / "activations" / "meta.json").read_text())["n_heldout"] == 2048 // 32
     assert main(["eval", str(run), "--downstream-contexts", "4"]) == 0
@@ -479,14 +479,14 @@ def test_imported_sparsify_sae_goes_through_harvest_eval_and_load(tiny_model_dir
     again = tmp_path / "again"
     assert main(["import", str(source), "--out", str(again), "--model", str(tiny_model_dir)]) == 0
     assert main(["harvest", str(again), "--store", str(run / "activations")]) == 0
-    assert runfolder.load_cfg(again)["store"] == str((run / "activations").resolve())
+    assert RunConfig.load(again).store.path == str((run / "activations").resolve())
     assert main(["eval", str(again), "--downstream-contexts", "4"]) == 0
     assert runfolder.load_metrics(again)["fvu"] == runfolder.load_metrics(run)["fvu"]
     metrics = runfolder.load_metrics(run)
     assert 0 < metrics["fvu"] and metrics["l0"] <= k
     url = f"sqlite:///{tmp_path / 'db.sqlite'}"
     assert main(["load", str(run), "--db", url]) == 0
-    sae_id = runfolder.sae_slug(runfolder.load_cfg(run))
+    sae_id = RunConfig.load(run).slug
     with TestClient(create_app(Settings(database_url=url))) as client:
         feature = client.get(f"/saes/{sae_id}/features/0.json")
         assert feature.status_code == 200 and feature.json()["density"] > 0
@@ -505,7 +505,7 @@ def test_a_foreign_folder_given_to_harvest_or_load_says_to_import_it(tmp_path, l
     else:
         write_sparsify(folder, sparsify_tensors(21))
     with pytest.raises(RunFolderError) as error:
-        runfolder.load_cfg(folder)
+        RunConfig.load(folder)
     message = one_line_naming(error, folder)
     assert f"saescope import {folder} --out RUN" in message
     assert ("SAELens" if layout == "saelens" else "sparsify") in message and "missing key" not in message
@@ -520,4 +520,4 @@ def test_a_foreign_folder_given_to_harvest_or_load_says_to_import_it(tmp_path, l
 def test_a_cfg_missing_our_keys_in_no_foreign_layout_still_lists_them(tmp_path):
     (tmp_path / "cfg.json").write_text(json.dumps({"model": "m", "layer": 1}))
     with pytest.raises(RunFolderError, match="missing key\\(s\\) d_in, n_latents, k$"):
-        runfolder.load_cfg(tmp_path)
+        RunConfig.load(tmp_path)

@@ -6,7 +6,7 @@ import torch
 from torch.testing import assert_close
 from transformers import AutoModelForCausalLM
 
-from trainer.model import BUNDLED_MODEL, ModelError, check_layer, load_language_model
+from trainer.model import BUNDLED_MODEL, LanguageModel, ModelError, check_layer, load_language_model, shared_model
 from trainer.sae import fast_matmul_dtype
 
 
@@ -23,7 +23,12 @@ def assert_hookpoint_is_block_output(name, layer, full_model_folder):
         # hidden_states[0] is the embedding, so block L's output is hidden_states[L + 1] (the
         # off-by-one that gives other tools terrible FVU); the last entry has the final norm.
         assert_close(lm.residual(ids), hidden[layer + 1], atol=1e-4, rtol=1e-4)
-    assert len(lm.model.layers) == layer + 1  # later blocks are gone, not skipped
+    if layer + 1 < lm.n_layers:  # the blocks after L never run
+        ran = []
+        handle = lm.loaded.blocks[layer + 1].register_forward_hook(lambda *a: ran.append(1))
+        lm.residual(ids)
+        handle.remove()
+        assert ran == []
     return lm
 
 
@@ -46,24 +51,49 @@ def test_fast_forward_is_bf16_autocast_close_to_fp32(tiny_model_dir):
     assert float((result - reference).norm() / reference.norm()) < 0.02
 
 
-def test_bf16_linears_cast_once_give_autocasts_result_and_switch_back(tiny_model_dir):
-    """The blocks' linear weights are held in bf16 (autocast would cast them on every call), which
-    must change no number: the same as autocast over the fp32 weights. Set back to fp32, the
-    forward is the exact one again (the fp32 weights were kept)."""
-    lm = load_language_model(str(tiny_model_dir), 2, "cpu", fast=False)
-    ids = torch.tensor([lm.tokenizer("def f(x):\n    return x + 1", add_special_tokens=False)["input_ids"]])
-    exact = lm.residual(ids)
+def test_bf16_linears_cast_once_give_autocasts_result(tiny_model_dir):
+    """A bf16 model holds its blocks' linear weights in bf16 (autocast would cast them on every
+    call), which must change no number: the same as autocast over the fp32 weights. The fp32
+    model of the same name is another object, left exact."""
+    exact = load_language_model(str(tiny_model_dir), 2, "cpu", fast=False)
+    fast = LanguageModel(shared_model(str(tiny_model_dir), "cpu", dtype=torch.bfloat16), 2)
+    ids = torch.tensor([exact.tokenizer("def f(x):\n    return x + 1", add_special_tokens=False)["input_ids"]])
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # what autocast alone gives
         captured = []
-        handle = lm.block.register_forward_hook(lambda module, args, out: captured.append(out[0] if isinstance(out, tuple) else out))
-        lm.model(input_ids=ids, use_cache=False)
+        handle = exact.block.register_forward_hook(lambda module, args, out: captured.append(out[0] if isinstance(out, tuple) else out))
+        exact.loaded.base(input_ids=ids, use_cache=False)
         handle.remove()
-    lm.forward_dtype = torch.bfloat16
-    assert torch.equal(lm.residual(ids), captured[0].float())
-    assert lm.model.layers[0].mlp.down_proj.weight.dtype == torch.bfloat16
-    lm.forward_dtype = torch.float32
-    assert torch.equal(lm.residual(ids), exact)
-    assert lm.model.layers[0].mlp.down_proj.weight.dtype == torch.float32
+    assert torch.equal(fast.residual(ids), captured[0].float())
+    assert fast.loaded.base.layers[0].mlp.down_proj.weight.dtype == torch.bfloat16
+    assert exact.loaded.base.layers[0].mlp.down_proj.weight.dtype == torch.float32
+    assert fast.loaded.causal_lm.lm_head.weight.dtype == torch.float32  # the LM head stays fp32
+
+
+def test_one_model_in_memory_serves_every_layer_and_the_logits(tiny_model_dir):
+    """Views of one model at two layers share the loaded model (one copy in a process), and each
+    reads its own block's output; another precision is another copy."""
+    first, second = (load_language_model(str(tiny_model_dir), layer, "cpu", fast=False) for layer in (0, 1))
+    assert first.loaded is second.loaded
+    assert load_language_model(str(tiny_model_dir), 2, "cpu", fast=False).loaded is first.loaded
+    assert LanguageModel(shared_model(str(tiny_model_dir), "cpu", dtype=torch.bfloat16), 1).loaded is not first.loaded
+    ids = torch.tensor([first.tokenizer("x = [1, 2]", add_special_tokens=False)["input_ids"]])
+    hidden = first.loaded.causal_lm(input_ids=ids, output_hidden_states=True).hidden_states  # the whole model still runs
+    assert_close(first.residual(ids), hidden[1])
+    assert_close(second.residual(ids), hidden[2])  # hidden_states[L + 1]: the embeddings come first
+
+
+def test_threads_reading_two_layers_of_one_model_each_get_their_own(tiny_model_dir):
+    """A forward stops at the block its own thread asked for: the probe may serve two SAEs of one
+    model, at different layers, at once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    views = [load_language_model(str(tiny_model_dir), layer, "cpu", fast=False) for layer in (0, 1, 2)]
+    ids = torch.tensor([views[0].tokenizer("for i in range(10):", add_special_tokens=False)["input_ids"]])
+    expected = [view.residual(ids) for view in views]
+    with ThreadPoolExecutor(6) as pool:
+        results = list(pool.map(lambda i: (i % 3, views[i % 3].residual(ids)), range(60)))
+    for layer, resid in results:
+        assert torch.equal(resid, expected[layer])
 
 
 def test_layer_out_of_range(tiny_model_dir):

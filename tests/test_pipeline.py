@@ -16,6 +16,7 @@ from torch.testing import assert_close
 from tests.conftest import PAYLOAD
 from trainer import runfolder
 from trainer.inference import LatentEncoder
+from trainer.runconfig import RunConfig
 
 
 def counts(url: str) -> dict[str, int]:
@@ -24,8 +25,8 @@ def counts(url: str) -> dict[str, int]:
 
 
 def test_run_folder_is_complete(tiny_run):
-    cfg = runfolder.load_cfg(tiny_run)
-    assert cfg["n_latents"] == 64 and cfg["k"] == 4 and cfg["layer"] == 1 and cfg["input_scale"] > 0
+    cfg = RunConfig.load(tiny_run)
+    assert cfg.n_latents == 64 and cfg.k == 4 and cfg.layer == 1 and cfg.input_scale > 0
     metrics = runfolder.load_metrics(tiny_run)
     assert 0 < metrics["fvu"] < 1  # better than predicting the mean
     assert 0 < metrics["l0"] <= 4
@@ -206,8 +207,8 @@ def test_load_can_name_the_sae(tiny_run, tmp_path):
     assert main(["load", str(tiny_run), "--db", url, "--id", "tiny-a"]) == 2  # already loaded, under its default id
     assert main(["load", str(other), "--db", url, "--id", "Tiny B/../x"]) == 2
     with sqlite3.connect(tmp_path / "two.db") as db:
-        assert sorted(row[0] for row in db.execute("SELECT id FROM saes")) == [runfolder.sae_slug(runfolder.load_cfg(tiny_run)), "tiny.b"]
-    assert counts(url)["latents"] == 2 * runfolder.load_cfg(tiny_run)["n_latents"]
+        assert sorted(row[0] for row in db.execute("SELECT id FROM saes")) == [RunConfig.load(tiny_run).slug, "tiny.b"]
+    assert counts(url)["latents"] == 2 * RunConfig.load(tiny_run).n_latents
 
 
 def test_eval_rejects_a_negative_downstream_count(tiny_run):
@@ -272,7 +273,7 @@ def test_a_database_that_cannot_be_opened_is_one_line(tiny_run, tmp_path, comman
         (["--corpus", "/no/such/corpus"], "no such file or folder"),
         (["--corpus", "{tmp}/blank"], "the corpus holds no text"),  # blank documents: before the model loads
         (["--layer", "9"], "layer 9 is out of range"),
-        (["--auxk-rescale", "2"], "--auxk-rescale is 0 or 1"),
+        (["--auxk-rescale", "2"], "--auxk-rescale is on or off: give --auxk-rescale or --no-auxk-rescale (or 1 / 0), got '2'"),
         (["--lr", "nan"], "--lr must be a number >= 0"),
         (["--warmup-fraction", "-0.1"], "--warmup-fraction is a share of the steps"),
         (["--warmup-fraction", "0.8", "--decay-fraction", "0.5"], "add up to more than the whole run"),
@@ -306,7 +307,7 @@ def test_train_rejects_bad_config_in_one_line(tiny_model_dir, tmp_path, args, me
 @pytest.mark.parametrize("args,message", [
     (["--exclude-first", "32"], "--exclude-first 32 leaves out every position of the store's 32-token contexts"),
     (["--histogram-bins", "100000000"], "--histogram-bins must be at most 1000"),
-    (["--exclude-special-tokens", "5"], "--exclude-special-tokens is 0 or 1"),
+    (["--exclude-special-tokens", "5"], "--exclude-special-tokens is on or off"),
 ])
 def test_harvest_rejects_bad_options_in_one_line(tiny_run, args, message):
     before = (tiny_run / "harvest" / "harvest.json").read_bytes()

@@ -9,15 +9,16 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from trainer import runfolder
 from tests.synthetic import random_harvest
-from trainer.runfolder import RunFolderError
+from trainer import runfolder
+from trainer.errors import RunFolderError
+from trainer.runconfig import RunConfig
 
 
 def write_run(folder, n=12, d=6, k=3, K=4, T=5):
-    cfg = {"model": "tiny", "layer": 1, "d_in": d, "n_latents": n, "k": k, "input_scale": 0.5}
+    cfg = RunConfig(model="tiny", layer=1, d_in=d, n_latents=n, k=k, input_scale=0.5)
     weights = {"W_enc": torch.randn(d, n), "b_enc": torch.randn(n), "W_dec": torch.randn(n, d), "b_dec": torch.randn(d)}
-    runfolder.save_cfg(folder, cfg)
+    cfg.save(folder)
     runfolder.save_sae_weights(folder, weights)
     runfolder.save_metrics(folder, {"fvu": 0.1})
     runfolder.save_metrics(folder, {"l0": 3.0})
@@ -28,7 +29,7 @@ def write_run(folder, n=12, d=6, k=3, K=4, T=5):
 
 def test_round_trip(tmp_path):
     cfg, weights, harvest = write_run(tmp_path)
-    assert runfolder.load_cfg(tmp_path) == cfg
+    assert RunConfig.load(tmp_path) == cfg
     loaded = runfolder.load_sae_weights(tmp_path)
     for name in runfolder.SAE_TENSORS:
         assert_close(loaded[name], weights[name])
@@ -78,8 +79,9 @@ def test_saelens_tensor_layout(tmp_path):
         (lambda p: (p / "cfg.json").write_text("5"), "cfg.json: expected a JSON object, found int"),
         (lambda p: (p / "metrics.json").write_text("[]"), "metrics.json: expected a JSON object, found list"),
         (lambda p: (p / "harvest" / "harvest.json").write_text("null"), "harvest.json: expected a JSON object"),
-        (lambda p: edit_cfg(p, k=0), r"cfg.json: needs layer >= 0, d_in >= 1 and 0 < k < n_latents"),
-        (lambda p: edit_cfg(p, k=12), r"0 < k < n_latents"),
+        (lambda p: edit_cfg(p, k=0), r"cfg.json: k must be between 1 and n_latents - 1 \(11\), got 0"),
+        (lambda p: edit_cfg(p, k=12), r"k must be between 1 and n_latents - 1 \(11\), got 12"),
+        (lambda p: edit_cfg(p, layer=-1), r"cfg.json: needs layer >= 0 and d_in >= 1"),
         (lambda p: edit_cfg(p, layer="1"), "must be whole numbers"),
         (lambda p: edit_cfg(p, input_scale="x"), "input_scale must be a finite number > 0"),
         (lambda p: runfolder.save_sae_weights(p, {**runfolder.load_sae_weights(p), "b_dec": torch.full((6,), float("nan"))}),
@@ -90,7 +92,7 @@ def test_damaged_folder_names_the_file(tmp_path, damage, named):
     write_run(tmp_path)
     damage(tmp_path)
     with pytest.raises(RunFolderError, match=named) as error:
-        runfolder.load_cfg(tmp_path)
+        RunConfig.load(tmp_path)
         runfolder.load_sae_weights(tmp_path)
         runfolder.load_metrics(tmp_path)
         runfolder.load_harvest(tmp_path)
@@ -104,16 +106,14 @@ def edit_cfg(folder, **changes) -> None:
 
 def test_shape_mismatch_with_cfg(tmp_path):
     write_run(tmp_path, n=12)
-    cfg = json.loads((tmp_path / "cfg.json").read_text())
-    cfg["n_latents"] = 16
-    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
+    edit_cfg(tmp_path, n_latents=16)
     with pytest.raises(RunFolderError, match=r"sae.safetensors: W_enc has shape \(6, 12\)"):
         runfolder.load_sae_weights(tmp_path)
 
 
 def test_slug_is_readable():
-    cfg = {"model": "/some/path/SmolLM2-135M-Instruct", "layer": 6, "n_latents": 4096, "k": 32}
-    assert runfolder.sae_slug(cfg) == "smollm2-135m-instruct-l6-4096-k32"
+    cfg = RunConfig(model="/some/path/SmolLM2-135M-Instruct", layer=6, d_in=576, n_latents=4096, k=32)
+    assert cfg.slug == "smollm2-135m-instruct-l6-4096-k32"
 
 
 # A process that saves a new harvest into a run folder and stops for good at one point of it,
@@ -123,6 +123,7 @@ import os, sys, time
 from pathlib import Path
 from trainer import runfolder
 from tests.synthetic import random_harvest
+from trainer.runconfig import RunConfig
 
 run, point = Path(sys.argv[1]), sys.argv[2]
 write_json, replace = runfolder.write_json, os.replace

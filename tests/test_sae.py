@@ -1,11 +1,13 @@
 """SAE numerics against naive references, over awkward sizes, on the CPU."""
 
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch.testing import assert_close
 
-from trainer.sae import TopKSAE, geometric_median, top_k
+from trainer.sae import TopKSAE, check_size, geometric_median, top_k
 
 SIZES = [(7, 13, 3, 1), (33, 64, 5, 4), (5, 17, 16, 2)]  # (batch, n_latents, d_in, k)
 
@@ -94,9 +96,22 @@ def test_rows_renormalised():
     assert_close(sae.W_dec.norm(dim=-1), torch.ones(50))
 
 
-def test_k_must_be_below_n_latents():
-    with pytest.raises(ValueError, match="k must be between"):
-        TopKSAE(8, 16, 16)
+@pytest.mark.parametrize("n_latents,k,problem", [(16, 16, "k must be between 1 and n_latents - 1 (15), got 16"),
+                                                 (16, 0, "k must be between 1 and n_latents - 1 (15), got 0"),
+                                                 (1, 1, "n_latents must be at least 2, got 1")])
+def test_one_rule_for_the_size_in_the_words_of_each_caller(n_latents, k, problem):
+    """check_size is the one rule: the command line names --latents and --k, cfg.json its keys."""
+    from trainer.config import TrainConfig
+    from trainer.errors import ConfigError, RunFolderError
+    from trainer.runconfig import RunConfig
+
+    with pytest.raises(ConfigError, match=re.escape(problem)):
+        check_size(n_latents, k)
+    flags = problem.replace("n_latents", "--latents").replace("k must", "--k must")
+    with pytest.raises(ConfigError, match=re.escape(flags)):
+        TrainConfig(n_latents=n_latents, k=k)
+    with pytest.raises(RunFolderError, match=re.escape(problem)):
+        RunConfig(model="m", layer=0, d_in=4, n_latents=n_latents, k=k)
 
 
 def test_geometric_median_resists_outliers():

@@ -15,6 +15,7 @@ from torch.testing import assert_close
 
 from trainer import runfolder
 from trainer.config import ConfigError, SweepConfig, TrainConfig
+from trainer.runconfig import RunConfig
 from trainer.sweep import rung_configs
 
 ARGS = ["--latents", "32,64,128", "--k", "4", "--ks", "2,4,8", "--k-series-latents", "64",
@@ -39,9 +40,9 @@ def test_every_rung_is_an_evaluated_run_folder_on_one_store(finished_sweep):
     out, stdout = finished_sweep
     assert sorted(p.name for p in (out / "runs").iterdir()) == RUNGS
     for name in RUNGS:
-        cfg, metrics = runfolder.load_cfg(out / "runs" / name), runfolder.load_metrics(out / "runs" / name)
-        assert f"n{cfg['n_latents']}-k{cfg['k']}" == name
-        assert cfg["store"] == str((out / "activations").resolve())
+        cfg, metrics = RunConfig.load(out / "runs" / name), runfolder.load_metrics(out / "runs" / name)
+        assert f"n{cfg.n_latents}-k{cfg.k}" == name
+        assert cfg.store.path == str((out / "activations").resolve())
         assert {"fvu", "dead_fraction", "delta_ce", "train_wall_s"} <= set(metrics)
         assert runfolder.harvest_is_current(out / "runs" / name)  # harvested from the shared store
     assert not list(out.glob("runs/*/activations"))  # no rung built a store of its own
@@ -133,7 +134,7 @@ def test_a_sweep_that_fails_its_checks_writes_no_sweep_json(tiny_model_dir, tmp_
     assert not (tmp_path / "s" / "sweep.json").exists()
 
     (tmp_path / "run").mkdir()
-    runfolder.save_cfg(tmp_path / "run", {"model": "m", "layer": 1, "d_in": 6, "n_latents": 12, "k": 3})
+    RunConfig(model="m", layer=1, d_in=6, n_latents=12, k=3).save(tmp_path / "run")
     into_a_run = run(tmp_path / "run")
     assert into_a_run.returncode == 2 and "is a run folder (it has cfg.json)" in into_a_run.stderr
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["cfg.json"]
@@ -151,7 +152,7 @@ def test_an_option_added_since_training_counts_as_its_default(tmp_path):
     cfg = TrainConfig()
     saved = cfg.to_dict()
     del saved["memory_budget_mb"]  # as written before the option existed
-    runfolder.save_cfg(tmp_path, saved)
+    runfolder.write_json(tmp_path / "cfg.json", {**saved, "d_in": 576})
     (tmp_path / runfolder.SAE_FILE).write_bytes(b"weights")
     assert trained_with(tmp_path, cfg)
     assert not trained_with(tmp_path, replace(cfg, memory_budget_mb=16))
@@ -170,7 +171,7 @@ def test_an_option_that_changed_training_counts_as_what_the_run_did(tmp_path):
     cfg = TrainConfig()
     saved = cfg.to_dict()
     del saved["auxk_rescale"]
-    runfolder.save_cfg(tmp_path, saved)
+    runfolder.write_json(tmp_path / "cfg.json", {**saved, "d_in": 576})
     (tmp_path / runfolder.SAE_FILE).write_bytes(b"weights")
     assert not trained_with(tmp_path, cfg)
     assert trained_with(tmp_path, replace(cfg, auxk_rescale=0))

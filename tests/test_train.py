@@ -15,7 +15,7 @@ import torch
 from torch.testing import assert_close
 
 from trainer import runfolder
-from trainer.train import CHECKPOINT_FILE
+from trainer.runconfig import CHECKPOINT_FILE, RunConfig
 
 ARGS = ["--layer", "1", "--latents", "256", "--k", "8", "--tokens", "16384", "--heldout-tokens", "1024",
         "--context-length", "32", "--batch-size", "64", "--checkpoint-every", "25"]  # fmt: skip
@@ -84,7 +84,7 @@ def test_a_run_moved_with_its_store_resumes_and_evaluates_there(uninterrupted, t
     second = first.rename(tmp_path / "second")
     result = saescope("train", "--resume", str(second / "run"))
     assert result.returncode == 0, result.stderr
-    assert runfolder.load_cfg(second / "run")["store_relative"] == "../store"
+    assert RunConfig.load(second / "run").store.relative == "../store"
     reference = runfolder.load_sae_weights(uninterrupted / "reference")
     for name, tensor in runfolder.load_sae_weights(second / "run").items():
         assert_close(tensor, reference[name], rtol=1e-6, atol=1e-6)
@@ -148,7 +148,7 @@ def test_train_does_not_replace_a_trained_sae_or_a_checkpoint_unless_told(uninte
     args = [*again]
     args[args.index("--k") + 1] = "6"  # another SAE on the same store
     assert saescope(*args, "--overwrite").returncode == 0
-    assert runfolder.load_cfg(run)["k"] == 6
+    assert RunConfig.load(run).k == 6
     assert (run / runfolder.SAE_FILE).read_bytes() != weights
 
 
@@ -168,7 +168,7 @@ def test_an_overwrite_killed_mid_way_keeps_the_old_run_until_it_finishes(uninter
     assert {path: (run / path).read_bytes() for path in old} == old
 
     assert saescope("train", "--resume", str(run)).returncode == 0
-    assert runfolder.load_cfg(run)["k"] == 6 and not (run / CHECKPOINT_FILE).exists()
+    assert RunConfig.load(run).k == 6 and not (run / CHECKPOINT_FILE).exists()
     assert (run / runfolder.SAE_FILE).read_bytes() != old[Path(runfolder.SAE_FILE)]
     assert not (run / runfolder.HARVEST_DIR).exists()  # the old weights' harvest went with them
     assert "fvu" not in runfolder.load_metrics(run)  # the new run's training metrics, not the old eval's
@@ -198,13 +198,11 @@ def test_the_run_folders_own_store_of_another_configuration_is_replaced_only_wit
 
 
 def test_resume_refuses_a_store_replaced_since_the_kill(uninterrupted, tmp_path):
-    from trainer.config import TrainConfig
-
     store = other_layer_store(uninterrupted, tmp_path / "store")
     run = tmp_path / "killed"
     run.mkdir()
-    cfg = runfolder.load_cfg(uninterrupted / "reference")
-    saved = {key: value for key, value in cfg.items() if key in TrainConfig.__dataclass_fields__}
+    cfg = RunConfig.load(uninterrupted / "reference")
+    saved = cfg.train.to_dict()
     torch.save({"sae": {}, "cfg": saved, "store": str(store), "step": 3}, run / CHECKPOINT_FILE)
     result = saescope("train", "--resume", str(run))
     assert result.returncode == 2 and "cannot be resumed on them" in result.stderr, result.stderr
@@ -233,18 +231,18 @@ def test_nan_stops_training_naming_the_step_and_keeps_the_checkpoint(uninterrupt
 def test_multi_topk_makes_the_sae_work_at_4k(tiny_run):
     """Multi-TopK (Gao et al. 2024, Section 5.3): trained with L(k) + L(4k)/8, the SAE
     reconstructs better than a plain TopK SAE when run at 4k."""
-    from trainer.activations import ActivationStore
     from trainer.config import TrainConfig
+    from trainer.store import ActivationStore
     from trainer.train import Trainer
 
-    cfg = runfolder.load_cfg(tiny_run)
-    store = ActivationStore.open(cfg["store"])
-    x = store.rows(store.n_train_contexts, store.n_contexts) * cfg["input_scale"]
+    cfg = RunConfig.load(tiny_run)
+    store = ActivationStore.open(cfg.store.path)
+    x = store.rows(store.n_train_contexts, store.n_contexts) * cfg.input_scale
 
     def fvu_at_4k(multi_topk: int) -> float:
-        train_cfg = TrainConfig(model=cfg["model"], layer=1, n_latents=64, k=4, tokens=8192, heldout_tokens=2048,
+        train_cfg = TrainConfig(model=cfg.model, layer=1, n_latents=64, k=4, tokens=8192, heldout_tokens=2048,
                                 context_length=32, batch_size=256, multi_topk=multi_topk, lr=4e-3)
-        trainer = Trainer(train_cfg, store, cfg["input_scale"])
+        trainer = Trainer(train_cfg, store, cfg.input_scale)
         trainer.fit()
         with torch.no_grad():
             sae = trainer.sae
@@ -261,18 +259,18 @@ def test_rescaled_auxk_turns_dead_latents_without_shrinking_them(tiny_run):
     along the dead latents' own encoder weights is positive), which in short runs killed more
     latents than it revived. Rescaled per token by its least-squares factor, that radial
     derivative is zero: the gradient only turns the dead latents."""
-    from trainer.activations import ActivationStore
     from trainer.config import TrainConfig
+    from trainer.store import ActivationStore
     from trainer.train import Trainer
 
-    cfg = runfolder.load_cfg(tiny_run)
-    store = ActivationStore.open(cfg["store"])
-    trainer = Trainer(TrainConfig(model=cfg["model"], layer=1, n_latents=256, k=4, context_length=32), store, cfg["input_scale"])
+    cfg = RunConfig.load(tiny_run)
+    store = ActivationStore.open(cfg.store.path)
+    trainer = Trainer(TrainConfig(model=cfg.model, layer=1, n_latents=256, k=4, context_length=32), store, cfg.input_scale)
     trainer.init_b_dec()
     trainer.k_aux = 64
     trainer.tokens_since_fired[8:] = 10**9  # all but 8 latents dead
     sae = trainer.sae
-    x = (store.rows(0, 8) * cfg["input_scale"]).to(trainer.device)
+    x = (store.rows(0, 8) * cfg.input_scale).to(trainer.device)
     x_c = x - sae.b_dec.detach()
     pre = sae.pre_acts_centered(x_c)
     error = 0.2 * (x - x.mean(0))  # a residual a fifth of the data's spread, as after some training
@@ -299,11 +297,11 @@ def test_retraining_a_folder_drops_its_old_metrics_and_harvest(tiny_run, tmp_pat
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)
     assert (run / "metrics.json").exists() and (run / "harvest" / "harvest.json").exists()
-    cfg = runfolder.load_cfg(tiny_run)
-    store_meta = runfolder.read_json(Path(cfg["store"]) / "meta.json")
-    train(TrainConfig(model=cfg["model"], layer=1, n_latents=64, k=4, tokens=8192, heldout_tokens=2048,
-                      context_length=32, batch_size=256, corpus=cfg["corpus"]), run, cfg["store"])
-    assert runfolder.read_json(Path(cfg["store"]) / "meta.json") == store_meta  # the same store: reused, not rebuilt
+    cfg = RunConfig.load(tiny_run)
+    store_meta = runfolder.read_json(Path(cfg.store.path) / "meta.json")
+    train(TrainConfig(model=cfg.model, layer=1, n_latents=64, k=4, tokens=8192, heldout_tokens=2048,
+                      context_length=32, batch_size=256, corpus=cfg.train.corpus), run, cfg.store.path)
+    assert runfolder.read_json(Path(cfg.store.path) / "meta.json") == store_meta  # the same store: reused, not rebuilt
     metrics = runfolder.load_metrics(run)
     assert "fvu" not in metrics  # training metrics only, until eval runs
     assert not (run / "harvest").exists()
@@ -315,17 +313,17 @@ def test_retraining_a_folder_drops_its_old_metrics_and_harvest(tiny_run, tmp_pat
 def test_the_memory_budget_sets_the_chunks_read_from_the_store(tiny_run):
     """Training holds one chunk of activations at a time, sized by --memory-budget-mb; every
     token still trains exactly once, and the pages of a read chunk leave the process."""
-    from trainer.activations import ActivationStore
     from trainer.config import ConfigError, TrainConfig
+    from trainer.store import ActivationStore
     from trainer.train import Trainer
 
-    cfg = runfolder.load_cfg(tiny_run)
-    store = ActivationStore.open(cfg["store"])
+    cfg = RunConfig.load(tiny_run)
+    store = ActivationStore.open(cfg.store.path)
     bytes_per_context = 2 * store.context_length * store.meta["d_model"] * 4  # chunk + its shuffled copy, fp32
     released = []
     store.release = lambda first, last: released.append((first, last))
     for budget, expected in ((1, 2**20 // bytes_per_context), (10_000, store.n_train_contexts)):
-        trainer = Trainer(TrainConfig(model=cfg["model"], layer=1, n_latents=64, k=4, context_length=32,
+        trainer = Trainer(TrainConfig(model=cfg.model, layer=1, n_latents=64, k=4, context_length=32,
                                       batch_size=64, memory_budget_mb=budget), store, 1.0)
         assert min(trainer.chunk_contexts, store.n_train_contexts) == min(expected, store.n_train_contexts)
         released.clear()
@@ -341,14 +339,14 @@ def test_each_epoch_trains_every_token_once_in_a_new_order(tiny_run):
     """--epochs 2: every training token once per pass, each pass shuffled anew, the schedule and
     the default dead window over both passes, and a resumed run's batches the same as an
     uninterrupted run's (also when it resumes in the second pass)."""
-    from trainer.activations import ActivationStore
     from trainer.config import ConfigError, TrainConfig
+    from trainer.store import ActivationStore
     from trainer.train import Trainer
 
-    cfg = runfolder.load_cfg(tiny_run)
-    store = ActivationStore.open(cfg["store"])
+    cfg = RunConfig.load(tiny_run)
+    store = ActivationStore.open(cfg.store.path)
     store.token_rows = lambda positions: positions[:, None].float()  # each batch row says which token it is
-    one, two = (Trainer(TrainConfig(model=cfg["model"], layer=1, n_latents=64, k=4, context_length=32, batch_size=64,
+    one, two = (Trainer(TrainConfig(model=cfg.model, layer=1, n_latents=64, k=4, context_length=32, batch_size=64,
                                     tokens=store.n_train_contexts * 32, epochs=epochs), store, 1.0) for epochs in (1, 2))
     assert two.total_steps == 2 * one.total_steps
     assert two.cfg.effective_dead_tokens == 2 * one.cfg.effective_dead_tokens
@@ -381,30 +379,30 @@ def test_resume_refuses_a_checkpoint_with_the_old_encoder_layout(tmp_path):
 
 def tiny_trainer(tiny_run, **overrides):
     """A Trainer on the tiny run's store (d_in 32, 256 training contexts of 32 tokens)."""
-    from trainer.activations import ActivationStore
     from trainer.config import TrainConfig
+    from trainer.store import ActivationStore
     from trainer.train import Trainer
 
-    cfg = runfolder.load_cfg(tiny_run)
-    store = ActivationStore.open(cfg["store"])
-    options = dict(model=cfg["model"], layer=1, n_latents=64, k=4, tokens=8192, heldout_tokens=2048, context_length=32,
+    cfg = RunConfig.load(tiny_run)
+    store = ActivationStore.open(cfg.store.path)
+    options = dict(model=cfg.model, layer=1, n_latents=64, k=4, tokens=8192, heldout_tokens=2048, context_length=32,
                    batch_size=64, checkpoint_every=0) | overrides
-    return Trainer(TrainConfig(**options), store, cfg["input_scale"])
+    return Trainer(TrainConfig(**options), store, cfg.input_scale)
 
 
 def test_inputs_are_scaled_to_a_mean_squared_norm_of_d_in(tiny_run):
     """Gao et al. 2024 (Section 2.1): a fixed scale makes E||x||^2 = d_in, measured on the first
     training contexts; it is the one cfg.json records and training applies."""
-    from trainer.activations import ActivationStore
+    from trainer.store import ActivationStore
     from trainer.train import input_scale
 
-    cfg = runfolder.load_cfg(tiny_run)
-    store = ActivationStore.open(cfg["store"])
+    cfg = RunConfig.load(tiny_run)
+    store = ActivationStore.open(cfg.store.path)
     scale = input_scale(store)
     x = store.rows(0, min(64, store.n_train_contexts))
-    assert float((x * scale).pow(2).sum(-1).mean()) == pytest.approx(cfg["d_in"], rel=1e-4)
-    assert float(x.pow(2).sum(-1).mean()) != pytest.approx(cfg["d_in"], rel=0.1)  # not so before
-    assert cfg["input_scale"] == pytest.approx(scale, rel=1e-6)
+    assert float((x * scale).pow(2).sum(-1).mean()) == pytest.approx(cfg.d_in, rel=1e-4)
+    assert float(x.pow(2).sum(-1).mean()) != pytest.approx(cfg.d_in, rel=0.1)  # not so before
+    assert cfg.input_scale == pytest.approx(scale, rel=1e-6)
 
 
 def test_b_dec_starts_at_the_geometric_median_of_a_sample(tiny_run):
@@ -503,12 +501,12 @@ def test_metrics_record_the_throughput_of_the_run_and_of_its_forward(tiny_run):
     """The tiny run built its store: metrics.json has the SAE step's and the whole run's tokens/s,
     and the forward's (the model over the training tokens, timed in meta.json) with the ratio of
     the two; a run that reuses a store has no forward to report (test above)."""
-    from trainer.activations import ActivationStore
+    from trainer.store import ActivationStore
 
     metrics = runfolder.load_metrics(tiny_run)
     for key in ("sae_tokens_per_s", "end_to_end_tokens_per_s", "forward_tokens_per_s"):
         assert metrics[key] > 0, key
-    store = ActivationStore.open(runfolder.load_cfg(tiny_run)["store"])
+    store = ActivationStore.open(RunConfig.load(tiny_run).store.path)
     tokens = store.n_train_contexts * store.context_length
     assert metrics["forward_tokens_per_s"] == pytest.approx(tokens / store.meta["forward_seconds"])
     ratio = metrics["end_to_end_tokens_per_s"] / metrics["forward_tokens_per_s"]

@@ -9,17 +9,15 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 
 import torch
 
+from trainer.errors import ConfigError
 from trainer.model import BUNDLED_MODEL
-
+from trainer.sae import check_size
+from trainer.store import StoreConfig
 
 # lr = LR_CONSTANT / sqrt(n_latents / 2^14). EleutherAI's 2e-4 suits long GPU runs; at the default
 # budget (300k tokens, ~300 steps of 1,024) a sweep on SmolLM2 layer 6 put the optimum near 3x
 # that: held-out FVU 0.088 at 2e-4, 0.058 at 6e-4 (with 30 % decay), no dead latents either way.
 LR_CONSTANT = 6e-4
-
-
-class ConfigError(ValueError):
-    """A configuration that cannot work."""
 
 
 def check_device(name: str) -> None:
@@ -44,6 +42,39 @@ def option(default, help: str, flag: str | None = None):
     return field(default=default, metadata={"help": help, "flag": flag})
 
 
+# What a boolean option takes after its flag, for scripts written when the options were 0/1 numbers.
+BOOLEAN_WORDS = {"1": True, "0": False, "true": True, "false": False}
+
+
+def check_booleans(cfg) -> None:
+    """A boolean option is True or False; a config built in code with 0/1 still works."""
+    for f in fields(cfg):
+        if isinstance(f.default, bool):
+            value = getattr(cfg, f.name)
+            if value not in (0, 1):  # also True/False
+                raise ConfigError(f"{flag_of(f)} is on or off (1 or 0), got {value!r}")
+            object.__setattr__(cfg, f.name, bool(value))
+
+
+def as_booleans(cls, saved: dict) -> dict:
+    """Saved options with the boolean ones as bools: cfg.json and checkpoints written before they
+    were booleans hold 0 and 1."""
+    booleans = {f.name for f in fields(cls) if isinstance(f.default, bool)}
+    return {key: bool(value) if key in booleans and value in (0, 1) else value for key, value in saved.items()}
+
+
+def model_name(model: str) -> str:
+    """A model's last path part, as pages show it (HuggingFaceTB/SmolLM2-135M -> SmolLM2-135M)."""
+    return model.rstrip("/").split("/")[-1]
+
+
+def run_slug(model: str, layer: int, n_latents: int, k: int) -> str:
+    """A readable id for a run folder and its URLs: model, layer, size, k (e.g.
+    smollm2-135m-instruct-l6-4096-k32)."""
+    name = "".join(c if c.isalnum() or c in ".-" else "-" for c in model_name(model).lower()).strip("-.") or "model"
+    return f"{name}-l{layer}-{n_latents}-k{k}"
+
+
 @dataclass
 class TrainConfig:
     model: str = option(BUNDLED_MODEL, "language model: the bundled alias, a Hugging Face name or a local folder")
@@ -59,32 +90,22 @@ class TrainConfig:
     lr: float = option(0.0, "Adam learning rate; 0 means 6e-4 / sqrt(n_latents / 2^14): the 1/sqrt(n) rule of Gao et al. 2024, with a constant 3x EleutherAI's 2e-4, measured best for runs of a few hundred steps (BENCHMARKS.md)")
     warmup_fraction: float = option(0.05, "share of steps with a linear learning-rate warm-up")
     decay_fraction: float = option(0.3, "share of final steps with a linear decay to zero")
-    multi_topk: int = option(0, "1: add the Multi-TopK loss L(4k)/8 so that the SAE also works at higher k (Gao et al. 2024, Section 5.3)")
+    multi_topk: bool = option(False, "add the Multi-TopK loss L(4k)/8 so that the SAE also works at higher k (Gao et al. 2024, Section 5.3)")
     auxk_alpha: float = option(1 / 32, "weight of the AuxK loss on dead latents (0 turns it off)")
-    auxk_rescale: int = option(1, "1: each token's AuxK reconstruction of the residual is scaled by its least-squares factor, so AuxK turns dead latents towards the residual instead of pushing them all down (at n = 32,768: 4x fewer dead latents, same FVU; BENCHMARKS.md); 0: the paper's unscaled form")
+    auxk_rescale: bool = option(True, "scale each token's AuxK reconstruction of the residual by its least-squares factor, so AuxK turns dead latents towards the residual instead of pushing them all down (at n = 32,768: 4x fewer dead latents, same FVU; BENCHMARKS.md); --no-auxk-rescale: the paper's unscaled form")
     dead_tokens: int = option(0, "tokens without firing after which a latent counts as dead; 0 means min(10M, a tenth of the tokens trained on: tokens * epochs / 10)")
-    fast_matmul: int = option(1, "1: bf16 matmuls where the hardware has them (CUDA, CPUs with AVX512-BF16 or AMX): the language model's forward under autocast, and choosing the top k (gradients stay fp32); 0: fp32 throughout")
+    fast_matmul: bool = option(True, "bf16 matmuls where the hardware has them (CUDA, CPUs with AVX512-BF16 or AMX): the language model's forward under autocast, and choosing the top k (gradients stay fp32); --no-fast-matmul: fp32 throughout")
     checkpoint_every: int = option(100, "steps between checkpoints for --resume (0: none)")
     memory_budget_mb: int = option(144, "MiB of activations held in RAM at once: the store stays on disk and is read in chunks of this size (shuffled token by token within a chunk); 144 holds 256 contexts of 128 tokens at d=576")
     seed: int = option(0, "seed for the data split, shuffling and initialisation")
-    deterministic: int = option(0, "1: on CUDA, deterministic kernels (index_add_ without atomic adds, cuBLAS with a fixed workspace), so that a run resumed after a kill ends with exactly the weights of an uninterrupted one; 0: CUDA's atomic kernels, whose sums differ in the last bits from run to run. A CPU run is deterministic either way")
+    deterministic: bool = option(False, "on CUDA, deterministic kernels (index_add_ without atomic adds, cuBLAS with a fixed workspace), so that a run resumed after a kill ends with exactly the weights of an uninterrupted one; without it, CUDA's atomic kernels, whose sums differ in the last bits from run to run. A CPU run is deterministic either way")
     device: str = option("", "torch device; empty means cuda when available, else cpu")
 
     def __post_init__(self):
-        if self.n_latents < 2:
-            raise ConfigError(f"--latents must be at least 2, got {self.n_latents}")
-        if not 0 < self.k < self.n_latents:
-            raise ConfigError(f"--k must be between 1 and --latents - 1 ({self.n_latents - 1}), got {self.k}")
+        check_size(self.n_latents, self.k, "--latents", "--k")
         if self.multi_topk and 4 * self.k >= self.n_latents:
             raise ConfigError(f"--multi-topk needs 4k < --latents, got k={self.k}, latents={self.n_latents}")
-        if self.layer < 0:
-            raise ConfigError(f"--layer must be >= 0, got {self.layer}")
-        if self.context_length < 2:
-            raise ConfigError(f"--context-length must be at least 2, got {self.context_length}")
-        if self.tokens < self.context_length:
-            raise ConfigError(f"--tokens ({self.tokens}) must hold at least one context of {self.context_length}")
-        if self.heldout_tokens < self.context_length:
-            raise ConfigError(f"--heldout-tokens ({self.heldout_tokens}) must hold at least one context of {self.context_length}")
+        self.store_config()  # the layer, the context length and the token counts
         if self.epochs < 1:
             raise ConfigError(f"--epochs must be at least 1, got {self.epochs}")
         if self.batch_size < 1:
@@ -105,9 +126,17 @@ class TrainConfig:
             raise ConfigError(f"--auxk-alpha must be a number >= 0 (0 turns AuxK off), got {self.auxk_alpha}")
         if self.dead_tokens < 0:
             raise ConfigError(f"--dead-tokens must be >= 0 (0: a tenth of the run, at most 10M), got {self.dead_tokens}")
-        for name in ("auxk_rescale", "multi_topk", "fast_matmul", "deterministic"):
-            if getattr(self, name) not in (0, 1):
-                raise ConfigError(f"--{name.replace('_', '-')} is 0 or 1, got {getattr(self, name)}")
+        check_booleans(self)
+
+    @property
+    def slug(self) -> str:
+        return run_slug(self.model, self.layer, self.n_latents, self.k)
+
+    def store_config(self) -> StoreConfig:
+        """The activation store this run trains and evaluates on."""
+        return StoreConfig(model=self.model, layer=self.layer, corpus=self.corpus, context_length=self.context_length,
+                           tokens=self.tokens, heldout_tokens=self.heldout_tokens, seed=self.seed, device=self.device,
+                           fast_matmul=self.fast_matmul)
 
     @property
     def n_train_contexts(self) -> int:
@@ -133,11 +162,11 @@ class TrainConfig:
         """The config a saved cfg.json or checkpoint was trained with: an option it lacks (added
         later) takes the value that reproduces how that run was trained."""
         names = {f.name for f in fields(cls)}
-        return cls(**{**BEFORE_OPTION, **{key: value for key, value in saved.items() if key in names}})
+        return cls(**as_booleans(cls, {**BEFORE_OPTION, **{key: value for key, value in saved.items() if key in names}}))
 
 
 # Options whose default changed training when they were added: what a run saved before them did.
-BEFORE_OPTION = {"auxk_rescale": 0}
+BEFORE_OPTION = {"auxk_rescale": False}
 
 
 @dataclass
@@ -158,7 +187,7 @@ class HarvestConfig:
     neighbours: int = option(10, "nearest latents by decoder cosine listed per latent")
     explanation_examples: int = option(20, "top firings per latent that explanation patterns are drawn from")
     token_latents: int = option(10, "for search: latents kept per token (highest mean activation on it)")
-    exclude_special_tokens: int = option(1, "1: leave the tokenizer's special tokens (BOS/EOS, separators) out of the statistics")
+    exclude_special_tokens: bool = option(True, "leave the tokenizer's special tokens (BOS/EOS, separators) out of the statistics")
 
     def __post_init__(self):
         for name in ("quantile_bins", "samples_per_bin", "histogram_bins", "logit_tokens", "neighbours",
@@ -173,10 +202,13 @@ class HarvestConfig:
         for name in ("histogram_bins", "logit_tokens", "neighbours", "token_latents", "quantile_bins"):
             if getattr(self, name) > 1000:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at most 1000, got {getattr(self, name)}")
-        if self.exclude_special_tokens not in (0, 1):
-            raise ConfigError(f"--exclude-special-tokens is 0 or 1, got {self.exclude_special_tokens}")
-        if self.heldout_tokens < self.context_length:
-            raise ConfigError(f"--heldout-tokens ({self.heldout_tokens}) must hold at least one context of {self.context_length}")
+        check_booleans(self)
+        self.store_config(model="", layer=0)  # the context length and the token counts
+
+    def store_config(self, model: str, layer: int) -> StoreConfig:
+        """For a run without an activation store (an imported SAE): the store to build for it."""
+        return StoreConfig(model=model, layer=layer, corpus=self.corpus, context_length=self.context_length,
+                           tokens=self.tokens, heldout_tokens=self.heldout_tokens)
 
 
 def int_list(text: str, flag: str) -> list[int]:
@@ -248,13 +280,12 @@ class DistributedConfig:
     """How `saescope train` spreads over processes (torchrun sets RANK and WORLD_SIZE)."""
 
     nproc: int = option(1, "processes to start on this machine with torchrun (1: this process trains alone)")
-    shard_latents: int = option(0, "1: each process owns a slice of the latents (sharded top-k, all-reduced decoder output), all see the same batches; 0: data parallel, each process takes a slice of every batch")
+    shard_latents: bool = option(False, "each process owns a slice of the latents (sharded top-k, all-reduced decoder output), all see the same batches; without it, data parallel: each process takes a slice of every batch")
 
     def __post_init__(self):
         if self.nproc < 1:
             raise ConfigError(f"--nproc must be at least 1, got {self.nproc}")
-        if self.shard_latents not in (0, 1):
-            raise ConfigError(f"--shard-latents is 0 or 1, got {self.shard_latents}")
+        check_booleans(self)
 
 
 # ------------------------------------------------------------ argparse from dataclasses
@@ -265,12 +296,25 @@ def flag_of(f) -> str:
     return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
 
 
+def negative_flag(f) -> str:
+    """--no-multi-topk for --multi-topk."""
+    return "--no-" + flag_of(f).removeprefix("--")
+
+
 def add_config_arguments(parser: argparse.ArgumentParser, config_cls, exclude: tuple[str, ...] = (), defaults: dict | None = None) -> None:
-    """One flag per field; `exclude` leaves fields out, `defaults` replaces some defaults."""
+    """One flag per field (--flag/--no-flag for a boolean); `exclude` leaves fields out, `defaults`
+    replaces some defaults."""
     for f in fields(config_cls):
         if f.name in exclude:
             continue
         default = (defaults or {}).get(f.name, f.default)
+        if isinstance(default, bool):
+            group = parser.add_mutually_exclusive_group()
+            group.add_argument(flag_of(f), dest=f.name, action="store_true", default=default,
+                               help=f"{f.metadata['help']} (default: {'on' if default else 'off'}; "
+                                    f"{negative_flag(f)} turns it off)")
+            group.add_argument(negative_flag(f), dest=f.name, action="store_false", help=argparse.SUPPRESS)
+            continue
         parser.add_argument(
             flag_of(f),
             dest=f.name,
@@ -280,12 +324,49 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_cls, exclude: t
         )
 
 
+def boolean_flags(*config_classes) -> dict[str, str]:
+    """Each boolean option's flag -> its negative flag."""
+    return {flag_of(f): negative_flag(f) for cls in config_classes for f in fields(cls) if isinstance(f.default, bool)}
+
+
+def with_boolean_words(argv: list[str], flags: dict[str, str]) -> list[str]:
+    """argv with `--flag 1`, `--flag=0`, `--flag true` ... written as `--flag` or `--no-flag`: the
+    boolean options were 0/1 numbers once, and scripts still pass them so."""
+    out, i = [], 0
+    while i < len(argv):
+        arg = argv[i]
+        name, eq, value = arg.partition("=")
+        if name in flags and eq:
+            word = value
+        elif arg in flags and i + 1 < len(argv) and (argv[i + 1].lower() in BOOLEAN_WORDS or _is_number(argv[i + 1])):
+            word, i = argv[i + 1], i + 1  # a number is a value meant for the flag (a path or a run is not)
+        else:
+            out.append(arg)
+            i += 1
+            continue
+        if word.lower() not in BOOLEAN_WORDS:
+            raise ConfigError(f"{name} is on or off: give {name} or {flags[name]} (or 1 / 0), got {word!r}")
+        out.append(name if BOOLEAN_WORDS[word.lower()] else flags[name])
+        i += 1
+    return out
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 def config_to_args(cfg, exclude: tuple[str, ...] = ()) -> list[str]:
     """The flags that give `cfg` back through add_config_arguments (its inverse)."""
     args = []
     for f in fields(cfg):
-        if f.name not in exclude:
-            args += [flag_of(f), str(getattr(cfg, f.name))]
+        if f.name in exclude:
+            continue
+        value = getattr(cfg, f.name)
+        args += [flag_of(f) if value else negative_flag(f)] if isinstance(f.default, bool) else [flag_of(f), str(value)]
     return args
 
 

@@ -36,6 +36,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from trainer.errors import ConfigError
 from trainer.sae import top_k
 
 # Which dimension of each SAE tensor runs over the latents (b_dec has none: replicated).
@@ -301,14 +302,12 @@ def launch(parallel, train_args: list[str]) -> int:
     import sys
 
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={parallel.nproc}",
-               "-m", "trainer", "train", "--shard-latents", str(parallel.shard_latents), *train_args]
+               "-m", "trainer", "train", "--shard-latents" if parallel.shard_latents else "--no-shard-latents", *train_args]
     return subprocess.run(command).returncode
 
 
 def check_world(cfg, world: World) -> None:
     """What the split needs, before any work: whole shares of each batch, or of the latents."""
-    from trainer.config import ConfigError
-
     if world.gpus and cfg.device.startswith("cpu"):
         raise ConfigError("this run trains on the CPU (--device cpu): give --device cpu here too, so that its processes talk over gloo")
     check_split(cfg, world.size, bool(world.shard_latents))
@@ -317,8 +316,6 @@ def check_world(cfg, world: World) -> None:
 def check_split(cfg, processes: int, shard_latents: bool) -> None:
     """Whole shares for `processes`; also checked before torchrun starts them (one line, not one
     per process and a torchrun traceback)."""
-    from trainer.config import ConfigError
-
     if processes > 1 and not shard_latents and cfg.batch_size % processes:
         raise ConfigError(f"--batch-size {cfg.batch_size} must divide into {processes} processes")
     if processes > 1 and shard_latents and cfg.n_latents % processes:

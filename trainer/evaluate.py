@@ -9,11 +9,16 @@ from pathlib import Path
 import torch
 
 from trainer import runfolder
-from trainer.activations import ActivationStore, complete_heldout, open_store_for_sae
+from trainer.errors import RunFolderError
+from trainer.files import read_json, write_json
+from trainer.formats import CFG_FILE
+from trainer.model import find_blocks
 from trainer.progress import progress
+from trainer.runconfig import RunConfig
 from trainer.sae import TopKSAE, default_device
-
+from trainer.store import ActivationStore, complete_heldout, open_store_for_sae
 from trainer.thresholds import DENSE_THRESHOLD
+
 # In the store: the summed CE with block L zero-ablated, per (model, layer, device, held-out
 # tokens). It does not depend on the SAE, so the SAEs of a sweep (or a second eval) on one store
 # skip that pass: a third of the downstream loss's forward passes.
@@ -56,15 +61,13 @@ def evaluate_sae(sae: TopKSAE, store: ActivationStore, scale: float, batch_conte
 def evaluate_run(run_dir: Path, store_dir: Path | None = None, downstream_contexts: int = 64) -> dict:
     """Reconstruction metrics, then downstream loss on `downstream_contexts` held-out contexts
     (0 skips it), into metrics.json."""
-    cfg, sae = TopKSAE.load(run_dir, default_device())
+    cfg, sae = runfolder.load_sae(run_dir, default_device())
     runfolder.load_metrics(run_dir)  # a damaged metrics.json fails now, not after the whole evaluation
-    store_dir = store_dir or runfolder.recorded_store(cfg, run_dir)
+    store_dir = store_dir or cfg.store_dir(run_dir)
     if store_dir is None:
-        raise runfolder.RunFolderError(
-            f"{Path(run_dir) / runfolder.CFG_FILE}: no activation store; pass --store or run `saescope harvest` first"
-        )
+        raise RunFolderError(f"{Path(run_dir) / CFG_FILE}: no activation store; pass --store or run `saescope harvest` first")
     store = complete_heldout(open_store_for_sae(store_dir, cfg, run_dir))  # the first eval on a store computes them
-    metrics = evaluate_sae(sae, store, cfg.get("input_scale", 1.0))  # as harvest and the probe read it
+    metrics = evaluate_sae(sae, store, cfg.input_scale)  # as harvest and the probe read it
     if downstream_contexts > 0:
         metrics |= downstream_loss(sae, cfg, store, downstream_contexts)
     runfolder.save_metrics(run_dir, metrics)
@@ -109,16 +112,14 @@ def replaying(blocks: torch.nn.ModuleList, layer: int, resid: torch.Tensor, like
 
 
 @torch.no_grad()
-def downstream_loss(sae: TopKSAE, run_cfg: dict, store: ActivationStore, n_contexts: int = 64, batch: int = 8) -> dict:
+def downstream_loss(sae: TopKSAE, run_cfg: RunConfig, store: ActivationStore, n_contexts: int = 64, batch: int = 8) -> dict:
     """Splice the SAE's reconstruction into the forward pass at the hookpoint (Section 4.1) on
     held-out contexts: clean CE, spliced CE, CE with the block output zero-ablated, their
     differences, and KL(clean || spliced) per token. Blocks 0..L run once per batch, in the clean
     pass; the spliced and ablated passes run only the blocks after L."""
-    from trainer.model import find_blocks, load_causal_lm
-
-    _, model = load_causal_lm(run_cfg["model"], str(sae.W_dec.device))
+    model = run_cfg.language_model(sae.W_dec.device, fast=False).loaded.causal_lm  # the whole model, fp32
     _, blocks = find_blocks(model.base_model)
-    layer, scale = run_cfg["layer"], run_cfg.get("input_scale", 1.0)
+    layer, scale = run_cfg.layer, run_cfg.input_scale
     first = store.n_train_contexts
     rows = range(first, min(store.n_contexts, first + n_contexts))
     tokens = torch.from_numpy(store.tokens[list(rows)]).long().to(sae.W_dec.device)  # (C, T)
@@ -170,23 +171,23 @@ def downstream_loss(sae: TopKSAE, run_cfg: dict, store: ActivationStore, n_conte
     return metrics
 
 
-def ablated_key(run_cfg: dict, tokens: torch.Tensor) -> str:
+def ablated_key(run_cfg: RunConfig, tokens: torch.Tensor) -> str:
     """What the ablated CE depends on: the model, the layer, the device kind (its arithmetic) and
     the held-out tokens themselves (a store rebuilt in place gets new keys)."""
     digest = hashlib.sha256(tokens.cpu().numpy().tobytes()).hexdigest()[:16]
-    return f"{run_cfg['model']}|layer {run_cfg['layer']}|{tokens.device.type}|{tuple(tokens.shape)}|{digest}"
+    return f"{run_cfg.model}|layer {run_cfg.layer}|{tokens.device.type}|{tuple(tokens.shape)}|{digest}"
 
 
 def read_ablated(store: ActivationStore) -> dict:
     try:
-        return runfolder.read_json(store.path / ABLATED_CACHE)
-    except runfolder.RunFolderError:  # none yet (or damaged): computed again
+        return read_json(store.path / ABLATED_CACHE)
+    except RunFolderError:  # none yet (or damaged): computed again
         return {}
 
 
 def save_ablated(store: ActivationStore, key: str, total: float) -> None:
     """Atomically; two evals writing at once may drop one's entry, which costs only its recomputation."""
     try:
-        runfolder.write_json(store.path / ABLATED_CACHE, {**read_ablated(store), key: total})
+        write_json(store.path / ABLATED_CACHE, {**read_ablated(store), key: total})
     except OSError:  # a read-only store: the next eval computes it again
         pass

@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 
 from trainer import runfolder
+from trainer.files import write_tensors
+from trainer.runconfig import RunConfig
 
 FAMILIES_FILE = "families.safetensors"
 
@@ -75,16 +77,16 @@ def family_tensors(decoders: list[torch.Tensor], m: int, block: int | None = Non
 def write_families(sweep_dir: Path, runs: list[Path], m: int) -> Path:
     """Match the decoders of `runs` (the n series, any order) and write DIR/families.safetensors."""
     sweep_dir = Path(sweep_dir)
-    cfgs = {run: runfolder.load_cfg(run) for run in runs}
-    runs = sorted(runs, key=lambda run: cfgs[run]["n_latents"])
+    cfgs = {run: RunConfig.load(run) for run in runs}
+    runs = sorted(runs, key=lambda run: cfgs[run].n_latents)
     decoders = [runfolder.load_sae_weights(run, cfgs[run])["W_dec"] for run in runs]
     metadata = {
         "format": "saescope-families",
         "version": "1",
         "rungs": json.dumps([str(Path(run).resolve().relative_to(sweep_dir.resolve())) for run in runs]),
-        "n_latents": json.dumps([cfgs[run]["n_latents"] for run in runs]),
+        "n_latents": json.dumps([cfgs[run].n_latents for run in runs]),
         "neighbours": str(m),
     }
     path = sweep_dir / FAMILIES_FILE
-    runfolder.write_tensors(path, family_tensors(decoders, m), metadata)
+    write_tensors(path, family_tensors(decoders, m), metadata)
     return path

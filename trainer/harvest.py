@@ -33,13 +33,16 @@ import numpy as np
 import torch
 
 from trainer import explain, runfolder
-from trainer.activations import ActivationStore, complete_heldout, open_store_for_sae, token_vocab
-from trainer.config import ConfigError, HarvestConfig
+from trainer.config import HarvestConfig
 from trainer.directions import logit_effects, nearest_latents
+from trainer.errors import ConfigError, RunFolderError
+from trainer.formats import CFG_FILE
 from trainer.grouping import group_codes, rank_within, sort_within, spread_within
-from trainer.model import LanguageModel, load_language_model, local_model_shape
+from trainer.model import LanguageModel
 from trainer.progress import progress
+from trainer.runconfig import RunConfig
 from trainer.sae import TopKSAE, default_device, fast_matmul_dtype
+from trainer.store import ActivationStore, complete_heldout, open_store_for_sae, prepare_store, token_vocab
 from trainer.tokens import vocab_bytes
 
 log = logging.getLogger(__name__)
@@ -464,36 +467,27 @@ def harvest_sae(sae: TopKSAE, data: HarvestInput, scale: float, cfg: HarvestConf
                              token_bytes=token_bytes)
 
 
-def store_for_run(run_dir: Path, run_cfg: dict, cfg: HarvestConfig, store_dir: Path | None) -> ActivationStore:
+def store_for_run(run_dir: Path, run_cfg: RunConfig, cfg: HarvestConfig, store_dir: Path | None) -> tuple[RunConfig, ActivationStore]:
     """The run's activation store; an imported SAE has none, so build one for its model and
     layer, or take --store's. Either is recorded in cfg.json (eval finds it there), but only once
     every check has passed: a harvest that fails leaves the run as it was."""
-    if store_dir := store_dir or runfolder.recorded_store(run_cfg, run_dir):
+    if store_dir := store_dir or run_cfg.store_dir(run_dir):
         store = open_store_for_sae(store_dir, run_cfg, run_dir)
         check_exclude_first(cfg.exclude_first, store.context_length)
-        if not run_cfg.get("store"):
-            runfolder.save_cfg(run_dir, {**run_cfg, **runfolder.store_record(store.path, run_dir)})
-        return store
+        if run_cfg.store is None:
+            run_cfg = run_cfg.with_store(store.path, run_dir)
+            run_cfg.save(run_dir)
+        return run_cfg, store
     check_exclude_first(cfg.exclude_first, cfg.context_length)
-    shape = local_model_shape(run_cfg["model"])  # the width, before minutes of forward passes
-    check_width(run_dir, run_cfg, shape[1] if shape else None)
-    from trainer.config import TrainConfig
-    from trainer.train import prepare_store
-
-    store_cfg = TrainConfig(
-        model=run_cfg["model"], layer=run_cfg["layer"], n_latents=2, k=1, corpus=cfg.corpus,
-        tokens=cfg.tokens, heldout_tokens=cfg.heldout_tokens, context_length=cfg.context_length,
-    )
-    store = prepare_store(store_cfg, Path(run_dir) / "activations")
-    check_width(run_dir, run_cfg, store.meta["d_model"])  # a model whose config was not here before
-    runfolder.save_cfg(run_dir, {**run_cfg, **runfolder.store_record(store.path, run_dir)})
-    return store
-
-
-def check_width(run_dir: Path, run_cfg: dict, d_model: int | None) -> None:
-    if d_model is not None and d_model != run_cfg["d_in"]:
-        raise runfolder.RunFolderError(f"{Path(run_dir) / runfolder.CFG_FILE}: the SAE reads {run_cfg['d_in']}-dim "
-                                       f"inputs but {run_cfg['model']} has d_model {d_model}")
+    where = Path(run_dir) / CFG_FILE
+    run_cfg.check_model(where)  # the layer and width, before minutes of forward passes
+    store = prepare_store(cfg.store_config(run_cfg.model, run_cfg.layer), Path(run_dir) / "activations")
+    if store.meta["d_model"] != run_cfg.d_in:  # a model whose config was not here before
+        raise RunFolderError(f"{where}: the SAE reads {run_cfg.d_in}-wide activations, '{run_cfg.model}' has "
+                             f"d_model {store.meta['d_model']}")
+    run_cfg = run_cfg.with_store(store.path, run_dir)
+    run_cfg.save(run_dir)
+    return run_cfg, store
 
 
 def check_exclude_first(exclude_first: int, context_length: int) -> None:
@@ -508,13 +502,13 @@ def harvest_run(run_dir: Path, cfg: HarvestConfig | None = None, store_dir: Path
     `from_model`, from the model over the store's contexts (nothing read from disk but tokens)."""
     cfg = cfg or HarvestConfig()
     device = default_device()
-    run_cfg, sae = TopKSAE.load(run_dir, device)
-    store = store_for_run(run_dir, run_cfg, cfg, store_dir)
-    lm = load_language_model(run_cfg["model"], run_cfg["layer"], str(device), fast=bool(run_cfg.get("fast_matmul", 1)))
+    run_cfg, sae = runfolder.load_sae(run_dir, device)
+    run_cfg, store = store_for_run(run_dir, run_cfg, cfg, store_dir)
+    lm = run_cfg.language_model(device)
     if not from_model:
         store = complete_heldout(store, lm)
     data = HarvestInput(tokens=store.tokens, n_heldout=int(store.meta.get("n_heldout", 0)),
                         store=None if from_model else store, lm=lm)
-    harvest = harvest_sae(sae, data, run_cfg.get("input_scale", 1.0), cfg, lm)
+    harvest = harvest_sae(sae, data, run_cfg.input_scale, cfg, lm)
     runfolder.save_harvest(run_dir, harvest)
     return harvest

@@ -1,4 +1,4 @@
-"""Latents of any text: the truncated model and the SAE together, for live probing."""
+"""Latents of any text: the model through the hookpoint and the SAE together, for live probing."""
 
 from __future__ import annotations
 
@@ -7,7 +7,9 @@ from pathlib import Path
 
 import torch
 
-from trainer.model import LanguageModel, load_language_model
+from trainer.model import LanguageModel
+from trainer.runconfig import RunConfig
+from trainer.runfolder import load_sae
 from trainer.sae import TopKLatents, TopKSAE, fast_matmul_dtype
 
 
@@ -21,15 +23,14 @@ class EncodedText:
 class LatentEncoder:
     """Loaded once per SAE and shared: encode_text is safe to call from several threads."""
 
-    def __init__(self, cfg: dict, sae: TopKSAE, lm: LanguageModel):
+    def __init__(self, cfg: RunConfig, sae: TopKSAE, lm: LanguageModel):
         self.cfg, self.sae, self.lm = cfg, sae, lm
-        self.scale = float(cfg.get("input_scale", 1.0))
+        self.scale = float(cfg.input_scale)
 
     @classmethod
     def from_run(cls, run_dir: Path, device: str = "cpu") -> "LatentEncoder":
-        cfg, sae = TopKSAE.load(run_dir, device)
-        lm = load_language_model(cfg["model"], cfg["layer"], device, fast=bool(cfg.get("fast_matmul", 1)))
-        return cls(cfg, sae, lm)
+        cfg, sae = load_sae(run_dir, device)
+        return cls(cfg, sae, cfg.language_model(device))
 
     def tokenize(self, text: str) -> list[int]:
         return self.lm.tokenizer(text, add_special_tokens=False)["input_ids"]

@@ -3,12 +3,12 @@
     read_sae_folder(folder, model=None, layer=None) -> (cfg, weights)
     import_sae(src_folder, out_run_dir, model=None, layer=None) -> out_run_dir
 
-`cfg` has model, layer, d_in, n_latents, k, input_scale, hookpoint and source_format; `weights` has
+`cfg` is the SAE's RunConfig (model, layer, hookpoint, sizes, and its source); `weights` has
 W_enc [d_in, n], b_enc [n], W_dec [n, d_in], b_dec [d_in] in fp32, such that our
 TopKSAE.encode(x) = ReLU(TopK((x - b_dec) @ W_enc + b_enc)) gives the latents the original tool
 computes on the same x, and TopKSAE.decode gives its reconstruction.
 
-Formats (see detect_format):
+Formats (trainer/formats.py tells them apart):
 
 - "saescope": our own run folder (cfg.json + sae.safetensors with W_enc, b_enc, W_dec, b_dec).
 - "saelens": SAELens, cfg.json + sae_weights.safetensors. Only TopK SAEs: architecture "topk"
@@ -47,67 +47,26 @@ from __future__ import annotations
 
 import logging
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 
 from trainer import runfolder
+from trainer.errors import RunFolderError
+from trainer.files import read_json, read_tensors
+from trainer.formats import CFG_FILE, SAE_FILE, SAELENS_WEIGHTS_FILE, detect_format
 from trainer.model import check_folder, local_model_shape
-from trainer.runfolder import CFG_FILE, SAE_FILE, SAE_TENSORS, RunFolderError
+from trainer.runconfig import ImportSource, RunConfig
+from trainer.runfolder import SAE_TENSORS
 
-SAELENS_WEIGHTS_FILE = "sae_weights.safetensors"
 SPARSIFY_TENSORS = ("encoder.weight", "encoder.bias", "W_dec", "b_dec")
-FORMATS = ("saescope", "saelens", "sparsify")
 
 # A block's output: model.layers.6, gpt_neox.layers.6, transformer.h.6, layers.6, blocks.6.
 _BLOCK_OUTPUT = re.compile(r"(?:.*\.)?(?:layers|h|blocks|layer)\.(\d+)")
 _TL_RESID_POST = re.compile(r"blocks\.(\d+)\.hook_resid_post")
 _TL_RESID_PRE = re.compile(r"blocks\.(\d+)\.hook_resid_pre")
 log = logging.getLogger(__name__)
-
-
-# ---------------------------------------------------------------- detection
-
-
-def _tensor_names(path: Path) -> list[str]:
-    """The tensor names in a safetensors file, read from its header only."""
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return list(f.keys())
-    except (SafetensorError, OSError, ValueError) as e:
-        raise RunFolderError(f"{path}: not a readable safetensors file ({e})") from None
-
-
-def detect_format(folder) -> str:
-    """"saescope", "saelens" or "sparsify", from the files in `folder` and the tensor names."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise RunFolderError(f"{folder}: folder not found")
-    if not (folder / CFG_FILE).is_file():
-        hookpoints = sorted(p.name for p in folder.iterdir() if (p / CFG_FILE).is_file())
-        if hookpoints:
-            shown = ", ".join(hookpoints[:8]) + (", ..." if len(hookpoints) > 8 else "")
-            raise RunFolderError(
-                f"{folder / CFG_FILE}: file not found; this looks like a run with one SAE per hookpoint "
-                f"({shown}): give one of those folders"
-            )
-        raise RunFolderError(f"{folder / CFG_FILE}: file not found (not an SAE folder)")
-    if (folder / SAELENS_WEIGHTS_FILE).is_file():
-        return "saelens"
-    if (folder / SAE_FILE).is_file():
-        names = set(_tensor_names(folder / SAE_FILE))
-        if "encoder.weight" in names:
-            return "sparsify"
-        if "W_enc" in names:
-            return "saescope"
-        raise RunFolderError(
-            f"{folder / SAE_FILE}: neither our tensors (W_enc, ...) nor sparsify's (encoder.weight, ...); "
-            f"found {', '.join(sorted(names)) or 'none'}"
-        )
-    raise RunFolderError(
-        f"{folder}: no {SAE_FILE} (saescope, sparsify) or {SAELENS_WEIGHTS_FILE} (SAELens) next to {CFG_FILE}"
-    )
 
 
 # ---------------------------------------------------------------- helpers
@@ -131,10 +90,7 @@ def _check_shapes(tensors: dict[str, torch.Tensor], expected: dict[str, tuple], 
             raise RunFolderError(f"{path}: {name} has shape {tuple(tensors[name].shape)}, {says} {shape}")
 
 
-def _check_weights(weights: dict[str, torch.Tensor], k: int, path: Path) -> None:
-    n = weights["W_enc"].shape[1]
-    if not 0 < k < n:
-        raise RunFolderError(f"{path}: k must be between 1 and the number of latents - 1, got k={k} with {n} latents")
+def _check_weights(weights: dict[str, torch.Tensor], path: Path) -> None:
     for name in SAE_TENSORS:
         if not torch.isfinite(weights[name]).all():
             raise RunFolderError(f"{path}: {name} has NaN or infinite values")
@@ -154,44 +110,29 @@ def _layer_from_hook(hook: str | None) -> int | None:
     return None
 
 
-def _model_name_field(model: str) -> str:
-    return str(model).rstrip("/").split("/")[-1]
-
-
-def _finish_cfg(
-    *, fmt: str, model, layer: int, hookpoint: str, d_in: int, n: int, k: int, src: Path, source_cfg: dict, **extra
-) -> dict:
-    return {
-        "model": str(model),
-        "model_name": _model_name_field(model),
-        "layer": int(layer),
-        "hookpoint": hookpoint,
-        "d_in": int(d_in),
-        "n_latents": int(n),
-        "k": int(k),
-        "input_scale": 1.0,  # neither tool rescales its inputs in the cases we accept
-        "architecture": "topk",
-        "source_format": fmt,
-        "source_path": str(src.resolve()),
-        **extra,
-        "source_cfg": source_cfg,
-    }
+def _finish_cfg(*, fmt: str, model, layer: int, hookpoint: str | None, d_in: int, n: int, k: int, src: Path,
+                source_cfg: dict, source_dtype: str, where: Path) -> RunConfig:
+    try:
+        return RunConfig(model=str(model), layer=int(layer), d_in=int(d_in), n_latents=int(n), k=int(k),
+                         input_scale=1.0,  # neither tool rescales its inputs in the cases we accept
+                         recorded_hookpoint=hookpoint,
+                         source=ImportSource(fmt, str(src.resolve()), source_dtype, source_cfg))
+    except RunFolderError as e:
+        raise RunFolderError(f"{where}: {e}") from None
 
 
 # ---------------------------------------------------------------- saescope
 
 
-def read_saescope_folder(folder, model=None, layer=None) -> tuple[dict, dict[str, torch.Tensor]]:
+def read_saescope_folder(folder, model=None, layer=None) -> tuple[RunConfig, dict[str, torch.Tensor]]:
     folder = Path(folder)
-    cfg = dict(runfolder.load_cfg(folder))
+    cfg = RunConfig.load(folder)
     weights = runfolder.load_sae_weights(folder, cfg)
-    if model is not None:
-        cfg["model"], cfg["model_name"] = str(model), _model_name_field(model)
-    if layer is not None:
-        cfg["layer"] = int(layer)
-    cfg.setdefault("input_scale", 1.0)
-    cfg["source_format"] = "saescope"
-    _check_weights(weights, int(cfg["k"]), folder / SAE_FILE)
+    overrides = {"model": str(model)} if model is not None else {}
+    overrides |= {"layer": int(layer)} if layer is not None else {}
+    train = replace(cfg.train, **overrides) if cfg.train and overrides else cfg.train  # cfg.json holds them once
+    cfg = replace(cfg, **overrides, train=train, source=ImportSource("saescope"))
+    _check_weights(weights, folder / SAE_FILE)
     return cfg, weights
 
 
@@ -213,13 +154,13 @@ def _saelens_k(cfg: dict, path: Path) -> int:
 
 
 def _read_cfg_object(path: Path) -> dict:
-    cfg = runfolder.read_json(path)
+    cfg = read_json(path)
     if not isinstance(cfg, dict):
         raise RunFolderError(f"{path}: expected a JSON object")
     return cfg
 
 
-def read_saelens_folder(folder, model=None, layer=None) -> tuple[dict, dict[str, torch.Tensor]]:
+def read_saelens_folder(folder, model=None, layer=None) -> tuple[RunConfig, dict[str, torch.Tensor]]:
     folder = Path(folder)
     cfg_path, weights_path = folder / CFG_FILE, folder / SAELENS_WEIGHTS_FILE
     cfg = _read_cfg_object(cfg_path)
@@ -265,7 +206,7 @@ def read_saelens_folder(folder, model=None, layer=None) -> tuple[dict, dict[str,
                 else f"{cfg_path}: no hook_name; give the layer (--layer)"
             )
 
-    tensors = runfolder.read_tensors(weights_path, SAE_TENSORS)
+    tensors = read_tensors(weights_path, SAE_TENSORS)
     _check_shapes(tensors, {"W_enc": (d, n), "b_enc": (n,), "W_dec": (n, d), "b_dec": (d,)}, weights_path, "cfg.json says")
     W_enc, b_enc, W_dec, b_dec = (tensors[name].float() for name in SAE_TENSORS)
 
@@ -281,18 +222,19 @@ def read_saelens_folder(folder, model=None, layer=None) -> tuple[dict, dict[str,
         b_enc = b_enc + b_dec @ W_enc  # our (x - b_dec) @ W_enc + b_enc' == x @ W_enc + b_enc
 
     weights = {"W_enc": W_enc.contiguous(), "b_enc": b_enc, "W_dec": W_dec.contiguous(), "b_dec": b_dec}
-    _check_weights(weights, k, weights_path)
+    _check_weights(weights, weights_path)
     out = _finish_cfg(
         fmt="saelens",
         model=model,
         layer=layer,
-        hookpoint=hook or f"layers.{layer}",
+        hookpoint=hook,
         d_in=d,
         n=n,
         k=k,
         src=folder,
         source_cfg=cfg,
         source_dtype=str(cfg.get("dtype", "float32")),
+        where=cfg_path,
     )
     return out, weights
 
@@ -304,14 +246,14 @@ def _sparsify_model(folder: Path) -> str | None:
     """Best effort: sparsify writes its run config (with "model") to <run>/config.json."""
     path = folder.parent / "config.json"
     try:
-        run_cfg = runfolder.read_json(path) if path.is_file() else None
+        run_cfg = read_json(path) if path.is_file() else None
     except RunFolderError:
         return None
     model = run_cfg.get("model") if isinstance(run_cfg, dict) else None
     return model if isinstance(model, str) and model else None
 
 
-def read_sparsify_folder(folder, model=None, layer=None) -> tuple[dict, dict[str, torch.Tensor]]:
+def read_sparsify_folder(folder, model=None, layer=None) -> tuple[RunConfig, dict[str, torch.Tensor]]:
     folder = Path(folder)
     cfg_path, weights_path = folder / CFG_FILE, folder / SAE_FILE
     cfg = _read_cfg_object(cfg_path)
@@ -347,7 +289,7 @@ def read_sparsify_folder(folder, model=None, layer=None) -> tuple[dict, dict[str
                 f"give the model (--model)"
             )
 
-    tensors = runfolder.read_tensors(weights_path, SPARSIFY_TENSORS)
+    tensors = read_tensors(weights_path, SPARSIFY_TENSORS)
     if "W_skip" in tensors:
         raise RunFolderError(f"{weights_path}: has W_skip (a skip connection), which is not supported")
     _check_shapes(
@@ -362,7 +304,7 @@ def read_sparsify_folder(folder, model=None, layer=None) -> tuple[dict, dict[str
         "W_dec": tensors["W_dec"].float().contiguous(),
         "b_dec": tensors["b_dec"].float(),
     }
-    _check_weights(weights, k, weights_path)
+    _check_weights(weights, weights_path)
     out = _finish_cfg(
         fmt="sparsify",
         model=model,
@@ -374,6 +316,7 @@ def read_sparsify_folder(folder, model=None, layer=None) -> tuple[dict, dict[str
         src=folder,
         source_cfg=cfg,
         source_dtype=str(tensors["encoder.weight"].dtype).removeprefix("torch."),
+        where=cfg_path,
     )
     return out, weights
 
@@ -383,29 +326,23 @@ def read_sparsify_folder(folder, model=None, layer=None) -> tuple[dict, dict[str
 _READERS = {"saescope": read_saescope_folder, "saelens": read_saelens_folder, "sparsify": read_sparsify_folder}
 
 
-def read_sae_folder(folder, model: str | None = None, layer: int | None = None) -> tuple[dict, dict[str, torch.Tensor]]:
-    """Any supported SAE folder -> (our cfg dict, our fp32 weights). `model` and `layer` override
+def read_sae_folder(folder, model: str | None = None, layer: int | None = None) -> tuple[RunConfig, dict[str, torch.Tensor]]:
+    """Any supported SAE folder -> (its RunConfig, our fp32 weights). `model` and `layer` override
     what the folder says (sparsify folders record neither)."""
     if layer is not None and (isinstance(layer, bool) or not isinstance(layer, int) or layer < 0):
         raise RunFolderError(f"{folder}: layer must be a non-negative integer, got {layer!r}")
     return _READERS[detect_format(folder)](folder, model=model, layer=layer)
 
 
-def check_model_fits(cfg: dict, src: Path) -> None:
+def check_model_fits(cfg: RunConfig, src: Path) -> None:
     """The SAE's layer and width against its model's config, when this machine has the model;
     otherwise a note (it may be a hub name for a machine with the network, or a TransformerLens
     name: the run is still written, and eval, harvest and the probe will say what is missing)."""
-    shape = local_model_shape(cfg["model"])
-    if shape is None:
+    if local_model_shape(cfg.model) is None:
         log.warning("note: model '%s' is not on this machine (no such folder, not in the Hugging Face cache): "
                     "its layer and width are unchecked (harvest, eval and the probe load it by this name: "
-                    "import again with --model naming a local copy or a hub model if it is wrong)", cfg["model"])
-        return
-    n_layers, width = shape
-    if not 0 <= cfg["layer"] < n_layers:
-        raise RunFolderError(f"{src}: layer {cfg['layer']} is out of range: '{cfg['model']}' has blocks 0..{n_layers - 1} (--layer)")
-    if width is not None and width != cfg["d_in"]:
-        raise RunFolderError(f"{src}: the SAE reads {cfg['d_in']}-wide activations, '{cfg['model']}' has d_model {width} (--model)")
+                    "import again with --model naming a local copy or a hub model if it is wrong)", cfg.model)
+    cfg.check_model(src)
 
 
 def import_sae(src_folder, out_run_dir, model: str | None = None, layer: int | None = None) -> Path:
@@ -423,5 +360,5 @@ def import_sae(src_folder, out_run_dir, model: str | None = None, layer: int | N
         if (out / name).exists():
             raise RunFolderError(f"{out / name}: already exists; import into a new folder")
     runfolder.save_sae_weights(out, weights)
-    runfolder.save_cfg(out, cfg)  # last, as in training: a cfg.json means the run folder is complete
+    cfg.save(out)  # last, as in training: a cfg.json means the run folder is complete
     return out

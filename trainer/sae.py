@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from trainer.errors import ConfigError
+
 
 class TopKLatents(NamedTuple):
     values: torch.Tensor  # (N, k) post-ReLU activations of the chosen latents
@@ -149,11 +151,20 @@ def fast_matmul_dtype(device: torch.device | str | None = None, enabled: bool = 
     return torch.bfloat16 if supported else torch.float32
 
 
+def check_size(n_latents: int, k: int, latents: str = "n_latents", k_name: str = "k") -> None:
+    """The rule of a TopK SAE's size, in the caller's words for n and k (the flags --latents and
+    --k on the command line, the keys in cfg.json): two latents at least, and 0 < k < n."""
+    if n_latents < 2:
+        raise ConfigError(f"{latents} must be at least 2, got {n_latents}")
+    if not 0 < k < n_latents:
+        raise ConfigError(f"{k_name} must be between 1 and {latents} - 1 ({n_latents - 1}), got {k}")
+
+
 class TopKSAE(nn.Module):
+    """Built from a validated size (check_size: TrainConfig, RunConfig)."""
+
     def __init__(self, d_in: int, n_latents: int, k: int):
         super().__init__()
-        if not 0 < k < n_latents:
-            raise ValueError(f"k must be between 1 and n_latents - 1, got k={k}, n_latents={n_latents}")
         self.d_in, self.n_latents, self.k = d_in, n_latents, k
         # Random unit-norm decoder rows; the encoder starts as the decoder's transpose,
         # which the paper found to prevent most dead latents (Section 2.4).
@@ -242,15 +253,6 @@ class TopKSAE(nn.Module):
 
     def state_for_disk(self) -> dict[str, torch.Tensor]:
         return {name: getattr(self, name).detach().float().cpu().contiguous() for name in ("W_enc", "b_enc", "W_dec", "b_dec")}
-
-    @classmethod
-    def load(cls, run_dir, device: str | torch.device = "cpu") -> tuple[dict, "TopKSAE"]:
-        """The run folder's cfg.json and its SAE, ready for inference."""
-        from trainer import runfolder
-
-        cfg = runfolder.load_cfg(run_dir)
-        sae = cls.from_weights(runfolder.load_sae_weights(run_dir, cfg), cfg["k"])
-        return cfg, sae.to(device).eval().requires_grad_(False)
 
     @classmethod
     def from_weights(cls, weights: dict[str, torch.Tensor], k: int) -> "TopKSAE":

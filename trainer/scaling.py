@@ -47,6 +47,9 @@ import numpy as np
 from scipy import optimize, stats
 
 from trainer import runfolder
+from trainer.files import write_json
+from trainer.formats import CFG_FILE
+from trainer.runconfig import RunConfig
 
 LEVEL = 0.95
 PAPER = {
@@ -254,12 +257,12 @@ def read_rungs(sweep_dir: Path) -> list[dict]:
     rungs = []
     for run in sorted((Path(sweep_dir) / "runs").iterdir()):
         metrics = runfolder.load_metrics(run)
-        if "fvu" not in metrics or not (run / runfolder.CFG_FILE).exists():
+        if "fvu" not in metrics or not (run / CFG_FILE).exists():
             continue
-        cfg = runfolder.load_cfg(run)
+        cfg = RunConfig.load(run)
         rungs.append({
             "run": str(run.relative_to(sweep_dir)),
-            "n_latents": cfg["n_latents"], "k": cfg["k"],
+            "n_latents": cfg.n_latents, "k": cfg.k,
             **{key: metrics.get(key) for key in ("fvu", "delta_ce", "dead_fraction", "l0", "train_tokens", "train_wall_s")},
         })
     return sorted(rungs, key=lambda rung: (rung["n_latents"], rung["k"]))
@@ -297,5 +300,5 @@ def write_scaling(sweep_dir: Path, k: int, level: float = LEVEL) -> dict:
         "fits": scaling_fits(rungs, k, level),
         "paper": PAPER,
     }
-    runfolder.write_json(Path(sweep_dir) / "scaling.json", result)
+    write_json(Path(sweep_dir) / "scaling.json", result)
     return result

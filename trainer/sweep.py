@@ -25,10 +25,15 @@ from pathlib import Path
 import torch
 
 from trainer import families, runfolder, scaling
-from trainer.config import ConfigError, SweepConfig, TrainConfig
+from trainer.config import SweepConfig, TrainConfig
+from trainer.errors import ConfigError
 from trainer.evaluate import evaluate_run
+from trainer.files import write_json
+from trainer.formats import CFG_FILE, SAE_FILE
 from trainer.harvest import harvest_run
-from trainer.train import CHECKPOINT_FILE, check_batches_fit, check_store_not_taken, prepare_store, resume, train
+from trainer.runconfig import CHECKPOINT_FILE, RunConfig
+from trainer.store import check_store_not_taken, prepare_store
+from trainer.train import check_batches_fit, resume, train
 
 log = logging.getLogger(__name__)
 
@@ -49,9 +54,9 @@ def rung_configs(sweep: SweepConfig, base: TrainConfig) -> dict[str, TrainConfig
 def trained_with(run: Path, cfg: TrainConfig) -> bool:
     """The run folder holds finished weights trained with exactly `cfg` (an option added since it
     was trained counts as what the run did: TrainConfig.from_saved)."""
-    if not (run / runfolder.SAE_FILE).exists() or not (run / runfolder.CFG_FILE).exists():
+    if not (run / SAE_FILE).exists() or not (run / CFG_FILE).exists():
         return False
-    return TrainConfig.from_saved(runfolder.read_json(run / runfolder.CFG_FILE)) == cfg
+    return RunConfig.load(run).train == cfg
 
 
 def checkpoint_of(run: Path, cfg: TrainConfig) -> bool:
@@ -92,18 +97,18 @@ def run_sweep(sweep: SweepConfig, base: TrainConfig, out_dir: Path) -> dict:
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise ConfigError(f"--out {out_dir}: a file, not a folder")
-    if (out_dir / runfolder.CFG_FILE).exists():  # sweep.json beside it would make `load` read it as a sweep
-        raise ConfigError(f"--out {out_dir} is a run folder (it has {runfolder.CFG_FILE}): give the sweep a folder of its own")
+    if (out_dir / CFG_FILE).exists():  # sweep.json beside it would make `load` read it as a sweep
+        raise ConfigError(f"--out {out_dir} is a run folder (it has {CFG_FILE}): give the sweep a folder of its own")
     configs = rung_configs(sweep, base)
     store_dir = out_dir / STORE_DIR
     for cfg in configs.values():  # a rung that cannot train fails now, not after the store is built
         check_batches_fit(cfg, store_dir)
-    check_store_not_taken(store_dir, base)  # the rungs trained on it would read another configuration's
+    check_store_not_taken(store_dir, base.store_config())  # the rungs trained on it would read another configuration's
     began = time.perf_counter()
-    prepare_store(base, store_dir)  # checks the layer and the corpus before the model runs
+    prepare_store(base.store_config(), store_dir)  # checks the layer and the corpus before the model runs
     log.info("activation store ready in %.0f s", time.perf_counter() - began)
     # Only now, with every check passed: sweep.json makes `load` read the folder as this sweep.
-    runfolder.write_json(out_dir / SWEEP_FILE, {"sweep": sweep.to_dict(), "train": base.to_dict(), "rungs": list(configs)})
+    write_json(out_dir / SWEEP_FILE, {"sweep": sweep.to_dict(), "train": base.to_dict(), "rungs": list(configs)})
     for i, (name, cfg) in enumerate(configs.items()):
         started = time.perf_counter()
         done = run_rung(out_dir / RUNS_DIR / name, cfg, store_dir, sweep.downstream_contexts)

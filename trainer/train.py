@@ -14,12 +14,16 @@ from typing import NamedTuple
 import torch
 
 from trainer import corpus, runfolder
-from trainer.activations import META_FILE, ActivationStore, build_store, store_differences, store_matches
-from trainer.config import ConfigError, TrainConfig, check_device
+from trainer.config import TrainConfig, check_device
 from trainer.distributed import Selection, World, barrier, check_world, training_forward
-from trainer.model import ModelError, check_layer, load_language_model, max_positions, model_width
+from trainer.errors import ConfigError, RunFolderError
+from trainer.files import read_json
+from trainer.formats import SAE_FILE
+from trainer.model import ModelError, model_width
 from trainer.progress import progress
+from trainer.runconfig import CHECKPOINT_FILE, RunConfig, StoreRecord
 from trainer.sae import SparseTopK, TopKSAE, fast_matmul_dtype, geometric_median
+from trainer.store import META_FILE, ActivationStore, check_store_not_taken, prepare_store, store_differences, store_matches
 
 log = logging.getLogger(__name__)
 
@@ -27,44 +31,6 @@ log = logging.getLogger(__name__)
 
 class TrainingError(RuntimeError):
     pass
-
-
-def store_meta(cfg: TrainConfig) -> dict:
-    """What identifies a store: runs that agree on these can share it."""
-    return {
-        "model": cfg.model,
-        "layer": cfg.layer,
-        "corpus": cfg.corpus,
-        "context_length": cfg.context_length,
-        "n_heldout": cfg.n_heldout_contexts,
-        "n_contexts": cfg.n_train_contexts + cfg.n_heldout_contexts,
-        "seed": cfg.seed,
-        # The forward's precision: a store made in bf16 is not reused by an fp32 run, nor the reverse.
-        "forward_dtype": str(fast_matmul_dtype(cfg.device or None, bool(cfg.fast_matmul))).removeprefix("torch."),
-    }
-
-
-def prepare_store(cfg: TrainConfig, store_dir: Path) -> ActivationStore:
-    """Reuse a matching complete store, or tokenize the corpus and run the truncated model."""
-    meta = store_meta(cfg)
-    if store_matches(store_dir, meta):
-        log.info("reusing activations in %s", store_dir)
-        return ActivationStore.open(store_dir)
-    # Cheap checks first: a bad corpus or layer fails before the model loads.
-    check_layer(cfg.model, cfg.layer)
-    positions = max_positions(cfg.model)
-    if positions and cfg.context_length > positions:  # beyond them: out-of-distribution activations, or a failure
-        raise ConfigError(f"--context-length {cfg.context_length} is longer than {cfg.model} takes ({positions} positions)")
-    corpus.check_has_text(cfg.corpus)
-    log.info("loading %s through block %d", cfg.model, cfg.layer)
-    lm = load_language_model(cfg.model, cfg.layer, cfg.device or None, fast=bool(cfg.fast_matmul))
-    log.info("tokenizing %s into %d contexts of %d tokens", cfg.corpus, meta["n_contexts"], cfg.context_length)
-    contexts = corpus.tokenize_contexts(
-        lm.tokenizer, corpus.iter_documents(cfg.corpus), cfg.context_length, meta["n_contexts"]
-    )
-    train, heldout = corpus.split_contexts(contexts, cfg.n_heldout_contexts, cfg.seed)
-    meta["hookpoint"] = lm.hookpoint
-    return build_store(store_dir, lm, torch.cat([train, heldout]), meta)
 
 
 def read_ahead(read, items):
@@ -99,8 +65,8 @@ def chunk_contexts(memory_budget_mb: int, context_length: int, d_model: int) -> 
 
 def check_batches(cfg: TrainConfig, d_model: int | None) -> None:
     """A batch fits in the training tokens, and in a chunk of --memory-budget-mb (batches are drawn
-    within a chunk), checked before any compute. Not in TrainConfig: a store built for harvest
-    uses a TrainConfig without training on it."""
+    within a chunk), checked before any compute. Not in TrainConfig.__post_init__: it needs the
+    model's width (its config's, or the store's)."""
     T, B = cfg.context_length, cfg.batch_size
     train_tokens = cfg.n_train_contexts * T
     if B > train_tokens:
@@ -118,18 +84,9 @@ def check_batches(cfg: TrainConfig, d_model: int | None) -> None:
 def check_batches_fit(cfg: TrainConfig, store_dir: Path) -> bool:
     """check_batches before any compute, with d_model from the model's config when the store is to
     be built, or from the store's meta.json when it will be reused; returns whether it will be built."""
-    built = not store_matches(store_dir, store_meta(cfg))  # as prepare_store will decide
-    check_batches(cfg, model_width(cfg.model) if built else runfolder.read_json(Path(store_dir) / META_FILE)["d_model"])
+    built = not store_matches(store_dir, cfg.store_config().meta())  # as prepare_store will decide
+    check_batches(cfg, model_width(cfg.model) if built else read_json(Path(store_dir) / META_FILE)["d_model"])
     return built
-
-
-def check_store_not_taken(store_dir: Path, cfg: TrainConfig) -> None:
-    """--store names a folder that may hold another configuration's activations (other SAEs may
-    read them, and they may have cost hours): refuse to overwrite them, before any compute."""
-    if differences := store_differences(store_dir, store_meta(cfg)):
-        raise ConfigError(f"{store_dir} holds the activations of another configuration ({'; '.join(differences)}), "
-                          f"which this run would overwrite: train into another folder (or --store), or delete {store_dir} "
-                          "to build the store there")
 
 
 def input_scale(store: ActivationStore, n_contexts: int = 64) -> float:
@@ -176,7 +133,7 @@ class Trainer:
         self.optimizer = torch.optim.Adam(self.sae.parameters(), lr=cfg.effective_lr, eps=6.25e-10, fused=True)
         self.tokens_since_fired = torch.zeros(self.sae.n_latents, dtype=torch.long, device=self.device)
         self.k_aux = min(store.meta["d_model"] // 2, cfg.n_latents)
-        self.matmul_dtype = fast_matmul_dtype(self.device, bool(cfg.fast_matmul))
+        self.matmul_dtype = fast_matmul_dtype(self.device, cfg.fast_matmul)
         self.forward = training_forward(world, self.sae)  # DDP when data parallel
         self.curve = {"tokens": [], "fvu": [], "dead": []}  # metrics.json's train_curve (record)
 
@@ -389,7 +346,6 @@ class Trainer:
         return dead
 
 
-CHECKPOINT_FILE = runfolder.CHECKPOINT_FILE
 # Steps between the training curve's points (and the progress bar's numbers); fewer on long runs,
 # so that metrics.json holds at most CURVE_POINTS of them.
 CURVE_EVERY, CURVE_POINTS = 10, 1000
@@ -406,7 +362,7 @@ def save_checkpoint(out_dir: Path, state: dict) -> None:
 def checkpointer(out_dir: Path, cfg: TrainConfig, store_dir: Path, scale: float, world: World = World()):
     """save_checkpoint for Trainer.fit: the training state plus what `resume` needs to rebuild it
     (rank 0 writes it)."""
-    meta = {"cfg": cfg.to_dict(), **runfolder.store_record(store_dir, out_dir), "input_scale": scale}
+    meta = {"cfg": cfg.to_dict(), **StoreRecord.of(store_dir, out_dir).to_json(), "input_scale": scale}
     return lambda state: save_checkpoint(out_dir, {**meta, **state}) if world.writes else None
 
 
@@ -419,11 +375,11 @@ def train(cfg: TrainConfig, out_dir: Path, store_dir: Path | None = None, world:
     check_world(cfg, world)
     store_dir = Path(store_dir) if store_dir else out_dir / "activations"
     if not replace_store:  # other runs may read it (a demo or sweep folder keeps one for all its runs)
-        check_store_not_taken(store_dir, cfg)
+        check_store_not_taken(store_dir, cfg.store_config())
     began = time.perf_counter()
     try:
         built = check_batches_fit(cfg, store_dir)
-        store = prepare_store(cfg, store_dir) if world.writes else None
+        store = prepare_store(cfg.store_config(), store_dir) if world.writes else None
     except (ModelError, corpus.CorpusError) as e:
         raise TrainingError(str(e)) from None
     barrier(world)  # rank 0 built or checked the store; the others open it
@@ -447,9 +403,8 @@ def resume(out_dir: Path, world: World = World()) -> Path:
     out_dir = Path(out_dir)
     path = out_dir / CHECKPOINT_FILE
     if not path.is_file():
-        done = (out_dir / runfolder.SAE_FILE).exists()
-        imported = done and (out_dir / runfolder.CFG_FILE).exists() and runfolder.read_json(out_dir / runfolder.CFG_FILE).get(
-            "source_format", "saescope") != "saescope"
+        done = (out_dir / SAE_FILE).exists()
+        imported = done and _is_imported(out_dir)
         why = " (an imported SAE: it was not trained here)" if imported else " (the run is already complete)" if done else ""
         raise TrainingError(f"{path}: no checkpoint to resume{why}")
     try:
@@ -463,12 +418,12 @@ def resume(out_dir: Path, world: World = World()) -> Path:
     cfg = TrainConfig.from_saved(state["cfg"])
     check_device(cfg.device)
     check_world(cfg, world)
-    store_dir = runfolder.recorded_store(state, out_dir)
+    store_dir = StoreRecord.from_json(state).locate(out_dir)
     if not store_dir.exists():
         raise TrainingError(f"{store_dir}: the activation store this run trains on is gone (moved or deleted?); "
                             f"move it back there to resume, or train the run again")
     store = ActivationStore.open(store_dir)
-    if differences := store_differences(store_dir, store_meta(cfg)):  # replaced since the kill
+    if differences := store_differences(store_dir, cfg.store_config().meta()):  # replaced since the kill
         raise TrainingError(f"{store_dir} now holds the activations of another configuration ({'; '.join(differences)}) "
                             f"than the run in {out_dir} was trained on: it cannot be resumed on them")
     trainer = Trainer(cfg, store, state["input_scale"], world)
@@ -479,23 +434,21 @@ def resume(out_dir: Path, world: World = World()) -> Path:
     return finish_run(out_dir, trainer, stats, began, store_dir)
 
 
+def _is_imported(run_dir: Path) -> bool:
+    try:
+        return RunConfig.load(run_dir).imported
+    except RunFolderError:
+        return False
+
+
 def finish_run(out_dir: Path, trainer: Trainer, stats: dict, began: float, store_dir: Path) -> Path:
     cfg, store = trainer.cfg, trainer.store
     stats["train_wall_s"] = time.perf_counter() - began
     stats["end_to_end_tokens_per_s"] = stats["train_tokens"] / stats["train_wall_s"]
     if "forward_tokens_per_s" in stats:  # how close the whole run came to the model's forward alone
         stats["end_to_end_ratio_to_forward"] = stats["end_to_end_tokens_per_s"] / stats["forward_tokens_per_s"]
-    run_cfg = {
-        **cfg.to_dict(),
-        "model_name": cfg.model.rstrip("/").split("/")[-1],
-        "hookpoint": store.meta.get("hookpoint", f"layers.{cfg.layer}"),
-        "d_in": store.meta["d_model"],
-        "input_scale": trainer.scale,
-        "lr_effective": cfg.effective_lr,
-        "dead_tokens_effective": cfg.effective_dead_tokens,
-        **runfolder.store_record(store_dir, out_dir),
-        "architecture": "topk",
-    }
+    run_cfg = RunConfig.from_training(cfg, d_in=store.meta["d_model"], input_scale=trainer.scale,
+                                      hookpoint=store.meta.get("hookpoint"), store=StoreRecord.of(store_dir, out_dir))
     weights = {name: trainer.world.gather_tensor(name, t) for name, t in trainer.sae.state_for_disk().items()}
     barrier(trainer.world)
     if not trainer.world.writes:
@@ -505,7 +458,7 @@ def finish_run(out_dir: Path, trainer: Trainer, stats: dict, began: float, store
     (out_dir / runfolder.METRICS_FILE).unlink(missing_ok=True)
     runfolder.drop_harvest(out_dir)
     runfolder.save_sae_weights(out_dir, weights)
-    runfolder.save_cfg(out_dir, run_cfg)
+    run_cfg.save(out_dir)
     runfolder.save_metrics(out_dir, stats)
     (out_dir / CHECKPOINT_FILE).unlink(missing_ok=True)  # the run folder now holds the result
     return out_dir

@@ -24,7 +24,6 @@ from databases import BACKENDS, drop_abandoned_schemas, empty_database, postgres
 from servers import chromium  # noqa: E402
 from webrun import make_cfg, make_run  # noqa: E402
 
-from trainer.runfolder import sae_slug  # noqa: E402
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -59,7 +58,7 @@ def run_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def sae_id() -> str:
-    return sae_slug(make_cfg())
+    return make_cfg().slug
 
 
 @pytest.fixture(scope="session", params=BACKENDS)

@@ -6,11 +6,13 @@ own trainer.scaling and trainer.families. No model, a second or two."""
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from pathlib import Path
 
 from webrun import make_synthetic_run
 
 from trainer import families, runfolder, scaling
+from trainer.runconfig import RunConfig
 
 N_SERIES, K = (16, 32, 64, 128), 4
 K_SERIES, K_SERIES_N = (2, 8), (32,)
@@ -36,7 +38,7 @@ def make_sweep(folder: Path, seed: int = 0, neighbours: int = NEIGHBOURS) -> Pat
     for (n, k), name in zip(rungs, names):
         run = make_synthetic_run(folder / "runs" / name, n_latents=n, n_examples=4, context_length=16, n_contexts=64,
                                  seed=seed * 1000 + n + k, model=MODEL)
-        runfolder.save_cfg(run, {**runfolder.load_cfg(run), "k": k})
+        replace(RunConfig.load(run), k=k).save(run)
         runfolder.save_metrics(run, {"fvu": fvu_law(n, k), "delta_ce": (0.02 + 2 * n ** -0.4) * (1 + 0.01 * math.cos(n)), "l0": float(k),
                                      "dead_fraction": 1 / n if n == max(N_SERIES) else 0.0, "train_tokens": 4096,
                                      "train_curve": training_curve(fvu_law(n, k))})

@@ -1,4 +1,4 @@
-"""docker-compose.yml and the Dockerfile: the deployment shape the issue asks for, checked by
+"""docker-compose.yml and the Dockerfile: the deployment shape docs/deployment.md describes, checked by
 parsing the files (no Docker needed)."""
 
 from __future__ import annotations

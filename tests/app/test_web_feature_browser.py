@@ -175,9 +175,9 @@ def test_a_real_harvest_in_the_browser(real_server, page, tiny_run):
     import json
     import urllib.request
 
-    from trainer.runfolder import load_cfg, sae_slug
+    from trainer.runconfig import RunConfig
 
-    sae_id = sae_slug(load_cfg(tiny_run))
+    sae_id = RunConfig.load(tiny_run).slug
     listing = json.load(urllib.request.urlopen(f"{real_server}/saes/{sae_id}.json?sort=explanation_f1&per_page=1"))
     index = listing["latents"][0]["index"]
     page.goto(f"{real_server}/saes/{sae_id}/features/{index}")

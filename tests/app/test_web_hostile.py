@@ -12,7 +12,8 @@ from webrun import make_synthetic_run
 
 from app.loader import load_run
 from app.render import token_text
-from trainer.runfolder import load_harvest, sae_slug, save_harvest
+from trainer.config import run_slug
+from trainer.runfolder import load_harvest, save_harvest
 
 
 def in_full_context(token: str) -> str:
@@ -45,7 +46,8 @@ HOSTILE = [
     "\n",
     "\t",
 ]
-HOSTILE_MODEL = "evil/<script>alert('model')</script>\"><b>model"  # shown on the index and SAE pages
+# Shown on the index and SAE pages: the pages show a model's last path part, so no "/" in it.
+HOSTILE_MODEL = "evil<img src=x onerror=alert('model')>\"><b>model"
 N_LATENTS = 8
 
 
@@ -58,7 +60,7 @@ def hostile_server(tmp_path_factory):
     save_harvest(run, harvest)
     url = f"sqlite:///{tmp_path_factory.mktemp('db') / 'hostile.db'}"
     sae_id = load_run(run, url)
-    assert sae_id == sae_slug({"model": HOSTILE_MODEL, "layer": 6, "n_latents": N_LATENTS, "k": N_LATENTS // 2})
+    assert sae_id == run_slug(HOSTILE_MODEL, 6, N_LATENTS, N_LATENTS // 2)
     port = free_port()
     serve = f"from app.server import serve; serve({url!r}, '127.0.0.1', {port})"
     with running_server(["-c", serve], port) as (base, _):

@@ -28,13 +28,14 @@ from app.main import create_app
 from app.settings import Settings
 from app.sweep_loader import load_sweep
 from trainer import runfolder
-from trainer.runfolder import RunFolderError, sae_slug
+from trainer.config import model_name, run_slug
+from trainer.errors import RunFolderError
 
 LADDER = ladder_id()
 
 
 def rung_id(n: int, k: int = K) -> str:
-    return sae_slug({"model": MODEL, "layer": 6, "n_latents": n, "k": k})
+    return run_slug(MODEL, 6, n, k)
 
 
 def ladder_counts(url: str) -> dict[str, int]:
@@ -77,7 +78,7 @@ def test_the_scaling_page_json_is_scaling_json_with_links(ladder_client, sweep_d
     scaling = json.loads((sweep_dir / "scaling.json").read_text())
     page = ladder_client.get(f"/ladders/{LADDER}.json").json()
     assert page["ladder"] | {"fvu_alpha": None} == {
-        "id": LADDER, "model": MODEL, "layer": 6, "k": K, "n_rungs": 6, "n_min": min(N_SERIES), "n_max": max(N_SERIES),
+        "id": LADDER, "model": model_name(MODEL), "layer": 6, "k": K, "n_rungs": 6, "n_min": min(N_SERIES), "n_max": max(N_SERIES),
         "fvu_alpha": None, "url": f"/ladders/{LADDER}", "json_url": f"/ladders/{LADDER}.json"}
     assert page["ladder"]["fvu_alpha"] == pytest.approx(scaling["fits"]["fvu_n"]["params"]["alpha"]["value"])
     assert page["fits"] == scaling["fits"] and page["interval"] == scaling["interval"]

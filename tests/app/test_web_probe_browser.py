@@ -16,8 +16,7 @@ from pathlib import Path
 import pytest
 
 from servers import SHOTS, free_port
-from trainer import runfolder
-from trainer.runfolder import sae_slug
+from trainer.runconfig import RunConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 TEXT = 'def greet(name):\n    """Say hello."""\n    return "Hello, " + name\n'
@@ -27,7 +26,7 @@ EMPTY = "rgba(0, 0, 0, 0)"
 
 @pytest.fixture(scope="module")
 def tiny_sae(tiny_run) -> str:
-    return sae_slug(runfolder.load_cfg(tiny_run))
+    return RunConfig.load(tiny_run).slug
 
 
 @pytest.fixture(scope="module")

@@ -32,8 +32,7 @@ class BlockingEncoder:
         self.calls = 0
         self.batches = []  # texts per forward pass
         self.sae = SimpleNamespace(k=5)
-        self.lm = SimpleNamespace(token_pieces=lambda ids: [TokenPiece(f" w{i}", False) for i in ids],
-                                  model=SimpleNamespace(config=SimpleNamespace(max_position_embeddings=None)))
+        self.lm = SimpleNamespace(token_pieces=lambda ids: [TokenPiece(f" w{i}", False) for i in ids], max_positions=None)
 
     def tokenize(self, text: str) -> list[int]:
         return list(range(len(text.split())))

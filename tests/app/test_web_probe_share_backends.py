@@ -35,9 +35,9 @@ def share_db(request, tmp_path_factory, tiny_run) -> Iterator[str]:
 @pytest.fixture(scope="module")
 def tiny_sae(tiny_run) -> str:
     """The tiny run's SAE id (tests/app's own `sae_id` is the synthetic run's)."""
-    from trainer.runfolder import load_cfg, sae_slug
+    from trainer.runconfig import RunConfig
 
-    return sae_slug(load_cfg(tiny_run))
+    return RunConfig.load(tiny_run).slug
 
 
 @pytest.fixture(scope="module")

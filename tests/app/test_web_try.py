@@ -14,7 +14,7 @@ from app.loader import load_run
 from app.main import create_app
 from app.render import explanation_html
 from app.settings import Settings
-from trainer.runfolder import load_harvest, sae_slug
+from trainer.runfolder import load_harvest
 
 TEXT = "def greet(name):\n    return 'Hello, ' + name\n"
 HX = {"HX-Request": "true", "HX-Target": "try-result"}
@@ -26,7 +26,7 @@ def tiny(tmp_path_factory, tiny_model_dir):
     run = make_run(tmp_path_factory.mktemp("try") / "run", model=str(tiny_model_dir), d_in=32, layer=1)
     url = f"sqlite:///{tmp_path_factory.mktemp('db') / 'try.db'}"
     sae_id = load_run(run, url)
-    assert sae_id == sae_slug(make_cfg(str(tiny_model_dir), 32, 1))
+    assert sae_id == make_cfg(str(tiny_model_dir), 32, 1).slug
     with TestClient(create_app(Settings(database_url=url))) as client:
         yield client, sae_id, run
 

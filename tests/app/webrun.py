@@ -9,7 +9,8 @@ import numpy as np
 import torch
 
 from tests.synthetic import random_harvest
-from trainer.runfolder import Harvest, save_cfg, save_harvest, save_metrics, save_sae_weights
+from trainer.runconfig import RunConfig
+from trainer.runfolder import Harvest, save_harvest, save_metrics, save_sae_weights
 
 N_LATENTS, TOP_K, T, N_CONTEXTS, D_IN = 64, 5, 16, 40, 8
 QUANTILE_BINS, SAMPLES_PER_BIN = 4, 3
@@ -24,9 +25,8 @@ HOSTILE_EXPLANATION = "<script>⟦alert(1)⟧"  # latent 0's explanation: markup
 WEAK = 4  # a latent whose explanation scores F1 0.05 on held-out text (shown dimmed)
 
 
-def make_cfg(model: str = "./models/Tiny-Model", d_in: int = D_IN, layer: int = 3) -> dict:
-    return {"model": model, "layer": layer, "d_in": d_in, "n_latents": N_LATENTS, "k": TOP_K,
-            "context_length": T, "seed": 0}
+def make_cfg(model: str = "./models/Tiny-Model", d_in: int = D_IN, layer: int = 3) -> RunConfig:
+    return RunConfig(model=model, layer=layer, d_in=d_in, n_latents=N_LATENTS, k=TOP_K)
 
 
 # metrics.json's training curve as trainer.train.Trainer.record writes it (a point every 10 steps of 64 tokens).
@@ -39,8 +39,7 @@ def make_run(run_dir: Path, seed: int = 0, model: str = "./models/Tiny-Model", d
     changes the weights and the harvest (hence the content hash), `model`/`d_in`/`layer` point
     it at a real model so that the probe can run its random weights (the default names a folder
     no server has, so the probe says at once that it cannot run)."""
-    cfg = make_cfg(model, d_in, layer)
-    save_cfg(run_dir, cfg)
+    make_cfg(model, d_in, layer).save(run_dir)
     write_weights(run_dir, d_in, N_LATENTS, seed)
     save_metrics(run_dir, {"fvu": 0.2345, "l0": 5.0, "dead_fraction": len(DEAD) / N_LATENTS, "delta_ce": float("nan"),
                            "eval_tokens": 2048, "train_tokens": 4096, "train_curve": TRAIN_CURVE})
@@ -120,8 +119,7 @@ def make_synthetic_run(run_dir: Path, n_latents: int, n_examples: int, context_l
     vocab = vocab or [f" tok{i}" for i in range(1000)]
     d_in = 8
     k = min(32, n_latents // 2)  # a valid TopK even for the tiny ones
-    save_cfg(run_dir, {"model": model, "layer": 6, "d_in": d_in, "n_latents": n_latents, "k": k,
-                       "context_length": context_length, "seed": seed})
+    RunConfig(model=model, layer=6, d_in=d_in, n_latents=n_latents, k=k).save(run_dir)
     write_weights(run_dir, d_in, n_latents, seed)
     save_metrics(run_dir, {"fvu": 0.1, "l0": float(k), "dead_fraction": 0.0})
     save_harvest(run_dir, random_harvest(n_latents, vocab, K=n_examples, T=context_length, C=n_contexts,

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from tests.conftest import TINY_TRAIN_ARGS
-from trainer import activations
-from trainer.activations import ActivationStore, StoreError, complete_heldout
+from trainer import store as store_module
 from trainer.model import load_language_model
+from trainer.store import ActivationStore, StoreError, complete_heldout
 
 
 @pytest.fixture()
@@ -51,18 +51,18 @@ def test_train_leaves_the_heldout_rows_to_the_first_eval(trained, tiny_model_dir
 
 def test_a_killed_fill_is_redone(trained, monkeypatch):
     store = ActivationStore.open(trained / "store")
-    real = activations.run_model
+    real = store_module.run_model
 
     def killed(lm, contexts, first, last, rows, desc, batch_size):
         rows[first * contexts.shape[1] :] = 7.0  # part-written garbage, then the process dies
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(activations, "run_model", killed)
+    monkeypatch.setattr(store_module, "run_model", killed)
     with pytest.raises(KeyboardInterrupt):
         complete_heldout(store)
     assert not ActivationStore.open(trained / "store").heldout_ready
 
-    monkeypatch.setattr(activations, "run_model", real)
+    monkeypatch.setattr(store_module, "run_model", real)
     store = complete_heldout(ActivationStore.open(trained / "store"))
     assert store.heldout_ready and not (heldout_rows(store) == 7.0).any()
 
@@ -93,12 +93,12 @@ def test_the_model_writes_the_store_in_released_slices_with_the_same_rows(tiny_m
 
     def written(name: str, release_bytes: int) -> tuple[np.ndarray, int]:
         """The rows run_model writes, and the most KiB of them it held at once."""
-        monkeypatch.setattr(activations, "RELEASE_BYTES", release_bytes)
+        monkeypatch.setattr(store_module, "RELEASE_BYTES", release_bytes)
         path = (tmp_path / f"{name}.npy").resolve()
         rows = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=(C * T, d))
         held = []
         monkeypatch.setattr(lm, "residual", lambda batch: held.append(mapped_kib(path)) or residual(batch))
-        activations.run_model(lm, contexts, 0, C, rows, name, batch_size=5)  # 20 KiB a batch: slices end mid-page
+        store_module.run_model(lm, contexts, 0, C, rows, name, batch_size=5)  # 20 KiB a batch: slices end mid-page
         held.append(mapped_kib(path))
         del rows
         return np.load(path), max(held)

@@ -1,4 +1,5 @@
-"""Activations harvested once from the truncated model into an on-disk store.
+"""The activation store: the residual stream at one hookpoint over a tokenized corpus, computed
+once by the model (blocks 0..L) and kept on disk for every run that reads the same activations.
 
     STORE/
       meta.json          model, layer, context_length, n_contexts, n_heldout, d_model, complete,
@@ -10,7 +11,7 @@
 
 Contexts are stored in a seeded random order with the held-out ones last, so training reads the
 first rows in big sequential chunks and still sees text from all over the corpus. A store is
-reused by any run with the same model, layer and corpus settings.
+reused by any run with the same model, layer and corpus settings (`StoreConfig.meta`).
 
 Training needs only the training rows, so `train` runs the model over those alone ("complete");
 the held-out rows are filled by the first evaluation or harvest that reads them
@@ -21,23 +22,118 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import mmap
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from trainer import runfolder
-from trainer.model import LanguageModel, load_language_model
+from trainer import corpus
+from trainer.errors import ConfigError, RunFolderError
+from trainer.files import write_json
+from trainer.model import LanguageModel, check_layer, load_language_model, max_positions, shared_model
 from trainer.progress import progress
+from trainer.sae import fast_matmul_dtype
+
+if TYPE_CHECKING:  # the run's contract reads stores; annotations only, no import at run time
+    from trainer.runconfig import RunConfig
+
+log = logging.getLogger(__name__)
 
 META_FILE = "meta.json"  # written atomically: readers see the old one or the new one
 
 
 class StoreError(RuntimeError):
     """A store that is missing, damaged or of another configuration (printed as one line)."""
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    """What a store holds: the model and hookpoint, the corpus and how it is cut into contexts,
+    the split, and the forward's precision. Runs (and imported SAEs' harvests) that agree on
+    `meta()` share one store."""
+
+    model: str
+    layer: int
+    corpus: str
+    context_length: int
+    tokens: int  # training tokens, rounded down to whole contexts
+    heldout_tokens: int  # held-out tokens, whole contexts
+    seed: int = 0  # of the split and the contexts' order
+    device: str = ""  # where the model runs ("": cuda when available, else cpu)
+    fast_matmul: bool = True  # bf16 matmuls where the hardware has them (fast_matmul_dtype)
+
+    def __post_init__(self):
+        if self.layer < 0:
+            raise ConfigError(f"--layer must be >= 0, got {self.layer}")
+        if self.context_length < 2:
+            raise ConfigError(f"--context-length must be at least 2, got {self.context_length}")
+        if self.tokens < self.context_length:
+            raise ConfigError(f"--tokens ({self.tokens}) must hold at least one context of {self.context_length}")
+        if self.heldout_tokens < self.context_length:
+            raise ConfigError(f"--heldout-tokens ({self.heldout_tokens}) must hold at least one context of {self.context_length}")
+
+    @property
+    def n_train_contexts(self) -> int:
+        return self.tokens // self.context_length
+
+    @property
+    def n_heldout_contexts(self) -> int:
+        return self.heldout_tokens // self.context_length
+
+    @property
+    def forward_dtype(self) -> torch.dtype:
+        return fast_matmul_dtype(self.device or None, self.fast_matmul)
+
+    def meta(self) -> dict:
+        """What identifies a store: runs that agree on these can share it (meta.json holds them)."""
+        return {
+            "model": self.model,
+            "layer": self.layer,
+            "corpus": self.corpus,
+            "context_length": self.context_length,
+            "n_heldout": self.n_heldout_contexts,
+            "n_contexts": self.n_train_contexts + self.n_heldout_contexts,
+            "seed": self.seed,
+            # A store made in bf16 is not reused by an fp32 run, nor the reverse.
+            "forward_dtype": str(self.forward_dtype).removeprefix("torch."),
+        }
+
+
+def prepare_store(cfg: StoreConfig, store_dir: Path) -> "ActivationStore":
+    """Reuse a matching complete store, or tokenize the corpus and run the model through block L."""
+    meta = cfg.meta()
+    if store_matches(store_dir, meta):
+        log.info("reusing activations in %s", store_dir)
+        return ActivationStore.open(store_dir)
+    # Cheap checks first: a bad corpus or layer fails before the model loads.
+    check_layer(cfg.model, cfg.layer)
+    positions = max_positions(cfg.model)
+    if positions and cfg.context_length > positions:  # beyond them: out-of-distribution activations, or a failure
+        raise ConfigError(f"--context-length {cfg.context_length} is longer than {cfg.model} takes ({positions} positions)")
+    corpus.check_has_text(cfg.corpus)
+    log.info("loading %s through block %d", cfg.model, cfg.layer)
+    lm = load_language_model(cfg.model, cfg.layer, cfg.device or None, fast=cfg.fast_matmul)
+    log.info("tokenizing %s into %d contexts of %d tokens", cfg.corpus, meta["n_contexts"], cfg.context_length)
+    contexts = corpus.tokenize_contexts(
+        lm.tokenizer, corpus.iter_documents(cfg.corpus), cfg.context_length, meta["n_contexts"]
+    )
+    train, heldout = corpus.split_contexts(contexts, cfg.n_heldout_contexts, cfg.seed)
+    meta["hookpoint"] = lm.hookpoint
+    return build_store(store_dir, lm, torch.cat([train, heldout]), meta)
+
+
+def check_store_not_taken(store_dir: Path, cfg: StoreConfig) -> None:
+    """A folder that may hold another configuration's activations (other SAEs may read them, and
+    they may have cost hours) is not overwritten: refused before any compute."""
+    if differences := store_differences(store_dir, cfg.meta()):
+        raise ConfigError(f"{store_dir} holds the activations of another configuration ({'; '.join(differences)}), "
+                          f"which this run would overwrite: train into another folder (or --store), or delete {store_dir} "
+                          "to build the store there")
 
 
 @dataclass
@@ -163,15 +259,15 @@ def store_differences(path: Path, meta: dict) -> list[str]:
     return [f"{key} {found.get(key)!r}, not {value!r}" for key, value in meta.items() if found.get(key) != value]
 
 
-def open_store_for_sae(path: Path, sae_cfg: dict, run_dir: Path) -> ActivationStore:
+def open_store_for_sae(path: Path, run: "RunConfig", run_dir: Path) -> ActivationStore:
     """The store at `path`, checked to hold what the SAE reads (its model and layer): eval or
     harvest on another store would write plausible-looking numbers about the wrong activations."""
     if not Path(path).exists():
         raise StoreError(f"{path}: no such activation store (moved or deleted?): give its place with --store")
     store = ActivationStore.open(path)
-    found, wanted = (store.meta.get("model"), store.meta.get("layer")), (sae_cfg.get("model"), sae_cfg.get("layer"))
+    found, wanted = (store.meta.get("model"), store.meta.get("layer")), (run.model, run.layer)
     if found != wanted:
-        raise runfolder.RunFolderError(
+        raise RunFolderError(
             f"{store.path} holds the activations of {found[0]} at layer {found[1]}, but the SAE in {run_dir} reads "
             f"{wanted[0]} at layer {wanted[1]}: give --store the store it was trained on"
         )
@@ -181,7 +277,7 @@ def open_store_for_sae(path: Path, sae_cfg: dict, run_dir: Path) -> ActivationSt
 def build_store(
     path: Path, lm: LanguageModel, contexts: torch.Tensor, meta: dict, batch_size: int = 16
 ) -> ActivationStore:
-    """Write the store's tokens (all contexts) and run the truncated model over the training
+    """Write the store's tokens (all contexts) and run the model through block L over the training
     contexts, the first C - meta["n_heldout"] (see the module docstring for the held-out ones).
     A killed build is never mistaken for a complete one: meta.json says complete only after
     every training row is flushed. meta.json's forward_seconds is the time the model took over the
@@ -192,7 +288,7 @@ def build_store(
     n_train = C - meta["n_heldout"]
     meta = {**meta, "n_contexts": C, "context_length": T, "d_model": lm.d_model, "complete": False,
             "heldout_complete": n_train == C}
-    runfolder.write_json(path / META_FILE, meta)
+    write_json(path / META_FILE, meta)
     np.save(path / "tokens.npy", contexts.numpy().astype(np.int32))
     (path / "vocab.json").write_text(json.dumps(token_vocab(lm.tokenizer)))
     activations = np.lib.format.open_memmap(
@@ -202,7 +298,7 @@ def build_store(
     run_model(lm, contexts, 0, n_train, activations, "activations", batch_size)
     forward_seconds = time.perf_counter() - began
     del activations
-    runfolder.write_json(path / META_FILE, {**meta, "complete": True, "forward_seconds": forward_seconds})
+    write_json(path / META_FILE, {**meta, "complete": True, "forward_seconds": forward_seconds})
     return ActivationStore.open(path)
 
 
@@ -219,16 +315,14 @@ def complete_heldout(store: ActivationStore, lm: LanguageModel | None = None, ba
         if store.heldout_ready:
             return store
         meta = store.meta
-        lm = lm or load_language_model(meta["model"], meta["layer"])
-        previous, lm.forward_dtype = lm.forward_dtype, getattr(torch, meta.get("forward_dtype", "float32"))
-        try:
-            activations = np.load(store.path / "activations.npy", mmap_mode="r+")
-            contexts = torch.from_numpy(store.tokens).long()
-            run_model(lm, contexts, store.n_train_contexts, store.n_contexts, activations, "held-out activations", batch_size)
-            del activations
-        finally:
-            lm.forward_dtype = previous
-        runfolder.write_json(store.path / META_FILE, {**meta, "heldout_complete": True})
+        dtype = getattr(torch, meta.get("forward_dtype", "float32"))
+        if lm is None or lm.forward_dtype != dtype:  # the same model and device, in the store's precision
+            lm = LanguageModel(shared_model(meta["model"], lm.device if lm else None, dtype=dtype), meta["layer"])
+        activations = np.load(store.path / "activations.npy", mmap_mode="r+")
+        contexts = torch.from_numpy(store.tokens).long()
+        run_model(lm, contexts, store.n_train_contexts, store.n_contexts, activations, "held-out activations", batch_size)
+        del activations
+        write_json(store.path / META_FILE, {**meta, "heldout_complete": True})
     return ActivationStore.open(store.path)
 
 
