@@ -15,7 +15,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.db import ROOT, make_engine, session_factory
 from app.probe import ProbeService
-from app.render import make_templates, render
+from app.render import make_templates, render, wants_json
 from app.routes import admin, api_docs, features, ladders, probe, saes, search
 from app.security import RequestGuard
 from app.settings import Settings
@@ -72,11 +72,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # Security headers, size limits, the request timeout and the 500 page (app/security.py).
     app.add_middleware(RequestGuard, settings=settings)
     return app
-
-
-def wants_json(request: Request) -> bool:
-    path = request.url.path
-    return path.endswith(".json") or path.startswith("/api/")
 
 
 def _install_error_handlers(app: FastAPI, settings: Settings) -> None:

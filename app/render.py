@@ -159,5 +159,12 @@ def render(request: Request, template: str, status_code: int = 200, **context) -
     return response
 
 
+def wants_json(request: Request) -> bool:
+    """An API path: its errors are JSON, as its answers are (the one definition, also for
+    app.security's own errors)."""
+    path = request.url.path
+    return path.endswith(".json") or path.startswith("/api/")
+
+
 def json_response(data, status_code: int = 200) -> JSONResponse:
     return JSONResponse(data, status_code=status_code)
