@@ -14,7 +14,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.db import ROOT, make_engine, session_factory
-from app.probe import ProbeService
+from app.probe_service import ProbeService
 from app.render import make_templates, render, wants_json
 from app.routes import admin, api_docs, features, ladders, probe, saes, search
 from app.security import RequestGuard

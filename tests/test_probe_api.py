@@ -13,7 +13,7 @@ from fastapi.testclient import TestClient
 from torch.testing import assert_close
 
 from app.main import create_app
-from app.probe import DENSE
+from app.probe_view import DENSE
 from app.settings import Settings
 from trainer import runfolder
 from trainer.inference import LatentEncoder

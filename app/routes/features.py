@@ -12,6 +12,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse
 
 from app import features, queries
 from app.deps import ProbeDep, SessionDep, URLsDep
+from app.probe_view import try_latent
 from app.render import hx_target, json_response, render
 from app.schemas import ErrorOut, FeatureOut
 
@@ -44,7 +45,7 @@ def read_feature_json(sae_id: str, index: LatentIndex, session: SessionDep, urls
 async def read_feature(request: Request, sae_id: str, index: LatentIndex, probe: ProbeDep,
                        context: Window = "snippet", text: TryText = ""):
     part = hx_target(request, PARTS)  # None: the whole page
-    trial = await probe.try_latent(sae_id, index, text) if text.strip() and part != "examples" else None
+    trial = await try_latent(probe, sae_id, index, text) if text.strip() and part != "examples" else None
     return await run_in_threadpool(_feature_response, request, probe, sae_id, index, part, context, text, trial)
 
 

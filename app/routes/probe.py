@@ -15,7 +15,7 @@ from fastapi.responses import RedirectResponse
 from pydantic import BaseModel, Field
 
 from app.deps import ProbeDep, SessionDep, URLsDep
-from app.probe import DENSE, ProbeView, view_state
+from app.probe_view import DENSE, ProbeView, view_state, view_text
 from app.render import is_htmx, json_response, render
 from app.schemas import ErrorOut, InvalidRequestOut
 from app.shares import Share, create_share, get_share
@@ -162,7 +162,7 @@ async def create_probe(body: ProbeRequest, probe: ProbeDep, urls: URLsDep):
     character or token limit (the message gives it); 404 unknown SAE; 503 weights or model not on
     this server, or the probe busy (with Retry-After)."""
     began = time.perf_counter()
-    view = await probe.view(body.sae, body.text, top_k=body.top_k, top_n=body.top_n, sort=body.sort,
+    view = await view_text(probe, body.sae, body.text, top_k=body.top_k, top_n=body.top_n, sort=body.sort,
                             hide=body.hide_dense_and_first)
     response = json_response(view.as_json(urls))
     # the server's own time for this probe, queueing included (bench/probe_latency.py reads it)
@@ -177,7 +177,7 @@ async def read_probe_json(probe: ProbeDep, urls: URLsDep, sae: str, text: str,
                           latent: Annotated[int | None, Query(ge=0)] = None,
                           top_k: Annotated[int, Query(ge=1, le=64)] = 5, top_n: Annotated[int, Query(ge=1, le=500)] = 20):
     """The same query string as /probe gives the same probe, as POST /api/probe shapes it."""
-    view = await probe.view(sae, text, latent=latent, top_k=top_k, top_n=top_n, sort=sort, hide=not include_all)
+    view = await view_text(probe, sae, text, latent=latent, top_k=top_k, top_n=top_n, sort=sort, hide=not include_all)
     return json_response(view.as_json(urls))
 
 
@@ -200,7 +200,7 @@ async def read_share_json(share_id: str, session: SessionDep, probe: ProbeDep, u
     share = await _get_share(session, share_id)
     data, error = None, None
     try:
-        view = await probe.view(share.sae, share.text, latent=latent, sort=sort, hide=not include_all)
+        view = await view_text(probe, share.sae, share.text, latent=latent, sort=sort, hide=not include_all)
         data = view.as_json(urls)
     except HTTPException as e:
         if e.status_code == 503 and e.headers and "Retry-After" in e.headers:
@@ -243,7 +243,7 @@ async def read_probe_token(request: Request, position: int, probe: ProbeDep, sae
     so does the page's state form, so that highlighting or sorting keeps the panel open."""
     text, hide = page_text(text), not include_all
     try:
-        view = await probe.view(sae, text, latent=_index(latent, "latent"), strict=False, hide=hide)
+        view = await view_text(probe, sae, text, latent=_index(latent, "latent"), strict=False, hide=hide)
         if not 0 <= position < len(view.tokens):
             raise HTTPException(404, f"the text has no token {position}")
     except HTTPException as e:
@@ -292,7 +292,7 @@ async def _probe_page(request: Request, probe, sae: str | None, text: str, laten
     error, retry_after, status = None, None, 200
     if sae is not None and text:
         try:
-            view = await probe.view(sae, text, latent=latent, strict=False, sort=sort, hide=hide, top_n=PAGE_TOP_N)
+            view = await view_text(probe, sae, text, latent=latent, strict=False, sort=sort, hide=hide, top_n=PAGE_TOP_N)
             # a position beyond this text (an edited link) just leaves the panel closed
             focus = view.tokens[token] if token is not None and token < len(view.tokens) else None
             state = view_state(view.latent, sort, hide, focus.position if focus else None)
