@@ -22,8 +22,8 @@ from fastapi import HTTPException
 
 from app.probe_service import LatentStats, ProbeResult, ProbeService
 from app.urls import URLs
+from trainer.thresholds import FREQUENT_THRESHOLD  # a latent firing more often says little about one text
 
-DENSE = 0.01  # a latent firing on more than 1 % of tokens is "dense": it says little about one text
 SortKey = Literal["max", "sum"]
 
 
@@ -38,8 +38,8 @@ class LatentInfo:
     explanation_f1: float | None = None  # and that explanation's held-out F1, when scored
 
     @property
-    def dense(self) -> bool:
-        return self.density > DENSE
+    def frequent(self) -> bool:
+        return self.density > FREQUENT_THRESHOLD
 
 
 @dataclass
@@ -66,7 +66,7 @@ class TokenView:
     token: str
     token_id: int
     latents: list[tuple[LatentInfo, float]]  # those shown, strongest first
-    dense: list[tuple[LatentInfo, float]]  # dense latents left out of `latents` (listed apart), strongest first
+    frequent: list[tuple[LatentInfo, float]]  # frequent latents left out of `latents` (listed apart), strongest first
     excluded: bool  # an attention-sink position, left out of the ranking
     shade: float  # background strength in [0, 1]
     tip: str  # the value shown on hover
@@ -104,7 +104,7 @@ def view_state(latent: int | None, sort: SortKey, hide: bool, token: int | None 
 @dataclass
 class ProbeView:
     """One probe as the page and the API show it: the tokens, each token's latents, and the
-    latents ranked over the whole text. `hide` leaves dense latents and the attention-sink
+    latents ranked over the whole text. `hide` leaves frequent latents and the attention-sink
     position(s) out of the ranking and the shading (the per-token JSON keeps everything)."""
 
     result: ProbeResult
@@ -147,19 +147,19 @@ class ProbeView:
         return self.result.indices[first:], self.result.values[first:]
 
     def _kept(self) -> tuple[np.ndarray, np.ndarray]:
-        """The same over the latents the view counts: a hidden dense latent's values are 0."""
+        """The same over the latents the view counts: a hidden frequent latent's values are 0."""
         indices, values = self._counted()
         if self.hide:
-            values = np.where(self.stats.density[indices] > DENSE, 0, values)
+            values = np.where(self.stats.density[indices] > FREQUENT_THRESHOLD, 0, values)
         return indices, values
 
     @cached_property
-    def hidden_dense(self) -> int:
-        """Dense latents that fire on the counted tokens but are left out of the ranking."""
+    def hidden_frequent(self) -> int:
+        """Frequent latents that fire on the counted tokens but are left out of the ranking."""
         if not self.hide:
             return 0
         indices, values = self._counted()
-        return len(np.unique(indices[(values > 0) & (self.stats.density[indices] > DENSE)]))
+        return len(np.unique(indices[(values > 0) & (self.stats.density[indices] > FREQUENT_THRESHOLD)]))
 
     def _rank(self) -> list[TextLatent]:
         indices, values = self._kept()
@@ -182,8 +182,8 @@ class ProbeView:
         tokens = []
         for position, (token, token_id) in enumerate(zip(self.result.tokens, self.result.token_ids)):
             latents = [(self.info(i), v) for i, v in self.result.token_latents(position)]
-            shown = [(info, v) for info, v in latents if not (self.hide and info.dense)]
-            dense = [(info, v) for info, v in latents if self.hide and info.dense]
+            shown = [(info, v) for info, v in latents if not (self.hide and info.frequent)]
+            frequent = [(info, v) for info, v in latents if self.hide and info.frequent]
             excluded = position < n_excluded
             if selected is not None:
                 value = float(selected[position])
@@ -196,7 +196,7 @@ class ProbeView:
             else:
                 shade, tip = 0.0, ("first position: left out" if excluded else "no latent fires")
             carries = position < len(self.result.carries) and self.result.carries[position]
-            tokens.append(TokenView(position, token, token_id, shown, dense, excluded, shade, tip, carries))
+            tokens.append(TokenView(position, token, token_id, shown, frequent, excluded, shade, tip, carries))
         return tokens
 
     def as_json(self, urls: URLs) -> dict:
@@ -211,9 +211,9 @@ class ProbeView:
             ],
             "top_latents": [latent.as_json(urls, self.sae) for latent in self.text_latents],
             "sort": self.sort,
-            "hide_dense_and_first": self.hide,
+            "hide_frequent_and_first": self.hide,
             "excluded_positions": self.excluded_positions,
-            "dense_density": DENSE,
+            "frequent_density": FREQUENT_THRESHOLD,
             "highlighted": None if self.selected is None else {
                 "index": self.latent, "activations": [_short(v) for v in self.result.activations_of(self.latent)],
                 "max_activation": self.selected.max_activation, "density": self.selected.density,

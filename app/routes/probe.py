@@ -12,14 +12,15 @@ from fastapi import APIRouter, FastAPI, Form, HTTPException, Query, Request
 from fastapi.routing import APIRoute
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import RedirectResponse
-from pydantic import BaseModel, Field
+from pydantic import AliasChoices, BaseModel, Field
 
 from app.deps import ProbeDep, SessionDep, URLsDep
-from app.probe_view import DENSE, ProbeView, view_state, view_text
+from app.probe_view import ProbeView, view_state, view_text
 from app.render import is_htmx, json_response, render
 from app.schemas import ErrorOut, InvalidRequestOut
 from app.shares import Share, create_share, get_share
 from app.urls import URLs
+from trainer.thresholds import FREQUENT_THRESHOLD
 
 
 @asynccontextmanager
@@ -79,9 +80,11 @@ class ProbeRequest(BaseModel):
     top_k: int = Field(5, ge=1, le=64, description="strongest latents reported per token")
     top_n: int = Field(20, ge=1, le=500, description="latents in the whole-text ranking")
     sort: SortKey = Field("max", description="rank the whole-text latents by their max or their sum over the tokens")
-    hide_dense_and_first: bool = Field(
-        True, description=f"leave dense latents (density > {DENSE:.0%}) and the first position (an attention "
-                          "sink, left out by the harvest too) out of the whole-text ranking")
+    hide_frequent_and_first: bool = Field(
+        True, description=f"leave frequent latents (density > {FREQUENT_THRESHOLD:.0%}) and the first position (an "
+                          "attention sink, left out by the harvest too) out of the whole-text ranking",
+        # the key's name from before "dense" meant only evaluation's 10 %: older clients still get what they ask
+        validation_alias=AliasChoices("hide_frequent_and_first", "hide_dense_and_first"))
 
 
 class ProbeLatent(BaseModel):
@@ -124,9 +127,10 @@ class ProbeResponse(BaseModel):
     tokens: list[ProbeTokenOut]
     top_latents: list[TextLatentOut] = Field(description="latents most active over the whole text")
     sort: SortKey
-    hide_dense_and_first: bool
+    hide_frequent_and_first: bool
     excluded_positions: list[int] = Field(description="positions left out of top_latents")
-    dense_density: float = Field(description="density above which a latent counts as dense")
+    frequent_density: float = Field(description="density above which a latent counts as frequent (left out by "
+                                                "hide_frequent_and_first)")
     highlighted: HighlightOut | None = Field(None, description="the latent the query string's latent= names, over the text")
     url: str = Field(description="the probe page showing this result")
 
@@ -163,7 +167,7 @@ async def create_probe(body: ProbeRequest, probe: ProbeDep, urls: URLsDep):
     this server, or the probe busy (with Retry-After)."""
     began = time.perf_counter()
     view = await view_text(probe, body.sae, body.text, top_k=body.top_k, top_n=body.top_n, sort=body.sort,
-                            hide=body.hide_dense_and_first)
+                            hide=body.hide_frequent_and_first)
     response = json_response(view.as_json(urls))
     # the server's own time for this probe, queueing included (bench/probe_latency.py reads it)
     response.headers["Server-Timing"] = f"probe;dur={(time.perf_counter() - began) * 1000:.2f}"
@@ -212,7 +216,7 @@ async def read_share_json(share_id: str, session: SessionDep, probe: ProbeDep, u
 # ---------------------------------------------------------------- pages and fragments
 
 
-DENSE_PERCENT = f"{DENSE * 100:g} %"
+FREQUENT_PERCENT = f"{FREQUENT_THRESHOLD * 100:g} %"
 
 
 @router.get("/probe", include_in_schema=False)
@@ -249,7 +253,7 @@ async def read_probe_token(request: Request, position: int, probe: ProbeDep, sae
     except HTTPException as e:
         return render(request, "_probe_error.html", status_code=e.status_code, error=e.detail)
     response = render(request, "_probe_token.html", view=view, token=view.tokens[position], oob=True,
-                      dense_percent=DENSE_PERCENT)
+                      frequent_percent=FREQUENT_PERCENT)
     urls = URLs(request.scope.get("root_path", ""))
     state = view_state(view.latent, sort, hide, position)
     # on a shared probe's page the address stays its short link
@@ -310,7 +314,7 @@ async def _probe_page(request: Request, probe, sae: str | None, text: str, laten
         "options": options, "sae": sae, "text": text, "state": state, "view": view, "focus": focus, "error": error,
         "retry_after": retry_after, "share": share, "max_chars": probe.settings.probe_max_chars,
         "max_tokens": probe.settings.probe_max_tokens,
-        "dense_percent": DENSE_PERCENT,
+        "frequent_percent": FREQUENT_PERCENT,
         "page_url": page_url,
         "json_url": urls.probe(sae, text, fmt="json", **state | {"token": None}) if view else None,
         "og": open_graph(view, sae, text, absolute(request, address)),
