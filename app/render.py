@@ -11,6 +11,7 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.templating import Jinja2Templates
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
 from markupsafe import Markup, escape
+from pydantic import BaseModel
 
 from app import charts
 from app.db import ROOT
@@ -167,4 +168,7 @@ def wants_json(request: Request) -> bool:
 
 
 def json_response(data, status_code: int = 200) -> JSONResponse:
+    """`data` as JSON; a record (a pydantic model) as its fields (app.pages)."""
+    if isinstance(data, BaseModel):
+        data = data.model_dump(mode="json")
     return JSONResponse(data, status_code=status_code)
