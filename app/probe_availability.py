@@ -14,29 +14,22 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
+from app.queries import SaeSource, SaeSummary
 from trainer.runfolder import CFG_FILE, SAE_FILE, RunFolderError, read_json_object
 
 
-@dataclass
-class SaeOption:
+class SaeOption(SaeSummary):
     """An SAE in the probe's selector, and why it cannot be probed here, if it cannot."""
 
-    id: str
-    model: str
-    layer: int
-    n_latents: int
-    k: int
     unavailable: str | None = None
 
 
-def unavailable_for(sae, runs_root: str | Path | None, failures: Mapping[tuple[str, str], str]) -> str | None:
-    """Why the SAE (id, model, run_dir, content_hash) cannot be probed here, or None: its run
-    folder is missing, its model failed to load before (`failures`, by (id, content hash)), or
-    its model surely cannot be loaded here."""
+def unavailable_for(sae: SaeSource, runs_root: str | Path | None, failures: Mapping[tuple[str, str], str]) -> str | None:
+    """Why the SAE cannot be probed here, or None: its run folder is missing, its model failed to
+    load before (`failures`, by (id, content hash)), or its model surely cannot be loaded here."""
     run_dir = find_run_dir(sae.run_dir, runs_root)
     if run_dir is None:
         return f"weights not on this server (run folder {sae.run_dir} not found)"

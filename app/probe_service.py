@@ -41,6 +41,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.models import Latent, Sae
 from app.probe_availability import SaeOption, find_run_dir, missing_weights, unavailable_for
+from app.queries import SUMMARY_COLUMNS, SaeSource
 from app.settings import Settings
 from trainer.runfolder import HARVEST_DIR
 
@@ -203,21 +204,20 @@ class ProbeService:
         """Every SAE in the database, each marked with why it cannot be probed here (or None)."""
         with self.sessions() as session:
             rows = session.execute(
-                select(Sae.id, Sae.model, Sae.layer, Sae.n_latents, Sae.k, Sae.run_dir, Sae.content_hash)
-                .order_by(Sae.model, Sae.layer, Sae.n_latents, Sae.k, Sae.id)
+                select(*SUMMARY_COLUMNS, *SaeSource.columns).order_by(Sae.model, Sae.layer, Sae.n_latents, Sae.k, Sae.id)
             ).all()
-        return [SaeOption(row.id, row.model, row.layer, row.n_latents, row.k, self.unavailable_for(row)) for row in rows]
+        return [SaeOption(**row._mapping, unavailable=self.unavailable_for(SaeSource.of(row))) for row in rows]
 
     def unavailable(self, sae_id: str) -> str | None:
         """Why this SAE cannot be probed here, checked without loading its model (None: it may be)."""
         with self.sessions() as session:
-            row = session.execute(select(Sae.id, Sae.model, Sae.run_dir, Sae.content_hash).where(Sae.id == sae_id)).first()
-        return f"no SAE {sae_id!r}" if row is None else self.unavailable_for(row)
+            row = session.execute(select(*SaeSource.columns).where(Sae.id == sae_id)).first()
+        return f"no SAE {sae_id!r}" if row is None else self.unavailable_for(SaeSource.of(row))
 
-    def unavailable_for(self, row) -> str | None:
-        """The same for an SAE row already read (id, model, run_dir, content_hash): no query. A
-        model that failed to load here before says why (app.probe_availability checks the rest)."""
-        return unavailable_for(row, self.settings.runs_root, self._failures)
+    def unavailable_for(self, sae: SaeSource) -> str | None:
+        """The same for an SAE whose source was read already: no query. A model that failed to
+        load here before says why (app.probe_availability checks the rest)."""
+        return unavailable_for(sae, self.settings.runs_root, self._failures)
 
     # ------------------------------------------------------------ probing
 

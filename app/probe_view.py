@@ -2,8 +2,8 @@
 panel), and the latents ranked over the whole text; POST /api/probe and the page's JSON twin give
 the same view as JSON. Also the feature page's "try your own text": one latent over a text.
 
-    view = await view_text(service, sae_id, text, latent=3, sort="sum")   # a ProbeView
-    trial = await try_latent(service, sae_id, index, text)               # a LatentTrial
+    view = await view_text(service, sae_id, text, urls, latent=3, sort="sum")   # a ProbeResponse
+    trial = await try_latent(service, sae_id, index, text)                     # a LatentTrial
 
 The numbers come from app.probe_service (a ProbeResult: every latent firing on every token, and
 each latent's harvest statistics); this module only ranks and shapes them.
@@ -19,54 +19,58 @@ from typing import Literal
 import anyio
 import numpy as np
 from fastapi import HTTPException
+from pydantic import BaseModel, Field, PrivateAttr, computed_field, field_serializer
 
 from app.probe_service import LatentStats, ProbeResult, ProbeService
+from app.queries import LatentHitOut
+from app.shares import ShareOut
 from app.urls import URLs
 from trainer.thresholds import FREQUENT_THRESHOLD  # a latent firing more often says little about one text
 
 SortKey = Literal["max", "sum"]
 
 
-@dataclass
-class LatentInfo:
-    """A latent as the probe lists it, linking to its feature page."""
-
-    index: int
-    density: float
-    max_activation: float  # over the harvest: the scale its shading uses
-    explanation: str | None = None  # its automatic explanation, when the harvest found one
-    explanation_f1: float | None = None  # and that explanation's held-out F1, when scored
-
-    @property
-    def frequent(self) -> bool:
-        return self.density > FREQUENT_THRESHOLD
-
-
-@dataclass
-class TextLatent:
+class TextLatentOut(LatentHitOut):
     """One latent's activity over the whole text."""
 
-    latent: LatentInfo
-    max: float
-    sum: float
-    n_tokens: int  # tokens it fires on
+    max: float = Field(description="its largest activation over the counted tokens")
+    sum: float = Field(description="its activations summed over the counted tokens")
+    n_tokens: int = Field(description="counted tokens it fires on")
 
-    def as_json(self, urls: URLs, sae_id: str) -> dict:
-        return {
-            "index": self.latent.index, "max": _short(self.max), "sum": _short(self.sum), "n_tokens": self.n_tokens,
-            "density": self.latent.density, "max_activation": self.latent.max_activation,
-            "explanation": self.latent.explanation, "explanation_f1": self.latent.explanation_f1,
-            "url": urls.feature(sae_id, self.latent.index),
-        }
+    @field_serializer("max", "sum", when_used="json")
+    def _json_number(self, value: float) -> float:
+        return _short(value)
+
+
+class ProbeLatent(BaseModel):
+    index: int
+    activation: float
+
+
+class ProbeTokenOut(BaseModel):
+    position: int
+    token: str = Field(description="the token's text, leading spaces and newlines kept")
+    token_id: int
+    top_latents: list[ProbeLatent] = Field(description="up to top_k latents firing on this token, strongest first")
+
+
+class HighlightOut(BaseModel):
+    index: int
+    activations: list[float] = Field(description="its activation on every token of the text, 0 where it does not fire")
+    max_activation: float = Field(description="its largest activation in the harvest")
+    density: float
+    url: str
 
 
 @dataclass
 class TokenView:
+    """A token as the page shows it: its chip (shade, hover text) and its panel (its latents)."""
+
     position: int
     token: str
     token_id: int
-    latents: list[tuple[LatentInfo, float]]  # those shown, strongest first
-    frequent: list[tuple[LatentInfo, float]]  # frequent latents left out of `latents` (listed apart), strongest first
+    latents: list[tuple[LatentHitOut, float]]  # those shown, strongest first
+    frequent: list[tuple[LatentHitOut, float]]  # frequent latents left out of `latents` (listed apart), strongest first
     excluded: bool  # an attention-sink position, left out of the ranking
     shade: float  # background strength in [0, 1]
     tip: str  # the value shown on hover
@@ -101,56 +105,97 @@ def view_state(latent: int | None, sort: SortKey, hide: bool, token: int | None 
     return {"latent": latent, "sort": None if sort == "max" else sort, "all": None if hide else 1, "token": token}
 
 
-@dataclass
-class ProbeView:
+class ProbeResponse(BaseModel):
     """One probe as the page and the API show it: the tokens, each token's latents, and the
     latents ranked over the whole text. `hide` leaves frequent latents and the attention-sink
-    position(s) out of the ranking and the shading (the per-token JSON keeps everything)."""
+    position(s) out of the ranking and the shading (the per-token JSON keeps everything). The
+    JSON's fields are built with it; what only the page shows (`token_views`, `selected`,
+    `hidden_frequent`) and the JSON's per-token lists are built when first read."""
 
-    result: ProbeResult
-    stats: LatentStats
-    hide: bool = True
-    latent: int | None = None  # highlighted over all tokens
-    sort: SortKey = "max"
-    top_n: int = 20
-    top_k: int = 5  # per token, in the JSON
+    sae: str
+    text: str
+    n_tokens: int
+    top_latents: list[TextLatentOut] = Field(description="latents most active over the whole text")
+    sort: SortKey
+    hide_frequent_and_first: bool
+    excluded_positions: list[int] = Field(description="positions left out of top_latents")
+    frequent_density: float = Field(FREQUENT_THRESHOLD, description="density above which a latent counts as frequent")
+    url: str = Field(description="the probe page showing this result")
+    # the view's state that the JSON gives in other shapes (highlighted, tokens)
+    latent: int | None = Field(None, exclude=True)  # highlighted over all tokens
+    top_k: int = Field(5, exclude=True)  # latents per token, in the JSON
+    _result: ProbeResult = PrivateAttr()
+    _stats: LatentStats = PrivateAttr()
+    _urls: URLs = PrivateAttr()
+    _infos: dict[int, LatentHitOut] = PrivateAttr(default_factory=dict)
 
-    def __post_init__(self):
-        self.text_latents = self._rank()
-        self.selected = self.info(self.latent) if self.latent is not None else None
+    @classmethod
+    def of(cls, result: ProbeResult, stats: LatentStats, urls: URLs, hide: bool = True, latent: int | None = None,
+           sort: SortKey = "max", top_n: int = 20, top_k: int = 5) -> ProbeResponse:
+        excluded = list(range(min(result.excluded_positions, len(result)))) if hide else []
+        view = cls(sae=result.sae, text=result.text, n_tokens=len(result), top_latents=[], sort=sort,
+                   hide_frequent_and_first=hide, excluded_positions=excluded, latent=latent, top_k=top_k,
+                   url=urls.probe(result.sae, result.text, **view_state(latent, sort, hide)))
+        view._result, view._stats, view._urls = result, stats, urls
+        view.top_latents = view._rank(top_n)
+        return view
+
+    @property
+    def result(self) -> ProbeResult:
+        return self._result
+
+    @property
+    def hide(self) -> bool:
+        return self.hide_frequent_and_first
+
+    @computed_field(description="every token, with the latents firing on it")
+    @cached_property
+    def tokens(self) -> list[ProbeTokenOut]:
+        result = self._result
+        return [ProbeTokenOut(position=p, token=token, token_id=token_id,
+                              top_latents=[ProbeLatent(index=i, activation=_short(v))
+                                           for i, v in result.token_latents(p, self.top_k)])
+                for p, (token, token_id) in enumerate(zip(result.tokens, result.token_ids))]
+
+    @computed_field(description="the latent the query string's latent= names, over the text")
+    @cached_property
+    def highlighted(self) -> HighlightOut | None:
+        if self.selected is None:
+            return None
+        return HighlightOut(index=self.latent, activations=[_short(v) for v in self._result.activations_of(self.latent)],
+                            max_activation=self.selected.max_activation, density=self.selected.density,
+                            url=self.selected.url)
 
     @cached_property
-    def tokens(self) -> list[TokenView]:
+    def selected(self) -> LatentHitOut | None:
+        """The highlighted latent."""
+        return self.info(self.latent) if self.latent is not None else None
+
+    @cached_property
+    def token_views(self) -> list[TokenView]:
         """Every token as the page shows it (built only for the page: the JSON needs less)."""
         return self._tokens()
 
-    @property
-    def sae(self) -> str:
-        return self.result.sae
-
-    @property
-    def text(self) -> str:
-        return self.result.text
-
-    @property
-    def excluded_positions(self) -> list[int]:
-        return list(range(min(self.result.excluded_positions, len(self.result)))) if self.hide else []
-
-    def info(self, index: int) -> LatentInfo:
-        return LatentInfo(index=index, density=float(self.stats.density[index]),
-                          max_activation=float(self.stats.max_activation[index]),
-                          explanation=self.stats.explanation[index], explanation_f1=self.stats.explanation_f1[index])
+    def info(self, index: int) -> LatentHitOut:
+        """A latent of the SAE, with its harvest statistics (read once per view)."""
+        if (found := self._infos.get(index)) is None:
+            stats = self._stats
+            found = self._infos[index] = LatentHitOut(
+                index=index, density=float(stats.density[index]), max_activation=float(stats.max_activation[index]),
+                explanation=stats.explanation[index], explanation_f1=stats.explanation_f1[index],
+                url=self._urls.feature(self.sae, index))
+        return found
 
     def _counted(self) -> tuple[np.ndarray, np.ndarray]:
         """(indices, values) over the positions the view counts: (T', k) each."""
         first = len(self.excluded_positions)
-        return self.result.indices[first:], self.result.values[first:]
+        return self._result.indices[first:], self._result.values[first:]
 
     def _kept(self) -> tuple[np.ndarray, np.ndarray]:
         """The same over the latents the view counts: a hidden frequent latent's values are 0."""
         indices, values = self._counted()
         if self.hide:
-            values = np.where(self.stats.density[indices] > FREQUENT_THRESHOLD, 0, values)
+            values = np.where(self._stats.density[indices] > FREQUENT_THRESHOLD, 0, values)
         return indices, values
 
     @cached_property
@@ -159,11 +204,11 @@ class ProbeView:
         if not self.hide:
             return 0
         indices, values = self._counted()
-        return len(np.unique(indices[(values > 0) & (self.stats.density[indices] > FREQUENT_THRESHOLD)]))
+        return len(np.unique(indices[(values > 0) & (self._stats.density[indices] > FREQUENT_THRESHOLD)]))
 
-    def _rank(self) -> list[TextLatent]:
+    def _rank(self, top_n: int) -> list[TextLatentOut]:
         indices, values = self._kept()
-        n = len(self.stats.density)
+        n = len(self._stats.density)
         fired = values > 0
         total = np.bincount(indices[fired], weights=values[fired], minlength=n)  # (n,)
         count = np.bincount(indices[fired], minlength=n)
@@ -171,19 +216,21 @@ class ProbeView:
         np.maximum.at(peak, indices[fired], values[fired])
         score = peak if self.sort == "max" else total
         candidates = np.flatnonzero(count)
-        order = candidates[np.lexsort((candidates, -score[candidates]))][: self.top_n]  # ties: lower index first
-        return [TextLatent(self.info(int(i)), float(peak[i]), float(total[i]), int(count[i])) for i in order]
+        order = candidates[np.lexsort((candidates, -score[candidates]))][:top_n]  # ties: lower index first
+        return [TextLatentOut(**dict(self.info(int(i))), max=float(peak[i]), sum=float(total[i]), n_tokens=int(count[i]))
+                for i in order]
 
     def _tokens(self) -> list[TokenView]:
+        result = self._result
         n_excluded = len(self.excluded_positions)
-        selected = self.result.activations_of(self.latent) if self.latent is not None else None
+        selected = result.activations_of(self.latent) if self.latent is not None else None
         if selected is not None:
             scale = self.selected.max_activation if self.selected.max_activation > 0 else float(selected.max(initial=0))
         tokens = []
-        for position, (token, token_id) in enumerate(zip(self.result.tokens, self.result.token_ids)):
-            latents = [(self.info(i), v) for i, v in self.result.token_latents(position)]
-            shown = [(info, v) for info, v in latents if not (self.hide and info.frequent)]
-            frequent = [(info, v) for info, v in latents if self.hide and info.frequent]
+        for position, (token, token_id) in enumerate(zip(result.tokens, result.token_ids)):
+            latents = [(self.info(i), v) for i, v in result.token_latents(position)]
+            shown = [(info, v) for info, v in latents if not (self.hide and info.density > FREQUENT_THRESHOLD)]
+            frequent = [(info, v) for info, v in latents if self.hide and info.density > FREQUENT_THRESHOLD]
             excluded = position < n_excluded
             if selected is not None:
                 value = float(selected[position])
@@ -195,31 +242,16 @@ class ProbeView:
                 tip = f"#{top.index}: {value:.3f}"
             else:
                 shade, tip = 0.0, ("first position: left out" if excluded else "no latent fires")
-            carries = position < len(self.result.carries) and self.result.carries[position]
+            carries = position < len(result.carries) and result.carries[position]
             tokens.append(TokenView(position, token, token_id, shown, frequent, excluded, shade, tip, carries))
         return tokens
 
-    def as_json(self, urls: URLs) -> dict:
-        return {
-            "sae": self.sae,
-            "text": self.text,
-            "n_tokens": len(self.result),
-            "tokens": [
-                {"position": p, "token": token, "token_id": token_id,
-                 "top_latents": [{"index": i, "activation": _short(v)} for i, v in self.result.token_latents(p, self.top_k)]}
-                for p, (token, token_id) in enumerate(zip(self.result.tokens, self.result.token_ids))
-            ],
-            "top_latents": [latent.as_json(urls, self.sae) for latent in self.text_latents],
-            "sort": self.sort,
-            "hide_frequent_and_first": self.hide,
-            "excluded_positions": self.excluded_positions,
-            "frequent_density": FREQUENT_THRESHOLD,
-            "highlighted": None if self.selected is None else {
-                "index": self.latent, "activations": [_short(v) for v in self.result.activations_of(self.latent)],
-                "max_activation": self.selected.max_activation, "density": self.selected.density,
-                "url": urls.feature(self.sae, self.latent)},
-            "url": urls.probe(self.sae, self.text, **view_state(self.latent, self.sort, self.hide)),
-        }
+
+class SharedProbeOut(ShareOut):
+    """A shared probe and what it gives now."""
+
+    probe: ProbeResponse | None = Field(description="the probe of the shared text (null when it cannot run here)")
+    error: str | None = Field(description="why the probe cannot run here, if it cannot")
 
 
 def _short(value) -> float:
@@ -253,18 +285,18 @@ class LatentTrial:
         return sum(value > 0 for value in self.activations)
 
 
-async def view_text(service: ProbeService, sae_id: str, text: str, latent: int | None = None, strict: bool = True,
-                    **options) -> ProbeView:
-    """Probe `text` and shape it for the page or the API (options: ProbeView's fields). A
-    latent the SAE does not have is a 422, or ignored when not `strict` (the page keeps the
-    highlighted latent while the user switches SAEs)."""
+async def view_text(service: ProbeService, sae_id: str, text: str, urls: URLs = URLs(), latent: int | None = None,
+                    strict: bool = True, **options) -> ProbeResponse:
+    """Probe `text` and shape it for the page or the API (options: ProbeResponse.of's). A latent the
+    SAE does not have is a 422, or ignored when not `strict` (the page keeps the highlighted
+    latent while the user switches SAEs)."""
     result, stats = await service.encode(sae_id, text)
     if latent is not None and not 0 <= latent < len(stats.density):
         if not strict:
             latent = None
         else:
             raise HTTPException(422, f"latent {latent} does not exist: SAE {sae_id!r} has latents 0..{len(stats.density) - 1}")
-    return ProbeView(result, stats, latent=latent, **options)
+    return ProbeResponse.of(result, stats, urls, latent=latent, **options)
 
 
 async def try_latent(service: ProbeService, sae_id: str, index: int, text: str) -> LatentTrial:
