@@ -21,6 +21,7 @@ from app.security import RequestGuard
 from app.settings import Settings
 
 log = logging.getLogger("saescope.app")
+ROUTERS = (saes.router, features.router, ladders.router, search.router, probe.router, admin.router, api_docs.router)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -52,7 +53,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.probe = probe_service
     app.state.templates = make_templates(reload=settings.debug)
 
-    for router in (saes.router, features.router, ladders.router, search.router, probe.router, admin.router, api_docs.router):
+    for router in ROUTERS:
         app.include_router(router)
 
     @app.get("/healthz", include_in_schema=False)
