@@ -80,7 +80,9 @@ def route(router: APIRouter, path: str, *, template: str, name: str, summary: st
         names = [p.name for p in view_params]
         if clash := set(names) & {p.name for p in own_params}:
             raise TypeError(f"{html.__name__} declares {sorted(clash)} again: the view's parameters reach it in page.params")
-        request = [] if "request" in names else [inspect.Parameter("request", inspect.Parameter.KEYWORD_ONLY, annotation=Request)]
+        # the page needs the request; the view may take it too, as FastAPI gives it to any endpoint
+        request_param = [] if "request" in names else [
+            inspect.Parameter("request", inspect.Parameter.KEYWORD_ONLY, annotation=Request)]
 
         if inspect.iscoroutinefunction(view):
             async def read_json(**arguments):
@@ -115,7 +117,7 @@ def route(router: APIRouter, path: str, *, template: str, name: str, summary: st
                 return page_call.render(page_call.data())
 
         _endpoint(read_json, view, view_params, f"{view.__name__}_json")
-        _endpoint(read_html, view, request + view_params + own_params, view.__name__)
+        _endpoint(read_html, view, request_param + view_params + own_params, view.__name__)
         # The twin answers the record's fields itself (json_response) rather than through FastAPI's
         # round trip of the response model, which would ask back what only the page shows (exclude=True).
         router.add_api_route(json_path or f"{path}.json", read_json, methods=["GET"], name=read_json.__name__,

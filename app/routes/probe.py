@@ -214,44 +214,58 @@ async def read_share(share_id: str, session: SessionDep, probe: ProbeDep, urls: 
 # ---------------------------------------------------------------- fragments and the page's forms
 
 
+@dataclass
+class ProbeForm:
+    """The page's state form (#probe-state), as its tokens and its Share button send it."""
+
+    sae: str
+    text: str  # as the page carries it (page_text)
+    latent: str  # '' for none
+    sort: SortKey
+    hide: bool
+
+
+async def probe_form(sae: Annotated[str, Form()], text: Annotated[str, Form()], latent: Annotated[str, Form()] = "",
+                     sort: Annotated[SortKey, Form()] = "max",
+                     include_all: Annotated[bool, Form(alias="all")] = False) -> ProbeForm:
+    return ProbeForm(sae, page_text(text), latent, sort, not include_all)
+
+
+FormDep = Annotated[ProbeForm, Depends(probe_form)]
+
+
 @router.post("/probe/tokens/{position}", include_in_schema=False)
-async def read_probe_token(request: Request, position: int, probe: ProbeDep, urls: URLsDep,
-                           sae: Annotated[str, Form()], text: Annotated[str, Form()],
-                           latent: Annotated[str, Form()] = "", sort: Annotated[SortKey, Form()] = "max",
-                           include_all: Annotated[bool, Form(alias="all")] = False,
+async def read_probe_token(request: Request, position: int, probe: ProbeDep, urls: URLsDep, form: FormDep,
                            share: Annotated[str, Form()] = ""):
     """The latents of one token (the fragment a focused token asks for). The address bar takes
     the token too (replaced, not pushed: moving along the tokens with Tab is not history), and
     so does the page's state form, so that highlighting or sorting keeps the panel open."""
-    text, hide = page_text(text), not include_all
     try:
-        view = await view_text(probe, sae, text, urls, latent=_index(latent, "latent"), strict=False, hide=hide)
+        view = await view_text(probe, form.sae, form.text, urls, latent=_index(form.latent, "latent"), strict=False,
+                               hide=form.hide)
         if not 0 <= position < len(view.token_views):
             raise HTTPException(404, f"the text has no token {position}")
     except HTTPException as e:
         return render(request, "_probe_error.html", status_code=e.status_code, error=e.detail)
     response = render(request, "_probe_token.html", view=view, token=view.token_views[position], oob=True,
                       frequent_percent=FREQUENT_PERCENT)
-    state = view_state(view.latent, sort, hide, position)
+    state = view_state(view.latent, form.sort, form.hide, position)
     # on a shared probe's page the address stays its short link
-    response.headers["HX-Replace-Url"] = urls.share(share, **state) if share else urls.probe(sae, text, **state)
+    response.headers["HX-Replace-Url"] = urls.share(share, **state) if share else urls.probe(form.sae, form.text, **state)
     return response
 
 
 @router.post("/probe/share", include_in_schema=False)
-async def create_share_from_page(request: Request, session: SessionDep, probe: ProbeDep, urls: URLsDep,
-                                 sae: Annotated[str, Form()], text: Annotated[str, Form()],
-                                 latent: Annotated[str, Form()] = "", sort: Annotated[SortKey, Form()] = "max",
-                                 include_all: Annotated[bool, Form(alias="all")] = False,
+async def create_share_from_page(request: Request, session: SessionDep, probe: ProbeDep, urls: URLsDep, form: FormDep,
                                  token: Annotated[str, Form()] = ""):
     """The Share button: the link as a fragment (htmx), or a redirect to it (no JavaScript)."""
     try:
-        share, _ = await _share(session, probe, sae, page_text(text), urls)
+        share, _ = await _share(session, probe, form.sae, form.text, urls)
     except HTTPException as e:
         if not is_htmx(request):
             raise
         return render(request, "_probe_error.html", status_code=e.status_code, error=e.detail)
-    link = urls.share(share.id, **view_state(_index(latent, "latent"), sort, not include_all, _index(token, "token")))
+    link = urls.share(share.id, **view_state(_index(form.latent, "latent"), form.sort, form.hide, _index(token, "token")))
     if not is_htmx(request):
         return RedirectResponse(link, status_code=303)
     return render(request, "_probe_share.html", share=share, link=absolute(request, link))
