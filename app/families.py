@@ -12,18 +12,18 @@ from __future__ import annotations
 
 import json
 import numpy as np
-from pydantic import BaseModel, Field
+from pydantic import Field
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.models import Ladder, LadderRung, LatentFamily
-from app.queries import NeighbourOut
+from app.queries import NeighbourOut, Record
 from app.urls import URLs
 
 SPLITS_SHOWN = 5  # nearest latents listed per larger SAE
 
 
-class SizeOut(BaseModel):
+class SizeOut(Record):
     """One other SAE of the ladder and the latents of it nearest to this one, most similar first."""
 
     sae_id: str
@@ -32,7 +32,7 @@ class SizeOut(BaseModel):
     latents: list[NeighbourOut] = Field(description="most similar first")
 
 
-class AcrossSizesOut(BaseModel):
+class AcrossSizesOut(Record):
     """A latent's nearest latents in the other sizes of its ladder."""
 
     ladder: str

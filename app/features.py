@@ -14,14 +14,14 @@ import json
 from typing import Literal
 
 import numpy as np
-from pydantic import BaseModel, Field, PrivateAttr, computed_field
+from pydantic import Field, PrivateAttr, computed_field
 from sqlalchemy import and_, or_, select
 from sqlalchemy.orm import Session
 
 from app.families import AcrossSizesOut, across_sizes
 from app.models import LATENT_BLOBS, Context, LadderRung, Latent, LatentDetail, Sae, Vocab
 from app.models import Example as ExampleRow
-from app.queries import ExplanationOut, NeighbourOut, SaeSource
+from app.queries import ExplanationOut, NeighbourOut, Record, SaeSource
 from app.urls import URLs
 
 Window = Literal["snippet", "full"]  # the page's examples: around each firing, or whole contexts
@@ -29,7 +29,7 @@ Window = Literal["snippet", "full"]  # the page's examples: around each firing, 
 SNIPPET_BEFORE, SNIPPET_AFTER = 10, 4
 
 
-class ExampleOut(BaseModel):
+class ExampleOut(Record):
     """One context a latent fired in: the latent's activation on every token of it."""
 
     bin: int = Field(exclude=True)  # 0 = top examples, 1..Q = quantile bins (Q = the highest)
@@ -52,7 +52,7 @@ class ExampleOut(BaseModel):
         return max(0, self.position - SNIPPET_BEFORE), min(len(self.tokens), self.position + SNIPPET_AFTER + 1)
 
 
-class QuantileOut(BaseModel):
+class QuantileOut(Record):
     """Examples sampled from one activation quantile: firings between `low` and `high`."""
 
     bin: int = Field(description="1..Q, Q the highest")
@@ -62,30 +62,30 @@ class QuantileOut(BaseModel):
     examples: list[ExampleOut]
 
 
-class HistogramOut(BaseModel):
+class HistogramOut(Record):
     edges: list[float]  # H + 1 increasing bin edges
     counts: list[int]  # H
 
 
-class TokenEffectOut(BaseModel):
+class TokenEffectOut(Record):
     token_id: int
     token: str
     value: float  # the change of the token's logit per unit of activation
 
 
-class LogitsOut(BaseModel):
+class LogitsOut(Record):
     top: list[TokenEffectOut] = Field(description="tokens whose logit the latent raises most")
     bottom: list[TokenEffectOut] = Field(description="tokens whose logit it lowers most")
     histogram: HistogramOut = Field(description="every vocabulary token's logit effect")
 
 
-class ExcludedOut(BaseModel):
+class ExcludedOut(Record):
     positions: list[int] = Field(description="context positions left out of every statistic (attention sinks)")
     token_ids: list[int]
     tokens: list[str]
 
 
-class FeatureOut(BaseModel):
+class FeatureOut(Record):
     """One latent: statistics, histograms, examples, logit effects, neighbours, explanation."""
 
     sae_id: str

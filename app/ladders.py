@@ -13,19 +13,20 @@ from __future__ import annotations
 import json
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, with_config
+from pydantic import ConfigDict, Field, with_config
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 from typing_extensions import TypedDict
 
 from app.models import Ladder, LadderRung, Sae
+from app.queries import Record
 from app.urls import URLs
 
 FIT_NAMES = {"fvu_n": "FVU vs n", "delta_ce_n": "ΔCE vs n", "fvu_joint": "FVU vs (n, k)",
              "delta_ce_joint": "ΔCE vs (n, k)"}
 
 
-class LadderOut(BaseModel):
+class LadderOut(Record):
     """A ladder as the lists of ladders show it."""
 
     id: str
@@ -40,13 +41,13 @@ class LadderOut(BaseModel):
     json_url: str
 
 
-class LadderIndexOut(BaseModel):
+class LadderIndexOut(Record):
     """The scaling ladders (sweeps) in the database."""
 
     ladders: list[LadderOut]
 
 
-class RungOut(BaseModel):
+class RungOut(Record):
     """One SAE of the sweep, as scaling.json describes it."""
 
     run: str = Field(description="the rung's run folder, relative to the sweep folder")
@@ -107,8 +108,11 @@ class FitOut(TypedDict, total=False):
     curve: Annotated[list[FitCurveOut], Field(description="the fitted law on 41 log-spaced n, for every k")]
 
 
-class LadderPageOut(BaseModel):
+class LadderPageOut(Record):
     """One ladder: its scaling fits, its rungs, and the sweep's options."""
+
+    # a fit has the keys scaling.json gives it, not all of FitOut's: documented as optional
+    model_config = ConfigDict(json_schema_serialization_defaults_required=False)
 
     ladder: LadderOut
     rungs: list[RungOut] = Field(description="every SAE of the sweep, smallest n first, then k")

@@ -19,10 +19,10 @@ from typing import Literal
 import anyio
 import numpy as np
 from fastapi import HTTPException
-from pydantic import BaseModel, Field, PrivateAttr, computed_field, field_serializer
+from pydantic import Field, PrivateAttr, computed_field, field_serializer
 
 from app.probe_service import LatentStats, ProbeResult, ProbeService
-from app.queries import LatentHitOut
+from app.queries import LatentHitOut, Record
 from app.shares import ShareOut
 from app.urls import URLs
 from trainer.thresholds import FREQUENT_THRESHOLD  # a latent firing more often says little about one text
@@ -42,19 +42,19 @@ class TextLatentOut(LatentHitOut):
         return _short(value)
 
 
-class ProbeLatent(BaseModel):
+class ProbeLatent(Record):
     index: int
     activation: float
 
 
-class ProbeTokenOut(BaseModel):
+class ProbeTokenOut(Record):
     position: int
     token: str = Field(description="the token's text, leading spaces and newlines kept")
     token_id: int
     top_latents: list[ProbeLatent] = Field(description="up to top_k latents firing on this token, strongest first")
 
 
-class HighlightOut(BaseModel):
+class HighlightOut(Record):
     index: int
     activations: list[float] = Field(description="its activation on every token of the text, 0 where it does not fire")
     max_activation: float = Field(description="its largest activation in the harvest")
@@ -105,12 +105,14 @@ def view_state(latent: int | None, sort: SortKey, hide: bool, token: int | None 
     return {"latent": latent, "sort": None if sort == "max" else sort, "all": None if hide else 1, "token": token}
 
 
-class ProbeResponse(BaseModel):
-    """One probe as the page and the API show it: the tokens, each token's latents, and the
-    latents ranked over the whole text. `hide` leaves frequent latents and the attention-sink
-    position(s) out of the ranking and the shading (the per-token JSON keeps everything). The
-    JSON's fields are built with it; what only the page shows (`token_views`, `selected`,
-    `hidden_frequent`) and the JSON's per-token lists are built when first read."""
+class ProbeResponse(Record):
+    """One probe of a text: its tokens, each token's latents, and the latents ranked over the
+    whole text (frequent latents and the first position left out unless asked for)."""
+
+    # The page shows the same object: `hide` leaves frequent latents and the attention-sink
+    # position(s) out of the ranking and the shading (the per-token JSON keeps everything). What
+    # only the page shows (`token_views`, `selected`, `hidden_frequent`) and the JSON's per-token
+    # lists are built when first read.
 
     sae: str
     text: str

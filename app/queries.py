@@ -28,10 +28,17 @@ SortKey = Literal["density", "max_activation", "explanation_f1", "index"]
 Order = Literal["desc", "asc"]
 
 
+class Record(BaseModel):
+    """A record of the query layer (see the module's docstring)."""
+
+    # Its JSON has every field, those with a default too: the schema says so to clients.
+    model_config = ConfigDict(json_schema_serialization_defaults_required=True)
+
+
 # ---------------------------------------------------------------- an SAE
 
 
-class SaeSummary(BaseModel):
+class SaeSummary(Record):
     """An SAE as every list of SAEs shows it (the index, the probe's selector)."""
 
     id: str
@@ -70,8 +77,10 @@ class SaeSource(BaseModel):
         return cls(**{column.key: getattr(row, column.key) for column in cls.columns})
 
 
-class DensityHistogramOut(BaseModel):
-    """Latents per bin of log10(density), computed at load time (app.loader.density_histogram)."""
+class DensityHistogramOut(Record):
+    """The SAE's latents per bin of log10(density)."""
+
+    # computed at load time (app.loader.density_histogram)
 
     log10_edges: list[float] = Field(description="bin edges in log10(density), increasing")
     counts: list[int] = Field(description="latents per bin (dead latents are not in any bin)")
@@ -94,7 +103,7 @@ class SaeDetailOut(SaeSummary):
     ladder_id: str | None = Field(None, description="the scaling ladder it is a rung of (/ladders/{ladder_id}), or null")
 
 
-class IndexOut(BaseModel):
+class IndexOut(Record):
     """The SAEs in the database (the index page lists the ladders too)."""
 
     saes: list[SaeOut]
@@ -103,7 +112,7 @@ class IndexOut(BaseModel):
 # ---------------------------------------------------------------- a latent
 
 
-class ExplanationOut(BaseModel):
+class ExplanationOut(Record):
     """A latent's automatic explanation: a token pattern (`⟦ ⟧` marks the token it fires on,
     ` | ` joins alternatives), scored on held-out contexts the pattern was not found on."""
 
@@ -124,7 +133,7 @@ class ExplanationOut(BaseModel):
                    firings=latent.explanation_firings)
 
 
-class LatentHitOut(BaseModel):
+class LatentHitOut(Record):
     """A latent as lists show it (search results, the probe's latents), linking to its page."""
 
     index: int
@@ -153,9 +162,9 @@ class LatentOut(LatentHitOut):
     columns: ClassVar[tuple] = (*LatentHitOut.columns, Latent.mean_activation)
 
 
-class NeighbourOut(BaseModel):
+class NeighbourOut(Record):
     """A latent near another by the cosine of their decoder directions: in the same SAE, or in
-    another size of its ladder (app.families)."""
+    another size of its ladder."""
 
     index: int
     cosine: float = Field(description="cosine similarity of the two decoder directions")
@@ -168,10 +177,12 @@ class NeighbourOut(BaseModel):
 # ---------------------------------------------------------------- an SAE's page
 
 
-class LatentFilterOut(BaseModel):
-    """Which latents the list shows. Every filter is a range of density: sorted by density, a
-    filtered page is one range of the index that sorts it; in another order the database reads
-    the range (at most one SAE's latents) and sorts it, or walks the sort's index, as it judges."""
+class LatentFilterOut(Record):
+    """Which latents the list shows (null or false: no bound)."""
+
+    # Every filter is a range of density: sorted by density, a filtered page is one range of the
+    # index that sorts it; in another order the database reads the range (at most one SAE's
+    # latents) and sorts it, or walks the sort's index, as it judges.
 
     min_density: float | None = None
     max_density: float | None = None
@@ -200,7 +211,7 @@ class LatentFilterOut(BaseModel):
                 "hide_dead": 1 if self.hide_dead else None, "hide_dense": 1 if self.hide_dense else None}
 
 
-class SaePageOut(BaseModel):
+class SaePageOut(Record):
     """One page of an SAE's latents, in the order and with the filters the query string asks for.
     Sorted by explanation score, it lists the latents whose explanation was scored."""
 

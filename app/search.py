@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import re
 
-from pydantic import BaseModel, Field
+from pydantic import Field
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.models import ExplanationTerm, Latent, TokenLatent, Vocab
-from app.queries import LatentHitOut, SaeSummary
+from app.queries import LatentHitOut, Record, SaeSummary
 from app.urls import URLs
 
 WORD = re.compile(r"\w+")
@@ -52,14 +52,14 @@ class TokenHitOut(LatentHitOut):
     fire_rate: float = Field(description="share of the token's occurrences it fires on")
 
 
-class TokenMatchOut(BaseModel):
+class TokenMatchOut(Record):
     token_id: int
     token: str
     occurrences: int | None = Field(description="in the harvest tokens (null: no latent listed for it)")
     latents: list[TokenHitOut] = Field(description="the latents that fire most on it, strongest first")
 
 
-class SearchOut(BaseModel):
+class SearchOut(Record):
     """What a query finds in one SAE."""
 
     sae: str | None  # None: no SAE to search

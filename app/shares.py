@@ -11,18 +11,19 @@ import base64
 import hashlib
 from datetime import timezone
 
-from pydantic import BaseModel, Field
+from pydantic import Field
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.models import Sae, ShareLink
+from app.queries import Record
 from app.urls import URLs
 
 ID_LENGTHS = (10, 16, 32, 52)  # base32 characters: 50 bits first, the whole sha-256 at most
 
 
-class ShareOut(BaseModel):
+class ShareOut(Record):
     """A shared probe: the SAE and the text, under a short permanent link."""
 
     id: str = Field(description="derived from a hash of the SAE id and the text: sharing twice gives the same id")
