@@ -303,7 +303,7 @@ def percent_of_tokens(log10_density: float) -> str:
 
 
 def activation_chart(histogram) -> BarChart:
-    """A latent's non-zero activations (app.features.Histogram)."""
+    """A latent's non-zero activations (app.features.HistogramOut)."""
     total = sum(histogram.counts) or 1
     return bar_chart(
         histogram.edges, histogram.counts, title="Histogram of the latent's activations where it fires",
@@ -320,7 +320,7 @@ def logit_chart(histogram) -> BarChart:
 
 
 def density_chart(histogram) -> BarChart:
-    """An SAE's latents by log10 density (app.queries.DensityHistogram), dead ones aside."""
+    """An SAE's latents by log10 density (app.queries.DensityHistogramOut), dead ones aside."""
     edges = histogram.log10_edges
     decades = [float(d) for d in range(math.ceil(edges[0]), math.floor(edges[-1]) + 1)]
     threshold = math.log10(histogram.dense_threshold)
@@ -340,8 +340,9 @@ def size_label(n: float) -> str:
 
 
 def scaling_chart(ladder, metric: str, name: str) -> LineChart:
-    """One metric of a ladder's n series against n, log-log, with its fitted L(n) (app.ladders)."""
-    k = ladder.summary.k
+    """One metric of a ladder's n series against n, log-log, with its fitted L(n) (`ladder`: an
+    app.ladders.LadderPageOut)."""
+    k = ladder.ladder.k
     fit = ladder.fits.get(f"{metric}_n", {})
     fitted = {point["n"]: point["fitted"] for point in fit.get("points", [])}
     rungs = [(rung.n_latents, getattr(rung, metric)) for rung in ladder.n_series if getattr(rung, metric) is not None]
@@ -366,7 +367,7 @@ def k_series_chart(ladder) -> LineChart:
 
 def dead_chart(ladder) -> LineChart:
     """The share of dead latents in each SAE of the n series."""
-    k = ladder.summary.k
+    k = ladder.ladder.k
     rungs = [(r.n_latents, r.dead_fraction) for r in ladder.n_series if r.dead_fraction is not None]
     line = Series("dead latents", "dead", [(n, 100 * dead, f"n = {n:,}, k = {k}: {dead:.2%} dead") for n, dead in rungs])
     return line_chart([line], title="Dead latents against n", x_label="latents n (log scale)",
@@ -380,7 +381,7 @@ SERIES_COLOURS = 6  # s0 .. s5 in static/style.css
 def ladder_training_chart(ladder) -> LineChart:
     """The training FVU of each SAE of the n series against the tokens trained on (log–log): whether
     the larger SAEs were still improving when their tokens ran out."""
-    k, lines = ladder.summary.k, []
+    k, lines = ladder.ladder.k, []
     for i, rung in enumerate(r for r in ladder.n_series if r.sae_id in ladder.curves):
         curve = ladder.curves[rung.sae_id]
         points = [(t, f, f"n = {rung.n_latents:,}, k = {k}, {t:,} tokens: FVU {f:.4g}")

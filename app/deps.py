@@ -8,7 +8,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 from sqlalchemy.orm import Session
 
-from app.probe import ProbeService
+from app.probe_service import ProbeService
 from app.settings import Settings
 from app.urls import URLs
 

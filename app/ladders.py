@@ -1,8 +1,7 @@
 """The scaling pages' query objects: the ladders in the database, and one ladder's fits and rungs.
 
-    ladders = list_ladders(session)
-    page = get_ladder(session, ladder_id)   # None when there is no such ladder
-    page.as_json(urls)                      # the .json twin
+    ladders = list_ladders(session, urls)   # a LadderIndexOut
+    page = get_ladder(session, ladder_id, urls)   # a LadderPageOut, None when there is no such ladder
 
 A ladder is a sweep loaded by app.sweep_loader: its scaling.json (trainer/scaling.py documents
 every key) and its rungs, each a loaded SAE. Both pages read by primary key or by the rungs'
@@ -12,117 +11,162 @@ key prefix.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from typing import Annotated
 
+from pydantic import ConfigDict, Field, with_config
 from sqlalchemy import select
 from sqlalchemy.orm import Session
+from typing_extensions import TypedDict
 
 from app.models import Ladder, LadderRung, Sae
+from app.queries import Record
 from app.urls import URLs
 
 FIT_NAMES = {"fvu_n": "FVU vs n", "delta_ce_n": "ΔCE vs n", "fvu_joint": "FVU vs (n, k)",
              "delta_ce_joint": "ΔCE vs (n, k)"}
 
 
-@dataclass
-class LadderSummary:
+class LadderOut(Record):
+    """A ladder as the lists of ladders show it."""
+
     id: str
     model: str
     layer: int
-    k: int  # of the n series
-    n_rungs: int
-    n_min: int  # the n series' smallest and largest SAE
+    k: int = Field(description="k of the n series")
+    n_rungs: int = Field(description="SAEs in scaling.json (the n series and the k series)")
+    n_min: int = Field(description="the n series' smallest number of latents")
     n_max: int
-    fvu_alpha: float | None  # the fitted exponent of FVU vs n, when the fit ran
+    fvu_alpha: float | None = Field(description="the fitted exponent alpha of FVU(n) = c + a n^-alpha, or null")
+    url: str
+    json_url: str
 
-    def as_json(self, urls: URLs) -> dict:
-        return asdict(self) | {"url": urls.ladder(self.id), "json_url": urls.ladder(self.id, fmt="json")}
+
+class LadderIndexOut(Record):
+    """The scaling ladders (sweeps) in the database."""
+
+    ladders: list[LadderOut]
 
 
-@dataclass
-class Rung:
-    """One SAE of the sweep, as scaling.json describes it; sae_id None when it is not loaded."""
+class RungOut(Record):
+    """One SAE of the sweep, as scaling.json describes it."""
 
-    run: str
-    sae_id: str | None
+    run: str = Field(description="the rung's run folder, relative to the sweep folder")
+    sae_id: str | None = Field(description="the loaded SAE, or null when this rung is not in the database")
     n_latents: int
     k: int
     fvu: float | None
     delta_ce: float | None
     dead_fraction: float | None
     l0: float | None
-
-    def as_json(self, urls: URLs) -> dict:
-        return asdict(self) | {"url": urls.sae(self.sae_id) if self.sae_id else None}
+    url: str | None = Field(description="the SAE's page")
 
 
-@dataclass
-class LadderPage:
-    summary: LadderSummary
-    sweep: dict  # sweep.json: {"sweep": options, "train": the shared training options, "rungs"}
-    scaling: dict  # scaling.json
-    rungs: list[Rung]  # smallest n first, then k
-    curves: dict[str, dict] = field(default_factory=dict)  # sae_id -> its metrics.json train_curve, if any
+# A fit is scaling.json's own (trainer/scaling.py), read and shown as it is: typed dicts, so that
+# the schema documents its keys and the page and charts read it like the file.
+@with_config(ConfigDict(extra="allow"))
+class FitParamOut(TypedDict):
+    value: float | None
+    low: Annotated[float | None, Field(description="the interval's ends (null: no interval, or open on that side)")]
+    high: float | None
+    low_open: bool
+    high_open: bool
+    fixed: Annotated[bool, Field(description="held at its value: the grid cannot identify it")]
+
+
+@with_config(ConfigDict(extra="allow"))
+class FitPointOut(TypedDict):
+    n: int
+    k: int
+    observed: float
+    fitted: float
+
+
+@with_config(ConfigDict(extra="allow"))
+class FitCurveOut(TypedDict):
+    n: float
+    k: int
+    value: float
+
+
+@with_config(ConfigDict(extra="allow"))
+class FitOut(TypedDict, total=False):
+    """A fit of scaling.json (trainer/scaling.py), or {"skipped": why}."""
+
+    skipped: Annotated[str, Field(description="why the fit did not run (then no other key)")]
+    metric: str
+    form: str
+    variables: list[str]
+    k: Annotated[int, Field(description="n fits: the k of their rungs")]
+    params: dict[str, FitParamOut]
+    n_exponent: Annotated[dict[str, float | None], Field(description="joint fits: the exponent of n at each k")]
+    r2: float | None
+    r2_log: float | None
+    rmse_log: float | None
+    n_points: int
+    dof: int
+    points: list[FitPointOut]
+    curve: Annotated[list[FitCurveOut], Field(description="the fitted law on 41 log-spaced n, for every k")]
+
+
+class LadderPageOut(Record):
+    """One ladder: its scaling fits, its rungs, and the sweep's options."""
+
+    # a fit has the keys scaling.json gives it, not all of FitOut's: documented as optional
+    model_config = ConfigDict(json_schema_serialization_defaults_required=False)
+
+    ladder: LadderOut
+    rungs: list[RungOut] = Field(description="every SAE of the sweep, smallest n first, then k")
+    fits: dict[str, FitOut] = Field(description="fvu_n, delta_ce_n, fvu_joint, delta_ce_joint")
+    interval: dict | None = Field(description='{"method": "profile", "level": 0.95}')
+    paper: dict | None = Field(description="the paper's reference values, for comparison")
+    sweep: dict = Field(description="the sweep's options (sweep.json)")
+    train: dict = Field(description="the training options every rung shares")
+    url: str
+    # each loaded rung's metrics.json train_curve, by SAE id: the page's training chart
+    curves: dict[str, dict] = Field(default_factory=dict, exclude=True)
 
     @property
-    def id(self) -> str:
-        return self.summary.id
-
-    @property
-    def fits(self) -> dict[str, dict]:
-        """scaling.json's fits in the order the page shows them (a fit or {"skipped": why})."""
-        found = self.scaling.get("fits", {})
-        return {name: found[name] for name in FIT_NAMES if name in found}
-
-    @property
-    def titled_fits(self) -> list[tuple[str, str, dict]]:
+    def titled_fits(self) -> list[tuple[str, str, FitOut]]:
         """(name, title, fit) for the page."""
         return [(name, FIT_NAMES[name], fit) for name, fit in self.fits.items()]
 
     @property
-    def n_series(self) -> list[Rung]:
-        return [rung for rung in self.rungs if rung.k == self.summary.k]
+    def n_series(self) -> list[RungOut]:
+        return [rung for rung in self.rungs if rung.k == self.ladder.k]
 
     @property
-    def k_series(self) -> dict[int, list[Rung]]:
+    def k_series(self) -> dict[int, list[RungOut]]:
         """The rungs at each n trained at two or more k, by n (the k series)."""
-        by_n: dict[int, list[Rung]] = {}
+        by_n: dict[int, list[RungOut]] = {}
         for rung in self.rungs:
             by_n.setdefault(rung.n_latents, []).append(rung)
         return {n: sorted(rungs, key=lambda r: r.k) for n, rungs in by_n.items() if len(rungs) > 1}
-
-    def as_json(self, urls: URLs) -> dict:
-        return {
-            "ladder": self.summary.as_json(urls),
-            "rungs": [rung.as_json(urls) for rung in self.rungs],
-            "fits": self.fits,
-            "interval": self.scaling.get("interval"),
-            "paper": self.scaling.get("paper"),
-            "sweep": self.sweep.get("sweep", {}),
-            "train": self.sweep.get("train", {}),
-            "url": urls.ladder(self.id),
-        }
 
 
 # ---------------------------------------------------------------- queries
 
 
-def list_ladders(session: Session) -> list[LadderSummary]:
+def list_ladders(session: Session, urls: URLs = URLs()) -> LadderIndexOut:
     rows = session.execute(select(Ladder.id, Ladder.model, Ladder.layer, Ladder.k, Ladder.scaling).order_by(Ladder.id))
-    return [_summary(*row[:4], json.loads(row[4])) for row in rows]
+    return LadderIndexOut(ladders=[_summary(*row[:4], json.loads(row[4]), urls) for row in rows])
 
 
-def get_ladder(session: Session, ladder_id: str) -> LadderPage | None:
+def get_ladder(session: Session, ladder_id: str, urls: URLs = URLs()) -> LadderPageOut | None:
     ladder = session.get(Ladder, ladder_id)
     if ladder is None:
         return None
     scaling = json.loads(ladder.scaling)
+    sweep = json.loads(ladder.sweep)  # {"sweep": options, "train": the shared training options, "rungs"}
     loaded = dict(session.execute(select(LadderRung.run, LadderRung.sae_id).where(LadderRung.ladder_id == ladder_id)).all())
-    rungs = [Rung(row["run"], loaded.get(row["run"]), row["n_latents"], row["k"],
-                  *(row.get(key) for key in ("fvu", "delta_ce", "dead_fraction", "l0")))
+    rungs = [RungOut(run=row["run"], sae_id=loaded.get(row["run"]), n_latents=row["n_latents"], k=row["k"],
+                  **{key: row.get(key) for key in ("fvu", "delta_ce", "dead_fraction", "l0")},
+                  url=urls.sae(loaded[row["run"]]) if loaded.get(row["run"]) else None)
              for row in scaling.get("rungs", [])]
-    return LadderPage(summary=_summary(ladder.id, ladder.model, ladder.layer, ladder.k, scaling),
-                      sweep=json.loads(ladder.sweep), scaling=scaling, rungs=rungs,
+    found = scaling.get("fits", {})
+    return LadderPageOut(ladder=_summary(ladder.id, ladder.model, ladder.layer, ladder.k, scaling, urls), rungs=rungs,
+                      fits={name: found[name] for name in FIT_NAMES if name in found},  # in the page's order
+                      interval=scaling.get("interval"), paper=scaling.get("paper"), sweep=sweep.get("sweep", {}),
+                      train=sweep.get("train", {}), url=urls.ladder(ladder.id),
                       curves=_training_curves(session, [rung.sae_id for rung in rungs if rung.sae_id]))
 
 
@@ -133,9 +177,11 @@ def _training_curves(session: Session, sae_ids: list[str]) -> dict[str, dict]:
     return {sae_id: curve for sae_id, curve in curves.items() if curve and curve.get("tokens")}
 
 
-def _summary(ladder_id: str, model: str, layer: int, k: int, scaling: dict) -> LadderSummary:
+def _summary(ladder_id: str, model: str, layer: int, k: int, scaling: dict, urls: URLs) -> LadderOut:
     rungs = scaling.get("rungs", [])
     sizes = [rung["n_latents"] for rung in rungs if rung["k"] == k] or [0]
     fit = scaling.get("fits", {}).get("fvu_n", {})
     alpha = fit["params"]["alpha"]["value"] if "params" in fit else None
-    return LadderSummary(ladder_id, model, layer, k, len(rungs), min(sizes), max(sizes), alpha)
+    return LadderOut(id=ladder_id, model=model, layer=layer, k=k, n_rungs=len(rungs), n_min=min(sizes),
+                         n_max=max(sizes), fvu_alpha=alpha, url=urls.ladder(ladder_id),
+                         json_url=urls.ladder(ladder_id, fmt="json"))

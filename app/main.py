@@ -14,13 +14,14 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.db import ROOT, make_engine, session_factory
-from app.probe import ProbeService
-from app.render import make_templates, render
+from app.probe_service import ProbeService
+from app.render import make_templates, render, wants_json
 from app.routes import admin, api_docs, features, ladders, probe, saes, search
 from app.security import RequestGuard
 from app.settings import Settings
 
 log = logging.getLogger("saescope.app")
+ROUTERS = (saes.router, features.router, ladders.router, search.router, probe.router, admin.router, api_docs.router)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -52,7 +53,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.probe = probe_service
     app.state.templates = make_templates(reload=settings.debug)
 
-    for router in (saes.router, features.router, ladders.router, search.router, probe.router, admin.router, api_docs.router):
+    for router in ROUTERS:
         app.include_router(router)
 
     @app.get("/healthz", include_in_schema=False)
@@ -72,11 +73,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # Security headers, size limits, the request timeout and the 500 page (app/security.py).
     app.add_middleware(RequestGuard, settings=settings)
     return app
-
-
-def wants_json(request: Request) -> bool:
-    path = request.url.path
-    return path.endswith(".json") or path.startswith("/api/")
 
 
 def _install_error_handlers(app: FastAPI, settings: Settings) -> None:

@@ -1,16 +1,22 @@
-"""The query layer: plain dataclasses that both the HTML pages and their `.json` twins render.
+"""The query layer's records and the SAE pages' queries.
 
-Each `as_json(urls)` method gives the stable JSON shape (documented in the OpenAPI schema by the
-routes); templates read the same objects' attributes. This module: the SAE index and each SAE's
-page (its latents sorted and filtered); app/features.py the feature page, app/search.py search.
+Each record is a pydantic model declared once: the query functions build it, the templates read
+its attributes, and its JSON (`model_dump`) is the `.json` twin's body, documented in
+/openapi.json by the same class (app.pages). A field only a page shows is `exclude=True`; links
+are fields, built by the query with the request's `URLs`. A record the JSON API gives out is named
+`...Out`, the name /openapi.json has always given it (what generated clients bind to).
+
+This module: the records several pages share (an SAE, a latent), the SAE index and each SAE's
+page (its latents sorted and filtered); app/features.py the feature page, app/ladders.py the
+ladders, app/search.py search, app/probe_view.py the probe.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
+from pydantic import BaseModel, ConfigDict, Field, computed_field
 from sqlalchemy import asc, desc, func, select
 from sqlalchemy.orm import Session
 
@@ -22,8 +28,19 @@ SortKey = Literal["density", "max_activation", "explanation_f1", "index"]
 Order = Literal["desc", "asc"]
 
 
-@dataclass
-class SaeSummary:
+class Record(BaseModel):
+    """A record of the query layer (see the module's docstring)."""
+
+    # Its JSON has every field, those with a default too: the schema says so to clients.
+    model_config = ConfigDict(json_schema_serialization_defaults_required=True)
+
+
+# ---------------------------------------------------------------- an SAE
+
+
+class SaeSummary(Record):
+    """An SAE as every list of SAEs shows it (the index, the probe's selector)."""
+
     id: str
     model: str
     layer: int
@@ -33,76 +50,139 @@ class SaeSummary:
     l0: float | None
     dead_fraction: float | None
 
-    def as_json(self, urls: URLs) -> dict:
-        return asdict(self) | {"url": urls.sae(self.id), "json_url": urls.sae(self.id, fmt="json")}
+
+class SaeOut(SaeSummary):
+    """An SAE in the index, with its links."""
+
+    url: str
+    json_url: str
 
 
-@dataclass
-class DensityHistogram:
-    """Latents per bin of log10(density), computed at load time (app.loader.density_histogram)."""
+class SaeSource(BaseModel):
+    """Where an SAE's weights and model come from: what the probe reads to tell whether it can
+    run the SAE here (app.probe_availability)."""
 
-    log10_edges: list[float]
-    counts: list[int]
-    dead: int  # never fired in the harvest
-    dense: int  # fired on more than dense_threshold of the tokens
+    model_config = ConfigDict(frozen=True)
+
+    id: str
+    model: str
+    run_dir: str
+    content_hash: str
+
+    columns: ClassVar[tuple] = (Sae.id, Sae.model, Sae.run_dir, Sae.content_hash)
+
+    @classmethod
+    def of(cls, row) -> SaeSource:
+        """The record of a row that holds its `columns` (among others)."""
+        return cls(**{column.key: getattr(row, column.key) for column in cls.columns})
+
+
+class DensityHistogramOut(Record):
+    """The SAE's latents per bin of log10(density)."""
+
+    # computed at load time (app.loader.density_histogram)
+
+    log10_edges: list[float] = Field(description="bin edges in log10(density), increasing")
+    counts: list[int] = Field(description="latents per bin (dead latents are not in any bin)")
+    dead: int = Field(description="latents that never fired in the harvest")
+    dense: int = Field(description="latents firing on more than dense_threshold of the tokens")
     dense_threshold: float
 
 
-@dataclass
-class SaeDetail(SaeSummary):
+class SaeDetailOut(SaeSummary):
+    """An SAE as its own page shows it."""
+
     d_in: int
     context_length: int | None
     cfg: dict
     metrics: dict
     created_at: str
-    harvest: dict  # harvest.json: tokens seen, bins, seed, excluded positions and tokens
-    density_histogram: DensityHistogram | None  # None for SAEs loaded before migration 0004
-    n_explained: int  # latents with a scored explanation
-    ladder_id: str | None = None  # the scaling ladder it is a rung of (app.ladders)
+    harvest: dict = Field(description="harvest.json: tokens seen, bins, seed, excluded_positions, excluded_token_ids, ...")
+    density_histogram: DensityHistogramOut | None = Field(description="null for SAEs loaded before migration 0004")
+    n_explained: int = Field(description="latents with a scored explanation")
+    ladder_id: str | None = Field(None, description="the scaling ladder it is a rung of (/ladders/{ladder_id}), or null")
 
 
-@dataclass
-class Explanation:
+class IndexOut(Record):
+    """The SAEs in the database (the index page lists the ladders too)."""
+
+    saes: list[SaeOut]
+
+
+# ---------------------------------------------------------------- a latent
+
+
+class ExplanationOut(Record):
     """A latent's automatic explanation: a token pattern (`⟦ ⟧` marks the token it fires on,
     ` | ` joins alternatives), scored on held-out contexts the pattern was not found on."""
 
-    text: str
-    patterns: list[list[int]]  # token ids, the last one the firing token
-    precision: float | None  # share of the pattern's matches where the latent fires
-    recall: float | None  # share of the latent's firings that the pattern matches
+    text: str = Field(description="a token pattern: ⟦ ⟧ marks the token it fires on, ' | ' joins alternatives")
+    patterns: list[list[int]] = Field(description="the same as token ids, the last one the firing token")
+    precision: float | None = Field(description="on held-out contexts: share of the pattern's matches where it fires")
+    recall: float | None = Field(description="on held-out contexts: share of its firings the pattern matches")
     f1: float | None
     matches: int | None
     firings: int | None
 
     @classmethod
-    def of(cls, latent: Latent, patterns: str | None) -> "Explanation | None":
+    def of(cls, latent: Latent, patterns: str | None) -> "ExplanationOut | None":
         if not latent.explanation:
             return None
-        return cls(latent.explanation, json.loads(patterns or "[]"), latent.explanation_precision,
-                   latent.explanation_recall, latent.explanation_f1, latent.explanation_matches, latent.explanation_firings)
-
-    def as_json(self) -> dict:
-        return asdict(self)
+        return cls(text=latent.explanation, patterns=json.loads(patterns or "[]"), precision=latent.explanation_precision,
+                   recall=latent.explanation_recall, f1=latent.explanation_f1, matches=latent.explanation_matches,
+                   firings=latent.explanation_firings)
 
 
-@dataclass
-class LatentRow:
+class LatentHitOut(Record):
+    """A latent as lists show it (search results, the probe's latents), linking to its page."""
+
     index: int
-    density: float
-    max_activation: float
-    mean_activation: float
-    explanation: str | None
-    explanation_f1: float | None
+    density: float = Field(description="share of harvested tokens it fires on")
+    max_activation: float = Field(description="its largest activation in the harvest")
+    explanation: str | None = Field(None, description="its automatic explanation (a token pattern, ⟦ ⟧ marking "
+                                                      "the token it fires on), or null when the harvest found none")
+    explanation_f1: float | None = Field(None, description="that explanation's F1 on held-out contexts (null: not scored)")
+    url: str
 
-    def as_json(self, urls: URLs, sae_id: str) -> dict:
-        return asdict(self) | {"url": urls.feature(sae_id, self.index)}
+    # the columns it is read from (the url comes from the index)
+    columns: ClassVar[tuple] = (Latent.index, Latent.density, Latent.max_activation, Latent.explanation,
+                                Latent.explanation_f1)
+
+    @classmethod
+    def of(cls, row, sae_id: str, urls: URLs):
+        """The record of a row of its `columns`."""
+        return cls(**row._mapping, url=urls.feature(sae_id, row.index))
 
 
-@dataclass
-class LatentFilter:
-    """Which latents the list shows. Every filter is a range of density: sorted by density, a
-    filtered page is one range of the index that sorts it; in another order the database reads
-    the range (at most one SAE's latents) and sorts it, or walks the sort's index, as it judges."""
+class LatentOut(LatentHitOut):
+    """A latent in its SAE's list."""
+
+    mean_activation: float = Field(description="over the tokens it fires on")
+
+    columns: ClassVar[tuple] = (*LatentHitOut.columns, Latent.mean_activation)
+
+
+class NeighbourOut(Record):
+    """A latent near another by the cosine of their decoder directions: in the same SAE, or in
+    another size of its ladder."""
+
+    index: int
+    cosine: float = Field(description="cosine similarity of the two decoder directions")
+    explanation: str | None = None
+    density: float | None = None  # None: not read (yet)
+    url: str
+    explanation_f1: float | None = Field(None, exclude=True)  # the page dims a weak explanation
+
+
+# ---------------------------------------------------------------- an SAE's page
+
+
+class LatentFilterOut(Record):
+    """Which latents the list shows (null or false: no bound)."""
+
+    # Every filter is a range of density: sorted by density, a filtered page is one range of the
+    # index that sorts it; in another order the database reads the range (at most one SAE's
+    # latents) and sorts it, or walks the sort's index, as it judges.
 
     min_density: float | None = None
     max_density: float | None = None
@@ -111,7 +191,7 @@ class LatentFilter:
 
     @property
     def active(self) -> bool:
-        return self != LatentFilter()
+        return self != LatentFilterOut()
 
     def conditions(self) -> list:
         found = []
@@ -130,24 +210,23 @@ class LatentFilter:
         return {"min_density": self.min_density, "max_density": self.max_density,
                 "hide_dead": 1 if self.hide_dead else None, "hide_dense": 1 if self.hide_dense else None}
 
-    def as_json(self) -> dict:
-        return asdict(self)
 
-
-@dataclass
-class LatentPage:
+class SaePageOut(Record):
     """One page of an SAE's latents, in the order and with the filters the query string asks for.
     Sorted by explanation score, it lists the latents whose explanation was scored."""
 
-    sae: SaeDetail
-    latents: list[LatentRow]
+    sae: SaeDetailOut
+    latents: list[LatentOut]
     sort: SortKey
     order: Order
+    filters: LatentFilterOut
     page: int
     per_page: int
-    total: int  # latents that pass the filters
-    filters: LatentFilter
+    total: int = Field(description="latents that pass the filters (sorted by explanation_f1: those with a score)")
+    prev: str | None = None  # the twins of the pages before and after
+    next: str | None = None
 
+    @computed_field
     @property
     def pages(self) -> int:
         return max(1, -(-self.total // self.per_page))
@@ -158,31 +237,17 @@ class LatentPage:
                  **self.filters.as_query()}
         return state | changes
 
-    def as_json(self, urls: URLs) -> dict:
-        return {
-            "sae": asdict(self.sae),
-            "latents": [latent.as_json(urls, self.sae.id) for latent in self.latents],
-            "sort": self.sort,
-            "order": self.order,
-            "filters": self.filters.as_json(),
-            "page": self.page,
-            "per_page": self.per_page,
-            "total": self.total,
-            "pages": self.pages,
-            "prev": urls.sae(self.sae.id, fmt="json", **self.query(page=self.page - 1)) if self.page > 1 else None,
-            "next": urls.sae(self.sae.id, fmt="json", **self.query(page=self.page + 1)) if self.page < self.pages else None,
-        }
-
 
 # ---------------------------------------------------------------- queries
 
 
-def list_saes(session: Session) -> list[SaeSummary]:
-    rows = session.execute(select(Sae).order_by(Sae.model, Sae.layer, Sae.n_latents, Sae.k, Sae.id)).scalars()
-    return [_summary(row) for row in rows]
-
-
 SUMMARY_COLUMNS = (Sae.id, Sae.model, Sae.layer, Sae.n_latents, Sae.k, Sae.fvu, Sae.l0, Sae.dead_fraction)
+
+
+def list_saes(session: Session, urls: URLs = URLs()) -> IndexOut:
+    rows = session.execute(select(*SUMMARY_COLUMNS).order_by(Sae.model, Sae.layer, Sae.n_latents, Sae.k, Sae.id))
+    return IndexOut(saes=[SaeOut(**row._mapping, url=urls.sae(row.id), json_url=urls.sae(row.id, fmt="json"))
+                          for row in rows])
 
 
 def get_sae_summary(session: Session, sae_id: str | None = None) -> SaeSummary | None:
@@ -191,23 +256,24 @@ def get_sae_summary(session: Session, sae_id: str | None = None) -> SaeSummary |
     query = select(*SUMMARY_COLUMNS)
     query = query.where(Sae.id == sae_id) if sae_id is not None else query.order_by(Sae.id).limit(1)
     row = session.execute(query).one_or_none()
-    return None if row is None else SaeSummary(*row)
+    return None if row is None else SaeSummary(**row._mapping)
 
 
-def get_sae(session: Session, sae_id: str) -> SaeDetail | None:
+def get_sae(session: Session, sae_id: str) -> SaeDetailOut | None:
     row = session.get(Sae, sae_id)
     if row is None:
         return None
     histogram = json.loads(row.density_histogram) if row.density_histogram else None
-    return SaeDetail(
-        **asdict(_summary(row)),
+    return SaeDetailOut(
+        id=row.id, model=row.model, layer=row.layer, n_latents=row.n_latents, k=row.k,
+        fvu=row.fvu, l0=row.l0, dead_fraction=row.dead_fraction,
         d_in=row.d_in,
         context_length=row.context_length,
         cfg=json.loads(row.cfg),
         metrics=json.loads(row.metrics),
         created_at=row.created_at.isoformat() if row.created_at else "",
         harvest=json.loads(row.harvest or "{}"),
-        density_histogram=DensityHistogram(**histogram) if histogram else None,
+        density_histogram=DensityHistogramOut(**histogram) if histogram else None,
         n_explained=row.n_explained,
         ladder_id=session.execute(select(LadderRung.ladder_id).where(LadderRung.sae_id == sae_id)).scalar_one_or_none(),
     )
@@ -215,8 +281,8 @@ def get_sae(session: Session, sae_id: str) -> SaeDetail | None:
 
 def list_latents(
     session: Session, sae_id: str, sort: SortKey = "density", order: Order = "desc", page: int = 1, per_page: int = 50,
-    filters: LatentFilter = LatentFilter(),
-) -> LatentPage | None:
+    filters: LatentFilterOut = LatentFilterOut(), urls: URLs = URLs(),
+) -> SaePageOut | None:
     sae = get_sae(session, sae_id)
     if sae is None:
         return None
@@ -228,28 +294,19 @@ def list_latents(
     # Index breaks ties, in the same direction: a stable page order that the latents indexes
     # (sae_id, column, index) give without sorting, scanned forwards or backwards.
     order_by = [direction(column)] + ([direction(Latent.index)] if sort != "index" else [])
-    query = (
-        select(Latent.index, Latent.density, Latent.max_activation, Latent.mean_activation, Latent.explanation,
-               Latent.explanation_f1)
-        .where(*conditions)
-        .order_by(*order_by)
-        .limit(per_page)
-        .offset((page - 1) * per_page)
-    )
-    latents = [LatentRow(*row) for row in session.execute(query)]
-    return LatentPage(sae=sae, latents=latents, sort=sort, order=order, page=page, per_page=per_page,
-                      total=_count(session, sae, sort, conditions, filters), filters=filters)
+    query = select(*LatentOut.columns).where(*conditions).order_by(*order_by).limit(per_page).offset((page - 1) * per_page)
+    latents = [LatentOut.of(row, sae_id, urls) for row in session.execute(query)]
+    listed = SaePageOut(sae=sae, latents=latents, sort=sort, order=order, page=page, per_page=per_page,
+                        total=_count(session, sae, sort, conditions, filters), filters=filters)
+    if listed.page > 1:
+        listed.prev = urls.sae(sae_id, fmt="json", **listed.query(page=listed.page - 1))
+    if listed.page < listed.pages:
+        listed.next = urls.sae(sae_id, fmt="json", **listed.query(page=listed.page + 1))
+    return listed
 
 
-def _count(session: Session, sae: SaeDetail, sort: SortKey, conditions: list, filters: LatentFilter) -> int:
+def _count(session: Session, sae: SaeDetailOut, sort: SortKey, conditions: list, filters: LatentFilterOut) -> int:
     """The loader counted what an unfiltered list holds; a filter's count is one index range."""
     if not filters.active:
         return sae.n_explained if sort == "explanation_f1" else sae.n_latents
     return session.execute(select(func.count()).select_from(Latent).where(*conditions)).scalar_one()  # one index range
-
-
-def _summary(row: Sae) -> SaeSummary:
-    return SaeSummary(
-        id=row.id, model=row.model, layer=row.layer, n_latents=row.n_latents, k=row.k,
-        fvu=row.fvu, l0=row.l0, dead_fraction=row.dead_fraction,
-    )

@@ -11,6 +11,7 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.templating import Jinja2Templates
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
 from markupsafe import Markup, escape
+from pydantic import BaseModel
 
 from app import charts
 from app.db import ROOT
@@ -159,5 +160,15 @@ def render(request: Request, template: str, status_code: int = 200, **context) -
     return response
 
 
+def wants_json(request: Request) -> bool:
+    """An API path: its errors are JSON, as its answers are (the one definition, also for
+    app.security's own errors)."""
+    path = request.url.path
+    return path.endswith(".json") or path.startswith("/api/")
+
+
 def json_response(data, status_code: int = 200) -> JSONResponse:
+    """`data` as JSON; a record (a pydantic model) as its fields (app.pages)."""
+    if isinstance(data, BaseModel):
+        data = data.model_dump(mode="json")
     return JSONResponse(data, status_code=status_code)

@@ -1,6 +1,6 @@
 """Search an SAE's latents by explanation text and by token, from the database's indexes.
 
-    result = search(session, sae, "def")
+    result = search(session, sae, "def", urls=urls)   # a SearchOut
 
 - By token: the query, as typed and stripped and with one leading space (` def`, `def`), is
   looked up in the SAE's vocabulary (index on the token text); for each token found, the latents
@@ -14,13 +14,13 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
 
+from pydantic import Field
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.models import ExplanationTerm, Latent, TokenLatent, Vocab
-from app.queries import SaeSummary
+from app.queries import LatentHitOut, Record, SaeSummary
 from app.urls import URLs
 
 WORD = re.compile(r"\w+")
@@ -45,82 +45,48 @@ def token_variants(query: str) -> list[str]:
     return [v for v in dict.fromkeys(variants) if v]
 
 
-@dataclass
-class LatentHit:
-    """A latent in the results, with what the list shows of it."""
-
-    index: int
-    density: float
-    max_activation: float
-    explanation: str | None
-    explanation_f1: float | None
-
-    def as_json(self, urls: URLs, sae_id: str) -> dict:
-        return {"index": self.index, "density": self.density, "max_activation": self.max_activation,
-                "explanation": self.explanation, "explanation_f1": self.explanation_f1,
-                "url": urls.feature(sae_id, self.index)}
-
-
-@dataclass
-class TokenHit:
+class TokenHitOut(LatentHitOut):
     """A latent that fires on a searched token."""
 
-    latent: LatentHit
-    mean_activation: float  # over every occurrence of the token, zeros included
-    fire_rate: float  # share of the token's occurrences it fires on
-
-    def as_json(self, urls: URLs, sae_id: str) -> dict:
-        return self.latent.as_json(urls, sae_id) | {"mean_activation": self.mean_activation, "fire_rate": self.fire_rate}
+    mean_activation: float = Field(description="over every occurrence of the token, zeros included")
+    fire_rate: float = Field(description="share of the token's occurrences it fires on")
 
 
-@dataclass
-class TokenMatch:
+class TokenMatchOut(Record):
     token_id: int
     token: str
-    occurrences: int | None  # in the harvest tokens (None: no latent listed for it)
-    latents: list[TokenHit]
-
-    def as_json(self, urls: URLs, sae_id: str) -> dict:
-        return {"token_id": self.token_id, "token": self.token, "occurrences": self.occurrences,
-                "latents": [hit.as_json(urls, sae_id) for hit in self.latents]}
+    occurrences: int | None = Field(description="in the harvest tokens (null: no latent listed for it)")
+    latents: list[TokenHitOut] = Field(description="the latents that fire most on it, strongest first")
 
 
-@dataclass
-class SearchResult:
-    sae: SaeSummary | None  # None: no SAE to search
+class SearchOut(Record):
+    """What a query finds in one SAE."""
+
+    sae: str | None  # None: no SAE to search
     q: str
+    terms: list[str] = Field(default_factory=list, description="the query's words, as explanations are indexed")
     limit: int
-    terms: list[str] = field(default_factory=list)
-    latent: LatentHit | None = None  # the latent a number names
-    tokens: list[TokenMatch] = field(default_factory=list)
-    explanations: list[LatentHit] = field(default_factory=list)
-
-    def as_json(self, urls: URLs) -> dict:
-        sae_id = self.sae.id if self.sae else None
-        return {
-            "sae": sae_id,
-            "q": self.q,
-            "terms": self.terms,
-            "limit": self.limit,
-            "latent": self.latent.as_json(urls, sae_id) if self.latent else None,
-            "tokens": [match.as_json(urls, sae_id) for match in self.tokens],
-            "explanations": [hit.as_json(urls, sae_id) for hit in self.explanations],
-            "url": urls.search(sae=sae_id, q=self.q),
-        }
+    latent: LatentHitOut | None = Field(None, description="the latent a number in q names")
+    tokens: list[TokenMatchOut] = Field(default_factory=list,
+                                        description="tokens q may mean: as typed, stripped, with one leading space")
+    explanations: list[LatentHitOut] = Field(default_factory=list,
+                                             description="latents whose explanation has every word, best score first")
+    url: str
 
 
-def search(session: Session, sae: SaeSummary | None, q: str, limit: int = 20) -> SearchResult:
-    result = SearchResult(sae=sae, q=q, limit=limit, terms=terms(q)[:MAX_TERMS])
+def search(session: Session, sae: SaeSummary | None, q: str, limit: int = 20, urls: URLs = URLs()) -> SearchOut:
+    sae_id = sae.id if sae else None
+    result = SearchOut(sae=sae_id, q=q, limit=limit, terms=terms(q)[:MAX_TERMS], url=urls.search(sae=sae_id, q=q))
     if sae is None or not q.strip():
         return result
     if (number := LATENT.fullmatch(q.strip())) and int(number.group(1)) < sae.n_latents:
-        result.latent = latent_hits(session, sae.id, [int(number.group(1))])[0]
-    result.tokens = token_matches(session, sae.id, q, limit)
-    result.explanations = explanation_matches(session, sae.id, result.terms, limit)
+        result.latent = latent_hits(session, sae.id, [int(number.group(1))], urls)[0]
+    result.tokens = token_matches(session, sae.id, q, limit, urls)
+    result.explanations = explanation_matches(session, sae.id, result.terms, limit, urls)
     return result
 
 
-def token_matches(session: Session, sae_id: str, q: str, limit: int) -> list[TokenMatch]:
+def token_matches(session: Session, sae_id: str, q: str, limit: int, urls: URLs = URLs()) -> list[TokenMatchOut]:
     variants = token_variants(q)
     found = session.execute(
         select(Vocab.token_id, Vocab.token).where(Vocab.sae_id == sae_id, Vocab.token.in_(variants)).limit(MAX_TOKENS)
@@ -135,13 +101,16 @@ def token_matches(session: Session, sae_id: str, q: str, limit: int) -> list[Tok
             .where(TokenLatent.sae_id == sae_id, TokenLatent.token_id == token_id)
         ).all()
         rows = sorted(rows, key=lambda row: (-row.mean_activation, row.latent))[:limit]
-        hits = {hit.index: hit for hit in latent_hits(session, sae_id, [row.latent for row in rows])}
-        matches.append(TokenMatch(token_id, token, rows[0].occurrences if rows else None,
-                                  [TokenHit(hits[row.latent], row.mean_activation, row.fire_rate) for row in rows]))
+        hits = {hit.index: hit for hit in latent_hits(session, sae_id, [row.latent for row in rows], urls)}
+        matches.append(TokenMatchOut(
+            token_id=token_id, token=token, occurrences=rows[0].occurrences if rows else None,
+            latents=[TokenHitOut(**dict(hits[row.latent]), mean_activation=row.mean_activation, fire_rate=row.fire_rate)
+                     for row in rows]))
     return matches
 
 
-def explanation_matches(session: Session, sae_id: str, words: list[str], limit: int) -> list[LatentHit]:
+def explanation_matches(session: Session, sae_id: str, words: list[str], limit: int,
+                        urls: URLs = URLs()) -> list[LatentHitOut]:
     """Latents whose explanation has every word, best score first. Each word's latents are one
     range of the key (sae_id, term, latent); they are intersected and ranked here, which no
     query plan can turn into a read of the whole table."""
@@ -156,15 +125,14 @@ def explanation_matches(session: Session, sae_id: str, words: list[str], limit: 
     if scores is None:
         return []
     indices = sorted(scores, key=lambda latent: (-scores[latent], latent))[:limit]
-    hits = {hit.index: hit for hit in latent_hits(session, sae_id, indices)}
+    hits = {hit.index: hit for hit in latent_hits(session, sae_id, indices, urls)}
     return [hits[index] for index in indices]
 
 
-def latent_hits(session: Session, sae_id: str, indices: list[int]) -> list[LatentHit]:
+def latent_hits(session: Session, sae_id: str, indices: list[int], urls: URLs = URLs()) -> list[LatentHitOut]:
     if not indices:
         return []
     rows = session.execute(
-        select(Latent.index, Latent.density, Latent.max_activation, Latent.explanation, Latent.explanation_f1)
-        .where(Latent.sae_id == sae_id, Latent.index.in_(sorted(set(indices))))
+        select(*LatentHitOut.columns).where(Latent.sae_id == sae_id, Latent.index.in_(sorted(set(indices))))
     )
-    return [LatentHit(*row) for row in rows]
+    return [LatentHitOut.of(row, sae_id, urls) for row in rows]

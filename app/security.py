@@ -27,6 +27,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app.render import render, wants_json
 from app.settings import Settings
 
 log = logging.getLogger("saescope.app")
@@ -183,9 +184,6 @@ class RequestGuard:
 
     async def _error(self, scope: Scope, send: Send, status: int, detail: str) -> None:
         """The same error shapes as the app's handlers: JSON on API paths, else an HTML page."""
-        from app.main import wants_json  # the one definition of "an API path"
-        from app.render import render
-
         request = Request(scope)
         if wants_json(request):
             response = JSONResponse({"detail": detail}, status_code=status)

@@ -9,30 +9,30 @@ from __future__ import annotations
 
 import base64
 import hashlib
-from dataclasses import dataclass
 from datetime import timezone
 
+from pydantic import Field
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.models import Sae, ShareLink
+from app.queries import Record
 from app.urls import URLs
 
 ID_LENGTHS = (10, 16, 32, 52)  # base32 characters: 50 bits first, the whole sha-256 at most
 
 
-@dataclass
-class Share:
-    id: str
+class ShareOut(Record):
+    """A shared probe: the SAE and the text, under a short permanent link."""
+
+    id: str = Field(description="derived from a hash of the SAE id and the text: sharing twice gives the same id")
     sae: str
     text: str
     created_at: str
-    sae_changed: bool  # the SAE was reloaded with other weights since the link was made
-
-    def as_json(self, urls: URLs) -> dict:
-        return {"id": self.id, "sae": self.sae, "text": self.text, "created_at": self.created_at,
-                "sae_changed": self.sae_changed, "url": urls.share(self.id), "json_url": urls.share(self.id, fmt="json")}
+    sae_changed: bool = Field(description="the SAE was reloaded with other weights since the link was made")
+    url: str = Field(description="the short link: /p/{id}")
+    json_url: str
 
 
 def share_digest(sae_id: str, text: str) -> str:
@@ -42,7 +42,7 @@ def share_digest(sae_id: str, text: str) -> str:
     return base64.b32encode(digest).decode().rstrip("=").lower()
 
 
-def create_share(session: Session, sae_id: str, text: str) -> tuple[Share, bool] | None:
+def create_share(session: Session, sae_id: str, text: str, urls: URLs = URLs()) -> tuple[ShareOut, bool] | None:
     """The share link of (sae_id, text), made if it does not exist yet: (share, created);
     None for an SAE that is not in the database."""
     content_hash = session.execute(select(Sae.content_hash).where(Sae.id == sae_id)).scalar_one_or_none()
@@ -56,9 +56,9 @@ def create_share(session: Session, sae_id: str, text: str) -> tuple[Share, bool]
             made = ShareLink(id=share_id, sae_id=sae_id, text=text, sae_content_hash=content_hash)
             row = _insert(session, made)  # someone else's row when they shared it at the same moment
             if row is None:
-                return _share(made, content_hash), True
+                return _share(made, content_hash, urls), True
         if row.sae_id == sae_id and row.text == text:
-            return _share(row, content_hash), False
+            return _share(row, content_hash, urls), False
     raise RuntimeError(f"sha-256 collision on {digest}")  # not in this universe
 
 
@@ -80,20 +80,20 @@ def _insert(session: Session, row: ShareLink) -> ShareLink | None:
     return None
 
 
-def get_share(session: Session, share_id: str) -> Share | None:
+def get_share(session: Session, share_id: str, urls: URLs = URLs()) -> ShareOut | None:
     row = session.get(ShareLink, share_id)
     if row is None:
         return None
     content_hash = session.execute(select(Sae.content_hash).where(Sae.id == row.sae_id)).scalar_one_or_none()
-    return _share(row, content_hash)
+    return _share(row, content_hash, urls)
 
 
-def _share(row: ShareLink, content_hash: str | None) -> Share:
+def _share(row: ShareLink, content_hash: str | None, urls: URLs) -> ShareOut:
     changed = row.sae_content_hash is not None and content_hash is not None and row.sae_content_hash != content_hash
     created = row.created_at
     if created is not None and created.tzinfo is None:  # SQLite keeps no time zone: it was UTC
         created = created.replace(tzinfo=timezone.utc)
     if created is not None:  # PostgreSQL gives it in the connection's time zone: one spelling
         created = created.astimezone(timezone.utc)
-    return Share(id=row.id, sae=row.sae_id, text=row.text,
-                 created_at=created.isoformat() if created else "", sae_changed=changed)
+    return ShareOut(id=row.id, sae=row.sae_id, text=row.text, created_at=created.isoformat() if created else "",
+                 sae_changed=changed, url=urls.share(row.id), json_url=urls.share(row.id, fmt="json"))

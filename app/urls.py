@@ -50,7 +50,7 @@ class URLs:
         return self._build("/search", fmt, sae=sae, q=q, **query)
 
     def probe(self, sae: str | None = None, text: str | None = None, fmt: str | None = None, **state) -> str:
-        """Probe page; state: latent (highlighted), sort (max|sum), all=1 (dense latents and the
+        """Probe page; state: latent (highlighted), sort (max|sum), all=1 (frequent latents and the
         first position included), token (the position whose latents the page lists)."""
         return self._build("/probe", fmt, sae=sae, text=text, **state)
 

@@ -13,7 +13,7 @@ from fastapi.testclient import TestClient
 from torch.testing import assert_close
 
 from app.main import create_app
-from app.probe import DENSE
+from trainer.thresholds import FREQUENT_THRESHOLD
 from app.settings import Settings
 from trainer import runfolder
 from trainer.inference import LatentEncoder
@@ -42,11 +42,11 @@ def density(tiny_run):
 
 
 def expected_ranking(z: torch.Tensor, density: torch.Tensor, hide: bool, sort: str, top_n: int) -> list[dict]:
-    """The whole-text ranking computed the plain way, from the dense (T, n) latents."""
+    """The whole-text ranking computed the plain way, from the full (T, n) latents."""
     z = z.clone()
     if hide:
         z[:1] = 0  # the first position, as the harvest leaves it out
-        z[:, density > DENSE] = 0
+        z[:, density > FREQUENT_THRESHOLD] = 0
     peak, total, count = z.max(0).values, z.sum(0), (z > 0).sum(0)
     score = peak if sort == "max" else total
     fired = [i for i in range(z.shape[1]) if count[i] > 0]
@@ -91,7 +91,7 @@ def test_texts_encoded_together_equal_each_alone(encoder):
 @pytest.mark.parametrize("sort", ["max", "sum"])
 def test_whole_text_ranking_equals_aggregates(client, sae_id, encoder, density, explanations, hide, sort):
     text = TEXTS[0] * 3
-    body = {"sae": sae_id, "text": text, "top_n": 10, "sort": sort, "hide_dense_and_first": hide}
+    body = {"sae": sae_id, "text": text, "top_n": 10, "sort": sort, "hide_frequent_and_first": hide}
     result = client.post("/api/probe", json=body).json()
     want = expected_ranking(encoder.encode_text(text).latents, density, hide, sort, 10)
     got = result["top_latents"]
@@ -105,9 +105,15 @@ def test_whole_text_ranking_equals_aggregates(client, sae_id, encoder, density, 
         assert g["explanation_f1"] == (None if f1 is None else pytest.approx(f1))
         assert g["url"] == f"/saes/{sae_id}/features/{g['index']}"
     assert result["excluded_positions"] == ([0] if hide else [])
-    assert result["hide_dense_and_first"] is hide and result["dense_density"] == DENSE
+    assert result["hide_frequent_and_first"] is hide and result["frequent_density"] == FREQUENT_THRESHOLD
     if not hide:
         assert got, "latents fire on the text"
+
+
+def test_the_option_s_name_from_before_frequent_still_counts(client, sae_id):
+    """`hide_dense_and_first` was the option's name while "dense" also meant the probe's 1 %."""
+    body = {"sae": sae_id, "text": TEXTS[0], "hide_dense_and_first": False}
+    assert client.post("/api/probe", json=body).json()["hide_frequent_and_first"] is False
 
 
 def test_json_twin_of_the_page_equals_the_api(client, sae_id, encoder):
@@ -138,14 +144,14 @@ def test_page_shows_the_same_numbers(client, sae_id, encoder):
     assert f"Highlighting latent <a href=\"/saes/{sae_id}/features/{latent}\">#{latent}</a>" in page.text
 
 
-def test_the_page_says_how_many_dense_latents_it_hides(client, sae_id, encoder, density):
+def test_the_page_says_how_many_frequent_latents_it_hides(client, sae_id, encoder, density):
     text = TEXTS[0]
     z = encoder.encode_text(text).latents[1:]  # the counted positions
-    hidden = int(((z > 0).any(0) & (density > DENSE)).sum())
-    assert hidden > 0, "the tiny SAE has dense latents that fire here"
+    hidden = int(((z > 0).any(0) & (density > FREQUENT_THRESHOLD)).sum())
+    assert hidden > 0, "the tiny SAE has frequent latents that fire here"
     page = client.get("/probe", params={"sae": sae_id, "text": text}).text
-    assert f"fire on more than {DENSE * 100:g} % of all tokens and say little about one text: {hidden} of them fire here" in page
-    assert f"show dense latents (on &gt; {DENSE * 100:g} % of tokens) and the first token" in page
+    assert f"fire on more than {FREQUENT_THRESHOLD * 100:g} % of all tokens and say little about one text: {hidden} of them fire here" in page
+    assert f"show frequent latents (firing on more than {FREQUENT_THRESHOLD * 100:g} % of tokens) and the first token" in page
     assert "of them fire here" not in client.get("/probe", params={"sae": sae_id, "text": text, "all": 1}).text
 
 
@@ -162,21 +168,21 @@ def test_token_fragment_lists_that_tokens_latents(client, sae_id, encoder):
     assert missing.status_code == 404 and "no token 999" in missing.text
 
 
-def test_a_tokens_dense_latents_are_listed_apart_not_hidden(client, sae_id, encoder, density):
-    """Dense latents stay out of the shading and the ranking, but a token's panel still lists
+def test_a_tokens_frequent_latents_are_listed_apart_not_hidden(client, sae_id, encoder, density):
+    """Frequent latents stay out of the shading and the ranking, but a token's panel still lists
     them, in a box of their own: a token's strongest latent may be one of them."""
     text = TEXTS[0]
     for position, z in enumerate(encoder.encode_text(text).latents):
         fired = [i for i in z.argsort(descending=True).tolist() if z[i] > 0]
-        dense = [i for i in fired if density[i] > DENSE]
-        if position > 0 and dense:  # (nearly every latent of the tiny SAE is dense)
+        frequent = [i for i in fired if density[i] > FREQUENT_THRESHOLD]
+        if position > 0 and frequent:  # (nearly every latent of the tiny SAE is frequent)
             break
     fragment = client.post(f"/probe/tokens/{position}", data={"sae": sae_id, "text": text}, headers={"HX-Request": "true"}).text
-    shown, boxed = fragment.split('<details class="dense-latents">', 1)
+    shown, boxed = fragment.split('<details class="frequent-latents">', 1)
     listed = lambda html: [int(i) for i in re.findall(r'<span class="latent-head"><a href="/saes/[^"]+/features/(\d+)">', html)]  # noqa: E731
-    assert listed(shown) == [i for i in fired if i not in dense] and listed(boxed) == dense
-    assert ("No latent but dense ones fires on this token" in shown) == (len(dense) == len(fired))
-    assert f"{len(dense)} dense latent{'s' if len(dense) != 1 else ''} (on more than {DENSE * 100:g} % of all tokens) also fire here" in boxed
+    assert listed(shown) == [i for i in fired if i not in frequent] and listed(boxed) == frequent
+    assert ("No latent but frequent ones fires on this token" in shown) == (len(frequent) == len(fired))
+    assert f"{len(frequent)} frequent latent{'s' if len(frequent) != 1 else ''} (firing on more than {FREQUENT_THRESHOLD * 100:g} % of tokens) also fire here" in boxed
 
 
 def test_the_open_token_is_view_state(client, sae_id):

@@ -7,8 +7,8 @@ import socket
 import pytest
 from huggingface_hub import constants
 
-from app import probe
-from app.probe import _model_problem
+from app import probe_availability
+from app.probe_availability import model_problem
 
 
 @pytest.fixture
@@ -29,12 +29,12 @@ def cache_model(cache, repo_id: str) -> None:
 
 
 def test_a_missing_model_folder_is_unavailable(tmp_path):
-    assert "not found on this server" in _model_problem(str(tmp_path / "nowhere"))
-    assert _model_problem(str(tmp_path)) is None
+    assert "not found on this server" in model_problem(str(tmp_path / "nowhere"))
+    assert model_problem(str(tmp_path)) is None
 
 
 def test_an_uncached_hub_model_is_unavailable_offline(offline_hub):
-    reason = _model_problem("some-lab/never-downloaded")
+    reason = model_problem("some-lab/never-downloaded")
     assert "not in this server's Hugging Face cache" in reason and "HF_HUB_OFFLINE" in reason
 
 
@@ -44,20 +44,20 @@ def test_an_uncached_hub_model_is_unavailable_where_the_hub_cannot_be_reached(tm
     monkeypatch.setattr(constants, "ENDPOINT", "https://hub.invalid")  # never resolves
     for proxy in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
         monkeypatch.delenv(proxy, raising=False)
-    assert _model_problem("some-lab/never-downloaded").endswith("and hub.invalid cannot be reached from this machine")
+    assert model_problem("some-lab/never-downloaded").endswith("and hub.invalid cannot be reached from this machine")
 
 
 def test_a_cached_hub_model_may_load_offline(offline_hub):
     cache_model(offline_hub, "some-lab/downloaded")
-    assert _model_problem("some-lab/downloaded") is None
+    assert model_problem("some-lab/downloaded") is None
 
 
 def test_online_a_hub_model_is_not_ruled_out(monkeypatch):
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     with socket.create_server(("127.0.0.1", 0)) as hub:  # a hub this machine can reach
         monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{hub.getsockname()[1]}")
-        assert _model_problem("some-lab/never-downloaded") is None
-        assert probe._hub_unreachable() is None
+        assert model_problem("some-lab/never-downloaded") is None
+        assert probe_availability.hub_unreachable() is None
 
 
 def test_a_hub_whose_name_resolves_but_that_does_not_answer_is_unreachable(monkeypatch):
@@ -68,7 +68,7 @@ def test_a_hub_whose_name_resolves_but_that_does_not_answer_is_unreachable(monke
     monkeypatch.setattr(constants, "ENDPOINT", f"https://localhost:{port}")  # nothing listens there now
     for proxy in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
         monkeypatch.delenv(proxy, raising=False)
-    assert _model_problem("some-lab/never-downloaded").endswith("and localhost cannot be reached from this machine")
+    assert model_problem("some-lab/never-downloaded").endswith("and localhost cannot be reached from this machine")
 
 
 def test_an_sae_of_a_local_model_stays_available_offline(offline_hub, tiny_db, sae_id):

@@ -6,14 +6,14 @@ from __future__ import annotations
 import random
 from typing import Annotated
 
-from fastapi import APIRouter, HTTPException, Path, Query, Request
+from fastapi import APIRouter, HTTPException, Path, Query
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, RedirectResponse
 
-from app import features, queries
+from app import features, pages, queries
 from app.deps import ProbeDep, SessionDep, URLsDep
-from app.render import hx_target, json_response, render
-from app.schemas import ErrorOut, FeatureOut
+from app.probe_view import LatentTrial, try_latent
+from app.schemas import ErrorOut
 
 router = APIRouter(prefix="/saes/{sae_id}", tags=["features"])
 
@@ -25,57 +25,49 @@ TryText = Annotated[str, Query(max_length=100_000, description="text to run the 
 PARTS = {"examples": "_feature_examples.html", "try-result": "_feature_try.html"}
 
 
-def _feature(session, sae_id: str, index: int) -> features.Feature:
-    feature = features.get_feature(session, sae_id, index)
+async def feature_page(page: pages.PageCall, probe: ProbeDep, context: Window = "snippet", text: TryText = ""):
+    """The page, or the part htmx asks for; the page's own state: the examples' window and the
+    text typed in the "try your own text" box."""
+    sae_id, index = page.params["sae_id"], page.params["index"]
+    trial = await try_latent(probe, sae_id, index, text) if text.strip() and page.part != "examples" else None
+    return await run_in_threadpool(_feature_response, page, probe, context, text, trial)
+
+
+def _feature_response(page: pages.PageCall, probe, window: str, text: str, trial: LatentTrial | None) -> HTMLResponse:
+    """Read and rendered in one trip to the thread pool, so the event loop never waits for the
+    template; the probe's check may import the model code. The typed text's part needs no read."""
+    feature, unavailable = None, None
+    if page.part != "try-result":
+        feature = page.data()
+        unavailable = probe.unavailable_for(feature.source) if page.part is None else None
+    return page.render(feature, trial=trial, text=text, window=window, sae_id=page.params["sae_id"],
+                       index=page.params["index"], unavailable=unavailable, oob=page.part is not None)
+
+
+@pages.route(router, "/features/{index}", template="feature.html", name="feature", parts=PARTS, html=feature_page,
+             responses={404: {"model": ErrorOut}},
+             summary="One latent: statistics, histograms, examples, logit effects, neighbours, explanation")
+def read_feature(sae_id: str, index: LatentIndex, session: SessionDep, urls: URLsDep) -> features.FeatureOut:
+    feature = features.get_feature(session, sae_id, index, urls)
     if feature is None:
-        if (sae := queries.get_sae(session, sae_id)) is None:
+        if (sae := queries.get_sae_summary(session, sae_id)) is None:
             raise HTTPException(404, f"no SAE {sae_id!r}")
         raise HTTPException(404, f"SAE {sae_id!r} has no latent {index} (its latents are 0 to {sae.n_latents - 1})")
     return feature
 
 
-@router.get("/features/{index}.json", response_model=FeatureOut, responses={404: {"model": ErrorOut}},
-            summary="One latent: statistics, histograms, examples, logit effects, neighbours, explanation")
-def read_feature_json(sae_id: str, index: LatentIndex, session: SessionDep, urls: URLsDep):
-    return json_response(_feature(session, sae_id, index).as_json(urls))
+def _random_route(fmt: str | None):
+    def read_random_feature(sae_id: str, session: SessionDep, urls: URLsDep) -> RedirectResponse:
+        index = features.random_index(session, sae_id, random.Random())
+        if index is None:
+            raise HTTPException(404, f"no SAE {sae_id!r}")
+        return RedirectResponse(urls.feature(sae_id, index, fmt=fmt), status_code=303, headers={"Cache-Control": "no-store"})
+
+    return read_random_feature
 
 
-@router.get("/features/{index}", include_in_schema=False)
-async def read_feature(request: Request, sae_id: str, index: LatentIndex, probe: ProbeDep,
-                       context: Window = "snippet", text: TryText = ""):
-    part = hx_target(request, PARTS)  # None: the whole page
-    trial = await probe.try_latent(sae_id, index, text) if text.strip() and part != "examples" else None
-    return await run_in_threadpool(_feature_response, request, probe, sae_id, index, part, context, text, trial)
-
-
-def _feature_response(request: Request, probe, sae_id: str, index: int, part: str | None, window: str, text: str,
-                      trial) -> HTMLResponse:
-    """The page, or the part htmx asks for: read and rendered in one trip to the thread pool (a
-    SessionDep would add two: its enter and exit run there too in an async route), so the event
-    loop never waits for the template; the probe's check may import the model code."""
-    feature, unavailable = None, None
-    if part != "try-result":
-        with request.app.state.sessions() as session:
-            feature = _feature(session, sae_id, index)
-        unavailable = probe.unavailable_for(feature.source) if part is None else None
-    return render(request, PARTS.get(part, "feature.html"), feature=feature, trial=trial, text=text, window=window,
-                  sae_id=sae_id, index=index, unavailable=unavailable, oob=part is not None)
-
-
-@router.get("/random.json", status_code=303, response_class=RedirectResponse, responses={404: {"model": ErrorOut}},
-            summary="A redirect to a random latent's JSON (one that fired in the harvest)")
-def read_random_feature_json(sae_id: str, session: SessionDep, urls: URLsDep):
-    return _random(session, sae_id, lambda index: urls.feature(sae_id, index, fmt="json"))
-
-
-@router.get("/random", include_in_schema=False)
-def read_random_feature(sae_id: str, session: SessionDep, urls: URLsDep):
-    """A redirect to a random latent that fired in the harvest (a new one each time)."""
-    return _random(session, sae_id, lambda index: urls.feature(sae_id, index))
-
-
-def _random(session, sae_id: str, url_of) -> RedirectResponse:
-    index = features.random_index(session, sae_id, random.Random())
-    if index is None:
-        raise HTTPException(404, f"no SAE {sae_id!r}")
-    return RedirectResponse(url_of(index), status_code=303, headers={"Cache-Control": "no-store"})
+# A redirect to a random latent that fired in the harvest (a new one each time): its page, or its JSON.
+router.add_api_route("/random", _random_route(None), methods=["GET"], name="read_random_feature", include_in_schema=False)
+router.add_api_route("/random.json", _random_route("json"), methods=["GET"], name="read_random_feature_json",
+                     status_code=303, response_class=RedirectResponse, responses={404: {"model": ErrorOut}},
+                     summary="A redirect to a random latent's JSON (one that fired in the harvest)")

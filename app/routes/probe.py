@@ -5,21 +5,25 @@ from __future__ import annotations
 
 import time
 from contextlib import asynccontextmanager
-from typing import Annotated, Literal
+from dataclasses import dataclass
+from typing import Annotated
 from urllib.parse import unquote_to_bytes
 
-from fastapi import APIRouter, FastAPI, Form, HTTPException, Query, Request
-from fastapi.routing import APIRoute
+from fastapi import APIRouter, Depends, FastAPI, Form, HTTPException, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import RedirectResponse
-from pydantic import BaseModel, Field
+from fastapi.routing import APIRoute
+from pydantic import AliasChoices, BaseModel, BeforeValidator, Field
 
+from app import pages
 from app.deps import ProbeDep, SessionDep, URLsDep
-from app.probe import DENSE, ProbeView, view_state
+from app.probe_availability import SaeOption
+from app.probe_view import ProbeResponse, SharedProbeOut, SortKey, view_state, view_text
 from app.render import is_htmx, json_response, render
 from app.schemas import ErrorOut, InvalidRequestOut
-from app.shares import Share, create_share, get_share
+from app.shares import ShareOut, create_share, get_share
 from app.urls import URLs
+from trainer.thresholds import FREQUENT_THRESHOLD
 
 
 @asynccontextmanager
@@ -57,7 +61,6 @@ class Utf8Route(APIRoute):
 router = APIRouter(tags=["probe"], lifespan=preload_models, route_class=Utf8Route)
 
 PAGE_TOP_N = 25  # latents in the page's whole-text ranking
-SortKey = Literal["max", "sum"]
 RETRY_AFTER = {"Retry-After": {"schema": {"type": "integer"},
                                "description": "seconds to wait before asking again: sent when the probe is busy"}}
 ERRORS = {code: {"model": ErrorOut} for code in (400, 404, 413)} | {
@@ -69,7 +72,7 @@ UNAVAILABLE = {503: {"model": ErrorOut, "headers": RETRY_AFTER,
 BUSY = {503: {"model": ErrorOut, "headers": RETRY_AFTER, "description": "the probe is busy (with Retry-After)"}}
 
 
-# ---------------------------------------------------------------- JSON shapes (OpenAPI)
+# ---------------------------------------------------------------- the API's requests
 
 
 class ProbeRequest(BaseModel):
@@ -79,56 +82,11 @@ class ProbeRequest(BaseModel):
     top_k: int = Field(5, ge=1, le=64, description="strongest latents reported per token")
     top_n: int = Field(20, ge=1, le=500, description="latents in the whole-text ranking")
     sort: SortKey = Field("max", description="rank the whole-text latents by their max or their sum over the tokens")
-    hide_dense_and_first: bool = Field(
-        True, description=f"leave dense latents (density > {DENSE:.0%}) and the first position (an attention "
-                          "sink, left out by the harvest too) out of the whole-text ranking")
-
-
-class ProbeLatent(BaseModel):
-    index: int
-    activation: float
-
-
-class ProbeTokenOut(BaseModel):
-    position: int
-    token: str = Field(description="the token's text, leading spaces and newlines kept")
-    token_id: int
-    top_latents: list[ProbeLatent] = Field(description="up to top_k latents firing on this token, strongest first")
-
-
-class TextLatentOut(BaseModel):
-    index: int
-    max: float = Field(description="its largest activation over the counted tokens")
-    sum: float = Field(description="its activations summed over the counted tokens")
-    n_tokens: int = Field(description="counted tokens it fires on")
-    density: float = Field(description="share of harvested tokens it fires on")
-    max_activation: float = Field(description="its largest activation in the harvest")
-    explanation: str | None = Field(description="its automatic explanation (a token pattern, ⟦ ⟧ marking the token "
-                                                "it fires on), or null when the harvest found none")
-    explanation_f1: float | None = Field(description="that explanation's F1 on held-out contexts (null: not scored)")
-    url: str
-
-
-class HighlightOut(BaseModel):
-    index: int
-    activations: list[float] = Field(description="its activation on every token of the text, 0 where it does not fire")
-    max_activation: float = Field(description="its largest activation in the harvest")
-    density: float
-    url: str
-
-
-class ProbeResponse(BaseModel):
-    sae: str
-    text: str
-    n_tokens: int
-    tokens: list[ProbeTokenOut]
-    top_latents: list[TextLatentOut] = Field(description="latents most active over the whole text")
-    sort: SortKey
-    hide_dense_and_first: bool
-    excluded_positions: list[int] = Field(description="positions left out of top_latents")
-    dense_density: float = Field(description="density above which a latent counts as dense")
-    highlighted: HighlightOut | None = Field(None, description="the latent the query string's latent= names, over the text")
-    url: str = Field(description="the probe page showing this result")
+    hide_frequent_and_first: bool = Field(
+        True, description=f"leave frequent latents (density > {FREQUENT_THRESHOLD:.0%}) and the first position (an "
+                          "attention sink, left out by the harvest too) out of the whole-text ranking",
+        # the key's name from before "dense" meant only evaluation's 10 %: older clients still get what they ask
+        validation_alias=AliasChoices("hide_frequent_and_first", "hide_dense_and_first"))
 
 
 class ShareRequest(BaseModel):
@@ -136,19 +94,39 @@ class ShareRequest(BaseModel):
     text: str = Field(description="the probed text (the same limits as POST /api/probe)")
 
 
-class ShareOut(BaseModel):
-    id: str = Field(description="derived from a hash of the SAE id and the text: sharing twice gives the same id")
-    sae: str
-    text: str
-    created_at: str
-    sae_changed: bool = Field(description="the SAE was reloaded with other weights since the link was made")
-    url: str = Field(description="the short link: /p/{id}")
-    json_url: str
+# ---------------------------------------------------------------- the view's state in a query string
 
 
-class SharedProbeOut(ShareOut):
-    probe: ProbeResponse | None = Field(description="the probe of the shared text (null when it cannot run here)")
-    error: str | None = Field(description="why the probe cannot run here, if it cannot")
+def blank_is_none(value):
+    """A form's empty field (the page's "clear" button sends latent=) means none."""
+    return None if isinstance(value, str) and not value.strip() else value
+
+
+Position = Annotated[int, Field(ge=0)]  # a latent's index, or a token's
+Latent = Annotated[Position | None, BeforeValidator(blank_is_none),
+                   Query(description="the latent to highlight over every token (empty: none)")]
+Token = Annotated[Position | None, BeforeValidator(blank_is_none),
+                  Query(description="the token whose latents the page's panel lists (empty: none)")]
+
+
+@dataclass
+class ProbeState:
+    """What a probe page shows of a text beyond the SAE: the highlighted latent, the order of the
+    whole-text ranking, and whether frequent latents and the first position are left out."""
+
+    latent: int | None
+    sort: SortKey
+    hide: bool
+
+
+async def probe_state(latent: Latent = None, sort: SortKey = "max",
+                      include_all: Annotated[bool, Query(alias="all", description="count frequent latents and the "
+                                                                                 "first position too")] = False,
+                      ) -> ProbeState:
+    return ProbeState(latent, sort, not include_all)
+
+
+StateDep = Annotated[ProbeState, Depends(probe_state)]
 
 
 # ---------------------------------------------------------------- JSON API
@@ -162,23 +140,12 @@ async def create_probe(body: ProbeRequest, probe: ProbeDep, urls: URLsDep):
     character or token limit (the message gives it); 404 unknown SAE; 503 weights or model not on
     this server, or the probe busy (with Retry-After)."""
     began = time.perf_counter()
-    view = await probe.view(body.sae, body.text, top_k=body.top_k, top_n=body.top_n, sort=body.sort,
-                            hide=body.hide_dense_and_first)
-    response = json_response(view.as_json(urls))
+    view = await view_text(probe, body.sae, body.text, urls, top_k=body.top_k, top_n=body.top_n, sort=body.sort,
+                           hide=body.hide_frequent_and_first)
+    response = json_response(view)
     # the server's own time for this probe, queueing included (bench/probe_latency.py reads it)
     response.headers["Server-Timing"] = f"probe;dur={(time.perf_counter() - began) * 1000:.2f}"
     return response
-
-
-@router.get("/probe.json", response_model=ProbeResponse, summary="The probe page's JSON twin",
-            responses=ERRORS | UNAVAILABLE)
-async def read_probe_json(probe: ProbeDep, urls: URLsDep, sae: str, text: str,
-                          sort: SortKey = "max", include_all: Annotated[bool, Query(alias="all")] = False,
-                          latent: Annotated[int | None, Query(ge=0)] = None,
-                          top_k: Annotated[int, Query(ge=1, le=64)] = 5, top_n: Annotated[int, Query(ge=1, le=500)] = 20):
-    """The same query string as /probe gives the same probe, as POST /api/probe shapes it."""
-    view = await probe.view(sae, text, latent=latent, top_k=top_k, top_n=top_n, sort=sort, hide=not include_all)
-    return json_response(view.as_json(urls))
 
 
 @router.post("/api/share", response_model=ShareOut, status_code=201, summary="Share a probe as a short permanent link",
@@ -186,92 +153,119 @@ async def read_probe_json(probe: ProbeDep, urls: URLsDep, sae: str, text: str,
 async def create_share_link(body: ShareRequest, session: SessionDep, probe: ProbeDep, urls: URLsDep):
     """Stores the SAE id and the text under an id derived from their hash: 201 when new, 200 with
     the same link when this probe was shared before. /p/{id} opens it, /p/{id}.json gives it."""
-    share, created = await _share(session, probe, body.sae, body.text)
-    return json_response(share.as_json(urls), status_code=201 if created else 200)
+    share, created = await _share(session, probe, body.sae, body.text, urls)
+    return json_response(share, status_code=201 if created else 200)
 
 
-@router.get("/p/{share_id}.json", response_model=SharedProbeOut, summary="A shared probe",
-            responses={code: {"model": ErrorOut} for code in (400, 404)} | BUSY)
-async def read_share_json(share_id: str, session: SessionDep, probe: ProbeDep, urls: URLsDep,
-                          sort: SortKey = "max", include_all: Annotated[bool, Query(alias="all")] = False,
-                          latent: Annotated[int | None, Query(ge=0)] = None):
+# ---------------------------------------------------------------- pages and their twins
+
+
+FREQUENT_PERCENT = f"{FREQUENT_THRESHOLD * 100:g} %"
+
+
+async def probe_page(page: pages.PageCall, token: Token = None):
+    """The page: the form, and the probe of its text when there is one (an htmx request gets the
+    result alone). The page keeps a highlighted latent the SAE lacks (its user is switching
+    SAEs) and lists more latents than the twin does by default."""
+    p = page.params
+    return await _probe_page(page, p["probe"], p["urls"], p["sae"], page_text(p["text"]), p["state"], token=token)
+
+
+@pages.route(router, "/probe", template="probe.html", name="view", html=probe_page, responses=ERRORS | UNAVAILABLE,
+             summary="The probe page's JSON twin")
+async def read_probe(probe: ProbeDep, urls: URLsDep, state: StateDep,
+                     sae: Annotated[str | None, Query(description="SAE id, as /index.json lists them (the page "
+                                                                   "picks one without it; the twin needs it)")] = None,
+                     text: Annotated[str, Query(description="the text to probe (the limits of POST /api/probe)")] = "",
+                     top_k: Annotated[int, Query(ge=1, le=64, description="strongest latents listed per token")] = 5,
+                     top_n: Annotated[int, Query(ge=1, le=500, description="latents in the whole-text ranking")] = 20,
+                     ) -> ProbeResponse:
+    """The same query string as /probe gives the same probe, as POST /api/probe shapes it."""
+    if sae is None:
+        raise HTTPException(422, "sae is required: an SAE id, as /index.json lists them")
+    return await view_text(probe, sae, text, urls, latent=state.latent, top_k=top_k, top_n=top_n, sort=state.sort,
+                           hide=state.hide)
+
+
+async def share_page(page: pages.PageCall, token: Token = None):
+    """A shared probe's page: the probe page on the stored text, at its short link."""
+    p = page.params
+    share = await _get_share(p["session"], p["share_id"], p["urls"])
+    return await _probe_page(page, p["probe"], p["urls"], share.sae, page_text(share.text), p["state"], share=share,
+                             token=token)
+
+
+@pages.route(router, "/p/{share_id}", template="probe.html", name="view", html=share_page, summary="A shared probe",
+             responses={code: {"model": ErrorOut} for code in (400, 404)} | BUSY)
+async def read_share(share_id: str, session: SessionDep, probe: ProbeDep, urls: URLsDep, state: StateDep) -> SharedProbeOut:
     """The stored text and its probe now (null with `error` when the model is not on this server;
     503 with Retry-After when the probe is busy)."""
-    share = await _get_share(session, share_id)
-    data, error = None, None
+    share = await _get_share(session, share_id, urls)
+    view, error = None, None
     try:
-        view = await probe.view(share.sae, share.text, latent=latent, sort=sort, hide=not include_all)
-        data = view.as_json(urls)
+        view = await view_text(probe, share.sae, share.text, urls, latent=state.latent, sort=state.sort, hide=state.hide)
     except HTTPException as e:
         if e.status_code == 503 and e.headers and "Retry-After" in e.headers:
             raise  # busy: ask again later, the share itself is fine
         error = e.detail
-    return json_response(share.as_json(urls) | {"probe": data, "error": error})
+    return SharedProbeOut(**dict(share), probe=view, error=error)
 
 
-# ---------------------------------------------------------------- pages and fragments
+# ---------------------------------------------------------------- fragments and the page's forms
 
 
-DENSE_PERCENT = f"{DENSE * 100:g} %"
+@dataclass
+class ProbeForm:
+    """The page's state form (#probe-state), as its tokens and its Share button send it."""
+
+    sae: str
+    text: str  # as the page carries it (page_text)
+    latent: str  # '' for none
+    sort: SortKey
+    hide: bool
 
 
-@router.get("/probe", include_in_schema=False)
-async def read_probe(request: Request, probe: ProbeDep, sae: str | None = None, text: str | None = None,
-                     latent: str = "", sort: SortKey = "max", include_all: Annotated[bool, Query(alias="all")] = False,
-                     token: str = ""):
-    return await _probe_page(request, probe, sae, page_text(text or ""), _index(latent, "latent"), sort,
-                             not include_all, token=_index(token, "token"))
+async def probe_form(sae: Annotated[str, Form()], text: Annotated[str, Form()], latent: Annotated[str, Form()] = "",
+                     sort: Annotated[SortKey, Form()] = "max",
+                     include_all: Annotated[bool, Form(alias="all")] = False) -> ProbeForm:
+    return ProbeForm(sae, page_text(text), latent, sort, not include_all)
 
 
-@router.get("/p/{share_id}", include_in_schema=False)
-async def read_share(request: Request, share_id: str, session: SessionDep, probe: ProbeDep,
-                     latent: str = "", sort: SortKey = "max", include_all: Annotated[bool, Query(alias="all")] = False,
-                     token: str = ""):
-    share = await _get_share(session, share_id)
-    return await _probe_page(request, probe, share.sae, page_text(share.text), _index(latent, "latent"), sort,
-                             not include_all, share=share, token=_index(token, "token"))
+FormDep = Annotated[ProbeForm, Depends(probe_form)]
 
 
 @router.post("/probe/tokens/{position}", include_in_schema=False)
-async def read_probe_token(request: Request, position: int, probe: ProbeDep, sae: Annotated[str, Form()],
-                           text: Annotated[str, Form()], latent: Annotated[str, Form()] = "",
-                           sort: Annotated[SortKey, Form()] = "max",
-                           include_all: Annotated[bool, Form(alias="all")] = False,
+async def read_probe_token(request: Request, position: int, probe: ProbeDep, urls: URLsDep, form: FormDep,
                            share: Annotated[str, Form()] = ""):
     """The latents of one token (the fragment a focused token asks for). The address bar takes
     the token too (replaced, not pushed: moving along the tokens with Tab is not history), and
     so does the page's state form, so that highlighting or sorting keeps the panel open."""
-    text, hide = page_text(text), not include_all
     try:
-        view = await probe.view(sae, text, latent=_index(latent, "latent"), strict=False, hide=hide)
-        if not 0 <= position < len(view.tokens):
+        view = await view_text(probe, form.sae, form.text, urls, latent=_index(form.latent, "latent"), strict=False,
+                               hide=form.hide)
+        if not 0 <= position < len(view.token_views):
             raise HTTPException(404, f"the text has no token {position}")
     except HTTPException as e:
         return render(request, "_probe_error.html", status_code=e.status_code, error=e.detail)
-    response = render(request, "_probe_token.html", view=view, token=view.tokens[position], oob=True,
-                      dense_percent=DENSE_PERCENT)
-    urls = URLs(request.scope.get("root_path", ""))
-    state = view_state(view.latent, sort, hide, position)
+    response = render(request, "_probe_token.html", view=view, token=view.token_views[position], oob=True,
+                      frequent_percent=FREQUENT_PERCENT)
+    state = view_state(view.latent, form.sort, form.hide, position)
     # on a shared probe's page the address stays its short link
-    response.headers["HX-Replace-Url"] = urls.share(share, **state) if share else urls.probe(sae, text, **state)
+    response.headers["HX-Replace-Url"] = urls.share(share, **state) if share else urls.probe(form.sae, form.text, **state)
     return response
 
 
 @router.post("/probe/share", include_in_schema=False)
-async def create_share_from_page(request: Request, session: SessionDep, probe: ProbeDep, sae: Annotated[str, Form()],
-                                 text: Annotated[str, Form()], latent: Annotated[str, Form()] = "",
-                                 sort: Annotated[SortKey, Form()] = "max",
-                                 include_all: Annotated[bool, Form(alias="all")] = False,
+async def create_share_from_page(request: Request, session: SessionDep, probe: ProbeDep, urls: URLsDep, form: FormDep,
                                  token: Annotated[str, Form()] = ""):
     """The Share button: the link as a fragment (htmx), or a redirect to it (no JavaScript)."""
-    urls = URLs(request.scope.get("root_path", ""))
     try:
-        share, _ = await _share(session, probe, sae, page_text(text))
+        share, _ = await _share(session, probe, form.sae, form.text, urls)
     except HTTPException as e:
         if not is_htmx(request):
             raise
         return render(request, "_probe_error.html", status_code=e.status_code, error=e.detail)
-    link = urls.share(share.id, **view_state(_index(latent, "latent"), sort, not include_all, _index(token, "token")))
+    link = urls.share(share.id, **view_state(_index(form.latent, "latent"), form.sort, form.hide, _index(token, "token")))
     if not is_htmx(request):
         return RedirectResponse(link, status_code=303)
     return render(request, "_probe_share.html", share=share, link=absolute(request, link))
@@ -280,22 +274,28 @@ async def create_share_from_page(request: Request, session: SessionDep, probe: P
 # ---------------------------------------------------------------- helpers
 
 
-async def _probe_page(request: Request, probe, sae: str | None, text: str, latent: int | None, sort: SortKey,
-                      hide: bool, share: Share | None = None, token: int | None = None):
+def first_sae(options: list[SaeOption]) -> str | None:
+    """The SAE a probe without one uses: the first that can be probed here (else the first)."""
+    return next((o.id for o in options if not o.unavailable), options[0].id if options else None)
+
+
+async def _probe_page(page: pages.PageCall, probe, urls: URLs, sae: str | None, text: str, asked: ProbeState,
+                      share: ShareOut | None = None, token: int | None = None):
+    request = page.request
     options = await run_in_threadpool(probe.options)
     if sae is None:
-        sae = next((o.id for o in options if not o.unavailable), options[0].id if options else None)
-    urls = URLs(request.scope.get("root_path", ""))
-    state = view_state(latent, sort, hide, token)  # kept as asked while the probe cannot run (a retry reloads it)
-    view: ProbeView | None = None
+        sae = first_sae(options)
+    state = view_state(asked.latent, asked.sort, asked.hide, token)  # kept as asked while the probe cannot run (a retry reloads it)
+    view: ProbeResponse | None = None
     focus = None  # the token whose panel is open
     error, retry_after, status = None, None, 200
     if sae is not None and text:
         try:
-            view = await probe.view(sae, text, latent=latent, strict=False, sort=sort, hide=hide, top_n=PAGE_TOP_N)
+            view = await view_text(probe, sae, text, urls, latent=asked.latent, strict=False, sort=asked.sort,
+                                   hide=asked.hide, top_n=PAGE_TOP_N)
             # a position beyond this text (an edited link) just leaves the panel closed
-            focus = view.tokens[token] if token is not None and token < len(view.tokens) else None
-            state = view_state(view.latent, sort, hide, focus.position if focus else None)
+            focus = view.token_views[token] if token is not None and token < len(view.token_views) else None
+            state = view_state(view.latent, asked.sort, asked.hide, focus.position if focus else None)
         except HTTPException as e:
             error = e.detail
             retry_after = (e.headers or {}).get("Retry-After")
@@ -307,23 +307,22 @@ async def _probe_page(request: Request, probe, sae: str | None, text: str, laten
     page_url = urls.probe(sae, text, **state)  # an empty text drops out of the query
     address = urls.share(share.id, **state) if share else page_url  # what the address bar holds
     context = {
-        "options": options, "sae": sae, "text": text, "state": state, "view": view, "focus": focus, "error": error,
+        "options": options, "sae": sae, "text": text, "state": state, "focus": focus, "error": error,
         "retry_after": retry_after, "share": share, "max_chars": probe.settings.probe_max_chars,
         "max_tokens": probe.settings.probe_max_tokens,
-        "dense_percent": DENSE_PERCENT,
+        "frequent_percent": FREQUENT_PERCENT,
         "page_url": page_url,
         "json_url": urls.probe(sae, text, fmt="json", **state | {"token": None}) if view else None,
         "og": open_graph(view, sae, text, absolute(request, address)),
     }
     template = "_probe_result.html" if is_htmx(request) else "probe.html"
-    headers = {"Retry-After": retry_after} if retry_after else None
-    response = render(request, template, status_code=status, **context)
-    if headers:
-        response.headers.update(headers)
+    response = page.render(view, template=template, status_code=status, **context)
+    if retry_after:
+        response.headers["Retry-After"] = retry_after
     return response
 
 
-def open_graph(view: ProbeView | None, sae: str | None, text: str, url: str) -> dict:
+def open_graph(view: ProbeResponse | None, sae: str | None, text: str, url: str) -> dict:
     """Open Graph tags, so a pasted link previews with a title and a description; `url` is the
     page's whole shareable address, its view state included."""
     if not text:
@@ -335,8 +334,8 @@ def open_graph(view: ProbeView | None, sae: str | None, text: str, url: str) -> 
     excerpt = excerpt if len(excerpt) <= 60 else excerpt[:59] + "…"
     description = f"Which latents of the sparse autoencoder {sae} fire on this text"
     if view is not None:
-        top = ", ".join(f"#{t.latent.index} (max {t.max:.2f})" for t in view.text_latents[:3])
-        description += f": {len(view.tokens)} tokens" + (f"; strongest latents {top}" if top else "")
+        top = ", ".join(f"#{t.index} (max {t.max:.2f})" for t in view.top_latents[:3])
+        description += f": {len(view.token_views)} tokens" + (f"; strongest latents {top}" if top else "")
     return {"title": f"“{excerpt}” · saescope probe", "description": description + ".", "url": url}
 
 
@@ -360,7 +359,7 @@ def check_utf8(encoded: bytes, what: str) -> None:
 
 
 def _index(value: str, what: str) -> int | None:
-    """The highlighted latent or the open token from the query string or a form ('' clears it)."""
+    """The highlighted latent or the open token from a form ('' clears it)."""
     if value.strip() == "":
         return None
     if not value.strip().isdigit():
@@ -368,16 +367,16 @@ def _index(value: str, what: str) -> int | None:
     return int(value)
 
 
-async def _share(session, probe, sae: str, text: str) -> tuple[Share, bool]:
+async def _share(session, probe, sae: str, text: str, urls: URLs) -> tuple[ShareOut, bool]:
     probe.check_text(text)
-    made = await run_in_threadpool(create_share, session, sae, text)
+    made = await run_in_threadpool(create_share, session, sae, text, urls)
     if made is None:
         raise HTTPException(404, f"no SAE {sae!r}")
     return made
 
 
-async def _get_share(session, share_id: str) -> Share:
-    share = await run_in_threadpool(get_share, session, share_id)
+async def _get_share(session, share_id: str, urls: URLs) -> ShareOut:
+    share = await run_in_threadpool(get_share, session, share_id, urls)
     if share is None:
         raise HTTPException(404, f"no shared probe {share_id!r}")
     return share

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, HTTPException, Query, Request
+from fastapi import APIRouter, Depends, HTTPException, Query
 from pydantic import BeforeValidator, Field
 
-from app import ladders, queries
-from app.schemas import ErrorOut, IndexOut, SaePageOut
+from app import ladders, pages, queries
 from app.deps import SessionDep, URLsDep
-from app.render import json_response, render
+from app.schemas import ErrorOut
 
 router = APIRouter(tags=["saes"])
 
@@ -18,51 +17,41 @@ router = APIRouter(tags=["saes"])
 Page = Annotated[int, Query(ge=1, le=2**31 - 1, description="1-based page number")]
 PerPage = Annotated[int, Query(ge=1, le=500, description="latents per page")]
 # The page's filter form sends an empty field as "": that means no bound, not a bad number.
-Share = Annotated[float, Field(ge=0, le=1)]
-Density = Annotated[Share | None, BeforeValidator(lambda value: None if value == "" else value),
+ShareOut = Annotated[float, Field(ge=0, le=1)]
+Density = Annotated[ShareOut | None, BeforeValidator(lambda value: None if value == "" else value),
                     Query(description="a share of tokens, 0..1 (empty: no bound)")]
 
 
 def latent_filter(min_density: Density = None, max_density: Density = None,
                   hide_dead: Annotated[bool, Query(description="leave out latents that never fired")] = False,
                   hide_dense: Annotated[bool, Query(description="leave out latents firing on more than 10 % of tokens")] = False,
-                  ) -> queries.LatentFilter:
-    return queries.LatentFilter(min_density, max_density, hide_dead, hide_dense)
+                  ) -> queries.LatentFilterOut:
+    return queries.LatentFilterOut(min_density=min_density, max_density=max_density, hide_dead=hide_dead,
+                                   hide_dense=hide_dense)
 
 
-FilterDep = Annotated[queries.LatentFilter, Depends(latent_filter)]
+FilterDep = Annotated[queries.LatentFilterOut, Depends(latent_filter)]
 
 
-@router.get("/index.json", response_model=IndexOut, summary="SAEs in the database")
-def read_index_json(session: SessionDep, urls: URLsDep):
-    return {"saes": [sae.as_json(urls) for sae in queries.list_saes(session)]}
+def index_page(page: pages.PageCall):
+    """The index lists the scaling ladders too (their own twin is /ladders.json)."""
+    return page.render(page.data(), ladders=ladders.list_ladders(page.params["session"], page.params["urls"]).ladders)
 
 
-@router.get("/", include_in_schema=False)
-def read_index(request: Request, session: SessionDep):
-    return render(request, "index.html", saes=queries.list_saes(session), ladders=ladders.list_ladders(session))
+@pages.route(router, "/", json_path="/index.json", template="index.html", name="index", html=index_page,
+             summary="SAEs in the database")
+def read_index(session: SessionDep, urls: URLsDep) -> queries.IndexOut:
+    return queries.list_saes(session, urls)
 
 
-def _latent_page(session, sae_id, sort, order, page, per_page, filters) -> queries.LatentPage:
+@pages.route(router, "/saes/{sae_id}", template="sae.html", name="latent_page", responses={404: {"model": ErrorOut}},
+             summary="One SAE: config, metrics, density histogram and a page of its latents")
+def read_sae(
+    sae_id: str, session: SessionDep, urls: URLsDep, filters: FilterDep,
+    sort: queries.SortKey = "density", order: queries.Order = "desc", page: Page = 1, per_page: PerPage = 50,
+) -> queries.SaePageOut:
     latent_page = queries.list_latents(session, sae_id, sort=sort, order=order, page=page, per_page=per_page,
-                                       filters=filters)
+                                       filters=filters, urls=urls)
     if latent_page is None:
         raise HTTPException(404, f"no SAE {sae_id!r}")
     return latent_page
-
-
-@router.get("/saes/{sae_id}.json", response_model=SaePageOut, responses={404: {"model": ErrorOut}},
-            summary="One SAE: config, metrics, density histogram and a page of its latents")
-def read_sae_json(
-    sae_id: str, session: SessionDep, urls: URLsDep, filters: FilterDep,
-    sort: queries.SortKey = "density", order: queries.Order = "desc", page: Page = 1, per_page: PerPage = 50,
-):
-    return json_response(_latent_page(session, sae_id, sort, order, page, per_page, filters).as_json(urls))
-
-
-@router.get("/saes/{sae_id}", include_in_schema=False)
-def read_sae(
-    request: Request, sae_id: str, session: SessionDep, filters: FilterDep,
-    sort: queries.SortKey = "density", order: queries.Order = "desc", page: Page = 1, per_page: PerPage = 50,
-):
-    return render(request, "sae.html", latent_page=_latent_page(session, sae_id, sort, order, page, per_page, filters))

@@ -6,8 +6,16 @@ import re
 from html.parser import HTMLParser
 
 import pytest
+from fastapi import APIRouter, FastAPI
+from fastapi.responses import PlainTextResponse
+from fastapi.routing import APIRoute
+from fastapi.testclient import TestClient
 from markupsafe import escape
+from pydantic import BaseModel
 from webrun import DEAD, N_LATENTS, SCRIPT_CONTEXT, VOCAB, WEAK
+
+from app import pages
+from app.main import ROUTERS
 
 
 class Page(HTMLParser):
@@ -226,6 +234,87 @@ def test_htmx_comes_from_node_modules_and_pages_send_a_csp(client):
 def test_openapi_documents_the_json_api(client):
     paths = client.get("/openapi.json").json()["paths"]
     assert {"/index.json", "/saes/{sae_id}.json", "/saes/{sae_id}/features/{index}.json", "/api/probe"} <= set(paths)
+
+
+def api_routes() -> list[APIRoute]:
+    return [route for router in ROUTERS for route in router.routes if isinstance(route, APIRoute)]
+
+
+def json_routes() -> list[APIRoute]:
+    return [route for route in api_routes() if route.path.endswith(".json")]
+
+
+def test_openapi_documents_every_json_route_with_its_record(client, sae_id):
+    """Every .json route is in /openapi.json with the schema of what it answers (a redirect: its
+    303); and what a twin answers has that schema's fields, the required ones all there."""
+    spec = client.get("/openapi.json").json()
+    schemas = spec["components"]["schemas"]
+    routes = json_routes()
+    assert len(routes) >= 9
+    for route in routes:
+        responses = spec["paths"][route.path]["get"]["responses"]
+        if route.status_code == 303:  # /saes/{sae_id}/random.json
+            assert "303" in responses and "200" not in responses, route.path
+            continue
+        ref = responses["200"]["content"]["application/json"]["schema"]["$ref"]
+        assert ref.removeprefix("#/components/schemas/") in schemas, route.path
+    for path, twin in (("/index.json", "/index.json"), ("/saes/{sae_id}.json", f"/saes/{sae_id}.json"),
+                       ("/saes/{sae_id}/features/{index}.json", f"/saes/{sae_id}/features/3.json"),
+                       ("/ladders.json", "/ladders.json"), ("/search.json", "/search.json?q=the")):
+        ref = spec["paths"][path]["get"]["responses"]["200"]["content"]["application/json"]["schema"]["$ref"]
+        schema = schemas[ref.removeprefix("#/components/schemas/")]
+        body = client.get(twin).json()
+        assert set(schema["required"]) <= set(body) <= set(schema["properties"]), path
+
+
+def flat_parameters(dependant) -> dict[str, tuple]:
+    """A route's path and query parameters, its dependencies' included: name -> (type, default)."""
+    found = {p.alias: (p.field_info.annotation, p.field_info.default) for p in dependant.path_params + dependant.query_params}
+    for dependency in dependant.dependencies:
+        found |= flat_parameters(dependency)
+    return found
+
+
+def test_each_page_and_its_twin_come_from_one_view():
+    """A page and its .json twin are one registration (app.pages.route): both routes run the same
+    view, and the twin's parameters are the page's, declared once."""
+    routes = {route.path: route for route in api_routes()}
+    pairs = {("/" if twin.path == "/index.json" else twin.path.removesuffix(".json")): twin
+             for twin in json_routes() if twin.status_code != 303}
+    assert set(pairs) == {"/", "/saes/{sae_id}", "/saes/{sae_id}/features/{index}", "/ladders", "/ladders/{ladder_id}",
+                          "/search", "/probe", "/p/{share_id}"}
+    for path, twin in pairs.items():
+        page = routes[path]
+        assert page.endpoint.view is twin.endpoint.view, path
+        assert flat_parameters(twin.dependant).items() <= flat_parameters(page.dependant).items(), path  # the page may add its own
+
+
+class Greeting(BaseModel):
+    text: str
+
+
+def shout_page(page: pages.PageCall, shout: bool = False):
+    greeting = page.data()
+    return PlainTextResponse(greeting.text.upper() if shout else greeting.text)
+
+
+def test_one_view_registers_a_page_and_its_twin():
+    router = APIRouter()
+
+    @pages.route(router, "/hello/{name}", template="unused.html", name="greeting", summary="A greeting", html=shout_page)
+    def read_hello(name: str, punctuation: str = "!") -> Greeting:
+        return Greeting(text=f"hello {name}{punctuation}")
+
+    app = FastAPI()
+    app.include_router(router)
+    with TestClient(app) as hello:
+        assert hello.get("/hello/ada.json", params={"punctuation": "?"}).json() == {"text": "hello ada?"}
+        assert hello.get("/hello/ada", params={"punctuation": "?", "shout": 1}).text == "HELLO ADA?"
+    operation = app.openapi()["paths"]["/hello/{name}.json"]["get"]
+    assert "/hello/{name}" not in app.openapi()["paths"]  # the HTML page is not the API
+    assert [p["name"] for p in operation["parameters"]] == ["name", "punctuation"]  # not the page's own `shout`
+    assert operation["responses"]["200"]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/Greeting"}
+    assert operation["operationId"].startswith("read_hello_json") and operation["summary"] == "A greeting"
 
 
 def test_the_api_page_documents_every_route_of_the_schema_offline(client):

@@ -69,7 +69,7 @@ def test_shared_page_while_the_probe_is_busy_is_503(client, sae_id, monkeypatch)
         raise HTTPException(503, "the probe is busy; try again in 2 s", headers={"Retry-After": "2"})
 
     share = client.post("/api/share", json={"sae": sae_id, "text": "hello"}).json()
-    monkeypatch.setattr(client.app.state.probe, "view", busy)
+    monkeypatch.setattr(client.app.state.probe, "encode", busy)
     page = client.get(share["url"])
     assert page.status_code == 503 and page.headers["Retry-After"] == "2" and "Trying again in 2 s" in page.text
     twin = client.get(share["json_url"])

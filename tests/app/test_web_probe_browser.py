@@ -90,7 +90,7 @@ def test_type_click_highlight_share_and_reopen(probe_server, browser, tiny_sae):
     assert "".join(tokens.all_inner_texts()).replace("·", " ").replace("↵", "") == TEXT
     assert tokens.first.get_attribute("title") == "first position: left out"
 
-    # nearly every latent of the tiny SAE is dense: show them all, and the shading appears
+    # nearly every latent of the tiny SAE is frequent: show them all, and the shading appears
     page.locator("#probe-all").check()
     page.wait_for_url(re.compile(r".*[?&]all=1"))
     until(lambda: shaded(page) > 0)
@@ -127,7 +127,7 @@ def test_type_click_highlight_share_and_reopen(probe_server, browser, tiny_sae):
         page.locator(f'#token-detail .token-detail[data-position="{position}"]').wait_for()
         assert f"position {position}" in detail.inner_text() and rows.count() >= 1
     page.wait_for_url(re.compile(r".*[?&]token=3$"))  # the open token is in the address bar too
-    # the dense-latents box is its own request on the same text: the panel stays open
+    # the frequent-latents box is its own request on the same text: the panel stays open
     page.locator("#probe-all").uncheck()
     page.wait_for_url(lambda url: "token=3" in url and "all=1" not in url)
     page.locator('#token-detail .token-detail[data-position="3"]').wait_for()

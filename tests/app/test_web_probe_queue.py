@@ -17,7 +17,7 @@ import torch
 import uvicorn
 
 from app.main import create_app
-from app.probe import LoadedSae
+from app.probe_service import LoadedSae
 from app.settings import Settings
 from trainer.tokens import TokenPiece
 

@@ -74,7 +74,7 @@ def shows_explanation(html: str, text: str) -> bool:
 def test_probe_results_carry_explanations(tiny):
     client, sae_id, run = tiny
     explanations = [e["text"] or None for e in load_harvest(run).explanations]
-    data = client.post("/api/probe", json={"sae": sae_id, "text": TEXT, "top_n": 64, "hide_dense_and_first": False}).json()
+    data = client.post("/api/probe", json={"sae": sae_id, "text": TEXT, "top_n": 64, "hide_frequent_and_first": False}).json()
     assert data["top_latents"]
     for latent in data["top_latents"]:
         assert latent["explanation"] == explanations[latent["index"]]
