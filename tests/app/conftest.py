@@ -9,22 +9,14 @@ failure, not a skip: `.ci/run` starts it.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-HERE = Path(__file__).resolve().parent
-for folder in (ROOT, HERE):  # `app` and `trainer` are top-level packages; webrun.py sits here
-    if str(folder) not in sys.path:
-        sys.path.insert(0, str(folder))
-
-from databases import BACKENDS, drop_abandoned_schemas, empty_database, postgres_schema  # noqa: E402
-from servers import chromium  # noqa: E402
-from webrun import make_cfg, make_run  # noqa: E402
-
-from trainer.runfolder import sae_slug  # noqa: E402
+from tests.app.databases import BACKENDS, drop_abandoned_schemas, empty_database, postgres_schema
+from tests.app.servers import chromium
+from tests.app.webrun import make_cfg, make_run
+from trainer.runfolder import sae_slug
 
 
 @pytest.fixture(scope="session", autouse=True)

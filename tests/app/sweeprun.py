@@ -8,8 +8,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from webrun import make_synthetic_run
 
+from tests.app.webrun import make_synthetic_run
 from trainer import families, runfolder, scaling
 
 N_SERIES, K = (16, 32, 64, 128), 4

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from servers import SHOTS, free_port, running_server
+
+from tests.app.servers import SHOTS, free_port, running_server
 
 
 @pytest.fixture(scope="module")

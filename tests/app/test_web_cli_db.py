@@ -42,7 +42,7 @@ def test_default_db_ignores_other_settings(env):
 
 def test_serve_listens_where_the_settings_say_unless_told(tmp_path):
     """SAESCOPE_PORT and SAESCOPE_HOST reach `saescope serve` (its flags only override them)."""
-    from servers import free_port, running_server
+    from tests.app.servers import free_port, running_server
 
     port = free_port()
     db = f"sqlite:///{tmp_path / 'empty.db'}"

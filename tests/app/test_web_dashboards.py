@@ -7,8 +7,10 @@ from __future__ import annotations
 import re
 
 import pytest
-from test_web_pages import Page
-from webrun import (
+
+from app.features import SNIPPET_AFTER, SNIPPET_BEFORE
+from tests.app.test_web_pages import Page
+from tests.app.webrun import (
     CAT,
     DEAD,
     DEF_LATENT,
@@ -23,8 +25,6 @@ from webrun import (
     TOP_K,
     VOCAB,
 )
-
-from app.features import SNIPPET_AFTER, SNIPPET_BEFORE
 from trainer.runfolder import load_harvest
 
 HX = {"HX-Request": "true"}
@@ -346,7 +346,7 @@ def test_quantile_examples_come_strongest_first(client, sae_id):
 
 
 def test_a_page_past_the_last_says_so_and_links_the_last(client, sae_id):
-    from webrun import N_LATENTS
+    from tests.app.webrun import N_LATENTS
 
     last = -(-N_LATENTS // 10)
     page = client.get(f"/saes/{sae_id}", params={"page": last + 5, "per_page": 10})

@@ -10,10 +10,10 @@ import time
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
-from servers import SHOTS, free_port, running_server
-from webrun import CAT, DEF_LATENT, FEW, make_run
 
 from app.loader import load_run
+from tests.app.servers import SHOTS, free_port, running_server
+from tests.app.webrun import CAT, DEF_LATENT, FEW, make_run
 
 
 @pytest.fixture(scope="module")

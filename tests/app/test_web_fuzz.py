@@ -18,11 +18,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
-from webrun import table_counts
 
 from app.loader import load_run
 from app.main import create_app
 from app.settings import Settings
+from tests.app.webrun import table_counts
 
 TOKEN = "fuzzing-admin-token-0123456789"
 FUZZ_EXAMPLES = int(os.environ.get("SAESCOPE_FUZZ_EXAMPLES", "25"))

@@ -15,18 +15,18 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from databases import BACKENDS, empty_database
 from fastapi.testclient import TestClient
 from safetensors import safe_open
-from servers import SHOTS, free_port, running_server
-from sweeprun import K, MODEL, N_SERIES, NEIGHBOURS, ladder_id, make_sweep
-from webrun import make_run, table_counts
 
 from app.db import downgrade, make_engine, upgrade
 from app.loader import LoadError, load_run, unload_sae
 from app.main import create_app
 from app.settings import Settings
 from app.sweep_loader import load_sweep
+from tests.app.databases import BACKENDS, empty_database
+from tests.app.servers import SHOTS, free_port, running_server
+from tests.app.sweeprun import K, MODEL, N_SERIES, NEIGHBOURS, ladder_id, make_sweep
+from tests.app.webrun import make_run, table_counts
 from trainer import runfolder
 from trainer.runfolder import RunFolderError, sae_slug
 
@@ -202,7 +202,7 @@ def test_replacing_a_ladder_and_deleting_a_rung(backend, sweep_dir, tmp_path):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_a_killed_sweep_load_leaves_nothing_or_everything(backend, sweep_dir, tmp_path):
     """SIGKILL while the loader writes the last rung's examples: no SAE, ladder or family row."""
-    from test_web_load_kill import integrity_problems, start_loader, wait_for
+    from tests.app.test_web_load_kill import integrity_problems, start_loader, wait_for
 
     with empty_database(backend, tmp_path) as url:
         proc = start_loader(sweep_dir, url)

@@ -10,7 +10,12 @@ import numpy as np
 import pytest
 import torch
 from sqlalchemy import func, select
-from webrun import (
+
+from app.db import make_engine, upgrade
+from app.loader import LoadError, load_run, read_run, write_in_one_transaction
+from app.models import Context, Example, ExplanationTerm, Latent, LatentDetail, Sae, TokenLatent, Vocab
+from app.search import terms
+from tests.app.webrun import (
     CAT,
     DEAD,
     DEF_LATENT,
@@ -25,11 +30,6 @@ from webrun import (
     make_run,
     table_counts,
 )
-
-from app.db import make_engine, upgrade
-from app.loader import LoadError, load_run, read_run, write_in_one_transaction
-from app.models import Context, Example, ExplanationTerm, Latent, LatentDetail, Sae, TokenLatent, Vocab
-from app.search import terms
 from trainer.runfolder import RunFolderError, load_harvest, save_harvest
 
 

@@ -7,7 +7,8 @@ from html.parser import HTMLParser
 
 import pytest
 from markupsafe import escape
-from webrun import DEAD, N_LATENTS, SCRIPT_CONTEXT, VOCAB, WEAK
+
+from tests.app.webrun import DEAD, N_LATENTS, SCRIPT_CONTEXT, VOCAB, WEAK
 
 
 class Page(HTMLParser):

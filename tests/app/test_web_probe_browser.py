@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from servers import SHOTS, free_port
+from tests.app.servers import SHOTS, free_port
 from trainer import runfolder
 from trainer.runfolder import sae_slug
 

@@ -9,7 +9,6 @@ from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 
 import pytest
-from databases import BACKENDS, empty_database
 from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 
@@ -18,6 +17,7 @@ from app.main import create_app
 from app.models import ShareLink
 from app.settings import Settings
 from app.shares import create_share, share_digest
+from tests.app.databases import BACKENDS, empty_database
 
 TEXT = "def total(xs):\n    return sum(x * 2 for x in xs)  # <b>twice</b>"
 

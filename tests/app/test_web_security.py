@@ -10,12 +10,12 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import text
 from sqlalchemy.exc import OperationalError
-from webrun import N_LATENTS, table_counts as counts
 
 from app.loader import load_run
 from app.main import create_app
 from app.security import DOCS_PATHS
 from app.settings import Settings
+from tests.app.webrun import N_LATENTS, table_counts as counts
 
 TOKEN = "s3cret-admin-token-of-some-length"
 

@@ -9,9 +9,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from servers import free_port, running_server
-
 from app.loader import load_run
+from tests.app.servers import free_port, running_server
 
 
 def children(pid: int) -> list[int]:
