@@ -1,4 +1,5 @@
-# The two front-door commands (see README): `make demo` and `make test`.
+# The two front-door commands (see README): `make demo` and `make test`; `make test-fast` while
+# working (the tests that need no browser, PostgreSQL or other process, and are not slow).
 # Both set up whatever is missing first and are safe to run again.
 
 VENV   ?= .venv
@@ -6,7 +7,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check -q
 STAMP  := $(VENV)/.saescope-installed
 
-.PHONY: setup demo test browser clean
+.PHONY: setup demo test test-fast browser clean
 
 setup: $(STAMP) node_modules/.package-lock.json
 
@@ -34,6 +35,10 @@ demo: setup
 
 test: setup browser
 	$(PY) -m pytest -q $(ARGS)
+
+# The markers are registered in pyproject.toml and applied by tests/tiers.py.
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow and not browser and not postgresql and not multiprocess" $(ARGS)
 
 clean:
 	rm -rf demo .pytest_cache

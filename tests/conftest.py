@@ -8,6 +8,8 @@ import pytest
 
 from tests.tiny_model import make_tiny_model
 
+pytest_plugins = ["tests.tiers"]  # the markers of `make test-fast`, how they are applied, their guards
+
 PAYLOAD = "<script>alert(1)</script>"
 TINY_TRAIN_ARGS = [
     "--layer", "1", "--latents", "64", "--k", "4", "--tokens", "8192",

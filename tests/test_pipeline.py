@@ -151,6 +151,7 @@ def run_cli(*args) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "saescope.cli", *args], capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.multiprocess
 def test_damaged_run_folder_is_one_line_and_writes_nothing(tiny_run, tmp_path):
     broken = tmp_path / "broken"
     shutil.copytree(tiny_run, broken, ignore=shutil.ignore_patterns("activations"))
@@ -176,6 +177,7 @@ def test_eval_reads_a_damaged_metrics_json_before_any_work(tiny_run, tmp_path, m
         evaluate.evaluate_run(broken)
 
 
+@pytest.mark.multiprocess
 def test_a_file_or_a_killed_run_where_a_run_folder_goes_says_so(tiny_run, tmp_path):
     afile = tmp_path / "afile"
     afile.write_text("notes")
@@ -210,6 +212,7 @@ def test_load_can_name_the_sae(tiny_run, tmp_path):
     assert counts(url)["latents"] == 2 * runfolder.load_cfg(tiny_run)["n_latents"]
 
 
+@pytest.mark.multiprocess
 def test_eval_rejects_a_negative_downstream_count(tiny_run):
     before = (tiny_run / "metrics.json").read_text()
     result = run_cli("eval", str(tiny_run), "--downstream-contexts", "-1")
@@ -217,6 +220,8 @@ def test_eval_rejects_a_negative_downstream_count(tiny_run):
     assert (tiny_run / "metrics.json").read_text() == before
 
 
+@pytest.mark.postgresql
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("command", ["load", "serve"])
 def test_a_database_that_opens_but_cannot_be_migrated_is_one_line(tiny_run, tiny_db, tmp_path, command):
     """A schema from a newer saescope, a PostgreSQL schema that does not exist: one line, and the
@@ -241,6 +246,7 @@ def test_a_database_that_opens_but_cannot_be_migrated_is_one_line(tiny_run, tiny
     assert counts(f"sqlite:///{newer}") == counts(tiny_db)
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize(
     "url,message",
     [
@@ -265,6 +271,7 @@ def test_a_database_that_cannot_be_opened_is_one_line(tiny_run, tmp_path, comman
     assert "secret" not in result.stderr + result.stdout
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize(
     "args,message",
     [
@@ -303,6 +310,7 @@ def test_train_rejects_bad_config_in_one_line(tiny_model_dir, tmp_path, args, me
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("args,message", [
     (["--exclude-first", "32"], "--exclude-first 32 leaves out every position of the store's 32-token contexts"),
     (["--histogram-bins", "100000000"], "--histogram-bins must be at most 1000"),
@@ -315,6 +323,7 @@ def test_harvest_rejects_bad_options_in_one_line(tiny_run, args, message):
     assert (tiny_run / "harvest" / "harvest.json").read_bytes() == before
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("where", ["before", "after"])
 def test_verbose_goes_before_or_after_the_command_and_shows_the_traceback(where):
     args = ["serve", "--port", "99999"]

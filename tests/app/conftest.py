@@ -13,15 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.app.databases import BACKENDS, drop_abandoned_schemas, empty_database, postgres_schema
+from tests.app.databases import BACKENDS, empty_database, postgres_schema
 from tests.app.servers import chromium
 from tests.app.webrun import make_cfg, make_run
 from trainer.runfolder import sae_slug
-
-
-@pytest.fixture(scope="session", autouse=True)
-def _clean_abandoned_schemas():
-    drop_abandoned_schemas()
 
 
 @pytest.fixture

@@ -36,6 +36,7 @@ def fuzz_target(empty_url_module, run_dir):
     return empty_url_module, schemathesis.openapi.from_asgi("/openapi.json", app)
 
 
+@pytest.mark.slow  # 8 s per backend
 def test_no_input_makes_a_server_error(fuzz_target, sae_id):
     url, schema = fuzz_target
     before = table_counts(url)

@@ -175,6 +175,7 @@ def test_a_damaged_or_stale_sweep_fails_before_the_database_is_touched(sweep_dir
     assert not (tmp_path / "db.sqlite").exists()  # never opened: the checks come first
 
 
+@pytest.mark.slow  # 3 s per backend
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_replacing_a_ladder_and_deleting_a_rung(backend, sweep_dir, tmp_path):
     changed = make_sweep(tmp_path / "changed", seed=1)  # the same sizes, other weights
@@ -199,6 +200,7 @@ def test_replacing_a_ladder_and_deleting_a_rung(backend, sweep_dir, tmp_path):
             assert client.get("/ladders.json").json() == {"ladders": []}
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_a_killed_sweep_load_leaves_nothing_or_everything(backend, sweep_dir, tmp_path):
     """SIGKILL while the loader writes the last rung's examples: no SAE, ladder or family row."""
@@ -227,6 +229,7 @@ def test_the_migration_round_trip_keeps_the_saes(sweep_dir, tmp_path):
     assert ladder_counts(url)["latent_families"] == sum(N_SERIES)
 
 
+@pytest.mark.multiprocess
 def test_saescope_load_takes_a_sweep_folder(sweep_dir, tmp_path):
     url = f"sqlite:///{tmp_path / 'db.sqlite'}"
     command = [sys.executable, "-m", "saescope.cli", "load", str(sweep_dir), "--db", url]

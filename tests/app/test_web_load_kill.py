@@ -24,6 +24,8 @@ from app.loader import load_run, read_run
 from tests.app.databases import BACKENDS, empty_database
 from tests.app.webrun import make_synthetic_run, table_counts
 
+pytestmark = pytest.mark.multiprocess  # loads in subprocesses, killed
+
 ROOT = Path(__file__).resolve().parents[2]
 # (phase the loader announces, seconds to wait after it, must the database be unchanged?)
 KILL_POINTS = [

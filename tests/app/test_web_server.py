@@ -9,8 +9,12 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import pytest
+
 from app.loader import load_run
 from tests.app.servers import free_port, running_server
+
+pytestmark = pytest.mark.multiprocess  # a server process with several workers
 
 
 def children(pid: int) -> list[int]:
