@@ -14,9 +14,10 @@ pyproject.toml (`--strict-markers`):
 - `slow`: measured slow (several seconds of its own, or a fixture that is) while being none of
   the above. Marked by hand.
 
-Marks by hand can be forgotten, so two guards check them while the tests run: a test (its
-fixtures included) that starts a process without `multiprocess`, or connects to the tests'
-PostgreSQL server without `postgresql`, fails and says which marker it lacks. And no test is
+Marks by hand can be forgotten, so two guards check them while the tests run: a test that starts
+a process without `multiprocess`, or connects to the tests' PostgreSQL server without
+`postgresql`, while its fixtures are set up or while it runs, fails and says which marker it
+lacks (clean-ups are not checked: see `cleaning_up`). And no test is
 skipped: a skip is reported as a failure, since a skipped test checks nothing (`.ci/run` provides
 what the tests need: PostgreSQL, Chromium).
 """
@@ -24,6 +25,7 @@ what the tests need: PostgreSQL, Chromium).
 from __future__ import annotations
 
 import sys
+from contextlib import contextmanager
 
 import pytest
 
@@ -93,15 +95,41 @@ def _postgres_guard():
     psycopg.connect = connect
 
 
-@pytest.hookimpl(wrapper=True)
-def pytest_runtest_protocol(item: pytest.Item, nextitem):
+@contextmanager
+def _guarded(item: pytest.Item):
     _Guard.item = item
     _Guard.may_spawn = item.get_closest_marker("multiprocess") is not None
     _Guard.may_use_postgres = item.get_closest_marker("postgresql") is not None
     try:
-        return (yield)
+        yield
     finally:
         _Guard.item, _Guard.may_spawn, _Guard.may_use_postgres = None, True, True
+
+
+# Setting up a test's fixtures and running it are checked; tearing down is not: pytest finishes a
+# fixture after the last test that needs it, in whichever test comes next.
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item: pytest.Item):
+    with _guarded(item):
+        return (yield)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item):
+    with _guarded(item):
+        return (yield)
+
+
+@contextmanager
+def cleaning_up():
+    """For a fixture's clean-up, which pytest may also run while it sets up a later test (when a
+    parametrized fixture moves on to its next value, say): not checked."""
+    saved = _Guard.may_spawn, _Guard.may_use_postgres
+    _Guard.may_spawn = _Guard.may_use_postgres = True
+    try:
+        yield
+    finally:
+        _Guard.may_spawn, _Guard.may_use_postgres = saved
 
 
 @pytest.hookimpl(wrapper=True)

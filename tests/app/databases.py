@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.tiers import cleaning_up
+
 POSTGRES = os.environ.get("SAESCOPE_TEST_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 SCHEMA_PREFIX = "saescope_test_"
 # Parametrize with these (a fixture's params, or @pytest.mark.parametrize): the PostgreSQL case carries
@@ -48,7 +50,7 @@ def postgres_schema():
     try:
         yield f"{POSTGRES}?options=-csearch_path%3D{schema}"
     finally:
-        with admin.begin() as conn:
+        with cleaning_up(), admin.begin() as conn:
             conn.execute(text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
         admin.dispose()
 
