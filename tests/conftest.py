@@ -60,15 +60,15 @@ def tiny_db(tiny_run, tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
-def sae_id(tiny_run) -> str:
-    """The tiny run's id in the database (tests/app has its own, for its synthetic run)."""
+def tiny_sae_id(tiny_run) -> str:
+    """The tiny run's SAE id in the database (tests/app's synthetic run has `synthetic_sae_id`)."""
     from trainer.runfolder import load_cfg, sae_slug
 
     return sae_slug(load_cfg(tiny_run))
 
 
 @pytest.fixture(scope="module")
-def client(tiny_db):
+def tiny_client(tiny_db):
     """The app in-process over the tiny run's SQLite file."""
     from fastapi.testclient import TestClient
 

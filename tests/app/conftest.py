@@ -1,10 +1,13 @@
 """Fixtures for the web app: the synthetic run folder of webrun.py, loaded by the real loader into
-each backend the app supports, and an in-process client over it.
+each backend the app supports, and an in-process client over it (`synthetic_sae_id`,
+`database_url`, `synthetic_client`; tests/conftest.py's `tiny_*` fixtures are the tiny real model's
+run instead).
 
-Every test that takes `database_url` or `client` (or `empty_url`) runs twice: on a real SQLite
-file and on the real PostgreSQL (SAESCOPE_TEST_POSTGRES, by default the local server's `test`
-database), each in a schema of its own that is dropped afterwards (databases.py). No PostgreSQL is a
-failure, not a skip: `.ci/run` starts it.
+Every test that takes `database_url` or `synthetic_client` (or `empty_url`) runs twice: on a real
+SQLite file and on the real PostgreSQL (SAESCOPE_TEST_POSTGRES, by default the local server's `test`
+database), each in a schema of its own that is dropped afterwards (databases.py); the PostgreSQL
+case is marked `postgresql` (tests/tiers.py). No PostgreSQL is a failure, not a skip: `.ci/run`
+starts it.
 """
 
 from __future__ import annotations
@@ -41,11 +44,13 @@ def empty_url_module(request, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def run_dir(tmp_path_factory) -> Path:
+    """The synthetic run folder (webrun.make_run)."""
     return make_run(tmp_path_factory.mktemp("run") / "tiny")
 
 
 @pytest.fixture(scope="session")
-def sae_id() -> str:
+def synthetic_sae_id() -> str:
+    """The synthetic run's SAE id in the database."""
     return sae_slug(make_cfg())
 
 
@@ -60,7 +65,8 @@ def database_url(request, tmp_path_factory, run_dir) -> str:
 
 
 @pytest.fixture(scope="session")
-def client(database_url):
+def synthetic_client(database_url):
+    """The app in-process over the synthetic run, on each backend."""
     from fastapi.testclient import TestClient
 
     from app.main import create_app

@@ -37,7 +37,7 @@ def fuzz_target(empty_url_module, run_dir):
 
 
 @pytest.mark.slow  # 8 s per backend
-def test_no_input_makes_a_server_error(fuzz_target, sae_id):
+def test_no_input_makes_a_server_error(fuzz_target, synthetic_sae_id):
     url, schema = fuzz_target
     before = table_counts(url)
     operations = sorted((result.ok() for result in schema.get_all_operations()),
@@ -50,9 +50,9 @@ def test_no_input_makes_a_server_error(fuzz_target, sae_id):
         for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
             fixed = [None]
             if "{sae_id}" in operation.path and operation.method != "delete":
-                fixed.append({"sae_id": sae_id})  # reach real rows with the other parameters
+                fixed.append({"sae_id": synthetic_sae_id})  # reach real rows with the other parameters
             if "{index}" in operation.path:
-                fixed.append({"sae_id": sae_id, "index": 0})  # a real latent, whatever indices hypothesis draws
+                fixed.append({"sae_id": synthetic_sae_id, "index": 0})  # a real latent, whatever indices hypothesis draws
 
             for path_parameters in fixed:
                 @given(case=operation.as_strategy(mode, path_parameters=path_parameters))
