@@ -1,5 +1,5 @@
 """docker-compose's `migrate` service: `alembic upgrade head` from the repository root, through
-alembic.ini, the URL coming only from the environment (migrations/env.py falls back to Settings)."""
+alembic.ini, the URL coming only from the environment (app/migrations/env.py falls back to Settings)."""
 
 from __future__ import annotations
 
