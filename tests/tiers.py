@@ -11,15 +11,15 @@ pyproject.toml (`--strict-markers`):
 - `multiprocess`: starts another process: the CLI in a subprocess, a server, torchrun, a
   browser. Marked by hand (`@pytest.mark.multiprocess`, or a module's `pytestmark`); browser tests
   get it here.
-- `slow`: measured slow (several seconds of its own, or a fixture that is) while being none of
-  the above. Marked by hand.
+- `slow`: measured slow, several seconds of its own or of a fixture that only it uses (the
+  comment beside the marker says how slow). Marked by hand.
 
 Marks by hand can be forgotten, so two guards check them while the tests run: a test that starts
 a process without `multiprocess`, or connects to the tests' PostgreSQL server without
-`postgresql`, while its fixtures are set up or while it runs, fails and says which marker it
-lacks (clean-ups are not checked: see `cleaning_up`). And no test is
-skipped: a skip is reported as a failure, since a skipped test checks nothing (`.ci/run` provides
-what the tests need: PostgreSQL, Chromium).
+`postgresql`, while its fixtures are set up or while it runs, fails and says which marker it lacks
+(clean-ups are not checked: see `cleaning_up`). And no test is skipped: a skip is reported as a
+failure, since a skipped test checks nothing (`.ci/run` provides what the tests need: PostgreSQL,
+Chromium).
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ from contextlib import contextmanager
 
 import pytest
 
-FAST = "not slow and not browser and not postgresql and not multiprocess"  # make test-fast's -m
 SPAWN_EVENTS = {"subprocess.Popen", "os.fork", "os.forkpty", "os.posix_spawn", "os.spawn", "os.system", "os.exec"}
 
 
