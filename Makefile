@@ -1,12 +1,13 @@
 # The two front-door commands (see README): `make demo` and `make test`.
-# Both set up whatever is missing first and are safe to run again.
+# Both set up whatever is missing first and are safe to run again. While working, `make test-fast`
+# runs the tests that need no browser, PostgreSQL or other process and are not slow.
 
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check -q
 STAMP  := $(VENV)/.saescope-installed
 
-.PHONY: setup demo test browser clean
+.PHONY: setup demo test test-fast wheel browser clean
 
 setup: $(STAMP) node_modules/.package-lock.json
 
@@ -14,7 +15,7 @@ setup: $(STAMP) node_modules/.package-lock.json
 # A .venv that already has torch, e.g. with CUDA, keeps it. TORCH_INDEX picks the index, e.g.
 # https://download.pytorch.org/whl/cpu for the CPU build where PyPI would give a CUDA one.
 TORCH_INDEX ?=
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(PIP) install -e '.[dev]'
@@ -35,5 +36,14 @@ demo: setup
 test: setup browser
 	$(PY) -m pytest -q $(ARGS)
 
+# The markers are registered in pyproject.toml and applied by tests/tiers.py.
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow and not browser and not postgresql and not multiprocess" $(ARGS)
+
+# An installable wheel in dist/, htmx included (setup.py copies it from node_modules):
+# `pip install dist/saescope-*.whl` anywhere, after torch (see above).
+wheel: setup
+	$(PY) -m pip wheel --no-deps --no-build-isolation -w dist .
+
 clean:
-	rm -rf demo .pytest_cache
+	rm -rf demo .pytest_cache build dist

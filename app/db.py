@@ -11,8 +11,7 @@ from sqlalchemy import Engine, create_engine, event, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError
 from sqlalchemy.orm import Session, sessionmaker
 
-ROOT = Path(__file__).resolve().parent.parent  # the repository: migrations/, templates/, static/
-MIGRATIONS_DIR = ROOT / "migrations"
+from app.resources import MIGRATIONS_DIR
 
 
 def make_engine(database_url: str, *, statement_timeout_s: float | None = None,

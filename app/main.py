@@ -13,9 +13,10 @@ from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from app.db import ROOT, make_engine, session_factory
+from app.db import make_engine, session_factory
 from app.probe_service import ProbeService
 from app.render import make_templates, render, wants_json
+from app.resources import STATIC_DIR, htmx_dir
 from app.routes import admin, api_docs, features, ladders, probe, saes, search
 from app.security import RequestGuard
 from app.settings import Settings
@@ -62,12 +63,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.get("/favicon.ico", include_in_schema=False)
     def favicon():  # what a browser asks for by itself, on a JSON page say
-        return FileResponse(ROOT / "static" / "favicon.svg", media_type="image/svg+xml")
+        return FileResponse(STATIC_DIR / "favicon.svg", media_type="image/svg+xml")
 
-    # Third-party JS comes from npm (package.json); the vendor mount goes before /static.
-    app.mount("/static/vendor/htmx.org",
-              StaticFiles(directory=ROOT / "node_modules" / "htmx.org" / "dist", check_dir=False), name="htmx")
-    app.mount("/static", StaticFiles(directory=ROOT / "static"), name="static")
+    # Third-party JS comes from npm (package.json): copied into a built package, or else read from
+    # the checkout's node_modules (app.resources); the vendor mount goes before /static.
+    app.mount("/static/vendor/htmx.org", StaticFiles(directory=htmx_dir(), check_dir=False), name="htmx")
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
     _install_error_handlers(app, settings)
     # Security headers, size limits, the request timeout and the 500 page (app/security.py).

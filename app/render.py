@@ -14,7 +14,7 @@ from markupsafe import Markup, escape
 from pydantic import BaseModel
 
 from app import charts
-from app.db import ROOT
+from app.resources import TEMPLATES_DIR
 from app.urls import URLs
 from trainer.thresholds import WEAK_F1  # an explanation scoring below it on held-out text is shown dimmed
 
@@ -121,7 +121,7 @@ def make_templates(reload: bool = False) -> Jinja2Templates:
     """The app's templates; `reload` (debug mode) re-reads a template file that changed, at the
     cost of a stat() of it on every render."""
     env = Environment(
-        loader=FileSystemLoader(ROOT / "templates"),
+        loader=FileSystemLoader(TEMPLATES_DIR),
         auto_reload=reload,
         autoescape=True,
         undefined=StrictUndefined,

@@ -48,7 +48,7 @@ from sqlalchemy.pool import NullPool  # noqa: E402
 
 
 HOST = "127.0.0.1"  # loopback only
-STATIC_NAME = "bench-same-size.html"  # written into static/ for the run, removed afterwards
+STATIC_NAME = "bench-same-size.html"  # written into app/static/ for the run, removed afterwards
 KINDS = ("feature page", "feature .json", "latent list", "latent list .json", "search", "search .json")
 
 
@@ -149,7 +149,7 @@ class Measured:
 def measure(databases: dict[str, tuple[str, str]], n_latents: int, args) -> list[Measured]:
     """Every backend's server runs at once (an idle one costs nothing); the clock alternates
     between them in slices, ABBA..., so that the VM's drift over the minutes falls on all alike."""
-    static = ROOT / "static" / STATIC_NAME
+    static = ROOT / "app" / "static" / STATIC_NAME
     with ExitStack() as stack:
         static.write_bytes(b"<!-- placeholder -->")
         stack.enter_context(static_removed(static))

@@ -8,6 +8,8 @@ import pytest
 
 from tests.tiny_model import make_tiny_model
 
+pytest_plugins = ["tests.tiers"]  # the markers of `make test-fast`, how they are applied, their guards
+
 PAYLOAD = "<script>alert(1)</script>"
 TINY_TRAIN_ARGS = [
     "--layer", "1", "--latents", "64", "--k", "4", "--tokens", "8192",
@@ -58,15 +60,15 @@ def tiny_db(tiny_run, tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
-def sae_id(tiny_run) -> str:
-    """The tiny run's id in the database (tests/app has its own, for its synthetic run)."""
+def tiny_sae_id(tiny_run) -> str:
+    """The tiny run's SAE id in the database (tests/app's synthetic run has `synthetic_sae_id`)."""
     from trainer.runconfig import RunConfig
 
     return RunConfig.load(tiny_run).slug
 
 
 @pytest.fixture(scope="module")
-def client(tiny_db):
+def tiny_client(tiny_db):
     """The app in-process over the tiny run's SQLite file."""
     from fastapi.testclient import TestClient
 

@@ -6,6 +6,8 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.multiprocess  # each test counts page faults in a fresh interpreter
+
 # Each round holds blocks of 4, 8 and 12 MiB at once, then frees them, as a forward pass does
 # with its temporaries. glibc's defaults adapt: the blocks move to the heap after the first round,
 # but freeing 24 MiB at its top crosses the trim threshold (twice the largest block), so the heap

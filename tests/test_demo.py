@@ -7,6 +7,10 @@ import sqlite3
 import subprocess
 import sys
 
+import pytest
+
+pytestmark = pytest.mark.multiprocess  # the demo runs as a command, in a subprocess
+
 SMALL = ["--layer", "1", "--latents", "256", "--k", "8", "--tokens", "16384", "--heldout-tokens", "1024",
          "--context-length", "32", "--batch-size", "64"]  # fmt: skip
 

@@ -21,6 +21,8 @@ from trainer.config import TrainConfig
 from trainer.runconfig import CHECKPOINT_FILE
 from trainer.store import ActivationStore
 
+pytestmark = pytest.mark.multiprocess  # torchrun and the CLI in subprocesses (the module's reference run too)
+
 # d = 16, 64 latents, k = 4 on 8,192 synthetic tokens: 64 steps of 128 (a killed run is stopped
 # well before its end even on a busy machine), AuxK active after a few steps (dead after 819
 # tokens); fp32 selection, so that both splits select exactly what one process does; on the CPU

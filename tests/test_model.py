@@ -111,6 +111,7 @@ def test_a_model_path_that_is_not_a_folder_is_named_as_one(name):
             check(name)
 
 
+@pytest.mark.multiprocess
 def test_a_hub_model_missing_from_the_cache_fails_at_once_when_the_hub_is_unreachable(tmp_path):
     """One line, without huggingface_hub's half minute of retries (".invalid" never resolves)."""
     import os
@@ -136,6 +137,7 @@ def test_a_model_folder_under_home_is_found_when_the_shell_left_its_tilde(tiny_m
     assert load_language_model(name, 1).layer == 1
 
 
+@pytest.mark.slow  # 22 s: converts the real 135M model
 def test_bundled_smollm2_loads_offline(tmp_path, monkeypatch):
     """The embedded default, converted from its GGUF into a fresh cache (about 30 s)."""
     monkeypatch.setenv("SAESCOPE_CACHE", str(tmp_path))

@@ -78,36 +78,36 @@ def test_loading_twice_does_not_duplicate(tiny_run, tiny_db):
     assert counts(tiny_db) == before
 
 
-def test_pages_and_json_twins(client, sae_id):
-    index = client.get("/index.json").json()
-    assert [sae["id"] for sae in index["saes"]] == [sae_id]
-    assert sae_id in client.get("/").text
+def test_pages_and_json_twins(tiny_client, tiny_sae_id):
+    index = tiny_client.get("/index.json").json()
+    assert [sae["id"] for sae in index["saes"]] == [tiny_sae_id]
+    assert tiny_sae_id in tiny_client.get("/").text
 
-    sae = client.get(f"/saes/{sae_id}.json", params={"sort": "density", "order": "desc", "per_page": 10}).json()
+    sae = tiny_client.get(f"/saes/{tiny_sae_id}.json", params={"sort": "density", "order": "desc", "per_page": 10}).json()
     densities = [latent["density"] for latent in sae["latents"]]
     assert len(densities) == 10 and densities == sorted(densities, reverse=True)
-    page = client.get(f"/saes/{sae_id}")
+    page = tiny_client.get(f"/saes/{tiny_sae_id}")
     assert page.status_code == 200 and "ΔCE" in page.text and "CE ablated" in page.text  # eval metrics shown
 
     top = sae["latents"][0]["index"]
-    feature = client.get(f"/saes/{sae_id}/features/{top}.json").json()
+    feature = tiny_client.get(f"/saes/{tiny_sae_id}/features/{top}.json").json()
     assert feature["index"] == top and feature["density"] > 0
     assert feature["top_examples"]
     for example in feature["top_examples"]:
         assert len(example["tokens"]) == len(example["activations"]) == 32
-    page = client.get(f"/saes/{sae_id}/features/{top}")
+    page = tiny_client.get(f"/saes/{tiny_sae_id}/features/{top}")
     assert page.status_code == 200 and "activation" in page.text
 
 
-def test_corpus_markup_renders_as_text(client, sae_id):
+def test_corpus_markup_renders_as_text(tiny_client, tiny_sae_id):
     """The corpus carries <script> payloads; some top context shows them escaped, never raw."""
     shown = 0
     for index in range(64):
-        feature = client.get(f"/saes/{sae_id}/features/{index}.json").json()
+        feature = tiny_client.get(f"/saes/{tiny_sae_id}/features/{index}.json").json()
         text = "".join(token for example in feature["top_examples"] for token in example["tokens"])
         if PAYLOAD not in text:
             continue
-        html = client.get(f"/saes/{sae_id}/features/{index}").text
+        html = tiny_client.get(f"/saes/{tiny_sae_id}/features/{index}").text
         # Tokens split the payload into spans ("<", "script", ">", "alert", ...): every piece is
         # escaped, and no <script> tag without a src attribute (ours all have one) appears.
         assert "<script>" not in html, html[html.index("<script>") - 300 : html.index("<script>") + 80]
@@ -118,9 +118,9 @@ def test_corpus_markup_renders_as_text(client, sae_id):
     assert shown > 0
 
 
-def test_probe_api_equals_direct_encoding(client, sae_id, tiny_run):
+def test_probe_api_equals_direct_encoding(tiny_client, tiny_sae_id, tiny_run):
     text = "def probe(x):\n    return x + 1  # <b>bold</b>"
-    response = client.post("/api/probe", json={"sae": sae_id, "text": text, "top_k": 3})
+    response = tiny_client.post("/api/probe", json={"sae": tiny_sae_id, "text": text, "top_k": 3})
     assert response.status_code == 200
     result = response.json()
     expected = LatentEncoder.from_run(tiny_run).encode_text(text)
@@ -133,25 +133,26 @@ def test_probe_api_equals_direct_encoding(client, sae_id, tiny_run):
         assert [i for i, _ in got] == [i for i, _ in want]
         assert_close(torch.tensor([v for _, v in got]), torch.tensor([v for _, v in want]), atol=1e-3, rtol=1e-3)
 
-    page = client.get("/probe", params={"sae": sae_id, "text": text})
+    page = tiny_client.get("/probe", params={"sae": tiny_sae_id, "text": text})
     assert page.status_code == 200 and "&lt;b&gt;" in page.text and "<b>bold" not in page.text
 
 
-def test_probe_rejects_empty_text(client, sae_id):
-    response = client.post("/api/probe", json={"sae": sae_id, "text": "   "})
+def test_probe_rejects_empty_text(tiny_client, tiny_sae_id):
+    response = tiny_client.post("/api/probe", json={"sae": tiny_sae_id, "text": "   "})
     assert response.status_code == 422 and "empty" in json.dumps(response.json())
 
 
-def test_unknown_ids_are_404(client, sae_id):
-    for path in ("/saes/nope", "/saes/nope.json", f"/saes/{sae_id}/features/999", f"/saes/{sae_id}/features/999.json"):
-        assert client.get(path).status_code == 404, path
-    assert client.get(f"/saes/{sae_id}/features/999.json").json()["detail"]
+def test_unknown_ids_are_404(tiny_client, tiny_sae_id):
+    for path in ("/saes/nope", "/saes/nope.json", f"/saes/{tiny_sae_id}/features/999", f"/saes/{tiny_sae_id}/features/999.json"):
+        assert tiny_client.get(path).status_code == 404, path
+    assert tiny_client.get(f"/saes/{tiny_sae_id}/features/999.json").json()["detail"]
 
 
 def run_cli(*args) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "saescope.cli", *args], capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.multiprocess
 def test_damaged_run_folder_is_one_line_and_writes_nothing(tiny_run, tmp_path):
     broken = tmp_path / "broken"
     shutil.copytree(tiny_run, broken, ignore=shutil.ignore_patterns("activations"))
@@ -177,6 +178,7 @@ def test_eval_reads_a_damaged_metrics_json_before_any_work(tiny_run, tmp_path, m
         evaluate.evaluate_run(broken)
 
 
+@pytest.mark.multiprocess
 def test_a_file_or_a_killed_run_where_a_run_folder_goes_says_so(tiny_run, tmp_path):
     afile = tmp_path / "afile"
     afile.write_text("notes")
@@ -211,6 +213,7 @@ def test_load_can_name_the_sae(tiny_run, tmp_path):
     assert counts(url)["latents"] == 2 * RunConfig.load(tiny_run).n_latents
 
 
+@pytest.mark.multiprocess
 def test_eval_rejects_a_negative_downstream_count(tiny_run):
     before = (tiny_run / "metrics.json").read_text()
     result = run_cli("eval", str(tiny_run), "--downstream-contexts", "-1")
@@ -218,6 +221,8 @@ def test_eval_rejects_a_negative_downstream_count(tiny_run):
     assert (tiny_run / "metrics.json").read_text() == before
 
 
+@pytest.mark.postgresql
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("command", ["load", "serve"])
 def test_a_database_that_opens_but_cannot_be_migrated_is_one_line(tiny_run, tiny_db, tmp_path, command):
     """A schema from a newer saescope, a PostgreSQL schema that does not exist: one line, and the
@@ -242,6 +247,7 @@ def test_a_database_that_opens_but_cannot_be_migrated_is_one_line(tiny_run, tiny
     assert counts(f"sqlite:///{newer}") == counts(tiny_db)
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize(
     "url,message",
     [
@@ -266,6 +272,7 @@ def test_a_database_that_cannot_be_opened_is_one_line(tiny_run, tmp_path, comman
     assert "secret" not in result.stderr + result.stdout
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize(
     "args,message",
     [
@@ -304,6 +311,7 @@ def test_train_rejects_bad_config_in_one_line(tiny_model_dir, tmp_path, args, me
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("args,message", [
     (["--exclude-first", "32"], "--exclude-first 32 leaves out every position of the store's 32-token contexts"),
     (["--histogram-bins", "100000000"], "--histogram-bins must be at most 1000"),
@@ -316,6 +324,7 @@ def test_harvest_rejects_bad_options_in_one_line(tiny_run, args, message):
     assert (tiny_run / "harvest" / "harvest.json").read_bytes() == before
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("where", ["before", "after"])
 def test_verbose_goes_before_or_after_the_command_and_shows_the_traceback(where):
     args = ["serve", "--port", "99999"]

@@ -55,8 +55,8 @@ def expected_ranking(z: torch.Tensor, density: torch.Tensor, hide: bool, sort: s
 
 
 @pytest.mark.parametrize("text", TEXTS)
-def test_api_equals_direct_encoding(client, sae_id, encoder, text):
-    response = client.post("/api/probe", json={"sae": sae_id, "text": text, "top_k": 4})
+def test_api_equals_direct_encoding(tiny_client, tiny_sae_id, encoder, text):
+    response = tiny_client.post("/api/probe", json={"sae": tiny_sae_id, "text": text, "top_k": 4})
     assert response.status_code == 200, response.text
     result = response.json()
     expected = encoder.encode_text(text)
@@ -89,10 +89,10 @@ def test_texts_encoded_together_equal_each_alone(encoder):
 
 @pytest.mark.parametrize("hide", [True, False])
 @pytest.mark.parametrize("sort", ["max", "sum"])
-def test_whole_text_ranking_equals_aggregates(client, sae_id, encoder, density, explanations, hide, sort):
+def test_whole_text_ranking_equals_aggregates(tiny_client, tiny_sae_id, encoder, density, explanations, hide, sort):
     text = TEXTS[0] * 3
-    body = {"sae": sae_id, "text": text, "top_n": 10, "sort": sort, "hide_frequent_and_first": hide}
-    result = client.post("/api/probe", json=body).json()
+    body = {"sae": tiny_sae_id, "text": text, "top_n": 10, "sort": sort, "hide_frequent_and_first": hide}
+    result = tiny_client.post("/api/probe", json=body).json()
     want = expected_ranking(encoder.encode_text(text).latents, density, hide, sort, 10)
     got = result["top_latents"]
     assert [latent["index"] for latent in got] == [latent["index"] for latent in want]
@@ -103,72 +103,72 @@ def test_whole_text_ranking_equals_aggregates(client, sae_id, encoder, density, 
         assert g["explanation"] == (explanations[g["index"]]["text"] or None)  # the harvest's, as loaded
         f1 = explanations[g["index"]]["f1"] if g["explanation"] else None
         assert g["explanation_f1"] == (None if f1 is None else pytest.approx(f1))
-        assert g["url"] == f"/saes/{sae_id}/features/{g['index']}"
+        assert g["url"] == f"/saes/{tiny_sae_id}/features/{g['index']}"
     assert result["excluded_positions"] == ([0] if hide else [])
     assert result["hide_frequent_and_first"] is hide and result["frequent_density"] == FREQUENT_THRESHOLD
     if not hide:
         assert got, "latents fire on the text"
 
 
-def test_the_option_s_name_from_before_frequent_still_counts(client, sae_id):
+def test_the_option_s_name_from_before_frequent_still_counts(tiny_client, tiny_sae_id):
     """`hide_dense_and_first` was the option's name while "dense" also meant the probe's 1 %."""
-    body = {"sae": sae_id, "text": TEXTS[0], "hide_dense_and_first": False}
-    assert client.post("/api/probe", json=body).json()["hide_frequent_and_first"] is False
+    body = {"sae": tiny_sae_id, "text": TEXTS[0], "hide_dense_and_first": False}
+    assert tiny_client.post("/api/probe", json=body).json()["hide_frequent_and_first"] is False
 
 
-def test_json_twin_of_the_page_equals_the_api(client, sae_id, encoder):
+def test_json_twin_of_the_page_equals_the_api(tiny_client, tiny_sae_id, encoder):
     text = TEXTS[1]
-    api = client.post("/api/probe", json={"sae": sae_id, "text": text}).json()
-    twin = client.get("/probe.json", params={"sae": sae_id, "text": text})
+    api = tiny_client.post("/api/probe", json={"sae": tiny_sae_id, "text": text}).json()
+    twin = tiny_client.get("/probe.json", params={"sae": tiny_sae_id, "text": text})
     assert twin.status_code == 200 and twin.json() == api
-    assert api["url"].startswith("/probe?") and client.get(api["url"]).status_code == 200
+    assert api["url"].startswith("/probe?") and tiny_client.get(api["url"]).status_code == 200
     # the url keeps the whole view, as the page's address bar does
     state = {"latent": str(api["tokens"][1]["top_latents"][0]["index"]), "sort": "sum", "all": "1"}
-    twin = client.get("/probe.json", params={"sae": sae_id, "text": text, **state}).json()
-    assert twin["url"] == "/probe?" + urlencode({"sae": sae_id, "text": text, **state})
+    twin = tiny_client.get("/probe.json", params={"sae": tiny_sae_id, "text": text, **state}).json()
+    assert twin["url"] == "/probe?" + urlencode({"sae": tiny_sae_id, "text": text, **state})
     # the highlighted latent over every token, as the page shades it
     latent, highlighted = int(state["latent"]), twin["highlighted"]
     assert api["highlighted"] is None and highlighted["index"] == latent
-    assert highlighted["url"] == f"/saes/{sae_id}/features/{latent}"
+    assert highlighted["url"] == f"/saes/{tiny_sae_id}/features/{latent}"
     assert_close(torch.tensor(highlighted["activations"]), encoder.encode_text(text).latents[:, latent], rtol=1e-5, atol=1e-5)
 
 
-def test_page_shows_the_same_numbers(client, sae_id, encoder):
+def test_page_shows_the_same_numbers(tiny_client, tiny_sae_id, encoder):
     text = TEXTS[0]
     expected = encoder.encode_text(text).latents
     latent = int(expected[1:].max(0).values.argmax())  # a latent that fires after position 0
-    page = client.get("/probe", params={"sae": sae_id, "text": text, "latent": latent, "all": 1})
+    page = tiny_client.get("/probe", params={"sae": tiny_sae_id, "text": text, "latent": latent, "all": 1})
     assert page.status_code == 200
     tips = re.findall(r'data-tip="([^"]*)"', page.text.split('class="context probe-tokens', 1)[1].split("</div>", 1)[0])
     assert tips == [f"#{latent}: {value:.3f}" for value in expected[:, latent].tolist()]
-    assert f"Highlighting latent <a href=\"/saes/{sae_id}/features/{latent}\">#{latent}</a>" in page.text
+    assert f"Highlighting latent <a href=\"/saes/{tiny_sae_id}/features/{latent}\">#{latent}</a>" in page.text
 
 
-def test_the_page_says_how_many_frequent_latents_it_hides(client, sae_id, encoder, density):
+def test_the_page_says_how_many_frequent_latents_it_hides(tiny_client, tiny_sae_id, encoder, density):
     text = TEXTS[0]
     z = encoder.encode_text(text).latents[1:]  # the counted positions
     hidden = int(((z > 0).any(0) & (density > FREQUENT_THRESHOLD)).sum())
     assert hidden > 0, "the tiny SAE has frequent latents that fire here"
-    page = client.get("/probe", params={"sae": sae_id, "text": text}).text
+    page = tiny_client.get("/probe", params={"sae": tiny_sae_id, "text": text}).text
     assert f"fire on more than {FREQUENT_THRESHOLD * 100:g} % of all tokens and say little about one text: {hidden} of them fire here" in page
     assert f"show frequent latents (firing on more than {FREQUENT_THRESHOLD * 100:g} % of tokens) and the first token" in page
-    assert "of them fire here" not in client.get("/probe", params={"sae": sae_id, "text": text, "all": 1}).text
+    assert "of them fire here" not in tiny_client.get("/probe", params={"sae": tiny_sae_id, "text": text, "all": 1}).text
 
 
-def test_token_fragment_lists_that_tokens_latents(client, sae_id, encoder):
+def test_token_fragment_lists_that_tokens_latents(tiny_client, tiny_sae_id, encoder):
     text = TEXTS[0]
     expected = encoder.encode_text(text).latents[3]
-    fragment = client.post("/probe/tokens/3", data={"sae": sae_id, "text": text, "all": "1"}, headers={"HX-Request": "true"})
+    fragment = tiny_client.post("/probe/tokens/3", data={"sae": tiny_sae_id, "text": text, "all": "1"}, headers={"HX-Request": "true"})
     assert fragment.status_code == 200 and "<html" not in fragment.text
     fired = [i for i in expected.argsort(descending=True).tolist() if expected[i] > 0]
     listed = [int(i) for i in re.findall(r'<span class="latent-head"><a href="/saes/[^"]+/features/(\d+)">', fragment.text)]
     assert listed == fired
     assert f"{expected[fired[0]].item():.3f}" in fragment.text and "position 3" in fragment.text
-    missing = client.post("/probe/tokens/999", data={"sae": sae_id, "text": text}, headers={"HX-Request": "true"})
+    missing = tiny_client.post("/probe/tokens/999", data={"sae": tiny_sae_id, "text": text}, headers={"HX-Request": "true"})
     assert missing.status_code == 404 and "no token 999" in missing.text
 
 
-def test_a_tokens_frequent_latents_are_listed_apart_not_hidden(client, sae_id, encoder, density):
+def test_a_tokens_frequent_latents_are_listed_apart_not_hidden(tiny_client, tiny_sae_id, encoder, density):
     """Frequent latents stay out of the shading and the ranking, but a token's panel still lists
     them, in a box of their own: a token's strongest latent may be one of them."""
     text = TEXTS[0]
@@ -177,7 +177,7 @@ def test_a_tokens_frequent_latents_are_listed_apart_not_hidden(client, sae_id, e
         frequent = [i for i in fired if density[i] > FREQUENT_THRESHOLD]
         if position > 0 and frequent:  # (nearly every latent of the tiny SAE is frequent)
             break
-    fragment = client.post(f"/probe/tokens/{position}", data={"sae": sae_id, "text": text}, headers={"HX-Request": "true"}).text
+    fragment = tiny_client.post(f"/probe/tokens/{position}", data={"sae": tiny_sae_id, "text": text}, headers={"HX-Request": "true"}).text
     shown, boxed = fragment.split('<details class="frequent-latents">', 1)
     listed = lambda html: [int(i) for i in re.findall(r'<span class="latent-head"><a href="/saes/[^"]+/features/(\d+)">', html)]  # noqa: E731
     assert listed(shown) == [i for i in fired if i not in frequent] and listed(boxed) == frequent
@@ -185,86 +185,86 @@ def test_a_tokens_frequent_latents_are_listed_apart_not_hidden(client, sae_id, e
     assert f"{len(frequent)} frequent latent{'s' if len(frequent) != 1 else ''} (firing on more than {FREQUENT_THRESHOLD * 100:g} % of tokens) also fire here" in boxed
 
 
-def test_the_open_token_is_view_state(client, sae_id):
+def test_the_open_token_is_view_state(tiny_client, tiny_sae_id):
     """A focused token's fragment puts the token into the address bar (replaced, not pushed) and
     into the state form, so highlighting keeps its panel open; a page whose address names a token
     opens that panel, and so does its share link."""
     text, latent = TEXTS[0], 7
-    fragment = client.post("/probe/tokens/3", data={"sae": sae_id, "text": text, "latent": str(latent), "sort": "sum"},
+    fragment = tiny_client.post("/probe/tokens/3", data={"sae": tiny_sae_id, "text": text, "latent": str(latent), "sort": "sum"},
                            headers={"HX-Request": "true"})
-    state = {"sae": sae_id, "text": text, "latent": latent, "sort": "sum", "token": 3}
+    state = {"sae": tiny_sae_id, "text": text, "latent": latent, "sort": "sum", "token": 3}
     assert fragment.headers["HX-Replace-Url"] == "/probe?" + urlencode(state)
     assert '<input type="hidden" id="probe-token" name="token" value="3" hx-swap-oob="true">' in fragment.text
 
-    page = client.get("/probe", params=state, headers={"HX-Request": "true"}).text
+    page = tiny_client.get("/probe", params=state, headers={"HX-Request": "true"}).text
     panel = page.split('<div id="token-detail">', 1)[1].split("</section>", 1)[0]
     assert 'data-position="3"' in panel and "position 3" in panel and "hx-swap-oob" not in panel
     assert '<input type="hidden" id="probe-token" name="token" value="3">' in page
     assert len(re.findall(r'class="tok[^"]* current"', page)) == 1 and 'current" tabindex="0" data-position="3"' in page
 
-    closed = client.get("/probe", params={**state, "token": 999}).text  # beyond the text: the panel stays closed
+    closed = tiny_client.get("/probe", params={**state, "token": 999}).text  # beyond the text: the panel stays closed
     assert "Click a token" in closed and 'id="probe-token" name="token" value="" disabled' in closed
-    assert client.get("/probe", params={**state, "token": "x"}).status_code == 422
+    assert tiny_client.get("/probe", params={**state, "token": "x"}).status_code == 422
 
-    shared = client.post("/probe/share", data={**state, "all": ""}, follow_redirects=False)
+    shared = tiny_client.post("/probe/share", data={**state, "all": ""}, follow_redirects=False)
     assert shared.status_code == 303 and shared.headers["location"].endswith("?latent=7&sort=sum&token=3")
-    share_page = client.get(shared.headers["location"]).text
+    share_page = tiny_client.get(shared.headers["location"]).text
     assert "position 3" in share_page.split('<div id="token-detail">', 1)[1]
     # on the shared page, focusing a token keeps the short link in the address bar
     share_id = shared.headers["location"].split("/p/", 1)[1].split("?", 1)[0]
     assert f"""hx-vals='{{"share": "{share_id}"}}'""" in share_page
-    on_share = client.post("/probe/tokens/5", data={"sae": sae_id, "text": text, "share": share_id},
+    on_share = tiny_client.post("/probe/tokens/5", data={"sae": tiny_sae_id, "text": text, "share": share_id},
                            headers={"HX-Request": "true"})
     assert on_share.headers["HX-Replace-Url"] == f"/p/{share_id}?token=5"
 
 
-def test_characters_split_over_byte_tokens_show_whole(client, sae_id):
+def test_characters_split_over_byte_tokens_show_whole(tiny_client, tiny_sae_id):
     """An emoji or CJK character spans several byte tokens: the API's token pieces join into the
     text, and the page shows each character (on the token that completes it), never U+FFFD,
     with a mark on the tokens that hold its first bytes."""
     text = TEXTS[2]
-    result = client.post("/api/probe", json={"sae": sae_id, "text": text}).json()
+    result = tiny_client.post("/api/probe", json={"sae": tiny_sae_id, "text": text}).json()
     assert "".join(token["token"] for token in result["tokens"]) == text
-    page = client.get("/probe", params={"sae": sae_id, "text": text})
+    page = tiny_client.get("/probe", params={"sae": tiny_sae_id, "text": text})
     tokens = page.text.split('class="context probe-tokens', 1)[1].split("</div>", 1)[0]
     assert "\ufffd" not in tokens
     assert "😀" in tokens and "✓" in tokens and "Ü" in tokens
     assert '<span class="ws mark">…</span>' in tokens
 
 
-def test_html_and_script_in_the_text_render_as_text(client, sae_id):
+def test_html_and_script_in_the_text_render_as_text(tiny_client, tiny_sae_id):
     text = TEXTS[3]
-    page = client.get("/probe", params={"sae": sae_id, "text": text})
+    page = tiny_client.get("/probe", params={"sae": tiny_sae_id, "text": text})
     assert page.status_code == 200
     body = page.text.split("<main>", 1)[1]
     assert "<script>alert" not in body and "<img" not in body  # no tag of the text's own
     assert "&lt;script&gt;alert(1)&lt;/script&gt;&lt;img src=x onerror=alert(2)&gt;" in body  # the text box
 
 
-def test_token_limit_is_413_naming_it(tiny_db, sae_id):
+def test_token_limit_is_413_naming_it(tiny_db, tiny_sae_id):
     with TestClient(create_app(Settings(database_url=tiny_db, probe_max_tokens=8))) as client:
-        response = client.post("/api/probe", json={"sae": sae_id, "text": TEXTS[0]})
+        response = client.post("/api/probe", json={"sae": tiny_sae_id, "text": TEXTS[0]})
         assert response.status_code == 413
         assert re.fullmatch(r"text is \d+ tokens; the probe accepts at most 8", response.json()["detail"])
-        page = client.get("/probe", params={"sae": sae_id, "text": TEXTS[0]})
+        page = client.get("/probe", params={"sae": tiny_sae_id, "text": TEXTS[0]})
         assert page.status_code == 413 and "at most 8" in page.text
-        assert client.post("/api/probe", json={"sae": sae_id, "text": "abc"}).status_code == 200
+        assert client.post("/api/probe", json={"sae": tiny_sae_id, "text": "abc"}).status_code == 200
 
 
-def test_cache_and_coalescing_give_the_same_result(client, sae_id):
+def test_cache_and_coalescing_give_the_same_result(tiny_client, tiny_sae_id):
     text = "the same text, asked for twice"
-    first = client.post("/api/probe", json={"sae": sae_id, "text": text}).json()
-    second = client.post("/api/probe", json={"sae": sae_id, "text": text}).json()
+    first = tiny_client.post("/api/probe", json={"sae": tiny_sae_id, "text": text}).json()
+    second = tiny_client.post("/api/probe", json={"sae": tiny_sae_id, "text": text}).json()
     assert first == second
 
 
-def test_preload_loads_every_sae_at_start_up(tiny_db, sae_id):
+def test_preload_loads_every_sae_at_start_up(tiny_db, tiny_sae_id):
     with TestClient(create_app(Settings(database_url=tiny_db, probe_preload=True))) as client:
-        assert client.app.state.probe.loaded() == [sae_id]
+        assert client.app.state.probe.loaded() == [tiny_sae_id]
     with TestClient(create_app(Settings(database_url=tiny_db))) as client:
         assert client.app.state.probe.loaded() == []  # lazily, on the first probe
-        client.post("/api/probe", json={"sae": sae_id, "text": "x = 1"})
-        assert client.app.state.probe.loaded() == [sae_id]
+        client.post("/api/probe", json={"sae": tiny_sae_id, "text": "x = 1"})
+        assert client.app.state.probe.loaded() == [tiny_sae_id]
 
 
 def test_cli_serve_has_preload():

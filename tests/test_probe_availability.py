@@ -71,7 +71,7 @@ def test_a_hub_whose_name_resolves_but_that_does_not_answer_is_unreachable(monke
     assert model_problem("some-lab/never-downloaded").endswith("and localhost cannot be reached from this machine")
 
 
-def test_an_sae_of_a_local_model_stays_available_offline(offline_hub, tiny_db, sae_id):
+def test_an_sae_of_a_local_model_stays_available_offline(offline_hub, tiny_db, tiny_sae_id):
     """The database keeps the model's short name ("tiny-model0"); the probe checks what the run's
     cfg.json names, the folder it loads, which no hub setting rules out."""
     from app.main import create_app
@@ -79,4 +79,4 @@ def test_an_sae_of_a_local_model_stays_available_offline(offline_hub, tiny_db, s
 
     service = create_app(Settings(database_url=tiny_db)).state.probe
     [option] = service.options()
-    assert option.id == sae_id and not option.model.startswith("/") and option.unavailable is None
+    assert option.id == tiny_sae_id and not option.model.startswith("/") and option.unavailable is None

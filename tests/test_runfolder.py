@@ -153,6 +153,7 @@ def files_of(folder):
     return {path.name: path.read_bytes() for path in folder.iterdir()}
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("point", ["before the swap", "between the renames"])
 def test_a_harvest_killed_while_it_is_saved_leaves_the_previous_one_whole(tmp_path, point):
     import os

@@ -37,6 +37,7 @@ def test_power_law_recovers_known_parameters_from_exact_data():
     assert fit.r2() == pytest.approx(1.0, abs=1e-9)
 
 
+@pytest.mark.slow  # 17 s: hundreds of fits
 def test_power_law_intervals_cover_the_truth_at_their_level():
     """95 % profile intervals over 40 noisy ladders (1 % relative noise): the truth is inside about
     38 times; a broken interval (too narrow, or centred wrong) falls far below."""
@@ -129,6 +130,7 @@ def test_write_scaling_reads_run_folders_into_documented_json(tmp_path):
     assert {"value", "low", "high", "low_open", "high_open", "fixed"} <= set(fit["params"]["c"])
 
 
+@pytest.mark.slow  # 12 s
 def test_a_ladder_that_turns_up_again_is_fitted_and_reported_as_a_poor_fit():
     """FVU of a real sweep (SmolLM2 layer 6, 300k tokens each: the large SAEs are undertrained and
     do worse). The fits must complete, with profiles that overflow exp() far from the optimum,

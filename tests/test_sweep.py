@@ -36,6 +36,7 @@ def finished_sweep(tiny_model_dir, tmp_path_factory):
     return out, result.stdout
 
 
+@pytest.mark.multiprocess
 def test_every_rung_is_an_evaluated_run_folder_on_one_store(finished_sweep):
     out, stdout = finished_sweep
     assert sorted(p.name for p in (out / "runs").iterdir()) == RUNGS
@@ -49,6 +50,7 @@ def test_every_rung_is_an_evaluated_run_folder_on_one_store(finished_sweep):
     assert "fvu_n: R2" in stdout
 
 
+@pytest.mark.multiprocess
 def test_scaling_json_and_families_describe_the_ladder(finished_sweep):
     out, _ = finished_sweep
     scaling = json.loads((out / "scaling.json").read_text())
@@ -63,6 +65,7 @@ def test_scaling_json_and_families_describe_the_ladder(finished_sweep):
         assert tuple(f.get_tensor("2->1.cosine").shape) == (128, 3)
 
 
+@pytest.mark.multiprocess
 def test_killed_sweep_resumes_to_the_uninterrupted_weights(finished_sweep, tiny_model_dir, tmp_path):
     reference, _ = finished_sweep
     out = tmp_path / "ladder"
@@ -87,6 +90,7 @@ def test_killed_sweep_resumes_to_the_uninterrupted_weights(finished_sweep, tiny_
             assert_close(resumed[tensor], uninterrupted[tensor], rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.multiprocess
 def test_the_sweep_loads_as_a_ladder(finished_sweep, tmp_path):
     from fastapi.testclient import TestClient
     from safetensors import safe_open
@@ -112,6 +116,7 @@ def test_the_sweep_loads_as_a_ladder(finished_sweep, tmp_path):
                 assert [r["index"] for r in family["larger"][0]["latents"]] == f.get_tensor("1->2.index")[latent].tolist()
 
 
+@pytest.mark.multiprocess
 def test_a_rung_that_cannot_work_fails_before_any_compute(tmp_path):
     sweep = SweepConfig(latents="16,32", k=4, ks="8,16", k_series_latents="16")
     with pytest.raises(ConfigError, match="--k must be between"):
@@ -124,6 +129,7 @@ def test_a_rung_that_cannot_work_fails_before_any_compute(tmp_path):
     assert not (tmp_path / "s").exists()
 
 
+@pytest.mark.multiprocess
 def test_a_sweep_that_fails_its_checks_writes_no_sweep_json(tiny_model_dir, tmp_path):
     """sweep.json makes `load` read a folder as a sweep: a layer beyond the model or a run folder
     as --out fail in one line and leave no sweep.json."""

@@ -50,6 +50,7 @@ def kill_at_first_checkpoint(run: Path, *args: str) -> None:
     assert process.wait() == -signal.SIGKILL
 
 
+@pytest.mark.multiprocess
 def test_resume_after_sigkill_matches_uninterrupted_run(uninterrupted, tiny_model_dir):
     run = uninterrupted / "killed"
     kill_at_first_checkpoint(run, "--store", str(uninterrupted / "store"), "--model", str(tiny_model_dir), *ARGS)
@@ -74,6 +75,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(uninterrupted, tiny_mode
     assert again.returncode == 2 and "already complete" in again.stderr
 
 
+@pytest.mark.multiprocess
 def test_a_run_moved_with_its_store_resumes_and_evaluates_there(uninterrupted, tiny_model_dir, tmp_path):
     """The checkpoint and cfg.json also name the store by its path from the run folder: a run
     moved together with its store (a demo or sweep folder) resumes and evaluates from the store's
@@ -96,6 +98,7 @@ def test_a_run_moved_with_its_store_resumes_and_evaluates_there(uninterrupted, t
     assert result.returncode == 2 and f"{second / 'store'}: no such activation store (moved or deleted?): give its place with --store" in result.stderr
 
 
+@pytest.mark.multiprocess
 def test_the_training_curve_follows_the_whole_run(uninterrupted):
     """metrics.json's train_curve: a point every CURVE_EVERY steps and one after the last step,
     with the batches' FVU falling and AuxK's dead count from the progress bar."""
@@ -111,6 +114,7 @@ def test_the_training_curve_follows_the_whole_run(uninterrupted):
     assert all(isinstance(d, int) and 0 <= d <= 256 for d in curve["dead"])
 
 
+@pytest.mark.multiprocess
 def test_a_shared_store_of_another_configuration_is_not_overwritten(uninterrupted, tiny_model_dir):
     """--store names a store that other SAEs read: a run of another layer or context length
     stops with one line before any compute, and the store stays as it was."""
@@ -129,6 +133,7 @@ def test_a_shared_store_of_another_configuration_is_not_overwritten(uninterrupte
     assert not (uninterrupted / "other-layer").exists()
 
 
+@pytest.mark.multiprocess
 def test_train_does_not_replace_a_trained_sae_or_a_checkpoint_unless_told(uninterrupted, tiny_model_dir, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(uninterrupted / "reference", run)
@@ -152,6 +157,7 @@ def test_train_does_not_replace_a_trained_sae_or_a_checkpoint_unless_told(uninte
     assert (run / runfolder.SAE_FILE).read_bytes() != weights
 
 
+@pytest.mark.multiprocess
 def test_an_overwrite_killed_mid_way_keeps_the_old_run_until_it_finishes(uninterrupted, tiny_model_dir, tmp_path):
     """train --overwrite replaces a run's SAE, metrics and harvest only when its own weights are
     written: killed before, the folder still holds the old run, whole; --resume then finishes the
@@ -182,6 +188,7 @@ def other_layer_store(uninterrupted, folder: Path) -> Path:
     return folder
 
 
+@pytest.mark.multiprocess
 def test_the_run_folders_own_store_of_another_configuration_is_replaced_only_with_overwrite(
         uninterrupted, tiny_model_dir, tmp_path):
     """A folder that keeps one store for several runs (the demo's, a sweep's) is not rebuilt for
@@ -197,6 +204,7 @@ def test_the_run_folders_own_store_of_another_configuration_is_replaced_only_wit
     assert runfolder.read_json(store / "meta.json")["layer"] == 1
 
 
+@pytest.mark.multiprocess
 def test_resume_refuses_a_store_replaced_since_the_kill(uninterrupted, tmp_path):
     store = other_layer_store(uninterrupted, tmp_path / "store")
     run = tmp_path / "killed"
@@ -209,6 +217,7 @@ def test_resume_refuses_a_store_replaced_since_the_kill(uninterrupted, tmp_path)
     assert not (run / runfolder.SAE_FILE).exists()
 
 
+@pytest.mark.multiprocess
 def test_nan_stops_training_naming_the_step_and_keeps_the_checkpoint(uninterrupted, tiny_model_dir):
     store = uninterrupted / "nan-store"
     shutil.copytree(uninterrupted / "store", store)
@@ -363,6 +372,7 @@ def test_each_epoch_trains_every_token_once_in_a_new_order(tiny_run):
         TrainConfig(epochs=0)
 
 
+@pytest.mark.multiprocess
 def test_resume_refuses_a_checkpoint_with_the_old_encoder_layout(tmp_path):
     """Checkpoints written before W_enc_T hold W_enc as [d_in, n] with Adam moments laid out for
     it: resuming one would pair moments with the wrong weights, so it stops with a clear error."""
@@ -515,6 +525,7 @@ def test_metrics_record_the_throughput_of_the_run_and_of_its_forward(tiny_run):
     assert metrics["end_to_end_tokens_per_s"] < metrics["sae_tokens_per_s"]
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("content", [b"\x80garbage" * 40, b""])
 def test_resume_names_a_damaged_checkpoint_in_one_line(tmp_path, content):
     (tmp_path / CHECKPOINT_FILE).write_bytes(content)
@@ -523,6 +534,7 @@ def test_resume_names_a_damaged_checkpoint_in_one_line(tmp_path, content):
     assert len(result.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.multiprocess
 def test_resume_says_which_given_options_it_ignores(tmp_path):
     (tmp_path / CHECKPOINT_FILE).write_bytes(b"")
     result = saescope("train", "--resume", str(tmp_path), "--latents", "128", "--layer", "0", "--overwrite")

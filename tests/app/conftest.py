@@ -1,34 +1,24 @@
 """Fixtures for the web app: the synthetic run folder of webrun.py, loaded by the real loader into
-each backend the app supports, and an in-process client over it.
+each backend the app supports, and an in-process client over it (`synthetic_sae_id`,
+`database_url`, `synthetic_client`; tests/conftest.py's `tiny_*` fixtures are the tiny real model's
+run instead).
 
-Every test that takes `database_url` or `client` (or `empty_url`) runs twice: on a real SQLite
-file and on the real PostgreSQL (SAESCOPE_TEST_POSTGRES, by default the local server's `test`
-database), each in a schema of its own that is dropped afterwards (databases.py). No PostgreSQL is a
-failure, not a skip: `.ci/run` starts it.
+Every test that takes `database_url` or `synthetic_client` (or `empty_url`) runs twice: on a real
+SQLite file and on the real PostgreSQL (SAESCOPE_TEST_POSTGRES, by default the local server's `test`
+database), each in a schema of its own that is dropped afterwards (databases.py); the PostgreSQL
+case is marked `postgresql` (tests/tiers.py). No PostgreSQL is a failure, not a skip: `.ci/run`
+starts it.
 """
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-HERE = Path(__file__).resolve().parent
-for folder in (ROOT, HERE):  # `app` and `trainer` are top-level packages; webrun.py sits here
-    if str(folder) not in sys.path:
-        sys.path.insert(0, str(folder))
-
-from databases import BACKENDS, drop_abandoned_schemas, empty_database, postgres_schema  # noqa: E402
-from servers import chromium  # noqa: E402
-from webrun import make_cfg, make_run  # noqa: E402
-
-
-
-@pytest.fixture(scope="session", autouse=True)
-def _clean_abandoned_schemas():
-    drop_abandoned_schemas()
+from tests.app.databases import BACKENDS, empty_database, postgres_schema
+from tests.app.servers import chromium
+from tests.app.webrun import make_cfg, make_run
 
 
 @pytest.fixture
@@ -53,11 +43,13 @@ def empty_url_module(request, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def run_dir(tmp_path_factory) -> Path:
+    """The synthetic run folder (webrun.make_run)."""
     return make_run(tmp_path_factory.mktemp("run") / "tiny")
 
 
 @pytest.fixture(scope="session")
-def sae_id() -> str:
+def synthetic_sae_id() -> str:
+    """The synthetic run's SAE id in the database."""
     return make_cfg().slug
 
 
@@ -72,7 +64,8 @@ def database_url(request, tmp_path_factory, run_dir) -> str:
 
 
 @pytest.fixture(scope="session")
-def client(database_url):
+def synthetic_client(database_url):
+    """The app in-process over the synthetic run, on each backend."""
     from fastapi.testclient import TestClient
 
     from app.main import create_app

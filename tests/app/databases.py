@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import uuid
 from contextlib import contextmanager
@@ -10,9 +11,13 @@ from pathlib import Path
 
 import pytest
 
+from tests.tiers import cleaning_up
+
 POSTGRES = os.environ.get("SAESCOPE_TEST_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 SCHEMA_PREFIX = "saescope_test_"
-BACKENDS = ["sqlite", "postgresql"]
+# Parametrize with these (a fixture's params, or @pytest.mark.parametrize): the PostgreSQL case carries
+# the `postgresql` marker, so that `make test-fast` leaves it out (tests/tiers.py).
+BACKENDS = ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgresql)]
 
 
 def _admin_engine():
@@ -30,6 +35,7 @@ def postgres_schema():
     from sqlalchemy import text
     from sqlalchemy.exc import OperationalError
 
+    _drop_abandoned_schemas_once()
     admin = _admin_engine()
     schema = f"{SCHEMA_PREFIX}{os.getpid()}_{uuid.uuid4().hex[:8]}"
     try:
@@ -44,9 +50,15 @@ def postgres_schema():
     try:
         yield f"{POSTGRES}?options=-csearch_path%3D{schema}"
     finally:
-        with admin.begin() as conn:
+        with cleaning_up(), admin.begin() as conn:
             conn.execute(text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
         admin.dispose()
+
+
+@functools.cache
+def _drop_abandoned_schemas_once() -> None:
+    """Before a test session's first schema (not at its start: a session may not use PostgreSQL)."""
+    drop_abandoned_schemas()
 
 
 def drop_abandoned_schemas() -> None:

@@ -9,8 +9,8 @@ import math
 from dataclasses import replace
 from pathlib import Path
 
-from webrun import make_synthetic_run
 
+from tests.app.webrun import make_synthetic_run
 from trainer import families, runfolder, scaling
 from trainer.runconfig import RunConfig
 

@@ -1,5 +1,5 @@
 """docker-compose's `migrate` service: `alembic upgrade head` from the repository root, through
-alembic.ini, the URL coming only from the environment (migrations/env.py falls back to Settings)."""
+alembic.ini, the URL coming only from the environment (app/migrations/env.py falls back to Settings)."""
 
 from __future__ import annotations
 
@@ -8,12 +8,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from alembic.config import Config
 from alembic.script import ScriptDirectory
 from sqlalchemy import inspect, text
 
 from app.db import make_engine
 from app.models import Base
+
+pytestmark = pytest.mark.multiprocess  # the alembic command in a subprocess
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -40,9 +40,10 @@ def test_default_db_ignores_other_settings(env):
     assert default_db() == "sqlite:///alias.db"
 
 
+@pytest.mark.multiprocess
 def test_serve_listens_where_the_settings_say_unless_told(tmp_path):
     """SAESCOPE_PORT and SAESCOPE_HOST reach `saescope serve` (its flags only override them)."""
-    from servers import free_port, running_server
+    from tests.app.servers import free_port, running_server
 
     port = free_port()
     db = f"sqlite:///{tmp_path / 'empty.db'}"
@@ -64,6 +65,7 @@ def test_the_port_to_listen_on():
         listening_port("no-such-host.invalid", 0)
 
 
+@pytest.mark.multiprocess
 def test_serve_on_port_0_says_the_port_it_listens_on(tmp_path):
     """--port 0 asks for any free port: the line printed names the real one, where it answers."""
     import subprocess
@@ -89,6 +91,7 @@ def test_serve_on_port_0_says_the_port_it_listens_on(tmp_path):
         process.wait(timeout=30)
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("variable, value, says", [
     ("SAESCOPE_ADMIN_TOKEN", "short", "setting SAESCOPE_ADMIN_TOKEN: admin_token must be at least 16 characters"),
     ("SAESCOPE_WORKERS", "0", "setting SAESCOPE_WORKERS: Input should be greater than or equal to 1"),

@@ -71,8 +71,12 @@ def test_dockerfile_runs_the_server_as_a_user():
     dockerfile = (ROOT / "Dockerfile").read_text()
     assert 'CMD ["python", "-m", "app.server"]' in dockerfile
     assert re.search(r"^USER (?!root)\w+", dockerfile, re.M)
-    for copied in ("app", "trainer", "saescope", "migrations", "templates", "static", "alembic.ini"):
+    # The image installs the wheel (templates, static files, migrations and htmx inside the app
+    # package: tests/test_install.py), built from these; alembic.ini serves the migrate service.
+    for copied in ("app", "trainer", "saescope", "setup.py", "node_modules", "alembic.ini"):
         assert re.search(rf"^COPY .*\b{copied}\b", dockerfile, re.M), copied
+    assert re.search(r"^RUN pip wheel .* \.$", dockerfile, re.M) and re.search(r"^RUN pip install /wheels/", dockerfile, re.M)
+    assert "pip install -e" not in dockerfile
 
 
 def test_settings_come_from_the_environment(monkeypatch):

@@ -5,16 +5,16 @@ realistic size with statistics, and no step reads or sorts a whole table (explai
 from __future__ import annotations
 
 import pytest
-from databases import BACKENDS, empty_database
-from explain import captured_statements, query_plan, whole_table_reads
 from fastapi.testclient import TestClient
-from sweeprun import K, N_SERIES, ladder_id, make_sweep
-from webrun import make_synthetic_run
 
 from app.loader import load_run
 from app.main import create_app
 from app.settings import Settings
 from app.sweep_loader import load_sweep
+from tests.app.databases import BACKENDS, empty_database
+from tests.app.explain import captured_statements, query_plan, whole_table_reads
+from tests.app.sweeprun import K, N_SERIES, ladder_id, make_sweep
+from tests.app.webrun import make_synthetic_run
 
 RUNG = f"ladder-model-l6-{N_SERIES[1]}-k{K}"  # a middle size: its family has smaller and larger SAEs
 SORTS = [(sort, order) for sort in ("density", "max_activation", "explanation_f1", "index") for order in ("desc", "asc")]

@@ -10,14 +10,14 @@ import time
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
-from servers import SHOTS, free_port, running_server
-from webrun import CAT, DEF_LATENT, FEW, make_run
 
 from app.loader import load_run
+from tests.app.servers import SHOTS, free_port, running_server
+from tests.app.webrun import CAT, DEF_LATENT, FEW, make_run
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, tiny_model_dir):
+def tiny_model_server(tmp_path_factory, tiny_model_dir):
     """A server over the tests' run, pointed at the tiny model so that the try box runs."""
     run = make_run(tmp_path_factory.mktemp("browse") / "run", model=str(tiny_model_dir), d_in=32, layer=1)
     url = f"sqlite:///{tmp_path_factory.mktemp('db') / 'browse.db'}"
@@ -56,8 +56,8 @@ def query(page) -> dict[str, list[str]]:
     return parse_qs(urlsplit(address(page)).query, keep_blank_values=True)
 
 
-def test_feature_page_hover_and_charts(server, page):
-    base, sae_id = server
+def test_feature_page_hover_and_charts(tiny_model_server, page):
+    base, sae_id = tiny_model_server
     page.goto(f"{base}/saes/{sae_id}/features/0")
     page.wait_for_load_state("networkidle")
     peak = page.locator(".examples .tok.mark").first  # the firing each example shows
@@ -77,8 +77,8 @@ def test_feature_page_hover_and_charts(server, page):
     assert page.evaluate("window.pwned") is None
 
 
-def test_snippet_full_toggle_keeps_a_link(server, page):
-    base, sae_id = server
+def test_snippet_full_toggle_keeps_a_link(tiny_model_server, page):
+    base, sae_id = tiny_model_server
     page.goto(f"{base}/saes/{sae_id}/features/{CAT}")
     page.wait_for_load_state("networkidle")
     snippet_lengths = page.eval_on_selector_all(".examples .context", "els => els.map(c => c.querySelectorAll('.tok').length)")
@@ -95,8 +95,8 @@ def test_snippet_full_toggle_keeps_a_link(server, page):
     assert max(page.eval_on_selector_all(".examples .context", "els => els.map(c => c.querySelectorAll('.tok').length)")) < 16
 
 
-def test_try_your_own_text(server, page):
-    base, sae_id = server
+def test_try_your_own_text(tiny_model_server, page):
+    base, sae_id = tiny_model_server
     page.goto(f"{base}/saes/{sae_id}/features/{FEW}")
     page.wait_for_load_state("networkidle")
     text = "def greet(name):\n    return 'Hello, ' + name <b>bold?</b>"
@@ -114,8 +114,8 @@ def test_try_your_own_text(server, page):
     until(lambda: page.locator("#try-result .try-tokens .tok").count() == len(titles))
 
 
-def test_follow_a_nearest_latent(server, page):
-    base, sae_id = server
+def test_follow_a_nearest_latent(tiny_model_server, page):
+    base, sae_id = tiny_model_server
     page.goto(f"{base}/saes/{sae_id}/features/5")
     page.wait_for_load_state("networkidle")
     link = page.locator("a.neighbour").first
@@ -128,8 +128,8 @@ def test_follow_a_nearest_latent(server, page):
     assert re.search(r"/features/\d+$", page.url)
 
 
-def test_search_from_the_header_and_as_you_type(server, page):
-    base, sae_id = server
+def test_search_from_the_header_and_as_you_type(tiny_model_server, page):
+    base, sae_id = tiny_model_server
     page.goto(f"{base}/saes/{sae_id}")
     page.wait_for_load_state("networkidle")
     page.fill("header .site-search input[name=q]", "cat")
@@ -144,9 +144,9 @@ def test_search_from_the_header_and_as_you_type(server, page):
     assert page.locator(".by-token tbody tr").first.locator("a").inner_text() == f"#{DEF_LATENT}"
 
 
-def test_screenshots(server, page):
+def test_screenshots(tiny_model_server, page):
     """Full-page screenshots to look at (the closing note describes them)."""
-    base, sae_id = server
+    base, sae_id = tiny_model_server
     SHOTS.mkdir(parents=True, exist_ok=True)
     for name, path in [("feature-dashboard", f"/saes/{sae_id}/features/{CAT}?text=def+f(x):+return+x"),
                        ("sae-density", f"/saes/{sae_id}?per_page=12"), ("search", f"/search?sae={sae_id}&q=+def")]:

@@ -18,11 +18,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
-from webrun import table_counts
 
 from app.loader import load_run
 from app.main import create_app
 from app.settings import Settings
+from tests.app.webrun import table_counts
 
 TOKEN = "fuzzing-admin-token-0123456789"
 FUZZ_EXAMPLES = int(os.environ.get("SAESCOPE_FUZZ_EXAMPLES", "25"))
@@ -36,7 +36,8 @@ def fuzz_target(empty_url_module, run_dir):
     return empty_url_module, schemathesis.openapi.from_asgi("/openapi.json", app)
 
 
-def test_no_input_makes_a_server_error(fuzz_target, sae_id):
+@pytest.mark.slow  # 8 s per backend
+def test_no_input_makes_a_server_error(fuzz_target, synthetic_sae_id):
     url, schema = fuzz_target
     before = table_counts(url)
     operations = sorted((result.ok() for result in schema.get_all_operations()),
@@ -49,9 +50,9 @@ def test_no_input_makes_a_server_error(fuzz_target, sae_id):
         for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
             fixed = [None]
             if "{sae_id}" in operation.path and operation.method != "delete":
-                fixed.append({"sae_id": sae_id})  # reach real rows with the other parameters
+                fixed.append({"sae_id": synthetic_sae_id})  # reach real rows with the other parameters
             if "{index}" in operation.path:
-                fixed.append({"sae_id": sae_id, "index": 0})  # a real latent, whatever indices hypothesis draws
+                fixed.append({"sae_id": synthetic_sae_id, "index": 0})  # a real latent, whatever indices hypothesis draws
 
             for path_parameters in fixed:
                 @given(case=operation.as_strategy(mode, path_parameters=path_parameters))

@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from servers import free_port, running_server
-from webrun import make_synthetic_run
 
 from app.loader import load_run
 from app.render import token_text
+from tests.app.servers import free_port, running_server
+from tests.app.webrun import make_synthetic_run
 from trainer.config import run_slug
 from trainer.runfolder import load_harvest, save_harvest
 

@@ -15,18 +15,18 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from databases import BACKENDS, empty_database
 from fastapi.testclient import TestClient
 from safetensors import safe_open
-from servers import SHOTS, free_port, running_server
-from sweeprun import K, MODEL, N_SERIES, NEIGHBOURS, ladder_id, make_sweep
-from webrun import make_run, table_counts
 
 from app.db import downgrade, make_engine, upgrade
 from app.loader import LoadError, load_run, unload_sae
 from app.main import create_app
 from app.settings import Settings
 from app.sweep_loader import load_sweep
+from tests.app.databases import BACKENDS, empty_database
+from tests.app.servers import SHOTS, free_port, running_server
+from tests.app.sweeprun import K, MODEL, N_SERIES, NEIGHBOURS, ladder_id, make_sweep
+from tests.app.webrun import make_run, table_counts
 from trainer import runfolder
 from trainer.config import model_name, run_slug
 from trainer.errors import RunFolderError
@@ -176,6 +176,7 @@ def test_a_damaged_or_stale_sweep_fails_before_the_database_is_touched(sweep_dir
     assert not (tmp_path / "db.sqlite").exists()  # never opened: the checks come first
 
 
+@pytest.mark.slow  # 3 s per backend
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_replacing_a_ladder_and_deleting_a_rung(backend, sweep_dir, tmp_path):
     changed = make_sweep(tmp_path / "changed", seed=1)  # the same sizes, other weights
@@ -200,10 +201,11 @@ def test_replacing_a_ladder_and_deleting_a_rung(backend, sweep_dir, tmp_path):
             assert client.get("/ladders.json").json() == {"ladders": []}
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_a_killed_sweep_load_leaves_nothing_or_everything(backend, sweep_dir, tmp_path):
     """SIGKILL while the loader writes the last rung's examples: no SAE, ladder or family row."""
-    from test_web_load_kill import integrity_problems, start_loader, wait_for
+    from tests.app.test_web_load_kill import integrity_problems, start_loader, wait_for
 
     with empty_database(backend, tmp_path) as url:
         proc = start_loader(sweep_dir, url)
@@ -228,6 +230,7 @@ def test_the_migration_round_trip_keeps_the_saes(sweep_dir, tmp_path):
     assert ladder_counts(url)["latent_families"] == sum(N_SERIES)
 
 
+@pytest.mark.multiprocess
 def test_saescope_load_takes_a_sweep_folder(sweep_dir, tmp_path):
     url = f"sqlite:///{tmp_path / 'db.sqlite'}"
     command = [sys.executable, "-m", "saescope.cli", "load", str(sweep_dir), "--db", url]

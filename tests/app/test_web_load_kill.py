@@ -17,12 +17,14 @@ import time
 from pathlib import Path
 
 import pytest
-from databases import BACKENDS, empty_database
 from sqlalchemy import text
-from webrun import make_synthetic_run, table_counts
 
 from app.db import make_engine
 from app.loader import load_run, read_run
+from tests.app.databases import BACKENDS, empty_database
+from tests.app.webrun import make_synthetic_run, table_counts
+
+pytestmark = pytest.mark.multiprocess  # loads in subprocesses, killed
 
 ROOT = Path(__file__).resolve().parents[2]
 # (phase the loader announces, seconds to wait after it, must the database be unchanged?)

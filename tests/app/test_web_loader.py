@@ -10,7 +10,12 @@ import numpy as np
 import pytest
 import torch
 from sqlalchemy import func, select
-from webrun import (
+
+from app.db import make_engine, upgrade
+from app.loader import LoadError, load_run, read_run, write_in_one_transaction
+from app.models import Context, Example, ExplanationTerm, Latent, LatentDetail, Sae, TokenLatent, Vocab
+from app.search import terms
+from tests.app.webrun import (
     CAT,
     DEAD,
     DEF_LATENT,
@@ -25,18 +30,13 @@ from webrun import (
     make_run,
     table_counts,
 )
-
-from app.db import make_engine, upgrade
-from app.loader import LoadError, load_run, read_run, write_in_one_transaction
-from app.models import Context, Example, ExplanationTerm, Latent, LatentDetail, Sae, TokenLatent, Vocab
-from app.search import terms
 from trainer.runfolder import RunFolderError, load_harvest, save_harvest
 
 
 counts = table_counts
 
 
-def test_load_writes_every_table(database_url, run_dir, sae_id):
+def test_load_writes_every_table(database_url, run_dir, synthetic_sae_id):
     harvest = load_harvest(run_dir)
     top, quantile = harvest.top_context, harvest.quantile_context
     shown = torch.cat([top[top >= 0], quantile[quantile >= 0]])
@@ -53,7 +53,7 @@ def test_load_writes_every_table(database_url, run_dir, sae_id):
     engine = make_engine(database_url)
     with engine.connect() as conn:
         sae = conn.execute(select(Sae)).one()
-        assert (sae.id, sae.n_latents, sae.k, sae.layer, sae.d_in) == (sae_id, N_LATENTS, TOP_K, 3, 8)
+        assert (sae.id, sae.n_latents, sae.k, sae.layer, sae.d_in) == (synthetic_sae_id, N_LATENTS, TOP_K, 3, 8)
         assert sae.fvu == pytest.approx(0.2345) and sae.dead_fraction == pytest.approx(len(DEAD) / N_LATENTS)
         assert json.loads(sae.metrics)["delta_ce"] is None  # NaN stored as valid JSON
         assert json.loads(sae.harvest)["excluded_token_ids"] == [0]
@@ -91,15 +91,15 @@ def test_load_writes_every_table(database_url, run_dir, sae_id):
     engine.dispose()
 
 
-def test_loading_twice_is_a_no_op(empty_url, run_dir, sae_id):
+def test_loading_twice_is_a_no_op(empty_url, run_dir, synthetic_sae_id):
     url = empty_url
-    assert load_run(run_dir, url) == sae_id
+    assert load_run(run_dir, url) == synthetic_sae_id
     first = counts(url)
-    assert load_run(run_dir, url) == sae_id
+    assert load_run(run_dir, url) == synthetic_sae_id
     assert counts(url) == first
 
 
-def test_same_id_different_files_needs_replace(tmp_path, empty_url, run_dir, sae_id):
+def test_same_id_different_files_needs_replace(tmp_path, empty_url, run_dir, synthetic_sae_id):
     url = empty_url
     load_run(run_dir, url)
     before = counts(url)
@@ -107,7 +107,7 @@ def test_same_id_different_files_needs_replace(tmp_path, empty_url, run_dir, sae
     with pytest.raises(LoadError, match="--replace"):
         load_run(other, url)
     assert counts(url) == before
-    assert load_run(other, url, replace=True) == sae_id
+    assert load_run(other, url, replace=True) == synthetic_sae_id
     after = counts(url)
     assert after["saes"] == 1 and after["latents"] == N_LATENTS
     engine = make_engine(url)
@@ -161,7 +161,7 @@ def test_a_failing_write_rolls_back_everything(empty_url, run_dir):
     assert counts(empty_url) == EMPTY
 
 
-def test_every_value_round_trips(database_url, run_dir, sae_id):
+def test_every_value_round_trips(database_url, run_dir, synthetic_sae_id):
     """Both bulk paths (COPY's binary rows, SQLite's executemany) store exactly what was read:
     every table, every column, NULLs included."""
     rows = read_run(run_dir)
@@ -172,7 +172,7 @@ def test_every_value_round_trips(database_url, run_dir, sae_id):
                 table = table_rows.table
                 key = [column for column in table.__table__.primary_key.columns if column.name != "sae_id"]
                 columns = [table.__table__.c[column] for column in table_rows.columns]
-                stored = conn.execute(select(*columns).where(table.sae_id == sae_id).order_by(*key)).all()
+                stored = conn.execute(select(*columns).where(table.sae_id == synthetic_sae_id).order_by(*key)).all()
                 want = list(zip(*[_python(values) for values in table_rows.columns.values()]))
                 if name == "explanation_terms":  # the loader sorts terms by code point, the database by its collation
                     stored, want = sorted(stored), sorted(want)

@@ -73,7 +73,7 @@ def test_upgrades_and_downgrades_keep_loaded_rows(empty_url, run_dir):
     """0004 rebuilds the examples table on SQLite (batch mode): a database loaded before keeps its
     rows, its pages still open, and a downgrade keeps the top examples."""
     from fastapi.testclient import TestClient
-    from webrun import table_counts
+    from tests.app.webrun import table_counts
 
     from app.loader import load_run
     from app.main import create_app

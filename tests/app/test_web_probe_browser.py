@@ -15,18 +15,12 @@ from pathlib import Path
 
 import pytest
 
-from servers import SHOTS, free_port
-from trainer.runconfig import RunConfig
+from tests.app.servers import SHOTS, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 TEXT = 'def greet(name):\n    """Say hello."""\n    return "Hello, " + name\n'
 PAYLOAD = '<script>alert("probe")</script><img src=x onerror=alert(2)>'
 EMPTY = "rgba(0, 0, 0, 0)"
-
-
-@pytest.fixture(scope="module")
-def tiny_sae(tiny_run) -> str:
-    return RunConfig.load(tiny_run).slug
 
 
 @pytest.fixture(scope="module")
@@ -75,10 +69,10 @@ def shaded(page) -> int:
         ".probe-tokens .tok", f"els => els.filter(el => getComputedStyle(el).backgroundColor !== '{EMPTY}').length")
 
 
-def test_type_click_highlight_share_and_reopen(probe_server, browser, tiny_sae):
+def test_type_click_highlight_share_and_reopen(probe_server, browser, tiny_sae_id):
     page = browser.new_page(viewport={"width": 1280, "height": 900})
     problems = watch(page)
-    page.goto(f"{probe_server}/probe?sae={tiny_sae}")
+    page.goto(f"{probe_server}/probe?sae={tiny_sae_id}")
     assert page.locator(".probe-tokens .tok").count() == 0
 
     # type: the tokens appear as the typing pauses, and the address bar follows
@@ -199,7 +193,7 @@ def test_type_click_highlight_share_and_reopen(probe_server, browser, tiny_sae):
         "panel": shared.locator("#token-detail .token-detail").inner_text(),
     } == view
     assert shared.locator('meta[property="og:title"]').get_attribute("content").startswith("“def greet(name):")
-    assert tiny_sae in shared.locator('meta[property="og:description"]').get_attribute("content")
+    assert tiny_sae_id in shared.locator('meta[property="og:description"]').get_attribute("content")
     shared.locator(".probe-tokens .tok").nth(2).click()  # the shared page is as live as the first
     shared.locator("#token-detail .token-detail").wait_for()
     shared.locator(".probe-tokens .tok").nth(5).focus()  # focus alone, as a screen reader moves it
@@ -213,10 +207,10 @@ def test_type_click_highlight_share_and_reopen(probe_server, browser, tiny_sae):
     page.close()
 
 
-def test_markup_in_the_text_stays_text(probe_server, browser, tiny_sae):
+def test_markup_in_the_text_stays_text(probe_server, browser, tiny_sae_id):
     page = browser.new_page(viewport={"width": 1100, "height": 700})
     problems = watch(page)
-    page.goto(f"{probe_server}/probe?sae={tiny_sae}&all=1")
+    page.goto(f"{probe_server}/probe?sae={tiny_sae_id}&all=1")
     page.locator("#probe-text").fill(PAYLOAD)
     page.locator(".probe-tokens .tok").nth(3).wait_for()
     page.wait_for_load_state("networkidle")

@@ -57,7 +57,7 @@ def settings():
 
 
 @pytest.fixture
-def server(database_url, sae_id, settings):
+def queue_server(database_url, synthetic_sae_id, settings):
     """A real uvicorn server in this process (so the test can hand it the stand-in encoder)."""
     app = create_app(Settings(database_url=database_url, **settings))
     port = free_port()
@@ -70,7 +70,7 @@ def server(database_url, sae_id, settings):
         time.sleep(0.05)
     encoder = BlockingEncoder()
     service = app.state.probe
-    service._loaded[service.locate(sae_id).key] = LoadedSae(encoder, excluded_positions=1)
+    service._loaded[service.locate(synthetic_sae_id).key] = LoadedSae(encoder, excluded_positions=1)
     encoder.pending = lambda: service._pending  # probes waiting or running: see wait_for_pending
     try:
         yield f"http://127.0.0.1:{port}", encoder
@@ -100,9 +100,9 @@ def wait_for_pending(encoder: BlockingEncoder, n: int, timeout: float = 10) -> N
         time.sleep(0.01)
 
 
-def test_full_queue_is_503_at_once_and_pages_keep_working(server, sae_id):
-    base, encoder = server
-    probe = prober(base, sae_id)
+def test_full_queue_is_503_at_once_and_pages_keep_working(queue_server, synthetic_sae_id):
+    base, encoder = queue_server
+    probe = prober(base, synthetic_sae_id)
     with ThreadPoolExecutor(4) as clients:
         first = occupy_the_worker(clients, probe, "one two three", encoder)
         second = clients.submit(probe, "four five")  # queued behind the first: 2 pending, the limit
@@ -114,10 +114,10 @@ def test_full_queue_is_503_at_once_and_pages_keep_working(server, sae_id):
         assert time.perf_counter() - began < 2  # an answer at once, not a hang
         assert busy.status_code == 503 and busy.json()["detail"].startswith("the probe is busy")
         assert int(busy.headers["Retry-After"]) >= 1
-        page = httpx.get(f"{base}/probe", params={"sae": sae_id, "text": "eight nine"}, timeout=5)
+        page = httpx.get(f"{base}/probe", params={"sae": synthetic_sae_id, "text": "eight nine"}, timeout=5)
         assert page.status_code == 503 and "Retry-After" in page.headers and "Trying again" in page.text
 
-        for path in (f"/saes/{sae_id}", f"/saes/{sae_id}/features/0", "/probe", "/index.json"):
+        for path in (f"/saes/{synthetic_sae_id}", f"/saes/{synthetic_sae_id}/features/0", "/probe", "/index.json"):
             began = time.perf_counter()
             assert httpx.get(base + path, timeout=5).status_code == 200, path
             assert time.perf_counter() - began < 2, path  # pages do not wait on the probe pool
@@ -133,9 +133,9 @@ def test_full_queue_is_503_at_once_and_pages_keep_working(server, sae_id):
 
 
 @pytest.mark.parametrize("settings", [{"probe_workers": 1, "probe_max_pending": 8, "probe_batch": 3}])
-def test_probes_queued_behind_a_busy_worker_share_one_pass(server, sae_id):
-    base, encoder = server
-    probe = prober(base, sae_id)
+def test_probes_queued_behind_a_busy_worker_share_one_pass(queue_server, synthetic_sae_id):
+    base, encoder = queue_server
+    probe = prober(base, synthetic_sae_id)
     with ThreadPoolExecutor(6) as clients:
         first = occupy_the_worker(clients, probe, "one", encoder)
         queued = [clients.submit(probe, text) for text in ("two two", "three three three", "four", "five five")]

@@ -9,7 +9,6 @@ from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 
 import pytest
-from databases import BACKENDS, empty_database
 from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 
@@ -18,6 +17,7 @@ from app.main import create_app
 from app.models import ShareLink
 from app.settings import Settings
 from app.shares import create_share, share_digest
+from tests.app.databases import BACKENDS, empty_database
 
 TEXT = "def total(xs):\n    return sum(x * 2 for x in xs)  # <b>twice</b>"
 
@@ -33,15 +33,7 @@ def share_db(request, tmp_path_factory, tiny_run) -> Iterator[str]:
 
 
 @pytest.fixture(scope="module")
-def tiny_sae(tiny_run) -> str:
-    """The tiny run's SAE id (tests/app's own `sae_id` is the synthetic run's)."""
-    from trainer.runconfig import RunConfig
-
-    return RunConfig.load(tiny_run).slug
-
-
-@pytest.fixture(scope="module")
-def client(share_db) -> Iterator[TestClient]:
+def share_client(share_db) -> Iterator[TestClient]:
     with TestClient(create_app(Settings(database_url=share_db))) as test_client:
         yield test_client
 
@@ -58,41 +50,41 @@ def rows_of(sessions, sae: str, text: str) -> list[str]:
         return session.execute(select(ShareLink.id).where(ShareLink.sae_id == sae, ShareLink.text == text)).scalars().all()
 
 
-def test_sharing_twice_gives_the_same_link(client, sessions, tiny_sae, share_db):
+def test_sharing_twice_gives_the_same_link(share_client, sessions, tiny_sae_id, share_db):
     text = f"{TEXT}\n# twice on {share_db.split(':', 1)[0]}"
-    first = client.post("/api/share", json={"sae": tiny_sae, "text": text})
+    first = share_client.post("/api/share", json={"sae": tiny_sae_id, "text": text})
     assert first.status_code == 201, first.text
     made = first.json()
-    assert made["id"] == share_digest(tiny_sae, text)[:10]
-    assert (made["sae"], made["text"], made["sae_changed"]) == (tiny_sae, text, False)
+    assert made["id"] == share_digest(tiny_sae_id, text)[:10]
+    assert (made["sae"], made["text"], made["sae_changed"]) == (tiny_sae_id, text, False)
     assert made["url"] == f"/p/{made['id']}" and made["json_url"] == f"/p/{made['id']}.json"
 
-    again = client.post("/api/share", json={"sae": tiny_sae, "text": text})
+    again = share_client.post("/api/share", json={"sae": tiny_sae_id, "text": text})
     assert again.status_code == 200, again.text
     assert again.json() == made  # the same link, created_at included
 
     # the page's share button finds the same link rather than making another
-    form = client.post("/probe/share", data={"sae": tiny_sae, "text": text}, follow_redirects=False)
+    form = share_client.post("/probe/share", data={"sae": tiny_sae_id, "text": text}, follow_redirects=False)
     assert form.status_code == 303 and form.headers["location"] == made["url"]
-    assert rows_of(sessions, tiny_sae, text) == [made["id"]]
+    assert rows_of(sessions, tiny_sae_id, text) == [made["id"]]
 
 
-def test_a_link_survives_an_app_restart(client, share_db, tiny_sae):
-    made = client.post("/api/share", json={"sae": tiny_sae, "text": TEXT})
+def test_a_link_survives_an_app_restart(share_client, share_db, tiny_sae_id):
+    made = share_client.post("/api/share", json={"sae": tiny_sae_id, "text": TEXT})
     assert made.status_code in (200, 201)
     share_id = made.json()["id"]
-    before = client.get(f"/p/{share_id}.json")
+    before = share_client.get(f"/p/{share_id}.json")
     assert before.status_code == 200
     before = before.json()
     assert before["error"] is None and before["probe"] is not None
-    direct = client.post("/api/probe", json={"sae": tiny_sae, "text": TEXT}).json()
+    direct = share_client.post("/api/probe", json={"sae": tiny_sae_id, "text": TEXT}).json()
 
     with TestClient(create_app(Settings(database_url=share_db))) as restarted:  # nothing in memory
         assert restarted.app.state.probe.loaded() == []
         after = restarted.get(f"/p/{share_id}.json")
         assert after.status_code == 200, after.text
         after = after.json()
-    assert after["id"] == share_id and after["sae"] == tiny_sae and after["text"] == TEXT
+    assert after["id"] == share_id and after["sae"] == tiny_sae_id and after["text"] == TEXT
     assert after["error"] is None
     tokens = [(t["token"], t["token_id"]) for t in after["probe"]["tokens"]]
     assert len(tokens) > 5 and "".join(token for token, _ in tokens).strip() != ""
@@ -101,11 +93,11 @@ def test_a_link_survives_an_app_restart(client, share_db, tiny_sae):
     assert after == before
 
 
-def test_two_writers_racing_on_a_new_text_share_one_row(sessions, tiny_sae, share_db):
+def test_two_writers_racing_on_a_new_text_share_one_row(sessions, tiny_sae_id, share_db):
     """Writer A looks the id up (absent), writer B makes the link, then A inserts: A's insert
     conflicts, and create_share must answer B's link rather than fail or make a second row."""
     text = f"{TEXT}\n# raced on {share_db.split(':', 1)[0]}"
-    share_id = share_digest(tiny_sae, text)[:10]
+    share_id = share_digest(tiny_sae_id, text)[:10]
     lookups: list[object] = []
     raced: list[tuple] = []
     with sessions() as a, sessions() as b:
@@ -116,11 +108,11 @@ def test_two_writers_racing_on_a_new_text_share_one_row(sessions, tiny_sae, shar
             if entity is ShareLink:
                 lookups.append(row)
                 if not raced:
-                    raced.append(create_share(b, tiny_sae, text))  # B commits between A's lookup and insert
+                    raced.append(create_share(b, tiny_sae_id, text))  # B commits between A's lookup and insert
             return row
 
         a.get = get_then_lose_the_race
-        a_share, a_created = create_share(a, tiny_sae, text)
+        a_share, a_created = create_share(a, tiny_sae_id, text)
 
     b_share, b_created = raced[0]
     assert b_created is True and a_created is False
@@ -128,16 +120,16 @@ def test_two_writers_racing_on_a_new_text_share_one_row(sessions, tiny_sae, shar
     assert a_share == b_share  # created_at too: both read B's row
     assert lookups[0] is None and lookups[1] is not None  # A went through the insert-conflict path
     assert len(lookups) == 2
-    assert rows_of(sessions, tiny_sae, text) == [share_id]
+    assert rows_of(sessions, tiny_sae_id, text) == [share_id]
 
 
-def test_two_requests_racing_on_a_new_text_share_one_row(request, client, sessions, tiny_sae, share_db):
+def test_two_requests_racing_on_a_new_text_share_one_row(request, share_client, sessions, tiny_sae_id, share_db):
     """Two POST /api/share of the same new text, each held after its lookup until the other has
     looked too: both find no link, both insert; one makes it (201), the other answers it (200)."""  # the loser's answer is a 500
     text = f"{TEXT}\n# two requests on {share_db.split(':', 1)[0]}"
     both_looked = threading.Barrier(2, timeout=10)
     lookups: list[object] = []
-    make_session = client.app.state.sessions
+    make_session = share_client.app.state.sessions
 
     def racing_session():
         session = make_session()
@@ -158,9 +150,9 @@ def test_two_requests_racing_on_a_new_text_share_one_row(request, client, sessio
     answers: list = [None, None]
 
     def share(i: int) -> None:
-        answers[i] = client.post("/api/share", json={"sae": tiny_sae, "text": text})
+        answers[i] = share_client.post("/api/share", json={"sae": tiny_sae_id, "text": text})
 
-    client.app.state.sessions = racing_session  # (monkeypatch would delete it from starlette's State)
+    share_client.app.state.sessions = racing_session  # (monkeypatch would delete it from starlette's State)
     try:
         threads = [threading.Thread(target=share, args=(i,)) for i in range(2)]
         for thread in threads:
@@ -168,21 +160,21 @@ def test_two_requests_racing_on_a_new_text_share_one_row(request, client, sessio
         for thread in threads:
             thread.join(timeout=30)
     finally:
-        client.app.state.sessions = make_session
+        share_client.app.state.sessions = make_session
 
     assert sorted(answer.status_code for answer in answers) == [200, 201], [answer.text for answer in answers]
     first, second = (answer.json() for answer in answers)
-    assert first == second and first["id"] == share_digest(tiny_sae, text)[:10]  # created_at too
+    assert first == second and first["id"] == share_digest(tiny_sae_id, text)[:10]  # created_at too
     assert lookups[:2] == [None, None] and len(lookups) == 3 and lookups[2] is not None  # one conflict, read back
-    assert rows_of(sessions, tiny_sae, text) == [first["id"]]
+    assert rows_of(sessions, tiny_sae_id, text) == [first["id"]]
     with sessions() as session:
         assert session.scalar(select(func.count()).select_from(ShareLink).where(ShareLink.id == first["id"])) == 1
 
 
-def test_created_at_round_trips_with_a_time_zone(client, share_db, sessions, tiny_sae):
+def test_created_at_round_trips_with_a_time_zone(share_client, share_db, sessions, tiny_sae_id):
     text = f"{TEXT}\n# when on {share_db.split(':', 1)[0]}"
     before = datetime.now(timezone.utc)
-    made = client.post("/api/share", json={"sae": tiny_sae, "text": text})
+    made = share_client.post("/api/share", json={"sae": tiny_sae_id, "text": text})
     after = datetime.now(timezone.utc)
     assert made.status_code == 201
     created = datetime.fromisoformat(made.json()["created_at"])
@@ -191,7 +183,7 @@ def test_created_at_round_trips_with_a_time_zone(client, share_db, sessions, tin
 
     with TestClient(create_app(Settings(database_url=share_db))) as restarted:
         read = restarted.get(made.json()["json_url"]).json()["created_at"]
-        again = restarted.post("/api/share", json={"sae": tiny_sae, "text": text}).json()["created_at"]
+        again = restarted.post("/api/share", json={"sae": tiny_sae_id, "text": text}).json()["created_at"]
     reread = datetime.fromisoformat(read)
     assert reread.tzinfo is not None and reread.utcoffset() is not None
     assert reread == created  # the same instant, to the microsecond

@@ -10,12 +10,12 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import text
 from sqlalchemy.exc import OperationalError
-from webrun import N_LATENTS, table_counts as counts
 
 from app.loader import load_run
 from app.main import create_app
 from app.security import DOCS_PATHS
 from app.settings import Settings
+from tests.app.webrun import N_LATENTS, table_counts as counts
 
 TOKEN = "s3cret-admin-token-of-some-length"
 
@@ -56,8 +56,8 @@ def assert_secured(response):
     ("DELETE", "/api/saes/{sae}", 403),
     ("GET", "/saes/a%00b", 400),
 ])
-def test_every_response_carries_the_security_headers(client, sae_id, method, path, status):
-    response = client.request(method, path.format(sae=sae_id))
+def test_every_response_carries_the_security_headers(synthetic_client, synthetic_sae_id, method, path, status):
+    response = synthetic_client.request(method, path.format(sae=synthetic_sae_id))
     assert response.status_code == status
     assert_secured(response)
 
@@ -84,27 +84,27 @@ def test_debug_mode_shows_the_traceback_and_the_docs(tmp_path):
         assert docs.status_code == 200 and "'unsafe-inline'" in docs.headers["Content-Security-Policy"]
 
 
-def test_no_interactive_docs_outside_debug_mode(client):
+def test_no_interactive_docs_outside_debug_mode(synthetic_client):
     # Swagger UI needs a CDN and an inline script, which the CSP forbids; the schema stays.
     for path in DOCS_PATHS:
-        response = client.get(path)
+        response = synthetic_client.get(path)
         assert response.status_code == 404, path
         assert_secured(response)  # the docs' permissive policy belongs to debug mode only
-    assert client.get("/openapi.json").status_code == 200
+    assert synthetic_client.get("/openapi.json").status_code == 200
 
 
 # ------------------------------------------------------------ writes need the admin token
 
 
-def test_reading_is_open_and_writes_are_off_without_a_token(client, sae_id):
-    assert client.get("/index.json").status_code == 200
-    response = client.delete(f"/api/saes/{sae_id}", headers={"Authorization": f"Bearer {TOKEN}"})
+def test_reading_is_open_and_writes_are_off_without_a_token(synthetic_client, synthetic_sae_id):
+    assert synthetic_client.get("/index.json").status_code == 200
+    response = synthetic_client.delete(f"/api/saes/{synthetic_sae_id}", headers={"Authorization": f"Bearer {TOKEN}"})
     assert response.status_code == 403
     assert "no admin token" in response.json()["detail"] and "SAESCOPE_ADMIN_TOKEN" in response.json()["detail"]
-    assert client.get(f"/saes/{sae_id}.json").status_code == 200  # still there
+    assert synthetic_client.get(f"/saes/{synthetic_sae_id}.json").status_code == 200  # still there
 
 
-def test_delete_needs_the_right_token(loaded_url, sae_id, monkeypatch):
+def test_delete_needs_the_right_token(loaded_url, synthetic_sae_id, monkeypatch):
     compared, original = [], hmac.compare_digest
 
     def compare_digest(a, b):
@@ -122,18 +122,18 @@ def test_delete_needs_the_right_token(loaded_url, sae_id, monkeypatch):
             {"Authorization": f"Bearer {TOKEN}x"},
         ]
         for headers in wrong:
-            response = client.delete(f"/api/saes/{sae_id}", headers=headers)
+            response = client.delete(f"/api/saes/{synthetic_sae_id}", headers=headers)
             assert response.status_code == 401, headers
             assert response.headers["WWW-Authenticate"] == "Bearer"
         assert counts(loaded_url)["latents"] == N_LATENTS
         assert compared, "the token must be compared with hmac.compare_digest (constant time)"
 
         right = {"Authorization": f"Bearer {TOKEN}"}
-        response = client.delete(f"/api/saes/{sae_id}", headers=right)
-        assert response.status_code == 200 and response.json() == {"deleted": sae_id}
+        response = client.delete(f"/api/saes/{synthetic_sae_id}", headers=right)
+        assert response.status_code == 200 and response.json() == {"deleted": synthetic_sae_id}
         assert set(counts(loaded_url).values()) == {0}  # every table of the SAE emptied
-        assert client.get(f"/saes/{sae_id}.json").status_code == 404
-        assert client.delete(f"/api/saes/{sae_id}", headers=right).status_code == 404
+        assert client.get(f"/saes/{synthetic_sae_id}.json").status_code == 404
+        assert client.delete(f"/api/saes/{synthetic_sae_id}", headers=right).status_code == 404
         assert client.delete("/api/saes/nope", headers={}).status_code == 401  # no token, no answer about ids
 
 
@@ -155,17 +155,17 @@ def test_a_short_admin_token_is_refused():
 # ------------------------------------------------------------ limits and timeouts
 
 
-def test_request_size_limits(client, sae_id):
+def test_request_size_limits(synthetic_client, synthetic_sae_id):
     limit = Settings().max_body_bytes
-    big = {"sae": sae_id, "text": "x" * limit}
-    response = client.post("/api/probe", json=big)
+    big = {"sae": synthetic_sae_id, "text": "x" * limit}
+    response = synthetic_client.post("/api/probe", json=big)
     assert response.status_code == 413 and "bytes" in response.json()["detail"]
 
     def chunks():  # no Content-Length: the limit holds while the body streams in
         for _ in range(limit // 1024 + 2):
             yield b" " * 1024
 
-    response = client.post("/api/probe", content=chunks(), headers={"Content-Type": "application/json"})
+    response = synthetic_client.post("/api/probe", content=chunks(), headers={"Content-Type": "application/json"})
     assert response.status_code == 413
 
 
@@ -208,49 +208,49 @@ SQL_PAYLOADS = ["'", '"', "' OR '1'='1", "1; DROP TABLE saes; --", "%", "_", "\\
 
 
 @pytest.mark.parametrize("payload", SQL_PAYLOADS)
-def test_sql_metacharacters_in_paths_and_queries(client, database_url, sae_id, payload):
+def test_sql_metacharacters_in_paths_and_queries(synthetic_client, database_url, synthetic_sae_id, payload):
     """Every route's ids and parameters, as path segments, query values and JSON fields: a 4xx
     or a normal answer, never a 5xx, and nothing in the database changes."""
     from urllib.parse import quote
 
-    before = counts(database_url), client.get("/index.json").json()
+    before = counts(database_url), synthetic_client.get("/index.json").json()
     quoted = quote(payload, safe="")
     # Ids in the path: no such thing.
     for path in (f"/saes/{quoted}", f"/saes/{quoted}.json", f"/saes/{quoted}/features/0.json",
                  f"/saes/{quoted}/features/0", f"/saes/{quoted}/random.json", f"/saes/{quoted}/random",
-                 f"/saes/{sae_id}/features/{quoted}.json", f"/saes/{sae_id}/features/{quoted}",
+                 f"/saes/{synthetic_sae_id}/features/{quoted}.json", f"/saes/{synthetic_sae_id}/features/{quoted}",
                  f"/ladders/{quoted}", f"/ladders/{quoted}.json", f"/p/{quoted}", f"/p/{quoted}.json"):
-        response = client.get(path)
+        response = synthetic_client.get(path)
         assert 400 <= response.status_code < 500, (path, response.status_code)
     # Typed parameters (numbers, booleans, choices): a 422.
-    typed = {f"/saes/{sae_id}.json": ("sort", "order", "page", "per_page", "min_density", "max_density",
+    typed = {f"/saes/{synthetic_sae_id}.json": ("sort", "order", "page", "per_page", "min_density", "max_density",
                                       "hide_dead", "hide_dense"),
-             f"/saes/{sae_id}": ("sort", "order", "page", "per_page", "min_density", "max_density"),
-             f"/saes/{sae_id}/features/0": ("context",),
+             f"/saes/{synthetic_sae_id}": ("sort", "order", "page", "per_page", "min_density", "max_density"),
+             f"/saes/{synthetic_sae_id}/features/0": ("context",),
              "/search.json": ("limit",), "/search": ("limit",),
              "/probe.json": ("sort", "all", "latent", "top_k", "top_n"),
              "/probe": ("latent", "sort", "all"),
              "/p/nope.json": ("sort", "all", "latent")}
     for path, names in typed.items():
         for name in names:
-            response = client.get(path, params={"sae": sae_id, "text": "hello", name: payload})
+            response = synthetic_client.get(path, params={"sae": synthetic_sae_id, "text": "hello", name: payload})
             assert response.status_code == 422, (path, name, response.status_code)
     for name in ("latent", "sort", "all"):  # the share page looks its id up first: a 404 or a 422
-        response = client.get("/p/nope", params={name: payload})
+        response = synthetic_client.get("/p/nope", params={name: payload})
         assert response.status_code in (404, 422), (name, response.status_code)
     # Free text and SAE ids in the query string or a body: a normal answer or a 4xx.
     searches = [("/search.json", {"q": payload}), ("/search", {"q": payload}), ("/search.json", {"sae": payload}),
-                ("/search", {"sae": payload, "q": "the"}), ("/search.json", {"sae": sae_id, "q": payload})]
+                ("/search", {"sae": payload, "q": "the"}), ("/search.json", {"sae": synthetic_sae_id, "q": payload})]
     for path, params in searches:
-        response = client.get(path, params=params)
+        response = synthetic_client.get(path, params=params)
         assert response.status_code in (200, 404, 422), (path, params, response.status_code)
         if path == "/search.json" and response.status_code == 200:
             assert isinstance(response.json()["explanations"], list)
     for path in ("/probe.json", "/probe"):
-        response = client.get(path, params={"sae": payload, "text": "hello"})
+        response = synthetic_client.get(path, params={"sae": payload, "text": "hello"})
         assert response.status_code in (200, 404), (path, response.status_code)  # the page says "no SAE"
     for path in ("/api/probe", "/api/share"):
-        response = client.post(path, json={"sae": payload, "text": "hello"})
+        response = synthetic_client.post(path, json={"sae": payload, "text": "hello"})
         assert response.status_code == 404, (path, response.status_code)
-    assert client.get("/index.json", params={"q": payload}).json() == before[1]  # unknown parameters ignored
-    assert (counts(database_url), client.get("/index.json").json()) == before  # nothing was dropped or changed
+    assert synthetic_client.get("/index.json", params={"q": payload}).json() == before[1]  # unknown parameters ignored
+    assert (counts(database_url), synthetic_client.get("/index.json").json()) == before  # nothing was dropped or changed

@@ -9,16 +9,19 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from servers import free_port, running_server
+import pytest
 
 from app.loader import load_run
+from tests.app.servers import free_port, running_server
+
+pytestmark = pytest.mark.multiprocess  # a server process with several workers
 
 
 def children(pid: int) -> list[int]:
     return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
 
 
-def test_several_workers_configured_by_the_environment(postgres_url, run_dir, sae_id):
+def test_several_workers_configured_by_the_environment(postgres_url, run_dir, synthetic_sae_id):
     load_run(run_dir, postgres_url)
     port = free_port()
     env = {"DATABASE_URL": postgres_url, "SAESCOPE_HOST": "127.0.0.1", "SAESCOPE_PORT": str(port),
@@ -27,11 +30,11 @@ def test_several_workers_configured_by_the_environment(postgres_url, run_dir, sa
         assert len(children(proc.pid)) >= 2  # uvicorn's supervisor and its worker processes
         for _ in range(8):  # several connections: whichever worker answers, the same app
             with urllib.request.urlopen(f"{base}/index.json", timeout=10) as response:
-                assert [sae["id"] for sae in json.load(response)["saes"]] == [sae_id]
+                assert [sae["id"] for sae in json.load(response)["saes"]] == [synthetic_sae_id]
                 assert "nosniff" == response.headers["X-Content-Type-Options"]
                 assert "script-src 'self'" in response.headers["Content-Security-Policy"]
                 assert response.headers.get("Server") is None  # no server banner
-        request = urllib.request.Request(f"{base}/api/saes/{sae_id}", method="DELETE")
+        request = urllib.request.Request(f"{base}/api/saes/{synthetic_sae_id}", method="DELETE")
         try:
             urllib.request.urlopen(request, timeout=10)
             raise AssertionError("DELETE without a token must fail")

@@ -9,7 +9,11 @@ import time
 import urllib.error
 import urllib.request
 
-from servers import free_port, running_server
+import pytest
+
+from tests.app.servers import free_port, running_server
+
+pytestmark = pytest.mark.multiprocess  # a server process
 
 HEADER_TIMEOUT_S = 2.0  # room for the checks below on a busy machine; the test waits for it once
 LIMIT = 4  # connections per process, the asking one included (uvicorn counts it)

@@ -8,12 +8,12 @@ from html import unescape
 
 import pytest
 from fastapi.testclient import TestClient
-from webrun import make_cfg, make_run
 
 from app.loader import load_run
 from app.main import create_app
 from app.render import explanation_html
 from app.settings import Settings
+from tests.app.webrun import make_cfg, make_run
 from trainer.runfolder import load_harvest
 
 TEXT = "def greet(name):\n    return 'Hello, ' + name\n"
