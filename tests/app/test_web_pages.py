@@ -254,13 +254,13 @@ def test_openapi_documents_every_json_route_with_its_record(synthetic_client, sy
     assert len(routes) >= 9
     for route in routes:
         responses = spec["paths"][route.path]["get"]["responses"]
-        if route.status_code == 303:  # /saes/{synthetic_sae_id}/random.json
+        if route.status_code == 303:  # /saes/{sae_id}/random.json
             assert "303" in responses and "200" not in responses, route.path
             continue
         ref = responses["200"]["content"]["application/json"]["schema"]["$ref"]
         assert ref.removeprefix("#/components/schemas/") in schemas, route.path
-    for path, twin in (("/index.json", "/index.json"), ("/saes/{synthetic_sae_id}.json", f"/saes/{synthetic_sae_id}.json"),
-                       ("/saes/{synthetic_sae_id}/features/{index}.json", f"/saes/{synthetic_sae_id}/features/3.json"),
+    for path, twin in (("/index.json", "/index.json"), ("/saes/{sae_id}.json", f"/saes/{synthetic_sae_id}.json"),
+                       ("/saes/{sae_id}/features/{index}.json", f"/saes/{synthetic_sae_id}/features/3.json"),
                        ("/ladders.json", "/ladders.json"), ("/search.json", "/search.json?q=the")):
         ref = spec["paths"][path]["get"]["responses"]["200"]["content"]["application/json"]["schema"]["$ref"]
         schema = schemas[ref.removeprefix("#/components/schemas/")]
@@ -282,7 +282,7 @@ def test_each_page_and_its_twin_come_from_one_view():
     routes = {route.path: route for route in api_routes()}
     pairs = {("/" if twin.path == "/index.json" else twin.path.removesuffix(".json")): twin
              for twin in json_routes() if twin.status_code != 303}
-    assert set(pairs) == {"/", "/saes/{synthetic_sae_id}", "/saes/{synthetic_sae_id}/features/{index}", "/ladders", "/ladders/{ladder_id}",
+    assert set(pairs) == {"/", "/saes/{sae_id}", "/saes/{sae_id}/features/{index}", "/ladders", "/ladders/{ladder_id}",
                           "/search", "/probe", "/p/{share_id}"}
     for path, twin in pairs.items():
         page = routes[path]
