@@ -54,9 +54,9 @@ def main() -> None:
     args = parser.parse_args()
 
     store = complete_heldout(ActivationStore.open(args.store))
-    scale = input_scale(store)
     budget = {key: SWEEP_TRAIN_DEFAULTS[key] for key in ("tokens", "heldout_tokens")}  # the rest: train's defaults
     base = TrainConfig(n_latents=args.latents, k=args.k, lr=args.lr, checkpoint_every=0, **budget)
+    scale = input_scale(store, base.positions)
     print(f"# {platform.processor() or platform.machine()}, n = {args.latents}, k = {args.k}, lr {base.effective_lr:g}, "
           f"{store.n_train_contexts * store.context_length:,} training tokens, "
           f"{(store.n_contexts - store.n_train_contexts) * store.context_length:,} held out")

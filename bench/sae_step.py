@@ -39,7 +39,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=1024)
     args = parser.parse_args()
     store = ActivationStore.open(args.store)
-    scale = input_scale(store)
+    scale = input_scale(store, TrainConfig().positions)
     x = store.rows(0, 64)[: args.batch_size] * scale  # (B, d)
     d = x.shape[1]
     W = torch.randn(d, args.latents)

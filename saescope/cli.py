@@ -115,7 +115,8 @@ def cmd_eval(args) -> None:
     if args.downstream_contexts < 0:
         raise CommandError(f"--downstream-contexts must be 0 (no downstream loss) or more, got {args.downstream_contexts}")
     metrics = evaluate_run(_run_dir(args.run_dir), args.store, args.downstream_contexts)
-    print(" ".join(f"{key}={value:.4g}" for key, value in metrics.items() if value is not None))
+    print(" ".join(f"{key}={value:.4g}" for key, value in metrics.items() if isinstance(value, (int, float))))
+    print(f"(over {metrics['eval_positions']} of the held-out contexts; fvu_all_positions counts every one)")
 
 
 def cmd_harvest(args) -> None:

@@ -11,7 +11,7 @@ from trainer import runfolder
 from trainer.evaluate import downstream_loss, evaluate_sae
 from trainer.runconfig import RunConfig
 from trainer.sae import TopKSAE
-from trainer.store import ActivationStore
+from trainer.store import ActivationStore, Positions
 
 
 def exact_sae(d: int) -> TopKSAE:
@@ -43,7 +43,8 @@ def test_trained_sae_downstream_metrics(tiny_run):
 
 def test_the_spliced_and_ablated_passes_skip_the_blocks_before_the_hookpoint(tiny_run):
     """Blocks 0..L run once per batch (in the clean pass); the metrics equal three full forward
-    passes with block L's output replaced by a hook, as the paper splices."""
+    passes with block L's output replaced by a hook, as the paper splices (at the positions that
+    count: the attention sink keeps its own residual)."""
     from trainer.model import find_blocks
 
     cfg, sae = runfolder.load_sae(tiny_run)
@@ -57,12 +58,15 @@ def test_the_spliced_and_ablated_passes_skip_the_blocks_before_the_hookpoint(tin
 
     _, blocks = find_blocks(model.base_model)
     assert all(type(block).__name__ != "Replay" for block in blocks)  # put back
-    ids = torch.from_numpy(store.tokens[store.n_train_contexts : store.n_train_contexts + 8]).long()
+    first = store.n_train_contexts
+    ids = torch.from_numpy(store.tokens[first : first + 8]).long()
+    counted = torch.from_numpy(store.counted(cfg.positions, first, first + 8))  # (8, T)
+    assert not counted.all()  # the first position (and any separator) keeps the model's own residual
     scale = cfg.input_scale
 
     def spliced(module, args, output):
         x = output.reshape(-1, output.shape[-1]) * scale
-        return (sae(x)[0] / scale).view_as(output)
+        return torch.where(counted[..., None], (sae(x)[0] / scale).view_as(output), output)
 
     def log_probs(hook=None):
         handle = blocks[cfg.layer].register_forward_hook(hook) if hook else None
@@ -117,7 +121,8 @@ def synthetic_store(path, n_train: int, n_heldout: int, T: int, d: int, seed: in
     rows[: n_train * T] *= 100
     path.mkdir()
     (path / "meta.json").write_text(json.dumps({"n_contexts": C, "n_heldout": n_heldout, "context_length": T,
-                                               "d_model": d, "complete": True, "heldout_complete": True}))
+                                               "d_model": d, "complete": True, "heldout_complete": True,
+                                               "special_token_ids": [0]}))
     np.save(path / "tokens.npy", np.zeros((C, T), dtype=np.int32))
     np.save(path / "activations.npy", rows.astype(np.float16))
     return ActivationStore.open(path)
@@ -137,7 +142,7 @@ def test_reconstruction_metrics_equal_a_hand_computation(tmp_path):
                "W_dec": torch.randn(n, d, generator=g), "b_dec": torch.randn(d, generator=g)}
     sae = TopKSAE.from_weights(weights, k)
 
-    metrics = evaluate_sae(sae, store, scale, batch_contexts=3)
+    metrics = evaluate_sae(sae, store, scale, Positions(0, False), batch_contexts=3)
 
     x = torch.from_numpy(np.load(tmp_path / "store" / "activations.npy")[5 * 16 :].astype(np.float64)) * scale
     W = {name: t.double() for name, t in weights.items()}
@@ -152,6 +157,40 @@ def test_reconstruction_metrics_equal_a_hand_computation(tmp_path):
     assert metrics["dead_fraction"] == pytest.approx(float((density == 0).double().mean())) and metrics["dead_fraction"] >= 2 / n
     assert metrics["dense_fraction"] == pytest.approx(float((density > 0.1).double().mean()))
     assert 1 / n <= metrics["dense_fraction"] < 1 - metrics["dead_fraction"] + 1e-9
+    assert metrics["fvu_all_positions"] == pytest.approx(metrics["fvu"], rel=1e-12)  # every position counted
+
+
+def test_the_positions_left_out_are_left_out_of_every_metric_but_fvu_all_positions(tmp_path):
+    """With the first position and the special tokens (id 0 here) left out, FVU, L0 and the
+    densities count the other tokens only; fvu_all_positions counts them all."""
+    d, n, k, T = 8, 12, 3, 16
+    store = synthetic_store(tmp_path / "store", n_train=5, n_heldout=7, T=T, d=d)
+    tokens = np.load(tmp_path / "store" / "tokens.npy")
+    tokens[:] = 5
+    tokens[5:, 7] = 0  # a separator in every held-out context
+    np.save(tmp_path / "store" / "tokens.npy", tokens)
+    store = ActivationStore.open(tmp_path / "store")
+    g = torch.Generator().manual_seed(2)
+    weights = {"W_enc": torch.randn(d, n, generator=g), "b_enc": torch.randn(n, generator=g),
+               "W_dec": torch.randn(n, d, generator=g), "b_dec": torch.randn(d, generator=g)}
+    sae = TopKSAE.from_weights(weights, k).requires_grad_(False)
+    metrics = evaluate_sae(sae, store, 1.0, Positions(1, True), batch_contexts=2)
+
+    x = torch.from_numpy(np.load(tmp_path / "store" / "activations.npy")[5 * T :].astype(np.float32)).double()
+    counted = torch.ones(7, T, dtype=torch.bool)
+    counted[:, 0] = counted[:, 7] = False
+    x_hat, latents = sae(x.float())
+    x_hat = x_hat.double()
+
+    def fvu(mask):
+        return float((x[mask] - x_hat[mask]).pow(2).sum() / (x[mask] - x[mask].mean(0)).pow(2).sum())
+
+    assert metrics["eval_tokens"] == 7 * (T - 2) and metrics["eval_positions"] == "all but the first position and special tokens"
+    assert metrics["fvu"] == pytest.approx(fvu(counted.reshape(-1)), rel=1e-5)
+    assert metrics["fvu_all_positions"] == pytest.approx(fvu(torch.ones(7 * T, dtype=torch.bool)), rel=1e-5)
+    assert metrics["fvu"] != pytest.approx(metrics["fvu_all_positions"], rel=1e-3)
+    fired = (latents.values > 0)[counted.reshape(-1)]
+    assert metrics["l0"] == pytest.approx(float(fired.sum(1).double().mean()), rel=1e-6)
 
 
 @pytest.mark.parametrize("command", ["eval", "harvest"])

@@ -148,9 +148,12 @@ def test_token_search_matches_dense(per_token=2):
 
 
 def test_counted_positions_leave_out_the_first_and_special_tokens():
+    from trainer.store import Positions
+
     tokens = np.array([[0, 1, 2, 9], [9, 3, 9, 4]])
-    counted = H.counted_positions(tokens, exclude_first=1, excluded_ids=[9])
-    assert counted.tolist() == [[False, True, True, False], [False, True, False, True]]
+    assert Positions(1, True).mask(tokens, [9]).tolist() == [[False, True, True, False], [False, True, False, True]]
+    assert Positions(2, False).mask(tokens, [9]).tolist() == [[False, False, True, True], [False, False, True, True]]
+    assert Positions(0, False).mask(tokens, [9]).all() and Positions(0, False).everywhere
 
 
 @pytest.mark.parametrize("n,d,block", [(37, 5, 8), (64, 16, 64), (10, 3, 3)])

@@ -280,6 +280,8 @@ def test_a_database_that_cannot_be_opened_is_one_line(tiny_run, tmp_path, comman
         (["--corpus", "/no/such/corpus"], "no such file or folder"),
         (["--corpus", "{tmp}/blank"], "the corpus holds no text"),  # blank documents: before the model loads
         (["--layer", "9"], "layer 9 is out of range"),
+        (["--exclude-first", "32"], "--exclude-first must be from 0 to --context-length - 1 (31): 32 leaves out every position"),
+        (["--exclude-special-tokens", "5"], "--exclude-special-tokens is on or off"),
         (["--auxk-rescale", "2"], "--auxk-rescale is on or off: give --auxk-rescale or --no-auxk-rescale (or 1 / 0), got '2'"),
         (["--lr", "nan"], "--lr must be a number >= 0"),
         (["--warmup-fraction", "-0.1"], "--warmup-fraction is a share of the steps"),
@@ -313,9 +315,8 @@ def test_train_rejects_bad_config_in_one_line(tiny_model_dir, tmp_path, args, me
 
 @pytest.mark.multiprocess
 @pytest.mark.parametrize("args,message", [
-    (["--exclude-first", "32"], "--exclude-first 32 leaves out every position of the store's 32-token contexts"),
     (["--histogram-bins", "100000000"], "--histogram-bins must be at most 1000"),
-    (["--exclude-special-tokens", "5"], "--exclude-special-tokens is on or off"),
+    (["--context-length", "1"], "--context-length must be at least 2"),
 ])
 def test_harvest_rejects_bad_options_in_one_line(tiny_run, args, message):
     before = (tiny_run / "harvest" / "harvest.json").read_bytes()

@@ -13,6 +13,7 @@ import pytest
 from trainer.config import TrainConfig
 from trainer.errors import RunFolderError
 from trainer.runconfig import ImportSource, RunConfig, StoreRecord
+from trainer.store import Positions
 
 FIXTURES = Path(__file__).parent / "fixtures"
 TRAINED = FIXTURES / "cfg-trained-3be9420.json"  # `saescope train` on the reference settings, before RunConfig
@@ -29,7 +30,8 @@ def test_a_trained_runs_cfg_json_from_before_loads_with_its_training_options(tmp
     assert (cfg.model, cfg.layer, cfg.d_in, cfg.n_latents, cfg.k) == ("smollm2-135m-instruct", 6, 576, 4096, 32)
     assert cfg.slug == "smollm2-135m-instruct-l6-4096-k32" and cfg.hookpoint == "model.layers.6"
     assert cfg.input_scale == pytest.approx(0.16828186810016632)
-    assert cfg.train == TrainConfig()  # the defaults, saved as 0/1 numbers then
+    # The defaults then (saved as 0/1 numbers), every position included: the options added since say so.
+    assert cfg.train == TrainConfig(exclude_first=0, exclude_special_tokens=False)
     assert cfg.train.fast_matmul is True and cfg.train.multi_topk is False and not cfg.imported
     assert cfg.store == StoreRecord("/data/demo/activations", "../../activations")
     assert cfg.store_dir(tmp_path) == Path("/data/demo/activations")  # not here: the recorded place
@@ -44,15 +46,30 @@ def test_an_imported_runs_cfg_json_from_before_loads_with_its_source(tmp_path):
     assert cfg.store is None and cfg.store_dir(tmp_path) is None
 
 
-@pytest.mark.parametrize("fixture", [TRAINED, IMPORTED])
-def test_written_again_a_cfg_json_keeps_its_keys_and_values(tmp_path, fixture):
-    """What other tools (and older saescope) read stays where it was; booleans are now true/false."""
+# Keys added since the fixtures were written, with the values that say how those runs were made.
+ADDED = {"trained": {"exclude_first": 0, "exclude_special_tokens": False, "normalization": "scale"},
+         "imported": {"normalization": "scale"}}
+
+
+@pytest.mark.parametrize("fixture,kind", [(TRAINED, "trained"), (IMPORTED, "imported")])
+def test_written_again_a_cfg_json_keeps_its_keys_and_values(tmp_path, fixture, kind):
+    """What other tools (and older saescope) read stays where it was; booleans are now true/false;
+    options added since are written with the values the run was made with."""
     before = json.loads(fixture.read_text())
     RunConfig.load(run_folder(tmp_path, fixture)).save(tmp_path / "again")
     after = json.loads((tmp_path / "again" / "cfg.json").read_text())
-    assert after.keys() == before.keys()
-    assert after == {key: bool(value) if isinstance(after[key], bool) else value for key, value in before.items()}
+    assert after.keys() == before.keys() | ADDED[kind].keys()
+    assert after == {**{key: bool(value) if isinstance(after[key], bool) else value for key, value in before.items()},
+                     **ADDED[kind]}
     assert RunConfig.load(tmp_path / "again") == RunConfig.load(tmp_path)
+
+
+def test_a_run_trained_before_the_exclusion_says_it_trained_on_every_position(tmp_path):
+    cfg = RunConfig.load(run_folder(tmp_path, TRAINED))
+    assert cfg.positions.everywhere and cfg.positions.describe() == "every position"
+    imported = tmp_path / "imported"
+    imported.mkdir()
+    assert RunConfig.load(run_folder(imported, IMPORTED)).positions == Positions()  # the harvest's defaults
 
 
 def test_keys_it_does_not_know_are_kept(tmp_path):

@@ -338,14 +338,16 @@ def test_the_memory_budget_sets_the_chunks_read_from_the_store(tiny_run):
         released.clear()
         tokens = sum(len(x) for _, x in trainer.batches())
         chunks = list(trainer.chunks())
-        assert tokens == sum((last - first) * store.context_length // 64 * 64 for first, last in chunks)
+        T = store.context_length  # the positions that count, in whole batches of 64 per chunk
+        assert tokens == sum(int(trainer.counted[first * T : last * T].sum()) // 64 * 64 for first, last in chunks)
         assert released == chunks
     with pytest.raises(ConfigError, match="--memory-budget-mb"):
         TrainConfig(memory_budget_mb=0)
 
 
 def test_each_epoch_trains_every_token_once_in_a_new_order(tiny_run):
-    """--epochs 2: every training token once per pass, each pass shuffled anew, the schedule and
+    """--epochs 2: the training tokens that count (not the first position, not a separator) once
+    per pass but for a part batch, each pass shuffled anew, the schedule and
     the default dead window over both passes, and a resumed run's batches the same as an
     uninterrupted run's (also when it resumes in the second pass)."""
     from trainer.config import ConfigError, TrainConfig
@@ -363,8 +365,12 @@ def test_each_epoch_trains_every_token_once_in_a_new_order(tiny_run):
     assert [step for step, _ in batches] == list(range(two.total_steps))
     first, second = (torch.cat([x for _, x in part]) for part in (batches[: one.total_steps], batches[one.total_steps :]))
     assert torch.equal(first, torch.cat([x.flatten().long() for _, x in one.batches()]))  # pass 1 is the 1-epoch run
-    assert torch.equal(first.sort().values, second.sort().values)  # the same tokens, each once
-    assert len(first.unique()) == len(first)
+    # Each token at most once a pass; a chunk's last part batch is left out, another one each pass.
+    assert len(first.unique()) == len(first) == len(second) == len(second.unique())
+    left_out = int(one.counted.sum()) - len(first)
+    assert 0 <= left_out < 64 * len(list(one.chunks()))
+    assert len(set(first.tolist()) ^ set(second.tolist())) <= 2 * left_out
+    assert one.counted[first].all() and len(first) > 0.9 * int(one.counted.sum())  # only the positions that count
     assert not torch.equal(first, second)  # in another order
     resume_at = one.total_steps + 3
     assert all(torch.equal(x.flatten().long(), batches[step][1]) for step, x in two.batches(resume_at))
@@ -402,14 +408,17 @@ def tiny_trainer(tiny_run, **overrides):
 
 def test_inputs_are_scaled_to_a_mean_squared_norm_of_d_in(tiny_run):
     """Gao et al. 2024 (Section 2.1): a fixed scale makes E||x||^2 = d_in, measured on the first
-    training contexts; it is the one cfg.json records and training applies."""
+    training contexts at the positions that count (not the attention sink); it is the one
+    cfg.json records and training applies."""
     from trainer.store import ActivationStore
     from trainer.train import input_scale
 
     cfg = RunConfig.load(tiny_run)
     store = ActivationStore.open(cfg.store.path)
-    scale = input_scale(store)
-    x = store.rows(0, min(64, store.n_train_contexts))
+    scale = input_scale(store, cfg.positions)
+    n = min(64, store.n_train_contexts)
+    x = store.rows(0, n)[torch.from_numpy(store.counted(cfg.positions, 0, n).reshape(-1))]
+    assert len(x) < n * store.context_length  # the first positions and separators are left out
     assert float((x * scale).pow(2).sum(-1).mean()) == pytest.approx(cfg.d_in, rel=1e-4)
     assert float(x.pow(2).sum(-1).mean()) != pytest.approx(cfg.d_in, rel=0.1)  # not so before
     assert cfg.input_scale == pytest.approx(scale, rel=1e-6)
@@ -423,7 +432,8 @@ def test_b_dec_starts_at_the_geometric_median_of_a_sample(tiny_run):
     trainer = tiny_trainer(tiny_run)
     trainer.init_b_dec()
     b_dec = trainer.sae.b_dec.detach().cpu()
-    sample = trainer.store.rows(0, 32) * trainer.scale
+    counted = torch.from_numpy(trainer.store.counted(trainer.cfg.positions, 0, 32).reshape(-1))
+    sample = trainer.store.rows(0, 32)[counted] * trainer.scale  # the positions that count
     assert_close(b_dec, geometric_median(sample), rtol=1e-5, atol=1e-5)
 
     def summed_distance(point):
@@ -541,3 +551,45 @@ def test_resume_says_which_given_options_it_ignores(tmp_path):
     assert (f"note: --resume continues {tmp_path} with the settings it was started with; "
             "ignored: --layer 0, --latents 128, --overwrite") in result.stderr
     assert saescope("train", "--resume", str(tmp_path)).stderr.count("note:") == 0
+
+
+def outlier_sink_store(path, n_contexts: int = 320, n_heldout: int = 64, T: int = 16, d: int = 16):
+    """A store in the real format whose position 0 is an attention sink: every context's first
+    row is far larger than the others (a sparse code over 48 directions plus noise)."""
+    from trainer.store import ActivationStore
+
+    rng = np.random.default_rng(0)
+    directions = rng.standard_normal((48, d))
+    codes = rng.standard_normal((n_contexts * T, 48)) * (rng.random((n_contexts * T, 48)) < 0.08)
+    rows = (codes @ directions + 0.05 * rng.standard_normal((n_contexts * T, d))).reshape(n_contexts, T, d)
+    rows[:, 0] = 40 * rng.standard_normal((n_contexts, d))  # ~10x the others' norm, in no fixed direction
+    path.mkdir(parents=True)
+    meta = {"model": "synthetic", "layer": 0, "n_contexts": n_contexts, "n_heldout": n_heldout, "context_length": T,
+            "d_model": d, "complete": True, "heldout_complete": True, "special_token_ids": []}
+    runfolder.write_json(path / "meta.json", meta)
+    np.save(path / "tokens.npy", np.ones((n_contexts, T), dtype=np.int32))
+    np.save(path / "activations.npy", rows.reshape(-1, d).astype(np.float16))
+    return ActivationStore.open(path)
+
+
+def test_leaving_the_attention_sink_out_of_training_lowers_the_fvu_on_the_other_positions(tmp_path):
+    """An SAE trained on every position spends latents on the sink; trained without it, it
+    reconstructs the positions that count better. eval reports both FVUs."""
+    from trainer.config import TrainConfig
+    from trainer.evaluate import evaluate_sae
+    from trainer.store import Positions
+    from trainer.train import Trainer, input_scale
+
+    store = outlier_sink_store(tmp_path / "store")
+    results = {}
+    for exclude_first in (0, 1):
+        cfg = TrainConfig(model="synthetic", layer=0, n_latents=32, k=4, tokens=256 * 16, heldout_tokens=64 * 16,
+                          context_length=16, batch_size=128, epochs=4, exclude_first=exclude_first,
+                          exclude_special_tokens=False, fast_matmul=False, checkpoint_every=0, device="cpu", lr=3e-3)
+        scale = input_scale(store, cfg.positions)
+        trainer = Trainer(cfg, store, scale)
+        trainer.fit()
+        results[exclude_first] = evaluate_sae(trainer.sae.eval().requires_grad_(False), store, scale, Positions(1, False))
+    assert results[1]["fvu"] < 0.8 * results[0]["fvu"], results
+    for metrics in results.values():
+        assert metrics["fvu_all_positions"] != metrics["fvu"]

@@ -11,8 +11,8 @@ import torch
 
 from trainer.errors import ConfigError
 from trainer.model import BUNDLED_MODEL
-from trainer.sae import check_size
-from trainer.store import StoreConfig
+from trainer.sae import NORMALIZATIONS, check_size
+from trainer.store import Positions, StoreConfig
 
 # lr = LR_CONSTANT / sqrt(n_latents / 2^14). EleutherAI's 2e-4 suits long GPU runs; at the default
 # budget (300k tokens, ~300 steps of 1,024) a sweep on SmolLM2 layer 6 put the optimum near 3x
@@ -85,8 +85,11 @@ class TrainConfig:
     epochs: int = option(1, "passes over the training tokens, each in a new shuffled order; more passes reuse the stored activations (on a CPU the SAE step costs ~5x less per token than the model's forward that makes new ones)")
     heldout_tokens: int = option(32_768, "held-out tokens for evaluation and harvest (whole contexts; the model runs over them at the first eval or harvest on the store, not in train)")
     context_length: int = option(128, "tokens per context")
+    exclude_first: int = option(1, "leading positions of each context that training, evaluation, the harvest and the probe leave out (the first token is an attention sink: about 7x the others' norm; the store keeps every position)")
+    exclude_special_tokens: bool = option(True, "leave the tokenizer's special tokens (the end-of-text separators between documents) out of training, evaluation, the harvest and the probe")
     corpus: str = option("stdlib", "'stdlib' (the Python standard library's source) or a .txt/.jsonl file or folder")
     batch_size: int = option(1024, "tokens per optimiser step")
+    normalization: str = option("scale", "how inputs are normalised before the SAE: 'scale', one number for the run making E||x||^2 = d_in (Gao et al. 2024, Section 2.1); 'token', each token's mean over d subtracted and its standard deviation divided out, undone after decoding (OpenAI's released code)")
     lr: float = option(0.0, "Adam learning rate; 0 means 6e-4 / sqrt(n_latents / 2^14): the 1/sqrt(n) rule of Gao et al. 2024, with a constant 3x EleutherAI's 2e-4, measured best for runs of a few hundred steps (BENCHMARKS.md)")
     warmup_fraction: float = option(0.05, "share of steps with a linear learning-rate warm-up")
     decay_fraction: float = option(0.3, "share of final steps with a linear decay to zero")
@@ -106,6 +109,12 @@ class TrainConfig:
         if self.multi_topk and 4 * self.k >= self.n_latents:
             raise ConfigError(f"--multi-topk needs 4k < --latents, got k={self.k}, latents={self.n_latents}")
         self.store_config()  # the layer, the context length and the token counts
+        if self.normalization not in NORMALIZATIONS:
+            raise ConfigError(f"--normalization is one of {', '.join(NORMALIZATIONS)}, got {self.normalization!r}")
+        if not 0 <= self.exclude_first < self.context_length:
+            raise ConfigError(f"--exclude-first must be from 0 to --context-length - 1 ({self.context_length - 1}): "
+                              f"{self.exclude_first} leaves out every position of the {self.context_length}-token contexts"
+                              if self.exclude_first > 0 else f"--exclude-first must be >= 0, got {self.exclude_first}")
         if self.epochs < 1:
             raise ConfigError(f"--epochs must be at least 1, got {self.epochs}")
         if self.batch_size < 1:
@@ -131,6 +140,11 @@ class TrainConfig:
     @property
     def slug(self) -> str:
         return run_slug(self.model, self.layer, self.n_latents, self.k)
+
+    @property
+    def positions(self) -> Positions:
+        """The positions the SAE is trained, evaluated, harvested and probed on."""
+        return Positions(self.exclude_first, self.exclude_special_tokens)
 
     def store_config(self) -> StoreConfig:
         """The activation store this run trains and evaluates on."""
@@ -166,14 +180,13 @@ class TrainConfig:
 
 
 # Options whose default changed training when they were added: what a run saved before them did.
-BEFORE_OPTION = {"auxk_rescale": False}
+BEFORE_OPTION = {"auxk_rescale": False, "exclude_first": 0, "exclude_special_tokens": False}
 
 
 @dataclass
 class HarvestConfig:
     top_k: int = option(20, "top-activating contexts kept per latent")
     batch_contexts: int = option(32, "contexts encoded at once")
-    exclude_first: int = option(1, "leading positions of each context left out (the first token acts as an attention sink)")
     tokens: int = option(131_072, "for a run without an activation store (an imported SAE): tokens to build one from")
     context_length: int = option(128, "for a run without an activation store: tokens per context")
     corpus: str = option("stdlib", "for a run without an activation store: the corpus to read")
@@ -187,7 +200,6 @@ class HarvestConfig:
     neighbours: int = option(10, "nearest latents by decoder cosine listed per latent")
     explanation_examples: int = option(20, "top firings per latent that explanation patterns are drawn from")
     token_latents: int = option(10, "for search: latents kept per token (highest mean activation on it)")
-    exclude_special_tokens: bool = option(True, "leave the tokenizer's special tokens (BOS/EOS, separators) out of the statistics")
 
     def __post_init__(self):
         for name in ("quantile_bins", "samples_per_bin", "histogram_bins", "logit_tokens", "neighbours",
@@ -196,8 +208,6 @@ class HarvestConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if self.top_k < 1:
             raise ConfigError(f"--top-k must be positive, got {self.top_k}")
-        if self.exclude_first < 0:
-            raise ConfigError(f"--exclude-first must be >= 0, got {self.exclude_first}")
         # Per-latent tables: n latents x these, held in memory and written to the database.
         for name in ("histogram_bins", "logit_tokens", "neighbours", "token_latents", "quantile_bins"):
             if getattr(self, name) > 1000:

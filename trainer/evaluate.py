@@ -15,8 +15,8 @@ from trainer.formats import CFG_FILE
 from trainer.model import find_blocks
 from trainer.progress import progress
 from trainer.runconfig import RunConfig
-from trainer.sae import TopKSAE, default_device
-from trainer.store import ActivationStore, complete_heldout, open_store_for_sae
+from trainer.sae import InputNorm, TopKSAE, default_device
+from trainer.store import ActivationStore, Positions, complete_heldout, open_store_for_sae
 from trainer.thresholds import DENSE_THRESHOLD
 
 # In the store: the summed CE with block L zero-ablated, per (model, layer, device, held-out
@@ -26,36 +26,64 @@ ABLATED_CACHE = "ce_ablated.json"
 
 
 @torch.no_grad()
-def evaluate_sae(sae: TopKSAE, store: ActivationStore, scale: float, batch_contexts: int = 64) -> dict:
-    """Metrics over the store's held-out contexts (in the normalised space the SAE sees)."""
+def evaluate_sae(sae: TopKSAE, store: ActivationStore, norm: InputNorm | float, positions: Positions = Positions(),
+                 batch_contexts: int = 64) -> dict:
+    """Metrics over the store's held-out contexts at the positions that count; the FVU also over
+    every position (`fvu_all_positions`), as tools that keep them all (sparsify, SAELens) report
+    it. FVU compares the residual stream with its reconstruction mapped back from the SAE's
+    normalised space (`norm`, or a number: the "scale" normalization), which is what a splice
+    puts into the model."""
+    norm = norm if isinstance(norm, InputNorm) else InputNorm("scale", norm)
     device = sae.W_dec.device
     first = store.n_train_contexts
-    squared_error = 0.0
-    n_tokens = 0
+    counted = torch.from_numpy(store.counted(positions, first, store.n_contexts).reshape(-1)).to(device)
+    sums = {"counted": Moments(sae.d_in, device), "all": Moments(sae.d_in, device)}
     active = 0
     fire_counts = torch.zeros(sae.n_latents, dtype=torch.long, device=device)
-    x_sum = torch.zeros(sae.d_in, dtype=torch.float64, device=device)
-    x_sq_sum = torch.zeros((), dtype=torch.float64, device=device)
     for start in progress(range(first, store.n_contexts, batch_contexts), desc="eval", unit="batch"):
-        x = store.rows(start, min(start + batch_contexts, store.n_contexts)).to(device) * scale  # (N, d)
-        x_hat, latents = sae(x)
-        squared_error += float((x - x_hat).pow(2).sum())
-        fired = latents.values > 0  # (N, k)
+        last = min(start + batch_contexts, store.n_contexts)
+        x = store.rows(start, last).to(device)  # (N, d)
+        mask = counted[(start - first) * store.context_length : (last - first) * store.context_length]  # (N,)
+        x_n, stats = norm.normalize(x)
+        x_hat_n, latents = sae(x_n)
+        x_hat = norm.restore(x_hat_n, stats)
+        sums["all"].add(x, x_hat)
+        sums["counted"].add(x[mask], x_hat[mask])
+        fired = (latents.values > 0) & mask[:, None]  # (N, k)
         active += int(fired.sum())
         fire_counts += torch.bincount(latents.indices[fired], minlength=sae.n_latents)
-        x_sum += x.sum(0).double()
-        x_sq_sum += x.double().pow(2).sum()
-        n_tokens += x.shape[0]
-    # Variance around the mean over all held-out tokens: FVU = 1 means "no better than the mean".
-    total_variance = float(x_sq_sum - x_sum.pow(2).sum() / n_tokens)
+    n_tokens = sums["counted"].n
     density = fire_counts.float() / n_tokens
     return {
-        "fvu": squared_error / total_variance,
+        "fvu": sums["counted"].fvu,
+        "fvu_all_positions": sums["all"].fvu,
         "l0": active / n_tokens,
         "dead_fraction": float((fire_counts == 0).float().mean()),
         "dense_fraction": float((density > DENSE_THRESHOLD).float().mean()),
         "eval_tokens": n_tokens,
+        "eval_positions": positions.describe(),
     }
+
+
+class Moments:
+    """Running sums for FVU: squared error, and the inputs' sum and sum of squares (float64)."""
+
+    def __init__(self, d: int, device: torch.device):
+        self.squared_error, self.n = 0.0, 0
+        self.x_sum = torch.zeros(d, dtype=torch.float64, device=device)
+        self.x_sq_sum = torch.zeros((), dtype=torch.float64, device=device)
+
+    def add(self, x: torch.Tensor, x_hat: torch.Tensor) -> None:
+        self.squared_error += float((x - x_hat).pow(2).sum())
+        self.x_sum += x.sum(0).double()
+        self.x_sq_sum += x.double().pow(2).sum()
+        self.n += x.shape[0]
+
+    @property
+    def fvu(self) -> float:
+        """Squared error over the variance around the mean: 1 means "no better than the mean"."""
+        total_variance = float(self.x_sq_sum - self.x_sum.pow(2).sum() / self.n)
+        return self.squared_error / total_variance
 
 
 def evaluate_run(run_dir: Path, store_dir: Path | None = None, downstream_contexts: int = 64) -> dict:
@@ -67,7 +95,7 @@ def evaluate_run(run_dir: Path, store_dir: Path | None = None, downstream_contex
     if store_dir is None:
         raise RunFolderError(f"{Path(run_dir) / CFG_FILE}: no activation store; pass --store or run `saescope harvest` first")
     store = complete_heldout(open_store_for_sae(store_dir, cfg, run_dir))  # the first eval on a store computes them
-    metrics = evaluate_sae(sae, store, cfg.input_scale)  # as harvest and the probe read it
+    metrics = evaluate_sae(sae, store, cfg.norm, cfg.positions)  # as harvest and the probe read it
     if downstream_contexts > 0:
         metrics |= downstream_loss(sae, cfg, store, downstream_contexts)
     runfolder.save_metrics(run_dir, metrics)
@@ -115,25 +143,29 @@ def replaying(blocks: torch.nn.ModuleList, layer: int, resid: torch.Tensor, like
 def downstream_loss(sae: TopKSAE, run_cfg: RunConfig, store: ActivationStore, n_contexts: int = 64, batch: int = 8) -> dict:
     """Splice the SAE's reconstruction into the forward pass at the hookpoint (Section 4.1) on
     held-out contexts: clean CE, spliced CE, CE with the block output zero-ablated, their
-    differences, and KL(clean || spliced) per token. Blocks 0..L run once per batch, in the clean
-    pass; the spliced and ablated passes run only the blocks after L."""
+    differences, and KL(clean || spliced) per token. The reconstruction replaces the residual at
+    the positions that count (run_cfg.positions) and leaves the others (the attention sink) as
+    they are; the ablation zeroes every position, as before. Blocks 0..L run once per batch, in
+    the clean pass; the spliced and ablated passes run only the blocks after L."""
     model = run_cfg.language_model(sae.W_dec.device, fast=False).loaded.causal_lm  # the whole model, fp32
     _, blocks = find_blocks(model.base_model)
-    layer, scale = run_cfg.layer, run_cfg.input_scale
+    layer, norm = run_cfg.layer, run_cfg.norm
     first = store.n_train_contexts
     rows = range(first, min(store.n_contexts, first + n_contexts))
     tokens = torch.from_numpy(store.tokens[list(rows)]).long().to(sae.W_dec.device)  # (C, T)
+    counted = torch.from_numpy(store.counted(run_cfg.positions, rows.start, rows.stop)).to(sae.W_dec.device)  # (C, T)
 
     def log_probs(ids):
         return model(input_ids=ids, use_cache=False).logits[:, :-1].float().log_softmax(-1)  # (B, T-1, V)
 
-    def reconstruct(resid):
-        x = resid.reshape(-1, resid.shape[-1]).float() * scale
-        return (sae(x)[0] / scale).view_as(resid).to(resid.dtype)
+    def reconstruct(resid, mask):
+        x, stats = norm.normalize(resid.reshape(-1, resid.shape[-1]).float())
+        x_hat = norm.restore(sae(x)[0], stats).view_as(resid).to(resid.dtype)
+        return torch.where(mask[..., None], x_hat, resid)  # (B, T, d)
 
     key = ablated_key(run_cfg, tokens)
     known = read_ablated(store).get(key)  # the summed ablated CE, if an earlier eval on this store made it
-    passes = [("ce_spliced", reconstruct)] + ([("ce_ablated", torch.zeros_like)] if known is None else [])
+    passes = [("ce_spliced", reconstruct)] + ([("ce_ablated", lambda resid, mask: torch.zeros_like(resid))] if known is None else [])
     sums = {"ce_clean": 0.0, "ce_spliced": 0.0, "ce_ablated": 0.0, "kl": 0.0}
     n_predictions = 0
     for start in progress(range(0, len(tokens), batch), desc="downstream", unit="batch"):
@@ -148,7 +180,7 @@ def downstream_loss(sae: TopKSAE, run_cfg: RunConfig, store: ActivationStore, n_
         resid = (output[0] if isinstance(output, tuple) else output).clone()  # (B, T, d); the blocks after may write in place
         results = {"ce_clean": clean}
         for name, transform in passes:
-            with replaying(blocks, layer, transform(resid), output):
+            with replaying(blocks, layer, transform(resid, counted[start : start + batch]), output):
                 results[name] = log_probs(ids)
         targets = ids[:, 1:]
         for name, logprobs in results.items():

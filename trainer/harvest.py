@@ -41,8 +41,8 @@ from trainer.grouping import group_codes, rank_within, sort_within, spread_withi
 from trainer.model import LanguageModel
 from trainer.progress import progress
 from trainer.runconfig import RunConfig
-from trainer.sae import TopKSAE, default_device, fast_matmul_dtype
-from trainer.store import ActivationStore, complete_heldout, open_store_for_sae, prepare_store, token_vocab
+from trainer.sae import InputNorm, TopKSAE, default_device, fast_matmul_dtype
+from trainer.store import ActivationStore, Positions, complete_heldout, open_store_for_sae, prepare_store, token_vocab
 from trainer.tokens import vocab_bytes
 
 log = logging.getLogger(__name__)
@@ -78,13 +78,6 @@ class HarvestInput:
                 yield first, x
             else:
                 yield first, self.lm.residual(torch.from_numpy(self.tokens[first:last]).long())
-
-
-def counted_positions(tokens: np.ndarray, exclude_first: int, excluded_ids: list[int]) -> np.ndarray:
-    """(C, T) bool: the positions that count in the statistics."""
-    counted = ~np.isin(tokens, excluded_ids)
-    counted[:, :exclude_first] = False
-    return counted
 
 
 # ---------------------------------------------------------------- the firings
@@ -161,7 +154,7 @@ ENCODE_ROWS = 2048
 
 
 @torch.no_grad()
-def collect_firings(sae: TopKSAE, data: HarvestInput, scale: float, counted: np.ndarray,
+def collect_firings(sae: TopKSAE, data: HarvestInput, norm: InputNorm, counted: np.ndarray,
                     batch_contexts: int) -> Firings:
     """The streaming pass: each token's top k (latent, value), kept where positive and counted,
     sorted by latent in runs of a few hundred thousand firings (cheap while they are in cache)."""
@@ -180,7 +173,7 @@ def collect_firings(sae: TopKSAE, data: HarvestInput, scale: float, counted: np.
 
     with progress(total=data.n_contexts * T, desc="harvest", unit="tok", unit_scale=True) as bar:
         for first, x in data.batches(batch_contexts):
-            x = x.to(device).flatten(0, 1) * scale  # (N, d), normalised as in training
+            x, _ = norm.normalize(x.to(device).flatten(0, 1))  # (N, d), normalised as in training
             for offset in range(0, x.shape[0], ENCODE_ROWS):
                 chosen = sae.encode_selected(x[offset : offset + ENCODE_ROWS], dtype)  # (rows, k)
                 row = first * T + offset
@@ -418,13 +411,15 @@ def timed(laps: dict, name: str, fn, *args, **kwargs):
         return fn(*args, **kwargs)
 
 
-def harvest_sae(sae: TopKSAE, data: HarvestInput, scale: float, cfg: HarvestConfig, lm: LanguageModel) -> runfolder.Harvest:
+def harvest_sae(sae: TopKSAE, data: HarvestInput, norm: InputNorm | float, cfg: HarvestConfig, lm: LanguageModel,
+                positions: Positions = Positions()) -> runfolder.Harvest:
     T, n = data.context_length, sae.n_latents
-    excluded_ids = lm.special_token_ids if cfg.exclude_special_tokens else []
-    counted = counted_positions(data.tokens, cfg.exclude_first, excluded_ids)
+    excluded_ids = lm.special_token_ids if positions.exclude_special_tokens else []
+    counted = positions.mask(data.tokens, excluded_ids)
     n_tokens = int(counted.sum())
     seconds: dict[str, float] = {}
-    firings = timed(seconds, "pass", collect_firings, sae, data, scale, counted, cfg.batch_contexts)
+    norm = norm if isinstance(norm, InputNorm) else InputNorm("scale", norm)
+    firings = timed(seconds, "pass", collect_firings, sae, data, norm, counted, cfg.batch_contexts)
 
     log.info("statistics, examples, logit effects and explanations over %s firings", f"{len(firings.value):,}")
     with Stopwatch(seconds, "after the pass (the three stages below, at once)"):
@@ -457,7 +452,7 @@ def harvest_sae(sae: TopKSAE, data: HarvestInput, scale: float, cfg: HarvestConf
         "histogram_bins": cfg.histogram_bins,
         "seed": cfg.seed,
         "n_firings": len(firings.value),
-        "excluded_positions": list(range(cfg.exclude_first)),
+        "excluded_positions": list(range(positions.exclude_first)),
         "excluded_token_ids": excluded_ids,
         "excluded_tokens": [vocab[i] for i in excluded_ids if i < len(vocab)],
         "explanation": explain.METHOD | {"heldout_contexts": data.n_heldout},
@@ -473,12 +468,12 @@ def store_for_run(run_dir: Path, run_cfg: RunConfig, cfg: HarvestConfig, store_d
     every check has passed: a harvest that fails leaves the run as it was."""
     if store_dir := store_dir or run_cfg.store_dir(run_dir):
         store = open_store_for_sae(store_dir, run_cfg, run_dir)
-        check_exclude_first(cfg.exclude_first, store.context_length)
+        check_exclude_first(run_cfg.positions.exclude_first, store.context_length)
         if run_cfg.store is None:
             run_cfg = run_cfg.with_store(store.path, run_dir)
             run_cfg.save(run_dir)
         return run_cfg, store
-    check_exclude_first(cfg.exclude_first, cfg.context_length)
+    check_exclude_first(run_cfg.positions.exclude_first, cfg.context_length)
     where = Path(run_dir) / CFG_FILE
     run_cfg.check_model(where)  # the layer and width, before minutes of forward passes
     store = prepare_store(cfg.store_config(run_cfg.model, run_cfg.layer), Path(run_dir) / "activations")
@@ -492,7 +487,7 @@ def store_for_run(run_dir: Path, run_cfg: RunConfig, cfg: HarvestConfig, store_d
 
 def check_exclude_first(exclude_first: int, context_length: int) -> None:
     if exclude_first >= context_length:
-        raise ConfigError(f"--exclude-first {exclude_first} leaves out every position of the store's "
+        raise ConfigError(f"the run's --exclude-first {exclude_first} leaves out every position of the store's "
                           f"{context_length}-token contexts")
 
 
@@ -509,6 +504,6 @@ def harvest_run(run_dir: Path, cfg: HarvestConfig | None = None, store_dir: Path
         store = complete_heldout(store, lm)
     data = HarvestInput(tokens=store.tokens, n_heldout=int(store.meta.get("n_heldout", 0)),
                         store=None if from_model else store, lm=lm)
-    harvest = harvest_sae(sae, data, run_cfg.input_scale, cfg, lm)
+    harvest = harvest_sae(sae, data, run_cfg.norm, cfg, lm, run_cfg.positions)
     runfolder.save_harvest(run_dir, harvest)
     return harvest

@@ -25,7 +25,7 @@ class LatentEncoder:
 
     def __init__(self, cfg: RunConfig, sae: TopKSAE, lm: LanguageModel):
         self.cfg, self.sae, self.lm = cfg, sae, lm
-        self.scale = float(cfg.input_scale)
+        self.norm = cfg.norm
 
     @classmethod
     def from_run(cls, run_dir: Path, device: str = "cpu") -> "LatentEncoder":
@@ -48,7 +48,7 @@ class LatentEncoder:
         ids = torch.zeros(len(texts), max(map(len, texts)), dtype=torch.long)
         for row, token_ids in enumerate(texts):
             ids[row, : len(token_ids)] = torch.tensor(token_ids, dtype=torch.long)
-        x = self.lm.residual(ids) * self.scale  # (B, T, d), normalised as in training
+        x, _ = self.norm.normalize(self.lm.residual(ids))  # (B, T, d), normalised as in training
         rows = torch.cat([x[row, : len(token_ids)] for row, token_ids in enumerate(texts)])
         device = self.sae.W_dec.device
         # The harvest's selection (bf16 where the hardware has it, the chosen values exact in fp32):

@@ -309,7 +309,7 @@ class LanguageModel:
 
     @property
     def special_token_ids(self) -> list[int]:
-        return sorted(set(getattr(self.tokenizer, "all_special_ids", []) or []))
+        return special_token_ids(self.tokenizer)
 
     def residual(self, input_ids: torch.Tensor) -> torch.Tensor:
         """(B, T) token ids -> (B, T, d_model) residual stream after block `layer`."""
@@ -388,6 +388,25 @@ def check_layer(name: str, layer: int) -> None:
     n_layers = count_layers(name)
     if not 0 <= layer < n_layers:
         raise ModelError(f"layer {layer} is out of range: '{name}' has blocks 0..{n_layers - 1}")
+
+
+def special_token_ids(tokenizer) -> list[int]:
+    return sorted(set(getattr(tokenizer, "all_special_ids", []) or []))
+
+
+def load_tokenizer(name: str):
+    """The model's tokenizer alone (a model loaded here already has it: shared_model)."""
+    loaded = next((model for key, model in list(_loaded.items()) if key[0] == name), None)
+    if loaded is not None:
+        return loaded.tokenizer
+    from transformers import AutoTokenizer
+
+    if name == BUNDLED_MODEL:
+        cached = cache_dir() / "models" / BUNDLED_MODEL
+        if (cached / "tokenizer.json").exists() or (cached / "tokenizer_config.json").exists():
+            return AutoTokenizer.from_pretrained(cached)
+        return AutoTokenizer.from_pretrained(_bundled_folder(), gguf_file=BUNDLED_GGUF)
+    return from_pretrained(name, AutoTokenizer.from_pretrained)
 
 
 def load_language_model(name: str, layer: int, device: str | torch.device | None = None, fast: bool = True) -> LanguageModel:

@@ -23,7 +23,8 @@ from trainer.errors import ConfigError, RunFolderError
 from trainer.files import read_json_object, write_json
 from trainer.formats import CFG_FILE, TOOL_NAMES, detect_format
 from trainer.model import LanguageModel, load_language_model, local_model_shape
-from trainer.sae import check_size
+from trainer.sae import NORMALIZATIONS, InputNorm, check_size
+from trainer.store import Positions
 
 CHECKPOINT_FILE = "checkpoint.pt"  # a run still training, or killed before it finished (trainer.train)
 REQUIRED = ("model", "layer", "d_in", "n_latents", "k")
@@ -81,7 +82,8 @@ class RunConfig:
     d_in: int
     n_latents: int
     k: int
-    input_scale: float = 1.0  # x is multiplied by it before encoding, at training, evaluation, harvest and probing
+    input_scale: float = 1.0  # x is multiplied by it before encoding ("scale" normalization), at every stage
+    normalization: str = "scale"  # or "token": each token's mean and deviation (InputNorm)
     recorded_hookpoint: str | None = None  # the model's own name of the hookpoint module, when it was recorded
     architecture: str = "topk"
     train: TrainConfig | None = None  # how it was trained; None for an SAE imported from another tool
@@ -104,6 +106,8 @@ class RunConfig:
             raise RunFolderError(f"input_scale must be a finite number > 0, found {scale!r}")
         if not isinstance(self.model, str) or not self.model:
             raise RunFolderError(f"model must name a language model, found {self.model!r}")
+        if self.normalization not in NORMALIZATIONS or (self.train and self.train.normalization != self.normalization):
+            raise RunFolderError(f"normalization must be one of {', '.join(NORMALIZATIONS)} (the training's), found {self.normalization!r}")
 
     # ------------------------------------------------------------ derived names
 
@@ -127,6 +131,16 @@ class RunConfig:
         """bf16 matmuls where the hardware has them, in the model's forward and in choosing the top
         k; a run trained all-fp32 is also harvested and probed so."""
         return self.train.fast_matmul if self.train else True
+
+    @property
+    def norm(self) -> InputNorm:
+        """How inputs are normalised before encoding and reconstructions mapped back."""
+        return InputNorm(self.normalization, self.input_scale)
+
+    @property
+    def positions(self) -> Positions:
+        """The positions every stage counts: the training's, or the defaults for an imported SAE."""
+        return self.train.positions if self.train else Positions()
 
     @property
     def imported(self) -> bool:
@@ -166,7 +180,8 @@ class RunConfig:
     def from_training(cls, train: TrainConfig, d_in: int, input_scale: float, hookpoint: str | None,
                       store: StoreRecord) -> "RunConfig":
         return cls(model=train.model, layer=train.layer, d_in=d_in, n_latents=train.n_latents, k=train.k,
-                   input_scale=input_scale, recorded_hookpoint=hookpoint, train=train, store=store)
+                   input_scale=input_scale, normalization=train.normalization, recorded_hookpoint=hookpoint,
+                   train=train, store=store)
 
     # ------------------------------------------------------------ cfg.json
 
@@ -184,6 +199,7 @@ class RunConfig:
             "n_latents": self.n_latents,
             "k": self.k,
             "input_scale": self.input_scale,
+            "normalization": self.normalization,
             **(self.store.to_json() if self.store else {}),
             "architecture": self.architecture,
             **(self.source.to_json() if self.source else {}),
@@ -204,10 +220,11 @@ class RunConfig:
         except (ConfigError, TypeError) as e:
             raise RunFolderError(f"the training options are not valid ({e})") from None
         known = {*(f.name for f in fields(TrainConfig)), *REQUIRED, "model_name", "hookpoint", "input_scale", "architecture",
+                 "normalization",
                  "lr_effective", "dead_tokens_effective", "store", "store_relative",
                  "source_format", "source_path", "source_dtype", "source_cfg"}
         return cls(model=saved["model"], layer=saved["layer"], d_in=saved["d_in"], n_latents=saved["n_latents"],
-                   k=saved["k"], input_scale=saved.get("input_scale", 1.0),
+                   k=saved["k"], input_scale=saved.get("input_scale", 1.0), normalization=saved.get("normalization", "scale"),
                    recorded_hookpoint=saved.get("hookpoint") if saved.get("hookpoint") != f"layers.{saved['layer']}" else None,
                    architecture=saved.get("architecture", "topk"), train=train, store=StoreRecord.from_json(saved),
                    source=source, extra={key: value for key, value in saved.items() if key not in known})

@@ -151,6 +151,48 @@ def fast_matmul_dtype(device: torch.device | str | None = None, enabled: bool = 
     return torch.bfloat16 if supported else torch.float32
 
 
+NORMALIZATIONS = ("scale", "token")
+
+
+class InputNorm(NamedTuple):
+    """How the SAE's inputs are normalised before encoding, and its reconstructions mapped back
+    (Gao et al. 2024, Section 2.1; the same at training, evaluation, harvest and probing):
+
+    - "scale": x times one number fixed for the run (`scale`, chosen so that E||x||^2 = d_in);
+    - "token": each token on its own, as OpenAI's released code does: subtract its mean over d,
+      divide by its standard deviation (+ eps); decoding multiplies by the deviation and adds the
+      mean back (their LN and decode, exactly, so that their SAEs read here as they do there).
+    """
+
+    kind: str = "scale"
+    scale: float = 1.0
+    eps: float = 1e-5
+
+    def normalize(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple | None]:
+        """(N, d) -> the SAE's input (N, d), and what `restore` needs."""
+        if self.kind == "scale":
+            return x * self.scale, None
+        mu = x.mean(dim=-1, keepdim=True)
+        x = x - mu
+        std = x.std(dim=-1, keepdim=True)
+        return x / (std + self.eps), (mu, std)
+
+    def normalize_(self, x: torch.Tensor) -> torch.Tensor:
+        """`normalize` in place (a training chunk: no second copy of it in memory)."""
+        if self.kind == "scale":
+            return x.mul_(self.scale)
+        mu = x.mean(dim=-1, keepdim=True)
+        x.sub_(mu)
+        return x.div_(x.std(dim=-1, keepdim=True).add_(self.eps))
+
+    def restore(self, x_hat: torch.Tensor, stats: tuple | None) -> torch.Tensor:
+        """A reconstruction in the SAE's space -> in the model's residual stream."""
+        if self.kind == "scale":
+            return x_hat / self.scale
+        mu, std = stats
+        return x_hat * std + mu
+
+
 def check_size(n_latents: int, k: int, latents: str = "n_latents", k_name: str = "k") -> None:
     """The rule of a TopK SAE's size, in the caller's words for n and k (the flags --latents and
     --k on the command line, the keys in cfg.json): two latents at least, and 0 < k < n."""

@@ -22,8 +22,8 @@ from trainer.formats import SAE_FILE
 from trainer.model import ModelError, model_width
 from trainer.progress import progress
 from trainer.runconfig import CHECKPOINT_FILE, RunConfig, StoreRecord
-from trainer.sae import SparseTopK, TopKSAE, fast_matmul_dtype, geometric_median
-from trainer.store import META_FILE, ActivationStore, check_store_not_taken, prepare_store, store_differences, store_matches
+from trainer.sae import InputNorm, SparseTopK, TopKSAE, fast_matmul_dtype, geometric_median
+from trainer.store import META_FILE, ActivationStore, Positions, check_store_not_taken, prepare_store, store_differences, store_matches
 
 log = logging.getLogger(__name__)
 
@@ -89,11 +89,17 @@ def check_batches_fit(cfg: TrainConfig, store_dir: Path) -> bool:
     return built
 
 
-def input_scale(store: ActivationStore, n_contexts: int = 64) -> float:
-    """A fixed scale making E||x||^2 = d_in, so hyperparameters transfer across models and
-    layers; stored in cfg.json and applied at training, evaluation, harvest and probing."""
-    x = store.rows(0, min(n_contexts, store.n_train_contexts))
+def input_scale(store: ActivationStore, positions: Positions, n_contexts: int = 64) -> float:
+    """A fixed scale making E||x||^2 = d_in over the positions that count, so hyperparameters
+    transfer across models and layers; stored in cfg.json and applied at training, evaluation,
+    harvest and probing."""
+    x = counted_rows(store, positions, min(n_contexts, store.n_train_contexts))
     return float((x.shape[1] / x.pow(2).sum(-1).mean()).sqrt())
+
+
+def counted_rows(store: ActivationStore, positions: Positions, n_contexts: int) -> torch.Tensor:
+    """The first `n_contexts` training contexts' rows at the positions that count: (N, d)."""
+    return store.rows(0, n_contexts)[torch.from_numpy(store.counted(positions, 0, n_contexts).reshape(-1))]
 
 
 def learning_rate(cfg: TrainConfig, step: int, total_steps: int) -> float:
@@ -123,6 +129,7 @@ class Losses(NamedTuple):
 class Trainer:
     def __init__(self, cfg: TrainConfig, store: ActivationStore, scale: float, world: World = World()):
         self.cfg, self.store, self.scale, self.world = cfg, store, scale, world
+        self.norm = InputNorm(cfg.normalization, scale)
         self.device = world.device(cfg.device)
         if cfg.deterministic and self.device.type == "cuda":
             use_deterministic_kernels()
@@ -136,9 +143,11 @@ class Trainer:
         self.matmul_dtype = fast_matmul_dtype(self.device, cfg.fast_matmul)
         self.forward = training_forward(world, self.sae)  # DDP when data parallel
         self.curve = {"tokens": [], "fvu": [], "dead": []}  # metrics.json's train_curve (record)
+        # The training positions that count (cfg.positions), flat over the store's training rows.
+        self.counted = torch.from_numpy(store.counted(cfg.positions, 0, store.n_train_contexts).reshape(-1))
 
     def init_b_dec(self) -> None:
-        sample = self.store.rows(0, min(32, self.store.n_train_contexts)) * self.scale
+        sample, _ = self.norm.normalize(counted_rows(self.store, self.cfg.positions, min(32, self.store.n_train_contexts)))
         with torch.no_grad():
             self.sae.b_dec.copy_(geometric_median(sample.to(self.device)))
 
@@ -226,7 +235,7 @@ class Trainer:
     @property
     def total_steps(self) -> int:
         T, B = self.store.context_length, self.cfg.batch_size
-        return self.cfg.epochs * sum((last - first) * T // B for first, last in self.chunks())
+        return self.cfg.epochs * sum(int(self.counted[first * T : last * T].sum()) // B for first, last in self.chunks())
 
     def chunk_plan(self, start_step: int = 0):
         """(first context, last context, this rank's token positions in the chunk, the step of its
@@ -240,6 +249,7 @@ class Trainer:
         step = 0
         for first, last in (chunk for _ in range(self.cfg.epochs) for chunk in self.chunks()):
             order = torch.randperm((last - first) * T, generator=generator)
+            order = order[self.counted[first * T : last * T][order]]  # the positions that count, shuffled
             n_batches = len(order) // B
             if step + n_batches > start_step:
                 mine = order[: n_batches * B].view(n_batches, shares, B // shares)[:, share].reshape(-1)
@@ -260,7 +270,7 @@ class Trainer:
         for (_, _, mine, step), rows in read_ahead(self.read_chunk, self.chunk_plan(start_step)):
             # Moved to the device once per chunk, then widened and scaled there: on a GPU a copy
             # per batch cost more than the step itself, and fp16 is half the bytes to move.
-            chunk = rows.to(self.device).float().mul_(self.scale)
+            chunk = self.norm.normalize_(rows.to(self.device).float())
             for i in range(max(0, start_step - step), len(mine) // b):
                 yield step + i, chunk[i * b : (i + 1) * b]
 
@@ -384,7 +394,7 @@ def train(cfg: TrainConfig, out_dir: Path, store_dir: Path | None = None, world:
         raise TrainingError(str(e)) from None
     barrier(world)  # rank 0 built or checked the store; the others open it
     store = store or ActivationStore.open(store_dir)
-    scale = input_scale(store)
+    scale = input_scale(store, cfg.positions) if cfg.normalization == "scale" else 1.0
     if world.writes:
         out_dir.mkdir(parents=True, exist_ok=True)
         # A fresh run starts over; an earlier SAE, metrics and harvest here stay usable until
