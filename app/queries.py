@@ -22,6 +22,8 @@ from sqlalchemy.orm import Session
 
 from app.models import LadderRung, Latent, Sae
 from app.urls import URLs
+from trainer.errors import RunFolderError
+from trainer.runconfig import RunConfig
 from trainer.thresholds import DENSE_THRESHOLD
 
 SortKey = Literal["density", "max_activation", "explanation_f1", "index"]
@@ -101,6 +103,18 @@ class SaeDetailOut(SaeSummary):
     density_histogram: DensityHistogramOut | None = Field(description="null for SAEs loaded before migration 0004")
     n_explained: int = Field(description="latents with a scored explanation")
     ladder_id: str | None = Field(None, description="the scaling ladder it is a rung of (/ladders/{ladder_id}), or null")
+    trained_positions: str | None = Field(None, description="the positions its training counted, e.g. 'all but the first "
+                                          "position and special tokens' ('every position' for runs trained before the "
+                                          "attention sink was left out); null for an SAE imported from another tool")
+
+
+def trained_positions(cfg: dict) -> str | None:
+    """What RunConfig says of the positions a run was trained on (None: imported, or unreadable)."""
+    try:
+        run = RunConfig.from_json(cfg)
+    except RunFolderError:
+        return None
+    return run.positions.describe() if run.train else None
 
 
 class IndexOut(Record):
@@ -264,18 +278,20 @@ def get_sae(session: Session, sae_id: str) -> SaeDetailOut | None:
     if row is None:
         return None
     histogram = json.loads(row.density_histogram) if row.density_histogram else None
+    cfg = json.loads(row.cfg)
     return SaeDetailOut(
         id=row.id, model=row.model, layer=row.layer, n_latents=row.n_latents, k=row.k,
         fvu=row.fvu, l0=row.l0, dead_fraction=row.dead_fraction,
         d_in=row.d_in,
         context_length=row.context_length,
-        cfg=json.loads(row.cfg),
+        cfg=cfg,
         metrics=json.loads(row.metrics),
         created_at=row.created_at.isoformat() if row.created_at else "",
         harvest=json.loads(row.harvest or "{}"),
         density_histogram=DensityHistogramOut(**histogram) if histogram else None,
         n_explained=row.n_explained,
         ladder_id=session.execute(select(LadderRung.ladder_id).where(LadderRung.sae_id == sae_id)).scalar_one_or_none(),
+        trained_positions=trained_positions(cfg),
     )
 
 

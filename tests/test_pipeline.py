@@ -332,3 +332,17 @@ def test_verbose_goes_before_or_after_the_command_and_shows_the_traceback(where)
     result = run_cli(*(["-v", *args] if where == "before" else [*args, "-v"]))
     assert "Traceback" in result.stderr and "--port must be from 0" in result.stderr
     assert "Traceback" not in run_cli(*args).stderr
+
+
+def test_the_sae_page_says_which_positions_its_figures_count(tiny_client, tiny_sae_id, tiny_run):
+    """The held-out FVU counts the positions that count (not the attention sink); the page says
+    so, gives the FVU over every position beside it, and says what the training counted."""
+    metrics = runfolder.load_metrics(tiny_run)
+    assert metrics["eval_positions"] == "all but the first position and special tokens"
+    assert metrics["fvu"] != metrics["fvu_all_positions"]
+    page = tiny_client.get(f"/saes/{tiny_sae_id}").text
+    assert "Held-out metrics count all but the first position and special tokens of each context; " \
+           "the SAE was trained on all but the first position and special tokens." in page
+    assert f"all positions {metrics['fvu_all_positions']:.3f}" in page
+    data = tiny_client.get(f"/saes/{tiny_sae_id}.json").json()
+    assert data["sae"]["trained_positions"] == "all but the first position and special tokens"

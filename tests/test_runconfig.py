@@ -114,3 +114,14 @@ def test_training_options_that_cannot_work_name_the_file(tmp_path):
 def test_an_import_of_a_saescope_folder_records_its_source():
     cfg = replace(RunConfig.from_json(json.loads(TRAINED.read_text())), source=ImportSource("saescope"))
     assert not cfg.imported and RunConfig.from_json(cfg.to_json()) == cfg
+
+
+def test_the_sae_page_says_what_the_training_counted():
+    """app.queries.trained_positions, from the cfg the database keeps."""
+    from app.queries import trained_positions
+
+    assert trained_positions(json.loads(TRAINED.read_text())) == "every position"  # trained before the exclusion
+    assert trained_positions(json.loads(IMPORTED.read_text())) is None  # not trained here
+    assert trained_positions(RunConfig.from_training(TrainConfig(), 576, 1.0, None, StoreRecord("/s")).to_json()) == \
+        "all but the first position and special tokens"
+    assert trained_positions({"model": "m"}) is None  # not a readable cfg: nothing said
