@@ -346,3 +346,29 @@ def test_the_sae_page_says_which_positions_its_figures_count(tiny_client, tiny_s
     assert f"all positions {metrics['fvu_all_positions']:.3f}" in page
     data = tiny_client.get(f"/saes/{tiny_sae_id}.json").json()
     assert data["sae"]["trained_positions"] == "all but the first position and special tokens"
+
+
+@pytest.mark.slow  # 18 s on a busy 2-core VM: a tiny run trained, evaluated and harvested
+def test_a_run_normalised_per_token_is_read_so_by_every_stage(tiny_model_dir, hostile_corpus, tmp_path):
+    """--normalization token is recorded in cfg.json and applied by eval, the harvest and the
+    probe's encoder: their latents are the SAE's on each token normalised on its own."""
+    from saescope.cli import main
+    from tests.conftest import TINY_TRAIN_ARGS
+    from trainer.sae import InputNorm, fast_matmul_dtype
+
+    run = tmp_path / "token"
+    args = ["--model", str(tiny_model_dir), "--corpus", str(hostile_corpus), *TINY_TRAIN_ARGS, "--normalization", "token"]
+    assert main(["train", "--out", str(run), *args]) == 0
+    cfg = RunConfig.load(run)
+    assert cfg.norm == InputNorm("token") and cfg.input_scale == 1.0
+    assert main(["eval", str(run), "--downstream-contexts", "4"]) == 0
+    metrics = runfolder.load_metrics(run)
+    assert 0 < metrics["fvu"] < 1 and 0 < metrics["fvu_all_positions"] < 1
+    encoder = LatentEncoder.from_run(run)
+    ids = encoder.tokenize("def f(x):\n    return x + 1")
+    got = encoder.encode_topk(ids)
+    x, _ = InputNorm("token").normalize(encoder.lm.residual(torch.tensor([ids]))[0])
+    expected = encoder.sae.encode_selected(x, fast_matmul_dtype(torch.device("cpu")))
+    order = expected.values.sort(dim=-1, descending=True).indices
+    assert torch.equal(got.indices, expected.indices.gather(-1, order))
+    assert main(["harvest", str(run)]) == 0

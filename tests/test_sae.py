@@ -159,3 +159,30 @@ def test_top_k_equals_torch_topk_with_ties(n, k):
     assert torch.equal(got.values.sort(-1).values, want.values.sort(-1).values)
     assert torch.equal(pre.gather(1, got.indices), got.values)
     assert (got.indices.sort(-1).values.diff(dim=-1) > 0).all()  # k distinct latents per row
+
+
+def test_per_token_normalisation_is_openais_ln_and_its_decode():
+    """InputNorm("token"): x - mean over d, divided by the (unbiased) standard deviation + 1e-5;
+    restore multiplies by the deviation and adds the mean back, as OpenAI's released code decodes
+    (not quite the inverse: the eps is not added back)."""
+    from trainer.sae import InputNorm
+
+    x = torch.randn(7, 12, dtype=torch.float64) * 3 + 5
+    norm = InputNorm("token")
+    x_n, (mu, std) = norm.normalize(x)
+    reference_mu = x.mean(-1, keepdim=True)
+    reference_std = ((x - reference_mu).pow(2).sum(-1, keepdim=True) / (12 - 1)).sqrt()
+    assert_close(x_n, (x - reference_mu) / (reference_std + 1e-5))
+    assert_close(norm.restore(x_n, (mu, std)), x_n * reference_std + reference_mu)
+    assert_close(norm.restore(x_n, (mu, std)), x, rtol=1e-4, atol=1e-4)  # nearly the inverse (eps * |x_n|)
+    assert_close(norm.normalize_(x.clone()), x_n)  # in place, the same numbers
+
+
+def test_one_scale_normalises_and_restores_exactly():
+    from trainer.sae import InputNorm
+
+    x = torch.randn(5, 8)
+    norm = InputNorm("scale", 0.25)
+    x_n, stats = norm.normalize(x)
+    assert torch.equal(x_n, x * 0.25) and torch.equal(norm.normalize_(x.clone()), x * 0.25)
+    assert_close(norm.restore(x_n, stats), x)
