@@ -1,12 +1,13 @@
-"""The reference task three ways, on one activation store: every position with one scale (how
-runs were trained before the attention sink was left out), the default exclusion (the first
-position and special tokens) with one scale, and the exclusion with per-token normalisation.
+"""The reference task several ways on one activation store: every position with one scale (how
+runs were trained before the attention sink was left out), the exclusion of the first position
+and special tokens with one scale and with per-token normalisation, each at batches of 1,024 and
+of 256 (with AuxK at weight 1 on latents silent for 4,096 tokens).
 
 For each: held-out FVU over the positions that count and over every position, L0, latents that
 never fire, ΔCE and KL (spliced at the positions that count), the n-gram explanations' mean
 held-out F1 and share of latents at F1 >= 0.5, and the densest latent with its explanation.
 
-    .venv/bin/python bench/positions.py [--out /tmp/positions] [--variants all,exclude,token]
+    .venv/bin/python bench/positions.py [--out /tmp/positions] [--variants all,exclude,token,...]
 """
 
 from __future__ import annotations
@@ -27,10 +28,17 @@ from trainer.sae import default_device
 from trainer.store import ActivationStore, Positions
 from trainer.train import train
 
+# The settings before the attention sink was left out (every position, batches of 1,024, AuxK at
+# 1/32 with a window of a tenth of the run), then one change at a time.
+BEFORE = dict(exclude_first=0, exclude_special_tokens=False, normalization="scale", batch_size=1024, auxk_alpha=1 / 32,
+              dead_tokens=30_003)
 VARIANTS = {
-    "all": dict(exclude_first=0, exclude_special_tokens=False, normalization="scale"),
-    "exclude": dict(exclude_first=1, exclude_special_tokens=True, normalization="scale"),
-    "token": dict(exclude_first=1, exclude_special_tokens=True, normalization="token"),
+    "all": BEFORE,
+    "exclude": BEFORE | dict(exclude_first=1, exclude_special_tokens=True),
+    "token": BEFORE | dict(exclude_first=1, exclude_special_tokens=True, normalization="token"),
+    "exclude-b256": BEFORE | dict(exclude_first=1, exclude_special_tokens=True, batch_size=256, auxk_alpha=1.0, dead_tokens=4096),
+    "token-b256": BEFORE | dict(exclude_first=1, exclude_special_tokens=True, normalization="token", batch_size=256,
+                                auxk_alpha=1.0, dead_tokens=4096),
 }
 
 
