@@ -141,6 +141,15 @@ def cmd_import(args) -> None:
     print(f"imported the {detect_format(source)} SAE {source} into {run}")
 
 
+def cmd_export(args) -> None:
+    from trainer.export import export_run
+
+    folder = export_run(_run_dir(args.run_dir), args.to, args.out)
+    loads = {"saelens": f"sae_lens.SAE.load_from_disk({str(folder)!r})",
+             "sparsify": f"sparsify.SparseCoder.load_from_disk({str(folder)!r})"}[args.to]
+    print(f"exported {args.run_dir} for {args.to} into {folder} (load it with {loads})")
+
+
 def _check_database(url: str) -> None:
     from app.db import database_problem
 
@@ -369,6 +378,16 @@ def build_parser() -> argparse.ArgumentParser:
                                           "(export, the notebook API's run.sae)")
     imported.add_argument("--layer", type=int, help="hookpoint layer, when the source does not say")
     imported.set_defaults(func=cmd_import)
+
+    export = commands.add_parser("export", help="write a run's SAE as a folder SAELens or sparsify loads as it is")
+    export.add_argument("run_dir", help="run folder (trained here or imported)")
+    export.add_argument("--to", required=True, choices=("saelens", "sparsify"),
+                        help="saelens: cfg.json + sae_weights.safetensors (SAE.load_from_disk; SAEBench evaluates it "
+                             "through SAELens); sparsify: OUT/<hookpoint>/ with cfg.json + sae.safetensors "
+                             "(SparseCoder.load_from_disk). Our input scale is folded into the weights; a per-token "
+                             "normalised SAE is SAELens's layer_norm and cannot go to sparsify")
+    export.add_argument("--out", required=True, help="folder to write (new, or empty)")
+    export.set_defaults(func=cmd_export)
 
     load = commands.add_parser("load", help="put a run folder, or a sweep folder, into the database (one transaction)")
     load.add_argument("run_dir", help="run folder, or sweep folder (saescope sweep --out): every rung, its fits and families")
