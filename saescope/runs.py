@@ -5,6 +5,7 @@
     run.sae          # the TopKSAE module: encode / decode, on normalised activations
     run.metrics      # metrics.json
     run.encode(["def f(x):", ...])                # DataFrame: text, position, token_id, token, latent, activation
+                                                  # (all_positions=True: the attention sink too)
     run.encode(texts, sparse=True)                # a sparse (tokens, n_latents) tensor per text
     run.encode_activations(x), run.reconstruct(x) # activations in the model's units, normalised as in training
 
@@ -78,13 +79,18 @@ class Run:
 
     # ------------------------------------------------------------ text
 
-    def encode(self, texts: list[str] | str, *, sparse: bool = False, batch_size: int = 16) -> pd.DataFrame | list[torch.Tensor]:
-        """Each text through the model and the SAE, as the probe encodes it (every position, none
-        left out). By default a DataFrame with one row per firing (long form), in text, position
-        and strongest-first order: text (the text's number in `texts`), position, token_id, token
-        (the token's piece of the text), latent, activation (> 0). With `sparse=True`, per text a
-        sparse COO tensor (tokens, n_latents) of the same activations. `batch_size` texts run
-        through the model at once."""
+    def encode(self, texts: list[str] | str, *, sparse: bool = False, all_positions: bool = False,
+               batch_size: int = 16) -> pd.DataFrame | list[torch.Tensor]:
+        """Each text through the model and the SAE, as the probe encodes it. By default a
+        DataFrame with one row per firing (long form), in text, position and strongest-first
+        order: text (the text's number in `texts`), position, token_id, token (the token's piece
+        of the text), latent, activation (> 0). With `sparse=True`, per text a sparse COO tensor
+        (tokens, n_latents) of the same activations.
+
+        Like the harvest and the probe's page, it leaves out the positions the run does not count
+        (run.cfg.positions: the first position, an attention sink whose huge activations would top
+        every ranking, and the tokenizer's special tokens); `all_positions=True` keeps them.
+        `batch_size` texts run through the model at once."""
         texts = [texts] if isinstance(texts, str) else list(texts)
         encoder = self.encoder
         limit = encoder.lm.max_positions
@@ -98,9 +104,18 @@ class Run:
             batch = todo[start : start + batch_size]
             for number, latents in zip(batch, encoder.encode_topk_batch([token_ids[i] for i in batch])):
                 encoded[number] = latents
+        if not all_positions:
+            encoded = [None if latents is None else self._counted(latents, ids) for latents, ids in zip(encoded, token_ids)]
         if sparse:
             return [self._sparse(latents, len(ids)) for latents, ids in zip(encoded, token_ids)]
         return self._frame(texts, token_ids, encoded)
+
+    def _counted(self, latents: TopKLatents, ids: list[int]) -> TopKLatents:
+        """The latents with the positions the run leaves out set to zero (so they drop out)."""
+        positions = self.cfg.positions
+        special = self.encoder.lm.special_token_ids if positions.exclude_special_tokens else []
+        counted = torch.from_numpy(positions.mask(np.asarray([ids]), special)[0])  # (T,)
+        return TopKLatents(latents.values * counted[:, None], latents.indices)
 
     def _sparse(self, latents: TopKLatents | None, n_tokens: int) -> torch.Tensor:
         n = self.cfg.n_latents

@@ -42,7 +42,8 @@ def test_run_exposes_its_config_sae_and_metrics(run, tiny_run):
 
 
 def test_encode_is_the_probes_encoding_long_form(run, tiny_run):
-    frame = run.encode(TEXTS, batch_size=1)  # one text per forward, as encode_text runs it: the same arithmetic
+    # one text per forward, as encode_text runs it (the same arithmetic), every position as the probe's JSON
+    frame = run.encode(TEXTS, batch_size=1, all_positions=True)
     assert list(frame.columns) == ["text", "position", "token_id", "token", "latent", "activation"]
     assert (frame["activation"] > 0).all() and set(frame["text"]) <= {0, 1, 3}  # the empty text has no tokens
     encoder = LatentEncoder.from_run(tiny_run)
@@ -52,19 +53,25 @@ def test_encode_is_the_probes_encoding_long_form(run, tiny_run):
         expected = encoder.encode_text(text)
         rows = frame[frame["text"] == number]
         dense = torch.zeros_like(expected.latents)
-        dense[rows["position"].to_numpy(), rows["latent"].to_numpy()] = torch.from_numpy(rows["activation"].to_numpy().copy())
+        where = (torch.tensor(rows["position"].tolist()), torch.tensor(rows["latent"].tolist()))
+        dense[where] = torch.tensor(rows["activation"].tolist())
         assert_close(dense, expected.latents, atol=1e-5, rtol=1e-5)
         tokens = rows.groupby("position")["token"].first()
         assert all(tokens[position] == expected.tokens[position] for position in tokens.index)
         assert "".join(expected.tokens) == text
-    sparse = run.encode(TEXTS, sparse=True, batch_size=1)
+    sparse = run.encode(TEXTS, sparse=True, batch_size=1, all_positions=True)
     assert [tuple(t.shape) for t in sparse] == [(len(encoder.tokenize(text)), run.cfg.n_latents) for text in TEXTS]
     assert_close(sparse[0].to_dense(), encoder.encode_text(SNIPPET).latents, atol=1e-5, rtol=1e-5)
     assert run.encode(["abc"] * 3, batch_size=2)["text"].unique().tolist() == [0, 1, 2]
     # Batched, the padded forward's sums may differ in the last bits: the same firings all but rarely.
     key = ["text", "position", "latent"]
-    batched = run.encode(TEXTS).merge(frame, on=key, how="outer", indicator=True)
+    batched = run.encode(TEXTS, all_positions=True).merge(frame, on=key, how="outer", indicator=True)
     assert (batched["_merge"] == "both").mean() > 0.95
+    # By default, the positions the harvest and the probe's page leave out are left out here too.
+    counted = run.encode(TEXTS, batch_size=1)
+    assert 0 not in counted["position"].tolist() and counted.merge(frame, on=key).shape[0] == len(counted)
+    assert set(frame["position"]) - set(counted["position"]) == {0}
+    assert run.encode(["x"]).empty and run.encode(["x"], sparse=True)[0].to_dense().eq(0).all()
 
 
 def test_encode_activations_and_reconstruct_apply_the_runs_normalisation(run):
