@@ -14,7 +14,8 @@ measured side by side in one run on one machine.
    --tokens tokens each, against the probe's own path on the same texts: ProbeService._probe_batch
    in batches of the probe's probe_batch setting (8), what one worker runs per forward pass
    (tokenizing, the model through the hookpoint, the SAE, the token pieces). Tokens per second,
-   the median of --repeats, interleaved, after one warm-up each.
+   the median of --repeats, interleaved, after one warm-up each; and run.encode with the probe's
+   batch size, like for like.
 
 Prints a Markdown table with the date, the CPU (lscpu's model name) and torch's threads.
 """
@@ -140,11 +141,15 @@ def bench_encode(run_dir: Path, n_texts: int, n_tokens: int, repeats: int) -> di
         frame = run.encode(texts)
         assert frame["text"].nunique() == len(texts)
 
-    probe(), notebook()  # warm-up: the model and the SAE loaded, the kernels chosen
+    def notebook_probe_batches():
+        assert run.encode(texts, batch_size=batch)["text"].nunique() == len(texts)
+
+    probe(), notebook(), notebook_probe_batches()  # warm-up: the model and the SAE loaded, the kernels chosen
     probe_times, notebook_times = interleaved(probe, notebook, repeats)
+    _, same_batches = interleaved(probe, notebook_probe_batches, repeats)
     tokens = n_texts * n_tokens
     return {"probe": tokens / statistics.median(probe_times), "notebook": tokens / statistics.median(notebook_times),
-            "batch": batch}
+            "notebook_batch": tokens / statistics.median(same_batches), "batch": batch}
 
 
 def main() -> None:
@@ -175,6 +180,8 @@ def main() -> None:
     print(f"| {args.texts} texts of {args.tokens} tokens, {args.run.name} | probe batches of {encode['batch']}: "
           f"{encode['probe']:,.0f} tokens/s | run.encode(): {encode['notebook']:,.0f} tokens/s | "
           f"{encode['notebook'] / encode['probe']:.2f}x the tokens/s (target >= 0.8x) |")
+    print(f"| the same, run.encode(batch_size={encode['batch']}) (the probe's batches) | | "
+          f"{encode['notebook_batch']:,.0f} tokens/s | {encode['notebook_batch'] / encode['probe']:.2f}x the tokens/s |")
 
 
 if __name__ == "__main__":
