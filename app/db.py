@@ -15,8 +15,10 @@ from app.resources import MIGRATIONS_DIR
 
 
 def make_engine(database_url: str, *, statement_timeout_s: float | None = None,
-                pool_size: int | None = None) -> Engine:
+                pool_size: int | None = None, read_only: bool = False) -> Engine:
     """An engine for `database_url`; SQLite behaves like PostgreSQL where it matters.
+    `read_only`: every connection refuses writes (SQLite's query_only, PostgreSQL's
+    default_transaction_read_only), as the notebook API (saescope.connect) opens databases.
 
     SQLite: foreign keys enforced; WAL, so readers never wait for a load; real transactions
     (pysqlite's own BEGIN handling is off and SQLAlchemy emits BEGIN, or `BEGIN IMMEDIATE` for a
@@ -30,14 +32,17 @@ def make_engine(database_url: str, *, statement_timeout_s: float | None = None,
         # check_same_thread: FastAPI runs sync handlers in a thread pool; timeout waits on locks.
         engine = create_engine(database_url, connect_args={"check_same_thread": False, "timeout": 30}, **pool)
         event.listen(engine, "connect", _sqlite_connect)
+        if read_only:
+            event.listen(engine, "connect", lambda dbapi_connection, _: dbapi_connection.execute("PRAGMA query_only=ON"))
         event.listen(engine, "begin", _sqlite_begin)
         return engine
     connect_args = {}
-    if statement_timeout_s:
+    settings = ([f"-c statement_timeout={int(statement_timeout_s * 1000)}"] if statement_timeout_s else []) + (
+        ["-c default_transaction_read_only=on"] if read_only else [])
+    if settings:
         # connect_args replace the URL's own libpq "options" (e.g. a search_path): keep both.
         options = make_url(database_url).query.get("options")
-        timeout = f"-c statement_timeout={int(statement_timeout_s * 1000)}"
-        connect_args["options"] = f"{options} {timeout}" if options else timeout
+        connect_args["options"] = " ".join(([options] if options else []) + settings)
     return create_engine(database_url, pool_pre_ping=True, connect_args=connect_args, **pool)
 
 

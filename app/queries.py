@@ -17,7 +17,7 @@ import json
 from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, computed_field
-from sqlalchemy import asc, desc, func, select
+from sqlalchemy import Select, asc, desc, func, select
 from sqlalchemy.orm import Session
 
 from app.models import LadderRung, Latent, Sae
@@ -302,23 +302,35 @@ def list_latents(
     sae = get_sae(session, sae_id)
     if sae is None:
         return None
-    column = getattr(Latent, sort)
-    direction = desc if order == "desc" else asc
-    conditions = [Latent.sae_id == sae_id, *filters.conditions()]
-    if sort == "explanation_f1":
-        conditions.append(Latent.explanation_f1.is_not(None))  # NULLs sort differently per backend
-    # Index breaks ties, in the same direction: a stable page order that the latents indexes
-    # (sae_id, column, index) give without sorting, scanned forwards or backwards.
-    order_by = [direction(column)] + ([direction(Latent.index)] if sort != "index" else [])
-    query = select(*LatentOut.columns).where(*conditions).order_by(*order_by).limit(per_page).offset((page - 1) * per_page)
+    query = latents_query(sae_id, sort, order, filters).limit(per_page).offset((page - 1) * per_page)
     latents = [LatentOut.of(row, sae_id, urls) for row in session.execute(query)]
     listed = SaePageOut(sae=sae, latents=latents, sort=sort, order=order, page=page, per_page=per_page,
-                        total=_count(session, sae, sort, conditions, filters), filters=filters)
+                        total=_count(session, sae, sort, _conditions(sae_id, sort, filters), filters), filters=filters)
     if listed.page > 1:
         listed.prev = urls.sae(sae_id, fmt="json", **listed.query(page=listed.page - 1))
     if listed.page < listed.pages:
         listed.next = urls.sae(sae_id, fmt="json", **listed.query(page=listed.page + 1))
     return listed
+
+
+def latents_query(sae_id: str, sort: SortKey = "density", order: Order = "desc",
+                  filters: LatentFilterOut = LatentFilterOut()) -> Select:
+    """The SAE page's list as one statement: LatentOut's columns of the latents that pass
+    `filters`, in its order, every page of it. The page reads one page (limit, offset); the CSV
+    download and the notebook API (saescope.Database.latents, app.frames) read it whole."""
+    column = getattr(Latent, sort)
+    direction = desc if order == "desc" else asc
+    # Index breaks ties, in the same direction: a stable page order that the latents indexes
+    # (sae_id, column, index) give without sorting, scanned forwards or backwards.
+    order_by = [direction(column)] + ([direction(Latent.index)] if sort != "index" else [])
+    return select(*LatentOut.columns).where(*_conditions(sae_id, sort, filters)).order_by(*order_by)
+
+
+def _conditions(sae_id: str, sort: SortKey, filters: LatentFilterOut) -> list:
+    conditions = [Latent.sae_id == sae_id, *filters.conditions()]
+    if sort == "explanation_f1":
+        conditions.append(Latent.explanation_f1.is_not(None))  # NULLs sort differently per backend
+    return conditions
 
 
 def _count(session: Session, sae: SaeDetailOut, sort: SortKey, conditions: list, filters: LatentFilterOut) -> int:

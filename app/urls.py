@@ -27,6 +27,14 @@ class URLs:
         """SAE page; query: sort, order, page, per_page, min_density, max_density, hide_dead, hide_dense."""
         return self._build(f"/saes/{quote(sae_id, safe='')}", fmt, **query)
 
+    def sae_latents_csv(self, sae_id: str, **query) -> str:
+        """Every latent the SAE page lists, as CSV; query: its sort, order and filters (not its page)."""
+        return self._build(f"/saes/{quote(sae_id, safe='')}/latents.csv", None, **query)
+
+    def feature_examples_csv(self, sae_id: str, index: int, **state) -> str:
+        """A latent's examples, a row per token, as CSV; state: context=full (whole contexts, not snippets)."""
+        return self._build(f"/saes/{quote(sae_id, safe='')}/features/{int(index)}/examples.csv", None, **state)
+
     def feature(self, sae_id: str, index: int, fmt: str | None = None, **state) -> str:
         """A latent's page; state: context=full (whole contexts instead of snippets), text (the
         "try your own text" box)."""
@@ -46,7 +54,8 @@ class URLs:
         return self._build(f"/ladders/{quote(ladder_id, safe='')}", fmt)
 
     def search(self, sae: str | None = None, q: str | None = None, fmt: str | None = None, **query) -> str:
-        """Search an SAE's latents by explanation and by token; query: limit."""
+        """Search an SAE's latents by explanation and by token; query: limit. fmt "json" is the
+        page's twin, "csv" its results as a download."""
         return self._build("/search", fmt, sae=sae, q=q, **query)
 
     def probe(self, sae: str | None = None, text: str | None = None, fmt: str | None = None, **state) -> str:

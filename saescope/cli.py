@@ -3,7 +3,8 @@
     saescope train   --out RUN [--layer 6 --latents 4096 --k 32 ...]
     saescope eval    RUN
     saescope harvest RUN
-    saescope import  SAE_FOLDER --out RUN        (an SAE saved by SAELens or sparsify)
+    saescope import  SAE_FOLDER --out RUN        (an SAE saved by SAELens or sparsify, or OpenAI's .pt file)
+    saescope export  RUN --to saelens|sparsify --out DIR   (a folder that tool loads as it is)
     saescope load    RUN --db URL [--replace]     (or a sweep folder: every rung and the ladder)
     saescope serve   --db URL --host H --port P [--preload]
     saescope demo    [--workdir DIR] [--db URL] [--no-serve]   (all of the above on the defaults)
@@ -132,12 +133,21 @@ def cmd_import(args) -> None:
     from trainer.interop import detect_format, import_sae
 
     source = Path(args.source)
-    if not source.is_dir():
-        raise CommandError(f"{source}: no such folder")
+    if not source.exists():
+        raise CommandError(f"{source}: no such folder or file")
     if Path(args.out).exists() and not Path(args.out).is_dir():
         raise CommandError(f"--out {args.out}: a file, not a folder")
     run = import_sae(source, args.out, model=args.model, layer=args.layer)
     print(f"imported the {detect_format(source)} SAE {source} into {run}")
+
+
+def cmd_export(args) -> None:
+    from trainer.export import export_run
+
+    folder = export_run(_run_dir(args.run_dir), args.to, args.out)
+    loads = {"saelens": f"sae_lens.SAE.load_from_disk({str(folder)!r})",
+             "sparsify": f"sparsify.SparseCoder.load_from_disk({str(folder)!r})"}[args.to]
+    print(f"exported {args.run_dir} for {args.to} into {folder} (load it with {loads})")
 
 
 def _check_database(url: str) -> None:
@@ -359,12 +369,25 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_arguments(harvest, HarvestConfig)
     harvest.set_defaults(func=cmd_harvest)
 
-    imported = commands.add_parser("import", help="turn a SAELens or sparsify SAE folder into a saescope run folder")
-    imported.add_argument("source", help="SAE folder written by SAELens, sparsify or saescope")
+    imported = commands.add_parser("import", help="turn a SAELens or sparsify SAE folder, or OpenAI's .pt file, into a saescope run folder")
+    imported.add_argument("source", help="SAE folder written by SAELens, sparsify or saescope, or a .pt file of OpenAI's "
+                                         "sparse_autoencoder (read with torch.load(weights_only=True))")
     imported.add_argument("--out", required=True, help="run folder to write")
-    imported.add_argument("--model", help="language model, when the source does not name one we can load")
+    imported.add_argument("--model", help="language model (a local folder, a Hugging Face name), when the source does not "
+                                          "name one we can load; an SAE imports without its model for weights-only use "
+                                          "(export, the notebook API's run.sae)")
     imported.add_argument("--layer", type=int, help="hookpoint layer, when the source does not say")
     imported.set_defaults(func=cmd_import)
+
+    export = commands.add_parser("export", help="write a run's SAE as a folder SAELens or sparsify loads as it is")
+    export.add_argument("run_dir", help="run folder (trained here or imported)")
+    export.add_argument("--to", required=True, choices=("saelens", "sparsify"),
+                        help="saelens: cfg.json + sae_weights.safetensors (SAE.load_from_disk; SAEBench evaluates it "
+                             "through SAELens); sparsify: OUT/<hookpoint>/ with cfg.json + sae.safetensors "
+                             "(SparseCoder.load_from_disk). Our input scale is folded into the weights; a per-token "
+                             "normalised SAE is SAELens's layer_norm and cannot go to sparsify")
+    export.add_argument("--out", required=True, help="folder to write (new, or empty)")
+    export.set_defaults(func=cmd_export)
 
     load = commands.add_parser("load", help="put a run folder, or a sweep folder, into the database (one transaction)")
     load.add_argument("run_dir", help="run folder, or sweep folder (saescope sweep --out): every rung, its fits and families")

@@ -119,6 +119,24 @@ def test_saelens_topk_matches_saelens_arithmetic(tmp_path, fields):
         assert_close(sae.decode(sae.encode(x)), saelens_decode(want, tensors, cfg), rtol=1e-5, atol=1e-5)
 
 
+def test_saelens_layer_norm_is_our_per_token_normalisation(tmp_path):
+    """normalize_activations "layer_norm": SAELens subtracts each token's mean, divides by its
+    unbiased std + 1e-5 before encoding, and undoes it after decoding: InputNorm("token")."""
+    tensors = random_tensors(6)
+    cfg = write_saelens(tmp_path / "sae", tensors, normalize_activations="layer_norm")
+    our_cfg, sae = ours(tmp_path / "sae")
+    assert our_cfg.normalization == "token"
+    x = inputs(21, 6) * 3 + 5
+    mu = x.mean(-1, keepdim=True)
+    std = (x - mu).std(-1, keepdim=True)
+    x_ln = (x - mu) / (std + 1e-5)
+    want = saelens_encode(x_ln, tensors, cfg)
+    x_n, stats = our_cfg.norm.normalize(x)
+    assert_close(sae.encode_dense(x_n), want)
+    assert_close(our_cfg.norm.restore(sae.decode(sae.encode(x_n)), stats), saelens_decode(want, tensors, cfg) * std + mu,
+                 rtol=1e-5, atol=1e-5)
+
+
 def test_saelens_pre_6_config(tmp_path):
     """Before 6.0: top-level model and hook names, k in activation_fn_kwargs, TopK as the 'standard'
     architecture with activation_fn_str 'topk', normalize_activations a bool, and a scaling_factor
@@ -169,7 +187,7 @@ def test_saelens_other_hooks_need_an_explicit_layer(tmp_path, hook):
         ({"architecture": "gated"}, "gated"),
         ({"architecture": "standard"}, "standard"),
         ({"normalize_activations": "expected_average_only_in"}, "expected_average_only_in"),
-        ({"normalize_activations": "layer_norm"}, "layer_norm"),
+        ({"normalize_activations": "constant_norm_rescale"}, "constant_norm_rescale"),
         ({"reshape_activations": "hook_z"}, "hook_z"),
         ({"k": None}, "without k"),
         ({"k": N}, "k must be between"),

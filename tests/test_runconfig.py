@@ -47,7 +47,7 @@ def test_an_imported_runs_cfg_json_from_before_loads_with_its_source(tmp_path):
 
 
 # Keys added since the fixtures were written, with the values that say how those runs were made.
-ADDED = {"trained": {"exclude_first": 0, "exclude_special_tokens": False, "normalization": "scale"},
+ADDED = {"trained": {"exclude_first": 0, "exclude_special_tokens": False, "normalization": "scale", "text_column": "text"},
          "imported": {"normalization": "scale"}}
 
 

@@ -87,7 +87,8 @@ class TrainConfig:
     context_length: int = option(128, "tokens per context")
     exclude_first: int = option(1, "leading positions of each context that training, evaluation, the harvest and the probe leave out (the first token is an attention sink: about 7x the others' norm; the store keeps every position)")
     exclude_special_tokens: bool = option(True, "leave the tokenizer's special tokens (the end-of-text separators between documents) out of training, evaluation, the harvest and the probe")
-    corpus: str = option("stdlib", "'stdlib' (the Python standard library's source) or a .txt/.jsonl file or folder")
+    corpus: str = option("stdlib", "'stdlib' (the Python standard library's source), a .txt/.jsonl/.parquet file or a folder of them, or a folder written by Hugging Face datasets' save_to_disk (Parquet and datasets folders are streamed)")
+    text_column: str = option("text", "the column of a Parquet or datasets corpus that holds the text")
     batch_size: int = option(1024, "tokens per optimiser step")
     normalization: str = option("scale", "how inputs are normalised before the SAE: 'scale', one number for the run making E||x||^2 = d_in (Gao et al. 2024, Section 2.1); 'token', each token's mean over d subtracted and its standard deviation divided out, undone after decoding (OpenAI's released code)")
     lr: float = option(0.0, "Adam learning rate; 0 means 6e-4 / sqrt(n_latents / 2^14): the 1/sqrt(n) rule of Gao et al. 2024, with a constant 3x EleutherAI's 2e-4, measured best for runs of a few hundred steps (BENCHMARKS.md)")
@@ -108,7 +109,7 @@ class TrainConfig:
         check_size(self.n_latents, self.k, "--latents", "--k")
         if self.multi_topk and 4 * self.k >= self.n_latents:
             raise ConfigError(f"--multi-topk needs 4k < --latents, got k={self.k}, latents={self.n_latents}")
-        self.store_config()  # the layer, the context length and the token counts
+        self.store_config()  # the layer, the context length, the token counts and the text column
         if self.normalization not in NORMALIZATIONS:
             raise ConfigError(f"--normalization is one of {', '.join(NORMALIZATIONS)}, got {self.normalization!r}")
         if not 0 <= self.exclude_first < self.context_length:
@@ -150,7 +151,7 @@ class TrainConfig:
         """The activation store this run trains and evaluates on."""
         return StoreConfig(model=self.model, layer=self.layer, corpus=self.corpus, context_length=self.context_length,
                            tokens=self.tokens, heldout_tokens=self.heldout_tokens, seed=self.seed, device=self.device,
-                           fast_matmul=self.fast_matmul)
+                           fast_matmul=self.fast_matmul, text_column=self.text_column)
 
     @property
     def n_train_contexts(self) -> int:
@@ -189,7 +190,8 @@ class HarvestConfig:
     batch_contexts: int = option(32, "contexts encoded at once")
     tokens: int = option(131_072, "for a run without an activation store (an imported SAE): tokens to build one from")
     context_length: int = option(128, "for a run without an activation store: tokens per context")
-    corpus: str = option("stdlib", "for a run without an activation store: the corpus to read")
+    corpus: str = option("stdlib", "for a run without an activation store: the corpus to read (as train's --corpus)")
+    text_column: str = option("text", "for a run without an activation store: the text column of a Parquet or datasets corpus")
     heldout_tokens: int = option(8_192, "for a run without an activation store: held-out tokens (whole contexts) "
                                         "that eval measures on")
     quantile_bins: int = option(10, "examples are also sampled from this many bins between exact activation quantiles")
@@ -218,7 +220,7 @@ class HarvestConfig:
     def store_config(self, model: str, layer: int) -> StoreConfig:
         """For a run without an activation store (an imported SAE): the store to build for it."""
         return StoreConfig(model=model, layer=layer, corpus=self.corpus, context_length=self.context_length,
-                           tokens=self.tokens, heldout_tokens=self.heldout_tokens)
+                           tokens=self.tokens, heldout_tokens=self.heldout_tokens, text_column=self.text_column)
 
 
 def int_list(text: str, flag: str) -> list[int]:

@@ -1,5 +1,7 @@
-"""Which tool wrote an SAE folder: saescope, SAELens or sparsify, told apart by their files and
-tensor names (trainer/interop.py reads the other tools' folders)."""
+"""Which tool wrote an SAE: saescope, SAELens or sparsify (a folder each, told apart by their
+files and tensor names), or OpenAI's sparse_autoencoder (a .pt file of its Autoencoder's state
+dict). trainer/interop.py reads the other tools' SAEs; trainer/export.py writes SAELens and
+sparsify folders."""
 
 from __future__ import annotations
 
@@ -12,8 +14,9 @@ from trainer.errors import RunFolderError
 CFG_FILE = "cfg.json"  # all three tools name their config so
 SAE_FILE = "sae.safetensors"  # saescope's weights, and sparsify's
 SAELENS_WEIGHTS_FILE = "sae_weights.safetensors"
-FORMATS = ("saescope", "saelens", "sparsify")
-TOOL_NAMES = {"saescope": "saescope", "saelens": "SAELens", "sparsify": "sparsify"}
+OPENAI_SUFFIX = ".pt"  # OpenAI's released SAEs: torch.save of Autoencoder.state_dict()
+FORMATS = ("saescope", "saelens", "sparsify", "openai")
+TOOL_NAMES = {"saescope": "saescope", "saelens": "SAELens", "sparsify": "sparsify", "openai": "OpenAI's sparse_autoencoder"}
 
 
 def _tensor_names(path: Path) -> list[str]:
@@ -26,8 +29,13 @@ def _tensor_names(path: Path) -> list[str]:
 
 
 def detect_format(folder) -> str:
-    """"saescope", "saelens" or "sparsify", from the files in `folder` and the tensor names."""
+    """"saescope", "saelens" or "sparsify", from the files in `folder` and the tensor names;
+    "openai" for a .pt file."""
     folder = Path(folder)
+    if folder.is_file() and folder.suffix == OPENAI_SUFFIX:
+        return "openai"
+    if folder.is_file():
+        raise RunFolderError(f"{folder}: a file, not an SAE folder (of the files, only OpenAI's {OPENAI_SUFFIX} state dicts are read)")
     if not folder.is_dir():
         raise RunFolderError(f"{folder}: folder not found")
     if not (folder / CFG_FILE).is_file():

@@ -1,6 +1,6 @@
 """Readers for SAE folders written by other tools, into our run-folder representation.
 
-    read_sae_folder(folder, model=None, layer=None) -> (cfg, weights)
+    read_sae_folder(folder, model=None, layer=None) -> (cfg, weights)   (a folder, or OpenAI's .pt file)
     import_sae(src_folder, out_run_dir, model=None, layer=None) -> out_run_dir
 
 `cfg` is the SAE's RunConfig (model, layer, hookpoint, sizes, and its source); `weights` has
@@ -23,8 +23,10 @@ Formats (trainer/formats.py tells them apart):
     scaling_factor tensor (pre-6.0     multiplies the latents before decoding only: W_dec rows *= it
     finetuning_scaling_factor)
   These folds are exact in real arithmetic; in fp32 the pre-activations can differ from SAELens's
-  in the last bits. normalize_activations other than "none", hook_z reshaping and head-indexed
-  hooks change the input itself and are refused.
+  in the last bits. normalize_activations "layer_norm" (each token's mean subtracted, divided by
+  its unbiased standard deviation + 1e-5, undone after decoding) is our per-token normalisation,
+  InputNorm("token"), exactly; the other normalisations, hook_z reshaping and head-indexed hooks
+  change the input in ways the folder does not record, and are refused.
   The layer comes from the hook name: blocks.L.hook_resid_post and HF-style module names
   (model.layers.L) are the output of block L, our layer L; blocks.L.hook_resid_pre is the input of
   block L, our layer L - 1. Other hooks (mlp_out, attn, resid_mid) are not our hookpoint: they
@@ -39,6 +41,23 @@ Formats (trainer/formats.py tells them apart):
   the "groupmax" activation are refused. Its cfg.json names neither the model nor the layer: the
   layer comes from the hookpoint folder name (layers.6, model.layers.6, h.6) unless given, the
   model from the run's config.json ("model") unless given.
+- "openai": OpenAI's sparse_autoencoder (Gao et al. 2024's released GPT-2 small SAEs), a .pt file
+  holding its Autoencoder's state_dict: encoder.weight [n, d], decoder.weight [d, n], pre_bias [d],
+  latent_bias [n], stats_last_nonzero [n] (and latents_activation_frequency, latents_mean_square),
+  plus the plain values activation ("TopK") and activation_state_dict ({"k": k, "postact_fn":
+  "ReLU"}). Their model.py encodes latents = TopK(encoder(LN(x) - pre_bias) + latent_bias), the
+  ReLU on the k values TopK keeps, and decodes (decoder(latents) + pre_bias) * std + mu, where
+  LN(x) = (x - mu) / (std + 1e-5) with mu and the unbiased std over d of each token, and the
+  normalisation is on exactly when the activation is TopK. That is our TopKSAE with W_enc =
+  encoder.weight.T, b_enc = latent_bias, W_dec = decoder.weight.T, b_dec = pre_bias, and
+  InputNorm("token") (the same LN and decode). Read with torch.load(weights_only=True): a file
+  that needs more than tensors and plain values to unpickle is refused. ReLU autoencoders (their
+  v1 and v4) and a TopK without its ReLU are refused. The file records neither the model nor the
+  layer: the model is GPT-2 small ("gpt2") unless given; the layer and location come from the
+  release's path, <location>_v5_32k/autoencoders/<layer>.pt, where resid_post_mlp is the
+  residual stream after block L (TransformerLens blocks.L.hook_resid_post, our layer L) and the
+  other locations (resid_post_attn, resid_delta_attn, resid_delta_mlp, mlp_post_act) are not a
+  block's output and are refused unless a layer is given.
 
 Every error is a one-line RunFolderError naming the file at fault.
 """
@@ -111,11 +130,11 @@ def _layer_from_hook(hook: str | None) -> int | None:
 
 
 def _finish_cfg(*, fmt: str, model, layer: int, hookpoint: str | None, d_in: int, n: int, k: int, src: Path,
-                source_cfg: dict, source_dtype: str, where: Path) -> RunConfig:
+                source_cfg: dict, source_dtype: str, where: Path, normalization: str = "scale") -> RunConfig:
     try:
         return RunConfig(model=str(model), layer=int(layer), d_in=int(d_in), n_latents=int(n), k=int(k),
-                         input_scale=1.0,  # neither tool rescales its inputs in the cases we accept
-                         recorded_hookpoint=hookpoint,
+                         input_scale=1.0,  # no tool rescales its inputs by one number in the cases we accept
+                         normalization=normalization, recorded_hookpoint=hookpoint,
                          source=ImportSource(fmt, str(src.resolve()), source_dtype, source_cfg))
     except RunFolderError as e:
         raise RunFolderError(f"{where}: {e}") from None
@@ -174,11 +193,11 @@ def read_saelens_folder(folder, model=None, layer=None) -> tuple[RunConfig, dict
     normalize = cfg.get("normalize_activations", "none")
     if normalize is False or normalize is None:  # before 5.x: a bool
         normalize = "none"
-    if normalize != "none":
+    if normalize not in ("none", "layer_norm"):
         shown = "expected_average_only_in" if normalize is True else normalize
         raise RunFolderError(
             f"{cfg_path}: normalize_activations={shown!r} is not supported (its input scaling is not in the "
-            f"folder); only 'none' reproduces SAELens exactly"
+            f"folder); only 'none' and 'layer_norm' reproduce SAELens exactly"
         )
     if cfg.get("reshape_activations", "none") not in ("none", None):
         raise RunFolderError(f"{cfg_path}: reshape_activations={cfg['reshape_activations']!r} is not supported")
@@ -189,7 +208,7 @@ def read_saelens_folder(folder, model=None, layer=None) -> tuple[RunConfig, dict
     rescale = bool(cfg.get("rescale_acts_by_decoder_norm", False))
 
     if model is None:
-        model = get("model_name")
+        model = get("saescope_model") or get("model_name")  # a saescope export records the model it ran
         if not model:
             raise RunFolderError(f"{cfg_path}: no model_name; give the model (--model)")
     if layer is None:
@@ -235,6 +254,7 @@ def read_saelens_folder(folder, model=None, layer=None) -> tuple[RunConfig, dict
         source_cfg=cfg,
         source_dtype=str(cfg.get("dtype", "float32")),
         where=cfg_path,
+        normalization="token" if normalize == "layer_norm" else "scale",
     )
     return out, weights
 
@@ -243,13 +263,14 @@ def read_saelens_folder(folder, model=None, layer=None) -> tuple[RunConfig, dict
 
 
 def _sparsify_model(folder: Path) -> str | None:
-    """Best effort: sparsify writes its run config (with "model") to <run>/config.json."""
+    """Best effort: sparsify writes its run config (with "model") to <run>/config.json (a saescope
+    export adds the model it ran as "saescope_model")."""
     path = folder.parent / "config.json"
     try:
         run_cfg = read_json(path) if path.is_file() else None
     except RunFolderError:
         return None
-    model = run_cfg.get("model") if isinstance(run_cfg, dict) else None
+    model = (run_cfg.get("saescope_model") or run_cfg.get("model")) if isinstance(run_cfg, dict) else None
     return model if isinstance(model, str) and model else None
 
 
@@ -321,14 +342,122 @@ def read_sparsify_folder(folder, model=None, layer=None) -> tuple[RunConfig, dic
     return out, weights
 
 
+# ---------------------------------------------------------------- OpenAI
+
+
+OPENAI_MODEL = "gpt2"  # GPT-2 small, which all of OpenAI's released SAEs read
+OPENAI_TENSORS = ("encoder.weight", "decoder.weight", "pre_bias", "latent_bias")
+# Their locations (sparse_autoencoder/paths.py) and the TransformerLens hook each reads; only
+# resid_post_mlp is a block's output, our hookpoint.
+OPENAI_LOCATIONS = {
+    "resid_post_mlp": "blocks.{L}.hook_resid_post",
+    "resid_post_attn": "blocks.{L}.hook_resid_mid",
+    "resid_delta_attn": "blocks.{L}.hook_attn_out",
+    "resid_delta_mlp": "blocks.{L}.hook_mlp_out",
+    "mlp_post_act": "blocks.{L}.mlp.hook_post",
+}
+_OPENAI_LOCATION = re.compile("|".join(sorted(OPENAI_LOCATIONS, key=len, reverse=True)))
+_TRAILING_NUMBER = re.compile(r"(\d+)$")
+
+
+def _load_state_dict(path: Path) -> dict:
+    """torch.load with weights_only=True: tensors and plain values, nothing that runs code."""
+    import pickle
+
+    try:
+        found = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        text = str(e)
+        if needed := re.search(r"Unsupported global: GLOBAL (\S+)", text):
+            raise RunFolderError(f"{path}: refused: unpickling it needs more than tensors and plain values "
+                                 f"({needed.group(1)}; torch.load(weights_only=True) loads no code)") from None
+        after = text.split("WeightsUnpickler error:", 1)[-1]
+        reason = next((line.strip() for line in after.splitlines() if line.strip()), type(e).__name__)
+        raise RunFolderError(f"{path}: not a readable torch file ({reason})") from None
+    except (RuntimeError, OSError, EOFError, ValueError) as e:
+        raise RunFolderError(f"{path}: not a readable torch file ({(str(e).strip().splitlines() or [type(e).__name__])[0]})") from None
+    if not isinstance(found, dict):
+        raise RunFolderError(f"{path}: holds a {type(found).__name__}, not the state dict of OpenAI's Autoencoder")
+    return found
+
+
+def _openai_location(path: Path) -> tuple[str | None, int | None]:
+    """The location and layer their release's path names (<location>_v5_32k/autoencoders/<L>.pt)."""
+    found = _OPENAI_LOCATION.findall(path.resolve().as_posix())
+    number = _TRAILING_NUMBER.search(path.stem)
+    return (found[-1] if found else None), (int(number.group(1)) if number else None)
+
+
+def read_openai_file(path, model=None, layer=None) -> tuple[RunConfig, dict[str, torch.Tensor]]:
+    path = Path(path)
+    state = _load_state_dict(path)
+    missing = [key for key in OPENAI_TENSORS if key not in state]
+    if missing:
+        raise RunFolderError(f"{path}: missing {', '.join(missing)}: not the state dict of OpenAI's Autoencoder "
+                             f"(it has {', '.join(sorted(map(str, state))[:8]) or 'nothing'})")
+    tensors = {key: state[key] for key in OPENAI_TENSORS}
+    if not all(isinstance(t, torch.Tensor) and t.is_floating_point() for t in tensors.values()):
+        raise RunFolderError(f"{path}: {', '.join(OPENAI_TENSORS)} must be floating-point tensors")
+    activation = state.get("activation", "ReLU")  # their from_state_dict's default
+    if activation != "TopK":
+        raise RunFolderError(f"{path}: activation {activation!r}: only OpenAI's TopK autoencoders (v5_32k, v5_128k) are "
+                             "TopK SAEs; the ReLU ones (v1, v4) cannot be read")
+    settings = state.get("activation_state_dict")
+    k = settings.get("k") if isinstance(settings, dict) else None
+    if k is None:
+        raise RunFolderError(f"{path}: a TopK autoencoder without activation_state_dict['k']")
+    k = _as_int(k, "activation_state_dict['k']", path)
+    postact = settings.get("postact_fn", "ReLU")
+    if postact != "ReLU":
+        raise RunFolderError(f"{path}: TopK with postact_fn {postact!r}: only ReLU on the kept values is our TopK")
+
+    n, d = tensors["encoder.weight"].shape if tensors["encoder.weight"].dim() == 2 else (0, 0)
+    _check_shapes(tensors, {"encoder.weight": (n, d), "decoder.weight": (d, n), "pre_bias": (d,), "latent_bias": (n,)},
+                  path, "encoder.weight [n, d] says")
+    for extra in ("stats_last_nonzero", "latents_activation_frequency", "latents_mean_square"):
+        found = state.get(extra)
+        if found is not None and (not isinstance(found, torch.Tensor) or tuple(found.shape) != (n,)):
+            raise RunFolderError(f"{path}: {extra} must be a tensor of shape ({n},)")
+
+    location, named_layer = _openai_location(path)
+    if layer is None:
+        if location is None or named_layer is None:
+            raise RunFolderError(
+                f"{path}: OpenAI's files record neither their layer nor their location, and the path does not name "
+                "them (their release's layout: resid_post_mlp_v5_32k/autoencoders/6.pt); if it reads the residual "
+                "stream after block L (resid_post_mlp), give --layer L")
+        if location != "resid_post_mlp":
+            hook = OPENAI_LOCATIONS[location].format(L=named_layer)
+            raise RunFolderError(
+                f"{path}: location {location} ({hook}) is not the residual stream after a block (our hookpoint, "
+                f"resid_post_mlp); only if it is in fact block L's output, give --layer L")
+        layer = named_layer
+    hook = OPENAI_LOCATIONS[location].format(L=layer) if location else None
+
+    weights = {
+        "W_enc": tensors["encoder.weight"].float().T.contiguous(),
+        "b_enc": tensors["latent_bias"].float(),
+        "W_dec": tensors["decoder.weight"].float().T.contiguous(),
+        "b_dec": tensors["pre_bias"].float(),
+    }
+    _check_weights(weights, path)
+    source_cfg = {"activation": activation, "k": k, "postact_fn": postact, "location": location,
+                  "normalize": "LN: (x - mean) / (std + 1e-5), decode * std + mean"}
+    out = _finish_cfg(fmt="openai", model=model or OPENAI_MODEL, layer=layer, hookpoint=hook, d_in=d, n=n, k=k, src=path,
+                      source_cfg=source_cfg, source_dtype=str(tensors["encoder.weight"].dtype).removeprefix("torch."),
+                      where=path, normalization="token")
+    return out, weights
+
+
 # ---------------------------------------------------------------- entry points
 
-_READERS = {"saescope": read_saescope_folder, "saelens": read_saelens_folder, "sparsify": read_sparsify_folder}
+_READERS = {"saescope": read_saescope_folder, "saelens": read_saelens_folder, "sparsify": read_sparsify_folder,
+            "openai": read_openai_file}
 
 
 def read_sae_folder(folder, model: str | None = None, layer: int | None = None) -> tuple[RunConfig, dict[str, torch.Tensor]]:
-    """Any supported SAE folder -> (its RunConfig, our fp32 weights). `model` and `layer` override
-    what the folder says (sparsify folders record neither)."""
+    """Any supported SAE folder (or OpenAI's .pt file) -> (its RunConfig, our fp32 weights).
+    `model` and `layer` override what the source says (sparsify and OpenAI record neither)."""
     if layer is not None and (isinstance(layer, bool) or not isinstance(layer, int) or layer < 0):
         raise RunFolderError(f"{folder}: layer must be a non-negative integer, got {layer!r}")
     return _READERS[detect_format(folder)](folder, model=model, layer=layer)
@@ -346,7 +475,8 @@ def check_model_fits(cfg: RunConfig, src: Path) -> None:
 
 
 def import_sae(src_folder, out_run_dir, model: str | None = None, layer: int | None = None) -> Path:
-    """Write a saescope run folder (cfg.json + sae.safetensors) for the SAE in `src_folder`.
+    """Write a saescope run folder (cfg.json + sae.safetensors) for the SAE in `src_folder` (or
+    OpenAI's .pt file).
     Harvest and eval then need an activation store (--store): an imported run has none."""
     src, out = Path(src_folder), Path(out_run_dir)
     if model:

@@ -68,8 +68,11 @@ class StoreConfig:
     seed: int = 0  # of the split and the contexts' order
     device: str = ""  # where the model runs ("": cuda when available, else cpu)
     fast_matmul: bool = True  # bf16 matmuls where the hardware has them (fast_matmul_dtype)
+    text_column: str = corpus.TEXT_COLUMN  # of a Parquet or `datasets` corpus
 
     def __post_init__(self):
+        if not self.text_column:
+            raise ConfigError("--text-column must name a column")
         if self.layer < 0:
             raise ConfigError(f"--layer must be >= 0, got {self.layer}")
         if self.context_length < 2:
@@ -103,6 +106,8 @@ class StoreConfig:
             "seed": self.seed,
             # A store made in bf16 is not reused by an fp32 run, nor the reverse.
             "forward_dtype": str(self.forward_dtype).removeprefix("torch."),
+            # Only another column than the default: every store made before the option matches as it did.
+            **({"text_column": self.text_column} if self.text_column != corpus.TEXT_COLUMN else {}),
         }
 
 
@@ -147,12 +152,12 @@ def prepare_store(cfg: StoreConfig, store_dir: Path) -> "ActivationStore":
     positions = max_positions(cfg.model)
     if positions and cfg.context_length > positions:  # beyond them: out-of-distribution activations, or a failure
         raise ConfigError(f"--context-length {cfg.context_length} is longer than {cfg.model} takes ({positions} positions)")
-    corpus.check_has_text(cfg.corpus)
+    corpus.check_has_text(cfg.corpus, cfg.text_column)
     log.info("loading %s through block %d", cfg.model, cfg.layer)
     lm = load_language_model(cfg.model, cfg.layer, cfg.device or None, fast=cfg.fast_matmul)
     log.info("tokenizing %s into %d contexts of %d tokens", cfg.corpus, meta["n_contexts"], cfg.context_length)
     contexts = corpus.tokenize_contexts(
-        lm.tokenizer, corpus.iter_documents(cfg.corpus), cfg.context_length, meta["n_contexts"]
+        lm.tokenizer, corpus.iter_documents(cfg.corpus, cfg.text_column), cfg.context_length, meta["n_contexts"]
     )
     train, heldout = corpus.split_contexts(contexts, cfg.n_heldout_contexts, cfg.seed)
     meta |= {"hookpoint": lm.hookpoint, "special_token_ids": lm.special_token_ids}

@@ -8,9 +8,9 @@ from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Path, Query
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import HTMLResponse, RedirectResponse
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
-from app import features, pages, queries
+from app import features, frames, pages, queries
 from app.deps import ProbeDep, SessionDep, URLsDep
 from app.probe_view import LatentTrial, try_latent
 from app.schemas import ErrorOut
@@ -54,6 +54,15 @@ def read_feature(sae_id: str, index: LatentIndex, session: SessionDep, urls: URL
             raise HTTPException(404, f"no SAE {sae_id!r}")
         raise HTTPException(404, f"SAE {sae_id!r} has no latent {index} (its latents are 0 to {sae.n_latents - 1})")
     return feature
+
+
+@router.get("/features/{index}/examples.csv", include_in_schema=False, name="read_feature_examples_csv")
+def read_feature_examples_csv(sae_id: str, index: LatentIndex, session: SessionDep, urls: URLsDep,
+                              context: Window = "snippet") -> Response:
+    """The latent's examples as its page shows them, a row per token (the snippets, or with
+    context=full whole contexts): the page's record (read_feature), written with pandas."""
+    feature = read_feature(sae_id=sae_id, index=index, session=session, urls=urls)
+    return frames.csv_response(frames.examples_frame(feature, context), f"{sae_id}-latent-{index}-examples.csv", index=False)
 
 
 def _random_route(fmt: str | None):

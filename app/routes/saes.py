@@ -5,9 +5,10 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, HTTPException, Query
+from fastapi.responses import Response
 from pydantic import BeforeValidator, Field
 
-from app import ladders, pages, queries
+from app import frames, ladders, pages, queries
 from app.deps import SessionDep, URLsDep
 from app.schemas import ErrorOut
 
@@ -55,3 +56,14 @@ def read_sae(
     if latent_page is None:
         raise HTTPException(404, f"no SAE {sae_id!r}")
     return latent_page
+
+
+@router.get("/saes/{sae_id}/latents.csv", include_in_schema=False, name="read_sae_latents_csv")
+def read_sae_latents_csv(sae_id: str, session: SessionDep, filters: FilterDep,
+                         sort: queries.SortKey = "density", order: queries.Order = "desc") -> Response:
+    """Every latent the SAE page lists with these filters, in its order (all pages at once): its
+    columns, written with pandas (app.frames)."""
+    if queries.get_sae_summary(session, sae_id) is None:
+        raise HTTPException(404, f"no SAE {sae_id!r}")
+    frame = frames.latents_frame(session, sae_id, sort, order, filters)
+    return frames.csv_response(frame, f"{sae_id}-latents.csv")

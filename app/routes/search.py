@@ -5,9 +5,9 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Query
-from fastapi.responses import RedirectResponse
+from fastapi.responses import RedirectResponse, Response
 
-from app import pages, queries, search
+from app import frames, pages, queries, search
 from app.deps import SessionDep, URLsDep
 from app.schemas import ErrorOut
 
@@ -38,3 +38,11 @@ def read_search(session: SessionDep, urls: URLsDep, q: Q = "", sae: Sae = None, 
     if sae and summary is None:
         raise HTTPException(404, f"no SAE {sae!r}")
     return search.search(session, summary, q, limit, urls)
+
+
+@router.get("/search.csv", include_in_schema=False, name="read_search_csv")
+def read_search_csv(session: SessionDep, urls: URLsDep, q: Q = "", sae: Sae = None, limit: Limit = 20) -> Response:
+    """The search page's results, a row per latent in its order: the page's record (read_search),
+    written with pandas."""
+    result = read_search(session=session, urls=urls, q=q, sae=sae, limit=limit)
+    return frames.csv_response(frames.search_frame(result), f"{result.sae or 'saescope'}-search.csv", index=False)
