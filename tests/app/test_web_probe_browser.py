@@ -195,7 +195,9 @@ def test_type_click_highlight_share_and_reopen(probe_server, browser, tiny_sae_i
     assert shared.locator('meta[property="og:title"]').get_attribute("content").startswith("“def greet(name):")
     assert tiny_sae_id in shared.locator('meta[property="og:description"]').get_attribute("content")
     shared.locator(".probe-tokens .tok").nth(2).click()  # the shared page is as live as the first
-    shared.locator("#token-detail .token-detail").wait_for()
+    # The shared view opens with a panel already, so wait for the clicked token's own: a focus
+    # sent while this request is in flight would abort it (hx-sync replace), which htmx logs.
+    shared.locator('#token-detail .token-detail[data-position="2"]').wait_for()
     shared.locator(".probe-tokens .tok").nth(5).focus()  # focus alone, as a screen reader moves it
     shared.locator('#token-detail .token-detail[data-position="5"]').wait_for()
     assert "position 5" in shared.locator("#token-detail .token-detail").inner_text()
