@@ -287,6 +287,14 @@ class LatentTrial:
         return sum(value > 0 for value in self.activations)
 
 
+class UnknownLatent(HTTPException):
+    """A latent the SAE does not have, asked for in a request: a 422 wherever it is asked (the
+    probe's twin, a shared probe's twin)."""
+
+    def __init__(self, sae_id: str, latent: int, n_latents: int):
+        super().__init__(422, f"latent {latent} does not exist: SAE {sae_id!r} has latents 0..{n_latents - 1}")
+
+
 async def view_text(service: ProbeService, sae_id: str, text: str, urls: URLs = URLs(), latent: int | None = None,
                     strict: bool = True, **options) -> ProbeResponse:
     """Probe `text` and shape it for the page or the API (options: ProbeResponse.of's). A latent the
@@ -297,7 +305,7 @@ async def view_text(service: ProbeService, sae_id: str, text: str, urls: URLs = 
         if not strict:
             latent = None
         else:
-            raise HTTPException(422, f"latent {latent} does not exist: SAE {sae_id!r} has latents 0..{len(stats.density) - 1}")
+            raise UnknownLatent(sae_id, latent, len(stats.density))
     return ProbeResponse.of(result, stats, urls, latent=latent, **options)
 
 

@@ -7,7 +7,6 @@ import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Annotated
-from urllib.parse import unquote_to_bytes
 
 from fastapi import APIRouter, Depends, FastAPI, Form, HTTPException, Query, Request
 from fastapi.concurrency import run_in_threadpool
@@ -15,13 +14,14 @@ from fastapi.responses import RedirectResponse
 from fastapi.routing import APIRoute
 from pydantic import AliasChoices, BaseModel, BeforeValidator, Field
 
-from app import pages
+from app import pages, queries
 from app.deps import ProbeDep, SessionDep, URLsDep
+from app.params import check_utf8, form_index
 from app.probe_availability import SaeOption
-from app.probe_view import ProbeResponse, SharedProbeOut, SortKey, view_state, view_text
+from app.probe_view import ProbeResponse, SharedProbeOut, SortKey, UnknownLatent, view_state, view_text
 from app.render import is_htmx, json_response, render
 from app.schemas import ErrorOut, InvalidRequestOut
-from app.shares import ShareOut, create_share, get_share
+from app.shares import ShareLimitReached, ShareLimits, ShareOut, create_share, get_share
 from app.urls import URLs
 from trainer.thresholds import FREQUENT_THRESHOLD
 
@@ -36,14 +36,14 @@ async def preload_models(app: FastAPI):
 
 
 class Utf8Route(APIRoute):
-    """Rejects a query string or body that is not UTF-8 with a 400 that says so (Starlette would
-    silently turn such bytes into U+FFFD, and FastAPI's JSON error does not name the cause)."""
+    """Rejects a body that is not UTF-8 with a 400 that says so (Starlette would silently turn
+    such bytes into U+FFFD, and FastAPI's JSON error does not name the cause). Query strings are
+    checked for every route by app.security."""
 
     def get_route_handler(self):
         handler = super().get_route_handler()
 
         async def checked(request: Request):
-            check_utf8(request.scope.get("query_string", b""), "the query parameter")
             content_type = request.headers.get("content-type", "")
             if request.method == "POST" and content_type.startswith("application/x-www-form-urlencoded"):
                 check_utf8(await request.body(), "the form field")
@@ -149,11 +149,15 @@ async def create_probe(body: ProbeRequest, probe: ProbeDep, urls: URLsDep):
 
 
 @router.post("/api/share", response_model=ShareOut, status_code=201, summary="Share a probe as a short permanent link",
-             responses=ERRORS | {200: {"model": ShareOut, "description": "the link existed already"}})
-async def create_share_link(body: ShareRequest, session: SessionDep, probe: ProbeDep, urls: URLsDep):
+             responses=ERRORS | {200: {"model": ShareOut, "description": "the link existed already"},
+                                 429: {"model": ErrorOut, "headers": RETRY_AFTER,
+                                       "description": "too many new links from this address, or on this server"}})
+async def create_share_link(request: Request, body: ShareRequest, session: SessionDep, probe: ProbeDep, urls: URLsDep):
     """Stores the SAE id and the text under an id derived from their hash: 201 when new, 200 with
-    the same link when this probe was shared before. /p/{id} opens it, /p/{id}.json gives it."""
-    share, created = await _share(session, probe, body.sae, body.text, urls)
+    the same link when this probe was shared before. /p/{id} opens it, /p/{id}.json gives it (the
+    id in any letter case). New links are limited per client address and in all: 429 beyond
+    (with Retry-After when waiting helps)."""
+    share, created = await _share(request, session, probe, body.sae, body.text, urls)
     return json_response(share, status_code=201 if created else 200)
 
 
@@ -199,11 +203,17 @@ async def share_page(page: pages.PageCall, token: Token = None):
              responses={code: {"model": ErrorOut} for code in (400, 404)} | BUSY)
 async def read_share(share_id: str, session: SessionDep, probe: ProbeDep, urls: URLsDep, state: StateDep) -> SharedProbeOut:
     """The stored text and its probe now (null with `error` when the model is not on this server;
-    503 with Retry-After when the probe is busy)."""
+    503 with Retry-After when the probe is busy; 422 for a latent the SAE lacks, as /probe.json)."""
     share = await _get_share(session, share_id, urls)
+    if state.latent is not None:  # checked whether or not the probe can run here
+        summary = await run_in_threadpool(queries.get_sae_summary, session, share.sae)
+        if summary is not None and state.latent >= summary.n_latents:
+            raise UnknownLatent(share.sae, state.latent, summary.n_latents)
     view, error = None, None
     try:
         view = await view_text(probe, share.sae, share.text, urls, latent=state.latent, sort=state.sort, hide=state.hide)
+    except UnknownLatent:
+        raise  # the request's mistake, not the share's: one rule with /probe.json
     except HTTPException as e:
         if e.status_code == 503 and e.headers and "Retry-After" in e.headers:
             raise  # busy: ask again later, the share itself is fine
@@ -241,7 +251,7 @@ async def read_probe_token(request: Request, position: int, probe: ProbeDep, url
     the token too (replaced, not pushed: moving along the tokens with Tab is not history), and
     so does the page's state form, so that highlighting or sorting keeps the panel open."""
     try:
-        view = await view_text(probe, form.sae, form.text, urls, latent=_index(form.latent, "latent"), strict=False,
+        view = await view_text(probe, form.sae, form.text, urls, latent=form_index(form.latent, "latent"), strict=False,
                                hide=form.hide)
         if not 0 <= position < len(view.token_views):
             raise HTTPException(404, f"the text has no token {position}")
@@ -260,15 +270,15 @@ async def create_share_from_page(request: Request, session: SessionDep, probe: P
                                  token: Annotated[str, Form()] = ""):
     """The Share button: the link as a fragment (htmx), or a redirect to it (no JavaScript)."""
     try:
-        share, _ = await _share(session, probe, form.sae, form.text, urls)
+        share, _ = await _share(request, session, probe, form.sae, form.text, urls)
     except HTTPException as e:
         if not is_htmx(request):
             raise
         return render(request, "_probe_error.html", status_code=e.status_code, error=e.detail)
-    link = urls.share(share.id, **view_state(_index(form.latent, "latent"), form.sort, form.hide, _index(token, "token")))
+    link = urls.share(share.id, **view_state(form_index(form.latent, "latent"), form.sort, form.hide, form_index(token, "token")))
     if not is_htmx(request):
         return RedirectResponse(link, status_code=303)
-    return render(request, "_probe_share.html", share=share, link=absolute(request, link))
+    return render(request, "_probe_share.html", share=share, path=link, link=absolute(request, link))
 
 
 # ---------------------------------------------------------------- helpers
@@ -340,7 +350,10 @@ def open_graph(view: ProbeResponse | None, sae: str | None, text: str, url: str)
 
 
 def absolute(request: Request, path: str) -> str:
-    return f"{request.url.scheme}://{request.url.netloc}{path}"
+    """`path` as a whole URL: at the configured public origin, else at the request's own (its
+    host one that app.security allowed)."""
+    origin = request.app.state.settings.public_origin or f"{request.url.scheme}://{request.url.netloc}"
+    return origin + path
 
 
 def page_text(text: str) -> str:
@@ -348,28 +361,15 @@ def page_text(text: str) -> str:
     return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
-def check_utf8(encoded: bytes, what: str) -> None:
-    """Each value of a query string or form body decodes as UTF-8, or a 400 names it."""
-    for pair in encoded.split(b"&"):
-        try:
-            unquote_to_bytes(pair.replace(b"+", b" ")).decode("utf-8")
-        except UnicodeDecodeError:
-            name = unquote_to_bytes(pair.split(b"=", 1)[0]).decode("utf-8", "replace")
-            raise HTTPException(400, f"{what} {name!r} is not valid UTF-8") from None
-
-
-def _index(value: str, what: str) -> int | None:
-    """The highlighted latent or the open token from a form ('' clears it)."""
-    if value.strip() == "":
-        return None
-    if not value.strip().isdigit():
-        raise HTTPException(422, f"{what} must be a {what} index, got {value!r}")
-    return int(value)
-
-
-async def _share(session, probe, sae: str, text: str, urls: URLs) -> tuple[ShareOut, bool]:
+async def _share(request: Request, session, probe, sae: str, text: str, urls: URLs) -> tuple[ShareOut, bool]:
     probe.check_text(text)
-    made = await run_in_threadpool(create_share, session, sae, text, urls)
+    limits: ShareLimits = request.app.state.share_limits
+    client = request.client.host if request.client else "unknown"
+    try:
+        made = await run_in_threadpool(create_share, session, sae, text, urls, lambda: limits.take(session, client))
+    except ShareLimitReached as e:
+        headers = {"Retry-After": str(e.retry_after_s)} if e.retry_after_s else None
+        raise HTTPException(429, str(e), headers=headers) from None
     if made is None:
         raise HTTPException(404, f"no SAE {sae!r}")
     return made

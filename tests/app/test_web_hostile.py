@@ -10,6 +10,7 @@ import torch
 
 from app.loader import load_run
 from app.render import token_text
+from app.urls import URLs
 from tests.app.servers import free_port, running_server
 from tests.app.webrun import make_synthetic_run
 from trainer.config import run_slug
@@ -93,7 +94,7 @@ def open_page(browser, url: str):
 
 def assert_nothing_ran(page, events):
     found = page.evaluate(INJECTED)
-    assert [s for s in found["scripts"] if not s.endswith(("/static/vendor/htmx.org/htmx.min.js", "/static/app.js"))] == []
+    assert [s for s in found["scripts"] if not s.endswith((URLs().htmx(), URLs().static("app.js")))] == []
     assert found["handlers"] == [] and found["javascriptUrls"] == [] and found["foreign"] == []
     assert found["pwned"] is None and not found["hidden"]
     assert events["dialogs"] == [] and events["errors"] == []
