@@ -82,6 +82,13 @@ class TokenView:
         boundaries show; a newline also breaks the line, so the text keeps its shape."""
         return display_pieces(self.token, self.carries)
 
+    @property
+    def all_latents(self) -> list[tuple[LatentHitOut, float, bool]]:
+        """Every latent firing on the token, strongest first, each with whether it is a frequent
+        one (left out of the shading and the ranking, shown dimmed: never hidden)."""
+        rows = [(info, value, False) for info, value in self.latents] + [(info, value, True) for info, value in self.frequent]
+        return sorted(rows, key=lambda row: -row[1])
+
 
 def display_pieces(token: str, carries: bool = False) -> list[tuple[str, str]]:
     if carries:  # part of a character: "…" where its bytes are, the character on the token that ends it
@@ -130,6 +137,7 @@ class ProbeResponse(Record):
     _stats: LatentStats = PrivateAttr()
     _urls: URLs = PrivateAttr()
     _infos: dict[int, LatentHitOut] = PrivateAttr(default_factory=dict)
+    _top_n: int = PrivateAttr(20)
 
     @classmethod
     def of(cls, result: ProbeResult, stats: LatentStats, urls: URLs, hide: bool = True, latent: int | None = None,
@@ -138,7 +146,7 @@ class ProbeResponse(Record):
         view = cls(sae=result.sae, text=result.text, n_tokens=len(result), top_latents=[], sort=sort,
                    hide_frequent_and_first=hide, excluded_positions=excluded, latent=latent, top_k=top_k,
                    url=urls.probe(result.sae, result.text, **view_state(latent, sort, hide)))
-        view._result, view._stats, view._urls = result, stats, urls
+        view._result, view._stats, view._urls, view._top_n = result, stats, urls, top_n
         view.top_latents = view._rank(top_n)
         return view
 
@@ -208,8 +216,24 @@ class ProbeResponse(Record):
         indices, values = self._counted()
         return len(np.unique(indices[(values > 0) & (self._stats.density[indices] > FREQUENT_THRESHOLD)]))
 
-    def _rank(self, top_n: int) -> list[TextLatentOut]:
+    @cached_property
+    def ranking(self) -> list[TextLatentOut]:
+        """The page's ranking: top_latents, and among them, by the same score, the frequent
+        latents left out of it that score as high (the page dims and marks them; a token's
+        strongest latent is never hidden)."""
+        if not self.hidden_frequent:
+            return self.top_latents
+        score = (lambda latent: latent.max) if self.sort == "max" else (lambda latent: latent.sum)
+        full = len(self.top_latents) >= self._top_n
+        floor = score(self.top_latents[-1]) if full and self.top_latents else -math.inf
+        frequent = [latent for latent in self._rank(self._top_n, frequent_only=True) if score(latent) >= floor]
+        return sorted(self.top_latents + frequent, key=lambda latent: (-score(latent), latent.index))
+
+    def _rank(self, top_n: int, frequent_only: bool = False) -> list[TextLatentOut]:
         indices, values = self._kept()
+        if frequent_only:  # the frequent latents alone
+            indices, values = self._counted()
+            values = np.where(self._stats.density[indices] > FREQUENT_THRESHOLD, values, 0)
         n = len(self._stats.density)
         fired = values > 0
         total = np.bincount(indices[fired], weights=values[fired], minlength=n)  # (n,)

@@ -150,9 +150,25 @@ def test_the_page_says_how_many_frequent_latents_it_hides(tiny_client, tiny_sae_
     hidden = int(((z > 0).any(0) & (density > FREQUENT_THRESHOLD)).sum())
     assert hidden > 0, "the tiny SAE has frequent latents that fire here"
     page = tiny_client.get("/probe", params={"sae": tiny_sae_id, "text": text}).text
-    assert f"fire on more than {FREQUENT_THRESHOLD * 100:g} % of all tokens and say little about one text: {hidden} of them fire here" in page
+    assert f"fire on more than {FREQUENT_THRESHOLD * 100:g} % of all tokens and say little about one text, do not shade the text; {hidden} of them fire here" in page
     assert f"show frequent latents (firing on more than {FREQUENT_THRESHOLD * 100:g} % of tokens) and the first token" in page
     assert "of them fire here" not in tiny_client.get("/probe", params={"sae": tiny_sae_id, "text": text, "all": 1}).text
+
+
+def test_the_ranking_lists_frequent_latents_dimmed_in_their_place(tiny_client, tiny_sae_id, encoder, density):
+    """The text's strongest latents are never hidden: frequent ones that rank as high as the
+    rest are listed in their place, marked, not left out."""
+    text = TEXTS[0]
+    peak = encoder.encode_text(text).latents[1:].max(0).values  # the counted positions
+    page = tiny_client.get("/probe", params={"sae": tiny_sae_id, "text": text}).text
+    table = page.split('class="data compact text-latents"', 1)[1].split("</table>", 1)[0]
+    rows = [(kind, int(i)) for kind, i in
+            re.findall(r'<tr class="([^"]*)">\s*(?:\{#[^#]*#\}\s*)?<td><span class="latent-head"><a href="/saes/[^"]+/features/(\d+)"', table)]
+    assert rows and rows[0][1] == int(peak.argmax())  # the strongest first, frequent or not
+    assert all(("frequent" in kind) == bool(density[i] > FREQUENT_THRESHOLD) for kind, i in rows)
+    assert any("frequent" in kind for kind, _ in rows)  # (the tiny SAE's latents are nearly all frequent)
+    twin = tiny_client.get("/probe.json", params={"sae": tiny_sae_id, "text": text, "top_n": 25}).json()
+    assert [i for kind, i in rows if "frequent" not in kind] == [t["index"] for t in twin["top_latents"]]  # the API's ranking is as it was
 
 
 def test_token_fragment_lists_that_tokens_latents(tiny_client, tiny_sae_id, encoder):
@@ -168,9 +184,9 @@ def test_token_fragment_lists_that_tokens_latents(tiny_client, tiny_sae_id, enco
     assert missing.status_code == 404 and "no token 999" in missing.text
 
 
-def test_a_tokens_frequent_latents_are_listed_apart_not_hidden(tiny_client, tiny_sae_id, encoder, density):
-    """Frequent latents stay out of the shading and the ranking, but a token's panel still lists
-    them, in a box of their own: a token's strongest latent may be one of them."""
+def test_a_tokens_frequent_latents_are_dimmed_in_their_place_not_hidden(tiny_client, tiny_sae_id, encoder, density):
+    """Frequent latents stay out of the shading, but a token's panel lists every latent firing on
+    it in order of strength, frequent ones dimmed and marked: its strongest may be one of them."""
     text = TEXTS[0]
     for position, z in enumerate(encoder.encode_text(text).latents):
         fired = [i for i in z.argsort(descending=True).tolist() if z[i] > 0]
@@ -178,11 +194,10 @@ def test_a_tokens_frequent_latents_are_listed_apart_not_hidden(tiny_client, tiny
         if position > 0 and frequent:  # (nearly every latent of the tiny SAE is frequent)
             break
     fragment = tiny_client.post(f"/probe/tokens/{position}", data={"sae": tiny_sae_id, "text": text}, headers={"HX-Request": "true"}).text
-    shown, boxed = fragment.split('<details class="frequent-latents">', 1)
-    listed = lambda html: [int(i) for i in re.findall(r'<span class="latent-head"><a href="/saes/[^"]+/features/(\d+)">', html)]  # noqa: E731
-    assert listed(shown) == [i for i in fired if i not in frequent] and listed(boxed) == frequent
-    assert ("No latent but frequent ones fires on this token" in shown) == (len(frequent) == len(fired))
-    assert f"{len(frequent)} frequent latent{'s' if len(frequent) != 1 else ''} (firing on more than {FREQUENT_THRESHOLD * 100:g} % of tokens) also fire here" in boxed
+    rows = re.findall(r'<tr class="([^"]*)">\s*<td><span class="latent-head"><a href="/saes/[^"]+/features/(\d+)">', fragment)
+    assert [int(i) for _, i in rows] == fired  # every one, strongest first
+    assert [int(i) for kind, i in rows if "frequent" in kind] == frequent
+    assert fragment.count('<span class="tag" title="fires on more than') == len(frequent)
 
 
 def test_the_open_token_is_view_state(tiny_client, tiny_sae_id):

@@ -12,7 +12,7 @@ from fastapi import APIRouter, Depends, FastAPI, Form, HTTPException, Query, Req
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import RedirectResponse
 from fastapi.routing import APIRoute
-from pydantic import AliasChoices, BaseModel, BeforeValidator, Field
+from pydantic import AfterValidator, AliasChoices, BaseModel, BeforeValidator, Field
 
 from app import pages, queries
 from app.deps import ProbeDep, SessionDep, URLsDep
@@ -46,7 +46,10 @@ class Utf8Route(APIRoute):
         async def checked(request: Request):
             content_type = request.headers.get("content-type", "")
             if request.method == "POST" and content_type.startswith("application/x-www-form-urlencoded"):
-                check_utf8(await request.body(), "the form field")
+                body = await request.body()
+                check_utf8(body, "the form field")
+                if b"%00" in body or b"\x00" in body:
+                    raise HTTPException(400, "NUL bytes are not allowed in form fields")
             elif request.method == "POST":
                 body = await request.body()  # cached: FastAPI parses the same bytes next
                 try:
@@ -75,8 +78,18 @@ BUSY = {503: {"model": ErrorOut, "headers": RETRY_AFTER, "description": "the pro
 # ---------------------------------------------------------------- the API's requests
 
 
+def no_nul(value: str) -> str:
+    """No id contains a NUL, and PostgreSQL cannot even compare one (the text's own check says more)."""
+    if "\x00" in value:
+        raise ValueError("must not contain NUL characters")
+    return value
+
+
+SaeId = Annotated[str, AfterValidator(no_nul)]
+
+
 class ProbeRequest(BaseModel):
-    sae: str = Field(description="SAE id, as listed by /index.json")
+    sae: SaeId = Field(description="SAE id, as listed by /index.json")
     text: str = Field(description="text to encode: not empty, at most probe_max_chars characters and "
                                   "probe_max_tokens tokens, no control characters but tab and newlines")
     top_k: int = Field(5, ge=1, le=64, description="strongest latents reported per token")
@@ -90,7 +103,7 @@ class ProbeRequest(BaseModel):
 
 
 class ShareRequest(BaseModel):
-    sae: str = Field(description="SAE id")
+    sae: SaeId = Field(description="SAE id")
     text: str = Field(description="the probed text (the same limits as POST /api/probe)")
 
 
