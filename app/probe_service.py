@@ -53,6 +53,15 @@ _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
 _SURROGATE = re.compile(r"[\ud800-\udfff]")
 
 
+class TooLong(HTTPException):
+    """A text over the probe's limit (413), with the part of it that fits: its first `limit`
+    tokens (or characters), which the page offers to probe instead."""
+
+    def __init__(self, detail: str, prefix: str, limit: int, unit: str):
+        super().__init__(413, detail)
+        self.prefix, self.limit, self.unit = prefix, limit, unit
+
+
 def busy(retry_after: int) -> HTTPException:
     return HTTPException(503, f"the probe is busy; try again in {retry_after} s", headers={"Retry-After": str(retry_after)})
 
@@ -175,10 +184,9 @@ class ProbeService:
     def check_text(self, text: str) -> None:
         if not text or not text.strip():
             raise HTTPException(422, "text must not be empty")
-        if len(text) > self.settings.probe_max_chars:
-            raise HTTPException(
-                413, f"text is {len(text)} characters; the probe accepts at most {self.settings.probe_max_chars}"
-            )
+        if len(text) > (limit := self.settings.probe_max_chars):
+            raise TooLong(f"text is {len(text)} characters; the probe accepts at most {limit}", text[:limit], limit,
+                          "characters")
         if surrogate := _SURROGATE.search(text):
             raise HTTPException(
                 422, f"text is not valid Unicode: a lone surrogate U+{ord(surrogate.group()):04X} at character {surrogate.start()}"
@@ -292,7 +300,11 @@ class ProbeService:
             if not ids:
                 outcomes[i] = HTTPException(422, "text has no tokens")
             elif len(ids) > limit:
-                outcomes[i] = HTTPException(413, f"text is {len(ids)} tokens; the probe accepts at most {limit}")
+                pieces = encoder.lm.token_pieces(ids[:limit])
+                while pieces and pieces[-1].carries:  # a character cut at the limit: left out whole
+                    pieces.pop()
+                outcomes[i] = TooLong(f"text is {len(ids)} tokens; the probe accepts at most {limit}",
+                                      "".join(piece.text for piece in pieces), limit, "tokens")
             else:
                 token_ids[i] = ids
         if token_ids:

@@ -161,7 +161,7 @@ def test_the_ranking_lists_frequent_latents_dimmed_in_their_place(tiny_client, t
     text = TEXTS[0]
     peak = encoder.encode_text(text).latents[1:].max(0).values  # the counted positions
     page = tiny_client.get("/probe", params={"sae": tiny_sae_id, "text": text}).text
-    table = page.split('class="data compact text-latents"', 1)[1].split("</table>", 1)[0]
+    table = page.split('class="data compact text-latents stack"', 1)[1].split("</table>", 1)[0]
     rows = [(kind, int(i)) for kind, i in
             re.findall(r'<tr class="([^"]*)">\s*(?:\{#[^#]*#\}\s*)?<td><span class="latent-head"><a href="/saes/[^"]+/features/(\d+)"', table)]
     assert rows and rows[0][1] == int(peak.argmax())  # the strongest first, frequent or not

@@ -18,6 +18,7 @@ from app import pages, queries
 from app.deps import ProbeDep, SessionDep, URLsDep
 from app.params import check_utf8, form_index
 from app.probe_availability import SaeOption
+from app.probe_service import TooLong
 from app.probe_view import ProbeResponse, SharedProbeOut, SortKey, UnknownLatent, view_state, view_text
 from app.render import is_htmx, json_response, render
 from app.schemas import ErrorOut, InvalidRequestOut
@@ -312,6 +313,7 @@ async def _probe_page(page: pages.PageCall, probe, urls: URLs, sae: str | None, 
     view: ProbeResponse | None = None
     focus = None  # the token whose panel is open
     error, retry_after, status = None, None, 200
+    shorter = None  # a text over a limit: the link that probes the part of it that fits
     if sae is not None and text:
         try:
             view = await view_text(probe, sae, text, urls, latent=asked.latent, strict=False, sort=asked.sort,
@@ -322,6 +324,8 @@ async def _probe_page(page: pages.PageCall, probe, urls: URLs, sae: str | None, 
         except HTTPException as e:
             error = e.detail
             retry_after = (e.headers or {}).get("Retry-After")
+            if isinstance(e, TooLong) and e.prefix.strip():  # offer the part that fits
+                shorter = {"url": urls.probe(sae, e.prefix, **state), "limit": e.limit, "unit": e.unit}
             # a share link exists whether or not its probe can run here (the model missing, say):
             # a 200 that says why, so a link preview shows it (crawlers skip a 503), as its JSON
             # twin does; a busy probe stays a 503, to be asked again
@@ -331,7 +335,7 @@ async def _probe_page(page: pages.PageCall, probe, urls: URLs, sae: str | None, 
     address = urls.share(share.id, **state) if share else page_url  # what the address bar holds
     context = {
         "options": options, "sae": sae, "text": text, "state": state, "focus": focus, "error": error,
-        "retry_after": retry_after, "share": share, "max_chars": probe.settings.probe_max_chars,
+        "retry_after": retry_after, "shorter": shorter, "share": share, "max_chars": probe.settings.probe_max_chars,
         "max_tokens": probe.settings.probe_max_tokens,
         "frequent_percent": FREQUENT_PERCENT,
         "page_url": page_url,

@@ -40,3 +40,58 @@ document.addEventListener("htmx:beforeSwap", (event) => {
   const source = event.detail.elt;
   if (source.classList.contains("tok") && !document.body.contains(source)) event.detail.shouldSwap = false;
 });
+
+// The probe, after a "highlight" (or "clear"): the shaded text stays in view. The result is drawn
+// again, and the page used to land far below the text, at the table the button was in.
+let showText = false;
+document.addEventListener("htmx:beforeRequest", (event) => {
+  const source = event.detail.elt;
+  showText = source.matches && source.matches("button[name=latent]");
+});
+document.addEventListener("htmx:afterSettle", (event) => {
+  if (!showText || event.detail.elt.id !== "probe-result") return;
+  showText = false;
+  const text = document.querySelector(".probe-tokens");
+  if (!text) return;
+  const top = (document.querySelector(".highlight-note") || text).getBoundingClientRect().top;
+  if (top < 0 || text.getBoundingClientRect().top > window.innerHeight * 0.6) {
+    (document.querySelector(".highlight-note") || text).scrollIntoView({ block: "start" });
+  }
+});
+
+// A token clicked (or tapped) on the probe: its panel scrolls into view when it is out of sight.
+// Moving along the tokens with Tab leaves the page where the focus is.
+let clickedToken = false;
+document.addEventListener("pointerdown", (event) => {
+  clickedToken = Boolean(event.target.closest(".probe-tokens .tok"));
+});
+document.addEventListener("keydown", () => { clickedToken = false; });
+document.addEventListener("htmx:afterSettle", (event) => {
+  if (!clickedToken || event.detail.elt.id !== "token-detail") return;
+  const panel = event.detail.elt.closest(".panel") || event.detail.elt;
+  const box = panel.getBoundingClientRect();
+  if (box.top > window.innerHeight - 80 || box.bottom < 0) panel.scrollIntoView({ block: "nearest" });
+});
+
+// The probe's text box: how long the text is, as one types (characters here; tokens come with
+// each result, from the server, which counts them as the model does).
+function countText() {
+  const box = document.getElementById("probe-text");
+  const count = document.getElementById("probe-count");
+  if (!box || !count) return;
+  const tokens = document.querySelector(".probe-summary strong");
+  const chars = box.value.length;
+  count.textContent = chars ? ` · now ${chars.toLocaleString("en")} characters` +
+    (tokens ? `, ${tokens.textContent} tokens` : "") : "";
+}
+document.addEventListener("input", (event) => { if (event.target.id === "probe-text") countText(); });
+document.addEventListener("htmx:afterSettle", countText);
+document.addEventListener("DOMContentLoaded", countText);
+
+// A token's value on a phone: a tap shows it (as hovering does with a mouse); another tap, or a
+// tap elsewhere, hides it. The probe's tokens open their panel instead.
+document.addEventListener("click", (event) => {
+  const token = event.target.closest(".context .tok");
+  document.querySelectorAll(".context .tok.tip").forEach((shown) => { if (shown !== token) shown.classList.remove("tip"); });
+  if (token && token.dataset.tip && !token.closest(".probe-tokens")) token.classList.toggle("tip");
+});
