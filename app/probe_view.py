@@ -106,10 +106,12 @@ def display_pieces(token: str, carries: bool = False) -> list[tuple[str, str]]:
     return pieces
 
 
-def view_state(latent: int | None, sort: SortKey, hide: bool, token: int | None = None) -> dict:
+def view_state(latent: int | None, sort: SortKey, hide: bool, token: int | None = None, bos: bool = False) -> dict:
     """The view state beyond SAE and text, as query parameters (defaults left out); `token` is the
-    page's open token panel (the JSON lists every token anyway)."""
-    return {"latent": latent, "sort": None if sort == "max" else sort, "all": None if hide else 1, "token": token}
+    page's open token panel (the JSON lists every token anyway), `bos` the beginning-of-text
+    token put before the text."""
+    return {"bos": 1 if bos else None, "latent": latent, "sort": None if sort == "max" else sort,
+            "all": None if hide else 1, "token": token}
 
 
 class ProbeResponse(Record):
@@ -128,6 +130,8 @@ class ProbeResponse(Record):
     sort: SortKey
     hide_frequent_and_first: bool
     excluded_positions: list[int] = Field(description="positions left out of top_latents")
+    bos: bool = Field(False, description="position 0 is the model's beginning-of-text token, put before the text "
+                                         "(asked with bos): the text's first token is counted")
     frequent_density: float = Field(FREQUENT_THRESHOLD, description="density above which a latent counts as frequent")
     url: str = Field(description="the probe page showing this result")
     # the view's state that the JSON gives in other shapes (highlighted, tokens)
@@ -144,8 +148,8 @@ class ProbeResponse(Record):
            sort: SortKey = "max", top_n: int = 20, top_k: int = 5) -> ProbeResponse:
         excluded = list(range(min(result.excluded_positions, len(result)))) if hide else []
         view = cls(sae=result.sae, text=result.text, n_tokens=len(result), top_latents=[], sort=sort,
-                   hide_frequent_and_first=hide, excluded_positions=excluded, latent=latent, top_k=top_k,
-                   url=urls.probe(result.sae, result.text, **view_state(latent, sort, hide)))
+                   hide_frequent_and_first=hide, excluded_positions=excluded, latent=latent, top_k=top_k, bos=result.bos,
+                   url=urls.probe(result.sae, result.text, **view_state(latent, sort, hide, bos=result.bos)))
         view._result, view._stats, view._urls, view._top_n = result, stats, urls, top_n
         view.top_latents = view._rank(top_n)
         return view
@@ -320,11 +324,11 @@ class UnknownLatent(HTTPException):
 
 
 async def view_text(service: ProbeService, sae_id: str, text: str, urls: URLs = URLs(), latent: int | None = None,
-                    strict: bool = True, **options) -> ProbeResponse:
+                    strict: bool = True, bos: bool = False, **options) -> ProbeResponse:
     """Probe `text` and shape it for the page or the API (options: ProbeResponse.of's). A latent the
     SAE does not have is a 422, or ignored when not `strict` (the page keeps the highlighted
     latent while the user switches SAEs)."""
-    result, stats = await service.encode(sae_id, text)
+    result, stats = await service.encode(sae_id, text, bos)
     if latent is not None and not 0 <= latent < len(stats.density):
         if not strict:
             latent = None

@@ -72,6 +72,32 @@ def test_api_equals_direct_encoding(tiny_client, tiny_sae_id, encoder, text):
         assert_close(torch.tensor([v for _, v in got]), torch.tensor([v for _, v in want]), atol=1e-4, rtol=1e-4)
 
 
+def test_the_beginning_of_text_token_takes_the_first_position(tiny_client, tiny_sae_id, encoder, density):
+    """With bos, the model's beginning-of-text token (the tiny GPT-2-style tokenizer's end-of-text,
+    its document separator) goes before the text: it is the left-out first position, and the
+    text's own first token is encoded after it, and counted."""
+    text = TEXTS[0]
+    start = encoder.lm.tokenizer.eos_token_id
+    ids = [start] + encoder.tokenize(text)
+    expected = encoder.encode_ids(ids)
+    result = tiny_client.post("/api/probe", json={"sae": tiny_sae_id, "text": text, "bos": True, "top_n": 10}).json()
+    assert result["bos"] is True and [t["token_id"] for t in result["tokens"]] == ids
+    assert result["tokens"][0]["token"] == "<|endoftext|>"
+    assert [t["token"] for t in result["tokens"][1:]] == encoder.encode_text(text).tokens
+    assert result["excluded_positions"] == [0]
+    got = [(r["index"], r["n_tokens"]) for r in result["top_latents"]]
+    want = [(r["index"], r["n_tokens"]) for r in expected_ranking(expected, density, True, "max", 10)]
+    assert got == want  # the text's first token is among the counted ones
+    twin = tiny_client.get("/probe.json", params={"sae": tiny_sae_id, "text": text, "bos": 1}).json()
+    assert twin["bos"] is True and twin["url"] == "/probe?" + urlencode({"sae": tiny_sae_id, "text": text, "bos": 1})
+    assert tiny_client.get("/probe.json", params={"sae": tiny_sae_id, "text": text}).json()["bos"] is False
+    # the page: the box ticked, the token marked, the state kept by the token panel
+    page = tiny_client.get("/probe", params={"sae": tiny_sae_id, "text": text, "bos": 1}).text
+    assert 'name="bos" value="1" checked' in page and 'class="tok excluded bos"' in page.replace(" on excluded", " excluded")
+    fragment = tiny_client.post("/probe/tokens/1", data={"sae": tiny_sae_id, "text": text, "bos": "1"}, headers={"HX-Request": "true"})
+    assert fragment.headers["HX-Replace-Url"] == "/probe?" + urlencode({"sae": tiny_sae_id, "text": text, "bos": 1, "token": 1})
+
+
 def test_texts_encoded_together_equal_each_alone(encoder):
     """Padding on the right changes nothing a causal model computes for the real tokens, up to the
     rounding of the forward's matmuls (whose blocking differs with the batch's shape): fp32's last

@@ -96,6 +96,8 @@ class ProbeRequest(BaseModel):
     top_k: int = Field(5, ge=1, le=64, description="strongest latents reported per token")
     top_n: int = Field(20, ge=1, le=500, description="latents in the whole-text ranking")
     sort: SortKey = Field("max", description="rank the whole-text latents by their max or their sum over the tokens")
+    bos: bool = Field(False, description="put the model's beginning-of-text token before the text, so that the "
+                                         "text's first token is not the (left out) first position")
     hide_frequent_and_first: bool = Field(
         True, description=f"leave frequent latents (density > {FREQUENT_THRESHOLD:.0%}) and the first position (an "
                           "attention sink, left out by the harvest too) out of the whole-text ranking",
@@ -131,13 +133,16 @@ class ProbeState:
     latent: int | None
     sort: SortKey
     hide: bool
+    bos: bool = False
 
 
 async def probe_state(latent: Latent = None, sort: SortKey = "max",
                       include_all: Annotated[bool, Query(alias="all", description="count frequent latents and the "
                                                                                  "first position too")] = False,
+                      bos: Annotated[bool, Query(description="put the model's beginning-of-text token before the "
+                                                             "text (its first token is then counted)")] = False,
                       ) -> ProbeState:
-    return ProbeState(latent, sort, not include_all)
+    return ProbeState(latent, sort, not include_all, bos)
 
 
 StateDep = Annotated[ProbeState, Depends(probe_state)]
@@ -154,7 +159,7 @@ async def create_probe(body: ProbeRequest, probe: ProbeDep, urls: URLsDep):
     character or token limit (the message gives it); 404 unknown SAE; 503 weights or model not on
     this server, or the probe busy (with Retry-After)."""
     began = time.perf_counter()
-    view = await view_text(probe, body.sae, body.text, urls, top_k=body.top_k, top_n=body.top_n, sort=body.sort,
+    view = await view_text(probe, body.sae, body.text, urls, top_k=body.top_k, top_n=body.top_n, sort=body.sort, bos=body.bos,
                            hide=body.hide_frequent_and_first)
     response = json_response(view)
     # the server's own time for this probe, queueing included (bench/probe_latency.py reads it)
@@ -202,7 +207,7 @@ async def read_probe(probe: ProbeDep, urls: URLsDep, state: StateDep,
     if sae is None:
         raise HTTPException(422, "sae is required: an SAE id, as /index.json lists them")
     return await view_text(probe, sae, text, urls, latent=state.latent, top_k=top_k, top_n=top_n, sort=state.sort,
-                           hide=state.hide)
+                           hide=state.hide, bos=state.bos)
 
 
 async def share_page(page: pages.PageCall, token: Token = None):
@@ -225,7 +230,8 @@ async def read_share(share_id: str, session: SessionDep, probe: ProbeDep, urls: 
             raise UnknownLatent(share.sae, state.latent, summary.n_latents)
     view, error = None, None
     try:
-        view = await view_text(probe, share.sae, share.text, urls, latent=state.latent, sort=state.sort, hide=state.hide)
+        view = await view_text(probe, share.sae, share.text, urls, latent=state.latent, sort=state.sort, hide=state.hide,
+                               bos=state.bos)
     except UnknownLatent:
         raise  # the request's mistake, not the share's: one rule with /probe.json
     except HTTPException as e:
@@ -247,12 +253,14 @@ class ProbeForm:
     latent: str  # '' for none
     sort: SortKey
     hide: bool
+    bos: bool = False
 
 
 async def probe_form(sae: Annotated[str, Form()], text: Annotated[str, Form()], latent: Annotated[str, Form()] = "",
                      sort: Annotated[SortKey, Form()] = "max",
-                     include_all: Annotated[bool, Form(alias="all")] = False) -> ProbeForm:
-    return ProbeForm(sae, page_text(text), latent, sort, not include_all)
+                     include_all: Annotated[bool, Form(alias="all")] = False,
+                     bos: Annotated[bool, Form()] = False) -> ProbeForm:
+    return ProbeForm(sae, page_text(text), latent, sort, not include_all, bos)
 
 
 FormDep = Annotated[ProbeForm, Depends(probe_form)]
@@ -266,14 +274,14 @@ async def read_probe_token(request: Request, position: int, probe: ProbeDep, url
     so does the page's state form, so that highlighting or sorting keeps the panel open."""
     try:
         view = await view_text(probe, form.sae, form.text, urls, latent=form_index(form.latent, "latent"), strict=False,
-                               hide=form.hide)
+                               hide=form.hide, bos=form.bos)
         if not 0 <= position < len(view.token_views):
             raise HTTPException(404, f"the text has no token {position}")
     except HTTPException as e:
         return render(request, "_probe_error.html", status_code=e.status_code, error=e.detail)
     response = render(request, "_probe_token.html", view=view, token=view.token_views[position], oob=True,
                       frequent_percent=FREQUENT_PERCENT)
-    state = view_state(view.latent, form.sort, form.hide, position)
+    state = view_state(view.latent, form.sort, form.hide, position, form.bos)
     # on a shared probe's page the address stays its short link
     response.headers["HX-Replace-Url"] = urls.share(share, **state) if share else urls.probe(form.sae, form.text, **state)
     return response
@@ -289,7 +297,8 @@ async def create_share_from_page(request: Request, session: SessionDep, probe: P
         if not is_htmx(request):
             raise
         return render(request, "_probe_error.html", status_code=e.status_code, error=e.detail)
-    link = urls.share(share.id, **view_state(form_index(form.latent, "latent"), form.sort, form.hide, form_index(token, "token")))
+    link = urls.share(share.id, **view_state(form_index(form.latent, "latent"), form.sort, form.hide, form_index(token, "token"),
+                                             form.bos))
     if not is_htmx(request):
         return RedirectResponse(link, status_code=303)
     return render(request, "_probe_share.html", share=share, path=link, link=absolute(request, link))
@@ -309,18 +318,18 @@ async def _probe_page(page: pages.PageCall, probe, urls: URLs, sae: str | None, 
     options = await run_in_threadpool(probe.options)
     if sae is None:
         sae = first_sae(options)
-    state = view_state(asked.latent, asked.sort, asked.hide, token)  # kept as asked while the probe cannot run (a retry reloads it)
+    state = view_state(asked.latent, asked.sort, asked.hide, token, asked.bos)  # kept as asked while the probe cannot run (a retry reloads it)
     view: ProbeResponse | None = None
     focus = None  # the token whose panel is open
     error, retry_after, status = None, None, 200
     shorter = None  # a text over a limit: the link that probes the part of it that fits
     if sae is not None and text:
         try:
-            view = await view_text(probe, sae, text, urls, latent=asked.latent, strict=False, sort=asked.sort,
+            view = await view_text(probe, sae, text, urls, latent=asked.latent, strict=False, sort=asked.sort, bos=asked.bos,
                                    hide=asked.hide, top_n=PAGE_TOP_N)
             # a position beyond this text (an edited link) just leaves the panel closed
             focus = view.token_views[token] if token is not None and token < len(view.token_views) else None
-            state = view_state(view.latent, asked.sort, asked.hide, focus.position if focus else None)
+            state = view_state(view.latent, asked.sort, asked.hide, focus.position if focus else None, asked.bos)
         except HTTPException as e:
             error = e.detail
             retry_after = (e.headers or {}).get("Retry-After")

@@ -135,7 +135,7 @@ ROUTES = every_route()
 JSON_BODIES = {"/api/probe": {"sae": "{sae}", "text": "def f():", "top_k": 3, "top_n": 5, "sort": "max",
                               "hide_frequent_and_first": True},
                "/api/share": {"sae": "{sae}", "text": "def f():"}}
-FORMS = {"sae": "{sae}", "text": "def f():", "latent": "1", "sort": "max", "all": "1", "share": "", "token": "0"}
+FORMS = {"sae": "{sae}", "text": "def f():", "latent": "1", "sort": "max", "all": "1", "bos": "1", "share": "", "token": "0"}
 
 
 def _valid(name: str, sae: str) -> str:
