@@ -57,7 +57,32 @@ document.addEventListener("htmx:afterSettle", (event) => {
   if (top < 0 || text.getBoundingClientRect().top > window.innerHeight * 0.6) {
     (document.querySelector(".highlight-note") || text).scrollIntoView({ block: "start" });
   }
+  // From the keyboard, the focus goes back to the token whose panel was open (its button is gone).
+  const current = text.querySelector(".tok.current");
+  if (usingKeyboard && current) current.focus({ preventScroll: true });
 });
+
+// The keyboard path through the probe: Tab moves along the tokens (each opens its panel), Enter
+// or Space on a token moves the focus into its panel, to its latents' links and buttons.
+let usingKeyboard = false;
+let panelWanted = null;  // the token whose panel should take the focus once it arrives
+document.addEventListener("keydown", (event) => {
+  usingKeyboard = true;
+  const token = event.target.closest && event.target.closest(".probe-tokens .tok");
+  if (!token || (event.key !== "Enter" && event.key !== " ")) return;
+  event.preventDefault();
+  panelWanted = token.dataset.position;
+  focusPanel();
+});
+document.addEventListener("pointerdown", () => { usingKeyboard = false; }, true);
+document.addEventListener("htmx:afterSettle", (event) => { if (event.detail.elt.id === "token-detail") focusPanel(); });
+function focusPanel() {
+  const panel = document.querySelector(`#token-detail .token-detail[data-position="${panelWanted}"]`);
+  if (panelWanted === null || !panel) return;
+  panelWanted = null;
+  const first = panel.querySelector("a, button");
+  if (first) first.focus();
+}
 
 // A token clicked (or tapped) on the probe: its panel scrolls into view when it is out of sight.
 // Moving along the tokens with Tab leaves the page where the focus is.
@@ -95,3 +120,21 @@ document.addEventListener("click", (event) => {
   document.querySelectorAll(".context .tok.tip").forEach((shown) => { if (shown !== token) shown.classList.remove("tip"); });
   if (token && token.dataset.tip && !token.closest(".probe-tokens")) token.classList.toggle("tip");
 });
+
+// A chart or a table wider than a phone scrolls inside its frame: such a frame takes the focus,
+// so that the keyboard can scroll it too (and only such a frame: no needless tab stops).
+function focusableScrollers() {
+  document.querySelectorAll("main table.data, main figure, main .panel").forEach((frame) => {
+    const scrolls = frame.scrollWidth > frame.clientWidth + 1;
+    if (scrolls && !frame.hasAttribute("tabindex")) {
+      frame.setAttribute("tabindex", "0");
+      frame.dataset.scrollFocus = "";
+    } else if (!scrolls && frame.dataset.scrollFocus !== undefined) {
+      frame.removeAttribute("tabindex");
+      delete frame.dataset.scrollFocus;
+    }
+  });
+}
+document.addEventListener("DOMContentLoaded", focusableScrollers);
+document.addEventListener("htmx:afterSettle", focusableScrollers);
+window.addEventListener("resize", focusableScrollers);
