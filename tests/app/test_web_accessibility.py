@@ -60,6 +60,7 @@ def violations(page) -> list[dict]:
                     nodes: v.nodes.slice(0, 3).map(n => n.target.join(' '))}))""")
 
 
+@pytest.mark.slow  # about a minute per width: 18 pages, each loaded and checked by axe
 @pytest.mark.parametrize("width, height", [(1280, 800), (390, 844)])
 def test_no_serious_accessibility_violation_on_any_page(a11y_server, browser, tiny_sae_id, width, height):
     assert AXE.is_file(), "axe-core is missing: npm install (make setup)"
