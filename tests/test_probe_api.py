@@ -98,6 +98,20 @@ def test_the_beginning_of_text_token_takes_the_first_position(tiny_client, tiny_
     assert fragment.headers["HX-Replace-Url"] == "/probe?" + urlencode({"sae": tiny_sae_id, "text": text, "bos": 1, "token": 1})
 
 
+def test_a_text_over_the_token_limit_offers_its_first_tokens(tiny_client, tiny_sae_id, encoder):
+    text = TEXTS[0] * 40
+    limit = min(512, encoder.lm.max_positions or 512)
+    assert len(encoder.tokenize(text)) > limit
+    page = tiny_client.get("/probe", params={"sae": tiny_sae_id, "text": text})
+    assert page.status_code == 413 and f"the probe accepts at most {limit}" in page.text
+    link = re.search(r'<a class="button" href="([^"]+)">Probe its first (\d+) tokens</a>', page.text)
+    assert link and int(link.group(2)) == limit
+    shorter = tiny_client.get(link.group(1).replace("&amp;", "&"))
+    assert shorter.status_code == 200 and f"<strong>{limit}</strong> tokens through" in shorter.text
+    box = shorter.text.split('name="text" rows="6"', 1)[1].split(">", 1)[1]
+    assert box.lstrip("\n").startswith("def probe(x):")  # the text's own beginning, in the box
+
+
 def test_texts_encoded_together_equal_each_alone(encoder):
     """Padding on the right changes nothing a causal model computes for the real tokens, up to the
     rounding of the forward's matmuls (whose blocking differs with the batch's shape): fp32's last
