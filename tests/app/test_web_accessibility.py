@@ -124,3 +124,51 @@ def test_the_probe_by_keyboard_alone(a11y_server, browser, tiny_sae_id):
     assert "latent=" in link.get_attribute("href")
     page.screenshot(path=str(Path(SHOTS) / "probe-keyboard.png"))
     page.close()
+
+
+def test_the_researchers_path(a11y_server, browser, tiny_sae_id):
+    """The feature page's examples are above the fold at 1280×800; on the probe a mouse click on
+    "highlight" in the ranking keeps the shaded text in view and a clicked token's panel comes
+    into view; at 390 px search results and the ranking need no sideways scrolling."""
+    desktop = browser.new_page(viewport={"width": 1280, "height": 800})
+    listing = json.load(urllib.request.urlopen(f"{a11y_server}/saes/{tiny_sae_id}.json?sort=explanation_f1&per_page=1"))
+    desktop.goto(f"{a11y_server}/saes/{tiny_sae_id}/features/{listing['latents'][0]['index']}")
+    first = desktop.locator("#examples ol.examples li").first.bounding_box()
+    assert first["y"] + first["height"] <= 800, first  # the first top example, whole, without scrolling
+
+    desktop.goto(f"{a11y_server}/probe?" + urlencode({"sae": tiny_sae_id, "text": TEXT * 3}))
+    desktop.wait_for_load_state("networkidle")
+    button = desktop.locator(".text-latents button.highlight").nth(6)
+    button.scroll_into_view_if_needed()
+    button.click()
+    desktop.locator(".highlight-note").wait_for()
+    desktop.wait_for_load_state("networkidle")
+    text = desktop.locator(".probe-tokens").bounding_box()
+    assert text["y"] < 800 * 0.6 and text["y"] + text["height"] > 0, text  # the shaded text in view
+
+    desktop.evaluate("window.scrollTo(0, 0)")
+    desktop.set_viewport_size({"width": 1280, "height": 500})
+    token = desktop.locator(".probe-tokens .tok").nth(40)
+    token.scroll_into_view_if_needed()
+    token.click()
+    panel = desktop.locator("#token-detail .token-detail[data-position='40']")
+    panel.wait_for()
+    time.sleep(0.3)
+    box = desktop.locator("#token-detail").bounding_box()
+    assert box["y"] < 500 and box["y"] + box["height"] > 0, box  # the panel came into view
+    desktop.close()
+
+    phone = browser.new_page(viewport={"width": 390, "height": 844}, is_mobile=True, has_touch=True)
+    for path in (f"/search?sae={tiny_sae_id}&q=self", "/probe?" + urlencode({"sae": tiny_sae_id, "text": TEXT})):
+        phone.goto(a11y_server + path)
+        phone.wait_for_load_state("networkidle")
+        assert phone.evaluate("document.documentElement.scrollWidth") <= 390, path
+        for explanation in phone.locator("table.stack td.wide").all()[:5]:
+            cell = explanation.bounding_box()
+            assert cell["x"] >= 0 and cell["x"] + cell["width"] <= 390, (path, cell)  # on screen, not scrolled off
+    phone.goto(f"{a11y_server}/saes/{tiny_sae_id}/features/{listing['latents'][0]['index']}")
+    chip = phone.locator("ol.examples .tok.on").first
+    chip.tap()
+    assert "tip" in chip.get_attribute("class")  # its value shown, as hovering shows it
+    assert phone.evaluate("(el) => getComputedStyle(el, '::after').content", chip.element_handle()) == f'"{chip.get_attribute("data-tip")}"'
+    phone.close()
