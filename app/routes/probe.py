@@ -355,6 +355,8 @@ async def _probe_page(page: pages.PageCall, probe, urls: URLs, sae: str | None, 
     response = page.render(view, template=template, status_code=status, **context)
     if retry_after:
         response.headers["Retry-After"] = retry_after
+    if error:  # why the probe could not run is this server's moment, not the load's: not kept (app.caching)
+        response.headers["Cache-Control"] = "no-store"
     return response
 
 

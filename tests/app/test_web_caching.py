@@ -107,3 +107,15 @@ def test_every_get_route_answers_head(synthetic_client, synthetic_sae_id):
         head = synthetic_client.head(url, follow_redirects=False)
         assert head.status_code == get.status_code != 405, url
         assert head.content == b"" and head.headers.get("Content-Type") == get.headers.get("Content-Type"), url
+
+
+def test_a_probe_that_could_not_run_is_not_kept(loaded, synthetic_sae_id):
+    """The synthetic run's model is on no server: the try box and a shared probe say why, in
+    pages that no cache keeps (the model may be there on the next ask), without an ETag."""
+    with TestClient(create_app(Settings(database_url=loaded))) as client:
+        tried = client.get(f"/saes/{synthetic_sae_id}/features/3", params={"text": "def f():"})
+        assert tried.status_code == 200 and "cannot" in tried.text
+        assert tried.headers["Cache-Control"] == "no-store" and "ETag" not in tried.headers
+        shared = client.post("/api/share", json={"sae": synthetic_sae_id, "text": "def f():"}).json()
+        page = client.get(f"/p/{shared['id']}")
+        assert page.status_code == 200 and page.headers["Cache-Control"] == "no-store" and "ETag" not in page.headers
