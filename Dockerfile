@@ -2,7 +2,7 @@
 FROM node:20-slim AS js
 WORKDIR /src
 COPY package.json package-lock.json ./
-RUN npm ci --no-audit --no-fund
+RUN npm ci --omit=dev --no-audit --no-fund  # htmx; axe-core is for the tests
 
 # The wheel: templates, static files and migrations are package data, and the build copies htmx
 # from node_modules into it (setup.py), so the image needs neither the sources nor node_modules.

@@ -40,6 +40,10 @@ class ExampleOut(Record):
     tokens: list[str]
     token_ids: list[int]
     activations: list[float] = Field(description="one per token, the latent's activation")
+    copy_of: int | None = Field(None, description="a top example only: the rank of a stronger top example whose "
+                                                  "snippet (the tokens around the firing) is the same, e.g. the same "
+                                                  "code copied around the corpus; the page folds it into that one")
+    copies: int = Field(0, description="a top example only: how many weaker top examples are copies of it")
 
     @computed_field(description="the latent's activation at position")
     @property
@@ -173,7 +177,7 @@ def get_feature(session: Session, sae_id: str, index: int, urls: URLs = URLs()) 
         density=latent.density, max_activation=latent.max_activation, mean_activation=latent.mean_activation,
         histogram=HistogramOut(edges=np.linspace(0, latent.max_activation, len(arrays["histogram"]) + 1).tolist(),
                                counts=arrays["histogram"].tolist()),
-        top_examples=top_examples,
+        top_examples=mark_copies(top_examples),
         quantiles=quantile_bins(arrays["quantile_edges"], arrays["quantile_share"], by_bin),
         n_quantiles=len(arrays["quantile_share"]),
         logits=LogitsOut(
@@ -225,6 +229,22 @@ def examples(session: Session, sae_id: str, index: int) -> tuple[list[ExampleOut
             bin=bin_, rank=rank, context_id=context_id, position=position, max_activation=max_activation,
             tokens=context_tokens, token_ids=context_ids, activations=values))
     return by_bin.pop(0, []), by_bin
+
+
+def mark_copies(examples: list[ExampleOut]) -> list[ExampleOut]:
+    """Near-duplicate contexts (the same code copied around the corpus): a top example whose
+    snippet's token ids equal a stronger one's, the firing at the same place in it, is marked a
+    copy of it, and that one counts its copies. `examples` are strongest first."""
+    first: dict[tuple, ExampleOut] = {}
+    for example in examples:
+        start, end = example.snippet
+        key = (example.position - start, tuple(example.token_ids[start:end]))
+        if (original := first.get(key)) is None:
+            first[key] = example
+        else:
+            example.copy_of = original.rank
+            original.copies += 1
+    return examples
 
 
 def quantile_bins(edges: np.ndarray, share: np.ndarray, by_bin: dict[int, list[ExampleOut]]) -> list[QuantileOut]:

@@ -10,16 +10,18 @@ from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
-from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from app.caching import AssetFiles, Caching
 from app.db import make_engine, session_factory
+from app.params import finite
 from app.probe_service import ProbeService
 from app.render import make_templates, render, wants_json
-from app.resources import STATIC_DIR, htmx_dir
+from app.resources import HTMX_PREFIX, STATIC_DIR, htmx_dir
 from app.routes import admin, api_docs, features, ladders, probe, saes, search
 from app.security import RequestGuard
 from app.settings import Settings
+from app.shares import ShareLimits
 
 log = logging.getLogger("saescope.app")
 ROUTERS = (saes.router, features.router, ladders.router, search.router, probe.router, admin.router, api_docs.router)
@@ -52,6 +54,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.engine = engine
     app.state.sessions = sessions
     app.state.probe = probe_service
+    app.state.share_limits = ShareLimits(settings.share_limit_per_client, settings.share_limit_total)
     app.state.templates = make_templates(reload=settings.debug)
 
     for router in ROUTERS:
@@ -67,11 +70,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     # Third-party JS comes from npm (package.json): copied into a built package, or else read from
     # the checkout's node_modules (app.resources); the vendor mount goes before /static.
-    app.mount("/static/vendor/htmx.org", StaticFiles(directory=htmx_dir(), check_dir=False), name="htmx")
-    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    # Both under names with their content's hash too, immutable (app.caching).
+    app.mount(f"/static/{HTMX_PREFIX.rstrip('/')}", AssetFiles(directory=htmx_dir(), check_dir=False, prefix=HTMX_PREFIX),
+              name="htmx")
+    app.mount("/static", AssetFiles(directory=STATIC_DIR), name="static")
 
     _install_error_handlers(app, settings)
-    # Security headers, size limits, the request timeout and the 500 page (app/security.py).
+    # ETags, 304s, Cache-Control and gzip (app/caching.py), inside the guard.
+    app.add_middleware(Caching, settings=settings)
+    # Security headers, hosts, size limits, HEAD, the request timeout and the 500 page (app/security.py).
     app.add_middleware(RequestGuard, settings=settings)
     return app
 
@@ -86,7 +93,8 @@ def _install_error_handlers(app: FastAPI, settings: Settings) -> None:
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError):
         if wants_json(request):
-            return JSONResponse({"detail": jsonable_encoder(exc.errors())}, status_code=422)
+            # finite(): a NaN or 1e309 in a JSON body is echoed back as the string JSON spells it
+            return JSONResponse({"detail": finite(jsonable_encoder(exc.errors()))}, status_code=422)
         problems = "; ".join(f"{'.'.join(map(str, e['loc'][1:]))}: {e['msg']}" for e in exc.errors())
         return render(request, "error.html", status_code=422, status=422, message=f"Bad request: {problems}")
     # Unhandled exceptions: RequestGuard logs them and answers a 500 without a traceback.

@@ -44,6 +44,7 @@ from app.probe_availability import SaeOption, find_run_dir, missing_weights, una
 from app.queries import SUMMARY_COLUMNS, SaeSource
 from app.settings import Settings
 from trainer.runfolder import HARVEST_DIR
+from trainer.tokens import TokenPiece
 
 log = logging.getLogger("saescope.probe")
 
@@ -51,6 +52,25 @@ log = logging.getLogger("saescope.probe")
 # (JSON can smuggle them in as "\ud800") are not text at all.
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
 _SURROGATE = re.compile(r"[\ud800-\udfff]")
+
+
+class TooLong(HTTPException):
+    """A text over the probe's limit (413), with the part of it that fits: its first `limit`
+    tokens (or characters), which the page offers to probe instead."""
+
+    def __init__(self, detail: str, prefix: str, limit: int, unit: str):
+        super().__init__(413, detail)
+        self.prefix, self.limit, self.unit = prefix, limit, unit
+
+
+def start_token(tokenizer) -> tuple[int, str] | None:
+    """The model's beginning-of-text token: the tokenizer's BOS, or else its end-of-text token,
+    which GPT-2-style models put between documents (the harvest's contexts are cut from such a
+    stream); None when it has neither."""
+    token_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    if token_id is None:
+        return None
+    return int(token_id), tokenizer.convert_ids_to_tokens(int(token_id))
 
 
 def busy(retry_after: int) -> HTTPException:
@@ -93,6 +113,9 @@ class ProbeResult:
     indices: np.ndarray  # (T, k) latent indices, strongest first
     values: np.ndarray  # (T, k) their activations, 0 where fewer than k latents fire
     excluded_positions: int  # leading positions the harvest leaves out (attention sink)
+    # Whether position 0 is the model's beginning-of-text token, put before the text (its piece is
+    # that token's name, not part of the text): the text's first token is then counted.
+    bos: bool = False
     # Tokens that hold the first bytes of a character a later token completes (an emoji split
     # over byte tokens): shown with a mark, since their piece of the text lacks those bytes.
     carries: tuple[bool, ...] = ()
@@ -131,6 +154,7 @@ class QueuedProbe:
     text: str
     future: asyncio.Future  # set on its event loop
     loop: asyncio.AbstractEventLoop
+    bos: bool = False  # the beginning-of-text token before the text
 
 
 def _settle(future: asyncio.Future, outcome) -> None:
@@ -175,10 +199,9 @@ class ProbeService:
     def check_text(self, text: str) -> None:
         if not text or not text.strip():
             raise HTTPException(422, "text must not be empty")
-        if len(text) > self.settings.probe_max_chars:
-            raise HTTPException(
-                413, f"text is {len(text)} characters; the probe accepts at most {self.settings.probe_max_chars}"
-            )
+        if len(text) > (limit := self.settings.probe_max_chars):
+            raise TooLong(f"text is {len(text)} characters; the probe accepts at most {limit}", text[:limit], limit,
+                          "characters")
         if surrogate := _SURROGATE.search(text):
             raise HTTPException(
                 422, f"text is not valid Unicode: a lone surrogate U+{ord(surrogate.group()):04X} at character {surrogate.start()}"
@@ -221,17 +244,17 @@ class ProbeService:
 
     # ------------------------------------------------------------ probing
 
-    async def encode(self, sae_id: str, text: str) -> tuple[ProbeResult, LatentStats]:
-        """Every latent on every token of `text`, and the SAE's latent statistics (app.probe_view
-        ranks and shapes them): 422/413 for a text the checks refuse, 404 unknown SAE, 503 no
-        weights, no model or too busy."""
+    async def encode(self, sae_id: str, text: str, bos: bool = False) -> tuple[ProbeResult, LatentStats]:
+        """Every latent on every token of `text` (after the model's beginning-of-text token with
+        `bos`), and the SAE's latent statistics (app.probe_view ranks and shapes them): 422/413
+        for a text the checks refuse, 404 unknown SAE, 503 no weights, no model or too busy."""
         self.check_text(text)
         sae = await anyio.to_thread.run_sync(self.locate, sae_id)
-        result = await self._probe(sae, text)
+        result = await self._probe(sae, text, bos)
         return result, await self.stats(sae)
 
-    async def _probe(self, sae: SaeWeights, text: str) -> ProbeResult:
-        key = (sae.key, text)
+    async def _probe(self, sae: SaeWeights, text: str, bos: bool = False) -> ProbeResult:
+        key = (sae.key, text, bos)
         if (cached := self._results.get(key)) is not None:
             self._results.move_to_end(key)
             return cached
@@ -243,7 +266,7 @@ class ProbeService:
             self._pending += 1
             future = asyncio.get_running_loop().create_future()
             with self._queue_lock:
-                self._queue.append(QueuedProbe(sae, text, future, asyncio.get_running_loop()))
+                self._queue.append(QueuedProbe(sae, text, future, asyncio.get_running_loop(), bos))
             self._executor.submit(self._run_batch)  # one turn of a worker per probe; a turn may take several
             self._inflight[key] = future
             future.add_done_callback(partial(self._finished, key))
@@ -273,36 +296,47 @@ class ProbeService:
                     self._queue.remove(queued)
                     batch.append(queued)
         try:
-            results = self._probe_batch(batch[0].sae, [queued.text for queued in batch])
+            results = self._probe_batch(batch[0].sae, [queued.text for queued in batch], [queued.bos for queued in batch])
         except Exception as e:  # noqa: BLE001: loading failed (a 503), or a bug: every request hears of it
             results = [e] * len(batch)
         for queued, result in zip(batch, results):
             queued.loop.call_soon_threadsafe(_settle, queued.future, result)
 
-    def _probe_batch(self, sae: SaeWeights, texts: list[str]) -> list[ProbeResult | HTTPException]:
+    def _probe_batch(self, sae: SaeWeights, texts: list[str], bos: list[bool] | None = None
+                     ) -> list[ProbeResult | HTTPException]:
+        """Each text's probe (or why not), with the model's beginning-of-text token before those
+        that `bos` marks."""
         loaded = self.load(sae)
         encoder = loaded.encoder
+        bos = bos or [False] * len(texts)
+        start = start_token(encoder.lm.tokenizer) if any(bos) else None  # (id, name); None: none asked, or none in the tokenizer
         began = time.perf_counter()
         # the model's own context length may be shorter than the setting (a tiny test model's is)
         limit = min(self.settings.probe_max_tokens, encoder.lm.max_positions or math.inf)
         token_ids: dict[int, list[int]] = {}  # by position in `texts`, the ones within the limits
         outcomes: list[ProbeResult | HTTPException | None] = [None] * len(texts)
         for i, text in enumerate(texts):  # the token limit is checked before the forward pass
-            ids = encoder.tokenize(text)
-            if not ids:
+            ids = ([start[0]] if bos[i] and start else []) + encoder.tokenize(text)
+            first = 1 if bos[i] and start else 0  # the text's own tokens begin here
+            if len(ids) == first:
                 outcomes[i] = HTTPException(422, "text has no tokens")
             elif len(ids) > limit:
-                outcomes[i] = HTTPException(413, f"text is {len(ids)} tokens; the probe accepts at most {limit}")
+                pieces = encoder.lm.token_pieces(ids[first:limit])
+                while pieces and pieces[-1].carries:  # a character cut at the limit: left out whole
+                    pieces.pop()
+                outcomes[i] = TooLong(f"text is {len(ids)} tokens; the probe accepts at most {limit}",
+                                      "".join(piece.text for piece in pieces), limit, "tokens")
             else:
                 token_ids[i] = ids
         if token_ids:
             encoded = encoder.encode_topk_batch(list(token_ids.values()))  # (T, k) each, strongest first
             for (i, ids), (values, indices) in zip(token_ids.items(), encoded):
-                pieces = encoder.lm.token_pieces(ids)
+                with_start = bool(bos[i] and start)
+                pieces = ([TokenPiece(start[1], False)] if with_start else []) + encoder.lm.token_pieces(ids[with_start:])
                 outcomes[i] = ProbeResult(
                     sae=sae.id, text=texts[i], token_ids=[int(t) for t in ids], tokens=[p.text for p in pieces],
                     indices=indices.numpy(), values=values.numpy(), excluded_positions=loaded.excluded_positions,
-                    carries=tuple(p.carries for p in pieces),
+                    bos=with_start, carries=tuple(p.carries for p in pieces),
                 )
             self._seconds = 0.8 * self._seconds + 0.2 * (time.perf_counter() - began) / len(token_ids)
         return outcomes

@@ -82,6 +82,13 @@ class TokenView:
         boundaries show; a newline also breaks the line, so the text keeps its shape."""
         return display_pieces(self.token, self.carries)
 
+    @property
+    def all_latents(self) -> list[tuple[LatentHitOut, float, bool]]:
+        """Every latent firing on the token, strongest first, each with whether it is a frequent
+        one (left out of the shading and the ranking, shown dimmed: never hidden)."""
+        rows = [(info, value, False) for info, value in self.latents] + [(info, value, True) for info, value in self.frequent]
+        return sorted(rows, key=lambda row: -row[1])
+
 
 def display_pieces(token: str, carries: bool = False) -> list[tuple[str, str]]:
     if carries:  # part of a character: "…" where its bytes are, the character on the token that ends it
@@ -99,10 +106,12 @@ def display_pieces(token: str, carries: bool = False) -> list[tuple[str, str]]:
     return pieces
 
 
-def view_state(latent: int | None, sort: SortKey, hide: bool, token: int | None = None) -> dict:
+def view_state(latent: int | None, sort: SortKey, hide: bool, token: int | None = None, bos: bool = False) -> dict:
     """The view state beyond SAE and text, as query parameters (defaults left out); `token` is the
-    page's open token panel (the JSON lists every token anyway)."""
-    return {"latent": latent, "sort": None if sort == "max" else sort, "all": None if hide else 1, "token": token}
+    page's open token panel (the JSON lists every token anyway), `bos` the beginning-of-text
+    token put before the text."""
+    return {"bos": 1 if bos else None, "latent": latent, "sort": None if sort == "max" else sort,
+            "all": None if hide else 1, "token": token}
 
 
 class ProbeResponse(Record):
@@ -121,6 +130,8 @@ class ProbeResponse(Record):
     sort: SortKey
     hide_frequent_and_first: bool
     excluded_positions: list[int] = Field(description="positions left out of top_latents")
+    bos: bool = Field(False, description="position 0 is the model's beginning-of-text token, put before the text "
+                                         "(asked with bos): the text's first token is counted")
     frequent_density: float = Field(FREQUENT_THRESHOLD, description="density above which a latent counts as frequent")
     url: str = Field(description="the probe page showing this result")
     # the view's state that the JSON gives in other shapes (highlighted, tokens)
@@ -130,15 +141,16 @@ class ProbeResponse(Record):
     _stats: LatentStats = PrivateAttr()
     _urls: URLs = PrivateAttr()
     _infos: dict[int, LatentHitOut] = PrivateAttr(default_factory=dict)
+    _top_n: int = PrivateAttr(20)
 
     @classmethod
     def of(cls, result: ProbeResult, stats: LatentStats, urls: URLs, hide: bool = True, latent: int | None = None,
            sort: SortKey = "max", top_n: int = 20, top_k: int = 5) -> ProbeResponse:
         excluded = list(range(min(result.excluded_positions, len(result)))) if hide else []
         view = cls(sae=result.sae, text=result.text, n_tokens=len(result), top_latents=[], sort=sort,
-                   hide_frequent_and_first=hide, excluded_positions=excluded, latent=latent, top_k=top_k,
-                   url=urls.probe(result.sae, result.text, **view_state(latent, sort, hide)))
-        view._result, view._stats, view._urls = result, stats, urls
+                   hide_frequent_and_first=hide, excluded_positions=excluded, latent=latent, top_k=top_k, bos=result.bos,
+                   url=urls.probe(result.sae, result.text, **view_state(latent, sort, hide, bos=result.bos)))
+        view._result, view._stats, view._urls, view._top_n = result, stats, urls, top_n
         view.top_latents = view._rank(top_n)
         return view
 
@@ -208,8 +220,24 @@ class ProbeResponse(Record):
         indices, values = self._counted()
         return len(np.unique(indices[(values > 0) & (self._stats.density[indices] > FREQUENT_THRESHOLD)]))
 
-    def _rank(self, top_n: int) -> list[TextLatentOut]:
+    @cached_property
+    def ranking(self) -> list[TextLatentOut]:
+        """The page's ranking: top_latents, and among them, by the same score, the frequent
+        latents left out of it that score as high (the page dims and marks them; a token's
+        strongest latent is never hidden)."""
+        if not self.hidden_frequent:
+            return self.top_latents
+        score = (lambda latent: latent.max) if self.sort == "max" else (lambda latent: latent.sum)
+        full = len(self.top_latents) >= self._top_n
+        floor = score(self.top_latents[-1]) if full and self.top_latents else -math.inf
+        frequent = [latent for latent in self._rank(self._top_n, frequent_only=True) if score(latent) >= floor]
+        return sorted(self.top_latents + frequent, key=lambda latent: (-score(latent), latent.index))
+
+    def _rank(self, top_n: int, frequent_only: bool = False) -> list[TextLatentOut]:
         indices, values = self._kept()
+        if frequent_only:  # the frequent latents alone
+            indices, values = self._counted()
+            values = np.where(self._stats.density[indices] > FREQUENT_THRESHOLD, values, 0)
         n = len(self._stats.density)
         fired = values > 0
         total = np.bincount(indices[fired], weights=values[fired], minlength=n)  # (n,)
@@ -287,17 +315,25 @@ class LatentTrial:
         return sum(value > 0 for value in self.activations)
 
 
+class UnknownLatent(HTTPException):
+    """A latent the SAE does not have, asked for in a request: a 422 wherever it is asked (the
+    probe's twin, a shared probe's twin)."""
+
+    def __init__(self, sae_id: str, latent: int, n_latents: int):
+        super().__init__(422, f"latent {latent} does not exist: SAE {sae_id!r} has latents 0..{n_latents - 1}")
+
+
 async def view_text(service: ProbeService, sae_id: str, text: str, urls: URLs = URLs(), latent: int | None = None,
-                    strict: bool = True, **options) -> ProbeResponse:
+                    strict: bool = True, bos: bool = False, **options) -> ProbeResponse:
     """Probe `text` and shape it for the page or the API (options: ProbeResponse.of's). A latent the
     SAE does not have is a 422, or ignored when not `strict` (the page keeps the highlighted
     latent while the user switches SAEs)."""
-    result, stats = await service.encode(sae_id, text)
+    result, stats = await service.encode(sae_id, text, bos)
     if latent is not None and not 0 <= latent < len(stats.density):
         if not strict:
             latent = None
         else:
-            raise HTTPException(422, f"latent {latent} does not exist: SAE {sae_id!r} has latents 0..{len(stats.density) - 1}")
+            raise UnknownLatent(sae_id, latent, len(stats.density))
     return ProbeResponse.of(result, stats, urls, latent=latent, **options)
 
 

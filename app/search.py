@@ -27,7 +27,7 @@ WORD = re.compile(r"\w+")
 MAX_TERM = 100  # characters: longer words are not indexed (explanation_terms.term holds 200)
 MAX_TERMS = 8  # words of a query that count
 MAX_TOKENS = 6  # vocabulary entries a query can match (variants, and tokens that read the same)
-LATENT = re.compile(r"#?(\d{1,9})")
+LATENT = re.compile(r"#?(\d{1,9})", re.ASCII)  # ASCII digits only, as every number the app reads (app.params)
 
 
 def terms(text: str) -> list[str]:

@@ -8,6 +8,12 @@
 - limits: a path + query string longer than `max_url_bytes` is a 414, a body longer than
   `max_body_bytes` a 413 (by Content-Length before reading, or while streaming), a NUL byte in
   the path or query a 400 (no database stores it, and no id contains it);
+- hosts: a request whose Host header names a host that `allowed_hosts` (and `public_origin`)
+  do not list is a 400, so that no absolute URL is ever built from a name an attacker chose;
+  `/healthz` answers any host (a load balancer's check may name the address);
+- one rule for text: a query string that is not UTF-8 is a 400 that names the parameter, on every
+  route (app.params; the probe's form bodies get the same rule from its routes);
+- HEAD: every GET route answers it, as the GET without its body;
 - a timeout: a request not answered within `request_timeout_s` is a 504 (a sync handler finishes
   in its thread, but the client gets its answer; on PostgreSQL the statement is cancelled too);
 - errors never show a stack trace outside debug mode: an unhandled exception is logged and
@@ -27,6 +33,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app.params import ascii_int, utf8_problem
 from app.render import render, wants_json
 from app.settings import Settings
 
@@ -80,6 +87,31 @@ def headers_for(path: str, debug: bool) -> tuple[tuple[bytes, bytes], ...]:
     return _raw_headers(embed if embed is not None else "/", False)
 
 
+def allowed_hosts(settings: Settings) -> tuple[str, ...]:
+    """The host names requests may name: the setting's, and public_origin's."""
+    hosts = [host.strip().lower().rstrip(".") for host in settings.allowed_hosts]
+    if settings.public_origin:
+        hosts.append(host_name(settings.public_origin.split("://", 1)[1]))
+    return tuple(hosts)
+
+
+def host_name(host: str) -> str:
+    """The name in a Host header, without its port: 'Example.org:8000' -> 'example.org',
+    '[::1]:8000' -> '::1'."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[1:host.find("]")] if "]" in host else host
+    if host.count(":") == 1:
+        host = host.split(":", 1)[0]
+    return host.rstrip(".")
+
+
+def host_allowed(host: str, allowed: tuple[str, ...]) -> bool:
+    name = host_name(host)
+    return any(pattern == "*" or name == pattern or (pattern.startswith("*.") and name.endswith(pattern[1:]))
+               for pattern in allowed)
+
+
 class BodyTooLarge(HTTPException):
     def __init__(self, limit: int):
         super().__init__(413, f"request body larger than {limit:,} bytes")
@@ -92,6 +124,7 @@ class RequestGuard:
         self.max_body = settings.max_body_bytes
         self.max_url = settings.max_url_bytes
         self.timeout = settings.request_timeout_s
+        self.hosts = allowed_hosts(settings)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -99,6 +132,9 @@ class RequestGuard:
             return
         started = False
         answered = False  # a 504 went out: whatever the app sends later is dropped
+        head = scope["method"] == "HEAD"
+        if head:  # the GET, without its body (Content-Length stays the GET's)
+            scope = {**scope, "method": "GET"}
 
         async def send_secured(message: Message, force: bool = False) -> None:
             nonlocal started
@@ -111,6 +147,8 @@ class RequestGuard:
                 secured = headers_for(scope["path"], self.debug)
                 headers += [(name, value) for name, value in secured if name not in present]
                 message = {**message, "headers": headers}
+            elif head and message["type"] == "http.response.body":
+                message = {**message, "body": b""}
             await send(message)
 
         rejection = self._check_request(scope)
@@ -177,8 +215,14 @@ class RequestGuard:
             return 414, f"URL longer than {self.max_url:,} bytes"
         if "\x00" in scope["path"] or b"%00" in query or b"\x00" in query:
             return 400, "NUL bytes are not allowed in URLs"
-        length = Headers(scope=scope).get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > self.max_body):
+        if (problem := utf8_problem(query, "the query parameter")) is not None:
+            return 400, problem
+        headers = Headers(scope=scope)
+        host = headers.get("host")
+        if host is not None and scope["path"] != "/healthz" and not host_allowed(host, self.hosts):
+            return 400, f"this server does not answer for the host {host[:100]!r} (see SAESCOPE_ALLOWED_HOSTS)"
+        length = headers.get("content-length")
+        if length is not None and ((size := ascii_int(length)) is None or size > self.max_body):
             return 413, f"request body larger than {self.max_body:,} bytes"
         return None
 

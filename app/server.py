@@ -118,6 +118,10 @@ def serve(database_url: str | None = None, host: str | None = None, port: int | 
     overrides = {k: v for k, v in overrides.items() if v is not None}
     settings = Settings(**overrides)
     upgrade(settings.database_url)
+    if settings.host not in ("127.0.0.1", "localhost", "::1") and settings.public_origin is None:
+        log.warning("listening on %s, but only requests naming one of the hosts %s are answered (400 otherwise): "
+                    "set SAESCOPE_PUBLIC_ORIGIN (and SAESCOPE_ALLOWED_HOSTS) to the address people use",
+                    settings.host, ", ".join(settings.allowed_hosts))
     options = {
         "host": settings.host,
         "port": settings.port,

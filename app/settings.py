@@ -7,9 +7,10 @@ deployment tool expects), `SAESCOPE_<FIELD>` for the rest (e.g. `SAESCOPE_PORT=8
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 class Settings(BaseSettings):
@@ -63,6 +64,50 @@ class Settings(BaseSettings):
         200, ge=2, description="Open connections (or running requests) per server process above which a new "
         "request gets a 503. Each process counts its own: with several workers the limit is per worker.")
     db_pool_size: int = Field(8, ge=1, description="Database connections kept per server process, and as many more at once.")
+
+    # ---- origins, caching, share links
+    public_origin: str | None = Field(
+        None, description="The origin people reach the server at (https://saescope.example.org): absolute URLs (a "
+        "share link, og:url) are built from it, and its host is allowed. Without one they use the request's "
+        "own host, which must then be one of allowed_hosts.")
+    allowed_hosts: Annotated[list[str], NoDecode] = Field(
+        ["localhost", "127.0.0.1", "::1", "testserver"],
+        description="Host names a request may name in its Host header (400 otherwise), besides public_origin's; "
+        "'*.example.org' allows its subdomains, '*' any host. The default allows only this machine (and the name "
+        "Starlette's in-process test client sends). Comma-separated in the environment.")
+    cache_max_age_s: int = Field(
+        3600, ge=0, description="How long a browser or proxy may reuse a page of loaded data (a latent's page, a "
+        "probe) without asking again; pages that list SAEs are always revalidated. Every page carries an ETag "
+        "of the load, so asking again costs a 304.")
+    share_limit_per_client: int = Field(
+        60, ge=0, description="New share links one client address may create per hour, per server process (429 "
+        "above).")
+    share_limit_total: int = Field(
+        100_000, ge=0, description="Share links stored in all; beyond it no new link is made (429).")
+
+    @field_validator("allowed_hosts", mode="before")
+    @classmethod
+    def _comma_separated(cls, value):
+        if isinstance(value, str):  # SAESCOPE_ALLOWED_HOSTS=a.org,b.org (or a JSON list)
+            value = value.strip()
+            if value.startswith("["):
+                import json
+
+                return json.loads(value)
+            return [host.strip() for host in value.split(",") if host.strip()]
+        return value
+
+    @field_validator("public_origin", mode="before")
+    @classmethod
+    def _origin(cls, value):
+        if value is None or (isinstance(value, str) and not value.strip()):
+            return None
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(str(value).strip())
+        if parts.scheme not in ("http", "https") or not parts.netloc or parts.path.strip("/") or parts.query:
+            raise ValueError("public_origin is a scheme and a host, e.g. https://saescope.example.org")
+        return f"{parts.scheme}://{parts.netloc}"
 
     @field_validator("admin_token", mode="before")
     @classmethod

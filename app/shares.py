@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
 from datetime import timezone
 
 from pydantic import Field
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -42,9 +46,11 @@ def share_digest(sae_id: str, text: str) -> str:
     return base64.b32encode(digest).decode().rstrip("=").lower()
 
 
-def create_share(session: Session, sae_id: str, text: str, urls: URLs = URLs()) -> tuple[ShareOut, bool] | None:
+def create_share(session: Session, sae_id: str, text: str, urls: URLs = URLs(),
+                 before_insert: Callable[[], None] | None = None) -> tuple[ShareOut, bool] | None:
     """The share link of (sae_id, text), made if it does not exist yet: (share, created);
-    None for an SAE that is not in the database."""
+    None for an SAE that is not in the database. `before_insert` runs just before a new link
+    is stored (a link that exists is given again without it): ShareLimits.take raises there."""
     content_hash = session.execute(select(Sae.content_hash).where(Sae.id == sae_id)).scalar_one_or_none()
     if content_hash is None:
         return None
@@ -53,6 +59,8 @@ def create_share(session: Session, sae_id: str, text: str, urls: URLs = URLs()) 
         share_id = digest[:length]
         row = session.get(ShareLink, share_id)
         if row is None:
+            if before_insert is not None:
+                before_insert()
             made = ShareLink(id=share_id, sae_id=sae_id, text=text, sae_content_hash=content_hash)
             row = _insert(session, made)  # someone else's row when they shared it at the same moment
             if row is None:
@@ -81,7 +89,8 @@ def _insert(session: Session, row: ShareLink) -> ShareLink | None:
 
 
 def get_share(session: Session, share_id: str, urls: URLs = URLs()) -> ShareOut | None:
-    row = session.get(ShareLink, share_id)
+    """The share under `share_id`, in any letter case (ids are lower-case base32)."""
+    row = session.get(ShareLink, share_id.lower())
     if row is None:
         return None
     content_hash = session.execute(select(Sae.content_hash).where(Sae.id == row.sae_id)).scalar_one_or_none()
@@ -97,3 +106,43 @@ def _share(row: ShareLink, content_hash: str | None, urls: URLs) -> ShareOut:
         created = created.astimezone(timezone.utc)
     return ShareOut(id=row.id, sae=row.sae_id, text=row.text, created_at=created.isoformat() if created else "",
                  sae_changed=changed, url=urls.share(row.id), json_url=urls.share(row.id, fmt="json"))
+
+
+class ShareLimitReached(Exception):
+    def __init__(self, message: str, retry_after_s: int | None = None):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class ShareLimits:
+    """Share links are anonymous and permanent, so their making is bounded: at most `per_client`
+    new links per client address in any hour (counted by this server process), and at most
+    `total` links stored. 0 turns a limit off."""
+
+    WINDOW_S = 3600
+
+    def __init__(self, per_client: int, total: int, clock: Callable[[], float] = time.monotonic):
+        self.per_client, self.total, self.clock = per_client, total, clock
+        self.made: dict[str, deque[float]] = {}  # client -> when it made its links in the window
+        self.lock = threading.Lock()
+
+    def take(self, session: Session, client: str) -> None:
+        """Count one new link of `client`, or raise ShareLimitReached saying which limit and when
+        to try again."""
+        if self.total and session.execute(select(func.count()).select_from(ShareLink)).scalar_one() >= self.total:
+            raise ShareLimitReached(f"this server holds its limit of {self.total:,} share links: no new link can be "
+                                    "made (an existing one still opens)")
+        if not self.per_client:
+            return
+        now = self.clock()
+        with self.lock:
+            if len(self.made) > 10_000:  # forget clients with nothing in the window
+                self.made = {c: t for c, t in self.made.items() if t and t[-1] > now - self.WINDOW_S}
+            times = self.made.setdefault(client, deque())
+            while times and times[0] <= now - self.WINDOW_S:
+                times.popleft()
+            if len(times) >= self.per_client:
+                wait = int(times[0] + self.WINDOW_S - now) + 1
+                raise ShareLimitReached(f"at most {self.per_client} new share links an hour from one address: "
+                                        f"try again in {(wait + 59) // 60} min", retry_after_s=wait)
+            times.append(now)

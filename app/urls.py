@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from urllib.parse import quote, urlencode
 
-HTMX_VERSION_FILE = "htmx.min.js"
+from app.resources import HTMX_PREFIX, HTMX_VERSION_FILE, hashed_name
 
 
 class URLs:
@@ -91,7 +91,9 @@ class URLs:
         return self.root + "/openapi.json"
 
     def static(self, path: str) -> str:
-        return f"{self.root}/static/{path.lstrip('/')}"
+        """A static file, under a name that carries its content's hash (app.caching lets
+        browsers keep it for good: a changed file gets a new name)."""
+        return f"{self.root}/static/{hashed_name(path.lstrip('/'))}"
 
     def htmx(self) -> str:
-        return self.static(f"vendor/htmx.org/{HTMX_VERSION_FILE}")
+        return self.static(HTMX_PREFIX + HTMX_VERSION_FILE)

@@ -2,15 +2,25 @@
 (its workers from SAESCOPE_WORKERS) over the 65,536-latent database, on SQLite and on PostgreSQL.
 
     .venv/bin/python bench/http_load.py [--duration 60] [--clients 16] [--workers 2] [--slices 4]
-        [--max-requests 400000] [--workdir /tmp/saescope-bench] [--postgres URL] [--keep]
+        [--repeat 0.5] [--max-requests 400000] [--workdir /tmp/saescope-bench] [--postgres URL] [--keep]
+        [--app-root PATH]
 
 The mix, drawn at random per request: a latent's page and its JSON twin (a random latent), the
 SAE's latent list and its JSON twin (random sort, order and page, 50 per page), a search and its
 JSON twin (a random token of the synthetic vocabulary, which is also a word of some
 explanations), and, as the baseline measured in the same run, a static file of the same size
 (the median size of the mix's responses) served by the same server. Bounded in time and in
-requests, loopback only (the servers bind 127.0.0.1 and the clients connect there). Every non-200
-answer counts as an error.
+requests, loopback only (the servers bind 127.0.0.1 and the clients connect there). Every answer
+but a 200 (or a 304 to a repeat) counts as an error.
+
+Clients behave as browsers do: every request accepts gzip, and a share --repeat of the page
+requests (0.5 by default) ask again for a page that client fetched before, with the ETag it got
+(`If-None-Match`: a revisit, the back button, a reload), as a browser revalidates a page whose
+Cache-Control says so; a server without ETags answers them in full. The static file is asked for
+fresh each time, as the reference. Besides each slice of the mix, a slice of the static file
+alone gives the server's CPU per static request, the unit of "CPU per request / static's".
+--app-root serves another checkout of the app (e.g. an export of an older commit) with this
+script, to compare before and after on the same machine in the same way.
 
 Both backends' servers run at once and the clock alternates between them in --slices turns each
 (SQLite, PostgreSQL, PostgreSQL, SQLite, ...): a shared VM's speed drifts over minutes, and
@@ -25,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 import os
@@ -52,11 +63,11 @@ STATIC_NAME = "bench-same-size.html"  # written into app/static/ for the run, re
 KINDS = ("feature page", "feature .json", "latent list", "latent list .json", "search", "search .json")
 
 
-def request_maker(sae_id: str, n_latents: int, per_page: int = 50):
+def request_maker(sae_id: str, n_latents: int, per_page: int = 50, static_only: bool = False):
     pages = -(-n_latents // per_page)
 
     def next_request(rng: random.Random) -> tuple[str, str]:
-        kind = rng.choice(KINDS + ("static, same size",))
+        kind = "static, same size" if static_only else rng.choice(KINDS + ("static, same size",))
         suffix = ".json" if kind.endswith(".json") else ""
         if kind.startswith("feature"):
             return kind, f"/saes/{sae_id}/features/{rng.randrange(n_latents)}{suffix}"
@@ -70,22 +81,29 @@ def request_maker(sae_id: str, n_latents: int, per_page: int = 50):
     return next_request
 
 
-async def fetch(reader, writer, path: str) -> tuple[int, int]:
-    """One keep-alive HTTP/1.1 GET: (status, body bytes). Our server always sends Content-Length."""
-    writer.write(f"GET {path} HTTP/1.1\r\nHost: {HOST}\r\nAccept: */*\r\n\r\n".encode())
+async def fetch(reader, writer, path: str, etag: str | None = None) -> tuple[int, int, str | None]:
+    """One keep-alive HTTP/1.1 GET that accepts gzip, revalidating `etag` if given: (status, body
+    bytes on the wire, the answer's ETag). Our server sends Content-Length, except on a 304."""
+    condition = f"If-None-Match: {etag}\r\n" if etag else ""
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: {HOST}\r\nAccept: */*\r\nAccept-Encoding: gzip\r\n{condition}\r\n".encode())
     status = int((await reader.readline()).split()[1])
-    length = None
+    length, tag = None, None
     while (line := await reader.readline()) not in (b"\r\n", b""):
         name, _, value = line.decode("latin-1").partition(":")
         if name.lower() == "content-length":
             length = int(value)
+        elif name.lower() == "etag":
+            tag = value.strip()
+    if status == 304:
+        length = length or 0
     if length is None:
         raise RuntimeError(f"{path}: no Content-Length")
     await reader.readexactly(length)
-    return status, length
+    return status, length, tag
 
 
-async def run_clients(port: int, next_request, clients: int, duration: float, max_requests: int, seed: int):
+async def run_clients(port: int, next_request, clients: int, duration: float, max_requests: int, seed: int,
+                      repeat: float = 0.0):
     latencies: dict[str, list[float]] = defaultdict(list)
     sizes: dict[str, list[int]] = defaultdict(list)
     errors: dict[str, int] = defaultdict(int)
@@ -95,14 +113,18 @@ async def run_clients(port: int, next_request, clients: int, duration: float, ma
     async def client(i: int) -> None:
         nonlocal sent
         rng = random.Random(seed * 1000 + i)
+        seen: list[tuple[str, str, str | None]] = []  # this client's pages: (kind, path, ETag)
         reader, writer = await asyncio.open_connection(HOST, port)
         try:
             while time.monotonic() < deadline and sent < max_requests:
                 sent += 1
                 kind, path = next_request(rng)
+                etag = None
+                if seen and kind in KINDS and rng.random() < repeat:  # a page asked for again
+                    kind, path, etag = rng.choice(seen)
                 start = time.perf_counter()
                 try:
-                    status, size = await fetch(reader, writer, path)
+                    status, size, tag = await fetch(reader, writer, path, etag)
                 except (OSError, asyncio.IncompleteReadError, RuntimeError, ValueError, IndexError):
                     errors[kind] += 1
                     writer.close()
@@ -110,8 +132,13 @@ async def run_clients(port: int, next_request, clients: int, duration: float, ma
                     continue
                 latencies[kind].append(time.perf_counter() - start)
                 sizes[kind].append(size)
-                if status != 200:
+                if kind in KINDS and etag is None and status == 200:
+                    seen.append((kind, path, tag))
+                    del seen[:-50]  # a browser's recent history
+                if status != 200 and not (status == 304 and etag):
                     errors[kind] += 1
+                elif status == 304:
+                    latencies["repeats answered 304"].append(latencies[kind][-1])
         finally:
             writer.close()
 
@@ -135,6 +162,8 @@ class Measured:
     elapsed: float = 0.0
     app_cpu: float = 0.0  # CPU seconds of the server's processes while it was measured
     db_cpu: float | None = None  # and of PostgreSQL's (None for SQLite: it runs inside the server)
+    static_requests: int = 0  # the static-only slices: requests and the server's CPU seconds
+    static_cpu: float = 0.0
 
     def add(self, latencies, sizes, errors, elapsed: float) -> None:
         for kind, values in latencies.items():
@@ -149,7 +178,7 @@ class Measured:
 def measure(databases: dict[str, tuple[str, str]], n_latents: int, args) -> list[Measured]:
     """Every backend's server runs at once (an idle one costs nothing); the clock alternates
     between them in slices, ABBA..., so that the VM's drift over the minutes falls on all alike."""
-    static = ROOT / "app" / "static" / STATIC_NAME
+    static = args.app_root / "app" / "static" / STATIC_NAME
     with ExitStack() as stack:
         static.write_bytes(b"<!-- placeholder -->")
         stack.enter_context(static_removed(static))
@@ -158,25 +187,35 @@ def measure(databases: dict[str, tuple[str, str]], n_latents: int, args) -> list
             port = free_port()
             env = {"DATABASE_URL": url, "SAESCOPE_HOST": HOST, "SAESCOPE_PORT": str(port),
                    "SAESCOPE_WORKERS": str(args.workers), "SAESCOPE_ADMIN_TOKEN": ""}
-            _, proc = stack.enter_context(running_server(["-m", "app.server"], port, env))
-            servers[backend] = (port, request_maker(sae_id, n_latents), proc.pid)
+            # the app of --app-root, first on the path (this checkout's is the default)
+            serve = f"import runpy, sys; sys.path.insert(0, {str(args.app_root)!r}); runpy.run_module('app.server', run_name='__main__')"
+            _, proc = stack.enter_context(running_server(["-c", serve], port, env))
+            servers[backend] = (port, request_maker(sae_id, n_latents), proc.pid, request_maker(sae_id, n_latents, static_only=True))
         # Warm-up: every worker's connections and caches, and the mix's median response size.
         dynamic = []
-        for port, next_request, _ in servers.values():
+        for port, next_request, _, _ in servers.values():
             warm = asyncio.run(run_clients(port, next_request, args.clients, 5, 2_000, seed=1))
             dynamic += [size for kind, values in warm[1].items() if kind in KINDS for size in values]
         same_size = sorted(dynamic)[len(dynamic) // 2]
-        static.write_bytes((b"<!doctype html><p>" + b"x" * same_size)[:same_size])
+        # random letters: gzip cannot shrink the reference below the mix's own bytes on the wire
+        static.write_bytes((b"<!doctype html><p>" + base64.b64encode(os.urandom(same_size)))[:same_size])
         results = {backend: Measured(backend) for backend in servers}
         order = list(servers)
         for slice_ in range(args.slices):
             for backend in order if slice_ % 2 == 0 else order[::-1]:
-                port, next_request, pid = servers[backend]
+                port, next_request, pid, static_request = servers[backend]
                 app_before, db_before = tree_cpu_seconds(pid), named_cpu_seconds("postgres")
                 results[backend].add(*asyncio.run(run_clients(
                     port, next_request, args.clients, args.duration / args.slices,
-                    args.max_requests // args.slices, seed=2 + slice_)))
+                    args.max_requests // args.slices, seed=2 + slice_, repeat=args.repeat)))
                 results[backend].app_cpu += tree_cpu_seconds(pid) - app_before
+                # the static file alone, a quarter of the slice: the server's CPU per static request
+                static_before = tree_cpu_seconds(pid)
+                static_latencies = asyncio.run(run_clients(
+                    port, static_request, args.clients, args.duration / args.slices / 4,
+                    args.max_requests // args.slices, seed=100 + slice_))[0]
+                results[backend].static_cpu += tree_cpu_seconds(pid) - static_before
+                results[backend].static_requests += sum(len(values) for values in static_latencies.values())
                 if backend == "PostgreSQL":
                     db = named_cpu_seconds("postgres") - db_before
                     results[backend].db_cpu = (results[backend].db_cpu or 0.0) + db
@@ -196,9 +235,14 @@ def report(result: Measured) -> None:
     dynamic = [value for kind in KINDS for value in latencies[kind]]
     total = sum(len(values) for values in latencies.values())
     n_errors = sum(errors.values())
+    total -= len(latencies["repeats answered 304"])  # counted already under their kind
     cpu = f"server CPU {result.app_cpu / total * 1000:.2f} ms per request"
     if result.db_cpu is not None:
         cpu += f", PostgreSQL's {result.db_cpu / total * 1000:.2f} ms"
+    if result.static_requests:
+        static_cpu = result.static_cpu / result.static_requests
+        cpu += (f"; a static request alone {static_cpu * 1000:.2f} ms, so the mix's requests (static ones "
+                f"included) cost {result.app_cpu / total / static_cpu:.1f}× a static one's CPU")
     print(f"\n**{result.backend}**: {total:,} requests in {result.elapsed:.0f} s "
           f"({total / result.elapsed:,.0f}/s), {n_errors} errors; {cpu}\n")
     print("| requests | count | median size | p50 | p99 | max |")
@@ -206,11 +250,16 @@ def report(result: Measured) -> None:
     rows = [(kind, latencies[kind], sizes[kind]) for kind in KINDS]
     rows.append(("**all pages (the mix)**", dynamic, [s for kind in KINDS for s in sizes[kind]]))
     rows.append(("static file of the same size", latencies["static, same size"], sizes["static, same size"]))
+    if latencies["repeats answered 304"]:
+        rows.append(("(of the mix: repeats answered 304)", latencies["repeats answered 304"], [0]))
     for name, values, body_sizes in rows:
         if values:
             print(f"| {name} | {len(values):,} | {statistics.median(body_sizes) / 1024:,.1f} KiB | "
                   f"{percentile(values, 50) * 1000:.1f} ms | {percentile(values, 99) * 1000:.1f} ms | "
                   f"{max(values) * 1000:.1f} ms |")
+    static = latencies["static, same size"]
+    if dynamic and static:
+        print(f"\nmix p99 / static p99: {percentile(dynamic, 99) / percentile(static, 99):.2f}")
 
 
 def main() -> None:
@@ -220,6 +269,9 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 2, help="server processes")
     parser.add_argument("--max-requests", type=int, default=400_000, help="upper bound per backend")
     parser.add_argument("--slices", type=int, default=4, help="turns per backend, alternated ABBA...")
+    parser.add_argument("--repeat", type=float, default=0.5,
+                        help="share of page requests that ask again for a page fetched before, with its ETag")
+    parser.add_argument("--app-root", type=Path, default=ROOT, help="the checkout whose app the servers run")
     add_run_arguments(parser)
     parser.add_argument("--backend", choices=("SQLite", "PostgreSQL"), action="append")
     parser.add_argument("--keep", action="store_true", help="keep the PostgreSQL schema")
@@ -236,7 +288,7 @@ def main() -> None:
             admin.dispose()
     print(f"{platform.node()} · {os.cpu_count()} cores · Python {platform.python_version()} · "
           f"{args.clients} clients, {args.workers} server workers, {args.duration:.0f} s per backend in "
-          f"{args.slices} alternated slices · "
+          f"{args.slices} alternated slices · {args.repeat:.0%} of page requests repeated with their ETag · "
           f"load average {os.getloadavg()[0]:.1f} at the end")
     for result in results:
         report(result)

@@ -103,7 +103,7 @@ def test_saescope_serve_migrates_a_fresh_database_and_serves_pages_and_htmx(venv
         (htmx,) = [path for path in static if "htmx" in path]
         assert fetch(f"{base}{htmx}").startswith("var htmx=")  # npm's htmx.min.js, shipped in the package
         assert all(fetch(f"{base}{path}") for path in static)
-        assert "/static/style.css" in static
+        assert any(re.fullmatch(r"/static/style\.[0-9a-f]{10}\.css", path) for path in static)  # hashed: immutable
         assert "<html" in fetch(f"{base}/api")
     finally:
         server.terminate()

@@ -72,6 +72,46 @@ def test_api_equals_direct_encoding(tiny_client, tiny_sae_id, encoder, text):
         assert_close(torch.tensor([v for _, v in got]), torch.tensor([v for _, v in want]), atol=1e-4, rtol=1e-4)
 
 
+def test_the_beginning_of_text_token_takes_the_first_position(tiny_client, tiny_sae_id, encoder, density):
+    """With bos, the model's beginning-of-text token (the tiny GPT-2-style tokenizer's end-of-text,
+    its document separator) goes before the text: it is the left-out first position, and the
+    text's own first token is encoded after it, and counted."""
+    text = TEXTS[0]
+    start = encoder.lm.tokenizer.eos_token_id
+    ids = [start] + encoder.tokenize(text)
+    expected = encoder.encode_ids(ids)
+    result = tiny_client.post("/api/probe", json={"sae": tiny_sae_id, "text": text, "bos": True, "top_n": 10}).json()
+    assert result["bos"] is True and [t["token_id"] for t in result["tokens"]] == ids
+    assert result["tokens"][0]["token"] == "<|endoftext|>"
+    assert [t["token"] for t in result["tokens"][1:]] == encoder.encode_text(text).tokens
+    assert result["excluded_positions"] == [0]
+    got = [(r["index"], r["n_tokens"]) for r in result["top_latents"]]
+    want = [(r["index"], r["n_tokens"]) for r in expected_ranking(expected, density, True, "max", 10)]
+    assert got == want  # the text's first token is among the counted ones
+    twin = tiny_client.get("/probe.json", params={"sae": tiny_sae_id, "text": text, "bos": 1}).json()
+    assert twin["bos"] is True and twin["url"] == "/probe?" + urlencode({"sae": tiny_sae_id, "text": text, "bos": 1})
+    assert tiny_client.get("/probe.json", params={"sae": tiny_sae_id, "text": text}).json()["bos"] is False
+    # the page: the box ticked, the token marked, the state kept by the token panel
+    page = tiny_client.get("/probe", params={"sae": tiny_sae_id, "text": text, "bos": 1}).text
+    assert 'name="bos" value="1" checked' in page and 'class="tok excluded bos"' in page.replace(" on excluded", " excluded")
+    fragment = tiny_client.post("/probe/tokens/1", data={"sae": tiny_sae_id, "text": text, "bos": "1"}, headers={"HX-Request": "true"})
+    assert fragment.headers["HX-Replace-Url"] == "/probe?" + urlencode({"sae": tiny_sae_id, "text": text, "bos": 1, "token": 1})
+
+
+def test_a_text_over_the_token_limit_offers_its_first_tokens(tiny_client, tiny_sae_id, encoder):
+    text = TEXTS[0] * 40
+    limit = min(512, encoder.lm.max_positions or 512)
+    assert len(encoder.tokenize(text)) > limit
+    page = tiny_client.get("/probe", params={"sae": tiny_sae_id, "text": text})
+    assert page.status_code == 413 and f"the probe accepts at most {limit}" in page.text
+    link = re.search(r'<a class="button" href="([^"]+)">Probe its first (\d+) tokens</a>', page.text)
+    assert link and int(link.group(2)) == limit
+    shorter = tiny_client.get(link.group(1).replace("&amp;", "&"))
+    assert shorter.status_code == 200 and f"<strong>{limit}</strong> tokens through" in shorter.text
+    box = shorter.text.split('name="text" rows="6"', 1)[1].split(">", 1)[1]
+    assert box.lstrip("\n").startswith("def probe(x):")  # the text's own beginning, in the box
+
+
 def test_texts_encoded_together_equal_each_alone(encoder):
     """Padding on the right changes nothing a causal model computes for the real tokens, up to the
     rounding of the forward's matmuls (whose blocking differs with the batch's shape): fp32's last
@@ -150,9 +190,25 @@ def test_the_page_says_how_many_frequent_latents_it_hides(tiny_client, tiny_sae_
     hidden = int(((z > 0).any(0) & (density > FREQUENT_THRESHOLD)).sum())
     assert hidden > 0, "the tiny SAE has frequent latents that fire here"
     page = tiny_client.get("/probe", params={"sae": tiny_sae_id, "text": text}).text
-    assert f"fire on more than {FREQUENT_THRESHOLD * 100:g} % of all tokens and say little about one text: {hidden} of them fire here" in page
+    assert f"fire on more than {FREQUENT_THRESHOLD * 100:g} % of all tokens and say little about one text, do not shade the text; {hidden} of them fire here" in page
     assert f"show frequent latents (firing on more than {FREQUENT_THRESHOLD * 100:g} % of tokens) and the first token" in page
     assert "of them fire here" not in tiny_client.get("/probe", params={"sae": tiny_sae_id, "text": text, "all": 1}).text
+
+
+def test_the_ranking_lists_frequent_latents_dimmed_in_their_place(tiny_client, tiny_sae_id, encoder, density):
+    """The text's strongest latents are never hidden: frequent ones that rank as high as the
+    rest are listed in their place, marked, not left out."""
+    text = TEXTS[0]
+    peak = encoder.encode_text(text).latents[1:].max(0).values  # the counted positions
+    page = tiny_client.get("/probe", params={"sae": tiny_sae_id, "text": text}).text
+    table = page.split('class="data compact text-latents stack"', 1)[1].split("</table>", 1)[0]
+    rows = [(kind, int(i)) for kind, i in
+            re.findall(r'<tr class="([^"]*)">\s*(?:\{#[^#]*#\}\s*)?<td><span class="latent-head"><a href="/saes/[^"]+/features/(\d+)"', table)]
+    assert rows and rows[0][1] == int(peak.argmax())  # the strongest first, frequent or not
+    assert all(("frequent" in kind) == bool(density[i] > FREQUENT_THRESHOLD) for kind, i in rows)
+    assert any("frequent" in kind for kind, _ in rows)  # (the tiny SAE's latents are nearly all frequent)
+    twin = tiny_client.get("/probe.json", params={"sae": tiny_sae_id, "text": text, "top_n": 25}).json()
+    assert [i for kind, i in rows if "frequent" not in kind] == [t["index"] for t in twin["top_latents"]]  # the API's ranking is as it was
 
 
 def test_token_fragment_lists_that_tokens_latents(tiny_client, tiny_sae_id, encoder):
@@ -168,9 +224,9 @@ def test_token_fragment_lists_that_tokens_latents(tiny_client, tiny_sae_id, enco
     assert missing.status_code == 404 and "no token 999" in missing.text
 
 
-def test_a_tokens_frequent_latents_are_listed_apart_not_hidden(tiny_client, tiny_sae_id, encoder, density):
-    """Frequent latents stay out of the shading and the ranking, but a token's panel still lists
-    them, in a box of their own: a token's strongest latent may be one of them."""
+def test_a_tokens_frequent_latents_are_dimmed_in_their_place_not_hidden(tiny_client, tiny_sae_id, encoder, density):
+    """Frequent latents stay out of the shading, but a token's panel lists every latent firing on
+    it in order of strength, frequent ones dimmed and marked: its strongest may be one of them."""
     text = TEXTS[0]
     for position, z in enumerate(encoder.encode_text(text).latents):
         fired = [i for i in z.argsort(descending=True).tolist() if z[i] > 0]
@@ -178,11 +234,10 @@ def test_a_tokens_frequent_latents_are_listed_apart_not_hidden(tiny_client, tiny
         if position > 0 and frequent:  # (nearly every latent of the tiny SAE is frequent)
             break
     fragment = tiny_client.post(f"/probe/tokens/{position}", data={"sae": tiny_sae_id, "text": text}, headers={"HX-Request": "true"}).text
-    shown, boxed = fragment.split('<details class="frequent-latents">', 1)
-    listed = lambda html: [int(i) for i in re.findall(r'<span class="latent-head"><a href="/saes/[^"]+/features/(\d+)">', html)]  # noqa: E731
-    assert listed(shown) == [i for i in fired if i not in frequent] and listed(boxed) == frequent
-    assert ("No latent but frequent ones fires on this token" in shown) == (len(frequent) == len(fired))
-    assert f"{len(frequent)} frequent latent{'s' if len(frequent) != 1 else ''} (firing on more than {FREQUENT_THRESHOLD * 100:g} % of tokens) also fire here" in boxed
+    rows = re.findall(r'<tr class="([^"]*)">\s*<td><span class="latent-head"><a href="/saes/[^"]+/features/(\d+)">', fragment)
+    assert [int(i) for _, i in rows] == fired  # every one, strongest first
+    assert [int(i) for kind, i in rows if "frequent" in kind] == frequent
+    assert fragment.count('<span class="tag" title="fires on more than') == len(frequent)
 
 
 def test_the_open_token_is_view_state(tiny_client, tiny_sae_id):

@@ -58,7 +58,9 @@ def test_share_button_without_and_with_javascript(tiny_db, tiny_sae_id):
         assert redirect.headers["location"] == f"/p/{share_id}?latent=3&all=1"
         fragment = client.post("/probe/share", data=form, headers={"HX-Request": "true"})
         assert fragment.status_code == 200 and "<html" not in fragment.text
-        assert f'href="http://testserver/p/{share_id}?latent=3&amp;all=1"' in fragment.text
+        # a relative link; the link to copy is whole, at the request's own (allowed) host
+        assert f'href="/p/{share_id}?latent=3&amp;all=1"' in fragment.text
+        assert f'data-copy="http://testserver/p/{share_id}?latent=3&amp;all=1"' in fragment.text
         view = client.get(redirect.headers["location"])
         assert view.status_code == 200 and "Highlighting latent" in view.text and 'name="all" value="1" checked' in view.text
         empty = client.post("/probe/share", data=form | {"text": "  "}, headers={"HX-Request": "true"})

@@ -40,8 +40,11 @@ def _feature_response(page: pages.PageCall, probe, window: str, text: str, trial
     if page.part != "try-result":
         feature = page.data()
         unavailable = probe.unavailable_for(feature.source) if page.part is None else None
-    return page.render(feature, trial=trial, text=text, window=window, sae_id=page.params["sae_id"],
-                       index=page.params["index"], unavailable=unavailable, oob=page.part is not None)
+    response = page.render(feature, trial=trial, text=text, window=window, sae_id=page.params["sae_id"],
+                           index=page.params["index"], unavailable=unavailable, oob=page.part is not None)
+    if trial is not None and trial.error:  # a busy or missing probe is a moment, not the load: not kept (app.caching)
+        response.headers["Cache-Control"] = "no-store"
+    return response
 
 
 @pages.route(router, "/features/{index}", template="feature.html", name="feature", parts=PARTS, html=feature_page,

@@ -7,21 +7,22 @@ import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Annotated
-from urllib.parse import unquote_to_bytes
 
 from fastapi import APIRouter, Depends, FastAPI, Form, HTTPException, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import RedirectResponse
 from fastapi.routing import APIRoute
-from pydantic import AliasChoices, BaseModel, BeforeValidator, Field
+from pydantic import AfterValidator, AliasChoices, BaseModel, BeforeValidator, Field
 
-from app import pages
+from app import pages, queries
 from app.deps import ProbeDep, SessionDep, URLsDep
+from app.params import check_utf8, form_index
 from app.probe_availability import SaeOption
-from app.probe_view import ProbeResponse, SharedProbeOut, SortKey, view_state, view_text
+from app.probe_service import TooLong
+from app.probe_view import ProbeResponse, SharedProbeOut, SortKey, UnknownLatent, view_state, view_text
 from app.render import is_htmx, json_response, render
 from app.schemas import ErrorOut, InvalidRequestOut
-from app.shares import ShareOut, create_share, get_share
+from app.shares import ShareLimitReached, ShareLimits, ShareOut, create_share, get_share
 from app.urls import URLs
 from trainer.thresholds import FREQUENT_THRESHOLD
 
@@ -36,17 +37,20 @@ async def preload_models(app: FastAPI):
 
 
 class Utf8Route(APIRoute):
-    """Rejects a query string or body that is not UTF-8 with a 400 that says so (Starlette would
-    silently turn such bytes into U+FFFD, and FastAPI's JSON error does not name the cause)."""
+    """Rejects a body that is not UTF-8 with a 400 that says so (Starlette would silently turn
+    such bytes into U+FFFD, and FastAPI's JSON error does not name the cause). Query strings are
+    checked for every route by app.security."""
 
     def get_route_handler(self):
         handler = super().get_route_handler()
 
         async def checked(request: Request):
-            check_utf8(request.scope.get("query_string", b""), "the query parameter")
             content_type = request.headers.get("content-type", "")
             if request.method == "POST" and content_type.startswith("application/x-www-form-urlencoded"):
-                check_utf8(await request.body(), "the form field")
+                body = await request.body()
+                check_utf8(body, "the form field")
+                if b"%00" in body or b"\x00" in body:
+                    raise HTTPException(400, "NUL bytes are not allowed in form fields")
             elif request.method == "POST":
                 body = await request.body()  # cached: FastAPI parses the same bytes next
                 try:
@@ -75,13 +79,25 @@ BUSY = {503: {"model": ErrorOut, "headers": RETRY_AFTER, "description": "the pro
 # ---------------------------------------------------------------- the API's requests
 
 
+def no_nul(value: str) -> str:
+    """No id contains a NUL, and PostgreSQL cannot even compare one (the text's own check says more)."""
+    if "\x00" in value:
+        raise ValueError("must not contain NUL characters")
+    return value
+
+
+SaeId = Annotated[str, AfterValidator(no_nul)]
+
+
 class ProbeRequest(BaseModel):
-    sae: str = Field(description="SAE id, as listed by /index.json")
+    sae: SaeId = Field(description="SAE id, as listed by /index.json")
     text: str = Field(description="text to encode: not empty, at most probe_max_chars characters and "
                                   "probe_max_tokens tokens, no control characters but tab and newlines")
     top_k: int = Field(5, ge=1, le=64, description="strongest latents reported per token")
     top_n: int = Field(20, ge=1, le=500, description="latents in the whole-text ranking")
     sort: SortKey = Field("max", description="rank the whole-text latents by their max or their sum over the tokens")
+    bos: bool = Field(False, description="put the model's beginning-of-text token before the text, so that the "
+                                         "text's first token is not the (left out) first position")
     hide_frequent_and_first: bool = Field(
         True, description=f"leave frequent latents (density > {FREQUENT_THRESHOLD:.0%}) and the first position (an "
                           "attention sink, left out by the harvest too) out of the whole-text ranking",
@@ -90,7 +106,7 @@ class ProbeRequest(BaseModel):
 
 
 class ShareRequest(BaseModel):
-    sae: str = Field(description="SAE id")
+    sae: SaeId = Field(description="SAE id")
     text: str = Field(description="the probed text (the same limits as POST /api/probe)")
 
 
@@ -117,13 +133,16 @@ class ProbeState:
     latent: int | None
     sort: SortKey
     hide: bool
+    bos: bool = False
 
 
 async def probe_state(latent: Latent = None, sort: SortKey = "max",
                       include_all: Annotated[bool, Query(alias="all", description="count frequent latents and the "
                                                                                  "first position too")] = False,
+                      bos: Annotated[bool, Query(description="put the model's beginning-of-text token before the "
+                                                             "text (its first token is then counted)")] = False,
                       ) -> ProbeState:
-    return ProbeState(latent, sort, not include_all)
+    return ProbeState(latent, sort, not include_all, bos)
 
 
 StateDep = Annotated[ProbeState, Depends(probe_state)]
@@ -140,7 +159,7 @@ async def create_probe(body: ProbeRequest, probe: ProbeDep, urls: URLsDep):
     character or token limit (the message gives it); 404 unknown SAE; 503 weights or model not on
     this server, or the probe busy (with Retry-After)."""
     began = time.perf_counter()
-    view = await view_text(probe, body.sae, body.text, urls, top_k=body.top_k, top_n=body.top_n, sort=body.sort,
+    view = await view_text(probe, body.sae, body.text, urls, top_k=body.top_k, top_n=body.top_n, sort=body.sort, bos=body.bos,
                            hide=body.hide_frequent_and_first)
     response = json_response(view)
     # the server's own time for this probe, queueing included (bench/probe_latency.py reads it)
@@ -149,11 +168,15 @@ async def create_probe(body: ProbeRequest, probe: ProbeDep, urls: URLsDep):
 
 
 @router.post("/api/share", response_model=ShareOut, status_code=201, summary="Share a probe as a short permanent link",
-             responses=ERRORS | {200: {"model": ShareOut, "description": "the link existed already"}})
-async def create_share_link(body: ShareRequest, session: SessionDep, probe: ProbeDep, urls: URLsDep):
+             responses=ERRORS | {200: {"model": ShareOut, "description": "the link existed already"},
+                                 429: {"model": ErrorOut, "headers": RETRY_AFTER,
+                                       "description": "too many new links from this address, or on this server"}})
+async def create_share_link(request: Request, body: ShareRequest, session: SessionDep, probe: ProbeDep, urls: URLsDep):
     """Stores the SAE id and the text under an id derived from their hash: 201 when new, 200 with
-    the same link when this probe was shared before. /p/{id} opens it, /p/{id}.json gives it."""
-    share, created = await _share(session, probe, body.sae, body.text, urls)
+    the same link when this probe was shared before. /p/{id} opens it, /p/{id}.json gives it (the
+    id in any letter case). New links are limited per client address and in all: 429 beyond
+    (with Retry-After when waiting helps)."""
+    share, created = await _share(request, session, probe, body.sae, body.text, urls)
     return json_response(share, status_code=201 if created else 200)
 
 
@@ -184,7 +207,7 @@ async def read_probe(probe: ProbeDep, urls: URLsDep, state: StateDep,
     if sae is None:
         raise HTTPException(422, "sae is required: an SAE id, as /index.json lists them")
     return await view_text(probe, sae, text, urls, latent=state.latent, top_k=top_k, top_n=top_n, sort=state.sort,
-                           hide=state.hide)
+                           hide=state.hide, bos=state.bos)
 
 
 async def share_page(page: pages.PageCall, token: Token = None):
@@ -199,11 +222,18 @@ async def share_page(page: pages.PageCall, token: Token = None):
              responses={code: {"model": ErrorOut} for code in (400, 404)} | BUSY)
 async def read_share(share_id: str, session: SessionDep, probe: ProbeDep, urls: URLsDep, state: StateDep) -> SharedProbeOut:
     """The stored text and its probe now (null with `error` when the model is not on this server;
-    503 with Retry-After when the probe is busy)."""
+    503 with Retry-After when the probe is busy; 422 for a latent the SAE lacks, as /probe.json)."""
     share = await _get_share(session, share_id, urls)
+    if state.latent is not None:  # checked whether or not the probe can run here
+        summary = await run_in_threadpool(queries.get_sae_summary, session, share.sae)
+        if summary is not None and state.latent >= summary.n_latents:
+            raise UnknownLatent(share.sae, state.latent, summary.n_latents)
     view, error = None, None
     try:
-        view = await view_text(probe, share.sae, share.text, urls, latent=state.latent, sort=state.sort, hide=state.hide)
+        view = await view_text(probe, share.sae, share.text, urls, latent=state.latent, sort=state.sort, hide=state.hide,
+                               bos=state.bos)
+    except UnknownLatent:
+        raise  # the request's mistake, not the share's: one rule with /probe.json
     except HTTPException as e:
         if e.status_code == 503 and e.headers and "Retry-After" in e.headers:
             raise  # busy: ask again later, the share itself is fine
@@ -223,12 +253,14 @@ class ProbeForm:
     latent: str  # '' for none
     sort: SortKey
     hide: bool
+    bos: bool = False
 
 
 async def probe_form(sae: Annotated[str, Form()], text: Annotated[str, Form()], latent: Annotated[str, Form()] = "",
                      sort: Annotated[SortKey, Form()] = "max",
-                     include_all: Annotated[bool, Form(alias="all")] = False) -> ProbeForm:
-    return ProbeForm(sae, page_text(text), latent, sort, not include_all)
+                     include_all: Annotated[bool, Form(alias="all")] = False,
+                     bos: Annotated[bool, Form()] = False) -> ProbeForm:
+    return ProbeForm(sae, page_text(text), latent, sort, not include_all, bos)
 
 
 FormDep = Annotated[ProbeForm, Depends(probe_form)]
@@ -241,15 +273,15 @@ async def read_probe_token(request: Request, position: int, probe: ProbeDep, url
     the token too (replaced, not pushed: moving along the tokens with Tab is not history), and
     so does the page's state form, so that highlighting or sorting keeps the panel open."""
     try:
-        view = await view_text(probe, form.sae, form.text, urls, latent=_index(form.latent, "latent"), strict=False,
-                               hide=form.hide)
+        view = await view_text(probe, form.sae, form.text, urls, latent=form_index(form.latent, "latent"), strict=False,
+                               hide=form.hide, bos=form.bos)
         if not 0 <= position < len(view.token_views):
             raise HTTPException(404, f"the text has no token {position}")
     except HTTPException as e:
         return render(request, "_probe_error.html", status_code=e.status_code, error=e.detail)
     response = render(request, "_probe_token.html", view=view, token=view.token_views[position], oob=True,
                       frequent_percent=FREQUENT_PERCENT)
-    state = view_state(view.latent, form.sort, form.hide, position)
+    state = view_state(view.latent, form.sort, form.hide, position, form.bos)
     # on a shared probe's page the address stays its short link
     response.headers["HX-Replace-Url"] = urls.share(share, **state) if share else urls.probe(form.sae, form.text, **state)
     return response
@@ -260,15 +292,16 @@ async def create_share_from_page(request: Request, session: SessionDep, probe: P
                                  token: Annotated[str, Form()] = ""):
     """The Share button: the link as a fragment (htmx), or a redirect to it (no JavaScript)."""
     try:
-        share, _ = await _share(session, probe, form.sae, form.text, urls)
+        share, _ = await _share(request, session, probe, form.sae, form.text, urls)
     except HTTPException as e:
         if not is_htmx(request):
             raise
         return render(request, "_probe_error.html", status_code=e.status_code, error=e.detail)
-    link = urls.share(share.id, **view_state(_index(form.latent, "latent"), form.sort, form.hide, _index(token, "token")))
+    link = urls.share(share.id, **view_state(form_index(form.latent, "latent"), form.sort, form.hide, form_index(token, "token"),
+                                             form.bos))
     if not is_htmx(request):
         return RedirectResponse(link, status_code=303)
-    return render(request, "_probe_share.html", share=share, link=absolute(request, link))
+    return render(request, "_probe_share.html", share=share, path=link, link=absolute(request, link))
 
 
 # ---------------------------------------------------------------- helpers
@@ -285,20 +318,23 @@ async def _probe_page(page: pages.PageCall, probe, urls: URLs, sae: str | None, 
     options = await run_in_threadpool(probe.options)
     if sae is None:
         sae = first_sae(options)
-    state = view_state(asked.latent, asked.sort, asked.hide, token)  # kept as asked while the probe cannot run (a retry reloads it)
+    state = view_state(asked.latent, asked.sort, asked.hide, token, asked.bos)  # kept as asked while the probe cannot run (a retry reloads it)
     view: ProbeResponse | None = None
     focus = None  # the token whose panel is open
     error, retry_after, status = None, None, 200
+    shorter = None  # a text over a limit: the link that probes the part of it that fits
     if sae is not None and text:
         try:
-            view = await view_text(probe, sae, text, urls, latent=asked.latent, strict=False, sort=asked.sort,
+            view = await view_text(probe, sae, text, urls, latent=asked.latent, strict=False, sort=asked.sort, bos=asked.bos,
                                    hide=asked.hide, top_n=PAGE_TOP_N)
             # a position beyond this text (an edited link) just leaves the panel closed
             focus = view.token_views[token] if token is not None and token < len(view.token_views) else None
-            state = view_state(view.latent, asked.sort, asked.hide, focus.position if focus else None)
+            state = view_state(view.latent, asked.sort, asked.hide, focus.position if focus else None, asked.bos)
         except HTTPException as e:
             error = e.detail
             retry_after = (e.headers or {}).get("Retry-After")
+            if isinstance(e, TooLong) and e.prefix.strip():  # offer the part that fits
+                shorter = {"url": urls.probe(sae, e.prefix, **state), "limit": e.limit, "unit": e.unit}
             # a share link exists whether or not its probe can run here (the model missing, say):
             # a 200 that says why, so a link preview shows it (crawlers skip a 503), as its JSON
             # twin does; a busy probe stays a 503, to be asked again
@@ -308,7 +344,7 @@ async def _probe_page(page: pages.PageCall, probe, urls: URLs, sae: str | None, 
     address = urls.share(share.id, **state) if share else page_url  # what the address bar holds
     context = {
         "options": options, "sae": sae, "text": text, "state": state, "focus": focus, "error": error,
-        "retry_after": retry_after, "share": share, "max_chars": probe.settings.probe_max_chars,
+        "retry_after": retry_after, "shorter": shorter, "share": share, "max_chars": probe.settings.probe_max_chars,
         "max_tokens": probe.settings.probe_max_tokens,
         "frequent_percent": FREQUENT_PERCENT,
         "page_url": page_url,
@@ -319,6 +355,8 @@ async def _probe_page(page: pages.PageCall, probe, urls: URLs, sae: str | None, 
     response = page.render(view, template=template, status_code=status, **context)
     if retry_after:
         response.headers["Retry-After"] = retry_after
+    if error:  # why the probe could not run is this server's moment, not the load's: not kept (app.caching)
+        response.headers["Cache-Control"] = "no-store"
     return response
 
 
@@ -340,7 +378,10 @@ def open_graph(view: ProbeResponse | None, sae: str | None, text: str, url: str)
 
 
 def absolute(request: Request, path: str) -> str:
-    return f"{request.url.scheme}://{request.url.netloc}{path}"
+    """`path` as a whole URL: at the configured public origin, else at the request's own (its
+    host one that app.security allowed)."""
+    origin = request.app.state.settings.public_origin or f"{request.url.scheme}://{request.url.netloc}"
+    return origin + path
 
 
 def page_text(text: str) -> str:
@@ -348,28 +389,15 @@ def page_text(text: str) -> str:
     return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
-def check_utf8(encoded: bytes, what: str) -> None:
-    """Each value of a query string or form body decodes as UTF-8, or a 400 names it."""
-    for pair in encoded.split(b"&"):
-        try:
-            unquote_to_bytes(pair.replace(b"+", b" ")).decode("utf-8")
-        except UnicodeDecodeError:
-            name = unquote_to_bytes(pair.split(b"=", 1)[0]).decode("utf-8", "replace")
-            raise HTTPException(400, f"{what} {name!r} is not valid UTF-8") from None
-
-
-def _index(value: str, what: str) -> int | None:
-    """The highlighted latent or the open token from a form ('' clears it)."""
-    if value.strip() == "":
-        return None
-    if not value.strip().isdigit():
-        raise HTTPException(422, f"{what} must be a {what} index, got {value!r}")
-    return int(value)
-
-
-async def _share(session, probe, sae: str, text: str, urls: URLs) -> tuple[ShareOut, bool]:
+async def _share(request: Request, session, probe, sae: str, text: str, urls: URLs) -> tuple[ShareOut, bool]:
     probe.check_text(text)
-    made = await run_in_threadpool(create_share, session, sae, text, urls)
+    limits: ShareLimits = request.app.state.share_limits
+    client = request.client.host if request.client else "unknown"
+    try:
+        made = await run_in_threadpool(create_share, session, sae, text, urls, lambda: limits.take(session, client))
+    except ShareLimitReached as e:
+        headers = {"Retry-After": str(e.retry_after_s)} if e.retry_after_s else None
+        raise HTTPException(429, str(e), headers=headers) from None
     if made is None:
         raise HTTPException(404, f"no SAE {sae!r}")
     return made

@@ -23,11 +23,21 @@ Density = Annotated[ShareOut | None, BeforeValidator(lambda value: None if value
                     Query(description="a share of tokens, 0..1 (empty: no bound)")]
 
 
+Percent = Annotated[Annotated[float, Field(ge=0, le=100)] | None, BeforeValidator(lambda value: None if value == "" else value),
+                    Query(description="the same bound as a percentage of tokens, as the pages show densities "
+                                      "(the SAE page's form sends it; min_density/max_density win when both are given)")]
+
+
 def latent_filter(min_density: Density = None, max_density: Density = None,
+                  min_density_pct: Percent = None, max_density_pct: Percent = None,
                   hide_dead: Annotated[bool, Query(description="leave out latents that never fired")] = False,
                   hide_dense: Annotated[bool, Query(description="leave out latents firing on more than 10 % of tokens")] = False,
                   ) -> queries.LatentFilterOut:
-    return queries.LatentFilterOut(min_density=min_density, max_density=max_density, hide_dead=hide_dead,
+    def share(value: float | None, percent: float | None) -> float | None:
+        return value if value is not None or percent is None else percent / 100
+
+    return queries.LatentFilterOut(min_density=share(min_density, min_density_pct),
+                                   max_density=share(max_density, max_density_pct), hide_dead=hide_dead,
                                    hide_dense=hide_dense)
 
 

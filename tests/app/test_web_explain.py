@@ -65,6 +65,11 @@ def sized_client(request, tmp_path_factory):
         app.state.engine.dispose()
 
 
+def is_load_stamp(statement: str) -> bool:
+    return any(statement.lstrip().startswith(f"SELECT {table}.id, {table}.content_hash, {table}.created_at")
+               for table in ("saes", "ladders"))
+
+
 @pytest.mark.parametrize("page", list(PAGES))
 def test_page_queries_read_no_whole_table(sized_client, page):
     client, sae_id = sized_client
@@ -76,6 +81,8 @@ def test_page_queries_read_no_whole_table(sized_client, page):
         for statement, parameters in statements:
             if statement.lstrip().startswith("SELECT saes.id") and "saes.id =" not in statement:
                 continue  # the first SAE when the URL names none: not one of these pages
+            if is_load_stamp(statement):
+                continue  # app.caching's stamp of the load: once a second per process, one row per loaded SAE or ladder
             problems = whole_table_reads(engine, statement, parameters)
             assert problems == [], f"{url}: {statement}\n{query_plan(engine, statement, parameters)}"
 

@@ -162,14 +162,15 @@ def test_type_click_highlight_share_and_reopen(probe_server, browser, tiny_sae_i
     page.locator("#probe-state button", has_text="Share").click()
     link = page.locator(".share-url")
     link.wait_for()
-    href = link.get_attribute("href")
-    assert re.fullmatch(rf"{probe_server}/p/[a-z2-7]{{10}}\?latent={chosen}&all=1&token=3", href), href
+    href = link.get_attribute("href")  # relative; the text shown and copied is whole
+    assert re.fullmatch(rf"/p/[a-z2-7]{{10}}\?latent={chosen}&all=1&token=3", href), href
+    assert link.inner_text() == probe_server + href
     # copy: the link reaches the clipboard (127.0.0.1 is a secure context, so the clipboard API)
     page.context.grant_permissions(["clipboard-read", "clipboard-write"], origin=probe_server)
     copy = page.locator(".share-link button.copy")
     copy.click()
     until(lambda: copy.inner_text() == "copied")
-    assert page.evaluate("navigator.clipboard.readText()") == href
+    assert page.evaluate("navigator.clipboard.readText()") == probe_server + href
     page.screenshot(path=str(SHOTS / "probe-highlight.png"), full_page=True)
     view = {
         "tokens": page.locator(".probe-tokens").inner_text(),
@@ -181,7 +182,7 @@ def test_type_click_highlight_share_and_reopen(probe_server, browser, tiny_sae_i
 
     shared = browser.new_page(viewport={"width": 1280, "height": 900})
     shared_problems = watch(shared)
-    shared.goto(href)
+    shared.goto(probe_server + href)
     shared.locator(".probe-tokens .tok").first.wait_for()
     assert shared.locator("#probe-text").input_value() == TEXT
     assert shared.locator("#probe-all").is_checked()

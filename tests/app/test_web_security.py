@@ -254,3 +254,89 @@ def test_sql_metacharacters_in_paths_and_queries(synthetic_client, database_url,
         assert response.status_code == 404, (path, response.status_code)
     assert synthetic_client.get("/index.json", params={"q": payload}).json() == before[1]  # unknown parameters ignored
     assert (counts(database_url), synthetic_client.get("/index.json").json()) == before  # nothing was dropped or changed
+
+
+# ------------------------------------------------------------ hosts, origins, one rule for text
+
+
+def test_hosts_not_allowed_are_refused(synthetic_client):
+    assert synthetic_client.get("/", headers={"Host": "evil.example"}).status_code == 400
+    assert synthetic_client.get("/index.json", headers={"Host": "evil.example"}).json()["detail"].startswith(
+        "this server does not answer for the host")
+    assert synthetic_client.get("/healthz", headers={"Host": "10.0.0.7:8000"}).status_code == 200  # a load balancer
+    for host in ("localhost:8000", "127.0.0.1", "[::1]:8000", "LOCALHOST."):
+        assert synthetic_client.get("/", headers={"Host": host}).status_code == 200, host
+
+
+def test_absolute_urls_come_from_the_public_origin(database_url, synthetic_sae_id):
+    settings = Settings(database_url=database_url, public_origin="https://saescope.example.org/",
+                        allowed_hosts=["*.internal"])
+    with TestClient(create_app(settings), base_url="https://saescope.example.org") as client:
+        page = client.get("/probe", params={"sae": synthetic_sae_id})
+        assert '<meta property="og:url" content="https://saescope.example.org/probe?sae=' in page.text
+        assert client.get("/", headers={"Host": "node-3.internal:8000"}).status_code == 200
+        assert client.get("/", headers={"Host": "evil.example"}).status_code == 400
+        # the Host header never reaches an absolute URL
+        other = client.get("/probe", params={"sae": synthetic_sae_id}, headers={"Host": "node-3.internal"})
+        assert "node-3" not in other.text
+
+
+@pytest.mark.parametrize("value, hosts", [("a.org, b.org", ["a.org", "b.org"]), ('["a.org"]', ["a.org"]), ("*", ["*"])])
+def test_allowed_hosts_from_the_environment(monkeypatch, value, hosts):
+    monkeypatch.setenv("SAESCOPE_ALLOWED_HOSTS", value)
+    assert Settings().allowed_hosts == hosts
+
+
+def test_a_public_origin_is_a_scheme_and_a_host():
+    assert Settings(public_origin="https://x.org/").public_origin == "https://x.org"
+    for bad in ("x.org", "ftp://x.org", "https://x.org/app"):
+        with pytest.raises(ValueError):
+            Settings(public_origin=bad)
+
+
+@pytest.mark.parametrize("path", ["/", "/index.json", "/saes/{sae}", "/probe", "/probe.json", "/search", "/p/x.json"])
+def test_a_query_that_is_not_utf8_is_a_400_on_every_route(synthetic_client, synthetic_sae_id, path):
+    response = synthetic_client.get(path.format(sae=synthetic_sae_id) + "?q=%ff%fe&sae=x")
+    assert response.status_code == 400 and "q&#39; is not valid UTF-8" in response.text.replace("'", "&#39;")
+
+
+def test_content_length_must_be_ascii_digits():
+    from app.security import RequestGuard
+
+    guard = RequestGuard(None, Settings())
+    for length, status in ((b"12", None), ("²".encode("latin-1"), 413), (b"9" * 5000, 413), (b"1e3", 413)):
+        scope = {"type": "http", "path": "/", "raw_path": b"/", "query_string": b"",
+                 "headers": [(b"host", b"localhost"), (b"content-length", length)]}
+        assert (guard._check_request(scope) or (None,))[0] == status
+
+
+# ------------------------------------------------------------ share links: limits and ids
+
+
+def test_share_creation_is_limited_per_client_and_in_total(loaded_url, synthetic_sae_id):
+    settings = Settings(database_url=loaded_url, share_limit_per_client=2, share_limit_total=3)
+    with TestClient(create_app(settings)) as client:
+        made = [client.post("/api/share", json={"sae": synthetic_sae_id, "text": f"text {i}"}) for i in range(3)]
+        assert [r.status_code for r in made] == [201, 201, 429]
+        assert "at most 2 new share links an hour" in made[2].json()["detail"]
+        assert int(made[2].headers["Retry-After"]) > 3000
+        again = client.post("/api/share", json={"sae": synthetic_sae_id, "text": "text 0"})
+        assert again.status_code == 200  # an existing link is always given
+        page = client.post("/probe/share", data={"sae": synthetic_sae_id, "text": "text 9"}, headers={"HX-Request": "true"})
+        assert page.status_code == 429 and "at most 2" in page.text
+    with TestClient(create_app(settings)) as client:  # another process: its own count, the same total
+        assert client.post("/api/share", json={"sae": synthetic_sae_id, "text": "text 3"}).status_code == 201
+        full = client.post("/api/share", json={"sae": synthetic_sae_id, "text": "text 4"})
+        assert full.status_code == 429 and "limit of 3 share links" in full.json()["detail"]
+
+
+def test_share_ids_in_any_case_and_one_rule_for_a_missing_latent(loaded_url, synthetic_sae_id):
+    with TestClient(create_app(Settings(database_url=loaded_url))) as client:
+        share = client.post("/api/share", json={"sae": synthetic_sae_id, "text": "def f():"}).json()
+        for share_id in (share["id"], share["id"].upper(), share["id"].title()):
+            assert client.get(f"/p/{share_id}.json").json()["id"] == share["id"]
+            assert client.get(f"/p/{share_id}").status_code == 200
+        # a latent the SAE lacks: 422 on the shared probe's twin, as on /probe.json
+        missing = client.get(f"/p/{share['id']}.json", params={"latent": N_LATENTS})
+        assert missing.status_code == 422 and "does not exist" in missing.json()["detail"]
+        assert client.get(f"/p/{share['id']}.json", params={"latent": N_LATENTS - 1}).status_code == 200
