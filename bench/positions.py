@@ -1,13 +1,16 @@
 """The reference task several ways on one activation store: every position with one scale (how
 runs were trained before the attention sink was left out), the exclusion of the first position
 and special tokens with one scale and with per-token normalisation, each at batches of 1,024 and
-of 256 (with AuxK at weight 1 on latents silent for 4,096 tokens).
+of 256 (with AuxK at weight 1 on latents silent for 4,096 tokens), and today's defaults (which
+came out of these: per-token normalisation, batches of 256, lr 1.8e-3 at n = 4,096, AuxK at
+weight 1 on latents silent for 1,000 tokens). `train s` beside the "all" variant (the defaults
+before) is the throughput comparison, one run, same store.
 
 For each: held-out FVU over the positions that count and over every position, L0, latents that
 never fire, ΔCE and KL (spliced at the positions that count), the n-gram explanations' mean
 held-out F1 and share of latents at F1 >= 0.5, and the densest latent with its explanation.
 
-    .venv/bin/python bench/positions.py [--out /tmp/positions] [--variants all,exclude,token,...]
+    .venv/bin/python bench/positions.py [--out /tmp/positions] [--variants all,default,exclude,token,...]
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ VARIANTS = {
     "exclude-b256": BEFORE | dict(exclude_first=1, exclude_special_tokens=True, batch_size=256, auxk_alpha=1.0, dead_tokens=4096),
     "token-b256": BEFORE | dict(exclude_first=1, exclude_special_tokens=True, normalization="token", batch_size=256,
                                 auxk_alpha=1.0, dead_tokens=4096),
+    "default": {},
 }
 
 

@@ -62,11 +62,9 @@ def test_the_spliced_and_ablated_passes_skip_the_blocks_before_the_hookpoint(tin
     ids = torch.from_numpy(store.tokens[first : first + 8]).long()
     counted = torch.from_numpy(store.counted(cfg.positions, first, first + 8))  # (8, T)
     assert not counted.all()  # the first position (and any separator) keeps the model's own residual
-    scale = cfg.input_scale
-
     def spliced(module, args, output):
-        x = output.reshape(-1, output.shape[-1]) * scale
-        return torch.where(counted[..., None], (sae(x)[0] / scale).view_as(output), output)
+        x, stats = cfg.norm.normalize(output.reshape(-1, output.shape[-1]))
+        return torch.where(counted[..., None], cfg.norm.restore(sae(x)[0], stats).view_as(output), output)
 
     def log_probs(hook=None):
         handle = blocks[cfg.layer].register_forward_hook(hook) if hook else None

@@ -31,7 +31,10 @@ def test_a_trained_runs_cfg_json_from_before_loads_with_its_training_options(tmp
     assert cfg.slug == "smollm2-135m-instruct-l6-4096-k32" and cfg.hookpoint == "model.layers.6"
     assert cfg.input_scale == pytest.approx(0.16828186810016632)
     # The defaults then (saved as 0/1 numbers), every position included: the options added since say so.
-    assert cfg.train == TrainConfig(exclude_first=0, exclude_special_tokens=False)
+    assert cfg.train == TrainConfig(exclude_first=0, exclude_special_tokens=False, normalization="scale", batch_size=1024,
+                                    auxk_alpha=1 / 32, lr=1.2e-3, dead_tokens=30_003)
+    # The rules then gave these (lr and dead tokens saved as 0, "the rule"); today's give others.
+    assert cfg.train.effective_lr != TrainConfig().effective_lr
     assert cfg.train.fast_matmul is True and cfg.train.multi_topk is False and not cfg.imported
     assert cfg.store == StoreRecord("/data/demo/activations", "../../activations")
     assert cfg.store_dir(tmp_path) == Path("/data/demo/activations")  # not here: the recorded place
@@ -47,7 +50,8 @@ def test_an_imported_runs_cfg_json_from_before_loads_with_its_source(tmp_path):
 
 
 # Keys added since the fixtures were written, with the values that say how those runs were made.
-ADDED = {"trained": {"exclude_first": 0, "exclude_special_tokens": False, "normalization": "scale", "text_column": "text"},
+ADDED = {"trained": {"exclude_first": 0, "exclude_special_tokens": False, "normalization": "scale", "text_column": "text",
+                     "lr": 1.2e-3, "dead_tokens": 30_003},  # the rules' values then, no longer "0: the rule"
          "imported": {"normalization": "scale"}}
 
 

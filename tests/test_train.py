@@ -250,7 +250,8 @@ def test_multi_topk_makes_the_sae_work_at_4k(tiny_run):
 
     def fvu_at_4k(multi_topk: int) -> float:
         train_cfg = TrainConfig(model=cfg.model, layer=1, n_latents=64, k=4, tokens=8192, heldout_tokens=2048,
-                                context_length=32, batch_size=256, multi_topk=multi_topk, lr=4e-3)
+                                context_length=32, batch_size=256, multi_topk=multi_topk, lr=4e-3,
+                                normalization="scale")  # x above is scaled, not normalised per token
         trainer = Trainer(train_cfg, store, cfg.input_scale)
         trainer.fit()
         with torch.no_grad():
@@ -270,16 +271,18 @@ def test_rescaled_auxk_turns_dead_latents_without_shrinking_them(tiny_run):
     derivative is zero: the gradient only turns the dead latents."""
     from trainer.config import TrainConfig
     from trainer.store import ActivationStore
-    from trainer.train import Trainer
+    from trainer.train import Trainer, input_scale
 
     cfg = RunConfig.load(tiny_run)
     store = ActivationStore.open(cfg.store.path)
-    trainer = Trainer(TrainConfig(model=cfg.model, layer=1, n_latents=256, k=4, context_length=32), store, cfg.input_scale)
+    scale = input_scale(store, cfg.positions)  # x below is scaled by hand
+    trainer = Trainer(TrainConfig(model=cfg.model, layer=1, n_latents=256, k=4, context_length=32, normalization="scale"),
+                      store, scale)
     trainer.init_b_dec()
     trainer.k_aux = 64
     trainer.tokens_since_fired[8:] = 10**9  # all but 8 latents dead
     sae = trainer.sae
-    x = (store.rows(0, 8) * cfg.input_scale).to(trainer.device)
+    x = (store.rows(0, 8) * scale).to(trainer.device)
     x_c = x - sae.b_dec.detach()
     pre = sae.pre_acts_centered(x_c)
     error = 0.2 * (x - x.mean(0))  # a residual a fifth of the data's spread, as after some training
@@ -358,7 +361,8 @@ def test_each_epoch_trains_every_token_once_in_a_new_order(tiny_run):
     store = ActivationStore.open(cfg.store.path)
     store.token_rows = lambda positions: positions[:, None].float()  # each batch row says which token it is
     one, two = (Trainer(TrainConfig(model=cfg.model, layer=1, n_latents=64, k=4, context_length=32, batch_size=64,
-                                    tokens=store.n_train_contexts * 32, epochs=epochs), store, 1.0) for epochs in (1, 2))
+                                    tokens=store.n_train_contexts * 32, epochs=epochs, normalization="scale"), store, 1.0)
+                for epochs in (1, 2))  # scale 1: a batch's values stay the token numbers
     assert two.total_steps == 2 * one.total_steps
     assert two.cfg.effective_dead_tokens == 2 * one.cfg.effective_dead_tokens
     batches = [(step, x.flatten().long()) for step, x in two.batches()]
@@ -402,18 +406,21 @@ def tiny_trainer(tiny_run, **overrides):
     cfg = RunConfig.load(tiny_run)
     store = ActivationStore.open(cfg.store.path)
     options = dict(model=cfg.model, layer=1, n_latents=64, k=4, tokens=8192, heldout_tokens=2048, context_length=32,
-                   batch_size=64, checkpoint_every=0) | overrides
+                   batch_size=64, checkpoint_every=0, normalization="scale") | overrides
     return Trainer(TrainConfig(**options), store, cfg.input_scale)
 
 
-def test_inputs_are_scaled_to_a_mean_squared_norm_of_d_in(tiny_run):
-    """Gao et al. 2024 (Section 2.1): a fixed scale makes E||x||^2 = d_in, measured on the first
-    training contexts at the positions that count (not the attention sink); it is the one
-    cfg.json records and training applies."""
+def test_inputs_are_scaled_to_a_mean_squared_norm_of_d_in(tiny_run, tiny_model_dir, hostile_corpus, tmp_path):
+    """Gao et al. 2024 (Section 2.1), --normalization scale: a fixed scale makes E||x||^2 = d_in,
+    measured on the first training contexts at the positions that count (not the attention sink);
+    it is the one cfg.json records and training applies. Per token (the default), none is kept."""
+    from saescope.cli import main
+    from tests.conftest import TINY_TRAIN_ARGS
     from trainer.store import ActivationStore
     from trainer.train import input_scale
 
     cfg = RunConfig.load(tiny_run)
+    assert cfg.normalization == "token" and cfg.input_scale == 1.0
     store = ActivationStore.open(cfg.store.path)
     scale = input_scale(store, cfg.positions)
     n = min(64, store.n_train_contexts)
@@ -421,7 +428,10 @@ def test_inputs_are_scaled_to_a_mean_squared_norm_of_d_in(tiny_run):
     assert len(x) < n * store.context_length  # the first positions and separators are left out
     assert float((x * scale).pow(2).sum(-1).mean()) == pytest.approx(cfg.d_in, rel=1e-4)
     assert float(x.pow(2).sum(-1).mean()) != pytest.approx(cfg.d_in, rel=0.1)  # not so before
-    assert cfg.input_scale == pytest.approx(scale, rel=1e-6)
+    scaled = tmp_path / "scaled"
+    args = ["--model", str(tiny_model_dir), "--corpus", str(hostile_corpus), *TINY_TRAIN_ARGS, "--normalization", "scale"]
+    assert main(["train", "--out", str(scaled), "--store", str(cfg.store.path), *args]) == 0
+    assert RunConfig.load(scaled).input_scale == pytest.approx(scale, rel=1e-6)
 
 
 def test_b_dec_starts_at_the_geometric_median_of_a_sample(tiny_run):
@@ -450,21 +460,25 @@ def test_decoder_rows_have_unit_norm_after_training(tiny_run):
 
 
 def test_defaults_follow_the_recipe(tiny_run):
-    """AuxK at 1/32 on the top d_in/2 dead latents, a latent dead after min(10M, a tenth of the
-    tokens trained on), Adam with a small eps, and the 1/sqrt(n) learning rate with the constant
-    config.py documents (6e-4 at n = 2^14, a measured deviation from EleutherAI's 2e-4)."""
-    from trainer.config import LR_CONSTANT, TrainConfig
+    """AuxK at weight 1 on the top d_in/2 dead latents, a latent dead after min(10M, a 300th of the
+    tokens trained on), batches of 256, per-token normalisation, Adam with a small eps, and the
+    1/sqrt(n) learning rate with the constant config.py documents (9e-4 at n = 2^14, measured on
+    the reference task; EleutherAI's is 2e-4). The sweep keeps the settings it was measured with."""
+    from trainer.config import LR_CONSTANT, SWEEP_TRAIN_DEFAULTS, TrainConfig
 
     cfg = TrainConfig()
-    assert cfg.auxk_alpha == 1 / 32 and cfg.auxk_rescale == 1 and cfg.multi_topk == 0
-    assert cfg.effective_dead_tokens == min(10_000_000, cfg.tokens * cfg.epochs // 10) == 30_003
-    assert TrainConfig(tokens=200_000_000).effective_dead_tokens == 10_000_000
-    assert TrainConfig(epochs=3).effective_dead_tokens == 3 * cfg.tokens // 10
+    assert cfg.auxk_alpha == 1 and cfg.auxk_rescale == 1 and cfg.multi_topk == 0
+    assert cfg.batch_size == 256 and cfg.normalization == "token"
+    assert cfg.effective_dead_tokens == min(10_000_000, cfg.tokens * cfg.epochs // 300) == 1_000
+    assert TrainConfig(tokens=4_000_000_000).effective_dead_tokens == 10_000_000
+    assert TrainConfig(epochs=3).effective_dead_tokens == 3 * cfg.tokens // 300
     assert TrainConfig(dead_tokens=5).effective_dead_tokens == 5
-    assert LR_CONSTANT == 6e-4
-    assert TrainConfig(n_latents=2**14).effective_lr == pytest.approx(6e-4)
-    assert TrainConfig(n_latents=2**16).effective_lr == pytest.approx(3e-4)  # 1/sqrt(n)
+    assert LR_CONSTANT == 9e-4
+    assert TrainConfig(n_latents=2**14).effective_lr == pytest.approx(9e-4)
+    assert TrainConfig(n_latents=2**12).effective_lr == pytest.approx(1.8e-3)  # the reference task's
+    assert TrainConfig(n_latents=2**16).effective_lr == pytest.approx(4.5e-4)  # 1/sqrt(n)
     assert TrainConfig(lr=1e-3).effective_lr == 1e-3
+    assert SWEEP_TRAIN_DEFAULTS["batch_size"] == 1024 and SWEEP_TRAIN_DEFAULTS["lr"] == 1.2e-3
 
     trainer = tiny_trainer(tiny_run, n_latents=256)
     assert trainer.k_aux == trainer.store.meta["d_model"] // 2 == 16

@@ -15,9 +15,10 @@ from trainer.sae import NORMALIZATIONS, check_size
 from trainer.store import Positions, StoreConfig
 
 # lr = LR_CONSTANT / sqrt(n_latents / 2^14). EleutherAI's 2e-4 suits long GPU runs; at the default
-# budget (300k tokens, ~300 steps of 1,024) a sweep on SmolLM2 layer 6 put the optimum near 3x
-# that: held-out FVU 0.088 at 2e-4, 0.058 at 6e-4 (with 30 % decay), no dead latents either way.
-LR_CONSTANT = 6e-4
+# budget (300k tokens, ~1,170 steps of 256 tokens, per-token normalisation, the attention sink left
+# out) a grid on SmolLM2 layer 6 at n = 4,096 put the optimum near 1.8e-3, i.e. 9e-4 at n = 2^14:
+# counted FVU 0.0648 at 1.2e-3, 0.0600 at 1.8e-3 (BENCHMARKS.md, "Defaults").
+LR_CONSTANT = 9e-4
 
 
 def check_device(name: str) -> None:
@@ -89,15 +90,15 @@ class TrainConfig:
     exclude_special_tokens: bool = option(True, "leave the tokenizer's special tokens (the end-of-text separators between documents) out of training, evaluation, the harvest and the probe")
     corpus: str = option("stdlib", "'stdlib' (the Python standard library's source), a .txt/.jsonl/.parquet file or a folder of them, or a folder written by Hugging Face datasets' save_to_disk (Parquet and datasets folders are streamed)")
     text_column: str = option("text", "the column of a Parquet or datasets corpus that holds the text")
-    batch_size: int = option(1024, "tokens per optimiser step")
-    normalization: str = option("scale", "how inputs are normalised before the SAE: 'scale', one number for the run making E||x||^2 = d_in (Gao et al. 2024, Section 2.1); 'token', each token's mean over d subtracted and its standard deviation divided out, undone after decoding (OpenAI's released code)")
-    lr: float = option(0.0, "Adam learning rate; 0 means 6e-4 / sqrt(n_latents / 2^14): the 1/sqrt(n) rule of Gao et al. 2024, with a constant 3x EleutherAI's 2e-4, measured best for runs of a few hundred steps (BENCHMARKS.md)")
+    batch_size: int = option(256, "tokens per optimiser step (256: at the default budget 4x the steps of 1,024, which lowers the held-out FVU more than it costs in throughput; BENCHMARKS.md)")
+    normalization: str = option("token", "how inputs are normalised before the SAE: 'scale', one number for the run making E||x||^2 = d_in (Gao et al. 2024, Section 2.1); 'token', each token's mean over d subtracted and its standard deviation divided out, undone after decoding (OpenAI's released code)")
+    lr: float = option(0.0, "Adam learning rate; 0 means 9e-4 / sqrt(n_latents / 2^14): the 1/sqrt(n) rule of Gao et al. 2024, with a constant 4.5x EleutherAI's 2e-4, measured best for runs of about a thousand steps (BENCHMARKS.md)")
     warmup_fraction: float = option(0.05, "share of steps with a linear learning-rate warm-up")
     decay_fraction: float = option(0.3, "share of final steps with a linear decay to zero")
     multi_topk: bool = option(False, "add the Multi-TopK loss L(4k)/8 so that the SAE also works at higher k (Gao et al. 2024, Section 5.3)")
-    auxk_alpha: float = option(1 / 32, "weight of the AuxK loss on dead latents (0 turns it off)")
+    auxk_alpha: float = option(1.0, "weight of the AuxK loss on dead latents (0 turns it off)")
     auxk_rescale: bool = option(True, "scale each token's AuxK reconstruction of the residual by its least-squares factor, so AuxK turns dead latents towards the residual instead of pushing them all down (at n = 32,768: 4x fewer dead latents, same FVU; BENCHMARKS.md); --no-auxk-rescale: the paper's unscaled form")
-    dead_tokens: int = option(0, "tokens without firing after which a latent counts as dead; 0 means min(10M, a tenth of the tokens trained on: tokens * epochs / 10)")
+    dead_tokens: int = option(0, "tokens without firing after which a latent counts as dead (and AuxK trains it); 0 means min(10M, a 300th of the tokens trained on: tokens * epochs / 300, 1,000 at the default budget, where longer windows left latents that never fire)")
     fast_matmul: bool = option(True, "bf16 matmuls where the hardware has them (CUDA, CPUs with AVX512-BF16 or AMX): the language model's forward under autocast, and choosing the top k (gradients stay fp32); --no-fast-matmul: fp32 throughout")
     checkpoint_every: int = option(100, "steps between checkpoints for --resume (0: none)")
     memory_budget_mb: int = option(144, "MiB of activations held in RAM at once: the store stays on disk and is read in chunks of this size (shuffled token by token within a chunk); 144 holds 256 contexts of 128 tokens at d=576")
@@ -135,7 +136,7 @@ class TrainConfig:
         if not (math.isfinite(self.auxk_alpha) and self.auxk_alpha >= 0):
             raise ConfigError(f"--auxk-alpha must be a number >= 0 (0 turns AuxK off), got {self.auxk_alpha}")
         if self.dead_tokens < 0:
-            raise ConfigError(f"--dead-tokens must be >= 0 (0: a tenth of the run, at most 10M), got {self.dead_tokens}")
+            raise ConfigError(f"--dead-tokens must be >= 0 (0: a 300th of the run, at most 10M), got {self.dead_tokens}")
         check_booleans(self)
 
     @property
@@ -167,7 +168,7 @@ class TrainConfig:
 
     @property
     def effective_dead_tokens(self) -> int:
-        return self.dead_tokens or min(10_000_000, max(self.tokens * self.epochs // 10, 1))
+        return self.dead_tokens or min(10_000_000, max(self.tokens * self.epochs // 300, 1))
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -175,13 +176,21 @@ class TrainConfig:
     @classmethod
     def from_saved(cls, saved: dict) -> "TrainConfig":
         """The config a saved cfg.json or checkpoint was trained with: an option it lacks (added
-        later) takes the value that reproduces how that run was trained."""
+        later) takes the value that reproduces how that run was trained, and an option left to its
+        rule (0) takes the value the rule gave then, recorded beside it: the rules change."""
         names = {f.name for f in fields(cls)}
-        return cls(**as_booleans(cls, {**BEFORE_OPTION, **{key: value for key, value in saved.items() if key in names}}))
+        values = {**BEFORE_OPTION, **{key: value for key, value in saved.items() if key in names}}
+        for option, recorded in RULE_VALUES.items():
+            if not values.get(option) and saved.get(recorded):
+                values[option] = saved[recorded]
+        return cls(**as_booleans(cls, values))
 
+
+# Options whose 0 means a rule, and the cfg.json key that records what the rule gave the run.
+RULE_VALUES = {"lr": "lr_effective", "dead_tokens": "dead_tokens_effective"}
 
 # Options whose default changed training when they were added: what a run saved before them did.
-BEFORE_OPTION = {"auxk_rescale": False, "exclude_first": 0, "exclude_special_tokens": False}
+BEFORE_OPTION = {"auxk_rescale": False, "exclude_first": 0, "exclude_special_tokens": False, "normalization": "scale"}
 
 
 @dataclass
@@ -238,8 +247,10 @@ def int_list(text: str, flag: str) -> list[int]:
 # revives (n = 32,768: 7,552 never fired, 7 with these settings). One pass is still far from
 # converged at n = 32,768 (held-out FVU 0.0613 after one, 0.0422 after two, 0.0353 after three,
 # with 7, 1 and 0 latents that never fire): three passes over the stored activations, which costs
-# training time only, no new forward passes.
-SWEEP_TRAIN_DEFAULTS = {"tokens": 300_032, "epochs": 3, "heldout_tokens": 65_536, "lr": 1.2e-3, "auxk_alpha": 1.0, "dead_tokens": 8192}
+# training time only, no new forward passes. These were measured at batches of 1,024, which the
+# sweep keeps (three passes give its rungs ~880 steps, near the single run's ~1,170 of 256).
+SWEEP_TRAIN_DEFAULTS = {"tokens": 300_032, "epochs": 3, "heldout_tokens": 65_536, "batch_size": 1024, "lr": 1.2e-3,
+                        "auxk_alpha": 1.0, "dead_tokens": 8192}
 
 
 @dataclass
