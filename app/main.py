@@ -17,12 +17,13 @@ from app.db import make_engine, session_factory
 from app.probe_service import ProbeService
 from app.render import make_templates, render, wants_json
 from app.resources import STATIC_DIR, htmx_dir
-from app.routes import admin, api_docs, features, ladders, probe, saes, search
+from app.routes import admin, api_docs, features, ladders, probe, saes, search, steer
 from app.security import RequestGuard
 from app.settings import Settings
+from app.steering import SteerService
 
 log = logging.getLogger("saescope.app")
-ROUTERS = (saes.router, features.router, ladders.router, search.router, probe.router, admin.router, api_docs.router)
+ROUTERS = (saes.router, features.router, ladders.router, search.router, probe.router, steer.router, admin.router, api_docs.router)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -31,10 +32,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                          pool_size=settings.db_pool_size)
     sessions = session_factory(engine)
     probe_service = ProbeService(settings, sessions)
+    steer_service = SteerService(probe_service)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         yield
+        steer_service.close()
         probe_service.close()
         engine.dispose()
 
@@ -52,6 +55,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.engine = engine
     app.state.sessions = sessions
     app.state.probe = probe_service
+    app.state.steer = steer_service
     app.state.templates = make_templates(reload=settings.debug)
 
     for router in ROUTERS:

@@ -1,4 +1,5 @@
-"""Share links: a probe (SAE + text) saved under a short permanent id, opened at `/p/{id}`.
+"""Share links: a probe (SAE + text) saved under a short permanent id, opened at `/p/{id}`; a
+steering (its request and its result) likewise at `/s/{id}`.
 
 The id is the start of a hash of the SAE id and the text, so sharing the same probe twice gives
 the same link and needs no lookup table of its own. Should two probes ever share a prefix, the
@@ -16,8 +17,9 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from app.models import Sae, ShareLink
+from app.models import Sae, ShareLink, SteerShare
 from app.queries import Record
+from app.steering import SteerOut
 from app.urls import URLs
 
 ID_LENGTHS = (10, 16, 32, 52)  # base32 characters: 50 bits first, the whole sha-256 at most
@@ -89,11 +91,67 @@ def get_share(session: Session, share_id: str, urls: URLs = URLs()) -> ShareOut 
 
 
 def _share(row: ShareLink, content_hash: str | None, urls: URLs) -> ShareOut:
+    created, changed = _stamp(row, content_hash)
+    return ShareOut(id=row.id, sae=row.sae_id, text=row.text, created_at=created,
+                 sae_changed=changed, url=urls.share(row.id), json_url=urls.share(row.id, fmt="json"))
+
+
+def _stamp(row: ShareLink | SteerShare, content_hash: str | None) -> tuple[str, bool]:
+    """A link's creation time (ISO, UTC) and whether its SAE has other weights now."""
     changed = row.sae_content_hash is not None and content_hash is not None and row.sae_content_hash != content_hash
     created = row.created_at
     if created is not None and created.tzinfo is None:  # SQLite keeps no time zone: it was UTC
         created = created.replace(tzinfo=timezone.utc)
     if created is not None:  # PostgreSQL gives it in the connection's time zone: one spelling
         created = created.astimezone(timezone.utc)
-    return ShareOut(id=row.id, sae=row.sae_id, text=row.text, created_at=created.isoformat() if created else "",
-                 sae_changed=changed, url=urls.share(row.id), json_url=urls.share(row.id, fmt="json"))
+    return (created.isoformat() if created else ""), changed
+
+
+# ---------------------------------------------------------------- shared steerings (/s/{id})
+
+
+class SteerShareOut(Record):
+    """A shared steering: the request and the texts it gave, stored together under a short permanent link."""
+
+    id: str = Field(description="derived from a hash of the SAE id and the request: sharing twice gives the same id")
+    created_at: str
+    sae_changed: bool = Field(description="the SAE was reloaded with other weights since the link was made")
+    url: str = Field(description="the short link: /s/{id}")
+    json_url: str
+    steering: SteerOut = Field(description="the steering as it was when shared: the same texts, always")
+
+
+def create_steer_share(session: Session, steering: SteerOut, urls: URLs = URLs()) -> tuple[SteerShareOut, bool] | None:
+    """The share link of a steering, made if new: (share, created); None for an unknown SAE."""
+    content_hash = session.execute(select(Sae.content_hash).where(Sae.id == steering.sae)).scalar_one_or_none()
+    if content_hash is None:
+        return None
+    request = steering.request().model_dump_json()
+    digest = share_digest(steering.sae, request)
+    for length in ID_LENGTHS:
+        share_id = digest[:length]
+        row = session.get(SteerShare, share_id)
+        if row is None:
+            made = SteerShare(id=share_id, sae_id=steering.sae, request=request, result=steering.model_dump_json(),
+                              sae_content_hash=content_hash)
+            row = _insert(session, made)
+            if row is None:
+                return _steer_share(made, content_hash, urls), True
+        if row.sae_id == steering.sae and row.request == request:
+            return _steer_share(row, content_hash, urls), False
+    raise RuntimeError(f"sha-256 collision on {digest}")
+
+
+def get_steer_share(session: Session, share_id: str, urls: URLs = URLs()) -> SteerShareOut | None:
+    row = session.get(SteerShare, share_id)
+    if row is None:
+        return None
+    content_hash = session.execute(select(Sae.content_hash).where(Sae.id == row.sae_id)).scalar_one_or_none()
+    return _steer_share(row, content_hash, urls)
+
+
+def _steer_share(row: SteerShare, content_hash: str | None, urls: URLs) -> SteerShareOut:
+    created, changed = _stamp(row, content_hash)
+    return SteerShareOut(id=row.id, created_at=created, sae_changed=changed,
+                         url=urls.steer_shared(row.id), json_url=urls.steer_shared(row.id, fmt="json"),
+                         steering=SteerOut.model_validate_json(row.result))
