@@ -175,7 +175,11 @@ class SteerService:
         for index, _ in request.latents:
             if index >= n_latents:
                 raise HTTPException(404, f"SAE {request.sae!r} has no latent {index} (its latents are 0 to {n_latents - 1})")
-        key = (sae.key, *request.key())
+        return await self.submit((sae.key, *request.key()), self._run, sae, request, stats, urls)
+
+    async def submit(self, key: tuple, work, *args):
+        """`work(*args)` on the worker, once per `key` however many ask (its result kept in the
+        LRU); a 503 with Retry-After when `steer_max_pending` are running or waiting already."""
         if (cached := self._results.get(key)) is not None:
             self._results.move_to_end(key)
             return cached
@@ -185,10 +189,30 @@ class SteerService:
                 raise busy(max(1, math.ceil(self._pending * self._seconds)))
             self._pending += 1
             loop = asyncio.get_running_loop()
-            future = asyncio.wrap_future(self._executor.submit(self._run, sae, request, stats, urls), loop=loop)
+            future = asyncio.wrap_future(self._executor.submit(self._timed, work, *args), loop=loop)
             self._inflight[key] = future
             future.add_done_callback(lambda done: self._finished(key, done))
+        # shield: a client that goes away must not cancel the work others are waiting on
         return await asyncio.shield(future)
+
+    def _timed(self, work, *args):
+        began = time.perf_counter()
+        try:
+            return work(*args)
+        finally:
+            self._seconds = 0.8 * self._seconds + 0.2 * (time.perf_counter() - began)
+
+    def ablate(self, sae: SaeWeights, index: int, contexts: list[list[int]], skip_first: int):
+        """trainer.interventions.ablation_effects of latent `index` over `contexts` (token ids), on
+        the worker (through `submit`); the SAE's model loaded as the probe loads it."""
+        import torch
+
+        from trainer.interventions import LatentReader, ablation_effects
+
+        encoder = self.probe.load(sae).encoder
+        reader = LatentReader(encoder.sae, encoder.norm, encoder.cfg.fast_matmul)
+        length = min(map(len, contexts))  # a harvest's contexts are of one length
+        return ablation_effects(encoder.lm, reader, torch.tensor([ids[:length] for ids in contexts]), index, skip_first)
 
     def _finished(self, key: tuple, future: asyncio.Future) -> None:
         self._pending -= 1
@@ -203,7 +227,6 @@ class SteerService:
         from trainer.interventions import LatentReader, Steering, steer  # heavy: on first use
 
         encoder = self.probe.load(sae).encoder  # the probe's: the SAE and the shared model (503 when it cannot load)
-        began = time.perf_counter()
         lm = encoder.lm
         prompt_ids = encoder.tokenize(request.prompt)
         limit = min(MAX_PROMPT_TOKENS, (lm.max_positions or math.inf) - request.tokens)
@@ -217,7 +240,6 @@ class SteerService:
                             tuple(float(stats.max_activation[i]) for i in indices))
         pair = steer(lm, LatentReader(encoder.sae, encoder.norm, encoder.cfg.fast_matmul), prompt_ids, steering,
                      request.tokens, request.temperature, request.top_p, request.seed)
-        self._seconds = 0.8 * self._seconds + 0.2 * (time.perf_counter() - began)
 
         def continuation(new: list[int]) -> ContinuationOut:
             pieces = lm.token_pieces(prompt_ids + new)[len(prompt_ids):]  # a character split over tokens joins

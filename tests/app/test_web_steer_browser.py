@@ -7,7 +7,7 @@ from __future__ import annotations
 from urllib.parse import parse_qs, urlparse
 
 from tests.app.servers import SHOTS
-from tests.app.test_web_probe_browser import probe_server, until, watch  # noqa: F401 (probe_server: a fixture)
+from tests.app.test_web_probe_browser import probe_server, watch  # noqa: F401 (probe_server: a fixture)
 
 PROMPT = "def read_config(path):\n    with open(path) as f:\n        return"
 
@@ -21,6 +21,12 @@ def test_steer_from_a_feature_page_share_and_reopen(probe_server, browser, tiny_
     page = browser.new_page(viewport={"width": 1280, "height": 800})
     problems = watch(page)
     page.goto(f"{probe_server}/saes/{tiny_sae_id}/features/3")
+    # the ablation section computes when it scrolls into view
+    page.locator("#ablation").scroll_into_view_if_needed()
+    page.locator("#ablation .context .tok.mark").first.wait_for()
+    assert page.locator("#ablation .context").count() == 5
+    page.locator("#ablation").screenshot(path=str(SHOTS / "feature-ablation.png"))
+    page.evaluate("window.scrollTo(0, 0)")
     page.get_by_role("link", name="Steer with this latent").click()
     page.wait_for_url("**/steer?**")
     assert page.locator("#steer-latents").input_value() == "3:4"
@@ -58,6 +64,5 @@ def test_steer_from_a_feature_page_share_and_reopen(probe_server, browser, tiny_
         assert more == []
     finally:
         fresh.close()
-    until(lambda: True)
     assert problems == []
     page.close()

@@ -1,0 +1,49 @@
+"""The feature page's ablation section on the tiny real model: computed on its first view, kept in
+the database (and in the feature's JSON twin from then on), rendered as a diverging shading with
+the values on hover, corpus text escaped."""
+
+from __future__ import annotations
+
+from sqlalchemy import create_engine, text
+
+from tests.conftest import PAYLOAD
+
+
+def test_computed_on_first_view_then_kept(tiny_client, tiny_sae_id, tiny_db):
+    feature = tiny_client.get(f"/saes/{tiny_sae_id}/features/7.json").json()
+    assert feature["ablation"] is None and feature["ablation_url"].endswith("/features/7/ablation")
+    page = tiny_client.get(f"/saes/{tiny_sae_id}/features/7")
+    assert f'hx-get="{feature["ablation_url"]}" hx-trigger="revealed"' in page.text
+
+    first = tiny_client.get(feature["ablation_url"] + ".json")
+    assert first.status_code == 200
+    ablation = first.json()
+    assert len(ablation["contexts"]) == 5 and ablation["raised"] and ablation["lowered"]
+    for context in ablation["contexts"]:
+        fired = [t for t, z in enumerate(context["activations"]) if z > 0]
+        assert fired and fired[0] >= 1  # the first position is left out, as in the harvest
+        # a token is predicted from the ones before it: nothing changes up to the first removal
+        assert all(d == 0 for d in context["delta_logprob"][: fired[0] + 1])
+        assert any(d != 0 for d in context["delta_logprob"][fired[0] + 1 :])
+        assert len(context["tokens"]) == len(context["delta_logprob"]) == len(context["activations"])
+    engine = create_engine(tiny_db)
+    with engine.connect() as conn:
+        rows = conn.execute(text("SELECT count(*) FROM latent_ablations WHERE sae_id = :s AND latent = 7"), {"s": tiny_sae_id}).scalar()
+    assert rows == 1
+    assert tiny_client.get(feature["ablation_url"] + ".json").json() == ablation  # read back
+    assert tiny_client.get(f"/saes/{tiny_sae_id}/features/7.json").json()["ablation"] == ablation
+    kept = tiny_client.get(f"/saes/{tiny_sae_id}/features/7")
+    assert 'class="ablation" id="ablation"' in kept.text and "Δ log p" in kept.text and 'hx-trigger="revealed"' not in kept.text
+
+
+def test_fragment_escapes_corpus_text_and_says_why_it_cannot_run(tiny_client, tiny_sae_id):
+    escaped = 0
+    for index in range(0, 64, 8):
+        fragment = tiny_client.get(f"/saes/{tiny_sae_id}/features/{index}/ablation")
+        assert fragment.status_code == 200 and "<html" not in fragment.text
+        assert PAYLOAD not in fragment.text
+        escaped += "&lt;" in fragment.text
+    assert escaped  # the hostile corpus's markup is among the contexts, shown as text
+    missing = tiny_client.get(f"/saes/{tiny_sae_id}/features/999/ablation")
+    assert missing.status_code == 404 and '<p class="note">' in missing.text
+    assert tiny_client.get("/saes/no-such-sae/features/1/ablation.json").status_code == 404
