@@ -116,7 +116,9 @@ def cmd_eval(args) -> None:
 
     if args.downstream_contexts < 0:
         raise CommandError(f"--downstream-contexts must be 0 (no downstream loss) or more, got {args.downstream_contexts}")
-    metrics = evaluate_run(_run_dir(args.run_dir), args.store, args.downstream_contexts)
+    if args.ablation_samples < 0:
+        raise CommandError(f"--ablation-samples must be 0 (no ablation sparsity) or more, got {args.ablation_samples}")
+    metrics = evaluate_run(_run_dir(args.run_dir), args.store, args.downstream_contexts, args.ablation_samples)
     print(" ".join(f"{key}={value:.4g}" for key, value in metrics.items() if isinstance(value, (int, float))))
     print(f"(over {metrics['eval_positions']} of the held-out contexts; fvu_all_positions counts every one)")
 
@@ -372,6 +374,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--store", help="activation store (default: the one in cfg.json)")
     evaluate.add_argument("--downstream-contexts", type=int, default=64,
                           help="held-out contexts for downstream loss (splicing into the full model; 0 skips it) (default: 64)")
+    evaluate.add_argument("--ablation-samples", type=int, default=24,
+                          help="latents whose ablation-effect sparsity is measured (Gao et al. 2024, 4.5), each removed "
+                               "at one held-out position where it fires, against random directions of equal norm; "
+                               "0 skips it (default: 24)")
     evaluate.set_defaults(func=cmd_eval)
 
     harvest = commands.add_parser("harvest", help="per-latent statistics and top contexts into RUN/harvest")

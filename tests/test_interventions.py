@@ -159,6 +159,14 @@ def test_ablation_sparsity_on_held_out_contexts(tiny):
     assert ablation_sparsity(lm, reader, tokens, counted, n_samples=6, horizon=4) == metrics  # seeded
 
 
+def test_eval_reports_ablation_sparsity_against_random_directions(tiny_run):
+    from trainer.runfolder import load_metrics
+
+    metrics = load_metrics(tiny_run)  # the fixture ran `saescope eval` at its defaults
+    assert metrics["ablation_samples"] == 24 and metrics["ablation_horizon"] == 16
+    assert 0 < metrics["ablation_sparsity"] <= 1 and 0 < metrics["ablation_sparsity_random"] <= 1
+
+
 def test_steer_command_prints_both_continuations(tiny_run, capsys):
     from saescope.cli import main
 

@@ -47,3 +47,11 @@ def test_fragment_escapes_corpus_text_and_says_why_it_cannot_run(tiny_client, ti
     missing = tiny_client.get(f"/saes/{tiny_sae_id}/features/999/ablation")
     assert missing.status_code == 404 and '<p class="note">' in missing.text
     assert tiny_client.get("/saes/no-such-sae/features/1/ablation.json").status_code == 404
+
+
+def test_sae_page_shows_ablation_sparsity_beside_its_baseline(tiny_client, tiny_sae_id):
+    page = tiny_client.get(f"/saes/{tiny_sae_id}")
+    assert '<span class="label">Ablation sparsity</span>' in page.text
+    assert '<span class="label">… random directions</span>' in page.text
+    metrics = tiny_client.get(f"/saes/{tiny_sae_id}.json").json()["sae"]["metrics"]
+    assert metrics["ablation_sparsity"] > 0 and metrics["ablation_sparsity_random"] > 0
