@@ -55,3 +55,26 @@ def test_sae_page_shows_ablation_sparsity_beside_its_baseline(tiny_client, tiny_
     assert '<span class="label">… random directions</span>' in page.text
     metrics = tiny_client.get(f"/saes/{tiny_sae_id}.json").json()["sae"]["metrics"]
     assert metrics["ablation_sparsity"] > 0 and metrics["ablation_sparsity_random"] > 0
+
+
+def test_an_sae_whose_model_is_not_here_is_409_and_its_kept_section_stays(tmp_path, tiny_run, tiny_sae_id):
+    import shutil
+
+    from fastapi.testclient import TestClient
+
+    from app.loader import load_run
+    from app.main import create_app
+    from app.settings import Settings
+
+    moved = tmp_path / "moved-run"
+    shutil.copytree(tiny_run, moved)
+    url = f"sqlite:///{tmp_path / 'ablation.db'}"
+    load_run(moved, url)
+    with TestClient(create_app(Settings(database_url=url))) as client:
+        kept = client.get(f"/saes/{tiny_sae_id}/features/2/ablation.json").json()
+        (moved / "sae.safetensors").unlink()  # the database outlived the run folder
+        assert client.get(f"/saes/{tiny_sae_id}/features/2/ablation.json").json() == kept
+        missing = client.get(f"/saes/{tiny_sae_id}/features/3/ablation.json")
+        assert missing.status_code == 409 and "not available on this server" in missing.json()["detail"]
+        page = client.get(f"/saes/{tiny_sae_id}/features/3")
+        assert page.status_code == 200 and "Not computed: this SAE cannot run on this server" in page.text
