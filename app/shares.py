@@ -50,21 +50,30 @@ def create_share(session: Session, sae_id: str, text: str, urls: URLs = URLs()) 
     content_hash = session.execute(select(Sae.content_hash).where(Sae.id == sae_id)).scalar_one_or_none()
     if content_hash is None:
         return None
-    digest = share_digest(sae_id, text)
+    row, created = _find_or_make(
+        session, ShareLink, share_digest(sae_id, text),
+        lambda share_id: ShareLink(id=share_id, sae_id=sae_id, text=text, sae_content_hash=content_hash),
+        lambda row: row.sae_id == sae_id and row.text == text)
+    return _share(row, content_hash, urls), created
+
+
+def _find_or_make(session: Session, table, digest: str, make, same) -> tuple[ShareLink | SteerShare, bool]:
+    """The row of `table` whose id is the shortest prefix of `digest` that is free or holds the
+    same share (`same(row)`), made with `make(id)` when free: (row, created)."""
     for length in ID_LENGTHS:
         share_id = digest[:length]
-        row = session.get(ShareLink, share_id)
+        row = session.get(table, share_id)
         if row is None:
-            made = ShareLink(id=share_id, sae_id=sae_id, text=text, sae_content_hash=content_hash)
+            made = make(share_id)
             row = _insert(session, made)  # someone else's row when they shared it at the same moment
             if row is None:
-                return _share(made, content_hash, urls), True
-        if row.sae_id == sae_id and row.text == text:
-            return _share(row, content_hash, urls), False
+                return made, True
+        if same(row):
+            return row, False
     raise RuntimeError(f"sha-256 collision on {digest}")  # not in this universe
 
 
-def _insert(session: Session, row: ShareLink) -> ShareLink | None:
+def _insert(session: Session, row: ShareLink | SteerShare) -> ShareLink | SteerShare | None:
     """Insert `row` in a transaction of its own: None, or the row of a concurrent share that
     inserted the same id first. Its own, because on SQLite a transaction that has read cannot write once
     another writer has committed meanwhile: it fails at once ("database is locked") instead of
@@ -75,7 +84,7 @@ def _insert(session: Session, row: ShareLink) -> ShareLink | None:
         session.commit()
     except IntegrityError:
         session.rollback()
-        existing = session.get(ShareLink, row.id)
+        existing = session.get(type(row), row.id)
         if existing is None:  # not a duplicate id: a real error
             raise
         return existing
@@ -127,19 +136,12 @@ def create_steer_share(session: Session, steering: SteerOut, urls: URLs = URLs()
     if content_hash is None:
         return None
     request = steering.request().model_dump_json()
-    digest = share_digest(steering.sae, request)
-    for length in ID_LENGTHS:
-        share_id = digest[:length]
-        row = session.get(SteerShare, share_id)
-        if row is None:
-            made = SteerShare(id=share_id, sae_id=steering.sae, request=request, result=steering.model_dump_json(),
-                              sae_content_hash=content_hash)
-            row = _insert(session, made)
-            if row is None:
-                return _steer_share(made, content_hash, urls), True
-        if row.sae_id == steering.sae and row.request == request:
-            return _steer_share(row, content_hash, urls), False
-    raise RuntimeError(f"sha-256 collision on {digest}")
+    row, created = _find_or_make(
+        session, SteerShare, share_digest(steering.sae, request),
+        lambda share_id: SteerShare(id=share_id, sae_id=steering.sae, request=request, result=steering.model_dump_json(),
+                                    sae_content_hash=content_hash),
+        lambda row: row.sae_id == steering.sae and row.request == request)
+    return _steer_share(row, content_hash, urls), created
 
 
 def get_steer_share(session: Session, share_id: str, urls: URLs = URLs()) -> SteerShareOut | None:
