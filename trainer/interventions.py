@@ -23,6 +23,7 @@ the model never sees it):
 from __future__ import annotations
 
 import inspect
+import math
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -355,17 +356,16 @@ def ablation_sparsity(lm: LanguageModel, reader: LatentReader, tokens: torch.Ten
     # 1. every firing at counted positions, then the samples: distinct latents, one firing each
     record: list = []
     firings = []
-    with loaded.autocast():
-        for start in range(0, C, batch):
-            ids = tokens[start : start + batch].to(device)
-            resid = loaded.residual(ids, lm.layer)  # (B, T, d)
-            x_n, _ = reader.norm.normalize(resid.reshape(-1, resid.shape[-1]))
-            chosen = reader.sae.encode_selected(x_n, reader.dtype)
-            rows = torch.arange(len(ids) * T).repeat_interleave(chosen.indices.shape[1])
-            keep = (chosen.values.flatten() > 0) & counted[start : start + batch].reshape(-1).to(device)[rows]
-            rows, latents, values = rows[keep], chosen.indices.flatten()[keep], chosen.values.flatten()[keep]
-            firings.append(torch.stack([rows // T + start, rows % T, latents], -1))
-            record.append(values)
+    for start in range(0, C, batch):
+        ids = tokens[start : start + batch].to(device)
+        resid = loaded.residual(ids, lm.layer)  # (B, T, d), fp32 (the SAE's side runs outside autocast)
+        x_n, _ = reader.norm.normalize(resid.reshape(-1, resid.shape[-1]))
+        chosen = reader.sae.encode_selected(x_n, reader.dtype)
+        rows = torch.arange(len(ids) * T).repeat_interleave(chosen.indices.shape[1])
+        keep = (chosen.values.flatten() > 0) & counted[start : start + batch].reshape(-1).to(device)[rows]
+        rows, latents, values = rows[keep], chosen.indices.flatten()[keep], chosen.values.flatten()[keep]
+        firings.append(torch.stack([rows // T + start, rows % T, latents], -1))
+        record.append(values)
     firings, values = torch.cat(firings), torch.cat(record)
     if len(firings) == 0:
         return {"ablation_sparsity": None, "ablation_sparsity_random": None, "ablation_samples": 0}
@@ -397,7 +397,7 @@ def ablation_sparsity(lm: LanguageModel, reader: LatentReader, tokens: torch.Ten
                 for row, p in enumerate(positions.tolist()):
                     delta = (changed[row, p : p + horizon] - clean[row, p : p + horizon])  # (h, V)
                     delta = delta - delta.mean(-1, keepdim=True)
-                    if (score := effect_sparsity(delta)) == score:  # not nan: the change is not nothing
+                    if not math.isnan(score := effect_sparsity(delta)):  # nan: nothing changed at all
                         scores[name].append(score)
 
     def mean(values):
