@@ -76,6 +76,19 @@ def test_add_hook_adds_exactly_strength_times_max_activation_times_the_decoder_r
     assert cfg.norm.kind == "scale"
 
 
+def test_an_edit_is_its_threads_own(tiny):
+    """The probe reads the same model object on its own threads: it never sees a steering."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    _, _, lm, _, _, prompt = tiny
+    ids = torch.tensor([prompt])
+    clean = lm.residual(ids)
+    with lm.loaded.editing(lm.layer, lambda resid: resid + 1.0), ThreadPoolExecutor(1) as other:
+        torch.testing.assert_close(lm.residual(ids), clean + 1.0)
+        torch.testing.assert_close(other.submit(lm.residual, ids).result(), clean, rtol=0, atol=0)
+    torch.testing.assert_close(lm.residual(ids), clean, rtol=0, atol=0)
+
+
 def test_clamp_sets_the_latent_to_its_value_and_keeps_the_error(tiny):
     cfg, sae, lm, reader, max_activation, prompt = tiny
     latent = 9
