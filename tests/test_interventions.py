@@ -107,9 +107,11 @@ def test_the_kv_cache_gives_what_recomputing_the_whole_text_gives(tiny):
     _, _, lm, _, _, prompt = tiny
     new = generate(lm, prompt, 12).token_ids
     ids = list(prompt)
-    with lm.loaded.autocast(), torch.no_grad():
-        for _ in range(len(new)):
-            ids.append(int(lm.loaded.causal_lm(input_ids=torch.tensor([ids]), use_cache=False).logits[0, -1].argmax()))
+    with torch.no_grad():
+        for _ in range(len(new)):  # every token from the whole text so far, no cache (the head in fp32, as generate's)
+            with lm.loaded.autocast():
+                hidden = lm.loaded.base(input_ids=torch.tensor([ids]), use_cache=False).last_hidden_state[0, -1]
+            ids.append(int(lm.unembed(hidden.float()).argmax()))
     assert ids[len(prompt):] == new
 
 
