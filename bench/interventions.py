@@ -174,7 +174,7 @@ def eval_figure(run, downstream_contexts, repeats, report):
     with_it, without = [], []
     for _ in range(repeats):
         with_it.append(median_time(lambda: evaluate_run(run, downstream_contexts=downstream_contexts), 1))
-        without.append(median_time(lambda: evaluate_run(run, downstream_contexts, ablation_samples=0), 1))
+        without.append(median_time(lambda: evaluate_run(run, downstream_contexts=downstream_contexts, ablation_samples=0), 1))
     with_it, without = statistics.median(with_it), statistics.median(without)
     report(f"saescope eval with / without ablation sparsity, {downstream_contexts} downstream contexts (≤ 1.5)",
            f"{with_it:.1f} s / {without:.1f} s", with_it / without)
