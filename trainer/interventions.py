@@ -26,6 +26,7 @@ import inspect
 import math
 import time
 from contextlib import nullcontext
+from copy import deepcopy
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -358,8 +359,9 @@ def ablation_sparsity(lm: LanguageModel, reader: LatentReader, tokens: torch.Ten
     Its sparsity is effect_sparsity of that (horizon, V) change, averaged over the samples. The
     baseline removes a random direction of the same norm at the same positions.
 
-    Only the tokens up to the last affected position are run (later ones cannot change what
-    comes before them)."""
+    The context before p runs once (its KV cache copied for the three continuations: as it is,
+    the latent removed, the random direction removed), and only the `horizon` positions from p
+    after it; the LM head only there, in fp32."""
     loaded, model = lm.loaded, lm.loaded.causal_lm
     device = lm.device
     tokens = tokens.long()
@@ -386,30 +388,31 @@ def ablation_sparsity(lm: LanguageModel, reader: LatentReader, tokens: torch.Ten
     picks = order[torch.from_numpy(first)]
     picks = picks[torch.randperm(len(picks), generator=generator)[:n_samples]]
     samples = [(int(c), int(p), int(i), float(v)) for (c, p, i), v in zip(firings[picks].tolist(), values[picks])]
-    # 2. per sample: clean, latent removed, random direction of the same norm removed
+    # 2. per sample: the context up to p once (a KV cache), then positions p .. p + horizon - 1 three
+    # times from copies of it: as they are, the latent removed at p, a random direction removed
     W = reader.sae.W_dec.detach().float()
     randoms = torch.nn.functional.normalize(torch.randn(len(samples), W.shape[1], generator=generator), dim=-1)
     scores = {"latent": [], "random": []}
-    for start in range(0, len(samples), batch):
-        group = samples[start : start + batch]
-        length = min(T, max(p for _, p, _, _ in group) + horizon)
-        ids = tokens[[c for c, _, _, _ in group], :length].to(device)  # (B, L)
-        positions = torch.tensor([p for _, p, _, _ in group])
-        decoder = W[[i for _, _, i, _ in group]]  # (B, d)
-        directions = {"latent": decoder,
-                      "random": randoms[start : start + len(group)] * decoder.norm(dim=-1, keepdim=True)}
-        amounts = torch.tensor([v for _, _, _, v in group])
-        with loaded.autocast():
-            clean = model(input_ids=ids, use_cache=False).logits.float()  # (B, L, V)
-            for name, direction in directions.items():
-                edit = _remove_at(reader.norm, positions, amounts[:, None] * direction)
-                with loaded.editing(lm.layer, edit):
-                    changed = model(input_ids=ids, use_cache=False).logits.float()
-                for row, p in enumerate(positions.tolist()):
-                    delta = (changed[row, p : p + horizon] - clean[row, p : p + horizon])  # (h, V)
-                    delta = delta - delta.mean(-1, keepdim=True)
-                    if not math.isnan(score := effect_sparsity(delta)):  # nan: nothing changed at all
-                        scores[name].append(score)
+    for (c, p, i, v), random in zip(samples, randoms):
+        ids = tokens[c, : p + horizon].to(device)[None]  # (1, L)
+        cache = kv_cache(loaded.base)
+        if p > 0:
+            with loaded.autocast():
+                loaded.base(input_ids=ids[:, :p], use_cache=True, **cache)
+        removed = {"latent": v * W[i], "random": v * W[i].norm() * random}  # (d,) each, in the SAE's space
+
+        def logits_from_p(edit=None):
+            copy = {name: deepcopy(held) for name, held in cache.items()}
+            with loaded.editing(lm.layer, edit) if edit else nullcontext(), loaded.autocast():
+                hidden = loaded.base(input_ids=ids[:, p:], use_cache=True, **copy).last_hidden_state[0]  # (h, d)
+            return lm.unembed(hidden.float())  # (h, V), fp32
+
+        clean = logits_from_p()
+        for name, vector in removed.items():
+            delta = logits_from_p(_remove_at(reader.norm, torch.tensor([0]), vector[None])) - clean  # (h, V)
+            delta = delta - delta.mean(-1, keepdim=True)
+            if not math.isnan(score := effect_sparsity(delta)):  # nan: nothing changed at all
+                scores[name].append(score)
 
     def mean(values):
         return float(np.mean(values)) if values else None
