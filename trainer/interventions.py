@@ -26,7 +26,6 @@ import inspect
 import math
 import time
 from contextlib import nullcontext
-from copy import deepcopy
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -359,9 +358,8 @@ def ablation_sparsity(lm: LanguageModel, reader: LatentReader, tokens: torch.Ten
     Its sparsity is effect_sparsity of that (horizon, V) change, averaged over the samples. The
     baseline removes a random direction of the same norm at the same positions.
 
-    The context before p runs once (its KV cache copied for the three continuations: as it is,
-    the latent removed, the random direction removed), and only the `horizon` positions from p
-    after it; the LM head only there, in fp32."""
+    Each context runs only up to its last affected position (later ones cannot change what comes
+    before them), in batches of like length, and the LM head (fp32) only where the change is read."""
     loaded, model = lm.loaded, lm.loaded.causal_lm
     device = lm.device
     tokens = tokens.long()
@@ -388,31 +386,34 @@ def ablation_sparsity(lm: LanguageModel, reader: LatentReader, tokens: torch.Ten
     picks = order[torch.from_numpy(first)]
     picks = picks[torch.randperm(len(picks), generator=generator)[:n_samples]]
     samples = [(int(c), int(p), int(i), float(v)) for (c, p, i), v in zip(firings[picks].tolist(), values[picks])]
-    # 2. per sample: the context up to p once (a KV cache), then positions p .. p + horizon - 1 three
-    # times from copies of it: as they are, the latent removed at p, a random direction removed
+    # 2. per batch of samples (in order of position, so that a batch's rows are of like length):
+    # the contexts up to p + horizon as they are, with the latent removed at p, and with a random
+    # direction of its norm removed there; the LM head (fp32) only at positions p .. p + horizon - 1
+    samples.sort(key=lambda sample: sample[1])
     W = reader.sae.W_dec.detach().float()
     randoms = torch.nn.functional.normalize(torch.randn(len(samples), W.shape[1], generator=generator), dim=-1)
     scores = {"latent": [], "random": []}
-    for (c, p, i, v), random in zip(samples, randoms):
-        ids = tokens[c, : p + horizon].to(device)[None]  # (1, L)
-        cache = kv_cache(loaded.base)
-        if p > 0:
-            with loaded.autocast():
-                loaded.base(input_ids=ids[:, :p], use_cache=True, **cache)
-        removed = {"latent": v * W[i], "random": v * W[i].norm() * random}  # (d,) each, in the SAE's space
+    for start in range(0, len(samples), batch):
+        group = samples[start : start + batch]
+        length = min(T, max(p for _, p, _, _ in group) + horizon)
+        ids = tokens[[c for c, _, _, _ in group], :length].to(device)  # (B, L)
+        positions = torch.tensor([p for _, p, _, _ in group])
+        decoder = W[[i for _, _, i, _ in group]] * torch.tensor([v for _, _, _, v in group])[:, None]  # (B, d): z_i W_dec[i]
+        removed = {"latent": decoder,
+                   "random": randoms[start : start + len(group)] * decoder.norm(dim=-1, keepdim=True)}
 
-        def logits_from_p(edit=None):
-            copy = {name: deepcopy(held) for name, held in cache.items()}
+        def windows(edit=None) -> list[torch.Tensor]:
             with loaded.editing(lm.layer, edit) if edit else nullcontext(), loaded.autocast():
-                hidden = loaded.base(input_ids=ids[:, p:], use_cache=True, **copy).last_hidden_state[0]  # (h, d)
-            return lm.unembed(hidden.float())  # (h, V), fp32
+                hidden = loaded.base(input_ids=ids, use_cache=False).last_hidden_state  # (B, L, d)
+            return [lm.unembed(hidden[row, p : p + horizon].float()) for row, p in enumerate(positions.tolist())]  # (h, V) each
 
-        clean = logits_from_p()
-        for name, vector in removed.items():
-            delta = logits_from_p(_remove_at(reader.norm, torch.tensor([0]), vector[None])) - clean  # (h, V)
-            delta = delta - delta.mean(-1, keepdim=True)
-            if not math.isnan(score := effect_sparsity(delta)):  # nan: nothing changed at all
-                scores[name].append(score)
+        clean = windows()
+        for name, vectors in removed.items():
+            for before, after in zip(clean, windows(_remove_at(reader.norm, positions, vectors))):
+                delta = after - before  # (h, V)
+                delta = delta - delta.mean(-1, keepdim=True)
+                if not math.isnan(score := effect_sparsity(delta)):  # nan: nothing changed at all
+                    scores[name].append(score)
 
     def mean(values):
         return float(np.mean(values)) if values else None
