@@ -92,11 +92,16 @@ def _insert(session: Session, row: ShareLink | SteerShare) -> ShareLink | SteerS
 
 
 def get_share(session: Session, share_id: str, urls: URLs = URLs()) -> ShareOut | None:
-    row = session.get(ShareLink, share_id)
+    found = _read(session, ShareLink, share_id)
+    return None if found is None else _share(*found, urls)
+
+
+def _read(session: Session, table, share_id: str) -> tuple[ShareLink | SteerShare, str | None] | None:
+    """A share's row and its SAE's present content hash (None: the SAE is gone), or None."""
+    row = session.get(table, share_id)
     if row is None:
         return None
-    content_hash = session.execute(select(Sae.content_hash).where(Sae.id == row.sae_id)).scalar_one_or_none()
-    return _share(row, content_hash, urls)
+    return row, session.execute(select(Sae.content_hash).where(Sae.id == row.sae_id)).scalar_one_or_none()
 
 
 def _share(row: ShareLink, content_hash: str | None, urls: URLs) -> ShareOut:
@@ -145,11 +150,8 @@ def create_steer_share(session: Session, steering: SteerOut, urls: URLs = URLs()
 
 
 def get_steer_share(session: Session, share_id: str, urls: URLs = URLs()) -> SteerShareOut | None:
-    row = session.get(SteerShare, share_id)
-    if row is None:
-        return None
-    content_hash = session.execute(select(Sae.content_hash).where(Sae.id == row.sae_id)).scalar_one_or_none()
-    return _steer_share(row, content_hash, urls)
+    found = _read(session, SteerShare, share_id)
+    return None if found is None else _steer_share(*found, urls)
 
 
 def _steer_share(row: SteerShare, content_hash: str | None, urls: URLs) -> SteerShareOut:
