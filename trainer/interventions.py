@@ -315,17 +315,22 @@ def ablation_effects(lm: LanguageModel, reader: LatentReader, contexts: torch.Te
     ids = contexts.long().to(lm.device)  # (C, T)
     record: list = []
     with loaded.autocast():
-        clean = model(input_ids=ids, use_cache=False).logits.float().log_softmax(-1)  # (C, T, V)
+        clean = model(input_ids=ids, use_cache=False).logits.float()  # (C, T, V): position t predicts token t + 1
         with loaded.editing(lm.layer, ablation_edit(reader, latent, skip_first, record)):
-            ablated = model(input_ids=ids, use_cache=False).logits.float().log_softmax(-1)
-    z = record[0]  # (C, T)
-    change = ablated - clean  # (C, T, V): position t predicts token t + 1
+            ablated = model(input_ids=ids, use_cache=False).logits.float()
+    z = record[0].cpu()  # (C, T)
+    # log p = logit − logsumexp: only what is read of the (C, T, V) log-probabilities is made
+    lse_clean, lse_ablated = clean.logsumexp(-1), ablated.logsumexp(-1)  # (C, T)
+    targets = ids[:, 1:, None]
     delta = torch.zeros(ids.shape)
-    delta[:, 1:] = change[:, :-1].gather(-1, ids[:, 1:, None].cpu())[..., 0]
-    fired = z > 0
-    reached = fired.int().cumsum(-1) > 0  # (C, T): at or after the first firing
+    delta[:, 1:] = ((ablated[:, :-1].gather(-1, targets)[..., 0] - lse_ablated[:, :-1])
+                    - (clean[:, :-1].gather(-1, targets)[..., 0] - lse_clean[:, :-1])).cpu()
+    reached = ((z > 0).int().cumsum(-1) > 0).to(clean.device)  # (C, T): at or after the first firing
     if reached.any():
-        mean = change[reached].mean(0)  # (V,)
+        V = clean.shape[-1]
+        weights = reached.float().view(1, -1) / reached.sum()  # the mean over reached positions, as a product
+        shift = float((weights[0] * (lse_ablated - lse_clean).view(-1)).sum())
+        mean = ((weights @ ablated.view(-1, V)) - (weights @ clean.view(-1, V)))[0].cpu() - shift  # (V,)
         top, bottom = mean.topk(top_n), mean.topk(top_n, largest=False)
         raised = [(int(i), float(v)) for v, i in zip(*top) if v > 0]
         lowered = [(int(i), float(v)) for v, i in zip(*bottom) if v < 0]
