@@ -10,6 +10,7 @@ from sqlalchemy.orm import Session
 
 from app.probe_service import ProbeService
 from app.settings import Settings
+from app.steering import SteerService
 from app.urls import URLs
 
 
@@ -30,7 +31,12 @@ def get_probe(request: Request) -> ProbeService:
     return request.app.state.probe
 
 
+def get_steer(request: Request) -> SteerService:
+    return request.app.state.steer
+
+
 SessionDep = Annotated[Session, Depends(get_session)]
 URLsDep = Annotated[URLs, Depends(get_urls)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 ProbeDep = Annotated[ProbeService, Depends(get_probe)]
+SteerDep = Annotated[SteerService, Depends(get_steer)]

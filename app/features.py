@@ -18,6 +18,7 @@ from pydantic import Field, PrivateAttr, computed_field
 from sqlalchemy import and_, or_, select
 from sqlalchemy.orm import Session
 
+from app.ablation import AblationOut, stored_ablation
 from app.families import AcrossSizesOut, across_sizes
 from app.models import LATENT_BLOBS, Context, LadderRung, Latent, LatentDetail, Sae, Vocab
 from app.models import Example as ExampleRow
@@ -112,6 +113,9 @@ class FeatureOut(Record):
     sae_url: str
     across_sizes: AcrossSizesOut | None = Field(
         description="when the SAE is in a ladder's n series: its nearest latents in each other size")
+    ablation: AblationOut | None = Field(
+        None, description="what removing it changes over its first top examples, once computed (ablation_url computes it)")
+    ablation_url: str = Field(description="the ablation section (computed on its first view, then kept); + .json")
     # what only the page shows
     n_latents: int = Field(exclude=True)
     n_quantiles: int = Field(exclude=True)  # Q, the harvest's quantile bins
@@ -197,6 +201,8 @@ def get_feature(session: Session, sae_id: str, index: int, urls: URLs = URLs()) 
         random=urls.random_feature(sae_id, fmt="json"), url=urls.feature(sae_id, index),
         sae_url=urls.sae(sae_id, fmt="json"),
         across_sizes=family,
+        ablation=stored_ablation(session, sae_id, index),
+        ablation_url=urls.feature_ablation(sae_id, index),
     )
     feature._source = SaeSource.of(row)
     return feature

@@ -58,6 +58,9 @@ class RungOut(Record):
     delta_ce: float | None
     dead_fraction: float | None
     l0: float | None
+    ablation_sparsity: float | None = Field(None, description="sparsity of ablation effects (Gao et al. 2024, 4.5): "
+                                                              "lower is sparser; null when not measured")
+    ablation_sparsity_random: float | None = Field(None, description="the same for random directions of equal norm")
     url: str | None = Field(description="the SAE's page")
 
 
@@ -159,7 +162,8 @@ def get_ladder(session: Session, ladder_id: str, urls: URLs = URLs()) -> LadderP
     sweep = json.loads(ladder.sweep)  # {"sweep": options, "train": the shared training options, "rungs"}
     loaded = dict(session.execute(select(LadderRung.run, LadderRung.sae_id).where(LadderRung.ladder_id == ladder_id)).all())
     rungs = [RungOut(run=row["run"], sae_id=loaded.get(row["run"]), n_latents=row["n_latents"], k=row["k"],
-                  **{key: row.get(key) for key in ("fvu", "delta_ce", "dead_fraction", "l0")},
+                  **{key: row.get(key) for key in ("fvu", "delta_ce", "dead_fraction", "l0", "ablation_sparsity",
+                                                   "ablation_sparsity_random")},
                   url=urls.sae(loaded[row["run"]]) if loaded.get(row["run"]) else None)
              for row in scaling.get("rungs", [])]
     found = scaling.get("fits", {})

@@ -44,6 +44,7 @@ from app.models import (
     Ladder,
     LadderRung,
     Latent,
+    LatentAblation,
     LatentDetail,
     LatentFamily,
     Sae,
@@ -395,7 +396,7 @@ def delete_sae(conn: Connection, sae_id: str) -> bool:
     and families; its other SAEs stay): its families point into this SAE's latents."""
     for (ladder_id,) in conn.execute(select(LadderRung.ladder_id).where(LadderRung.sae_id == sae_id)).all():
         delete_ladder(conn, ladder_id)
-    for table in (Example, Context, LatentDetail, Latent, Vocab, TokenLatent, ExplanationTerm):
+    for table in (Example, Context, LatentDetail, Latent, Vocab, TokenLatent, ExplanationTerm, LatentAblation):
         conn.execute(delete(table).where(table.sae_id == sae_id))
     return conn.execute(delete(Sae).where(Sae.id == sae_id)).rowcount > 0
 

@@ -18,13 +18,14 @@ from app.params import finite
 from app.probe_service import ProbeService
 from app.render import make_templates, render, wants_json
 from app.resources import HTMX_PREFIX, STATIC_DIR, htmx_dir
-from app.routes import admin, api_docs, features, ladders, probe, saes, search
+from app.routes import admin, api_docs, features, ladders, probe, saes, search, steer
 from app.security import RequestGuard
 from app.settings import Settings
 from app.shares import ShareLimits
+from app.steering import SteerService
 
 log = logging.getLogger("saescope.app")
-ROUTERS = (saes.router, features.router, ladders.router, search.router, probe.router, admin.router, api_docs.router)
+ROUTERS = (saes.router, features.router, ladders.router, search.router, probe.router, steer.router, admin.router, api_docs.router)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -33,10 +34,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                          pool_size=settings.db_pool_size)
     sessions = session_factory(engine)
     probe_service = ProbeService(settings, sessions)
+    steer_service = SteerService(probe_service)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         yield
+        steer_service.close()
         probe_service.close()
         engine.dispose()
 
@@ -55,6 +58,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.sessions = sessions
     app.state.probe = probe_service
     app.state.share_limits = ShareLimits(settings.share_limit_per_client, settings.share_limit_total)
+    app.state.steer = steer_service
     app.state.templates = make_templates(reload=settings.debug)
 
     for router in ROUTERS:

@@ -263,3 +263,36 @@ class LatentFamily(Base):
     latent: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
     nearest_index: Mapped[bytes] = mapped_column(LargeBinary)  # int32 (R-1, m) little-endian
     nearest_cosine: Mapped[bytes] = mapped_column(LargeBinary)  # float32 (R-1, m)
+
+
+class SteerShare(Base):
+    """A steering someone shared: `/s/{id}` reopens it. The request (SAE, prompt, latents,
+    strengths, mode, sampler) and its result are stored together, so the link shows the exact
+    texts it was made with, on any server, with or without the model. The id is derived from the
+    SAE and the request (app.steer_shares), as a probe's share link is; no foreign key, for the
+    same reason as share_links."""
+
+    __tablename__ = "steer_shares"
+    __table_args__ = (Index("ix_steer_shares_sae_id", "sae_id"),)
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    sae_id: Mapped[str] = mapped_column(String(200))
+    request: Mapped[str] = mapped_column(Text)  # JSON: the SteerRequest's fields
+    result: Mapped[str] = mapped_column(Text)  # JSON: the SteerOut as it was shown
+    sae_content_hash: Mapped[str | None] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+
+
+class LatentAblation(Base):
+    """What removing a latent changes over its first top examples (trainer.interventions
+    .ablation_effects), computed on the feature page's first view and kept: JSON, keyed by the
+    SAE's weights (content_hash) too, so that a reloaded SAE computes it again. No foreign key,
+    like `examples`; the loader deletes an SAE's rows with it."""
+
+    __tablename__ = "latent_ablations"
+
+    sae_id: Mapped[str] = mapped_column(String(200), primary_key=True)
+    latent: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    content_hash: Mapped[str] = mapped_column(String(64))
+    effects: Mapped[str] = mapped_column(Text)  # JSON: the feature page's AblationOut
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)

@@ -77,6 +77,11 @@ def _shown(token: str, breaks: bool = False) -> str:
     return shown.replace(VISIBLE["\n"], VISIBLE["\n"] + "\n") if breaks else shown
 
 
+def token_lines(token: str) -> Markup:
+    """A token in running text: escaped, a newline shown as its mark and kept as a line break."""
+    return Markup(_shown(token, breaks=True))
+
+
 FIRING = re.compile(r"⟦(.*?)⟧", re.S)
 
 
@@ -128,7 +133,7 @@ def make_templates(reload: bool = False) -> Jinja2Templates:
         trim_blocks=True,
         lstrip_blocks=True,
     )
-    env.filters.update(token=token_text, lone_token=lone_token, number=number, percent=percent)
+    env.filters.update(token=token_text, lone_token=lone_token, number=number, percent=percent, token_lines=token_lines)
     env.globals.update(zip=zip, weak_f1=WEAK_F1, shade=shade, density_bar=density_bar, token_chips=token_chips, urls=URLs(),
                        explanation_html=explanation_html, chart_svg=charts.svg, activation_chart=charts.activation_chart,
                        logit_chart=charts.logit_chart, density_chart=charts.density_chart,

@@ -35,6 +35,9 @@ class Settings(BaseSettings):
     probe_cache_size: int = Field(256, description="Probe results kept in memory, by SAE and text.")
     probe_preload: bool = Field(
         False, description="Load every SAE's model at start-up instead of on its first probe.")
+    steer_max_pending: int = Field(
+        4, ge=1, description="Steerings (two generations each) running or waiting before answering 503; they "
+        "run one at a time.")
     runs_root: Path | None = Field(
         None,
         description="Folder holding run folders on this server, used when the path recorded at "

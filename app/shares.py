@@ -1,4 +1,5 @@
-"""Share links: a probe (SAE + text) saved under a short permanent id, opened at `/p/{id}`.
+"""Share links: a probe (SAE + text) saved under a short permanent id, opened at `/p/{id}`; a
+steering (its request and its result) likewise at `/s/{id}`.
 
 The id is the start of a hash of the SAE id and the text, so sharing the same probe twice gives
 the same link and needs no lookup table of its own. Should two probes ever share a prefix, the
@@ -20,8 +21,9 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from app.models import Sae, ShareLink
+from app.models import Sae, ShareLink, SteerShare
 from app.queries import Record
+from app.steering import SteerOut
 from app.urls import URLs
 
 ID_LENGTHS = (10, 16, 32, 52)  # base32 characters: 50 bits first, the whole sha-256 at most
@@ -54,23 +56,33 @@ def create_share(session: Session, sae_id: str, text: str, urls: URLs = URLs(),
     content_hash = session.execute(select(Sae.content_hash).where(Sae.id == sae_id)).scalar_one_or_none()
     if content_hash is None:
         return None
-    digest = share_digest(sae_id, text)
+    row, created = _find_or_make(
+        session, ShareLink, share_digest(sae_id, text),
+        lambda share_id: ShareLink(id=share_id, sae_id=sae_id, text=text, sae_content_hash=content_hash),
+        lambda row: row.sae_id == sae_id and row.text == text, before_insert)
+    return _share(row, content_hash, urls), created
+
+
+def _find_or_make(session: Session, table, digest: str, make, same,
+                  before_insert: Callable[[], None] | None = None) -> tuple[ShareLink | SteerShare, bool]:
+    """The row of `table` whose id is the shortest prefix of `digest` that is free or holds the
+    same share (`same(row)`), made with `make(id)` when free, `before_insert` first: (row, created)."""
     for length in ID_LENGTHS:
         share_id = digest[:length]
-        row = session.get(ShareLink, share_id)
+        row = session.get(table, share_id)
         if row is None:
             if before_insert is not None:
                 before_insert()
-            made = ShareLink(id=share_id, sae_id=sae_id, text=text, sae_content_hash=content_hash)
+            made = make(share_id)
             row = _insert(session, made)  # someone else's row when they shared it at the same moment
             if row is None:
-                return _share(made, content_hash, urls), True
-        if row.sae_id == sae_id and row.text == text:
-            return _share(row, content_hash, urls), False
+                return made, True
+        if same(row):
+            return row, False
     raise RuntimeError(f"sha-256 collision on {digest}")  # not in this universe
 
 
-def _insert(session: Session, row: ShareLink) -> ShareLink | None:
+def _insert(session: Session, row: ShareLink | SteerShare) -> ShareLink | SteerShare | None:
     """Insert `row` in a transaction of its own: None, or the row of a concurrent share that
     inserted the same id first. Its own, because on SQLite a transaction that has read cannot write once
     another writer has committed meanwhile: it fails at once ("database is locked") instead of
@@ -81,7 +93,7 @@ def _insert(session: Session, row: ShareLink) -> ShareLink | None:
         session.commit()
     except IntegrityError:
         session.rollback()
-        existing = session.get(ShareLink, row.id)
+        existing = session.get(type(row), row.id)
         if existing is None:  # not a duplicate id: a real error
             raise
         return existing
@@ -89,23 +101,34 @@ def _insert(session: Session, row: ShareLink) -> ShareLink | None:
 
 
 def get_share(session: Session, share_id: str, urls: URLs = URLs()) -> ShareOut | None:
-    """The share under `share_id`, in any letter case (ids are lower-case base32)."""
-    row = session.get(ShareLink, share_id.lower())
+    found = _read(session, ShareLink, share_id)
+    return None if found is None else _share(*found, urls)
+
+
+def _read(session: Session, table, share_id: str) -> tuple[ShareLink | SteerShare, str | None] | None:
+    """A share's row and its SAE's present content hash (None: the SAE is gone), or None. Any
+    letter case finds it (ids are lower-case base32)."""
+    row = session.get(table, share_id.lower())
     if row is None:
         return None
-    content_hash = session.execute(select(Sae.content_hash).where(Sae.id == row.sae_id)).scalar_one_or_none()
-    return _share(row, content_hash, urls)
+    return row, session.execute(select(Sae.content_hash).where(Sae.id == row.sae_id)).scalar_one_or_none()
 
 
 def _share(row: ShareLink, content_hash: str | None, urls: URLs) -> ShareOut:
+    created, changed = _stamp(row, content_hash)
+    return ShareOut(id=row.id, sae=row.sae_id, text=row.text, created_at=created,
+                 sae_changed=changed, url=urls.share(row.id), json_url=urls.share(row.id, fmt="json"))
+
+
+def _stamp(row: ShareLink | SteerShare, content_hash: str | None) -> tuple[str, bool]:
+    """A link's creation time (ISO, UTC) and whether its SAE has other weights now."""
     changed = row.sae_content_hash is not None and content_hash is not None and row.sae_content_hash != content_hash
     created = row.created_at
     if created is not None and created.tzinfo is None:  # SQLite keeps no time zone: it was UTC
         created = created.replace(tzinfo=timezone.utc)
     if created is not None:  # PostgreSQL gives it in the connection's time zone: one spelling
         created = created.astimezone(timezone.utc)
-    return ShareOut(id=row.id, sae=row.sae_id, text=row.text, created_at=created.isoformat() if created else "",
-                 sae_changed=changed, url=urls.share(row.id), json_url=urls.share(row.id, fmt="json"))
+    return (created.isoformat() if created else ""), changed
 
 
 class ShareLimitReached(Exception):
@@ -129,7 +152,8 @@ class ShareLimits:
     def take(self, session: Session, client: str) -> None:
         """Count one new link of `client`, or raise ShareLimitReached saying which limit and when
         to try again."""
-        if self.total and session.execute(select(func.count()).select_from(ShareLink)).scalar_one() >= self.total:
+        if self.total and sum(session.execute(select(func.count()).select_from(table)).scalar_one()
+                              for table in (ShareLink, SteerShare)) >= self.total:
             raise ShareLimitReached(f"this server holds its limit of {self.total:,} share links: no new link can be "
                                     "made (an existing one still opens)")
         if not self.per_client:
@@ -146,3 +170,45 @@ class ShareLimits:
                 raise ShareLimitReached(f"at most {self.per_client} new share links an hour from one address: "
                                         f"try again in {(wait + 59) // 60} min", retry_after_s=wait)
             times.append(now)
+
+
+# ---------------------------------------------------------------- shared steerings (/s/{id})
+
+
+class SteerShareOut(Record):
+    """A shared steering: the request and the texts it gave, stored together under a short permanent link."""
+
+    id: str = Field(description="derived from a hash of the SAE id and the request: sharing twice gives the same id")
+    created_at: str
+    sae_changed: bool = Field(description="the SAE was reloaded with other weights since the link was made")
+    url: str = Field(description="the short link: /s/{id}")
+    json_url: str
+    steering: SteerOut = Field(description="the steering as it was when shared: the same texts, always")
+
+
+def create_steer_share(session: Session, steering: SteerOut, urls: URLs = URLs(),
+                       before_insert: Callable[[], None] | None = None) -> tuple[SteerShareOut, bool] | None:
+    """The share link of a steering, made if new (`before_insert` first, as create_share):
+    (share, created); None for an unknown SAE."""
+    content_hash = session.execute(select(Sae.content_hash).where(Sae.id == steering.sae)).scalar_one_or_none()
+    if content_hash is None:
+        return None
+    request = steering.request().model_dump_json()
+    row, created = _find_or_make(
+        session, SteerShare, share_digest(steering.sae, request),
+        lambda share_id: SteerShare(id=share_id, sae_id=steering.sae, request=request, result=steering.model_dump_json(),
+                                    sae_content_hash=content_hash),
+        lambda row: row.sae_id == steering.sae and row.request == request, before_insert)
+    return _steer_share(row, content_hash, urls), created
+
+
+def get_steer_share(session: Session, share_id: str, urls: URLs = URLs()) -> SteerShareOut | None:
+    found = _read(session, SteerShare, share_id)
+    return None if found is None else _steer_share(*found, urls)
+
+
+def _steer_share(row: SteerShare, content_hash: str | None, urls: URLs) -> SteerShareOut:
+    created, changed = _stamp(row, content_hash)
+    return SteerShareOut(id=row.id, created_at=created, sae_changed=changed,
+                         url=urls.steer_shared(row.id), json_url=urls.steer_shared(row.id, fmt="json"),
+                         steering=SteerOut.model_validate_json(row.result))

@@ -74,6 +74,30 @@ class URLs:
         """A shared probe's short permanent link; state as for probe()."""
         return self._build(f"/p/{quote(share_id, safe='')}", fmt, **state)
 
+    def steer(self, sae: str | None = None, prompt: str | None = None, latents: str | None = None,
+              fmt: str | None = None, **state) -> str:
+        """Steering page; latents "INDEX:STRENGTH,..."; state: mode (add|clamp), tokens, temperature,
+        top_p, seed."""
+        return self._build("/steer", fmt, sae=sae, prompt=prompt, latents=latents, **state)
+
+    def steer_shared(self, share_id: str, fmt: str | None = None) -> str:
+        """A shared steering's short permanent link."""
+        return self._build(f"/s/{quote(share_id, safe='')}", fmt)
+
+    def steer_share(self) -> str:
+        """The steering page's Share button (a form POST)."""
+        return self.root + "/steer/share"
+
+    def api_steer(self) -> str:
+        return self.root + "/api/steer"
+
+    def api_steer_share(self) -> str:
+        return self.root + "/api/steer/share"
+
+    def feature_ablation(self, sae_id: str, index: int, fmt: str | None = None) -> str:
+        """What removing the latent changes over its top examples (computed on first view, then kept)."""
+        return self._build(f"/saes/{quote(sae_id, safe='')}/features/{int(index)}/ablation", fmt)
+
     def api_probe(self) -> str:
         return self.root + "/api/probe"
 

@@ -8,6 +8,7 @@
     saescope load    RUN --db URL [--replace]     (or a sweep folder: every rung and the ladder)
     saescope serve   --db URL --host H --port P [--preload]
     saescope demo    [--workdir DIR] [--db URL] [--no-serve]   (all of the above on the defaults)
+    saescope steer   RUN --prompt TEXT --latent INDEX=STRENGTH [...] [--mode add|clamp] [--tokens 32]
     saescope sweep   --out DIR [--latents 1024,...,32768 --ks 16,32,64 ...]   (a ladder of SAEs, scaling fits)
 """
 
@@ -115,7 +116,9 @@ def cmd_eval(args) -> None:
 
     if args.downstream_contexts < 0:
         raise CommandError(f"--downstream-contexts must be 0 (no downstream loss) or more, got {args.downstream_contexts}")
-    metrics = evaluate_run(_run_dir(args.run_dir), args.store, args.downstream_contexts)
+    if args.ablation_samples < 0:
+        raise CommandError(f"--ablation-samples must be 0 (no ablation sparsity) or more, got {args.ablation_samples}")
+    metrics = evaluate_run(_run_dir(args.run_dir), args.store, args.downstream_contexts, args.ablation_samples)
     print(" ".join(f"{key}={value:.4g}" for key, value in metrics.items() if isinstance(value, (int, float))))
     print(f"(over {metrics['eval_positions']} of the held-out contexts; fvu_all_positions counts every one)")
 
@@ -127,6 +130,18 @@ def cmd_harvest(args) -> None:
     explained = sum(1 for e in harvest.explanations if e["patterns"])
     print(f"harvested {harvest.n_latents} latents over {harvest.info['n_tokens']:,} tokens "
           f"({harvest.info['n_firings']:,} firings; {explained} latents explained)")
+
+
+def cmd_steer(args) -> None:
+    from trainer.interventions import steer_run
+
+    lm, pair = steer_run(_run_dir(args.run_dir), args.prompt, args.latent, args.mode, args.tokens, args.temperature,
+                         args.top_p, args.seed)
+    print(f"prompt:  {args.prompt}")
+    print(f"default: {lm.tokenizer.decode(pair.default.token_ids)}")
+    print(f"steered: {lm.tokenizer.decode(pair.steered.token_ids)}")
+    where = pair.divergence
+    print("(identical)" if where is None else f"(they part at new token {where})")
 
 
 def cmd_import(args) -> None:
@@ -359,6 +374,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--store", help="activation store (default: the one in cfg.json)")
     evaluate.add_argument("--downstream-contexts", type=int, default=64,
                           help="held-out contexts for downstream loss (splicing into the full model; 0 skips it) (default: 64)")
+    evaluate.add_argument("--ablation-samples", type=int, default=24,
+                          help="latents whose ablation-effect sparsity is measured (Gao et al. 2024, 4.5), each removed "
+                               "at one held-out position where it fires, against random directions of equal norm; "
+                               "0 skips it (default: 24)")
     evaluate.set_defaults(func=cmd_eval)
 
     harvest = commands.add_parser("harvest", help="per-latent statistics and top contexts into RUN/harvest")
@@ -368,6 +387,21 @@ def build_parser() -> argparse.ArgumentParser:
                          help="compute the activations with the model over the store's contexts instead of reading them")
     add_config_arguments(harvest, HarvestConfig)
     harvest.set_defaults(func=cmd_harvest)
+
+    steering = commands.add_parser("steer", help="continue a prompt as the model does and with latents steered, side by side")
+    steering.add_argument("run_dir", help="run folder (harvested: strength 1 is a latent's max activation)")
+    steering.add_argument("--prompt", required=True, help="text to continue")
+    steering.add_argument("--latent", action="append", required=True, metavar="INDEX=STRENGTH",
+                          help="a latent to steer and its strength in multiples of its max activation "
+                               "(|strength| <= 100); repeat for up to 8 latents")
+    steering.add_argument("--mode", choices=("add", "clamp"), default="add",
+                          help="add: strength x max activation x W_dec[i] at every position; clamp: set the "
+                               "latent's activation to strength x max activation, the SAE's error kept (default: add)")
+    steering.add_argument("--tokens", type=int, default=32, help="new tokens, 1 to 128 (default: 32)")
+    steering.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); else sampled, seeded")
+    steering.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling's probability mass (default: 1)")
+    steering.add_argument("--seed", type=int, default=0, help="the sampler's seed: the same command gives the same text")
+    steering.set_defaults(func=cmd_steer)
 
     imported = commands.add_parser("import", help="turn a SAELens or sparsify SAE folder, or OpenAI's .pt file, into a saescope run folder")
     imported.add_argument("source", help="SAE folder written by SAELens, sparsify or saescope, or a .pt file of OpenAI's "

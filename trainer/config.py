@@ -264,6 +264,7 @@ class SweepConfig:
     k_series_latents: str = option("1024,4096", "the n values of the k series (comma-separated; two or more let the joint fit estimate how k bends the n exponent)")
     downstream_contexts: int = option(16, "held-out contexts for each rung's downstream loss (ΔCE, fitted like FVU; 0 skips it)")
     family_neighbours: int = option(4, "feature families: nearest latents kept in every other size of the n series (0 skips families)")
+    ablation_samples: int = option(24, "latents per rung whose ablation-effect sparsity is measured (Gao et al. 2024, 4.5; 0 skips it)")
 
     def __post_init__(self):
         if not self.n_series:
@@ -274,8 +275,8 @@ class SweepConfig:
             raise ConfigError("--ks needs --k-series-latents")
         if any(k < 1 for k in [self.k, *self.k_series]):
             raise ConfigError(f"k must be positive, got --k {self.k} --ks {self.ks!r}")
-        if self.downstream_contexts < 0 or self.family_neighbours < 0:
-            raise ConfigError("--downstream-contexts and --family-neighbours must be >= 0")
+        if self.downstream_contexts < 0 or self.family_neighbours < 0 or self.ablation_samples < 0:
+            raise ConfigError("--downstream-contexts, --family-neighbours and --ablation-samples must be >= 0")
 
     @property
     def n_series(self) -> list[int]:

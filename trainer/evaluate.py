@@ -23,6 +23,10 @@ from trainer.thresholds import DENSE_THRESHOLD
 # tokens). It does not depend on the SAE, so the SAEs of a sweep (or a second eval) on one store
 # skip that pass: a third of the downstream loss's forward passes.
 ABLATED_CACHE = "ce_ablated.json"
+# The sparsity of ablation effects (ablation_sparsity_of): latents sampled, each removed at one
+# held-out position where it fires, from the store's first held-out contexts.
+ABLATION_SAMPLES = 24
+ABLATION_CONTEXTS = 16
 
 
 @torch.no_grad()
@@ -86,9 +90,11 @@ class Moments:
         return self.squared_error / total_variance
 
 
-def evaluate_run(run_dir: Path, store_dir: Path | None = None, downstream_contexts: int = 64) -> dict:
+def evaluate_run(run_dir: Path, store_dir: Path | None = None, downstream_contexts: int = 64,
+                 ablation_samples: int = ABLATION_SAMPLES) -> dict:
     """Reconstruction metrics, then downstream loss on `downstream_contexts` held-out contexts
-    (0 skips it), into metrics.json."""
+    (0 skips it), then the sparsity of ablation effects over `ablation_samples` latents (0 skips
+    it), into metrics.json."""
     cfg, sae = runfolder.load_sae(run_dir, default_device())
     runfolder.load_metrics(run_dir)  # a damaged metrics.json fails now, not after the whole evaluation
     store_dir = store_dir or cfg.store_dir(run_dir)
@@ -98,8 +104,29 @@ def evaluate_run(run_dir: Path, store_dir: Path | None = None, downstream_contex
     metrics = evaluate_sae(sae, store, cfg.norm, cfg.positions)  # as harvest and the probe read it
     if downstream_contexts > 0:
         metrics |= downstream_loss(sae, cfg, store, downstream_contexts)
+    if ablation_samples > 0:
+        metrics |= ablation_sparsity_of(sae, cfg, store, ablation_samples)
     runfolder.save_metrics(run_dir, metrics)
     return metrics
+
+
+# ------------------------------------------------------------ ablation sparsity (Section 4.5)
+
+@torch.no_grad()
+def ablation_sparsity_of(sae: TopKSAE, run_cfg: RunConfig, store: ActivationStore, n_samples: int = ABLATION_SAMPLES,
+                         n_contexts: int = ABLATION_CONTEXTS) -> dict:
+    """The sparsity of ablation effects (trainer.interventions.ablation_sparsity) on the store's
+    first held-out contexts, at the positions the metrics count, with the fp32 model the
+    downstream loss uses: ablation_sparsity, its random-direction baseline
+    ablation_sparsity_random, ablation_samples and ablation_horizon."""
+    from trainer.interventions import LatentReader, ablation_sparsity
+
+    lm = run_cfg.language_model(sae.W_dec.device, fast=False)
+    first = store.n_train_contexts
+    rows = range(first, min(store.n_contexts, first + n_contexts))
+    tokens = torch.from_numpy(store.tokens[list(rows)]).long()  # (C, T)
+    counted = torch.from_numpy(store.counted(run_cfg.positions, rows.start, rows.stop))  # (C, T)
+    return ablation_sparsity(lm, LatentReader(sae, run_cfg.norm, fast=False), tokens, counted, n_samples=n_samples)
 
 
 # ------------------------------------------------------------ downstream loss

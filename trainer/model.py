@@ -12,6 +12,7 @@ import logging
 import os
 import threading
 import weakref
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -200,11 +201,30 @@ class LoadedModel:
 
     def _stop_hook(self, layer: int):
         def hook(module, args, output):
+            edit = getattr(self._local, "edit", None)
+            if edit is not None and edit[0] == layer:  # an intervention of this thread (editing)
+                resid = output[0] if isinstance(output, tuple) else output
+                with torch.autocast(resid.device.type, enabled=False):  # the edit's own arithmetic is exact fp32
+                    resid = edit[1](resid)
+                output = (resid, *output[1:]) if isinstance(output, tuple) else resid
             if getattr(self._local, "stop_at", None) == layer:
                 self._local.resid = output[0] if isinstance(output, tuple) else output
                 raise _StopForward
+            return output if edit is not None else None
 
         return hook
+
+    @contextmanager
+    def editing(self, layer: int, edit):
+        """Within, this thread's forward passes replace block `layer`'s output (the residual stream,
+        (B, T, d)) with `edit(output)`: steering and ablation (trainer/interventions.py). Other
+        threads sharing the model (the probe's) never see it."""
+        before = getattr(self._local, "edit", None)
+        self._local.edit = (layer, edit)
+        try:
+            yield
+        finally:
+            self._local.edit = before
 
     @property
     def device(self) -> torch.device:

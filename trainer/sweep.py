@@ -66,7 +66,7 @@ def checkpoint_of(run: Path, cfg: TrainConfig) -> bool:
     return path.is_file() and TrainConfig.from_saved(torch.load(path, weights_only=False, map_location="cpu")["cfg"]) == cfg
 
 
-def run_rung(run: Path, cfg: TrainConfig, store_dir: Path, downstream_contexts: int) -> str:
+def run_rung(run: Path, cfg: TrainConfig, store_dir: Path, downstream_contexts: int, ablation_samples: int = 0) -> str:
     """Bring one rung to trained and evaluated; returns what it did."""
     if trained_with(run, cfg):
         if "fvu" in runfolder.load_metrics(run):
@@ -79,7 +79,7 @@ def run_rung(run: Path, cfg: TrainConfig, store_dir: Path, downstream_contexts: 
         else:
             train(cfg, run, store_dir)
             done = "trained, evaluated"
-    evaluate_run(run, store_dir, downstream_contexts)
+    evaluate_run(run, store_dir, downstream_contexts, ablation_samples)
     return done
 
 
@@ -111,7 +111,7 @@ def run_sweep(sweep: SweepConfig, base: TrainConfig, out_dir: Path) -> dict:
     write_json(out_dir / SWEEP_FILE, {"sweep": sweep.to_dict(), "train": base.to_dict(), "rungs": list(configs)})
     for i, (name, cfg) in enumerate(configs.items()):
         started = time.perf_counter()
-        done = run_rung(out_dir / RUNS_DIR / name, cfg, store_dir, sweep.downstream_contexts)
+        done = run_rung(out_dir / RUNS_DIR / name, cfg, store_dir, sweep.downstream_contexts, sweep.ablation_samples)
         done += ", " + harvest_rung(out_dir / RUNS_DIR / name, store_dir)
         metrics = runfolder.load_metrics(out_dir / RUNS_DIR / name)
         log.info("[%d/%d] %s: %s in %.0f s, fvu %.4f, dead %.2f %%", i + 1, len(configs), name, done,

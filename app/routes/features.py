@@ -10,8 +10,10 @@ from fastapi import APIRouter, HTTPException, Path, Query
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
-from app import features, frames, pages, queries
-from app.deps import ProbeDep, SessionDep, URLsDep
+from app import ablation, features, frames, pages, queries
+from app.ablation import AblationOut
+from app.deps import ProbeDep, SessionDep, SteerDep, URLsDep
+from app.render import render
 from app.probe_view import LatentTrial, try_latent
 from app.schemas import ErrorOut
 
@@ -57,6 +59,49 @@ def read_feature(sae_id: str, index: LatentIndex, session: SessionDep, urls: URL
             raise HTTPException(404, f"no SAE {sae_id!r}")
         raise HTTPException(404, f"SAE {sae_id!r} has no latent {index} (its latents are 0 to {sae.n_latents - 1})")
     return feature
+
+
+async def ablation_part(page: pages.PageCall):
+    """The section as the feature page loads it (htmx): the effects, or why they cannot be computed here."""
+    try:
+        return page.render(await page.data())
+    except HTTPException as e:
+        response = render(page.request, "_feature_ablation.html", status_code=e.status_code, ablation=None, error=e.detail,
+                          retry_after=(e.headers or {}).get("Retry-After"), url=page.request.url.path)
+        response.headers.update({k: v for k, v in (e.headers or {}).items() if k == "Retry-After"})
+        return response
+
+
+@pages.route(router, "/features/{index}/ablation", template="_feature_ablation.html", name="ablation", html=ablation_part,
+             responses={code: {"model": ErrorOut} for code in (404, 409, 503)},
+             summary="What removing a latent changes over its first top examples (computed on first view, then kept)")
+async def read_feature_ablation(sae_id: str, index: LatentIndex, session: SessionDep, steer: SteerDep) -> AblationOut:
+    """For each of its first five top contexts, the change in the log-probability of every actual
+    next token when the latent's activation is set to 0 where it fires (the SAE's error term kept),
+    and the next tokens raised and lowered most. 404 unknown SAE or latent; 409 the SAE's weights or
+    model not on this server (the kept section, if any, is still given); 503 busy (with Retry-After)."""
+    if (kept := await run_in_threadpool(ablation.stored_ablation, session, sae_id, index)) is not None:
+        return kept
+    contexts = await run_in_threadpool(ablation.top_contexts, session, sae_id, index)
+    if not contexts:
+        if await run_in_threadpool(queries.get_sae_summary, session, sae_id) is None:
+            raise HTTPException(404, f"no SAE {sae_id!r}")
+        raise HTTPException(404, f"latent {index} of SAE {sae_id!r} has no top examples to ablate over")
+    try:
+        sae = await run_in_threadpool(steer.probe.locate, sae_id)
+        if reason := await run_in_threadpool(steer.probe.unavailable, sae_id):
+            raise HTTPException(409, f"this SAE cannot run on this server: {reason}")
+        loaded = await run_in_threadpool(steer.probe.load, sae)
+        effects = await steer.submit(("ablation", sae.key, index), steer.ablate, sae, index,
+                                     [ids for _, ids, _ in contexts], loaded.excluded_positions)
+    except HTTPException as e:  # the model not here is the SAE's state, not the server failing: 409; busy stays 503
+        if e.status_code == 503 and "Retry-After" not in (e.headers or {}):
+            raise HTTPException(409, e.detail) from None
+        raise
+    strings = await run_in_threadpool(features.token_strings, session, sae_id, [i for i, _ in effects.raised + effects.lowered])
+    record = ablation.ablation_record(sae_id, index, contexts, effects, strings)
+    await run_in_threadpool(ablation.keep_ablation, session, record, sae.content_hash)
+    return record
 
 
 @router.get("/features/{index}/examples.csv", include_in_schema=False, name="read_feature_examples_csv")

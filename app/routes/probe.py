@@ -389,15 +389,21 @@ def page_text(text: str) -> str:
     return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
-async def _share(request: Request, session, probe, sae: str, text: str, urls: URLs) -> tuple[ShareOut, bool]:
-    probe.check_text(text)
+async def within_share_limits(request: Request, make, session, *args):
+    """`make(session, *args, before_insert)` in the thread pool, a new link counted against the
+    share limits (ShareLimits, one budget for every kind of link): 429 beyond them."""
     limits: ShareLimits = request.app.state.share_limits
     client = request.client.host if request.client else "unknown"
     try:
-        made = await run_in_threadpool(create_share, session, sae, text, urls, lambda: limits.take(session, client))
+        return await run_in_threadpool(make, session, *args, lambda: limits.take(session, client))
     except ShareLimitReached as e:
         headers = {"Retry-After": str(e.retry_after_s)} if e.retry_after_s else None
         raise HTTPException(429, str(e), headers=headers) from None
+
+
+async def _share(request: Request, session, probe, sae: str, text: str, urls: URLs) -> tuple[ShareOut, bool]:
+    probe.check_text(text)
+    made = await within_share_limits(request, create_share, session, sae, text, urls)
     if made is None:
         raise HTTPException(404, f"no SAE {sae!r}")
     return made

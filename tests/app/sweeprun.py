@@ -41,7 +41,9 @@ def make_sweep(folder: Path, seed: int = 0, neighbours: int = NEIGHBOURS) -> Pat
         replace(RunConfig.load(run), k=k).save(run)
         runfolder.save_metrics(run, {"fvu": fvu_law(n, k), "delta_ce": (0.02 + 2 * n ** -0.4) * (1 + 0.01 * math.cos(n)), "l0": float(k),
                                      "dead_fraction": 1 / n if n == max(N_SERIES) else 0.0, "train_tokens": 4096,
-                                     "train_curve": training_curve(fvu_law(n, k))})
+                                     "train_curve": training_curve(fvu_law(n, k)),
+                                     # sparser effects with more latents, as the paper found (Section 4.5)
+                                     "ablation_sparsity": 0.2 * n ** -0.25, "ablation_sparsity_random": 0.3})
     runfolder.write_json(folder / "sweep.json", {
         "sweep": {"latents": ",".join(map(str, N_SERIES)), "k": K, "ks": ",".join(map(str, K_SERIES)),
                   "k_series_latents": ",".join(map(str, K_SERIES_N)), "family_neighbours": neighbours},

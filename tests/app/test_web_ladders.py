@@ -85,6 +85,8 @@ def test_the_scaling_page_json_is_scaling_json_with_links(ladder_client, sweep_d
     assert set(page["fits"]) == {"fvu_n", "delta_ce_n", "fvu_joint", "delta_ce_joint"}
     assert all("skipped" not in fit and fit["r2"] > 0.99 for fit in page["fits"].values())
     assert [(r["n_latents"], r["k"]) for r in page["rungs"]] == [(r["n_latents"], r["k"]) for r in scaling["rungs"]]
+    for rung, written in zip(page["rungs"], scaling["rungs"]):
+        assert rung["ablation_sparsity"] == written["ablation_sparsity"] and rung["ablation_sparsity_random"] == 0.3
     for rung in page["rungs"]:
         assert rung["sae_id"] == rung_id(rung["n_latents"], rung["k"]) and rung["url"] == f"/saes/{rung['sae_id']}"
         assert ladder_client.get(f"/saes/{rung['sae_id']}.json").json()["sae"]["ladder_id"] == LADDER
@@ -95,6 +97,7 @@ def test_the_scaling_page_json_is_scaling_json_with_links(ladder_client, sweep_d
 
 def test_the_scaling_page_draws_the_fits_and_links_every_rung(ladder_client):
     html = ladder_client.get(f"/ladders/{LADDER}").text
+    assert ">Ablation sparsity</th>" in html and '<span class="muted small">(0.3000)</span>' in html
     assert html.count('<svg class="chart scaling') == 5  # FVU and ΔCE vs n, the k series, dead latents, training
     training = re.search(r'<svg class="chart scaling training".*?</svg>', html, re.S).group()
     assert re.findall(r'<g class="legend s\d"><line[^>]*/><text[^>]*>([^<]*)</text>', training) == [

@@ -1,0 +1,96 @@
+"""The feature page's ablation section: what removing a latent changes over its first top
+examples. Computed on the section's first view (trainer.interventions.ablation_effects, on the
+steering service's worker; app.routes.features.read_feature_ablation) and kept in
+`latent_ablations`, keyed by the SAE's weights, so later views, and the feature page's JSON twin,
+read it back."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+from pydantic import Field
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from app.models import Context, Example, LatentAblation, Sae
+from app.queries import Record
+
+ABLATION_CONTEXTS = 5  # the first top examples the section covers
+TOP_TOKENS = 10
+
+
+class AblationContextOut(Record):
+    context_id: int
+    tokens: list[str]
+    activations: list[float] = Field(description="the latent's activation on each token where it was removed (0 elsewhere)")
+    delta_logprob: list[float] = Field(description="per token, the change in its log-probability given the tokens "
+                                                   "before it when the latent is removed (0 for the first token)")
+
+
+class AblationTokenOut(Record):
+    token_id: int
+    token: str
+    change: float = Field(description="the mean change of its next-token log-probability over the positions the "
+                                      "ablation reaches")
+
+
+class AblationOut(Record):
+    """What removing the latent (its activation set to 0 where it fires, the SAE's error kept) changes."""
+
+    sae_id: str
+    index: int
+    contexts: list[AblationContextOut] = Field(description=f"its first {ABLATION_CONTEXTS} top examples")
+    raised: list[AblationTokenOut] = Field(description="next tokens whose log-probability the ablation raises most")
+    lowered: list[AblationTokenOut] = Field(description="... and lowers most")
+    scale: float = Field(description="the largest |Δ log-prob| over the contexts: the full shade")
+
+
+def stored_ablation(session: Session, sae_id: str, index: int) -> AblationOut | None:
+    """The kept section, if it was computed with the SAE's present weights."""
+    row = session.execute(select(LatentAblation.effects).join(Sae, Sae.id == LatentAblation.sae_id)
+                          .where(LatentAblation.sae_id == sae_id, LatentAblation.latent == index,
+                                 LatentAblation.content_hash == Sae.content_hash)).scalar_one_or_none()
+    return None if row is None else AblationOut.model_validate_json(row)
+
+
+def top_contexts(session: Session, sae_id: str, index: int) -> list[tuple[int, list[int], list[str]]]:
+    """(context id, token ids, tokens) of the latent's first top examples, strongest first."""
+    rows = session.execute(
+        select(Example.rank, Context.context_id, Context.token_ids, Context.tokens)
+        .join(Context, (Context.sae_id == Example.sae_id) & (Context.context_id == Example.context_id))
+        .where(Example.sae_id == sae_id, Example.latent_index == index, Example.bin == 0, Example.rank < ABLATION_CONTEXTS)
+    ).all()
+    return [(context_id, np.frombuffer(ids, dtype="<i4").tolist(), json.loads(tokens))
+            for _, context_id, ids, tokens in sorted(rows)]
+
+
+def ablation_record(sae_id: str, index: int, contexts, effects, strings: dict[int, str]) -> AblationOut:
+    """The section's record from trainer.interventions.AblationEffects over `contexts`; `strings`:
+    the raised and lowered tokens' text (app.features.token_strings)."""
+    delta = effects.delta_logprob
+    return AblationOut(
+        sae_id=sae_id, index=index,
+        contexts=[AblationContextOut(context_id=context_id, tokens=tokens[: delta.shape[1]],
+                                     activations=np.round(effects.activations[row], 4).tolist(),
+                                     delta_logprob=np.round(delta[row], 5).tolist())
+                  for row, (context_id, _, tokens) in enumerate(contexts)],
+        raised=[AblationTokenOut(token_id=i, token=strings.get(i, ""), change=round(v, 5)) for i, v in effects.raised[:TOP_TOKENS]],
+        lowered=[AblationTokenOut(token_id=i, token=strings.get(i, ""), change=round(v, 5)) for i, v in effects.lowered[:TOP_TOKENS]],
+        scale=float(np.abs(delta).max()) if delta.size else 0.0)
+
+
+def keep_ablation(session: Session, record: AblationOut, content_hash: str) -> None:
+    """Store the section (replacing one made with other weights); a concurrent first view's row wins."""
+    session.rollback()
+    existing = session.get(LatentAblation, (record.sae_id, record.index))
+    if existing is not None:
+        session.delete(existing)
+        session.flush()
+    session.add(LatentAblation(sae_id=record.sae_id, latent=record.index, content_hash=content_hash,
+                               effects=record.model_dump_json()))
+    try:
+        session.commit()
+    except IntegrityError:
+        session.rollback()
