@@ -173,7 +173,10 @@ def wants_json(request: Request) -> bool:
 
 
 def json_response(data, status_code: int = 200) -> JSONResponse:
-    """`data` as JSON; a record (a pydantic model) as its fields (app.pages)."""
+    """`data` as JSON; a record (a pydantic model) as its fields (app.pages). A record that says
+    why something could not run here (an `error` field, set) is this server's moment, not the
+    load's: sent no-store, so app.caching gives it no ETag, as the page does."""
+    headers = {"Cache-Control": "no-store"} if getattr(data, "error", None) else None
     if isinstance(data, BaseModel):
         data = data.model_dump(mode="json")
-    return JSONResponse(data, status_code=status_code)
+    return JSONResponse(data, status_code=status_code, headers=headers)

@@ -7,7 +7,7 @@ Each variant is a name and TrainConfig overrides (`field=value`, comma-separated
 `saescope train`'s defaults with the sweep's budget (300,032 training tokens, 65,536 held out:
 the store of a default `saescope sweep` has them; one pass over them unless a variant sets
 `epochs`, where the sweep now trains three); every variant starts from the same seed. Reported per variant:
-held-out FVU, latents that never fire on the held-out tokens (the sweep's "dead"), and latents
+held-out FVU, latents that never fire on the held-out tokens (the sweep's "dead"), dense ones, and latents
 the trainer counted dead at the end (no firing within --dead-tokens). Without --variant, the
 table of BENCHMARKS.md ("Dead latents at n = 32,768") is measured.
 """
@@ -60,16 +60,18 @@ def main() -> None:
     print(f"# {platform.processor() or platform.machine()}, n = {args.latents}, k = {args.k}, lr {base.effective_lr:g}, "
           f"{store.n_train_contexts * store.context_length:,} training tokens, "
           f"{(store.n_contexts - store.n_train_contexts) * store.context_length:,} held out")
-    print("| variant | held-out FVU | never fire on held-out | dead at the end of training |")
-    print("|---|---|---|---|")
+    print("| variant | held-out FVU | never fire on held-out | dense (> 10 % of held-out tokens) | dead at the end of training |")
+    print("|---|---|---|---|---|")
     for text in args.variant or DEFAULT_VARIANTS:
         name, cfg = parse_variant(text, base)
         trainer = Trainer(cfg, store, scale)
         trainer.fit()
-        metrics = evaluate_sae(trainer.sae, store, scale)
+        metrics = evaluate_sae(trainer.sae, store, trainer.norm, cfg.positions)
         dead_end = int((trainer.tokens_since_fired > cfg.effective_dead_tokens).sum())
         never = round(metrics["dead_fraction"] * cfg.n_latents)
-        print(f"| {name} | {metrics['fvu']:.4f} | {never:,} ({100 * metrics['dead_fraction']:.2f} %) | {dead_end:,} |", flush=True)
+        dense = round(metrics["dense_fraction"] * cfg.n_latents)
+        print(f"| {name} | {metrics['fvu']:.4f} | {never:,} ({100 * metrics['dead_fraction']:.2f} %) | {dense:,} | {dead_end:,} |",
+              flush=True)
 
 
 if __name__ == "__main__":

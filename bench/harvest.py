@@ -8,7 +8,7 @@ and the time of each harvest stage (harvest.json "seconds").
 
     .venv/bin/python bench/harvest.py [RUN]
 
-The issue's goals: (2) at most 1.15x (1); (3) at least 25,000 tokens/s. Prints Markdown for
+The goals: (2) at most 1.15x (1); (3) at least 25,000 tokens/s. Prints Markdown for
 BENCHMARKS.md. The run's harvest is rewritten (with the same result).
 """
 

@@ -1,4 +1,4 @@
-"""Interventions: the figures of issue "Interventions" as ratios from one run on one machine.
+"""Interventions: what steering and ablation cost, as ratios from one run on one machine.
 
     .venv/bin/python bench/interventions.py [--run demo/runs/smollm2-135m-instruct-l6-4096-k32]
         [--workdir /tmp/saescope-bench-interventions] [--repeats 5]

@@ -119,3 +119,6 @@ def test_a_probe_that_could_not_run_is_not_kept(loaded, synthetic_sae_id):
         shared = client.post("/api/share", json={"sae": synthetic_sae_id, "text": "def f():"}).json()
         page = client.get(f"/p/{shared['id']}")
         assert page.status_code == 200 and page.headers["Cache-Control"] == "no-store" and "ETag" not in page.headers
+        twin = client.get(f"/p/{shared['id']}.json")  # its JSON twin alike
+        assert twin.status_code == 200 and twin.json()["error"] and twin.json()["probe"] is None
+        assert twin.headers["Cache-Control"] == "no-store" and "ETag" not in twin.headers
