@@ -137,17 +137,30 @@ def positive_sets(values, indices):
     return [frozenset(i for v, i in zip(vs, ix) if v > 0) for vs, ix in zip(values.tolist(), indices.tolist())]
 
 
+@pytest.fixture(scope="module")
+def scaled_run(tiny_run, tiny_model_dir, hostile_corpus, tmp_path_factory):
+    """The tiny run trained again with one scale (sparsify cannot express per-token normalisation),
+    on the same store."""
+    from saescope.cli import main
+    from tests.conftest import TINY_TRAIN_ARGS
+
+    run = tmp_path_factory.mktemp("scaled") / "run"
+    args = ["--model", str(tiny_model_dir), "--corpus", str(hostile_corpus), *TINY_TRAIN_ARGS, "--normalization", "scale"]
+    assert main(["train", "--out", str(run), "--store", str(RunConfig.load(tiny_run).store.path), *args]) == 0
+    return run
+
+
 @pytest.mark.slow  # ~15 s: imports sparsify (datasets, its trainer), plus the tiny run's training
-def test_sparsify_loads_the_export_and_encodes_heldout_activations_as_we_do(tiny_run, tmp_path):
+def test_sparsify_loads_the_export_and_encodes_heldout_activations_as_we_do(scaled_run, tmp_path):
     from sparsify import SparseCoder
 
     from trainer.evaluate import evaluate_sae
     from trainer.store import Positions
 
-    folder = export_run(tiny_run, "sparsify", tmp_path / "out")
+    folder = export_run(scaled_run, "sparsify", tmp_path / "out")
     coder = SparseCoder.load_from_disk(folder)
-    cfg, sae = runfolder.load_sae(tiny_run)
-    store, x = heldout(tiny_run)
+    cfg, sae = runfolder.load_sae(scaled_run)
+    store, x = heldout(scaled_run)
     ours = sae.encode(cfg.norm.normalize(x)[0])
     with torch.no_grad():
         theirs = coder(x)  # raw activations: the input scale is in the weights
@@ -166,13 +179,14 @@ def test_saelens_loads_the_export_and_encodes_heldout_activations_as_we_do(tiny_
     assert sae_lens.cfg.metadata.hook_name == f"blocks.{RunConfig.load(tiny_run).layer}.hook_resid_post"
     cfg, sae = runfolder.load_sae(tiny_run)
     _, x = heldout(tiny_run)
-    ours = sae.encode(cfg.norm.normalize(x)[0])
+    x_n, stats = cfg.norm.normalize(x)
+    ours = sae.encode(x_n)
     with torch.no_grad():
         z = sae_lens.encode(x)
         x_hat = sae_lens.decode(z)
     assert_close(z, torch.zeros(len(x), cfg.n_latents).scatter_(-1, ours.indices, ours.values), rtol=1e-4, atol=1e-4)
     fvu = lambda x_hat: float((x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum())  # noqa: E731
-    assert fvu(x_hat) == pytest.approx(fvu(cfg.norm.restore(sae.decode(ours), None)), rel=1e-4)
+    assert fvu(x_hat) == pytest.approx(fvu(cfg.norm.restore(sae.decode(ours), stats)), rel=1e-4)
 
 
 @pytest.mark.slow  # ~12 s: imports sae_lens

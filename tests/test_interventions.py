@@ -39,6 +39,14 @@ def firing(reader, lm, ids) -> torch.Tensor:
     return torch.zeros(len(ids), reader.sae.n_latents).scatter_(-1, chosen.indices, chosen.values)
 
 
+def to_residual_by_hand(norm, clean: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """A change `delta` in the SAE's space as the residual stream (T, d) sees it: divided by the
+    run's scale, or per token times the deviation of the clean residual (decoding multiplies by it)."""
+    if norm.kind == "scale":
+        return delta / norm.scale
+    return delta * (clean - clean.mean(-1, keepdim=True)).std(-1, keepdim=True)
+
+
 def test_strength_zero_gives_exactly_the_default(tiny):
     _, _, lm, reader, max_activation, prompt = tiny
     steering = Steering("add", (3, 7), (0.0, 0.0), (float(max_activation[3]), float(max_activation[7])))
@@ -71,9 +79,8 @@ def test_add_hook_adds_exactly_strength_times_max_activation_times_the_decoder_r
     clean = lm.residual(ids)
     with lm.loaded.editing(lm.layer, steering_edit(reader, steering)):
         steered = lm.residual(ids)  # block L's output as the next block reads it
-    expected = strength * float(max_activation[latent]) * sae.W_dec[latent].detach() / cfg.norm.scale  # SAE space -> residual
-    torch.testing.assert_close(steered - clean, expected.expand_as(clean), rtol=1e-5, atol=1e-5)
-    assert cfg.norm.kind == "scale"
+    expected = to_residual_by_hand(cfg.norm, clean[0], strength * float(max_activation[latent]) * sae.W_dec[latent].detach())
+    torch.testing.assert_close(steered[0] - clean[0], expected.expand_as(clean[0]), rtol=1e-5, atol=1e-5)
 
 
 def test_an_edit_is_its_threads_own(tiny):
@@ -99,7 +106,7 @@ def test_clamp_sets_the_latent_to_its_value_and_keeps_the_error(tiny):
         steered = lm.residual(ids)[0]
     z = firing(reader, lm, prompt)[:, latent]
     v = 2.0 * float(max_activation[latent])
-    expected = clean + (v - z)[:, None] * sae.W_dec[latent].detach() / cfg.norm.scale
+    expected = clean + to_residual_by_hand(cfg.norm, clean, (v - z)[:, None] * sae.W_dec[latent].detach())
     torch.testing.assert_close(steered, expected, rtol=1e-5, atol=1e-5)
 
 

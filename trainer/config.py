@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 import math
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 
 import torch
 
@@ -172,6 +172,11 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def resolved(self) -> "TrainConfig":
+        """The same training with every rule (an option's 0) replaced by the value it gives: two
+        configs train alike when these are equal."""
+        return replace(self, lr=self.effective_lr, dead_tokens=self.effective_dead_tokens)
 
     @classmethod
     def from_saved(cls, saved: dict) -> "TrainConfig":

@@ -135,7 +135,11 @@ ROUTES = every_route()
 JSON_BODIES = {"/api/probe": {"sae": "{sae}", "text": "def f():", "top_k": 3, "top_n": 5, "sort": "max",
                               "hide_frequent_and_first": True},
                "/api/share": {"sae": "{sae}", "text": "def f():"}}
-FORMS = {"sae": "{sae}", "text": "def f():", "latent": "1", "sort": "max", "all": "1", "bos": "1", "share": "", "token": "0"}
+STEERING = {"sae": "{sae}", "prompt": "def f():", "latents": [[1, 2.0]], "mode": "add", "tokens": 4, "temperature": 0.0,
+            "top_p": 1.0, "seed": 0}
+JSON_BODIES |= {"/api/steer": STEERING, "/api/steer/share": STEERING}
+FORMS = {"sae": "{sae}", "text": "def f():", "latent": "1", "sort": "max", "all": "1", "bos": "1", "share": "", "token": "0",
+         "prompt": "def f():", "latents": "1:2", "mode": "add", "tokens": "4", "temperature": "0", "top_p": "1", "seed": "0"}
 
 
 def _valid(name: str, sae: str) -> str:
@@ -156,7 +160,7 @@ def number_client(run_dir, tmp_path_factory):
 def test_the_fuzz_reaches_every_route_and_parameter():
     paths = {path for _, path, *_ in ROUTES}
     assert {"/saes/{sae_id}/features/{index}", "/probe", "/p/{share_id}", "/probe/tokens/{position}",
-            "/api/probe", "/api/share", "/search.csv"} <= paths
+            "/api/probe", "/api/share", "/search.csv", "/steer", "/s/{share_id}", "/api/steer"} <= paths
     assert set(JSON_BODIES) == {path for method, path, *_ in ROUTES if method == "POST" and path.startswith("/api/")}
     params = {name for _, _, path_params, query, form in ROUTES for name in path_params + query + form}
     assert {"index", "page", "per_page", "min_density", "latent", "top_k", "limit", "position", "token"} <= params
