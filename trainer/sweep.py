@@ -56,16 +56,20 @@ def trained_with(run: Path, cfg: TrainConfig) -> bool:
     was trained counts as what the run did: TrainConfig.from_saved)."""
     if not (run / SAE_FILE).exists() or not (run / CFG_FILE).exists():
         return False
-    saved = RunConfig.load(run).train
-    return saved is not None and saved.resolved() == cfg.resolved()
+    return trains_as(RunConfig.load(run).train, cfg)
 
 
 def checkpoint_of(run: Path, cfg: TrainConfig) -> bool:
     """The run folder holds a checkpoint of a training with exactly `cfg` (the same rule as
     trained_with)."""
     path = run / CHECKPOINT_FILE
-    return path.is_file() and TrainConfig.from_saved(torch.load(path, weights_only=False, map_location="cpu")["cfg"]).resolved() \
-        == cfg.resolved()
+    return path.is_file() and trains_as(TrainConfig.from_saved(torch.load(path, weights_only=False, map_location="cpu")["cfg"]), cfg)
+
+
+def trains_as(saved: TrainConfig | None, cfg: TrainConfig) -> bool:
+    """A saved training is `cfg`'s when their options agree once each rule (an option's 0) is
+    replaced by the value it gives."""
+    return saved is not None and saved.resolved() == cfg.resolved()
 
 
 def run_rung(run: Path, cfg: TrainConfig, store_dir: Path, downstream_contexts: int, ablation_samples: int = 0) -> str:
