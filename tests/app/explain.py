@@ -57,8 +57,11 @@ def whole_table_reads(engine: Engine, statement: str, parameters) -> list[str]:
     """The plan steps that read or sort a whole table; [] when every step uses an index."""
     steps = query_plan(engine, statement, parameters)
     if engine.dialect.name == "sqlite":
+        # A virtual table answering a constraint through its own index is no scan: FTS5's plan
+        # "VIRTUAL TABLE INDEX n:M..." is a full-text MATCH (and its rank order), read from its index.
         return [step for step in steps
-                if re.match(r"SCAN (?!CONSTANT ROW)", step) or step.startswith("USE TEMP B-TREE FOR")]
+                if (re.match(r"SCAN (?!CONSTANT ROW)", step) and not re.search(r"VIRTUAL TABLE INDEX \d+:\S*M", step))
+                or step.startswith("USE TEMP B-TREE FOR")]
     return [step for step in steps
             if step.startswith(("Seq Scan", "Sort ")) or step == "Sort"
             or (step.startswith(("Index Scan", "Index Only Scan")) and " cond " not in step)]

@@ -1,0 +1,88 @@
+"""Full-text search over the latents' search documents (app/search_documents.py), ranked by
+relevance, on either backend behind one function:
+
+    hits = rank_latents(session, sae_id, "exception handling", limit=20)   # [(latent, score, top_tokens)]
+
+- SQLite: FTS5 with the porter stemmer, ranked by BM25 with a weight per field (the migration
+  configures FTS5's `rank`, so that `ORDER BY rank` is the index's own order).
+- PostgreSQL: `to_tsvector('english', ...)` (the Snowball stemmer) per field with `setweight`,
+  a GIN index, ranked by `ts_rank_cd` (cover density) with the weights below.
+
+A query is never handed to either parser as typed: it is read into words (`query_words`: letters
+and digits, identifiers split as documents are), and each word becomes a quoted term, so FTS5's
+syntax (`"`, `*`, `NEAR`, `-`, `:`, `^`) and tsquery's (`&`, `|`, `!`, `<->`, `:*`) are only ever
+text. The words are OR-ed, each also as a prefix of its stem ("handling" -> handl*, which finds
+`handler`, a stem Porter and Snowball keep apart): a latent matching more of them, in a heavier
+field, more often, ranks first.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import NamedTuple
+
+from sqlalchemy import text
+from sqlalchemy.orm import Session
+
+from app.models import SEARCH_TABLE
+from app.search_documents import index_words
+
+MAX_WORDS = 12  # words of a query that count
+MIN_PREFIX = 4  # shorter words are matched whole only ("if" must not find "iframe")
+# Field weights: an explanation's word counts most, then what the latent fires on, then the words
+# around. SQLite's are BM25 weights (migration 0008 writes them into FTS5's rank); PostgreSQL's are
+# ts_rank_cd's for the labels D, C, B, A (D unused).
+COLUMN_WEIGHTS = (8.0, 3.0, 1.0)
+POSTGRES_WEIGHTS = "{0.0, 0.125, 0.375, 1.0}"
+
+
+class FullTextHit(NamedTuple):
+    latent: int
+    score: float  # relevance: higher is better (BM25 on SQLite, ts_rank_cd on PostgreSQL; not comparable)
+    top_tokens: list[str]  # the tokens it fires on most
+
+
+def query_words(q: str) -> list[str]:
+    """The words of a query as documents are indexed (lower-cased, identifiers split), each
+    once, at most MAX_WORDS."""
+    return list(dict.fromkeys(index_words(q)))[:MAX_WORDS]
+
+
+def fts5_query(words: list[str]) -> str:
+    """An FTS5 MATCH expression: each word a quoted string (its quotes doubled, although words
+    have none), OR-ed, with the prefix form of longer words."""
+    terms = []
+    for word in words:
+        quoted = '"' + word.replace('"', '""') + '"'
+        terms += [quoted, quoted + "*"] if len(word) >= MIN_PREFIX else [quoted]
+    return " OR ".join(terms)
+
+
+def tsquery(words: list[str]) -> str:
+    """A to_tsquery expression: each word (letters and digits only, as query_words makes them)
+    quoted as a lexeme, OR-ed, with the prefix form of longer words."""
+    terms = []
+    for word in words:
+        quoted = "'" + word.replace("'", "''").replace("\\", "\\\\") + "'"
+        terms += [quoted, quoted + ":*"] if len(word) >= MIN_PREFIX else [quoted]
+    return " | ".join(terms)
+
+
+def rank_latents(session: Session, sae_id: str, q: str, limit: int = 20) -> list[FullTextHit]:
+    """The latents of `sae_id` whose search document matches `q`, most relevant first (on
+    PostgreSQL ties go to the lower index; FTS5 orders ties itself)."""
+    words = query_words(q)
+    if not words:
+        return []
+    if session.get_bind().dialect.name == "postgresql":
+        rows = session.execute(text(
+            f"SELECT latent, ts_rank_cd('{POSTGRES_WEIGHTS}', document, query) AS score, top_tokens "
+            f"FROM {SEARCH_TABLE}, to_tsquery('english', :query) AS query "
+            "WHERE sae_id = :sae_id AND document @@ query ORDER BY score DESC, latent LIMIT :limit"),
+            {"query": tsquery(words), "sae_id": sae_id, "limit": limit}).all()
+    else:
+        rows = session.execute(text(
+            f"SELECT latent, -rank AS score, top_tokens FROM {SEARCH_TABLE} "
+            f"WHERE {SEARCH_TABLE} MATCH :query AND sae_id = :sae_id ORDER BY rank LIMIT :limit"),
+            {"query": fts5_query(words), "sae_id": sae_id, "limit": limit}).all()
+    return [FullTextHit(int(latent), float(score), json.loads(tokens)) for latent, score, tokens in rows]
