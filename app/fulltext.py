@@ -58,14 +58,16 @@ def fts5_query(words: list[str]) -> str:
     return " OR ".join(terms)
 
 
+def word_tsquery(word: str) -> str:
+    """One word as a to_tsquery expression: quoted as a lexeme, with its prefix form when long."""
+    quoted = "'" + word.replace("'", "''").replace("\\", "\\\\") + "'"
+    return f"{quoted} | {quoted}:*" if len(word) >= MIN_PREFIX else quoted
+
+
 def tsquery(words: list[str]) -> str:
     """A to_tsquery expression: each word (letters and digits only, as query_words makes them)
     quoted as a lexeme, OR-ed, with the prefix form of longer words."""
-    terms = []
-    for word in words:
-        quoted = "'" + word.replace("'", "''").replace("\\", "\\\\") + "'"
-        terms += [quoted, quoted + ":*"] if len(word) >= MIN_PREFIX else [quoted]
-    return " | ".join(terms)
+    return " | ".join(word_tsquery(word) for word in words)
 
 
 def rank_latents(session: Session, sae_id: str, q: str, limit: int = 20) -> list[FullTextHit]:
@@ -75,11 +77,16 @@ def rank_latents(session: Session, sae_id: str, q: str, limit: int = 20) -> list
     if not words:
         return []
     if session.get_bind().dialect.name == "postgresql":
+        # ts_rank_cd has no inverse document frequency, so a word found often outweighs two words
+        # found once; times the number of the query's words the document has (Lucene's "coord"),
+        # a latent matching more of them ranks first, as BM25's sum of per-word scores gives.
+        coverage = " + ".join(f"(document @@ to_tsquery('english', :w{i}))::int" for i in range(len(words)))
         rows = session.execute(text(
-            f"SELECT latent, ts_rank_cd('{POSTGRES_WEIGHTS}', document, query) AS score, top_tokens "
+            f"SELECT latent, ts_rank_cd('{POSTGRES_WEIGHTS}', document, query) * ({coverage}) AS score, top_tokens "
             f"FROM {SEARCH_TABLE}, to_tsquery('english', :query) AS query "
             "WHERE sae_id = :sae_id AND document @@ query ORDER BY score DESC, latent LIMIT :limit"),
-            {"query": tsquery(words), "sae_id": sae_id, "limit": limit}).all()
+            {"query": tsquery(words), "sae_id": sae_id, "limit": limit,
+             **{f"w{i}": word_tsquery(word) for i, word in enumerate(words)}}).all()
     else:
         rows = session.execute(text(
             f"SELECT latent, -rank AS score, top_tokens FROM {SEARCH_TABLE} "

@@ -17,8 +17,9 @@ PostgreSQL):
   each of those firings, counted the same way: `except` before the token a latent fires on is how
   a query in words ("exception handling") finds a latent that fires inside exception handlers.
 
-Words are runs of letters and digits in the context's text, so a word spans the tokens it is made
-of (` Key`, `Error` -> `KeyError`); each is written whole and, when it is an identifier of several
+Words are runs of letters, digits and underscores in the context's text, so a word spans the
+tokens it is made of (` Key`, `Error` -> `KeyError`; ` error`, `_handler` -> `error_handler`); each
+is written whole (lower-cased) and, when it is an identifier of several
 parts, also split (`KeyError` -> `keyerror key error`, `error_handler` -> `error handler`,
 `utf8` -> `utf 8`), so that "error" finds `KeyError` and `error_handler`. Queries are read the
 same way (`index_words`).
@@ -101,7 +102,7 @@ class ContextWords:
             pieces = [vocab[t] if 0 <= t < len(vocab) else "" for t in context]
             text = "".join(pieces)
             ends = np.cumsum([len(p) for p in pieces])  # each token's end offset in the text
-            for match in WORD.finditer(text):
+            for match in IDENTIFIER.finditer(text):  # `error_handler` whole: index_words splits it
                 word = match.group()
                 if len(word) > MAX_WORD:
                     continue
