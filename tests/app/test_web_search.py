@@ -19,6 +19,7 @@ from app.main import create_app
 from app.search_documents import ExplanationText, identifier_parts, index_words, search_document_rows
 from app.settings import Settings
 from tests.app.databases import BACKENDS, empty_database
+from tests.app.servers import SHOTS, free_port, running_server
 from tests.app.webrun import explanation, make_cfg, make_run, write_weights
 from tests.synthetic import random_harvest
 from trainer.runconfig import RunConfig
@@ -214,12 +215,19 @@ SNIPPET = "try:\n    value = table[key]\nexcept KeyError:\n    value = None\n"
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory, tiny_model_dir):
-    """The synthetic run's SAE sized for the tiny model (d_model 32, block 1), so the probe runs."""
+def tiny_example_db(tmp_path_factory, tiny_model_dir):
+    """(database URL, SAE id, run): the synthetic run's SAE sized for the tiny model (d_model 32,
+    block 1), so the probe runs."""
     run = make_run(tmp_path_factory.mktemp("example") / "run", model=str(tiny_model_dir), d_in=32, layer=1)
     url = f"sqlite:///{tmp_path_factory.mktemp('db') / 'example.db'}"
     sae_id = load_run(run, url)
     assert sae_id == make_cfg(str(tiny_model_dir), 32, 1).slug
+    return url, sae_id, run
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_example_db):
+    url, sae_id, run = tiny_example_db
     with TestClient(create_app(Settings(database_url=url))) as test_client:
         yield test_client, sae_id, run
 
@@ -280,3 +288,40 @@ def test_find_by_example_without_the_model_is_503(client):
     page = client.get("/search/example", params={"sae": client.sae_id, "text": "x = 1"})
     assert page.status_code == 503 and "cannot be loaded on this server" in page.text
     assert page.headers["Cache-Control"] == "no-store"
+
+
+# ---------------------------------------------------------------- in a browser
+
+
+@pytest.fixture(scope="module")
+def example_server(tiny_example_db):
+    url, sae_id, _ = tiny_example_db
+    port = free_port()
+    with running_server(["-c", f"from app.server import serve; serve({url!r}, '127.0.0.1', {port})"], port) as (base, _):
+        yield base, sae_id
+
+
+@pytest.mark.parametrize("width", [1280, 390])
+def test_search_page_in_a_browser(example_server, browser, width):
+    """Words, then a pasted snippet: both lists link latents; the snippet's view is a link; a
+    phone scrolls nothing sideways."""
+    base, sae_id = example_server
+    page = browser.new_page(viewport={"width": width, "height": 900})
+    errors = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    page.goto(f"{base}/search?sae={sae_id}&q=cat")
+    page.wait_for_load_state("networkidle")
+    assert page.locator("section.by-meaning tbody tr").count() > 0
+    page.fill("#example-text", SNIPPET)
+    page.click("form.example-form button")
+    page.wait_for_selector("#example-results tbody tr")
+    rows = page.locator("#example-results tbody tr")
+    assert rows.count() == 20 and rows.first.locator("a").get_attribute("href").startswith(f"/saes/{sae_id}/features/")
+    assert "/search/example?" in page.url and "text=try" in page.url  # the view is a link
+    assert page.evaluate("document.documentElement.scrollWidth") <= width
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SHOTS / f"search-example-{width}.png"), full_page=True)
+    page.goto(f"{base}/search?sae={sae_id}&q=the+cat")
+    page.screenshot(path=str(SHOTS / f"search-{width}.png"), full_page=True)
+    assert errors == []
+    page.close()
