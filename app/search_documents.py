@@ -12,7 +12,9 @@ PostgreSQL):
 - `fires_on` (weight B): the word each firing is on, over the latent's top examples (the
   strongest firing of each) and its quantile samples (firings spread over its whole range), a word
   repeated 1 + log2(count) times, so that what it fires on most weighs most without one word
-  drowning the rest;
+  drowning the rest; and, counted the same way, the firing token's role in Python source
+  (app/python_roles.py: "comment", "string literal docstring", `for`'s "the for statement
+  looping"), so that a query in words ("loops", "comments") finds what no token spells;
 - `context` (weight C): the words just before (CONTEXT_BEFORE tokens) and after (CONTEXT_AFTER)
   each of those firings, counted the same way: `except` before the token a latent fires on is how
   a query in words ("exception handling") finds a latent that fires inside exception handlers.
@@ -35,10 +37,13 @@ from typing import NamedTuple
 
 import numpy as np
 
+from app.python_roles import roles
+
 CONTEXT_BEFORE = 8  # tokens before a firing whose words are its context
 CONTEXT_AFTER = 2
 MAX_FIRES_ON = 24  # distinct words kept per latent, the most frequent
 MAX_CONTEXT = 48
+MAX_ROLES = 4  # Python roles (comment, string literal, a keyword's words) kept per latent
 TOP_TOKENS = 6  # firing tokens shown beside a search result
 MAX_WORD = 60  # characters: longer runs (hashes, base64) are no words anyone types
 WORD = re.compile(r"[^\W_]+")  # letters and digits; `_` separates the parts of an identifier
@@ -89,7 +94,9 @@ def weighted(counts: dict[str, int], limit: int) -> str:
 
 class ContextWords:
     """The words of the harvest's contexts: for each (context, position), the id of the word that
-    token is part of (-1: none, e.g. punctuation or spaces), and each word's text."""
+    token is part of (-1: none, e.g. punctuation or spaces), and each word's text; and the id of
+    the token's role in Python source (app.python_roles: "comment", "the for statement looping"),
+    in the same id space."""
 
     def __init__(self, token_ids: np.ndarray, used: np.ndarray, vocab: list[str]):
         self.row = np.full(len(token_ids), -1, dtype=np.int64)  # context id -> row of word_of
@@ -98,10 +105,17 @@ class ContextWords:
         ids: dict[str, int] = {}
         T = token_ids.shape[1]
         self.word_of = np.full((len(used), T), -1, dtype=np.int64)  # (U, T)
+        self.role_of = np.full((len(used), T), -1, dtype=np.int64)  # (U, T)
         for r, context in enumerate(token_ids[used].tolist()):
             pieces = [vocab[t] if 0 <= t < len(vocab) else "" for t in context]
             text = "".join(pieces)
             ends = np.cumsum([len(p) for p in pieces])  # each token's end offset in the text
+            for start, end, role in roles(text):
+                first, last = np.searchsorted(ends, start, "right"), np.searchsorted(ends, max(start, end - 1), "right")
+                role_id = ids.setdefault(role, len(ids))
+                if role_id == len(self.words):
+                    self.words.append(role)
+                self.role_of[r, first:last + 1] = role_id
             for match in IDENTIFIER.finditer(text):  # `error_handler` whole: index_words splits it
                 word = match.group()
                 if len(word) > MAX_WORD:
@@ -114,11 +128,12 @@ class ContextWords:
                 span[span < 0] = word_id  # a token holding two words keeps the first
         self.T = T
 
-    def at(self, context: np.ndarray, position: np.ndarray) -> np.ndarray:
-        """The word ids at (context, position) pairs, -1 outside the context or where no word is."""
+    def at(self, context: np.ndarray, position: np.ndarray, of: str = "word_of") -> np.ndarray:
+        """The word ids (or role ids) at (context, position) pairs, -1 outside the context or
+        where none is."""
         inside = (position >= 0) & (position < self.T)
         found = np.full(len(context), -1, dtype=np.int64)
-        found[inside] = self.word_of[self.row[context[inside]], position[inside]]
+        found[inside] = getattr(self, of)[self.row[context[inside]], position[inside]]
         return found
 
 
@@ -162,6 +177,7 @@ def search_document_rows(arrays: dict[str, np.ndarray], vocab: list[str], explan
     words = ContextWords(arrays["token_ids"], np.unique(context), vocab)
     on = words.at(context, position)
     fires_on = per_latent(n, *count_pairs(latent, on), name=words.words.__getitem__)
+    role = per_latent(n, *count_pairs(latent, words.at(context, position, "role_of")), name=words.words.__getitem__)
     # Around each firing: each word once per firing, not the firing's own word.
     offsets = [d for d in range(-CONTEXT_BEFORE, CONTEXT_AFTER + 1) if d]
     around = np.stack([words.at(context, position + d) for d in offsets], 1)  # (F, W)
@@ -178,7 +194,8 @@ def search_document_rows(arrays: dict[str, np.ndarray], vocab: list[str], explan
     return Rows("latent_search", {
         "latent": np.arange(n, dtype=np.int64),
         "explanation": [explanation_field(t) for t in texts],
-        "fires_on": [weighted(counts, MAX_FIRES_ON) for counts in fires_on],
+        "fires_on": [" ".join(filter(None, (weighted(counts, MAX_FIRES_ON), weighted(roles, MAX_ROLES))))
+                     for counts, roles in zip(fires_on, role)],
         "context": [weighted(counts, MAX_CONTEXT) for counts in near],
         "top_tokens": [json.dumps([vocab[t] for t, _ in sorted(counts.items(), key=lambda item: (-item[1], item[0]))
                                    [:TOP_TOKENS] if 0 <= t < len(vocab)], ensure_ascii=False) for counts in tokens],

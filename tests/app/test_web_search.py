@@ -17,6 +17,7 @@ from app.fulltext import COLUMN_WEIGHTS, fts5_query, query_words, tsquery
 from app.loader import load_run
 from app.main import create_app
 from app.search_documents import ExplanationText, identifier_parts, index_words, search_document_rows
+from app.python_roles import roles
 from app.settings import Settings
 from tests.app.databases import BACKENDS, empty_database
 from tests.app.servers import SHOTS, free_port, running_server
@@ -96,6 +97,18 @@ def test_identifiers_split_into_lower_cased_parts():
     assert identifier_parts("utf8") == ["utf", "8"] and identifier_parts("error") == []
     assert index_words("raise KeyError(self.error_handler)") == ["raise", "keyerror", "key", "error", "self", "error", "handler"]
     assert query_words('"NEAR" - * : ^ KeyError') == ["near", "keyerror", "key", "error"]
+
+
+def test_python_roles_come_from_the_tokenizer_and_pydoc():
+    text = 'for x in y:  # each\n    print("%d" % x)\n'
+    found = {text[start:end]: role for start, end, role in roles(text)}
+    assert found["for"] == "the for statement looping" and found["# each"] == "comment"
+    assert found['"%d"'] == "string literal" and found["%"] == "operators formatting"
+    assert "function definitions" in roles("def f(): pass\n")[0][2]
+    assert "exceptions" in roles("try:\n    pass\nexcept KeyError:\n    pass\n")[0][2]
+    inside = 'the value.\n    """\n    if x:\n        return 1\n'  # a context that starts in a docstring
+    found = {inside[start:end]: role for start, end, role in roles(inside)}
+    assert found['the value.\n    """'] == "string literal docstring" and found["if"].startswith("the if statement")
 
 
 def test_queries_are_quoted_terms_never_syntax():
