@@ -8,8 +8,8 @@ relevance, on either backend behind one function:
 - PostgreSQL: `to_tsvector('english', ...)` (the Snowball stemmer) per field with `setweight`,
   a GIN index, ranked by `ts_rank_cd` (cover density) with the weights below.
 
-A query is never handed to either parser as typed: it is read into words (`query_words`: letters
-and digits, identifiers split as documents are), and each word becomes a quoted term, so FTS5's
+A query is never handed to either parser as typed: it is read into words (`query_words`: runs of
+letters and digits, lower-cased), and each word becomes a quoted term, so FTS5's
 syntax (`"`, `*`, `NEAR`, `-`, `:`, `^`) and tsquery's (`&`, `|`, `!`, `<->`, `:*`) are only ever
 text. The words are OR-ed, each also as a prefix of its stem ("handling" -> handl*, which finds
 `handler`, a stem Porter and Snowball keep apart): a latent matching more of them, in a heavier
@@ -19,16 +19,18 @@ field, more often, ranks first.
 from __future__ import annotations
 
 import json
+from collections import Counter
 from typing import NamedTuple
 
-from sqlalchemy import text
+from sqlalchemy import bindparam, text
 from sqlalchemy.orm import Session
 
 from app.models import SEARCH_TABLE
-from app.search_documents import index_words
+from app.search_documents import MAX_WORD, WORD
 
 MAX_WORDS = 12  # words of a query that count
 MIN_PREFIX = 4  # shorter words are matched whole only ("if" must not find "iframe")
+CANDIDATES = 5  # times the limit: the best by BM25 that SQLite re-ranks by the words they have
 # Field weights: an explanation's word counts most, then what the latent fires on, then the words
 # around. SQLite's are BM25 weights (migration 0008 writes them into FTS5's rank); PostgreSQL's are
 # ts_rank_cd's for the labels D, C, B, A (D unused).
@@ -43,9 +45,10 @@ class FullTextHit(NamedTuple):
 
 
 def query_words(q: str) -> list[str]:
-    """The words of a query as documents are indexed (lower-cased, identifiers split), each
-    once, at most MAX_WORDS."""
-    return list(dict.fromkeys(index_words(q)))[:MAX_WORDS]
+    """The words of a query, lower-cased, split at underscores (as both engines split words),
+    each once, at most MAX_WORDS. A camelCase word stays whole: documents hold it whole as well as
+    in parts, and its parts as query words would also match every `key` and every `error`."""
+    return list(dict.fromkeys(word.lower() for word in WORD.findall(q) if len(word) <= MAX_WORD))[:MAX_WORDS]
 
 
 def fts5_query(words: list[str]) -> str:
@@ -88,8 +91,26 @@ def rank_latents(session: Session, sae_id: str, q: str, limit: int = 20) -> list
             {"query": tsquery(words), "sae_id": sae_id, "limit": limit,
              **{f"w{i}": word_tsquery(word) for i, word in enumerate(words)}}).all()
     else:
-        rows = session.execute(text(
-            f"SELECT latent, -rank AS score, top_tokens FROM {SEARCH_TABLE} "
-            f"WHERE {SEARCH_TABLE} MATCH :query AND sae_id = :sae_id ORDER BY rank LIMIT :limit"),
-            {"query": fts5_query(words), "sae_id": sae_id, "limit": limit}).all()
+        rows = fts5_ranked(session, sae_id, words, limit)
     return [FullTextHit(int(latent), float(score), json.loads(tokens)) for latent, score, tokens in rows]
+
+
+def fts5_ranked(session: Session, sae_id: str, words: list[str], limit: int) -> list[tuple[int, float, str]]:
+    """(latent, score, top_tokens), best first: BM25 in FTS5's own order, then, for a query of
+    several words, the best CANDIDATES x limit re-ranked by BM25 times the number of the query's
+    words each has, as PostgreSQL ranks (one look-up per word among those candidates' rows).
+    BM25 alone lets a document with one word many times ("handle") outrank one with both
+    ("except" and "handler") for "exception handling"."""
+    rows = session.execute(text(
+        f"SELECT rowid, latent, -rank AS score, top_tokens FROM {SEARCH_TABLE} "
+        f"WHERE {SEARCH_TABLE} MATCH :query AND sae_id = :sae_id ORDER BY rank LIMIT :limit"),
+        {"query": fts5_query(words), "sae_id": sae_id, "limit": limit * (CANDIDATES if len(words) > 1 else 1)}).all()
+    if len(words) < 2 or not rows:
+        return [(latent, score, tokens) for _, latent, score, tokens in rows]
+    found = text(f"SELECT rowid FROM {SEARCH_TABLE} WHERE {SEARCH_TABLE} MATCH :query AND rowid IN :rowids"
+                 ).bindparams(bindparam("rowids", expanding=True))
+    coverage = Counter()
+    for word in words:
+        coverage.update(session.execute(found, {"query": fts5_query([word]), "rowids": [row[0] for row in rows]}).scalars())
+    ranked = sorted(rows, key=lambda row: (-row.score * coverage[row.rowid], row.latent))[:limit]
+    return [(row.latent, row.score * coverage[row.rowid], row.top_tokens) for row in ranked]

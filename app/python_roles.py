@@ -25,22 +25,35 @@ from functools import cache
 Span = tuple[int, int, str]  # (start, end) character offsets in the text, and the words
 
 
-@cache
-def keyword_words() -> dict[str, str]:
-    """Each keyword's words: its section title in the language reference, and pydoc's topics
-    that list it as related (LOOPING lists for, while, break and continue)."""
+def first_sentence(label: str) -> str:
+    """A reference section's title and the first sentence of its prose (grammar lines, `::=`,
+    skipped): 'The "try" statement specifies exception handlers and/or cleanup code ...'."""
     from pydoc_data.topics import topics
 
+    lines = topics.get(label, "").strip().splitlines()
+    prose = " ".join(line.strip() for line in lines[2:] if "::=" not in line and not line.startswith(" " * 16))
+    return " ".join([lines[0] if lines else "", re.split(r"(?<=[.:])\s", prose.strip(), maxsplit=1)[0]])
+
+
+def _label(entry, hops: int = 0) -> str | None:
+    """The reference section of a pydoc keyword or topic entry (following aliases)."""
+    while isinstance(entry, str) and entry and hops < 5:  # an alias: another keyword or a topic
+        entry, hops = pydoc.Helper.keywords.get(entry) or pydoc.Helper.topics.get(entry), hops + 1
+    return entry[0] if isinstance(entry, tuple) else None
+
+
+@cache
+def keyword_words() -> dict[str, str]:
+    """Each keyword's words: its section of the language reference (title and first sentence),
+    and pydoc's topics that list it as related (LOOPING lists for, while, break and continue),
+    their names and first sentences (EXCEPTIONS: "... in order to handle errors ...")."""
     words = {}
     for name in keyword.kwlist:
-        entry, hops = pydoc.Helper.keywords.get(name), 0
-        while isinstance(entry, str) and entry and hops < 5:  # an alias: another keyword or a topic
-            entry, hops = pydoc.Helper.keywords.get(entry) or pydoc.Helper.topics.get(entry), hops + 1
-        label = entry[0] if isinstance(entry, tuple) else None
-        title = topics[label].strip().splitlines()[0] if label in topics else ""
-        related = [topic.lower() for topic, value in pydoc.Helper.topics.items()
+        related = [(topic, value[0]) for topic, value in pydoc.Helper.topics.items()
                    if isinstance(value, tuple) and name in value[1].split()]
-        words[name] = " ".join(re.findall(r"\w+", title.lower()) + related)
+        text = " ".join([first_sentence(_label(pydoc.Helper.keywords.get(name)) or ""),
+                         *(f"{topic} {first_sentence(label)}" for topic, label in related)])
+        words[name] = " ".join(re.findall(r"[^\W_]+", text.lower()))
     return words
 
 
@@ -99,7 +112,7 @@ def roles(text: str) -> list[Span]:
     """The spans of `text` that have a role in Python, as words (see the module's docstring)."""
     plain, plain_errors = _read(text)
     for quote in ('"""', "'''"):
-        if quote in text:  # perhaps it starts inside a triple-quoted string
+        if plain_errors and quote in text:  # perhaps it starts inside a triple-quoted string
             inside, inside_errors = _read(quote + text)
             if inside_errors < plain_errors:
                 return [(max(0, start - 3), end - 3, role) for start, end, role in inside]

@@ -12,11 +12,12 @@ PostgreSQL):
 - `fires_on` (weight B): the word each firing is on, over the latent's top examples (the
   strongest firing of each) and its quantile samples (firings spread over its whole range), a word
   repeated 1 + log2(count) times, so that what it fires on most weighs most without one word
-  drowning the rest; and, counted the same way, the firing token's role in Python source
+  drowning the rest; and, counted the same way where it is at least a quarter of the
+  latent's firings, the firing token's role in Python source
   (app/python_roles.py: "comment", "string literal docstring", `for`'s "the for statement
   looping"), so that a query in words ("loops", "comments") finds what no token spells;
 - `context` (weight C): the words just before (CONTEXT_BEFORE tokens) and after (CONTEXT_AFTER)
-  each of those firings, counted the same way: `except` before the token a latent fires on is how
+  those firings, counted the same way, those around at least two of them: `except` before the token a latent fires on is how
   a query in words ("exception handling") finds a latent that fires inside exception handlers.
 
 Words are runs of letters, digits and underscores in the context's text, so a word spans the
@@ -32,6 +33,9 @@ from __future__ import annotations
 import json
 import math
 import re
+from bisect import bisect_right
+from functools import lru_cache
+from itertools import accumulate
 from collections.abc import Iterable
 from typing import NamedTuple
 
@@ -42,8 +46,12 @@ from app.python_roles import roles
 CONTEXT_BEFORE = 8  # tokens before a firing whose words are its context
 CONTEXT_AFTER = 2
 MAX_FIRES_ON = 24  # distinct words kept per latent, the most frequent
-MAX_CONTEXT = 48
+MAX_CONTEXT = 24
+# A word around one firing only says little, and in every document it makes common code words
+# (self, error, return) so frequent that BM25's inverse document frequency ignores them for all.
+CONTEXT_LEAST = 2
 MAX_ROLES = 4  # Python roles (comment, string literal, a keyword's words) kept per latent
+ROLE_SHARE = 0.25  # ... those of at least this share of its firings
 TOP_TOKENS = 6  # firing tokens shown beside a search result
 MAX_WORD = 60  # characters: longer runs (hashes, base64) are no words anyone types
 WORD = re.compile(r"[^\W_]+")  # letters and digits; `_` separates the parts of an identifier
@@ -86,10 +94,17 @@ def explanation_field(texts: list[str]) -> str:
     return " . ".join(" ".join(index_words(text)) for text in texts if text)
 
 
-def weighted(counts: dict[str, int], limit: int) -> str:
-    """The most frequent `limit` words, each written 1 + log2(count) times (its parts too)."""
-    ranked = sorted(counts.items(), key=lambda item: (-item[1], item[0]))[:limit]
-    return " ".join(" ".join(index_words(word)) for word, count in ranked for _ in range(1 + int(math.log2(count))))
+def weighted(counts: dict[str, int], limit: int, least: int = 1) -> str:
+    """The most frequent `limit` words of those counted at least `least` times, each written
+    1 + log2(count) times (its parts too)."""
+    ranked = [item for item in sorted(counts.items(), key=lambda item: (-item[1], item[0]))[:limit] if item[1] >= least]
+    return " ".join(" ".join([indexed(word)] * (1 + int(math.log2(count)))) for word, count in ranked)
+
+
+@lru_cache(maxsize=1 << 16)
+def indexed(word: str) -> str:
+    """index_words of one word (or role), joined: the same few thousand recur in every document."""
+    return " ".join(index_words(word))
 
 
 class ContextWords:
@@ -109,24 +124,30 @@ class ContextWords:
         for r, context in enumerate(token_ids[used].tolist()):
             pieces = [vocab[t] if 0 <= t < len(vocab) else "" for t in context]
             text = "".join(pieces)
-            ends = np.cumsum([len(p) for p in pieces])  # each token's end offset in the text
+            ends = list(accumulate(len(p) for p in pieces))  # each token's end offset in the text
+            word_row, role_row = [-1] * T, [-1] * T
             for start, end, role in roles(text):
-                first, last = np.searchsorted(ends, start, "right"), np.searchsorted(ends, max(start, end - 1), "right")
-                role_id = ids.setdefault(role, len(ids))
-                if role_id == len(self.words):
-                    self.words.append(role)
-                self.role_of[r, first:last + 1] = role_id
+                role_id = self._id(ids, role)
+                for position in range(bisect_right(ends, start), min(T, bisect_right(ends, max(start, end - 1)) + 1)):
+                    role_row[position] = role_id
             for match in IDENTIFIER.finditer(text):  # `error_handler` whole: index_words splits it
                 word = match.group()
                 if len(word) > MAX_WORD:
                     continue
-                first, last = np.searchsorted(ends, match.start(), "right"), np.searchsorted(ends, match.end() - 1, "right")
-                word_id = ids.setdefault(word, len(ids))
-                if word_id == len(self.words):
-                    self.words.append(word)
-                span = self.word_of[r, first:last + 1]
-                span[span < 0] = word_id  # a token holding two words keeps the first
+                word_id = self._id(ids, word)
+                for position in range(bisect_right(ends, match.start()), min(T, bisect_right(ends, match.end() - 1) + 1)):
+                    if word_row[position] < 0:  # a token holding two words keeps the first
+                        word_row[position] = word_id
+            self.word_of[r] = word_row
+            self.role_of[r] = role_row
         self.T = T
+
+    def _id(self, ids: dict[str, int], word: str) -> int:
+        found = ids.get(word)
+        if found is None:
+            found = ids[word] = len(self.words)
+            self.words.append(word)
+        return found
 
     def at(self, context: np.ndarray, position: np.ndarray, of: str = "word_of") -> np.ndarray:
         """The word ids (or role ids) at (context, position) pairs, -1 outside the context or
@@ -153,11 +174,11 @@ def firings(arrays: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.n
 def count_pairs(latent: np.ndarray, word: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Distinct (latent, word) pairs with their counts, words < 0 left out."""
     keep = word >= 0
-    key = np.unique(np.stack([latent[keep], word[keep]], 1), axis=0, return_counts=True) if keep.any() else None
-    if key is None:
+    if not keep.any():
         return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64)
-    pairs, counts = key
-    return pairs[:, 0], pairs[:, 1], counts
+    width = int(word[keep].max()) + 1
+    keys, counts = np.unique(latent[keep].astype(np.int64) * width + word[keep], return_counts=True)  # one int64 key per pair
+    return keys // width, keys % width, counts
 
 
 def per_latent(n: int, latent: np.ndarray, item: np.ndarray, counts: np.ndarray, name) -> list[dict[str, int]]:
@@ -177,7 +198,11 @@ def search_document_rows(arrays: dict[str, np.ndarray], vocab: list[str], explan
     words = ContextWords(arrays["token_ids"], np.unique(context), vocab)
     on = words.at(context, position)
     fires_on = per_latent(n, *count_pairs(latent, on), name=words.words.__getitem__)
-    role = per_latent(n, *count_pairs(latent, words.at(context, position, "role_of")), name=words.words.__getitem__)
+    # A role counts only where it is a good share of the latent's firings: nearly every latent
+    # fires now and then inside a comment or a string, and a word in most documents ranks nothing.
+    role_latent, role_id, role_count = count_pairs(latent, words.at(context, position, "role_of"))
+    typical = role_count >= ROLE_SHARE * np.bincount(latent, minlength=n)[role_latent]
+    role = per_latent(n, role_latent[typical], role_id[typical], role_count[typical], name=words.words.__getitem__)
     # Around each firing: each word once per firing, not the firing's own word.
     offsets = [d for d in range(-CONTEXT_BEFORE, CONTEXT_AFTER + 1) if d]
     around = np.stack([words.at(context, position + d) for d in offsets], 1)  # (F, W)
@@ -196,7 +221,7 @@ def search_document_rows(arrays: dict[str, np.ndarray], vocab: list[str], explan
         "explanation": [explanation_field(t) for t in texts],
         "fires_on": [" ".join(filter(None, (weighted(counts, MAX_FIRES_ON), weighted(roles, MAX_ROLES))))
                      for counts, roles in zip(fires_on, role)],
-        "context": [weighted(counts, MAX_CONTEXT) for counts in near],
+        "context": [weighted(counts, MAX_CONTEXT, CONTEXT_LEAST) for counts in near],
         "top_tokens": [json.dumps([vocab[t] for t, _ in sorted(counts.items(), key=lambda item: (-item[1], item[0]))
                                    [:TOP_TOKENS] if 0 <= t < len(vocab)], ensure_ascii=False) for counts in tokens],
     })

@@ -51,12 +51,13 @@ def build_run(run_dir: Path) -> Path:
     h["token_ids"][:] = ids[" filler"]
     h["top_context"][:] = -1
     h["top_activations"][:] = 0
-    h["quantile_context"][:] = -1  # one firing per latent: its top example's
+    h["quantile_context"][:] = -1  # two firings per latent, on the same token: its top example's and one sample
     explanations = [explanation("", [], None, None) for _ in range(N_LATENTS)]
     for latent, (tokens, position, text) in enumerate(CASES.values()):
         h["token_ids"][latent, 1:1 + len(tokens)] = [ids[token] for token in tokens]  # position 0: left out
         h["top_context"][latent, 0] = latent
         h["top_activations"][latent, 0, 1 + position] = 2.0
+        h["quantile_context"][latent, 0, 0], h["quantile_position"][latent, 0, 0] = latent, 1 + position
         if text:
             explanations[latent] = explanation(text, [[ids[tokens[position]]]], 0.9, 0.8)
     h["top_max"] = h["top_activations"].max(-1).astype(np.float32)
@@ -96,16 +97,17 @@ def test_identifiers_split_into_lower_cased_parts():
     assert identifier_parts("HTTPServer2") == ["http", "server", "2"]
     assert identifier_parts("utf8") == ["utf", "8"] and identifier_parts("error") == []
     assert index_words("raise KeyError(self.error_handler)") == ["raise", "keyerror", "key", "error", "self", "error", "handler"]
-    assert query_words('"NEAR" - * : ^ KeyError') == ["near", "keyerror", "key", "error"]
+    assert query_words('"NEAR" - * : ^ KeyError error_handler') == ["near", "keyerror", "error", "handler"]
 
 
 def test_python_roles_come_from_the_tokenizer_and_pydoc():
     text = 'for x in y:  # each\n    print("%d" % x)\n'
     found = {text[start:end]: role for start, end, role in roles(text)}
-    assert found["for"] == "the for statement looping" and found["# each"] == "comment"
+    assert found["for"].startswith("the for statement") and "looping" in found["for"].split()
+    assert found["# each"] == "comment"
     assert found['"%d"'] == "string literal" and found["%"] == "operators formatting"
     assert "function definitions" in roles("def f(): pass\n")[0][2]
-    assert "exceptions" in roles("try:\n    pass\nexcept KeyError:\n    pass\n")[0][2]
+    assert {"exception", "handlers", "exceptions"} <= set(roles("try:\n    pass\nexcept KeyError:\n    pass\n")[0][2].split())
     inside = 'the value.\n    """\n    if x:\n        return 1\n'  # a context that starts in a docstring
     found = {inside[start:end]: role for start, end, role in roles(inside)}
     assert found['the value.\n    """'] == "string literal docstring" and found["if"].startswith("the if statement")
@@ -127,7 +129,8 @@ def test_the_document_takes_explanations_from_every_source():
         ExplanationText(0, "ngram", "⟦ ValueError⟧"), ExplanationText(0, "llm", "raising an exception"),
         ExplanationText(7, "llm", "a latent the SAE does not have")])
     assert rows["explanation"] == ["valueerror value error . raising an exception", ""]
-    assert rows["fires_on"] == ["valueerror value error", ""] and rows["context"] == ["raise", ""]
+    assert rows["fires_on"] == ["valueerror value error", ""]
+    assert rows["context"] == ["", ""]  # a word around one firing only is left out
     assert json.loads(rows["top_tokens"][0]) == [" ValueError"] and json.loads(rows["top_tokens"][1]) == []
 
 
