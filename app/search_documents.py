@@ -50,6 +50,7 @@ MAX_CONTEXT = 24
 # A word around one firing only says little, and in every document it makes common code words
 # (self, error, return) so frequent that BM25's inverse document frequency ignores them for all.
 CONTEXT_LEAST = 2
+CONTEXT_SHARE = 0.1  # ... and around at least this share of its firings: the neighbours it keeps
 MAX_ROLES = 4  # Python roles (comment, string literal, a keyword's words) kept per latent
 ROLE_SHARE = 0.25  # ... those of at least this share of its firings
 TOP_TOKENS = 6  # firing tokens shown beside a search result
@@ -221,7 +222,8 @@ def search_document_rows(arrays: dict[str, np.ndarray], vocab: list[str], explan
         "explanation": [explanation_field(t) for t in texts],
         "fires_on": [" ".join(filter(None, (weighted(counts, MAX_FIRES_ON), weighted(roles, MAX_ROLES))))
                      for counts, roles in zip(fires_on, role)],
-        "context": [weighted(counts, MAX_CONTEXT, CONTEXT_LEAST) for counts in near],
+        "context": [weighted(counts, MAX_CONTEXT, max(CONTEXT_LEAST, CONTEXT_SHARE * fired))
+                    for counts, fired in zip(near, np.bincount(latent, minlength=n).tolist())],
         "top_tokens": [json.dumps([vocab[t] for t, _ in sorted(counts.items(), key=lambda item: (-item[1], item[0]))
                                    [:TOP_TOKENS] if 0 <= t < len(vocab)], ensure_ascii=False) for counts in tokens],
     })
