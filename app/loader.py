@@ -53,7 +53,7 @@ from app.models import (
 )
 from app.models import SEARCH_TABLE
 from app.search import terms
-from app.search_documents import ExplanationText, search_document_rows
+from app.search_documents import ExplanationText, search_documents
 from trainer.errors import RunFolderError
 from trainer.formats import CFG_FILE, SAE_FILE
 from trainer.runconfig import RunConfig
@@ -216,7 +216,7 @@ def read_run(run_dir: str | Path) -> RunRows:
         Rows(Vocab, {"token_id": np.arange(len(vocab)), "token": vocab}),
         token_rows(arrays),
         term_rows(explanations),
-        search_document_rows(arrays, vocab, explanation_texts),
+        Rows(SEARCH_TABLE, search_documents(arrays, vocab, explanation_texts)),
     ]
     density = _finite_array(arrays["density"])
     sae = {

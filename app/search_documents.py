@@ -1,7 +1,7 @@
 """Each latent's full-text search document, built by the loader from the harvest: what the
 latent is explained as, and what it fires on, in words.
 
-    rows = search_document_rows(arrays, vocab, explanations)   # a Rows of latent_search
+    columns = search_documents(arrays, vocab, explanations)   # latent_search's columns
 
 A document has three weighted fields (app/fulltext.py ranks them; BM25 on SQLite, ts_rank_cd on
 PostgreSQL):
@@ -30,6 +30,7 @@ same way (`index_words`).
 
 from __future__ import annotations
 
+import heapq
 import json
 import math
 import re
@@ -98,7 +99,8 @@ def explanation_field(texts: list[str]) -> str:
 def weighted(counts: dict[str, int], limit: int, least: int = 1) -> str:
     """The most frequent `limit` words of those counted at least `least` times, each written
     1 + log2(count) times (its parts too)."""
-    ranked = [item for item in sorted(counts.items(), key=lambda item: (-item[1], item[0]))[:limit] if item[1] >= least]
+    kept = [(-count, word) for word, count in counts.items() if count >= least]
+    ranked = [(word, -negative) for negative, word in heapq.nsmallest(limit, kept)]  # most frequent, then by word
     return " ".join(" ".join([indexed(word)] * (1 + int(math.log2(count)))) for word, count in ranked)
 
 
@@ -183,17 +185,20 @@ def count_pairs(latent: np.ndarray, word: np.ndarray) -> tuple[np.ndarray, np.nd
 
 
 def per_latent(n: int, latent: np.ndarray, item: np.ndarray, counts: np.ndarray, name) -> list[dict[str, int]]:
+    """Each latent's {item's name: count}, from pairs sorted by latent (count_pairs' order)."""
     out: list[dict[str, int]] = [{} for _ in range(n)]
-    for i, w, c in zip(latent.tolist(), item.tolist(), counts.tolist()):
-        out[i][name(w)] = c
+    names = [name(i) for i in item.tolist()]
+    counts = counts.tolist()
+    bounds = np.searchsorted(latent, np.arange(n + 1)).tolist()
+    for i in np.unique(latent).tolist():
+        out[i] = dict(zip(names[bounds[i]:bounds[i + 1]], counts[bounds[i]:bounds[i + 1]]))
     return out
 
 
-def search_document_rows(arrays: dict[str, np.ndarray], vocab: list[str], explanations: Iterable[ExplanationText]):
-    """The latent_search rows of one SAE: a document per latent (app.loader writes them with
+def search_documents(arrays: dict[str, np.ndarray], vocab: list[str],
+                     explanations: Iterable[ExplanationText]) -> dict[str, np.ndarray | list]:
+    """The latent_search columns of one SAE: a document per latent (app.loader writes them with
     the SAE). `explanations` may hold several rows per latent, from any sources."""
-    from app.loader import Rows  # the loader imports this module
-
     n = len(arrays["density"])
     latent, context, position = firings(arrays)
     words = ContextWords(arrays["token_ids"], np.unique(context), vocab)
@@ -217,7 +222,7 @@ def search_document_rows(arrays: dict[str, np.ndarray], vocab: list[str], explan
     for row in explanations:
         if 0 <= row.latent < n and row.text:
             texts[row.latent].append(row.text)
-    return Rows("latent_search", {
+    return {
         "latent": np.arange(n, dtype=np.int64),
         "explanation": [explanation_field(t) for t in texts],
         "fires_on": [" ".join(filter(None, (weighted(counts, MAX_FIRES_ON), weighted(roles, MAX_ROLES))))
@@ -226,4 +231,4 @@ def search_document_rows(arrays: dict[str, np.ndarray], vocab: list[str], explan
                     for counts, fired in zip(near, np.bincount(latent, minlength=n).tolist())],
         "top_tokens": [json.dumps([vocab[t] for t, _ in sorted(counts.items(), key=lambda item: (-item[1], item[0]))
                                    [:TOP_TOKENS] if 0 <= t < len(vocab)], ensure_ascii=False) for counts in tokens],
-    })
+    }

@@ -9,7 +9,7 @@ so a query word such as `tok123` is in the documents of a few thousand latents: 
 costly case). Each request is /search.json for one or two random words, through the whole ASGI app
 in-process, answered in turn with search by meaning (the app as it is) and without it (its
 `ranked_matches` replaced by nothing: the search before it), after 20 warm-up requests of each.
-The loader's share: `search_document_rows` timed alone beside the whole `read_run` of the same run.
+The loader's share: `search_documents` timed alone beside the whole `read_run` of the same run.
 Prints Markdown.
 """
 
@@ -61,10 +61,10 @@ def measure(client: TestClient, sae_id: str, requests: int, rng: random.Random) 
 
 
 def loader_share(run: Path) -> tuple[float, float]:
-    """(seconds of read_run, of which search_document_rows) on the same run."""
+    """(seconds of read_run, of which search_documents) on the same run."""
     import app.loader as loader
 
-    inner = loader.search_document_rows
+    inner = loader.search_documents
     spent = []
 
     def timed_rows(*args):
@@ -73,13 +73,13 @@ def loader_share(run: Path) -> tuple[float, float]:
         spent.append(time.perf_counter() - start)
         return rows
 
-    loader.search_document_rows = timed_rows
+    loader.search_documents = timed_rows
     try:
         start = time.perf_counter()
         loader.read_run(run)
         return time.perf_counter() - start, spent[0]
     finally:
-        loader.search_document_rows = inner
+        loader.search_documents = inner
 
 
 def main() -> None:

@@ -16,7 +16,7 @@ from fastapi.testclient import TestClient
 from app.fulltext import COLUMN_WEIGHTS, fts5_query, query_words, tsquery
 from app.loader import load_run
 from app.main import create_app
-from app.search_documents import ExplanationText, identifier_parts, index_words, search_document_rows
+from app.search_documents import ExplanationText, identifier_parts, index_words, search_documents
 from app.python_roles import roles
 from app.settings import Settings
 from tests.app.databases import BACKENDS, empty_database
@@ -125,7 +125,7 @@ def test_the_document_takes_explanations_from_every_source():
     arrays = {"density": np.ones(2), "top_context": np.array([[0], [-1]]), "top_activations": np.array([[[0, 1.0]], [[0, 0]]]),
               "quantile_context": -np.ones((2, 1, 1), dtype=np.int64), "quantile_position": np.zeros((2, 1, 1), dtype=np.int64),
               "token_ids": np.array([[0, 1]])}
-    rows = search_document_rows(arrays, [" raise", " ValueError"], [
+    rows = search_documents(arrays, [" raise", " ValueError"], [
         ExplanationText(0, "ngram", "⟦ ValueError⟧"), ExplanationText(0, "llm", "raising an exception"),
         ExplanationText(7, "llm", "a latent the SAE does not have")])
     assert rows["explanation"] == ["valueerror value error . raising an exception", ""]
