@@ -29,7 +29,7 @@ LATENT_COLUMNS = ["density", "max_activation", "mean_activation", "explanation",
 EXAMPLE_COLUMNS = ["example", "group", "bin", "rank", "context_id", "max_activation", "low", "high", "share",
                    "position", "token_id", "token", "activation", "shown"]
 SEARCH_COLUMNS = ["match", "token_id", "token", "occurrences", "index", "density", "max_activation", "explanation",
-                  "explanation_f1", "mean_activation", "fire_rate"]
+                  "explanation_f1", "mean_activation", "fire_rate", "score", "fires_on"]
 # What a spreadsheet would run as a formula when a cell starts with it (OWASP's list): corpus text
 # and explanations are untrusted, so such a text cell is written with a leading apostrophe.
 FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
@@ -85,7 +85,9 @@ def examples_frame(feature: FeatureOut, window: Window = "full") -> pd.DataFrame
 
 def search_frame(result: SearchOut) -> pd.DataFrame:
     """What a search found, one row per latent in the page's order (long form): match ("latent"
-    for a number in the query, "token" for a latent that fires on a token the query may mean,
+    for a number in the query, "meaning" for a latent whose search document matches the query's
+    words, with its relevance `score` and the tokens it `fires_on` most joined by " | ", most
+    relevant first, "token" for a latent that fires on a token the query may mean,
     "explanation" for a latent whose explanation has every word), token_id, token and occurrences
     (token matches; the token's latents strongest first), then the latent's index, density,
     max_activation, explanation, explanation_f1, and for token matches its mean_activation over
@@ -100,6 +102,8 @@ def search_frame(result: SearchOut) -> pd.DataFrame:
 
     if result.latent is not None:
         row("latent", result.latent)
+    for hit in result.ranked:
+        row("meaning", hit, score=hit.score, fires_on=" | ".join(hit.fires_on))
     for token in result.tokens:
         for hit in token.latents:
             row("token", hit, token, mean_activation=hit.mean_activation, fire_rate=hit.fire_rate)

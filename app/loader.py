@@ -11,7 +11,8 @@ per row, and written by each backend's bulk path: PostgreSQL's binary `COPY` (ps
 buffer per table whose fixed-width part numpy lays out in COPY's wire format; SQLite's
 `executemany` over the raw connection. Tables: saes, latents (statistics, explanation),
 latent_details (the harvest's per-latent arrays as BLOBs), contexts, examples (top and
-quantile), and for search vocab, token_latents and explanation_terms. Either way it is one transaction, so a
+quantile), and for search vocab, token_latents, explanation_terms and latent_search (each latent's
+full-text document, app/search_documents.py). Either way it is one transaction, so a
 process killed at any point (SIGKILL included) leaves the database as it was or with the run
 fully loaded. Two loads of the same SAE at once are serialised (an
 advisory lock on PostgreSQL, `BEGIN IMMEDIATE` on SQLite): the second sees the first's rows.
@@ -32,7 +33,7 @@ from itertools import repeat
 from pathlib import Path
 
 import numpy as np
-from sqlalchemy import Connection, Engine, delete, select
+from sqlalchemy import Connection, Engine, delete, select, text
 
 from app.db import make_engine, upgrade
 from app.models import (
@@ -51,7 +52,9 @@ from app.models import (
     TokenLatent,
     Vocab,
 )
+from app.models import SEARCH_TABLE
 from app.search import terms
+from app.search_documents import ExplanationText, search_documents
 from trainer.errors import RunFolderError
 from trainer.formats import CFG_FILE, SAE_FILE
 from trainer.runconfig import RunConfig
@@ -74,8 +77,12 @@ class Rows:
     values (a 1-D array of numbers, or a 2-D array whose rows are each one BLOB) and lists for
     text and for values that may be NULL."""
 
-    table: type[Base]
+    table: type[Base] | str  # a model, or the name of a table outside the models (SEARCH_TABLE)
     columns: dict[str, np.ndarray | list]
+
+    @property
+    def name(self) -> str:
+        return self.table if isinstance(self.table, str) else self.table.__tablename__
 
     def __len__(self) -> int:
         return len(next(iter(self.columns.values())))
@@ -198,6 +205,9 @@ def read_run(run_dir: str | Path) -> RunRows:
     vocab = [clean_text(token) for token in harvest.vocab]
     explanations = [_explanation(e) for e in harvest.explanations]
     check_search_rows(run_dir, arrays)
+    # Every explanation that search matches, as (latent, source, text) rows: the harvest's n-gram
+    # patterns here; another explainer's rows join this list.
+    explanation_texts = [ExplanationText(latent, "ngram", e["text"]) for latent, e in enumerate(explanations) if e["text"]]
     examples = example_rows(arrays)
     tables = [
         latent_rows(arrays, explanations),
@@ -207,6 +217,7 @@ def read_run(run_dir: str | Path) -> RunRows:
         Rows(Vocab, {"token_id": np.arange(len(vocab)), "token": vocab}),
         token_rows(arrays),
         term_rows(explanations),
+        Rows(SEARCH_TABLE, search_documents(arrays, vocab, explanation_texts)),
     ]
     density = _finite_array(arrays["density"])
     sae = {
@@ -228,7 +239,7 @@ def read_run(run_dir: str | Path) -> RunRows:
         "run_dir": str(run_dir),
         "content_hash": digest,
     }
-    return RunRows(sae=sae, tables={rows.table.__tablename__: rows for rows in tables})
+    return RunRows(sae=sae, tables={rows.name: rows for rows in tables})
 
 
 def latent_rows(arrays: dict[str, np.ndarray], explanations: list[dict]) -> Rows:
@@ -398,6 +409,7 @@ def delete_sae(conn: Connection, sae_id: str) -> bool:
         delete_ladder(conn, ladder_id)
     for table in (Example, Context, LatentDetail, Latent, Vocab, TokenLatent, ExplanationTerm, LatentAblation):
         conn.execute(delete(table).where(table.sae_id == sae_id))
+    conn.execute(text(f"DELETE FROM {SEARCH_TABLE} WHERE sae_id = :sae_id"), {"sae_id": sae_id})  # outside the models
     return conn.execute(delete(Sae).where(Sae.id == sae_id)).rowcount > 0
 
 

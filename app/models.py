@@ -198,6 +198,22 @@ class ExplanationTerm(Base):
     score: Mapped[float] = mapped_column(Float)
 
 
+# Search by meaning (app/fulltext.py): one full-text document per latent in `latent_search`, an
+# FTS5 virtual table on SQLite (with its shadow tables) and a table with a tsvector column on
+# PostgreSQL. Migration 0008 makes it; it is not in the models' metadata, which cannot describe
+# either shape, and schema comparisons leave these names out (`compared_in_schema`).
+SEARCH_TABLE = "latent_search"
+SEARCH_TABLES = {SEARCH_TABLE, *(f"{SEARCH_TABLE}_{shadow}" for shadow in ("data", "idx", "content", "docsize", "config"))}
+
+
+def compared_in_schema(name: str | None, type_: str, parent_names=None) -> bool:
+    """Alembic's `include_name`: whether a name is compared with the models (not the search
+    tables, nor anything of theirs)."""
+    if type_ == "table":
+        return name not in SEARCH_TABLES
+    return (parent_names or {}).get("table_name") not in SEARCH_TABLES
+
+
 class ShareLink(Base):
     """A probe someone shared: `/p/{id}` reopens it. The id is derived from the SAE and the text
     (see app.shares.share_digest), so sharing the same probe twice gives the same link.

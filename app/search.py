@@ -8,6 +8,9 @@
 - By explanation: the query's words (`terms`, the same normalisation the loader applies to
   explanations) are looked up in explanation_terms; a latent must have every word, best scored
   explanation first (one range of the key per word).
+- By meaning: the query's words, stemmed, against each latent's search document (its
+  explanations, the words it fires on and the words around them; app/search_documents.py),
+  ranked by relevance (app/fulltext.py: BM25 on SQLite, ts_rank_cd on PostgreSQL).
 - A number (`123`, `#123`) also names a latent directly.
 """
 
@@ -19,6 +22,7 @@ from pydantic import Field
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from app.fulltext import query_words, rank_latents
 from app.models import ExplanationTerm, Latent, TokenLatent, Vocab
 from app.queries import LatentHitOut, Record, SaeSummary
 from app.urls import URLs
@@ -59,6 +63,13 @@ class TokenMatchOut(Record):
     latents: list[TokenHitOut] = Field(description="the latents that fire most on it, strongest first")
 
 
+class RankedHitOut(LatentHitOut):
+    """A latent whose search document matches the query's words."""
+
+    score: float = Field(description="relevance, higher first (BM25 on SQLite, ts_rank_cd on PostgreSQL)")
+    fires_on: list[str] = Field(description="the tokens it fires on most in the harvest's examples")
+
+
 class SearchOut(Record):
     """What a query finds in one SAE."""
 
@@ -67,6 +78,11 @@ class SearchOut(Record):
     terms: list[str] = Field(default_factory=list, description="the query's words, as explanations are indexed")
     limit: int
     latent: LatentHitOut | None = Field(None, description="the latent a number in q names")
+    words: list[str] = Field(default_factory=list, description="the query's words as search by meaning reads them "
+                                                               "(lower-cased, identifiers split)")
+    ranked: list[RankedHitOut] = Field(default_factory=list,
+                                       description="latents by meaning: their explanations, what they fire on and the "
+                                                   "words around it matched against the query's words, most relevant first")
     tokens: list[TokenMatchOut] = Field(default_factory=list,
                                         description="tokens q may mean: as typed, stripped, with one leading space")
     explanations: list[LatentHitOut] = Field(default_factory=list,
@@ -76,14 +92,23 @@ class SearchOut(Record):
 
 def search(session: Session, sae: SaeSummary | None, q: str, limit: int = 20, urls: URLs = URLs()) -> SearchOut:
     sae_id = sae.id if sae else None
-    result = SearchOut(sae=sae_id, q=q, limit=limit, terms=terms(q)[:MAX_TERMS], url=urls.search(sae=sae_id, q=q))
+    result = SearchOut(sae=sae_id, q=q, limit=limit, terms=terms(q)[:MAX_TERMS], words=query_words(q),
+                       url=urls.search(sae=sae_id, q=q))
     if sae is None or not q.strip():
         return result
     if (number := LATENT.fullmatch(q.strip())) and int(number.group(1)) < sae.n_latents:
         result.latent = latent_hits(session, sae.id, [int(number.group(1))], urls)[0]
+    result.ranked = ranked_matches(session, sae.id, q, limit, urls)
     result.tokens = token_matches(session, sae.id, q, limit, urls)
     result.explanations = explanation_matches(session, sae.id, result.terms, limit, urls)
     return result
+
+
+def ranked_matches(session: Session, sae_id: str, q: str, limit: int, urls: URLs = URLs()) -> list[RankedHitOut]:
+    found = rank_latents(session, sae_id, q, limit)
+    hits = {hit.index: hit for hit in latent_hits(session, sae_id, [hit.latent for hit in found], urls)}
+    return [RankedHitOut(**dict(hits[hit.latent]), score=hit.score, fires_on=hit.top_tokens)
+            for hit in found if hit.latent in hits]
 
 
 def token_matches(session: Session, sae_id: str, q: str, limit: int, urls: URLs = URLs()) -> list[TokenMatchOut]:

@@ -58,6 +58,14 @@ class URLs:
         page's twin, "csv" its results as a download."""
         return self._build("/search", fmt, sae=sae, q=q, **query)
 
+    def search_example(self, sae: str | None = None, text: str | None = None, fmt: str | None = None, **query) -> str:
+        """The latents most specific to a snippet of text (find by example); query: limit."""
+        return self._build("/search/example", fmt, sae=sae, text=text, **query)
+
+    def api_search_example(self) -> str:
+        """POST: find by example, the JSON API (the snippet in the body, not the address)."""
+        return f"{self.root}/api/search/example"
+
     def probe(self, sae: str | None = None, text: str | None = None, fmt: str | None = None, **state) -> str:
         """Probe page; state: latent (highlighted), sort (max|sum), all=1 (frequent latents and the
         first position included), token (the position whose latents the page lists)."""

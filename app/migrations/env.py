@@ -7,7 +7,7 @@ from logging.config import fileConfig
 from alembic import context
 
 from app.db import make_engine
-from app.models import Base
+from app.models import Base, compared_in_schema
 from app.settings import Settings
 
 config = context.config
@@ -23,7 +23,7 @@ def database_url() -> str:
 
 def run_migrations_offline() -> None:
     context.configure(url=database_url(), target_metadata=target_metadata, literal_binds=True,
-                      render_as_batch=True)
+                      render_as_batch=True, include_name=compared_in_schema)
     with context.begin_transaction():
         context.run_migrations()
 
@@ -34,7 +34,7 @@ def run_migrations_online() -> None:
         with engine.connect() as connection:
             # render_as_batch: SQLite cannot ALTER most things; batch mode copies the table.
             context.configure(connection=connection, target_metadata=target_metadata,
-                              render_as_batch=True)
+                              render_as_batch=True, include_name=compared_in_schema)
             with context.begin_transaction():
                 context.run_migrations()
     finally:

@@ -51,6 +51,7 @@ def every_page(base: str, sae: str) -> list[str]:
         "/", "/ladders", f"/ladders/{ladder_id()}", f"/saes/{sae}", f"/saes/{sae}?min_density_pct=1&sort=explanation_f1",
         f"/saes/{sae}/features/3", f"/saes/{sae}/features/3?context=full&" + urlencode({"text": TEXT}),
         f"/saes/{rung}/features/2", f"/search?sae={sae}", f"/search?sae={sae}&q=self", f"/search?sae={sae}&q=%20x",
+        "/search/example?" + urlencode(probe),
         "/probe", "/probe?" + urlencode(probe | {"token": 3}), "/probe?" + urlencode(probe | {"latent": 1, "all": 1, "bos": 1}),
         "/probe?" + urlencode({"sae": sae, "text": TEXT * 40}),  # over the limit: the error and its offer
         f"/p/{share['id']}?token=2", "/steer", "/steer?" + urlencode(steering), f"/s/{steer_share['id']}",
@@ -65,7 +66,7 @@ def violations(page) -> list[dict]:
                     nodes: v.nodes.slice(0, 3).map(n => n.target.join(' '))}))""")
 
 
-@pytest.mark.slow  # about a minute per width: 21 pages, each loaded and checked by axe
+@pytest.mark.slow  # about a minute per width: 22 pages, each loaded and checked by axe
 @pytest.mark.parametrize("width, height", [(1280, 800), (390, 844)])
 def test_no_serious_accessibility_violation_on_any_page(a11y_server, browser, tiny_sae_id, width, height):
     assert AXE.is_file(), "axe-core is missing: npm install (make setup)"

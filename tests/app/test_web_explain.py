@@ -84,6 +84,10 @@ def test_page_queries_read_no_whole_table(sized_client, page):
             if is_load_stamp(statement):
                 continue  # app.caching's stamp of the load: once a second per process, one row per loaded SAE or ladder
             problems = whole_table_reads(engine, statement, parameters)
+            if "ts_rank_cd" in statement:
+                # Search by meaning on PostgreSQL: ranking by relevance sorts the rows an index
+                # found (no index gives ts_rank_cd's order); FTS5 ranks inside its index.
+                problems = [step for step in problems if step != "Sort"]
             assert problems == [], f"{url}: {statement}\n{query_plan(engine, statement, parameters)}"
 
 

@@ -134,7 +134,8 @@ def every_route() -> list[tuple[str, str, list[str], list[str], list[str]]]:
 ROUTES = every_route()
 JSON_BODIES = {"/api/probe": {"sae": "{sae}", "text": "def f():", "top_k": 3, "top_n": 5, "sort": "max",
                               "hide_frequent_and_first": True},
-               "/api/share": {"sae": "{sae}", "text": "def f():"}}
+               "/api/share": {"sae": "{sae}", "text": "def f():"},
+               "/api/search/example": {"sae": "{sae}", "text": "def f():", "limit": 5}}
 STEERING = {"sae": "{sae}", "prompt": "def f():", "latents": [[1, 2.0]], "mode": "add", "tokens": 4, "temperature": 0.0,
             "top_p": 1.0, "seed": 0}
 JSON_BODIES |= {"/api/steer": STEERING, "/api/steer/share": STEERING}

@@ -8,11 +8,11 @@ from alembic.migration import MigrationContext
 from sqlalchemy import inspect
 
 from app.db import downgrade, make_engine, upgrade
-from app.models import Base
+from app.models import SEARCH_TABLE, Base, compared_in_schema
 from trainer.runfolder import load_harvest
 
 TABLES = {"saes", "latents", "latent_details", "contexts", "examples", "vocab", "token_latents", "explanation_terms",
-          "share_links", "ladders", "ladder_rungs", "latent_families"}
+          "share_links", "ladders", "ladder_rungs", "latent_families", SEARCH_TABLE}
 
 
 def test_upgrade_matches_models_and_downgrade_removes_everything(empty_url):
@@ -22,7 +22,8 @@ def test_upgrade_matches_models_and_downgrade_removes_everything(empty_url):
     try:
         with engine.connect() as conn:
             assert TABLES <= set(inspect(conn).get_table_names())
-            assert compare_metadata(MigrationContext.configure(conn), Base.metadata) == []
+            compared = MigrationContext.configure(conn, opts={"include_name": compared_in_schema})
+            assert compare_metadata(compared, Base.metadata) == []
             indexes = {ix["name"] for ix in inspect(conn).get_indexes("latents")}
             assert {"ix_latents_sae_id_density_index", "ix_latents_sae_id_max_activation_index",
                     "ix_latents_sae_id_explanation_f1_index"} <= indexes

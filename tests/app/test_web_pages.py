@@ -287,7 +287,7 @@ def test_each_page_and_its_twin_come_from_one_view():
     pairs = {("/" if twin.path == "/index.json" else twin.path.removesuffix(".json")): twin
              for twin in json_routes() if twin.status_code != 303}
     assert set(pairs) == {"/", "/saes/{sae_id}", "/saes/{sae_id}/features/{index}", "/ladders", "/ladders/{ladder_id}",
-                          "/search", "/probe", "/p/{share_id}", "/steer", "/s/{share_id}",
+                          "/search", "/search/example", "/probe", "/p/{share_id}", "/steer", "/s/{share_id}",
                           "/saes/{sae_id}/features/{index}/ablation"}
     for path, twin in pairs.items():
         page = routes[path]
