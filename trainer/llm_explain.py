@@ -326,7 +326,10 @@ def parse_explanation(answer: str) -> str:
         text = text[label[-1].end() :]
     line = next((line.strip() for line in text.splitlines() if line.strip()), "")
     line = re.split(r"(?<=\w)\.\s", line)[0]  # its first sentence: a small model rambles on
-    line = line.strip(" \t*_`\"'“”").removesuffix(".").strip()
+    line = line.strip(" \t*_`").removesuffix(".").strip()
+    for left, right in ('""', "''", "“”"):  # quotes around the whole phrase
+        if len(line) > 1 and line[0] == left and line[-1] == right:
+            line = line[1:-1].strip()
     if not re.search(r"\w", line):
         raise AnswerError(f"the answer holds no explanation: {answer.strip()[:120]!r}")
     return line[:MAX_EXPLANATION_CHARS]
