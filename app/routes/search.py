@@ -8,6 +8,7 @@ from fastapi import APIRouter, HTTPException, Query
 from fastapi.responses import RedirectResponse, Response
 
 from app import frames, pages, queries, search
+from app.explanations import attach_explanations
 from app.deps import SessionDep, URLsDep
 from app.schemas import ErrorOut
 
@@ -37,7 +38,10 @@ def read_search(session: SessionDep, urls: URLsDep, q: Q = "", sae: Sae = None, 
     summary = queries.get_sae_summary(session, sae)  # the first SAE without one
     if sae and summary is None:
         raise HTTPException(404, f"no SAE {sae!r}")
-    return search.search(session, summary, q, limit, urls)
+    result = search.search(session, summary, q, limit, urls)
+    hits = [result.latent, *result.explanations, *(hit for token in result.tokens for hit in token.latents)]
+    attach_explanations(session, result.sae, hits)  # and the LLM explanations of every latent found
+    return result
 
 
 @router.get("/search.csv", include_in_schema=False, name="read_search_csv")

@@ -12,7 +12,7 @@ from app.models import Base
 from trainer.runfolder import load_harvest
 
 TABLES = {"saes", "latents", "latent_details", "contexts", "examples", "vocab", "token_latents", "explanation_terms",
-          "share_links", "ladders", "ladder_rungs", "latent_families"}
+          "share_links", "ladders", "ladder_rungs", "latent_families", "latent_explanations"}
 
 
 def test_upgrade_matches_models_and_downgrade_removes_everything(empty_url):
