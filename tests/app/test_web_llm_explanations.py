@@ -153,3 +153,47 @@ class CellText(HTMLParser):
     def handle_data(self, data):
         if self.depth:
             self.cells[-1] += data
+
+
+# ---------------------------------------------------------------- in Chromium
+
+
+@pytest.fixture(scope="module")
+def explained_server(tmp_path_factory):
+    from tests.app.servers import free_port, running_server
+
+    run = make_run(tmp_path_factory.mktemp("explained") / "run")
+    write(run, record(CAT, "the word cat after the article 'the'", (3, 2, 5, 0)),
+          record(5, "the body of an exception handler: the lines after except", (5, 0, 4, 1)),
+          record(5, HOSTILE, (3, 2, 3, 2), model="OtherLM"))
+    url = f"sqlite:///{tmp_path_factory.mktemp('db') / 'explained.db'}"
+    load_run(run, url)
+    port = free_port()
+    with running_server(["-c", f"from app.server import serve; serve({url!r}, '127.0.0.1', {port})"], port) as (base, _):
+        yield base
+
+
+@pytest.mark.parametrize("width", [1280, 390])
+def test_explanations_fit_the_page_and_markup_stays_text(explained_server, browser, width):
+    from tests.app.servers import SHOTS
+
+    page = browser.new_page(viewport={"width": width, "height": 900})
+    problems: list[str] = []
+    page.on("dialog", lambda dialog: (problems.append(f"dialog: {dialog.message}"), dialog.dismiss()))
+    page.on("pageerror", lambda error: problems.append(f"page error: {error}"))
+    urls = URLs()
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    for name, path in [("feature", urls.feature(SAE_ID, 5)), ("list", urls.sae(SAE_ID, sort="index", order="asc", per_page=10))]:
+        page.goto(explained_server + path)
+        if name == "list":
+            page.locator("#latents").scroll_into_view_if_needed()
+        page.screenshot(path=str(SHOTS / f"llm-explanations-{name}-{width}.png"))
+        assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth"), f"{name} overflows at {width} px"
+        assert page.locator("img[src=x]").count() == 0  # the hostile explanation is text
+        assert page.get_by_text(HOSTILE).count() >= 1
+    box = page.goto(explained_server + urls.feature(SAE_ID, 5)) and page.locator(".explanation-box")
+    first = box.locator(".explanation-text").first.inner_text()
+    assert first == "the body of an exception handler: the lines after except"
+    assert "by TestLM · 10 contexts" in box.inner_text() and "by OtherLM" in box.inner_text()
+    assert problems == []
+    page.close()
