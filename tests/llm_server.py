@@ -191,3 +191,28 @@ class SmolLM2Chat:
             out = lm.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, do_sample=False,
                               pad_token_id=tokenizer.eos_token_id)
         return Reply(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+
+
+def main() -> None:
+    """`python -m tests.llm_server [--port 8080] [--fixed SECONDS]`: serve until interrupted
+    (SmolLM2, or fixed answers after SECONDS), e.g. to try `saescope explain` by hand."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--port", type=int, default=8080)
+    parser.add_argument("--fixed", type=float, help="fixed answers after this many seconds instead of SmolLM2")
+    parser.add_argument("--max-new-tokens", type=int, default=24)
+    args = parser.parse_args()
+    answer = fixed_answers(args.fixed) if args.fixed is not None else SmolLM2Chat(args.max_new_tokens)
+    server = ChatServer(answer, args.port)
+    print(f"serving chat completions at {server.url}/v1/chat/completions", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+
+
+if __name__ == "__main__":
+    main()

@@ -387,3 +387,35 @@ def test_smollm2_explains_and_scores_two_latents(run, smollm2_server, capsys):
             assert r.error.startswith("the answer ")
     assert any(r.ok for r in found)  # with its few-shot prompt, the small model answers in form
     assert len(smollm2_server.requests) == 2 * len(found) - sum(1 for r in found if not r.ok and "explanation" in r.error)
+
+
+@pytest.mark.slow  # ~15 s: a CLI process started, killed and run again
+@pytest.mark.multiprocess
+def test_a_killed_run_goes_on_where_it_stopped(run):
+    """`saescope explain` killed (SIGKILL) while latents are in flight: every line written is a
+    whole record, and the next run asks only for the latents without one."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from tests.app.servers import ROOT
+
+    with chat_server(fixed_answers(0.15)) as server:
+        command = [sys.executable, "-m", "saescope.cli", "explain", str(run), "--llm-url", server.url, "--llm-model",
+                   "fixed", "--latents", "0-15", "--concurrency", "2", "--negative-pool", "64"]
+        proc = subprocess.Popen(command, cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        path = run / LLM_EXPLANATIONS_FILE
+        deadline = time.monotonic() + 120
+        while not (path.exists() and path.read_text().count("\n") >= 4):
+            assert proc.poll() is None and time.monotonic() < deadline, "the run ended or stalled before the kill"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        done = load_llm_explanations(run, 64).done("fixed", 1)
+        assert 4 <= len(done) < 16
+        asked = len(server.requests)
+        assert explain(run, server.url, "--latents", "0-15") == 0
+        assert len(server.requests) - asked == 2 * (16 - len(done))  # only the latents without a record
+    assert sorted(load_llm_explanations(run, 64).done("fixed", 1)) == list(range(16))
