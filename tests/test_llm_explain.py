@@ -419,3 +419,25 @@ def test_a_killed_run_goes_on_where_it_stopped(run):
         assert explain(run, server.url, "--latents", "0-15") == 0
         assert len(server.requests) - asked == 2 * (16 - len(done))  # only the latents without a record
     assert sorted(load_llm_explanations(run, 64).done("fixed", 1)) == list(range(16))
+
+
+def test_a_server_that_does_not_speak_http_is_a_clear_error():
+    """A port where something else listens (it answers a line that is not HTTP, then closes)."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+
+    def serve():
+        for _ in range(2):
+            conn, _ = listener.accept()
+            with conn:
+                conn.recv(65536)
+                conn.sendall(b"SSH-2.0-OpenSSH_9.6\r\n")
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+    with pytest.raises(ChatError, match=r"answered something that is not HTTP, or cut its answer short \(BadStatusLine"):
+        ChatClient(ChatServer(url, "m"), retries=1, backoff=0.01).complete([{"role": "user", "content": "hi"}], 5)
+    thread.join(5)
+    listener.close()

@@ -17,6 +17,7 @@ are not: asking again gives the same answer.
 
 from __future__ import annotations
 
+import http.client
 import json
 import random
 import socket
@@ -120,6 +121,9 @@ class ChatClient:
             raise _Retry(f"cannot reach {where}: {reason} (is the server running?)") from None
         except (ConnectionError, OSError) as e:  # reset or closed mid-answer
             raise _Retry(f"{where} dropped the connection: {e}") from None
+        except http.client.HTTPException as e:  # not HTTP at all, or an answer cut short
+            raise _Retry(f"{where} answered something that is not HTTP, or cut its answer short "
+                         f"({type(e).__name__}: {_snippet(str(e))})") from None
         return chat_content(raw, where)
 
 

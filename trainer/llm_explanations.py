@@ -87,6 +87,8 @@ class LlmExplanation:
         problems = []
         if not (isinstance(self.latent, int) and self.latent >= 0):
             problems.append(f"latent {self.latent!r} is not an index")
+        if not (isinstance(self.model, str) and isinstance(self.url, str) and isinstance(self.prompt_version, int)):
+            problems.append("model and url are not text, or prompt_version is not a whole number")
         if self.status not in ("ok", "error"):
             problems.append(f"status {self.status!r} is neither ok nor error")
         if not all(isinstance(c, int) and c >= 0 for c in counts):
