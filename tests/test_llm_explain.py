@@ -158,18 +158,23 @@ def test_one_latent_is_explained_and_scored_over_http():
 
 
 def test_held_out_contexts_are_unseen_and_split_half_and_half(run):
-    """The scored contexts that fire are harvest examples the explanation was not shown; those
-    that do not fire have no counted firing of the latent (checked against the SAE itself)."""
+    """The scored contexts that fire are harvest examples the explanation was not shown; the
+    windows that do not fire hold no counted firing of the latent (checked against the SAE)."""
     cfg_run = RunConfig.load(run)
     harvest = runfolder.load_harvest(run, cfg_run)
     cfg = LlmExplainConfig(explain_top=5, explain_quantile=5, score_contexts=8, window=12, negative_pool=48)
-    rows, fires = pool_firings(run, cfg_run, harvest, cfg.negative_pool, cfg.seed)
+    pool = pool_firings(run, cfg_run, harvest, cfg.negative_pool, cfg.seed)
     encoder = LatentEncoder.from_run(run)
-    direct = encoder.encode_ids(harvest.token_ids[rows[0]].tolist())  # (T, n)
-    counted = torch.from_numpy(cfg_run.positions.mask(harvest.token_ids[rows[:1]].numpy(), encoder.lm.special_token_ids)[0])
-    assert (fires[0] == ((direct > 0) & counted[:, None]).any(0).numpy()).all()
+    tokens = harvest.token_ids.numpy()
+    counted = torch.from_numpy(cfg_run.positions.mask(tokens[pool.rows], encoder.lm.special_token_ids))
+    for p in (0, 7):
+        direct = encoder.encode_ids(tokens[pool.rows[p]].tolist())  # (T, n)
+        listed = torch.zeros_like(direct, dtype=torch.bool)
+        mine = torch.from_numpy(pool.latents[p]).long()
+        listed.scatter_(1, mine.clamp_min(0), mine >= 0)
+        assert torch.equal(listed, (direct > 0) & counted[p][:, None])
 
-    source = ExampleSource(harvest, cfg, rows, fires)
+    source = ExampleSource(harvest, cfg, pool)
     latent = int(torch.argsort(harvest.density)[len(harvest.density) // 2])  # a latent of middling density
     task = source.task(latent)
     assert len(task.shown) == 10 and len(task.scored) == 8 and sum(task.fires) == 4
@@ -177,6 +182,11 @@ def test_held_out_contexts_are_unseen_and_split_half_and_half(run):
     for snippet, fires_there in zip(task.scored, task.fires):
         assert snippet.token_ids not in shown and len(snippet.token_ids) == 12
         assert any(snippet.firing) == fires_there
+    silent = [s.token_ids for s, fires_there in zip(task.scored, task.fires) if not fires_there]
+    for ids in silent:  # each silent window sits in a pool context where the latent is silent over it
+        where = [(p, start) for p in range(len(pool.rows)) for start in range(tokens.shape[1] - 11)
+                 if tuple(tokens[pool.rows[p], start:start + 12].tolist()) == ids]
+        assert any(not (pool.latents[p, start:start + 12] == latent).any() for p, start in where)
     assert task == source.task(latent)  # seeded
 
 

@@ -7,8 +7,9 @@ as EleutherAI's delphi does (Paulo et al. 2024, "Automatically interpreting mill
    activation quantiles, a window of each around the firing, the tokens where it fires marked
    «like this»; the model answers with a short phrase.
 2. detect: the phrase and `score_contexts` contexts the model has not seen, shuffled: half of them
-   the latent's other harvest examples (it fires there), half contexts where it does not fire at
-   any counted position (found by running the SAE over a seeded sample of the harvest's contexts).
+   the latent's other harvest examples (it fires there), half windows of other contexts where it
+   fires at no counted position (found by running the SAE over a seeded sample of the harvest's
+   contexts).
    The model answers which ones fire; the score is the balanced accuracy of that answer (0.5 =
    chance, 1 = perfect), with its counts.
 
@@ -72,8 +73,8 @@ class LlmExplainConfig:
     score_contexts: int = option(10, "held-out contexts the explanation is scored on: half where the latent "
                                      "fires (examples not shown), half where it does not (an even number)")
     window: int = option(32, "tokens of each context shown: the firing token and those before it (3/4) and after")
-    negative_pool: int = option(256, "harvest contexts the SAE runs over to find, per latent, contexts where it "
-                                     "does not fire")
+    negative_pool: int = option(64, "harvest contexts the model and SAE run over to find, per latent, windows "
+                                    "where it does not fire (each from another context)")
     max_failures: int = option(10, "stop after this many latents in a row fail (the server is down, say); 0 never stops")
     seed: int = option(0, "seed of the sampling of latents, examples and contexts and of their order")
     device: str = option("", "torch device for the SAE pass over the pool; empty means cuda when available")
@@ -188,14 +189,27 @@ class LatentTask:
     fires: list[bool]
 
 
-class ExampleSource:
-    """The harvest's examples of each latent, split into those shown and those held out, and the
-    contexts of the pool where each latent does not fire."""
+@dataclass
+class Pool:
+    """Harvest contexts the SAE was run over: which latents fire at each counted position."""
 
-    def __init__(self, harvest: runfolder.Harvest, cfg: LlmExplainConfig, pool_rows: np.ndarray, pool_fires: np.ndarray):
-        self.h, self.cfg = harvest, cfg
+    rows: np.ndarray  # (P,) rows of the harvest's contexts
+    latents: np.ndarray  # (P, T, k) int32: the latents firing at each position, -1 for none or not counted
+
+    def silent_windows(self, latent: int, size: int) -> np.ndarray:
+        """(P, T - size + 1) bool: whether the latent fires nowhere in the window starting there."""
+        fires = (self.latents == latent).any(-1)  # (P, T)
+        ends = np.concatenate([np.zeros((len(fires), 1), dtype=np.int64), np.cumsum(fires, axis=1)], axis=1)
+        return (ends[:, size:] - ends[:, :-size]) == 0
+
+
+class ExampleSource:
+    """The harvest's examples of each latent, split into those shown and those held out, and
+    windows of the pool's contexts where each latent does not fire."""
+
+    def __init__(self, harvest: runfolder.Harvest, cfg: LlmExplainConfig, pool: Pool):
+        self.h, self.cfg, self.pool = harvest, cfg, pool
         self.tokens = harvest.token_ids.numpy()  # (C, T)
-        self.pool_rows, self.pool_fires = pool_rows, pool_fires  # (P,), (P, n) bool
 
     def snippet(self, context: int, activations: torch.Tensor, position: int) -> Snippet:
         T = self.tokens.shape[1]
@@ -218,14 +232,16 @@ class ExampleSource:
         return shown, top[k:] + by_turn[self.cfg.explain_quantile :]
 
     def negatives(self, latent: int, count: int, rng: random.Random) -> list[Snippet]:
-        """`count` windows of pool contexts where the latent fires at no counted position."""
-        silent = np.flatnonzero(~self.pool_fires[:, latent])
-        picks = rng.sample(sorted(silent.tolist()), min(count, len(silent)))
-        T, size = self.tokens.shape[1], min(self.cfg.window, self.tokens.shape[1])
+        """`count` windows, each of another pool context, where the latent fires at no counted
+        position (a window, not the whole context: a latent that fires somewhere in most
+        contexts still has silent stretches to be told apart from)."""
+        size = min(self.cfg.window, self.tokens.shape[1])
+        silent = self.pool.silent_windows(latent, size)  # (P, starts)
+        contexts = np.flatnonzero(silent.any(1)).tolist()
         out = []
-        for p in picks:
-            start = rng.randrange(T - size + 1)
-            ids = self.tokens[self.pool_rows[p], start : start + size]
+        for p in rng.sample(contexts, min(count, len(contexts))):
+            start = rng.choice(np.flatnonzero(silent[p]).tolist())
+            ids = self.tokens[self.pool.rows[p], start : start + size]
             out.append(Snippet(tuple(ids.tolist()), (False,) * size))
         return out
 
@@ -241,9 +257,9 @@ class ExampleSource:
 
 
 def pool_firings(run_dir: Path, run_cfg: RunConfig, harvest: runfolder.Harvest, size: int, seed: int,
-                 device: str = "") -> tuple[np.ndarray, np.ndarray]:
-    """A seeded sample of `size` harvest contexts and (P, n) whether each latent fires at a counted
-    position of each (the SAE over the model's activations, as the harvest and the probe encode)."""
+                 device: str = "") -> Pool:
+    """A seeded sample of `size` harvest contexts and the latents firing at each counted position
+    of them (the SAE over the model's activations, as the harvest and the probe encode)."""
     from trainer.inference import LatentEncoder
     from trainer.sae import default_device
 
@@ -252,16 +268,16 @@ def pool_firings(run_dir: Path, run_cfg: RunConfig, harvest: runfolder.Harvest, 
     rows = torch.randperm(len(tokens), generator=generator)[:size].sort().values.numpy()
     encoder = LatentEncoder.from_run(run_dir, device or default_device())
     counted = run_cfg.positions.mask(tokens[rows], encoder.lm.special_token_ids)
-    fires = np.zeros((len(rows), run_cfg.n_latents), dtype=bool)
+    found = np.full((len(rows), tokens.shape[1], run_cfg.k), -1, dtype=np.int32)
     batch = 16
-    with progress(total=len(rows), desc="contexts without firings", unit="ctx") as bar:
+    with progress(total=len(rows), desc="contexts for scoring", unit="ctx") as bar:
         for first in range(0, len(rows), batch):
             ids = [tokens[r].tolist() for r in rows[first : first + batch]]
             for i, latents in enumerate(encoder.encode_topk_batch(ids), start=first):
-                where = torch.from_numpy(counted[i])[:, None] & (latents.values > 0)  # (T, k)
-                fires[i, latents.indices[where].unique().numpy()] = True
+                fires = torch.from_numpy(counted[i])[:, None] & (latents.values > 0)  # (T, k)
+                found[i] = torch.where(fires, latents.indices, -1).numpy()
             bar.update(len(ids))
-    return rows, fires
+    return Pool(rows, found)
 
 
 # ---------------------------------------------------------------- the two requests
@@ -417,8 +433,7 @@ def explain_run(run_dir: Path, server: ChatServer, cfg: LlmExplainConfig = LlmEx
         summary = ExplainSummary(asked=len(fired), already=len(fired) - len(todo), never_fired=len(wanted) - len(fired))
         if not todo:
             return summary
-        rows, fires = pool_firings(run_dir, run_cfg, harvest, cfg.negative_pool, cfg.seed, cfg.device)
-        source = ExampleSource(harvest, cfg, rows, fires)
+        source = ExampleSource(harvest, cfg, pool_firings(run_dir, run_cfg, harvest, cfg.negative_pool, cfg.seed, cfg.device))
         writer = TextWriter(harvest.vocab, harvest.token_bytes)
         report = report or (lambda line: tqdm.write(line, file=sys.stderr))
         run_pool(todo, lambda latent: explain_latent(client, source.task(latent), writer), out, summary, cfg, report)
