@@ -63,7 +63,8 @@ class LlmExplainConfig:
     latents: str = option("all", "which latents: 'all' (every latent that fired in the harvest), indices and "
                                  "ranges '0-99,512', 'top:N' (the N that fire most often), 'random:N' (N drawn "
                                  "with --seed among those that fired); items joined by commas")
-    concurrency: int = option(4, "requests in flight at once (threads); each latent asks twice, one after the other")
+    concurrency: int = option(4, "latents in flight at once, so as many requests (threads; a latent's two "
+                                 "requests go one after the other)")
     timeout: float = option(60.0, "seconds to wait for the server's answer to one request")
     retries: int = option(3, "retries of a request that failed on the way (no connection, a timeout, HTTP 429 or "
                              "5xx), with exponential backoff")
