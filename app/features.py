@@ -2,9 +2,9 @@
 
     feature = get_feature(session, sae_id, index, urls)   # None when there is no such latent
 
-Five reads by primary key (the latent with its details and SAE, its examples with their contexts,
+Six reads by primary key (the latent with its details and SAE, its examples with their contexts,
 the token strings of its logit effects, its family across a ladder's sizes (app.families), the
-explanations of its neighbours and family), so the page costs the same at 64 latents or at
+explanations of its neighbours and family, its LLM explanations), so the page costs the same at 64 latents or at
 65,536 (bench/feature_page.py).
 """
 
@@ -22,6 +22,7 @@ from app.ablation import AblationOut, stored_ablation
 from app.families import AcrossSizesOut, across_sizes
 from app.models import LATENT_BLOBS, Context, LadderRung, Latent, LatentDetail, Sae, Vocab
 from app.models import Example as ExampleRow
+from app.explanations import ExplanationSourceOut, llm_explanations, ranked
 from app.queries import ExplanationOut, NeighbourOut, Record, SaeSource
 from app.urls import URLs
 
@@ -104,7 +105,9 @@ class FeatureOut(Record):
     quantiles: list[QuantileOut] = Field(description="examples sampled per activation quantile, highest bin first")
     logits: LogitsOut
     neighbours: list[NeighbourOut] = Field(description="nearest latents by decoder cosine, most similar first")
-    explanation: ExplanationOut | None
+    explanation: ExplanationOut | None = Field(description="the token pattern read off the harvest, with its scores")
+    explanations: list[ExplanationSourceOut] = Field(
+        description="every explanation, best first: the token pattern and those of language models (saescope explain)")
     excluded: ExcludedOut
     prev: str | None  # the twins of the latents before and after
     next: str | None
@@ -193,6 +196,7 @@ def get_feature(session: Session, sae_id: str, index: int, urls: URLs = URLs()) 
         neighbours=[NeighbourOut(index=i, cosine=round(c, 6), **summaries[sae_id, i], url=link(i))
                     for i, c in zip(neighbour_index, arrays["neighbour_cosine"].tolist()) if (sae_id, i) in summaries],
         explanation=ExplanationOut.of(latent, getattr(detail, "explanation_patterns", None)),
+        explanations=ranked(latent.explanation, latent.explanation_f1, llm_explanations(session, sae_id, [index]).get(index, [])),
         excluded=ExcludedOut(positions=[int(p) for p in harvest.get("excluded_positions", [])], token_ids=excluded_ids,
                              tokens=[tokens.get(i, "") for i in excluded_ids]),
         explanation_method=explained.get("method"),

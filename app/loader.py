@@ -11,11 +11,17 @@ per row, and written by each backend's bulk path: PostgreSQL's binary `COPY` (ps
 buffer per table whose fixed-width part numpy lays out in COPY's wire format; SQLite's
 `executemany` over the raw connection. Tables: saes, latents (statistics, explanation),
 latent_details (the harvest's per-latent arrays as BLOBs), contexts, examples (top and
-quantile), and for search vocab, token_latents, explanation_terms and latent_search (each latent's
-full-text document, app/search_documents.py). Either way it is one transaction, so a
+quantile), for search vocab, token_latents, explanation_terms and latent_search (each latent's
+full-text document, app/search_documents.py), and the explanations from a language model
+(RUN/llm_explanations.jsonl, `saescope explain`) in latent_explanations. Either way it is one
+transaction, so a
 process killed at any point (SIGKILL included) leaves the database as it was or with the run
 fully loaded. Two loads of the same SAE at once are serialised (an
 advisory lock on PostgreSQL, `BEGIN IMMEDIATE` on SQLite): the second sees the first's rows.
+
+The LLM explanations are hashed apart from the rest (saes.llm_explanations_hash): loading a run
+again after `saescope explain` added some replaces the SAE's latent_explanations alone, without
+--replace.
 """
 
 from __future__ import annotations
@@ -28,7 +34,8 @@ import re
 import struct
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from itertools import repeat
 from pathlib import Path
 
@@ -47,6 +54,7 @@ from app.models import (
     Latent,
     LatentAblation,
     LatentDetail,
+    LatentExplanation,
     LatentFamily,
     Sae,
     TokenLatent,
@@ -57,6 +65,7 @@ from app.search import terms
 from app.search_documents import ExplanationText, search_documents
 from trainer.errors import RunFolderError
 from trainer.formats import CFG_FILE, SAE_FILE
+from trainer.llm_explanations import LlmExplanations, llm_explanations_path, load_llm_explanations
 from trainer.runconfig import RunConfig
 from trainer.runfolder import HARVEST_DIR, METRICS_FILE, load_harvest, load_metrics, load_sae_weights
 from trainer.thresholds import DENSE_THRESHOLD
@@ -97,6 +106,9 @@ class RunRows:
 
     sae: dict
     tables: dict[str, Rows]  # by table name, in the order they are written
+    # latent_explanations' rows (a few per latent at most, written through SQLAlchemy Core: their
+    # created_at is a timestamp, which the bulk paths do not write)
+    llm_explanations: list[dict] = field(default_factory=list)
 
     @property
     def sae_id(self) -> str:
@@ -104,7 +116,7 @@ class RunRows:
 
     @property
     def n_rows(self) -> int:
-        return 1 + sum(len(rows) for rows in self.tables.values())
+        return 1 + sum(len(rows) for rows in self.tables.values()) + len(self.llm_explanations)
 
 
 SAE_ID = re.compile(r"[a-z0-9][a-z0-9.-]{0,199}")  # what RunConfig.slug makes: one URL path segment, as is
@@ -201,13 +213,16 @@ def read_run(run_dir: str | Path) -> RunRows:
     load_sae_weights(run_dir, cfg)  # checks the weights exist and match cfg.json
     metrics = load_metrics(run_dir)
     harvest = load_harvest(run_dir, cfg)
+    llm = load_llm_explanations(run_dir, cfg.n_latents)
     arrays = {name: tensor.numpy() for name, tensor in harvest.tensors.items()}
     vocab = [clean_text(token) for token in harvest.vocab]
     explanations = [_explanation(e) for e in harvest.explanations]
     check_search_rows(run_dir, arrays)
+    llm_rows = llm_explanation_rows(llm)
     # Every explanation that search matches, as (latent, source, text) rows: the harvest's n-gram
-    # patterns here; another explainer's rows join this list.
+    # patterns and the language models' explanations.
     explanation_texts = [ExplanationText(latent, "ngram", e["text"]) for latent, e in enumerate(explanations) if e["text"]]
+    explanation_texts += [ExplanationText(row["latent"], row["source"], row["text"]) for row in llm_rows]
     examples = example_rows(arrays)
     tables = [
         latent_rows(arrays, explanations),
@@ -238,8 +253,48 @@ def read_run(run_dir: str | Path) -> RunRows:
         "n_explained": sum(e["f1"] is not None for e in explanations),
         "run_dir": str(run_dir),
         "content_hash": digest,
+        "llm_explanations_hash": llm_explanations_hash(run_dir),
     }
-    return RunRows(sae=sae, tables={rows.name: rows for rows in tables})
+    return RunRows(sae=sae, tables={rows.name: rows for rows in tables}, llm_explanations=llm_rows)
+
+
+def llm_explanations_hash(run_dir: Path) -> str | None:
+    """sha256 of RUN/llm_explanations.jsonl, None when there is none."""
+    path = llm_explanations_path(run_dir)
+    if not path.is_file():
+        return None
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def llm_explanation_rows(llm: LlmExplanations) -> list[dict]:
+    """latent_explanations' rows: each latent's successful explanation by each model, from its
+    latest prompt version (failures are not shown; `saescope explain` tries them again)."""
+    latest: dict[tuple[int, str], object] = {}
+    for record in llm.ok:  # in (latent, model, prompt_version) order: the latest version last
+        latest[record.latent, record.model] = record
+    return [{"latent": r.latent, "source": clean_text(r.model)[:300], "url": clean_text(r.url),
+             "prompt_version": r.prompt_version, "text": clean_text(r.text), "score": float(r.score),
+             "n_scored": r.n_scored, "true_positives": r.true_positives, "false_negatives": r.false_negatives,
+             "true_negatives": r.true_negatives, "false_positives": r.false_positives,
+             "created_at": _timestamp(r.created_at)} for r in latest.values()]
+
+
+def _timestamp(text: str) -> datetime:
+    """A record's created_at (ISO 8601, as the writer makes it); now for one that does not parse."""
+    try:
+        found = datetime.fromisoformat(text)
+    except (TypeError, ValueError):
+        return datetime.now(timezone.utc)
+    return found if found.tzinfo else found.replace(tzinfo=timezone.utc)
+
+
+def write_llm_explanations(conn: Connection, sae_id: str, rows: list[dict], digest: str | None) -> None:
+    """Put `rows` in place of the SAE's LLM explanations, inside the caller's transaction, and
+    record the hash of the file they came from."""
+    conn.execute(delete(LatentExplanation).where(LatentExplanation.sae_id == sae_id))
+    if rows:
+        conn.execute(LatentExplanation.__table__.insert(), [{"sae_id": sae_id, **row} for row in rows])
+    conn.execute(Sae.__table__.update().where(Sae.id == sae_id).values(llm_explanations_hash=digest))
 
 
 def latent_rows(arrays: dict[str, np.ndarray], explanations: list[dict]) -> Rows:
@@ -365,7 +420,15 @@ def check_search_rows(run_dir: Path, arrays: dict[str, np.ndarray]) -> None:
 def write_run(conn: Connection, rows: RunRows, replace: bool = False) -> bool:
     """Insert `rows` inside the caller's transaction (idempotent on the content hash); returns
     False when the same files are already loaded."""
-    existing = conn.execute(select(Sae.content_hash).where(Sae.id == rows.sae_id)).scalar_one_or_none()
+    found = conn.execute(select(Sae.content_hash, Sae.llm_explanations_hash).where(Sae.id == rows.sae_id)).one_or_none()
+    existing = found.content_hash if found is not None else None
+    if existing == rows.sae["content_hash"] and found.llm_explanations_hash != rows.sae["llm_explanations_hash"]:
+        log.info("%s: loading its %s LLM explanations", rows.sae_id, f"{len(rows.llm_explanations):,}")
+        write_llm_explanations(conn, rows.sae_id, rows.llm_explanations, rows.sae["llm_explanations_hash"])
+        # the search documents hold the explanations' words: rewritten with them
+        conn.execute(text(f"DELETE FROM {SEARCH_TABLE} WHERE sae_id = :sae_id"), {"sae_id": rows.sae_id})
+        write_tables(conn, rows.sae_id, {SEARCH_TABLE: rows.tables[SEARCH_TABLE]})
+        return True
     if not must_write(existing, rows.sae["content_hash"], f"SAE {rows.sae_id!r}", replace):
         return False
     if existing is not None:
@@ -376,6 +439,7 @@ def write_run(conn: Connection, rows: RunRows, replace: bool = False) -> bool:
         raise LoadError(f"{rows.sae['run_dir']} is already loaded as {twin!r}")
     conn.execute(Sae.__table__.insert(), [dict(rows.sae)])
     write_tables(conn, rows.sae_id, rows.tables)
+    write_llm_explanations(conn, rows.sae_id, rows.llm_explanations, rows.sae["llm_explanations_hash"])
     return True
 
 
@@ -407,7 +471,8 @@ def delete_sae(conn: Connection, sae_id: str) -> bool:
     and families; its other SAEs stay): its families point into this SAE's latents."""
     for (ladder_id,) in conn.execute(select(LadderRung.ladder_id).where(LadderRung.sae_id == sae_id)).all():
         delete_ladder(conn, ladder_id)
-    for table in (Example, Context, LatentDetail, Latent, Vocab, TokenLatent, ExplanationTerm, LatentAblation):
+    for table in (Example, Context, LatentDetail, Latent, Vocab, TokenLatent, ExplanationTerm, LatentAblation,
+                  LatentExplanation):
         conn.execute(delete(table).where(table.sae_id == sae_id))
     conn.execute(text(f"DELETE FROM {SEARCH_TABLE} WHERE sae_id = :sae_id"), {"sae_id": sae_id})  # outside the models
     return conn.execute(delete(Sae).where(Sae.id == sae_id)).rowcount > 0

@@ -68,6 +68,9 @@ class Sae(Base):
     # computed once at load time (JSON, see app.loader.density_histogram).
     density_histogram: Mapped[str | None] = mapped_column(Text)
     n_explained: Mapped[int] = mapped_column(Integer, server_default="0")  # latents with a scored explanation
+    # sha256 of RUN/llm_explanations.jsonl as loaded (NULL: none): a load after `saescope explain`
+    # replaces the SAE's latent_explanations alone (the rest has the same content_hash).
+    llm_explanations_hash: Mapped[str | None] = mapped_column(String(64))
 
 
 # The dtype of each per-latent BLOB (little-endian): the loader writes them, app.features reads them.
@@ -312,3 +315,28 @@ class LatentAblation(Base):
     content_hash: Mapped[str] = mapped_column(String(64))
     effects: Mapped[str] = mapped_column(Text)  # JSON: the feature page's AblationOut
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+
+
+class LatentExplanation(Base):
+    """An explanation of a latent by a language model (`saescope explain`,
+    trainer/llm_explanations.py), scored by detection: `score` is the balanced accuracy of the
+    model's guesses of which of `n_scored` held-out contexts make the latent fire (0.5 = chance).
+    One row per (latent, source): a source is the model's name (a run explained by two models
+    has both). The n-gram explanation stays in `latents`. No foreign key, like `examples`: the
+    loader is its only writer and deletes an SAE's rows with it."""
+
+    __tablename__ = "latent_explanations"
+
+    sae_id: Mapped[str] = mapped_column(String(200), primary_key=True)
+    latent: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    source: Mapped[str] = mapped_column(String(300), primary_key=True)  # the model's name (--llm-model)
+    url: Mapped[str] = mapped_column(Text)  # the chat-completions endpoint that answered
+    prompt_version: Mapped[int] = mapped_column(Integer)
+    text: Mapped[str] = mapped_column(Text)
+    score: Mapped[float] = mapped_column(Float)  # detection balanced accuracy, 0..1
+    n_scored: Mapped[int] = mapped_column(Integer)  # held-out contexts scored, half of them firing
+    true_positives: Mapped[int] = mapped_column(Integer)
+    false_negatives: Mapped[int] = mapped_column(Integer)
+    true_negatives: Mapped[int] = mapped_column(Integer)
+    false_positives: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)  # when it was made

@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, computed_field
 from sqlalchemy import Select, asc, desc, func, select
 from sqlalchemy.orm import Session
 
+from app.explanations import ExplanationSourceOut, attach_explanations
 from app.models import LadderRung, Latent, Sae
 from app.urls import URLs
 from trainer.errors import RunFolderError
@@ -157,6 +158,9 @@ class LatentHitOut(Record):
                                                       "the token it fires on), or null when the harvest found none")
     explanation_f1: float | None = Field(None, description="that explanation's F1 on held-out contexts (null: not scored)")
     url: str
+    explanations: list[ExplanationSourceOut] = Field(
+        default_factory=list, description="every explanation, the token pattern's and language models', best first "
+                                          "(on the SAE page and in search results; empty in other lists)")
 
     # the columns it is read from (the url comes from the index)
     columns: ClassVar[tuple] = (Latent.index, Latent.density, Latent.max_activation, Latent.explanation,
@@ -304,6 +308,7 @@ def list_latents(
         return None
     query = latents_query(sae_id, sort, order, filters).limit(per_page).offset((page - 1) * per_page)
     latents = [LatentOut.of(row, sae_id, urls) for row in session.execute(query)]
+    attach_explanations(session, sae_id, latents)
     listed = SaePageOut(sae=sae, latents=latents, sort=sort, order=order, page=page, per_page=per_page,
                         total=_count(session, sae, sort, _conditions(sae_id, sort, filters), filters), filters=filters)
     if listed.page > 1:

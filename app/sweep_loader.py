@@ -284,7 +284,8 @@ def write_rung(conn: Connection, rung: Rung, ladder_id: str, replace: bool) -> N
             raise LoadError(f"SAE {sae_id!r} is a rung of ladder {other!r}; pass --replace to make it a rung of "
                             f"{ladder_id!r} (ladder {other!r} is unloaded, its SAEs stay)")
         delete_ladder(conn, other)
-    if conn.execute(select(Sae.content_hash).where(Sae.id == sae_id)).scalar_one_or_none() == rung.sae["content_hash"]:
+    loaded = conn.execute(select(Sae.content_hash, Sae.llm_explanations_hash).where(Sae.id == sae_id)).one_or_none()
+    if loaded is not None and tuple(loaded) == (rung.sae["content_hash"], rung.sae["llm_explanations_hash"]):
         return
     run_rows = read_run(rung.run_dir)  # read again: only one rung's rows are in memory at a time
     if run_rows.sae["content_hash"] != rung.sae["content_hash"]:

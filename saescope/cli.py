@@ -3,6 +3,8 @@
     saescope train   --out RUN [--layer 6 --latents 4096 --k 32 ...]
     saescope eval    RUN
     saescope harvest RUN
+    saescope explain RUN --llm-url URL --llm-model NAME [--latents SPEC] [--concurrency N]
+                                                 (explanations from a language model, scored by detection)
     saescope import  SAE_FOLDER --out RUN        (an SAE saved by SAELens or sparsify, or OpenAI's .pt file)
     saescope export  RUN --to saelens|sparsify --out DIR   (a folder that tool loads as it is)
     saescope load    RUN --db URL [--replace]     (or a sweep folder: every rung and the ladder)
@@ -38,6 +40,7 @@ from trainer.config import (
     with_boolean_words,
 )
 from trainer.errors import ConfigError, RunFolderError
+from trainer.llm_explain import LlmExplainConfig
 
 
 class CommandError(Exception):
@@ -130,6 +133,31 @@ def cmd_harvest(args) -> None:
     explained = sum(1 for e in harvest.explanations if e["patterns"])
     print(f"harvested {harvest.n_latents} latents over {harvest.info['n_tokens']:,} tokens "
           f"({harvest.info['n_firings']:,} firings; {explained} latents explained)")
+
+
+def cmd_explain(args) -> None:
+    from trainer.chat import ChatServer
+    from trainer.llm_explain import ExplainIncomplete, LlmExplainConfig, explain_run
+
+    run = _run_dir(args.run_dir)
+    api_key = None
+    if args.api_key_env:
+        api_key = os.environ.get(args.api_key_env, "")
+        if not api_key:
+            raise CommandError(f"--api-key-env {args.api_key_env}: that environment variable is not set or empty")
+    server = ChatServer(args.llm_url, args.llm_model, api_key)
+    summary = explain_run(run, server, config_from_args(args, LlmExplainConfig))
+    scores = [record.score for record in summary.ok]
+    done = f"explained {len(summary.ok)} latents with {server.model}"
+    if scores:
+        done += f" (mean detection score {sum(scores) / len(scores):.3f}, balanced accuracy: 0.5 is chance)"
+    notes = [f"{summary.already} done before" if summary.already else "",
+             f"{summary.never_fired} never fired (nothing to explain)" if summary.never_fired else ""]
+    print(done + "".join(f"; {note}" for note in notes if note) + f"; in {run / 'llm_explanations.jsonl'}")
+    if summary.failed or summary.stopped:
+        why = f"stopped: {summary.stopped}; " if summary.stopped else ""
+        raise ExplainIncomplete(f"{why}{len(summary.failed)} latents failed and {summary.left} are not explained; what "
+                                f"was done is kept: run the same command again to go on")
 
 
 def cmd_steer(args) -> None:
@@ -388,6 +416,19 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_arguments(harvest, HarvestConfig)
     harvest.set_defaults(func=cmd_harvest)
 
+    explain = commands.add_parser(
+        "explain", help="explanations of latents from a language model (any OpenAI-compatible server), scored by detection")
+    explain.add_argument("run_dir", help="run folder (harvested)")
+    explain.add_argument("--llm-url", required=True,
+                         help="the server: an address ending in /chat/completions is used as given, one ending in /v1 "
+                              "gets /chat/completions, any other /v1/chat/completions (http://127.0.0.1:8080 for "
+                              "llama.cpp's server, http://127.0.0.1:11434 for Ollama, https://api.openai.com/v1)")
+    explain.add_argument("--llm-model", required=True, help="the model name the server knows")
+    explain.add_argument("--api-key-env", metavar="VAR",
+                         help="environment variable holding an API key, sent as 'Authorization: Bearer KEY'")
+    add_config_arguments(explain, LlmExplainConfig)
+    explain.set_defaults(func=cmd_explain)
+
     steering = commands.add_parser("steer", help="continue a prompt as the model does and with latents steered, side by side")
     steering.add_argument("run_dir", help="run folder (harvested: strength 1 is a latent's max activation)")
     steering.add_argument("--prompt", required=True, help="text to continue")
@@ -461,7 +502,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:  # `--fast-matmul 0` as scripts wrote it when the boolean options were numbers
-        argv = with_boolean_words(argv, boolean_flags(TrainConfig, HarvestConfig, DistributedConfig, SweepConfig))
+        argv = with_boolean_words(argv, boolean_flags(TrainConfig, HarvestConfig, DistributedConfig, SweepConfig,
+                                                      LlmExplainConfig))
     except ConfigError as e:
         command = next((arg for arg in argv if not arg.startswith("-")), "")
         print(f"saescope {command}: error: {e}", file=sys.stderr)
@@ -485,13 +527,14 @@ def main(argv: list[str] | None = None) -> int:
 
 def _is_user_error(e: Exception) -> bool:
     from trainer.corpus import CorpusError
+    from trainer.llm_explain import ExplainIncomplete
     from trainer.model import ModelError
     from trainer.store import StoreError
     from trainer.train import TrainingError
 
     # A path the user gave that is a file, or not writable: the OS's own one-line reason is clear.
     path_errors = (FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError)
-    user_errors = (CommandError, ConfigError, CorpusError, ModelError, RunFolderError, StoreError, TrainingError, *path_errors)
+    user_errors = (CommandError, ConfigError, CorpusError, ExplainIncomplete, ModelError, RunFolderError, StoreError, TrainingError, *path_errors)
     try:
         from app.db import MigrationError
         from app.loader import LoadError

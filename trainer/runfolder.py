@@ -15,6 +15,8 @@
         explanations.json    per latent: a token pattern and its held-out precision / recall
         vocab.json           token id -> readable token string
         token_bytes.json     token id -> its bytes in hex (byte-level BPE tokenizers only)
+      llm_explanations.jsonl explanations from a language model (`saescope explain`), appended per
+                             latent; trainer/llm_explanations.py reads and writes it
       (HARVEST_TENSORS below lists every tensor with its shape.)
 
 Every reader raises `RunFolderError` with a one-line message naming the file at fault.
@@ -34,6 +36,7 @@ import torch
 from trainer.errors import RunFolderError
 from trainer.files import read_json, read_json_object, read_tensors, write_json, write_tensors
 from trainer.formats import SAE_FILE
+from trainer.llm_explanations import drop_llm_explanations
 from trainer.runconfig import RunConfig
 from trainer.sae import TopKSAE
 
@@ -170,13 +173,15 @@ def save_harvest(run_dir: Path, harvest: Harvest) -> None:
 
 
 def drop_harvest(run_dir: Path) -> None:
-    """Remove RUN/harvest and any harvest left beside it (new weights make them all stale): moved
-    aside first, so that a kill mid-way leaves no half folder under the harvest's name."""
+    """Remove RUN/harvest and any harvest left beside it, and the LLM explanations (new weights make
+    them all stale): the harvest moved aside first, so that a kill mid-way leaves no half folder
+    under its name."""
     run_dir = Path(run_dir)
     if (run_dir / HARVEST_DIR).exists():
         os.replace(run_dir / HARVEST_DIR, run_dir / f".{HARVEST_DIR}.drop-{os.getpid()}")
     for folder in run_dir.glob(f".{HARVEST_DIR}.*"):
         shutil.rmtree(folder, ignore_errors=True)
+    drop_llm_explanations(run_dir)  # explanations of the old weights' latents
 
 
 def _exchange(a: Path, b: Path) -> bool:

@@ -14,6 +14,7 @@ from pydantic import BaseModel, Field
 from app import frames, pages, queries, search
 from app.deps import ProbeDep, SessionDep, URLsDep
 from app.example_search import ExampleSearchOut, find_by_example
+from app.explanations import attach_explanations
 from app.probe_service import TooLong
 from app.render import json_response
 from app.routes.probe import ERRORS, UNAVAILABLE, SaeId, Utf8Route, first_sae, page_text
@@ -45,7 +46,10 @@ def read_search(session: SessionDep, urls: URLsDep, q: Q = "", sae: Sae = None, 
     summary = queries.get_sae_summary(session, sae)  # the first SAE without one
     if sae and summary is None:
         raise HTTPException(404, f"no SAE {sae!r}")
-    return search.search(session, summary, q, limit, urls)
+    result = search.search(session, summary, q, limit, urls)
+    hits = [result.latent, *result.ranked, *result.explanations, *(hit for token in result.tokens for hit in token.latents)]
+    attach_explanations(session, result.sae, hits)  # and the LLM explanations of every latent found
+    return result
 
 
 @router.get("/search.csv", include_in_schema=False, name="read_search_csv")

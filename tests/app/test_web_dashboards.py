@@ -42,7 +42,8 @@ def test_feature_json_has_every_part(synthetic_client, synthetic_sae_id, harvest
     data = synthetic_client.get(f"/saes/{synthetic_sae_id}/features/{FEW}.json").json()
     assert set(data) == {"sae_id", "index", "density", "firings", "n_tokens", "max_activation", "mean_activation",
                          "histogram", "top_examples", "quantiles", "logits", "neighbours", "explanation", "excluded",
-                         "prev", "next", "random", "url", "sae_url", "across_sizes", "ablation", "ablation_url"}
+                         "prev", "next", "random", "url", "sae_url", "across_sizes", "ablation", "ablation_url",
+                         "explanations"}
     assert data["across_sizes"] is None  # not a rung of a ladder (tests/app/test_web_ladders.py)
     assert data["n_tokens"] == 10_000 and data["firings"] == round(data["density"] * 10_000)
     histogram = data["histogram"]

@@ -12,7 +12,7 @@ from app.models import SEARCH_TABLE, Base, compared_in_schema
 from trainer.runfolder import load_harvest
 
 TABLES = {"saes", "latents", "latent_details", "contexts", "examples", "vocab", "token_latents", "explanation_terms",
-          "share_links", "ladders", "ladder_rungs", "latent_families", SEARCH_TABLE}
+          "share_links", "ladders", "ladder_rungs", "latent_families", "latent_explanations", SEARCH_TABLE}
 
 
 def test_upgrade_matches_models_and_downgrade_removes_everything(empty_url):

@@ -1,7 +1,7 @@
 """search by meaning: one full-text document per latent (latent_search), ranked by relevance
 
 Revision ID: 0008
-Revises: 0006
+Revises: 0007
 Create Date: 2026-12-06
 
 Dialect-specific, as each backend's full-text search is (app/fulltext.py queries both):
@@ -23,7 +23,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0008"
-down_revision = "0006"
+down_revision = "0007"
 branch_labels = None
 depends_on = None
 
