@@ -90,6 +90,24 @@ def test_load_carries_llm_explanations_and_reloads_them_alone(run, empty_url):
     assert stored(empty_url) == []
 
 
+def meaning(url: str, q: str) -> list[int]:
+    with client_of(url) as client:
+        response = client.get(URLs().search(sae=SAE_ID, q=q, fmt="json"))
+        assert response.status_code == 200, response.text
+        return [hit["index"] for hit in response.json()["ranked"]]
+
+
+def test_search_by_meaning_finds_llm_explanations_also_when_they_come_alone(run, empty_url):
+    write(run, record(5, "exception handlers in a parser", (5, 0, 5, 0)))
+    load_run(run, empty_url)
+    assert meaning(empty_url, "exception handling") == [5]  # stemmed: exception, handl(ers|ing)
+    assert meaning(empty_url, "walrus") == []
+    write(run, record(9, "a walrus in a docstring", (5, 0, 5, 0)))
+    load_run(run, empty_url)  # only the explanations changed: the search documents follow them
+    assert meaning(empty_url, "walrus") == [9]
+    assert meaning(empty_url, "exception handling") == [5]
+
+
 def test_pages_show_the_best_explanation_first_and_its_source(run, empty_url):
     write(run, record(CAT, "the word cat", (3, 2, 5, 0)), record(5, HOSTILE, (5, 0, 5, 0)))
     load_run(run, empty_url)
