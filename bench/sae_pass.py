@@ -30,7 +30,8 @@ CONTEXTS, T, D, HELDOUT = 2600, 128, 576, 256
 def synthetic_store() -> ActivationStore:
     """Random fp16 rows in memory, laid out as a real store (the values do not change the time)."""
     rows = np.random.default_rng(0).standard_normal((CONTEXTS * T, D), dtype=np.float32).astype(np.float16)
-    meta = {"context_length": T, "n_contexts": CONTEXTS, "n_heldout": HELDOUT, "d_model": D, "heldout_complete": True}
+    meta = {"context_length": T, "n_contexts": CONTEXTS, "n_heldout": HELDOUT, "d_model": D, "heldout_complete": True,
+            "special_token_ids": []}  # none: the exclusion leaves out each context's first position
     return ActivationStore(Path("synthetic"), meta, np.zeros((CONTEXTS, T), np.int32), rows)
 
 

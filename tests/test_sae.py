@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch.testing import assert_close
 
-from trainer.sae import TopKSAE, check_size, geometric_median, top_k
+from trainer.sae import SubsetLatents, TopKSAE, check_size, geometric_median, top_k
 
 SIZES = [(7, 13, 3, 1), (33, 64, 5, 4), (5, 17, 16, 2)]  # (batch, n_latents, d_in, k)
 
@@ -147,6 +147,37 @@ def test_sparse_encoder_gradients_match_dense_autograd(batch, n, d, k):
     (x_hat + sae.b_dec - target).pow(2).sum().backward()
     for name, p in sae.named_parameters():
         assert_close(p.grad, dense[name], atol=1e-4, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("batch,n,d,k", SIZES)
+@pytest.mark.parametrize("unit_decoder", [False, True])
+def test_subset_latents_match_the_sparse_path_choosing_them_all(batch, n, d, k, unit_decoder):
+    """AuxK's dense route (every token chooses every latent of a subset, some of them below zero)
+    gives the sparse route's reconstruction and gradients for that selection, b_dec's included;
+    the latents outside the subset get none."""
+    sae = random_sae(n, d, k)
+    x, target = torch.randn(batch, d), torch.randn(batch, d)
+    subset = torch.randperm(n, generator=torch.Generator().manual_seed(n))[: max(1, n // 3)].sort().values
+
+    def gradients(decode) -> tuple[torch.Tensor, dict]:
+        sae.zero_grad()
+        x_c = x - sae.b_dec
+        pre = sae.pre_acts_centered(x_c)
+        x_hat = decode(x_c, pre)
+        (x_hat + sae.b_dec - target).pow(2).sum().backward()
+        return x_hat.detach(), {name: p.grad.clone() for name, p in sae.named_parameters()}
+
+    sparse_x_hat, sparse = gradients(lambda x_c, pre: sae.sparse_forward(x_c, pre, subset.expand(batch, -1), unit_decoder=unit_decoder)[0])
+    dense_x_hat, dense = gradients(
+        lambda x_c, pre: SubsetLatents.apply(pre[:, subset], x_c, sae.W_enc_T, sae.b_enc, sae.W_dec, subset, unit_decoder)[0]
+    )
+    assert_close(dense_x_hat, sparse_x_hat, atol=1e-5, rtol=1e-5)
+    for name in sparse:
+        assert_close(dense[name], sparse[name], atol=1e-4, rtol=1e-4, msg=name)
+    outside = torch.ones(n, dtype=torch.bool)
+    outside[subset] = False
+    assert (dense["W_dec"][outside] == 0).all() and (dense["W_enc_T"][outside] == 0).all() and (dense["b_enc"][outside] == 0).all()
+    assert dense["W_dec"][subset].abs().sum() > 0 and dense["b_dec"].abs().sum() > 0
 
 
 @pytest.mark.parametrize("n,k", [(4096, 32), (256, 8), (64, 4), (100, 3), (64, 40)])

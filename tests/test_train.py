@@ -301,6 +301,47 @@ def test_rescaled_auxk_turns_dead_latents_without_shrinking_them(tiny_run):
     assert abs(rescaled) < 1e-4 * rescaled_norm  # a gradient (not zero), none of it radial
 
 
+@pytest.mark.parametrize("k_aux", [64, 20])
+def test_a_step_with_few_dead_latents_updates_as_the_sparse_route_would(tiny_run, k_aux):
+    """With at most SUBSET_LIMIT times as many dead latents as AuxK chooses, AuxK runs as dense
+    products over the dead latents (SubsetLatents; with more than k_aux of them, those a token did
+    not choose at zero); the optimiser steps, decoder renormalisation and dead counters after them
+    are the ones the sparse route (SparseTopK over the top k_aux of the masked pre-activations)
+    gives."""
+    from trainer.train import SUBSET_LIMIT
+
+    def stepped(route: str) -> dict:
+        trainer = tiny_trainer(tiny_run, n_latents=256, k=4, dead_tokens=10**6)
+        trainer.init_b_dec()
+        trainer.tokens_since_fired[::5] = 10**9  # 52 dead latents
+        trainer.k_aux = k_aux
+        assert 52 <= SUBSET_LIMIT * k_aux
+        subsets = []
+        dense_route = trainer.decode_subset
+
+        def decode_subset(x_c, pre, subset, k):
+            subsets.append(len(subset))
+            if route == "dense":
+                return dense_route(x_c, pre, subset, k)
+            masked = torch.full_like(pre, float("-inf"))
+            masked[:, subset] = pre[:, subset]
+            return trainer.decode(x_c, trainer.world.topk(masked, min(k, len(subset))))[0]
+
+        trainer.decode_subset = decode_subset
+        x = next(trainer.batches())[1]
+        for step in range(3):  # Adam's moments in play
+            result = trainer.step(x, 1e-3)
+        assert result.auxk > 0 and subsets[0] == 52 and len(subsets) == 3  # with k_aux 20, more dead than chosen
+        return {"auxk": result.auxk, "fired": trainer.tokens_since_fired.clone(),
+                **{name: p.detach().clone() for name, p in trainer.sae.named_parameters()}}
+
+    dense, sparse = stepped("dense"), stepped("sparse")
+    assert torch.equal(dense.pop("fired"), sparse.pop("fired"))
+    assert dense.pop("auxk") == pytest.approx(sparse.pop("auxk"), rel=1e-4)
+    for name in sparse:
+        assert_close(dense[name], sparse[name], atol=1e-5, rtol=1e-5, msg=name)
+
+
 def test_retraining_a_folder_drops_its_old_metrics_and_harvest(tiny_run, tmp_path):
     """Stale numbers must never sit beside new weights (the demo skips stages whose output exists)."""
     from trainer.config import TrainConfig

@@ -110,6 +110,44 @@ class SparseTopK(torch.autograd.Function):
         return None, grad_x_c, grad_W_enc_T, grad_b_enc, grad_W_dec, None, None, None
 
 
+class SubsetLatents(torch.autograd.Function):
+    """SparseTopK's result and gradients when every token chose its latents from a small subset
+    (m,) (AuxK's dead latents: all of them, or each token's top k_aux of them): x_hat - b_dec =
+    ReLU(pre_subset) @ W_dec[subset], with pre_subset (N, m) computed without grad. Dense (N, m)
+    matmuls in place of SparseTopK's N·m gathered rows: the same sums in another order, read from
+    an (m, d) block that stays in cache instead of a d-row per (token, latent) pair (one thread,
+    N = 256, m = 150, d = 576: 7 against 20 ms forward and backward; BENCHMARKS.md). Latents a
+    token did not choose enter with pre -inf (ReLU 0: no value, no gradient). Gradients come back
+    full size, zero outside the subset."""
+
+    @staticmethod
+    def forward(ctx, pre_subset, x_c, W_enc_T, b_enc, W_dec, subset, unit_decoder=False):
+        values = pre_subset.relu()  # (N, m)
+        W_dec_s = W_dec[subset]  # (m, d)
+        ctx.save_for_backward(x_c, W_enc_T, W_dec_s, subset, values)
+        ctx.shape, ctx.unit_decoder = W_dec.shape, unit_decoder
+        ctx.mark_non_differentiable(values)
+        return values @ W_dec_s, values
+
+    @staticmethod
+    def backward(ctx, grad_x_hat, _):
+        x_c, W_enc_T, W_dec_s, subset, values = ctx.saved_tensors
+        dots = grad_x_hat @ W_dec_s.T  # (N, m): W_dec[latent] · grad_x_hat[token]
+        grad_W_dec_s = values.T @ grad_x_hat  # (m, d)
+        if ctx.unit_decoder:  # without each row's component along itself (see SparseTopK)
+            grad_W_dec_s.addcmul_((values * dots).sum(0)[:, None], W_dec_s, value=-1)
+        grad_pre = dots * (values > 0)  # (N, m), through the ReLU
+        grad_b_enc_s = grad_pre.sum(0)  # (m,)
+        grad_x_c = (grad_b_enc_s @ W_enc_T[subset]).div_(len(x_c)).expand_as(x_c)  # as in SparseTopK
+
+        def full(part: torch.Tensor, like: tuple) -> torch.Tensor:
+            return part.new_zeros(like).index_copy_(0, subset, part)
+
+        n, d = ctx.shape
+        return (None, grad_x_c, full(grad_pre.T @ x_c, (n, d)), full(grad_b_enc_s, (n,)), full(grad_W_dec_s, (n, d)),
+                None, None)
+
+
 TOPK_GROUP = 8  # latents per group in top_k's first step (measured best of 2..32 here)
 
 

@@ -22,11 +22,18 @@ from trainer.formats import SAE_FILE
 from trainer.model import ModelError, model_width
 from trainer.progress import progress
 from trainer.runconfig import CHECKPOINT_FILE, RunConfig, StoreRecord
-from trainer.sae import InputNorm, SparseTopK, TopKSAE, fast_matmul_dtype, geometric_median
+from trainer.sae import InputNorm, SparseTopK, SubsetLatents, TopKSAE, fast_matmul_dtype, geometric_median, top_k
 from trainer.store import META_FILE, ActivationStore, Positions, check_store_not_taken, prepare_store, store_differences, store_matches
 
 log = logging.getLogger(__name__)
 
+
+
+# AuxK runs as dense products over the dead latents (Trainer.decode_subset) while they are at
+# most this many times the k_aux it chooses from them, else sparsely over the chosen (SparseTopK).
+# One thread at B = 256, d = 576, k_aux = 288: dense 2.4-2.9x faster up to 288 dead, 1.3-1.9x
+# at 600-1,200, 0.9x at 2,400 (BENCHMARKS.md, "The SAE training step").
+SUBSET_LIMIT = 4
 
 
 class TrainingError(RuntimeError):
@@ -199,6 +206,18 @@ class Trainer:
         )  # W_dec's gradient tangent to its unit rows
         return self.world.from_shards(x_hat), values
 
+    def decode_subset(self, x_c: torch.Tensor, pre: torch.Tensor, subset: torch.Tensor, k: int) -> torch.Tensor:
+        """x_hat - b_dec from each token's k largest pre-activations among the latents `subset`
+        (this shard's; all of them when there are no more than k): what `decode` gives for that
+        selection, as dense matmuls over the subset (SubsetLatents), the latents not chosen at
+        zero. Sharded, only for subsets no larger than k over all shards (no top-k across them)."""
+        sae, pre_subset = self.sae, pre[:, subset]  # (B, m)
+        if len(subset) > k:
+            chosen = top_k(pre_subset, k)
+            pre_subset = torch.full_like(pre_subset, float("-inf")).scatter_(1, chosen.indices, chosen.values)
+        x_hat, _ = SubsetLatents.apply(pre_subset.float(), x_c, sae.W_enc_T, sae.b_enc, sae.W_dec, subset, True)
+        return self.world.from_shards(x_hat)
+
     def auxk_loss(self, x_c: torch.Tensor, pre: torch.Tensor, error: torch.Tensor, total_variance: torch.Tensor) -> torch.Tensor:
         """AuxK (Section 2.4 / Appendix A.2): the top-k_aux dead latents reconstruct the residual
         error, which gives dead latents a gradient and brings them back.
@@ -214,8 +233,10 @@ class Trainer:
         n_dead = self.world.count(dead)
         if self.cfg.auxk_alpha == 0 or n_dead == 0:
             return pre.new_zeros(())
-        selected = self.world.topk(pre.masked_fill(~dead, float("-inf")), min(self.k_aux, n_dead))
-        error_hat, _ = self.decode(x_c, selected)  # (B, d), no b_dec
+        if n_dead <= self.k_aux or (n_dead <= SUBSET_LIMIT * self.k_aux and not self.world.sharded):
+            error_hat = self.decode_subset(x_c, pre, dead.nonzero().squeeze(1), self.k_aux)  # (B, d), no b_dec
+        else:
+            error_hat, _ = self.decode(x_c, self.world.topk(pre.masked_fill(~dead, float("-inf")), self.k_aux))
         if self.cfg.auxk_rescale:
             with torch.no_grad():
                 fit = (error * error_hat).sum(-1, keepdim=True) / error_hat.pow(2).sum(-1, keepdim=True).clamp_min(1e-12)
