@@ -28,12 +28,14 @@ import struct
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from itertools import repeat
 from pathlib import Path
 
 import numpy as np
 from sqlalchemy import Connection, Engine, delete, select
 
+from app.ablation import harvest_records
 from app.db import make_engine, upgrade
 from app.models import (
     LATENT_BLOBS,
@@ -90,6 +92,9 @@ class RunRows:
 
     sae: dict
     tables: dict[str, Rows]  # by table name, in the order they are written
+    # the harvest's precomputed ablation sections (harvest --ablation-examples), made into
+    # `latent_ablations` rows once the SAE's id is final (load --id): HarvestAblations or None
+    ablations: "HarvestAblations | None" = None
 
     @property
     def sae_id(self) -> str:
@@ -97,7 +102,30 @@ class RunRows:
 
     @property
     def n_rows(self) -> int:
-        return 1 + sum(len(rows) for rows in self.tables.values())
+        return 1 + sum(len(rows) for rows in self.tables.values()) + (self.ablations.n_latents if self.ablations else 0)
+
+
+@dataclass
+class HarvestAblations:
+    """ablations.safetensors, with what its rows show: the top contexts' slots and token strings."""
+
+    arrays: dict[str, np.ndarray]  # runfolder.ABLATION_TENSORS
+    top_context: np.ndarray  # (n, K)
+    context_tokens: dict[int, str]  # context id -> its tokens as JSON (the contexts table's)
+    vocab: list[str]
+
+    @property
+    def n_latents(self) -> int:
+        return int((self.top_context[:, : self.arrays["ablation_activations"].shape[1]] >= 0).any(1).sum())
+
+    def rows(self, sae_id: str, content_hash: str) -> list[dict]:
+        """The `latent_ablations` rows, keyed by the SAE's content hash as the page's own are."""
+        shown = self.top_context[:, : self.arrays["ablation_activations"].shape[1]]
+        tokens = {context_id: json.loads(self.context_tokens[context_id]) for context_id in np.unique(shown[shown >= 0]).tolist()}
+        now = datetime.now(timezone.utc)
+        return [{"sae_id": sae_id, "latent": latent, "content_hash": content_hash, "effects": record.model_dump_json(),
+                 "created_at": now}
+                for latent, record in harvest_records(sae_id, self.arrays, self.top_context, tokens, self.vocab)]
 
 
 SAE_ID = re.compile(r"[a-z0-9][a-z0-9.-]{0,199}")  # what RunConfig.slug makes: one URL path segment, as is
@@ -199,10 +227,11 @@ def read_run(run_dir: str | Path) -> RunRows:
     explanations = [_explanation(e) for e in harvest.explanations]
     check_search_rows(run_dir, arrays)
     examples = example_rows(arrays)
+    contexts = context_rows(arrays["token_ids"], np.unique(examples["context_id"]), vocab, harvest.token_bytes)
     tables = [
         latent_rows(arrays, explanations),
         detail_rows(arrays, explanations),
-        context_rows(arrays["token_ids"], np.unique(examples["context_id"]), vocab, harvest.token_bytes),
+        contexts,
         examples,
         Rows(Vocab, {"token_id": np.arange(len(vocab)), "token": vocab}),
         token_rows(arrays),
@@ -228,7 +257,11 @@ def read_run(run_dir: str | Path) -> RunRows:
         "run_dir": str(run_dir),
         "content_hash": digest,
     }
-    return RunRows(sae=sae, tables={rows.table.__tablename__: rows for rows in tables})
+    ablations = None
+    if harvest.ablations is not None:
+        ablations = HarvestAblations({name: t.numpy() for name, t in harvest.ablations.items()}, arrays["top_context"],
+                                     dict(zip(contexts["context_id"].tolist(), contexts["tokens"])), vocab)
+    return RunRows(sae=sae, tables={rows.table.__tablename__: rows for rows in tables}, ablations=ablations)
 
 
 def latent_rows(arrays: dict[str, np.ndarray], explanations: list[dict]) -> Rows:
@@ -365,7 +398,17 @@ def write_run(conn: Connection, rows: RunRows, replace: bool = False) -> bool:
         raise LoadError(f"{rows.sae['run_dir']} is already loaded as {twin!r}")
     conn.execute(Sae.__table__.insert(), [dict(rows.sae)])
     write_tables(conn, rows.sae_id, rows.tables)
+    if rows.ablations is not None:
+        write_ablations(conn, rows.ablations.rows(rows.sae_id, rows.sae["content_hash"]))
     return True
+
+
+def write_ablations(conn: Connection, records: list[dict]) -> None:
+    """The harvest's ablation sections, through SQLAlchemy (a few thousand rows, and a timestamp
+    that the bulk paths do not write), in the caller's transaction."""
+    log.info("writing %s latent_ablations rows", f"{len(records):,}")
+    for start in range(0, len(records), 1000):
+        conn.execute(LatentAblation.__table__.insert(), records[start : start + 1000])
 
 
 def must_write(existing_hash: str | None, content_hash: str, what: str, replace: bool) -> bool:
