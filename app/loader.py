@@ -11,7 +11,8 @@ per row, and written by each backend's bulk path: PostgreSQL's binary `COPY` (ps
 buffer per table whose fixed-width part numpy lays out in COPY's wire format; SQLite's
 `executemany` over the raw connection. Tables: saes, latents (statistics, explanation),
 latent_details (the harvest's per-latent arrays as BLOBs), contexts, examples (top and
-quantile), and for search vocab, token_latents and explanation_terms. Either way it is one transaction, so a
+quantile), for search vocab, token_latents and explanation_terms, and latent_ablations when the
+harvest precomputed the feature pages' ablation sections. Either way it is one transaction, so a
 process killed at any point (SIGKILL included) leaves the database as it was or with the run
 fully loaded. Two loads of the same SAE at once are serialised (an
 advisory lock on PostgreSQL, `BEGIN IMMEDIATE` on SQLite): the second sees the first's rows.

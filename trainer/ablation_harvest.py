@@ -48,7 +48,7 @@ class Plan:
     slot: np.ndarray  # (P,) which of the latent's top examples
     context: np.ndarray  # (P,) row into the harvest's token_ids
     contexts: np.ndarray  # (U,) the contexts used, ascending
-    batch: int  # contexts per clean pass, and rows per ablated pass
+    batch: int  # contexts per clean pass, and rows per ablated pass (at most the harvest's batch)
 
     @classmethod
     def of(cls, top_context: np.ndarray, n_examples: int, batch: int) -> "Plan":
@@ -57,7 +57,9 @@ class Plan:
         context = slots[latent, slot]
         order = np.argsort(context, kind="stable")
         contexts = np.unique(context)
-        return cls(latent[order], slot[order], context[order], contexts, max(1, min(batch, len(contexts))))
+        n_chunks = max(1, -(-len(contexts) // batch))
+        even = max(1, -(-len(contexts) // n_chunks))  # chunks of like size: the last one needs few filler rows
+        return cls(latent[order], slot[order], context[order], contexts, even)
 
     @property
     def n_chunks(self) -> int:
