@@ -59,6 +59,26 @@ def test_resuming_from_the_hookpoint_gives_the_whole_forward_and_stays_in_its_th
         assert torch.allclose(loaded.resume(captured, lm.residual(other)), expected, atol=1e-5)
 
 
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_resuming_works_for_gpt2_blocks_too(attention):
+    """GPT-2's blocks take their mask and positions otherwise than Llama's: resume calls them as captured."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from trainer.model import LoadedModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=3, n_embd=32, n_head=4, vocab_size=100, n_positions=64, bos_token_id=0, eos_token_id=0,
+                        attn_implementation=attention)
+    loaded = LoadedModel("tiny-gpt2", None, GPT2LMHeadModel(config).eval(), torch.float32)
+    ids, other = torch.randint(0, 100, (3, 16)), torch.randint(0, 100, (3, 16))
+    with torch.no_grad():
+        with loaded.capturing(0) as captured:
+            whole = loaded.base(input_ids=ids, use_cache=False).last_hidden_state
+        assert torch.allclose(loaded.resume(captured, captured.resid), whole, atol=1e-5)
+        expected = loaded.base(input_ids=other, use_cache=False).last_hidden_state
+        assert torch.allclose(loaded.resume(captured, loaded.residual(other, 0)), expected, atol=1e-5)
+
+
 @pytest.mark.slow  # the harvest with its ablation stage: half a minute on a busy 2-core machine
 def test_harvest_writes_every_latents_section_and_the_loader_stores_it(ablated_run):
     harvest = load_harvest(ablated_run)
