@@ -12,9 +12,11 @@ the model never sees it):
   latent's strongest firing in the harvest in both modes. W_dec lives in the SAE's normalised
   space: a vector there is mapped back to the residual stream as a reconstruction is (÷ the
   input scale, or × the token's deviation for per-token normalisation).
-- **ablation effects** (`ablation_effects`): a latent's activation set to 0 where it fires (error
-  term kept), and the change in the log-probability of each actual next token, plus the next
-  tokens most raised and lowered, over a few contexts (the feature page's section).
+- **ablation effects** (`ablation_effects`, `Ablator`): a latent's activation set to 0 where it
+  fires (error term kept), and the change in the log-probability of each actual next token, plus
+  the next tokens most raised and lowered, over a few contexts (the feature page's section; every
+  latent's in trainer.ablation_harvest). Here the model runs whole once per context, and with the
+  latent removed only from the hookpoint on (`LoadedModel.capturing` and `resume`, per thread).
 - **ablation sparsity** (`ablation_sparsity`), the paper's fourth metric (Gao et al. 2024,
   Section 4.5): how concentrated the change in logits is when one latent is removed at one
   position, against random directions of the same norm.
