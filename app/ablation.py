@@ -2,11 +2,13 @@
 examples. Computed on the section's first view (trainer.interventions.ablation_effects, on the
 steering service's worker; app.routes.features.read_feature_ablation) and kept in
 `latent_ablations`, keyed by the SAE's weights, so later views, and the feature page's JSON twin,
-read it back."""
+read it back; or computed for every latent by `saescope harvest --ablation-examples N`
+(RUN/harvest/ablations.safetensors) and written there by the loader (`harvest_records`)."""
 
 from __future__ import annotations
 
 import json
+from typing import NamedTuple
 
 import numpy as np
 from pydantic import Field
@@ -17,7 +19,7 @@ from sqlalchemy.orm import Session
 from app.models import Context, Example, LatentAblation, Sae
 from app.queries import Record
 
-ABLATION_CONTEXTS = 5  # the first top examples the section covers
+ABLATION_CONTEXTS = 5  # the first top examples the section covers when computed on first view
 TOP_TOKENS = 10
 
 
@@ -41,7 +43,8 @@ class AblationOut(Record):
 
     sae_id: str
     index: int
-    contexts: list[AblationContextOut] = Field(description=f"its first {ABLATION_CONTEXTS} top examples")
+    contexts: list[AblationContextOut] = Field(description=f"its first top examples: {ABLATION_CONTEXTS} when computed on "
+                                                           "first view, N with `saescope harvest --ablation-examples N`")
     raised: list[AblationTokenOut] = Field(description="next tokens whose log-probability the ablation raises most")
     lowered: list[AblationTokenOut] = Field(description="... and lowers most")
     scale: float = Field(description="the largest |Δ log-prob| over the contexts: the full shade")
@@ -94,3 +97,37 @@ def keep_ablation(session: Session, record: AblationOut, content_hash: str) -> N
         session.commit()
     except IntegrityError:
         session.rollback()
+
+
+def harvest_records(sae_id: str, ablations: dict[str, np.ndarray], top_context: np.ndarray,
+                    context_tokens: dict[int, list[str]], vocab: list[str]) -> list[tuple[int, AblationOut]]:
+    """(latent, section) for every latent the harvest ablated (runfolder.ABLATION_TENSORS): as
+    `ablation_record` makes them on first view, over the latent's top contexts (slots of
+    `top_context` (n, K)) whose tokens `context_tokens` gives by context id."""
+    activations, delta = ablations["ablation_activations"], ablations["ablation_delta_logprob"]
+    N = activations.shape[1]
+    records = []
+    for latent in range(len(activations)):
+        slots = [slot for slot in range(N) if top_context[latent, slot] >= 0]
+        if not slots:  # a latent with no top examples: nothing to show (as on first view)
+            continue
+        contexts = [(int(top_context[latent, slot]), None, context_tokens[int(top_context[latent, slot])]) for slot in slots]
+        effects = HarvestEffects(activations[latent, slots], delta[latent, slots],
+                                 _tokens(ablations["ablation_raised_ids"][latent], ablations["ablation_raised_values"][latent]),
+                                 _tokens(ablations["ablation_lowered_ids"][latent], ablations["ablation_lowered_values"][latent]))
+        strings = {i: vocab[i] for i, _ in effects.raised + effects.lowered}
+        records.append((latent, ablation_record(sae_id, latent, contexts, effects, strings)))
+    return records
+
+
+class HarvestEffects(NamedTuple):
+    """trainer.interventions.AblationEffects's fields that ablation_record reads, from the harvest."""
+
+    activations: np.ndarray
+    delta_logprob: np.ndarray
+    raised: list[tuple[int, float]]
+    lowered: list[tuple[int, float]]
+
+
+def _tokens(ids: np.ndarray, values: np.ndarray) -> list[tuple[int, float]]:
+    return [(int(i), float(v)) for i, v in zip(ids, values) if i >= 0]

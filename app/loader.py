@@ -12,9 +12,9 @@ buffer per table whose fixed-width part numpy lays out in COPY's wire format; SQ
 `executemany` over the raw connection. Tables: saes, latents (statistics, explanation),
 latent_details (the harvest's per-latent arrays as BLOBs), contexts, examples (top and
 quantile), for search vocab, token_latents, explanation_terms and latent_search (each latent's
-full-text document, app/search_documents.py), and the explanations from a language model
-(RUN/llm_explanations.jsonl, `saescope explain`) in latent_explanations. Either way it is one
-transaction, so a
+full-text document, app/search_documents.py), the explanations from a language model
+(RUN/llm_explanations.jsonl, `saescope explain`) in latent_explanations, and latent_ablations when
+the harvest precomputed the feature pages' ablation sections. Either way it is one transaction, so a
 process killed at any point (SIGKILL included) leaves the database as it was or with the run
 fully loaded. Two loads of the same SAE at once are serialised (an
 advisory lock on PostgreSQL, `BEGIN IMMEDIATE` on SQLite): the second sees the first's rows.
@@ -42,6 +42,7 @@ from pathlib import Path
 import numpy as np
 from sqlalchemy import Connection, Engine, delete, select, text
 
+from app.ablation import harvest_records
 from app.db import make_engine, upgrade
 from app.models import (
     LATENT_BLOBS,
@@ -109,6 +110,9 @@ class RunRows:
     # latent_explanations' rows (a few per latent at most, written through SQLAlchemy Core: their
     # created_at is a timestamp, which the bulk paths do not write)
     llm_explanations: list[dict] = field(default_factory=list)
+    # the harvest's precomputed ablation sections (harvest --ablation-examples), made into
+    # `latent_ablations` rows once the SAE's id is final (load --id): HarvestAblations or None
+    ablations: "HarvestAblations | None" = None
 
     @property
     def sae_id(self) -> str:
@@ -116,7 +120,31 @@ class RunRows:
 
     @property
     def n_rows(self) -> int:
-        return 1 + sum(len(rows) for rows in self.tables.values()) + len(self.llm_explanations)
+        return (1 + sum(len(rows) for rows in self.tables.values()) + len(self.llm_explanations)
+                + (self.ablations.n_latents if self.ablations else 0))
+
+
+@dataclass
+class HarvestAblations:
+    """ablations.safetensors, with what its rows show: the top contexts' slots and token strings."""
+
+    arrays: dict[str, np.ndarray]  # runfolder.ABLATION_TENSORS
+    top_context: np.ndarray  # (n, K)
+    context_tokens: dict[int, str]  # context id -> its tokens as JSON (the contexts table's)
+    vocab: list[str]
+
+    @property
+    def n_latents(self) -> int:
+        return int((self.top_context[:, : self.arrays["ablation_activations"].shape[1]] >= 0).any(1).sum())
+
+    def rows(self, sae_id: str, content_hash: str) -> list[dict]:
+        """The `latent_ablations` rows, keyed by the SAE's content hash as the page's own are."""
+        shown = self.top_context[:, : self.arrays["ablation_activations"].shape[1]]
+        tokens = {context_id: json.loads(self.context_tokens[context_id]) for context_id in np.unique(shown[shown >= 0]).tolist()}
+        now = datetime.now(timezone.utc)
+        return [{"sae_id": sae_id, "latent": latent, "content_hash": content_hash, "effects": record.model_dump_json(),
+                 "created_at": now}
+                for latent, record in harvest_records(sae_id, self.arrays, self.top_context, tokens, self.vocab)]
 
 
 SAE_ID = re.compile(r"[a-z0-9][a-z0-9.-]{0,199}")  # what RunConfig.slug makes: one URL path segment, as is
@@ -224,10 +252,11 @@ def read_run(run_dir: str | Path) -> RunRows:
     explanation_texts = [ExplanationText(latent, "ngram", e["text"]) for latent, e in enumerate(explanations) if e["text"]]
     explanation_texts += [ExplanationText(row["latent"], row["source"], row["text"]) for row in llm_rows]
     examples = example_rows(arrays)
+    contexts = context_rows(arrays["token_ids"], np.unique(examples["context_id"]), vocab, harvest.token_bytes)
     tables = [
         latent_rows(arrays, explanations),
         detail_rows(arrays, explanations),
-        context_rows(arrays["token_ids"], np.unique(examples["context_id"]), vocab, harvest.token_bytes),
+        contexts,
         examples,
         Rows(Vocab, {"token_id": np.arange(len(vocab)), "token": vocab}),
         token_rows(arrays),
@@ -255,7 +284,11 @@ def read_run(run_dir: str | Path) -> RunRows:
         "content_hash": digest,
         "llm_explanations_hash": llm_explanations_hash(run_dir),
     }
-    return RunRows(sae=sae, tables={rows.name: rows for rows in tables}, llm_explanations=llm_rows)
+    ablations = None
+    if harvest.ablations is not None:
+        ablations = HarvestAblations({name: t.numpy() for name, t in harvest.ablations.items()}, arrays["top_context"],
+                                     dict(zip(contexts["context_id"].tolist(), contexts["tokens"])), vocab)
+    return RunRows(sae=sae, tables={rows.name: rows for rows in tables}, llm_explanations=llm_rows, ablations=ablations)
 
 
 def llm_explanations_hash(run_dir: Path) -> str | None:
@@ -440,7 +473,17 @@ def write_run(conn: Connection, rows: RunRows, replace: bool = False) -> bool:
     conn.execute(Sae.__table__.insert(), [dict(rows.sae)])
     write_tables(conn, rows.sae_id, rows.tables)
     write_llm_explanations(conn, rows.sae_id, rows.llm_explanations, rows.sae["llm_explanations_hash"])
+    if rows.ablations is not None:
+        write_ablations(conn, rows.ablations.rows(rows.sae_id, rows.sae["content_hash"]))
     return True
+
+
+def write_ablations(conn: Connection, records: list[dict]) -> None:
+    """The harvest's ablation sections, through SQLAlchemy (a few thousand rows, and a timestamp
+    that the bulk paths do not write), in the caller's transaction."""
+    log.info("writing %s latent_ablations rows", f"{len(records):,}")
+    for start in range(0, len(records), 1000):
+        conn.execute(LatentAblation.__table__.insert(), records[start : start + 1000])
 
 
 def must_write(existing_hash: str | None, content_hash: str, what: str, replace: bool) -> bool:

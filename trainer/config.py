@@ -216,6 +216,9 @@ class HarvestConfig:
     neighbours: int = option(10, "nearest latents by decoder cosine listed per latent")
     explanation_examples: int = option(20, "top firings per latent that explanation patterns are drawn from")
     token_latents: int = option(10, "for search: latents kept per token (highest mean activation on it)")
+    ablation_examples: int = option(0, "precompute each latent's ablation section (what removing it changes) over its "
+                                       "first N top examples, for feature pages to show without computing it on first "
+                                       "view (0: none; the page's own is 5). Resumes after a kill")
 
     def __post_init__(self):
         for name in ("quantile_bins", "samples_per_bin", "histogram_bins", "logit_tokens", "neighbours",
@@ -224,6 +227,9 @@ class HarvestConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if self.top_k < 1:
             raise ConfigError(f"--top-k must be positive, got {self.top_k}")
+        if not 0 <= self.ablation_examples <= self.top_k:
+            raise ConfigError(f"--ablation-examples must be between 0 (none) and --top-k ({self.top_k}), "
+                              f"got {self.ablation_examples}")
         # Per-latent tables: n latents x these, held in memory and written to the database.
         for name in ("histogram_bins", "logit_tokens", "neighbours", "token_latents", "quantile_bins"):
             if getattr(self, name) > 1000:

@@ -505,5 +505,25 @@ def harvest_run(run_dir: Path, cfg: HarvestConfig | None = None, store_dir: Path
     data = HarvestInput(tokens=store.tokens, n_heldout=int(store.meta.get("n_heldout", 0)),
                         store=None if from_model else store, lm=lm)
     harvest = harvest_sae(sae, data, run_cfg.norm, cfg, lm, run_cfg.positions)
+    if cfg.ablation_examples:
+        add_ablation_sections(Path(run_dir), harvest, sae, lm, run_cfg, cfg)
     runfolder.save_harvest(run_dir, harvest)
     return harvest
+
+
+def add_ablation_sections(run_dir: Path, harvest: runfolder.Harvest, sae: TopKSAE, lm: LanguageModel,
+                          run_cfg: RunConfig, cfg: HarvestConfig) -> None:
+    """Every latent's feature-page ablation section over its first `cfg.ablation_examples` top
+    contexts (trainer.ablation_harvest), computed as the page computes it: the same model
+    precision, SAE selection and left-out first positions."""
+    from trainer.ablation_harvest import CHECKPOINT_DIR, ablation_sections
+    from trainer.interventions import LatentReader
+
+    log.info("ablation sections over each latent's first %d top examples", cfg.ablation_examples)
+    began = time.perf_counter()
+    reader = LatentReader(sae, run_cfg.norm, run_cfg.fast_matmul)
+    harvest.ablations = ablation_sections(lm, reader, harvest.token_ids.numpy(), harvest.top_context.numpy(),
+                                          cfg.ablation_examples, run_cfg.positions.exclude_first, cfg.batch_contexts,
+                                          checkpoint=run_dir / CHECKPOINT_DIR)
+    harvest.info["ablation_examples"] = cfg.ablation_examples
+    harvest.info["seconds"]["ablation sections"] = round(time.perf_counter() - began, 3)

@@ -12,9 +12,11 @@ the model never sees it):
   latent's strongest firing in the harvest in both modes. W_dec lives in the SAE's normalised
   space: a vector there is mapped back to the residual stream as a reconstruction is (÷ the
   input scale, or × the token's deviation for per-token normalisation).
-- **ablation effects** (`ablation_effects`): a latent's activation set to 0 where it fires (error
-  term kept), and the change in the log-probability of each actual next token, plus the next
-  tokens most raised and lowered, over a few contexts (the feature page's section).
+- **ablation effects** (`ablation_effects`, `Ablator`): a latent's activation set to 0 where it
+  fires (error term kept), and the change in the log-probability of each actual next token, plus
+  the next tokens most raised and lowered, over a few contexts (the feature page's section; every
+  latent's in trainer.ablation_harvest). Here the model runs whole once per context, and with the
+  latent removed only from the hookpoint on (`LoadedModel.capturing` and `resume`, per thread).
 - **ablation sparsity** (`ablation_sparsity`), the paper's fourth metric (Gao et al. 2024,
   Section 4.5): how concentrated the change in logits is when one latent is removed at one
   position, against random directions of the same norm.
@@ -32,7 +34,7 @@ import numpy as np
 import torch
 
 from trainer.errors import ConfigError
-from trainer.model import LanguageModel
+from trainer.model import Captured, LanguageModel
 from trainer.sae import InputNorm, TopKSAE, fast_matmul_dtype
 
 MODES = ("add", "clamp")
@@ -273,6 +275,8 @@ def steer_run(run_dir, prompt: str, specs: list[str], mode: str = "add", n_token
 
 # ---------------------------------------------------------------- ablation of one latent
 
+HEAD_ROWS = 256  # positions through the LM head at once: (rows, V) fp32 logits, 50 MB for SmolLM2's 49,152 tokens
+
 
 @dataclass
 class AblationEffects:
@@ -285,58 +289,186 @@ class AblationEffects:
     lowered: list[tuple[int, float]]
 
 
-def ablation_edit(reader: LatentReader, latent: int, skip_first: int = 0, record: list | None = None):
-    """Set `latent`'s activation to 0 where it fires (positions from `skip_first` on), the SAE's
-    error term kept: x − z_i(x)·W_dec[i]. Positions where it does not fire are left bit for bit."""
-    latents = torch.tensor([latent])
-    W = reader.sae.W_dec.detach()[latent].float()  # (d,)
+@dataclass
+class CleanPass:
+    """One forward pass over contexts (B, T) as they are, kept for removing latents from them:
+    the residual stream at the hookpoint and the next block's call (LoadedModel.capturing), the
+    SAE's top k there (encoded once for every latent removed later), and from each row's
+    `first` position on, the final hidden state and the two terms of each actual next token's
+    log-probability (log p = logit − logsumexp)."""
 
-    def edit(resid: torch.Tensor) -> torch.Tensor:
-        B, T, d = resid.shape
-        rows = resid.reshape(-1, d)
-        z, stats = reader.activations(rows, latents)  # (N, 1)
-        z = z.view(B, T)
-        z[:, :skip_first] = 0  # the attention sink is left as the harvest leaves it
-        if record is not None:
-            record.append(z.clone())
-        delta = to_residual(reader.norm, stats, z.reshape(-1, 1) * W[None, :]).view(B, T, d)
-        return torch.where((z > 0)[..., None], resid - delta.to(resid.dtype), resid)
+    captured: Captured
+    stats: tuple | None  # the norm's per-row statistics (per-token normalisation), for to_residual
+    indices: torch.Tensor  # (B, T, k) the SAE's chosen latents
+    values: torch.Tensor  # (B, T, k) their activations
+    targets: torch.Tensor  # (B, T) the token each position predicts (t + 1's; 0 at T − 1, never read)
+    first: torch.Tensor  # (B,) the head was run from here on (T: nowhere)
+    hidden: torch.Tensor  # (B, T, d) fp32, after the final norm
+    lse: torch.Tensor  # (B, T) logsumexp of the logits (0 before `first`)
+    target: torch.Tensor  # (B, T) the logit of token t + 1 at position t (0 before `first` and at T − 1)
 
-    return edit
+    @property
+    def resid(self) -> torch.Tensor:
+        return self.captured.resid
+
+    def activations(self, row: int, latent: int, skip_first: int) -> torch.Tensor:
+        """(T,) the latent's activation on each token of context `row` (0 at the first `skip_first`)."""
+        z = ((self.indices[row] == latent) * self.values[row]).sum(-1)
+        z[:skip_first] = 0  # the attention sink is left as the harvest leaves it
+        return z
+
+
+@dataclass
+class PairEffect:
+    """One latent removed from one context: per token, its activation and the change of the
+    actual token's log-probability, and the sums over the reached positions (from the first
+    removal on) that the raised and lowered tokens are read from."""
+
+    activations: torch.Tensor  # (T,)
+    delta: torch.Tensor  # (T,)
+    hidden_change: torch.Tensor  # (d,) float64: Σ over reached positions of the final hidden state's change
+    lse_change: float  # Σ over reached positions of the logsumexp's change
+    reached: int  # positions at or after the first removal
+
+
+def first_firing(z: torch.Tensor) -> int:
+    """The first position where `z` (T,) is positive; len(z) where it never is."""
+    fired = (z > 0).nonzero()
+    return int(fired[0]) if len(fired) else len(z)
+
+
+class Ablator:
+    """Removing latents from contexts at the cost of one clean pass per context and, per
+    (latent, context), only the blocks after the hookpoint and the LM head at the positions the
+    removal can reach: the clean pass keeps the residual stream there and the SAE's top k
+    (LoadedModel.capturing), the ablated pass starts from an edited copy (LoadedModel.resume), so
+    no module is changed and the probe's threads sharing the model never see it. The edit is
+    x − z_i(x)·W_dec[i] where z_i > 0 (the SAE's error term kept), positions where it does not
+    fire left bit for bit; positions before the first removal cannot change (the model is causal)
+    and are not run through the head. Log-probabilities are read as logit − logsumexp of the
+    fp32 head, and the mean change over the vocabulary through the head's linearity (the mean of
+    the logits' change is the head applied to the mean change of the final hidden state): no
+    (positions, V) log-softmax or change tensor is made."""
+
+    def __init__(self, lm: LanguageModel, reader: LatentReader, skip_first: int = 1):
+        self.lm, self.reader, self.skip_first = lm, reader, skip_first
+        self.W_dec = reader.sae.W_dec.detach().float()  # (n, d)
+
+    def clean(self, ids: torch.Tensor, latents: list[list[int]]) -> CleanPass:
+        """The clean pass over `ids` (B, T), the head run from the first position where any of
+        `latents[row]` (those to be removed from that row later) fires."""
+        loaded, lm = self.lm.loaded, self.lm
+        ids = ids.long().to(lm.device)
+        B, T = ids.shape
+        with loaded.capturing(lm.layer) as captured, loaded.autocast():
+            hidden = loaded.base(input_ids=ids, use_cache=False).last_hidden_state  # (B, T, d)
+        rows = captured.resid.reshape(B * T, -1)
+        x_n, stats = self.reader.norm.normalize(rows.float())
+        chosen = self.reader.sae.encode_selected(x_n, self.reader.dtype)
+        k = chosen.indices.shape[-1]
+        targets = torch.zeros(B, T, dtype=torch.long)
+        targets[:, :-1] = ids[:, 1:].cpu()
+        clean = CleanPass(captured, stats, chosen.indices.view(B, T, k), chosen.values.view(B, T, k), targets,
+                          torch.full((B,), T, dtype=torch.long), hidden.float(), torch.zeros(B, T), torch.zeros(B, T))
+        for row, wanted in enumerate(latents):
+            clean.first[row] = min([first_firing(clean.activations(row, latent, self.skip_first)) for latent in wanted] + [T])
+        reached = torch.arange(T)[None, :] >= clean.first[:, None]  # (B, T)
+        clean.lse[reached], clean.target[reached] = self.head_terms(clean.hidden[reached.to(hidden.device)], targets[reached])
+        clean.target[:, -1] = 0
+        return clean
+
+    def head_terms(self, hidden: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(R, d) final hidden states, (R,) next tokens -> each row's logsumexp and target logit
+        (R,), through the fp32 LM head a few hundred rows at a time."""
+        lse, target = torch.zeros(len(hidden)), torch.zeros(len(hidden))
+        for start in range(0, len(hidden), HEAD_ROWS):
+            logits = self.lm.unembed(hidden[start : start + HEAD_ROWS].float())  # (r, V)
+            lse[start : start + HEAD_ROWS] = logits.logsumexp(-1).cpu()
+            index = targets[start : start + HEAD_ROWS].to(logits.device)[:, None]
+            target[start : start + HEAD_ROWS] = logits.gather(-1, index)[:, 0].cpu()
+        return lse, target
+
+    def ablate(self, items: list[tuple[CleanPass, int, int]], captured: Captured) -> list[PairEffect]:
+        """Each (clean pass, row, latent) of `items`: the latent removed from that context. The
+        blocks after the hookpoint run once over all of them, called as in `captured`'s pass,
+        whose batch size they are filled up to (rows of a pass are alike in everything but their
+        tokens: contexts of one length, none padded)."""
+        B, T, d = captured.resid.shape
+        if len(items) > B:
+            raise ValueError(f"at most {B} contexts per ablated pass (the captured pass's batch), got {len(items)}")
+        zs = [clean.activations(row, latent, self.skip_first) for clean, row, latent in items]
+        firsts = [first_firing(z) for z in zs]
+        effects = [PairEffect(z, torch.zeros(T), torch.zeros(d, dtype=torch.float64), 0.0, 0) for z in zs]
+        live = [i for i, first in enumerate(firsts) if first < T]  # a latent that never fires there changes nothing
+        if not live:
+            return effects
+        resid = captured.resid
+        edited = resid.new_empty((B, T, d))
+        edited[:] = items[live[0]][0].resid[items[live[0]][1]]  # the filler rows: any context, as it is
+        for slot, i in enumerate(live):
+            clean, row, latent = items[i]
+            edited[slot] = self.remove(clean, row, latent, zs[i])
+        with self.lm.loaded.autocast():
+            hidden = self.lm.loaded.resume(captured, edited)  # (B, T, d)
+        # the head at each row's reached positions only
+        reached = torch.zeros(B, T, dtype=torch.bool)
+        targets = torch.zeros(B, T, dtype=torch.long)
+        for slot, i in enumerate(live):
+            clean, row, _ = items[i]
+            reached[slot, firsts[i]:] = True
+            targets[slot] = clean.targets[row]
+        lse, target = self.head_terms(hidden.float()[reached.to(hidden.device)], targets[reached])
+        offset = 0
+        for slot, i in enumerate(live):
+            clean, row, _ = items[i]
+            first, n = firsts[i], T - firsts[i]
+            lse_a, target_a = lse[offset : offset + n], target[offset : offset + n]
+            offset += n
+            lse_c, target_c = clean.lse[row, first:], clean.target[row, first:]
+            # position t predicts token t + 1: the change of token t + 1's log-probability
+            effects[i].delta[first + 1 :] = ((target_a - lse_a) - (target_c - lse_c))[:-1]
+            effects[i].hidden_change = (hidden[slot, first:].double() - clean.hidden[row, first:].double()).sum(0).cpu()
+            effects[i].lse_change = float((lse_a - lse_c).double().sum())
+            effects[i].reached = n
+        return effects
+
+    def remove(self, clean: CleanPass, row: int, latent: int, z: torch.Tensor) -> torch.Tensor:
+        """Context `row`'s residual stream (T, d) with x − z·W_dec[latent] where z > 0."""
+        resid = clean.resid[row]
+        T = resid.shape[0]
+        stats = None if clean.stats is None else tuple(s[row * T : (row + 1) * T] for s in clean.stats)
+        delta = to_residual(self.reader.norm, stats, z[:, None].to(self.W_dec.device) * self.W_dec[latent][None, :])
+        return torch.where((z > 0).to(resid.device)[:, None], resid - delta.to(resid.dtype), resid)
+
+    def top_tokens(self, hidden_change: torch.Tensor, lse_change: float, reached: int,
+                   top_n: int) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
+        """The next tokens whose log-probability the removal raised and lowered most, on average
+        over the `reached` positions: the head applied to the mean change of the final hidden
+        state, less the mean change of the logsumexp (a bias of the head cancels in the change)."""
+        if reached == 0:
+            return [], []
+        weight = self.lm.unembed.weight  # (V, d)
+        mean = (weight.float() @ (hidden_change / reached).float().to(weight.device)).cpu() - lse_change / reached
+        top, bottom = mean.topk(top_n), mean.topk(top_n, largest=False)
+        return ([(int(i), float(v)) for v, i in zip(*top) if v > 0],
+                [(int(i), float(v)) for v, i in zip(*bottom) if v < 0])
 
 
 @torch.no_grad()
 def ablation_effects(lm: LanguageModel, reader: LatentReader, contexts: torch.Tensor, latent: int,
                      skip_first: int = 1, top_n: int = 10) -> AblationEffects:
-    """`latent` removed from `contexts` (C, T): two forward passes of the whole model (clean and
-    ablated). The raised and lowered tokens average the change of every next-token log-probability
-    over the positions the ablation can reach (from the first where it fired, per context)."""
-    loaded, model = lm.loaded, lm.loaded.causal_lm
-    ids = contexts.long().to(lm.device)  # (C, T)
-    record: list = []
-    with loaded.autocast():
-        clean = model(input_ids=ids, use_cache=False).logits.float()  # (C, T, V): position t predicts token t + 1
-        with loaded.editing(lm.layer, ablation_edit(reader, latent, skip_first, record)):
-            ablated = model(input_ids=ids, use_cache=False).logits.float()
-    z = record[0].cpu()  # (C, T)
-    # log p = logit − logsumexp: only what is read of the (C, T, V) log-probabilities is made
-    lse_clean, lse_ablated = clean.logsumexp(-1), ablated.logsumexp(-1)  # (C, T)
-    targets = ids[:, 1:, None]
-    delta = torch.zeros(ids.shape)
-    delta[:, 1:] = ((ablated[:, :-1].gather(-1, targets)[..., 0] - lse_ablated[:, :-1])
-                    - (clean[:, :-1].gather(-1, targets)[..., 0] - lse_clean[:, :-1])).cpu()
-    reached = ((z > 0).int().cumsum(-1) > 0).to(clean.device)  # (C, T): at or after the first firing
-    if reached.any():
-        V = clean.shape[-1]
-        weights = reached.float().view(1, -1) / reached.sum()  # the mean over reached positions, as a product
-        shift = float((weights[0] * (lse_ablated - lse_clean).view(-1)).sum())
-        mean = ((weights @ ablated.view(-1, V)) - (weights @ clean.view(-1, V)))[0].cpu() - shift  # (V,)
-        top, bottom = mean.topk(top_n), mean.topk(top_n, largest=False)
-        raised = [(int(i), float(v)) for v, i in zip(*top) if v > 0]
-        lowered = [(int(i), float(v)) for v, i in zip(*bottom) if v < 0]
-    else:
-        raised, lowered = [], []
-    return AblationEffects(latent, z.numpy(), delta.numpy(), raised, lowered)
+    """`latent` removed from `contexts` (C, T) (Ablator): one clean pass over them and, from the
+    hookpoint on, one ablated pass. The raised and lowered tokens average the change of every
+    next-token log-probability over the positions the ablation can reach (from the first where
+    it fired, per context)."""
+    ablator = Ablator(lm, reader, skip_first)
+    C = contexts.shape[0]
+    clean = ablator.clean(contexts, [[latent]] * C)
+    effects = ablator.ablate([(clean, row, latent) for row in range(C)], clean.captured)
+    raised, lowered = ablator.top_tokens(sum(e.hidden_change for e in effects), sum(e.lse_change for e in effects),
+                                         sum(e.reached for e in effects), top_n)
+    return AblationEffects(latent, torch.stack([e.activations for e in effects]).cpu().numpy(),
+                           torch.stack([e.delta for e in effects]).numpy(), raised, lowered)
 
 
 # ---------------------------------------------------------------- ablation sparsity (Section 4.5)

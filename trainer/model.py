@@ -168,6 +168,17 @@ def find_final_norm(base: nn.Module) -> nn.Module | None:
     return min(found, key=lambda depth_module: depth_module[0])[1] if found else None  # the shallowest
 
 
+@dataclass
+class Captured:
+    """What `LoadedModel.capturing` keeps of a forward pass: the residual stream after block
+    `layer` and the next block's call (its positional and keyword arguments; None when `layer` is
+    the last block)."""
+
+    layer: int
+    resid: torch.Tensor | None = None
+    inputs: tuple[tuple, dict] | None = None
+
+
 class _StopForward(Exception):
     """Raised by block L's hook to end a forward that only needs the residual stream there."""
 
@@ -191,6 +202,7 @@ class LoadedModel:
         self._local = threading.local()
         for layer, block in enumerate(self.blocks):
             block.register_forward_hook(self._stop_hook(layer))
+            block.register_forward_pre_hook(self._capture_hook(layer), with_kwargs=True)
         # Held in forward_dtype once: under bf16 autocast each layer would cast its fp32 weight
         # on every call, 45 % of a 64-token text's forward on an AMX CPU (BENCHMARKS.md), for
         # identical results (autocast casts to the same values). The LM head stays fp32.
@@ -201,6 +213,9 @@ class LoadedModel:
 
     def _stop_hook(self, layer: int):
         def hook(module, args, output):
+            capture = getattr(self._local, "capture", None)
+            if capture is not None and capture.layer == layer:  # this thread's `capturing`
+                capture.resid = output[0] if isinstance(output, tuple) else output
             edit = getattr(self._local, "edit", None)
             if edit is not None and edit[0] == layer:  # an intervention of this thread (editing)
                 resid = output[0] if isinstance(output, tuple) else output
@@ -213,6 +228,49 @@ class LoadedModel:
             return output if edit is not None else None
 
         return hook
+
+    def _capture_hook(self, layer: int):
+        def hook(module, args, kwargs):
+            capture = getattr(self._local, "capture", None)
+            if capture is not None and capture.layer + 1 == layer:
+                capture.inputs = (args, kwargs)  # the mask, positions, rotary tables block `layer` runs with
+            return None
+
+        return hook
+
+    @contextmanager
+    def capturing(self, layer: int):
+        """Within, this thread's forward passes keep (in the `Captured` yielded) the residual stream
+        after block `layer` and what the next block is called with besides it: `resume` then runs
+        the blocks after `layer` from an edited copy of that stream without running 0..layer again."""
+        before = getattr(self._local, "capture", None)
+        self._local.capture = captured = Captured(layer)
+        try:
+            yield captured
+        finally:
+            self._local.capture = before
+
+    def resume(self, captured: "Captured", resid: torch.Tensor) -> torch.Tensor:
+        """The base model's output (B, T, d) (after its final norm) from `resid` (B, T, d), the
+        residual stream after block `captured.layer`: blocks layer + 1 .. the last run, called as the
+        base model called them in the captured pass. No module is changed and no hook state is
+        shared: other threads running the model meanwhile are untouched. `resid` must have the
+        captured pass's shape (its mask and positions are the captured ones: a batch of other
+        contexts of that shape, none padded, gives what a pass over them would)."""
+        if captured.resid is None:
+            raise ModelError("nothing was captured: run a forward pass within `capturing` first")
+        if resid.shape != captured.resid.shape:
+            raise ModelError(f"resume takes the captured pass's shape {tuple(captured.resid.shape)}, got {tuple(resid.shape)}")
+        hidden = resid
+        if captured.inputs is not None:
+            args, kwargs = captured.inputs
+            for block in self.blocks[captured.layer + 1 :]:
+                if args:
+                    out = block(hidden, *args[1:], **kwargs)
+                else:
+                    out = block(**{**kwargs, "hidden_states": hidden})
+                hidden = out[0] if isinstance(out, tuple) else out
+        return self.final_norm(hidden) if self.final_norm is not None else hidden
 
     @contextmanager
     def editing(self, layer: int, edit):

@@ -15,6 +15,8 @@
         explanations.json    per latent: a token pattern and its held-out precision / recall
         vocab.json           token id -> readable token string
         token_bytes.json     token id -> its bytes in hex (byte-level BPE tokenizers only)
+        ablations.safetensors  (harvest --ablation-examples N only) per latent, its feature
+                             page's ablation section over its first N top contexts
       llm_explanations.jsonl explanations from a language model (`saescope explain`), appended per
                              latent; trainer/llm_explanations.py reads and writes it
       (HARVEST_TENSORS below lists every tensor with its shape.)
@@ -101,11 +103,25 @@ HARVEST_TENSORS = {
         "token_occurrences": ("R",),  # how often the token occurs in the harvest tokens
     },
 }
+# Optional (`saescope harvest --ablation-examples N`; trainer.ablation_harvest): each latent's
+# feature-page ablation section, precomputed. N top contexts per latent (slot j is top_context[:, j];
+# an empty slot is all zeros), A tokens raised and lowered (id -1 = fewer).
+ABLATIONS_FILE = "ablations.safetensors"
+ABLATION_TENSORS = {
+    "ablation_activations": ("n", "N", "T"),  # the latent's activation where it was removed (0 elsewhere)
+    "ablation_delta_logprob": ("n", "N", "T"),  # Δ log p of each actual token given the ones before it
+    "ablation_raised_ids": ("n", "A"),  # next tokens whose log-probability the removal raised most
+    "ablation_raised_values": ("n", "A"),  # ... their mean change over the positions it reaches
+    "ablation_lowered_ids": ("n", "A"),  # ... and lowered most
+    "ablation_lowered_values": ("n", "A"),
+}
+
 HARVEST_DTYPES = {  # everything else is float32
     "top_activations": torch.float16, "quantile_activations": torch.float16, "token_ids": torch.int32,
     **{name: torch.int64 for name in ("histogram", "logit_top_ids", "logit_bottom_ids", "logit_histogram",
                                        "neighbour_index", "top_context", "quantile_context", "quantile_position",
-                                       "token_id", "token_latent", "token_occurrences")},
+                                       "token_id", "token_latent", "token_occurrences",
+                                       "ablation_raised_ids", "ablation_lowered_ids")},
 }
 
 
@@ -130,6 +146,9 @@ class Harvest:
     # harvests made before it): a context's characters split over several tokens are put back
     # together when it is loaded (trainer/tokens.py), instead of showing each part as U+FFFD.
     token_bytes: list[str] | None = None
+    # ABLATION_TENSORS by name, when the harvest precomputed the ablation sections (else None:
+    # the feature page computes each on its first view)
+    ablations: dict[str, torch.Tensor] | None = None
 
     def __getattr__(self, name):  # harvest.density etc.
         tensors = self.__dict__.get("tensors", {})
@@ -160,6 +179,9 @@ def save_harvest(run_dir: Path, harvest: Harvest) -> None:
         write_json(new / "vocab.json", harvest.vocab)
         if harvest.token_bytes is not None:
             write_json(new / TOKEN_BYTES_FILE, harvest.token_bytes)
+        if harvest.ablations is not None:
+            write_tensors(new / ABLATIONS_FILE, {name: harvest.ablations[name].to(HARVEST_DTYPES.get(name, torch.float32))
+                                                 for name in ABLATION_TENSORS})
         # harvest.json last: its presence says the harvest is complete.
         write_json(new / "harvest.json", {**harvest.info, "version": HARVEST_VERSION})
         if not out.exists():
@@ -332,7 +354,25 @@ def _read_harvest(run_dir: Path, cfg: RunConfig) -> Harvest:
     tensors = {name: t.long() if HARVEST_DTYPES.get(name) in (torch.int64, torch.int32) else t.float()
                for name, t in tensors.items()}
     return Harvest(tensors=tensors, explanations=explanations, vocab=vocab, info=info,
-                   token_bytes=_token_bytes(folder, len(vocab)))
+                   token_bytes=_token_bytes(folder, len(vocab)), ablations=_ablations(folder, sizes, len(vocab)))
+
+
+def _ablations(folder: Path, sizes: dict, n_tokens: int) -> dict[str, torch.Tensor] | None:
+    """ablations.safetensors when it is there (it is optional), checked against the harvest's
+    latents, context length, top examples and vocabulary."""
+    path = folder / ABLATIONS_FILE
+    if not path.exists():
+        return None
+    found = read_tensors(path, tuple(ABLATION_TENSORS))
+    for name, symbols in ABLATION_TENSORS.items():
+        _check_shape(path, name, tuple(found[name].shape), symbols, sizes)
+    if sizes["N"] > sizes["K"]:
+        raise RunFolderError(f"{path}: {sizes['N']} ablated contexts per latent, more than its {sizes['K']} top examples")
+    for name in ("ablation_raised_ids", "ablation_lowered_ids"):
+        ids = found[name]
+        if ids.numel() and (int(ids.min()) < -1 or int(ids.max()) >= n_tokens):
+            raise RunFolderError(f"{path}: {name} holds ids outside -1..{n_tokens - 1}")
+    return {name: t.long() if HARVEST_DTYPES.get(name) == torch.int64 else t.float() for name, t in found.items()}
 
 
 def _token_bytes(folder: Path, n_tokens: int) -> list[str] | None:
