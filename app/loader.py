@@ -455,13 +455,18 @@ def write_run(conn: Connection, rows: RunRows, replace: bool = False) -> bool:
     False when the same files are already loaded."""
     found = conn.execute(select(Sae.content_hash, Sae.llm_explanations_hash).where(Sae.id == rows.sae_id)).one_or_none()
     existing = found.content_hash if found is not None else None
-    if existing == rows.sae["content_hash"] and found.llm_explanations_hash != rows.sae["llm_explanations_hash"]:
-        log.info("%s: loading its %s LLM explanations", rows.sae_id, f"{len(rows.llm_explanations):,}")
-        write_llm_explanations(conn, rows.sae_id, rows.llm_explanations, rows.sae["llm_explanations_hash"])
-        # the search documents hold the explanations' words: rewritten with them
-        conn.execute(text(f"DELETE FROM {SEARCH_TABLE} WHERE sae_id = :sae_id"), {"sae_id": rows.sae_id})
-        write_tables(conn, rows.sae_id, {SEARCH_TABLE: rows.tables[SEARCH_TABLE]})
-        return True
+    if existing == rows.sae["content_hash"]:
+        explained = found.llm_explanations_hash != rows.sae["llm_explanations_hash"]
+        if explained:
+            log.info("%s: loading its %s LLM explanations", rows.sae_id, f"{len(rows.llm_explanations):,}")
+            write_llm_explanations(conn, rows.sae_id, rows.llm_explanations, rows.sae["llm_explanations_hash"])
+        # The search documents hold the explanations' words; an SAE loaded before they existed
+        # (migration 0008) has none: both are written here without reloading the rest.
+        if explained or not has_search_documents(conn, rows.sae_id):
+            log.info("%s: writing its search documents", rows.sae_id)
+            conn.execute(text(f"DELETE FROM {SEARCH_TABLE} WHERE sae_id = :sae_id"), {"sae_id": rows.sae_id})
+            write_tables(conn, rows.sae_id, {SEARCH_TABLE: rows.tables[SEARCH_TABLE]})
+            return True
     if not must_write(existing, rows.sae["content_hash"], f"SAE {rows.sae_id!r}", replace):
         return False
     if existing is not None:
@@ -484,6 +489,10 @@ def write_ablations(conn: Connection, records: list[dict]) -> None:
     log.info("writing %s latent_ablations rows", f"{len(records):,}")
     for start in range(0, len(records), 1000):
         conn.execute(LatentAblation.__table__.insert(), records[start : start + 1000])
+
+
+def has_search_documents(conn: Connection, sae_id: str) -> bool:
+    return conn.execute(text(f"SELECT 1 FROM {SEARCH_TABLE} WHERE sae_id = :sae_id LIMIT 1"), {"sae_id": sae_id}).first() is not None
 
 
 def must_write(existing_hash: str | None, content_hash: str, what: str, replace: bool) -> bool:

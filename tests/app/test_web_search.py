@@ -224,6 +224,34 @@ def test_unload_removes_the_documents(tmp_path):
         engine.dispose()
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_plain_reload_writes_documents_an_older_load_lacks(backend, tmp_path):
+    """An SAE loaded before search by meaning existed has no documents: loading the same files
+    again writes them, and only them (the SAE's row and its latents stay as they were)."""
+    from sqlalchemy import select, text as sql
+
+    from app.db import make_engine
+    from app.models import Sae
+
+    with empty_database(backend, tmp_path) as url:
+        run = build_run(tmp_path / "run")
+        sae_id = load_run(run, url)
+        engine = make_engine(url)
+        try:
+            with engine.begin() as conn:
+                conn.execute(sql("DELETE FROM latent_search WHERE sae_id = :s"), {"s": sae_id})
+                created = conn.execute(select(Sae.created_at)).scalar_one()
+            load_run(run, url)
+            with engine.connect() as conn:
+                assert conn.execute(sql("SELECT count(*) FROM latent_search")).scalar_one() == N_LATENTS
+                assert conn.execute(select(Sae.created_at)).scalar_one() == created
+        finally:
+            engine.dispose()
+        with TestClient(create_app(Settings(database_url=url))) as test_client:
+            found = test_client.get("/search.json", params={"q": "KeyError", "sae": sae_id}).json()["ranked"]
+            assert found[0]["index"] == LATENT["key_error"]
+
+
 # ---------------------------------------------------------------- find by example (tiny real model)
 
 
