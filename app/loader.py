@@ -118,11 +118,6 @@ class RunRows:
     def sae_id(self) -> str:
         return self.sae["id"]
 
-    @property
-    def n_rows(self) -> int:
-        return (1 + sum(len(rows) for rows in self.tables.values()) + len(self.llm_explanations)
-                + (self.ablations.n_latents if self.ablations else 0))
-
 
 @dataclass
 class HarvestAblations:
@@ -180,7 +175,7 @@ def write_in_one_transaction(engine: Engine, rows: RunRows, replace: bool = Fals
         lock_sae(conn, rows.sae_id)
         written = write_run(conn, rows, replace=replace)
         if written:
-            log.info("committing %s rows", f"{rows.n_rows:,}")
+            log.info("committing")
     return written
 
 
