@@ -87,3 +87,25 @@ def test_the_tiny_run_says_why_its_corpus_has_no_probe_loss(tiny_client, tiny_sa
     html = tiny_client.get(f"/saes/{tiny_sae_id}").text
     assert "Probe loss not measured: no held-out position could be labelled" in html
     assert '<svg class="chart progressive' in html
+
+
+def test_the_quality_section_in_a_browser_on_a_desktop_and_a_phone(measured, browser):
+    from tests.app.servers import SHOTS, free_port, running_server
+
+    client, sae_id, _ = measured
+    url = client.app.state.settings.database_url
+    port = free_port()
+    with running_server(["-c", f"from app.server import serve; serve({url!r}, '127.0.0.1', {port})"], port) as (base, _):
+        SHOTS.mkdir(parents=True, exist_ok=True)
+        for width in (1280, 390):
+            page = browser.new_page(viewport={"width": width, "height": 900})
+            page.goto(f"{base}/saes/{sae_id}#quality")
+            chart = page.locator("svg.chart.progressive")
+            box = chart.bounding_box()
+            assert box["width"] > 250 and box["height"] > 90  # drawn, at a readable size
+            assert page.locator("table.probe-tasks a", has_text="#3").count() == 1
+            assert page.evaluate("document.documentElement.scrollWidth") <= width  # the table scrolls in its figure
+            page.locator("#quality").screenshot(path=str(SHOTS / f"sae-quality-{width}.png"))
+            page.locator("table.probe-tasks a", has_text="#11").click()
+            assert page.url == f"{base}/saes/{sae_id}/features/11"
+            page.close()
