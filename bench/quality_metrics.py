@@ -55,23 +55,20 @@ def main() -> None:
         store = complete_heldout(open_store_for_sae(Path(args.store) if args.store else cfg.store_dir(run), cfg, run))
         print(f"# {cpu_name()}, {time.strftime('%Y-%m-%d')}, n = {cfg.n_latents}, k = {cfg.k}, "
               f"{store.meta['n_heldout']} held-out contexts of {store.context_length}")
-        timings = {"without": [], "with": []}
+        timings, metrics = {"without": [], "with": []}, {}
         for repeat in range(args.repeats):
             # "with" first: the first eval on a store also computes its ablated CE (cached for later ones),
             # which makes the first measured eval slower: the ratio errs against the probe loss.
             order = ["with", "without"] if repeat % 2 == 0 else ["without", "with"]
             for name in order:
                 quality = name == "with"
-                seconds, metrics = timed(evaluate_run, run, store.path, probe=quality, progressive=quality)
+                seconds, found = timed(evaluate_run, run, store.path, probe=quality, progressive=quality)
+                metrics = found if quality else metrics
                 timings[name].append(seconds)
                 print(f"eval {name} probe loss and progressive codes: {seconds:.1f} s")
         without, with_ = min(timings["without"]), min(timings["with"])
         print(f"ratio (with / without): {with_ / without:.2f}x")
 
-        plain, _ = timed(evaluate_sae, sae, store, cfg.norm, cfg.positions, progressive=False)
-        progressive, _ = timed(evaluate_sae, sae, store, cfg.norm, cfg.positions, progressive=True)
-        probe, _ = timed(probe_loss_of, sae, cfg, store)
-        print(f"parts: reconstruction pass {plain:.1f} s, with progressive codes {progressive:.1f} s; probe loss {probe:.1f} s")
         print(f"probe_loss {metrics['probe_loss']}, residual {metrics['probe_residual_loss']}, dense "
               f"{metrics['probe_dense_loss']}, base {metrics['probe_base_entropy']}, dropped {metrics.get('probe_dropped')}")
         for row in metrics.get("probe_tasks", []):
@@ -81,6 +78,10 @@ def main() -> None:
                 print(f"  {row['task']:<13} pos {row['positives']:.3f}  latent {row['best_latent']:>5} {row['latent_loss']:.3f}  "
                       f"dim {row['best_dim']:>3} {row['residual_loss']:.3f}  dense {row['dense_loss']:.3f}  base {row['base_entropy']:.3f}")
         print("progressive_fvu", {k: round(v, 4) for k, v in metrics["progressive_fvu"].items()})
+        plain, _ = timed(evaluate_sae, sae, store, cfg.norm, cfg.positions, progressive=False)
+        progressive, _ = timed(evaluate_sae, sae, store, cfg.norm, cfg.positions, progressive=True)
+        probe, _ = timed(probe_loss_of, sae, cfg, store)
+        print(f"parts: reconstruction pass {plain:.1f} s, with progressive codes {progressive:.1f} s; probe loss {probe:.1f} s")
 
 
 if __name__ == "__main__":
