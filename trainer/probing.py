@@ -23,10 +23,8 @@ texts for any corpus. Held-out contexts are split by context: the first TRAIN_SH
 
 from __future__ import annotations
 
-import logging
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
@@ -34,15 +32,13 @@ import torch
 import torch.nn.functional as F
 
 from trainer import corpus
-from trainer.probe_tasks import TASKS, LabelledText, python_char_labels, split_of, token_chars, token_labels
 from trainer.model import load_tokenizer
+from trainer.probe_tasks import TASKS, LabelledText, python_char_labels, split_of, token_chars, token_labels
 from trainer.progress import progress
 from trainer.runconfig import RunConfig
 from trainer.sae import InputNorm, TopKSAE, fast_matmul_dtype
 from trainer.store import ActivationStore
 from trainer.tokens import token_pieces
-
-log = logging.getLogger(__name__)
 
 TRAIN_SHARE = 2 / 3  # of the held-out contexts (or of a task's texts: probe_tasks.split_of)
 L2 = 1e-4  # on the 1-D probes' weight, the activation scaled to unit RMS: keeps a separable task finite
@@ -303,7 +299,7 @@ def heldout_python_labels(store: ActivationStore, tokenizer) -> tuple[np.ndarray
         where = (rows[keep], position[keep] % T)
         stream_ids = np.asarray(list(ids) + ([separator] if separator is not None else []))[: len(position)]
         found[where] = stream_ids[keep]
-        pieces = [piece.text for piece in _pieces(tokenizer, ids)]
+        pieces = [piece.text for piece in token_pieces(tokenizer, ids)]
         char_labels = python_char_labels(text) if "".join(pieces) == text else None
         if char_labels is None:
             dropped["documents"] += 1
@@ -319,10 +315,6 @@ def heldout_python_labels(store: ActivationStore, tokenizer) -> tuple[np.ndarray
         raise CorpusMismatch(f"the corpus {meta['corpus']!r} read now does not give the store's held-out contexts "
                              f"(changed since {store.path} was made?)")
     return labels, valid, dropped
-
-
-def _pieces(tokenizer, ids):
-    return token_pieces(tokenizer, ids)
 
 
 def heldout_codes(sae: TopKSAE, store: ActivationStore, norm: InputNorm, rows: torch.Tensor,
@@ -382,7 +374,7 @@ def text_probe_data(sae: TopKSAE, run_cfg: RunConfig, texts: list[LabelledText],
     n_rows, dropped = 0, {"positions": 0}
     for i, text in enumerate(progress(texts, desc="probe texts", unit="text")):
         ids = tokenizer(text.text, add_special_tokens=False)["input_ids"]
-        pieces = [piece.text for piece in _pieces(tokenizer, ids)]
+        pieces = [piece.text for piece in token_pieces(tokenizer, ids)]
         labels, valid = token_labels({"task": text.char_labels()}, token_chars(pieces), ["task"])
         if "".join(pieces) != text.text:  # a tokenizer that changes the text: no offsets to trust
             dropped["positions"] += len(ids)
