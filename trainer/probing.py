@@ -80,13 +80,13 @@ def fit_logistic_1d(columns: Columns, y: torch.Tensor, l2: float = L2, steps: in
     cross-entropy + l2/2 w² with x scaled to unit RMS per column: Newton's method on each
     column's (w, b), halving a column's step until its loss falls. Returns (w, b, loss) per
     column, w in the column's own units and loss without the penalty."""
-    y = y.double()
+    y = y.float()  # float32 throughout: twice as fast as float64, and sums of tens of thousands of terms keep ~1e-6
     n = len(y)
-    x = columns.x.double()
+    x = columns.x.float()
     if columns.sparse:
         y_e = y[columns.row]
         n_cols = columns.n_cols
-        zeros = n - torch.bincount(columns.col, minlength=n_cols).double()  # rows where the column is 0
+        zeros = n - torch.bincount(columns.col, minlength=n_cols).float()  # rows where the column is 0
         zero_positives = y.sum() - y_e.new_zeros(n_cols).index_add_(0, columns.col, y_e)
     else:
         y_e = y[:, None]
