@@ -414,3 +414,35 @@ def training_charts(curve: dict) -> tuple[LineChart, LineChart]:
                        y_label="FVU (log scale)", **common),
             line_chart([dead], title="Dead latents during training against tokens trained on",
                        y_label="dead latents", y_log=False, y_counts=True, **common))
+
+
+def progressive_chart(quality, k: int) -> LineChart:
+    """FVU when the SAE encodes with k' latents instead of its k (log–log; an app.quality.QualityOut):
+    a TopK SAE trained at k alone degrades above k, a Multi-TopK one keeps improving (Gao et al.
+    2024, Section 5.3)."""
+    points = [(p.k, p.fvu, f"k' = {p.k}{' (the SAE’s k)' if p.k == k else ''}: FVU {p.fvu:.4g}") for p in quality.progressive_fvu]
+    return line_chart([Series("FVU at k'", "observed", points)], title="FVU against the latents kept per token k' (log–log)",
+                      x_label="k': latents kept per token (log scale)", y_label="FVU (log scale)",
+                      x_ticks=[p.k for p in quality.progressive_fvu], x_format=lambda value: f"{value:g}", legend=False)
+
+
+def probe_chart(ladder) -> LineChart:
+    """Probe loss of each SAE of the n series against n, with the residual stream's best dimension,
+    the dense probe and the base rate (the same data for every SAE: flat lines) as references."""
+    k, rungs = ladder.ladder.k, [r for r in ladder.n_series if r.probe_loss is not None]
+    lines = [Series(name, css, [(r.n_latents, getattr(r, key), f"n = {r.n_latents:,}, k = {k}: {name} {getattr(r, key):.4g} nats")
+                                for r in rungs if getattr(r, key) is not None])
+             for name, css, key in (("best latent", "observed", "probe_loss"), ("best residual dimension", "s1", "probe_residual_loss"),
+                                    ("dense probe", "s2", "probe_dense_loss"), ("base rate", "s3", "probe_base_entropy"))]
+    return line_chart(lines, title="Probe loss against n", x_label="latents n (log scale)",
+                      y_label="test cross-entropy (nats)", x_ticks=[r.n_latents for r in rungs], x_format=size_label,
+                      y_log=False)
+
+
+def explainability_chart(ladder) -> LineChart:
+    """Mean F1 of the explanations and the share of latents with F1 >= 0.5, against n."""
+    k, rungs = ladder.ladder.k, [r for r in ladder.n_series if r.explainability_f1 is not None]
+    lines = [Series("mean F1", "observed", [(r.n_latents, 100 * r.explainability_f1, f"n = {r.n_latents:,}, k = {k}: mean F1 {r.explainability_f1:.3f}") for r in rungs]),
+             Series("latents with F1 ≥ 0.5", "s1", [(r.n_latents, 100 * r.explainability_share, f"n = {r.n_latents:,}, k = {k}: {r.explainability_share:.1%} of latents with F1 ≥ 0.5") for r in rungs])]
+    return line_chart(lines, title="Explainability against n", x_label="latents n (log scale)",
+                      y_label="F1 / share of latents (%)", x_ticks=[r.n_latents for r in rungs], x_format=size_label, y_log=False)

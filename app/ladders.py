@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session
 from typing_extensions import TypedDict
 
 from app.models import Ladder, LadderRung, Sae
+from app.quality import ExplainabilityOut, explainability
 from app.queries import Record
 from app.urls import URLs
 
@@ -61,6 +62,16 @@ class RungOut(Record):
     ablation_sparsity: float | None = Field(None, description="sparsity of ablation effects (Gao et al. 2024, 4.5): "
                                                               "lower is sparser; null when not measured")
     ablation_sparsity_random: float | None = Field(None, description="the same for random directions of equal norm")
+    probe_loss: float | None = Field(None, description="probe loss (Gao et al. 2024, 4.4): the best single latent's test "
+                                                       "cross-entropy, averaged over the tasks; null when not measured")
+    probe_residual_loss: float | None = Field(None, description="the same with the residual stream's best dimension")
+    probe_dense_loss: float | None = Field(None, description="a dense logistic probe on the whole residual stream")
+    probe_base_entropy: float | None = Field(None, description="the base rate's cross-entropy")
+    explainability_precision: float | None = Field(None, description="mean held-out precision of the latents' explanations "
+                                                                     "(app.quality); null when the rung is not loaded with a harvest")
+    explainability_recall: float | None = None
+    explainability_f1: float | None = Field(None, description="mean held-out F1 of the explanations")
+    explainability_share: float | None = Field(None, description="share of latents with explanation F1 >= 0.5")
     url: str | None = Field(description="the SAE's page")
 
 
@@ -161,9 +172,13 @@ def get_ladder(session: Session, ladder_id: str, urls: URLs = URLs()) -> LadderP
     scaling = json.loads(ladder.scaling)
     sweep = json.loads(ladder.sweep)  # {"sweep": options, "train": the shared training options, "rungs"}
     loaded = dict(session.execute(select(LadderRung.run, LadderRung.sae_id).where(LadderRung.ladder_id == ladder_id)).all())
+    sae_ids = [sae_id for sae_id in loaded.values() if sae_id]
+    metrics = _rung_metrics(session, sae_ids)
+    explained = explainability(session, sae_ids)
     rungs = [RungOut(run=row["run"], sae_id=loaded.get(row["run"]), n_latents=row["n_latents"], k=row["k"],
                   **{key: row.get(key) for key in ("fvu", "delta_ce", "dead_fraction", "l0", "ablation_sparsity",
                                                    "ablation_sparsity_random")},
+                  **_quality(row, metrics.get(loaded.get(row["run"])), explained.get(loaded.get(row["run"]))),
                   url=urls.sae(loaded[row["run"]]) if loaded.get(row["run"]) else None)
              for row in scaling.get("rungs", [])]
     found = scaling.get("fits", {})
@@ -171,13 +186,32 @@ def get_ladder(session: Session, ladder_id: str, urls: URLs = URLs()) -> LadderP
                       fits={name: found[name] for name in FIT_NAMES if name in found},  # in the page's order
                       interval=scaling.get("interval"), paper=scaling.get("paper"), sweep=sweep.get("sweep", {}),
                       train=sweep.get("train", {}), url=urls.ladder(ladder.id),
-                      curves=_training_curves(session, [rung.sae_id for rung in rungs if rung.sae_id]))
+                      curves=_training_curves(metrics))
 
 
-def _training_curves(session: Session, sae_ids: list[str]) -> dict[str, dict]:
-    """Each loaded rung's training curve, from its metrics.json (one query by primary key)."""
+PROBE_KEYS = ("probe_loss", "probe_residual_loss", "probe_dense_loss", "probe_base_entropy")
+
+
+def _quality(row: dict, metrics: dict | None, explained: ExplainabilityOut | None) -> dict:
+    """A rung's probe loss (scaling.json's, else the loaded SAE's metrics.json, for sweeps made
+    before scaling.json had it) and its explainability (app.quality, from the database)."""
+    found = {key: row.get(key) if row.get(key) is not None else (metrics or {}).get(key) for key in PROBE_KEYS}
+    found = {key: value if isinstance(value, (int, float)) else None for key, value in found.items()}
+    if explained is not None:
+        found |= {"explainability_precision": explained.precision, "explainability_recall": explained.recall,
+                  "explainability_f1": explained.f1, "explainability_share": explained.share_good}
+    return found
+
+
+def _rung_metrics(session: Session, sae_ids: list[str]) -> dict[str, dict]:
+    """Each loaded rung's metrics.json (one query by primary key)."""
     rows = session.execute(select(Sae.id, Sae.metrics).where(Sae.id.in_(sae_ids))) if sae_ids else []
-    curves = {sae_id: json.loads(metrics).get("train_curve") for sae_id, metrics in rows}
+    return {sae_id: json.loads(metrics) for sae_id, metrics in rows}
+
+
+def _training_curves(metrics: dict[str, dict]) -> dict[str, dict]:
+    """Each loaded rung's training curve, from its metrics.json."""
+    curves = {sae_id: found.get("train_curve") for sae_id, found in metrics.items()}
     return {sae_id: curve for sae_id, curve in curves.items() if curve and curve.get("tokens")}
 
 

@@ -22,6 +22,7 @@ from sqlalchemy.orm import Session
 
 from app.explanations import ExplanationSourceOut, attach_explanations
 from app.models import LadderRung, Latent, Sae
+from app.quality import QualityOut, explainability, sae_quality
 from app.urls import URLs
 from trainer.errors import RunFolderError
 from trainer.runconfig import RunConfig
@@ -107,6 +108,7 @@ class SaeDetailOut(SaeSummary):
     trained_positions: str | None = Field(None, description="the positions its training counted, e.g. 'all but the first "
                                           "position and special tokens' ('every position' for runs trained before the "
                                           "attention sink was left out); null for an SAE imported from another tool")
+    quality: QualityOut | None = Field(None, description="probe loss, explainability and progressive-code FVU (app.quality)")
 
 
 def trained_positions(cfg: dict) -> str | None:
@@ -277,25 +279,26 @@ def get_sae_summary(session: Session, sae_id: str | None = None) -> SaeSummary |
     return None if row is None else SaeSummary(**row._mapping)
 
 
-def get_sae(session: Session, sae_id: str) -> SaeDetailOut | None:
+def get_sae(session: Session, sae_id: str, urls: URLs = URLs()) -> SaeDetailOut | None:
     row = session.get(Sae, sae_id)
     if row is None:
         return None
     histogram = json.loads(row.density_histogram) if row.density_histogram else None
-    cfg = json.loads(row.cfg)
+    cfg, metrics = json.loads(row.cfg), json.loads(row.metrics)
     return SaeDetailOut(
         id=row.id, model=row.model, layer=row.layer, n_latents=row.n_latents, k=row.k,
         fvu=row.fvu, l0=row.l0, dead_fraction=row.dead_fraction,
         d_in=row.d_in,
         context_length=row.context_length,
         cfg=cfg,
-        metrics=json.loads(row.metrics),
+        metrics=metrics,
         created_at=row.created_at.isoformat() if row.created_at else "",
         harvest=json.loads(row.harvest or "{}"),
         density_histogram=DensityHistogramOut(**histogram) if histogram else None,
         n_explained=row.n_explained,
         ladder_id=session.execute(select(LadderRung.ladder_id).where(LadderRung.sae_id == sae_id)).scalar_one_or_none(),
         trained_positions=trained_positions(cfg),
+        quality=sae_quality(metrics, explainability(session, [sae_id]).get(sae_id), sae_id, urls),
     )
 
 
@@ -303,7 +306,7 @@ def list_latents(
     session: Session, sae_id: str, sort: SortKey = "density", order: Order = "desc", page: int = 1, per_page: int = 50,
     filters: LatentFilterOut = LatentFilterOut(), urls: URLs = URLs(),
 ) -> SaePageOut | None:
-    sae = get_sae(session, sae_id)
+    sae = get_sae(session, sae_id, urls)
     if sae is None:
         return None
     query = latents_query(sae_id, sort, order, filters).limit(per_page).offset((page - 1) * per_page)

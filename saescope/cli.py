@@ -121,8 +121,13 @@ def cmd_eval(args) -> None:
         raise CommandError(f"--downstream-contexts must be 0 (no downstream loss) or more, got {args.downstream_contexts}")
     if args.ablation_samples < 0:
         raise CommandError(f"--ablation-samples must be 0 (no ablation sparsity) or more, got {args.ablation_samples}")
-    metrics = evaluate_run(_run_dir(args.run_dir), args.store, args.downstream_contexts, args.ablation_samples)
+    if args.probe_tasks and args.no_probe_loss:
+        raise CommandError("--probe-tasks and --no-probe-loss contradict each other: give one")
+    metrics = evaluate_run(_run_dir(args.run_dir), args.store, args.downstream_contexts, args.ablation_samples,
+                           probe=not args.no_probe_loss, probe_tasks=args.probe_tasks)
     print(" ".join(f"{key}={value:.4g}" for key, value in metrics.items() if isinstance(value, (int, float))))
+    if metrics.get("probe_note"):
+        print(f"probe loss not measured: {metrics['probe_note']}")
     print(f"(over {metrics['eval_positions']} of the held-out contexts; fvu_all_positions counts every one)")
 
 
@@ -406,6 +411,11 @@ def build_parser() -> argparse.ArgumentParser:
                           help="latents whose ablation-effect sparsity is measured (Gao et al. 2024, 4.5), each removed "
                                "at one held-out position where it fires, against random directions of equal norm; "
                                "0 skips it (default: 24)")
+    evaluate.add_argument("--probe-tasks", metavar="FILE",
+                          help="labelled texts for the probe loss (Gao et al. 2024, 4.4), JSONL: one "
+                               '{"task": name, "text": ..., "spans": [[start, end], ...]} per line, spans the positive '
+                               "characters (default: the held-out contexts of a Python corpus, labelled by Python's tokenize)")
+    evaluate.add_argument("--no-probe-loss", action="store_true", help="skip the probe loss")
     evaluate.set_defaults(func=cmd_eval)
 
     harvest = commands.add_parser("harvest", help="per-latent statistics and top contexts into RUN/harvest")

@@ -1,4 +1,5 @@
-"""Evaluation on held-out tokens: FVU, L0, dead and dense latent fractions."""
+"""Evaluation on held-out tokens: FVU (and at other k: progressive codes), L0, dead and dense latent
+fractions, downstream loss, ablation sparsity and probe loss (trainer/probing.py)."""
 
 from __future__ import annotations
 
@@ -13,9 +14,11 @@ from trainer.errors import RunFolderError
 from trainer.files import read_json, write_json
 from trainer.formats import CFG_FILE
 from trainer.model import find_blocks
+from trainer.probe_tasks import read_probe_tasks
+from trainer.probing import probe_loss_of
 from trainer.progress import progress
 from trainer.runconfig import RunConfig
-from trainer.sae import InputNorm, TopKSAE, default_device
+from trainer.sae import InputNorm, TopKLatents, TopKSAE, default_device
 from trainer.store import ActivationStore, Positions, complete_heldout, open_store_for_sae
 from trainer.thresholds import DENSE_THRESHOLD
 
@@ -29,19 +32,29 @@ ABLATION_SAMPLES = 24
 ABLATION_CONTEXTS = 16
 
 
+def progressive_ks(k: int, n_latents: int) -> list[int]:
+    """The k' of the progressive-code FVU: k/4, k/2, k, 2k and 4k (below n, each at least 1)."""
+    return sorted({max(1, k // 4), max(1, k // 2), k, *(m * k for m in (2, 4) if m * k < n_latents)})
+
+
 @torch.no_grad()
 def evaluate_sae(sae: TopKSAE, store: ActivationStore, norm: InputNorm | float, positions: Positions = Positions(),
-                 batch_contexts: int = 64) -> dict:
+                 batch_contexts: int = 64, progressive: bool = True) -> dict:
     """Metrics over the store's held-out contexts at the positions that count; the FVU also over
     every position (`fvu_all_positions`), as tools that keep them all (sparsify, SAELens) report
     it. FVU compares the residual stream with its reconstruction mapped back from the SAE's
     normalised space (`norm`, or a number: the "scale" normalization), which is what a splice
-    puts into the model."""
+    puts into the model. With `progressive`, also `progressive_fvu`: the FVU when the code keeps
+    the k' largest latents instead of k, for each k' of progressive_ks (Gao et al. 2024, Section
+    5.3: a Multi-TopK SAE degrades gracefully above and below its k), from the same
+    pre-activations."""
     norm = norm if isinstance(norm, InputNorm) else InputNorm("scale", norm)
     device = sae.W_dec.device
     first = store.n_train_contexts
     counted = torch.from_numpy(store.counted(positions, first, store.n_contexts).reshape(-1)).to(device)
     sums = {"counted": Moments(sae.d_in, device), "all": Moments(sae.d_in, device)}
+    ks = progressive_ks(sae.k, sae.n_latents) if progressive else [sae.k]
+    at_k = {k: Moments(sae.d_in, device) for k in ks if k != sae.k}
     active = 0
     fire_counts = torch.zeros(sae.n_latents, dtype=torch.long, device=device)
     for start in progress(range(first, store.n_contexts, batch_contexts), desc="eval", unit="batch"):
@@ -49,15 +62,24 @@ def evaluate_sae(sae: TopKSAE, store: ActivationStore, norm: InputNorm | float, 
         x = store.rows(start, last).to(device)  # (N, d)
         mask = counted[(start - first) * store.context_length : (last - first) * store.context_length]  # (N,)
         x_n, stats = norm.normalize(x)
-        x_hat_n, latents = sae(x_n)
-        x_hat = norm.restore(x_hat_n, stats)
+        # The k' largest of one pass, largest first: each code is a prefix, the SAE's own the k first.
+        top = sae.pre_acts(x_n).topk(max(ks), dim=-1, sorted=True)
+
+        def reconstruct(k: int) -> tuple[torch.Tensor, TopKLatents]:
+            latents = TopKLatents(top.values[:, :k].relu(), top.indices[:, :k])
+            return norm.restore(sae.decode(latents), stats), latents
+
+        x_hat, latents = reconstruct(sae.k)
         sums["all"].add(x, x_hat)
         sums["counted"].add(x[mask], x_hat[mask])
+        for k, moments in at_k.items():
+            moments.add(x[mask], reconstruct(k)[0][mask])
         fired = (latents.values > 0) & mask[:, None]  # (N, k)
         active += int(fired.sum())
         fire_counts += torch.bincount(latents.indices[fired], minlength=sae.n_latents)
     n_tokens = sums["counted"].n
     density = fire_counts.float() / n_tokens
+    at_k[sae.k] = sums["counted"]
     return {
         "fvu": sums["counted"].fvu,
         "fvu_all_positions": sums["all"].fvu,
@@ -66,6 +88,7 @@ def evaluate_sae(sae: TopKSAE, store: ActivationStore, norm: InputNorm | float, 
         "dense_fraction": float((density > DENSE_THRESHOLD).float().mean()),
         "eval_tokens": n_tokens,
         "eval_positions": positions.describe(),
+        **({"progressive_fvu": {str(k): at_k[k].fvu for k in ks}} if progressive else {}),
     }
 
 
@@ -91,21 +114,27 @@ class Moments:
 
 
 def evaluate_run(run_dir: Path, store_dir: Path | None = None, downstream_contexts: int = 64,
-                 ablation_samples: int = ABLATION_SAMPLES) -> dict:
-    """Reconstruction metrics, then downstream loss on `downstream_contexts` held-out contexts
-    (0 skips it), then the sparsity of ablation effects over `ablation_samples` latents (0 skips
-    it), into metrics.json."""
+                 ablation_samples: int = ABLATION_SAMPLES, probe: bool = True, probe_tasks: Path | None = None,
+                 progressive: bool = True) -> dict:
+    """Reconstruction metrics (with the progressive-code FVU unless not `progressive`), then
+    downstream loss on `downstream_contexts` held-out contexts (0 skips it), then the sparsity of
+    ablation effects over `ablation_samples` latents (0 skips it), then the probe loss (unless not
+    `probe`: on the held-out contexts labelled by Python's tokenize, or on the labelled texts of
+    `probe_tasks`, trainer/probing.py), into metrics.json."""
+    texts = read_probe_tasks(Path(probe_tasks)) if probe and probe_tasks is not None else None  # a bad file fails first
     cfg, sae = runfolder.load_sae(run_dir, default_device())
     runfolder.load_metrics(run_dir)  # a damaged metrics.json fails now, not after the whole evaluation
     store_dir = store_dir or cfg.store_dir(run_dir)
     if store_dir is None:
         raise RunFolderError(f"{Path(run_dir) / CFG_FILE}: no activation store; pass --store or run `saescope harvest` first")
     store = complete_heldout(open_store_for_sae(store_dir, cfg, run_dir))  # the first eval on a store computes them
-    metrics = evaluate_sae(sae, store, cfg.norm, cfg.positions)  # as harvest and the probe read it
+    metrics = evaluate_sae(sae, store, cfg.norm, cfg.positions, progressive=progressive)  # as harvest and the probe read it
     if downstream_contexts > 0:
         metrics |= downstream_loss(sae, cfg, store, downstream_contexts)
     if ablation_samples > 0:
         metrics |= ablation_sparsity_of(sae, cfg, store, ablation_samples)
+    if probe:
+        metrics |= probe_loss_of(sae, cfg, store, texts, str(probe_tasks) if texts is not None else "")
     runfolder.save_metrics(run_dir, metrics)
     return metrics
 

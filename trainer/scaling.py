@@ -21,7 +21,8 @@ DIR/scaling.json (written by `saescope sweep`, read by the web app's scaling pag
     interval           {"method": "profile", "level": 0.95}
     rungs              one per run folder, smallest first: {run (path relative to DIR), n_latents,
                        k, fvu, delta_ce (null when not evaluated), dead_fraction, l0, train_tokens,
-                       train_wall_s, ablation_sparsity and ablation_sparsity_random (null when not measured)}
+                       train_wall_s, ablation_sparsity and ablation_sparsity_random, probe_loss,
+                       probe_residual_loss, probe_dense_loss and probe_base_entropy (null when not measured)}
     fits               {"fvu_n", "delta_ce_n", "fvu_joint", "delta_ce_joint"}, each either a fit or
                        {"skipped": why}. A fit is:
         metric, form, variables ("n" or "n", "k")
@@ -264,7 +265,8 @@ def read_rungs(sweep_dir: Path) -> list[dict]:
             "run": str(run.relative_to(sweep_dir)),
             "n_latents": cfg.n_latents, "k": cfg.k,
             **{key: metrics.get(key) for key in ("fvu", "delta_ce", "dead_fraction", "l0", "train_tokens", "train_wall_s",
-                                                 "ablation_sparsity", "ablation_sparsity_random")},
+                                                 "ablation_sparsity", "ablation_sparsity_random", "probe_loss",
+                                                 "probe_residual_loss", "probe_dense_loss", "probe_base_entropy")},
         })
     return sorted(rungs, key=lambda rung: (rung["n_latents"], rung["k"]))
 

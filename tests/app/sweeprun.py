@@ -43,7 +43,10 @@ def make_sweep(folder: Path, seed: int = 0, neighbours: int = NEIGHBOURS) -> Pat
                                      "dead_fraction": 1 / n if n == max(N_SERIES) else 0.0, "train_tokens": 4096,
                                      "train_curve": training_curve(fvu_law(n, k)),
                                      # sparser effects with more latents, as the paper found (Section 4.5)
-                                     "ablation_sparsity": 0.2 * n ** -0.25, "ablation_sparsity_random": 0.3})
+                                     "ablation_sparsity": 0.2 * n ** -0.25, "ablation_sparsity_random": 0.3,
+                                     # better probes with more latents; the references do not depend on the SAE
+                                     "probe_loss": 0.4 - 0.02 * math.log2(n), "probe_residual_loss": 0.35,
+                                     "probe_dense_loss": 0.1, "probe_base_entropy": 0.5})
     runfolder.write_json(folder / "sweep.json", {
         "sweep": {"latents": ",".join(map(str, N_SERIES)), "k": K, "ks": ",".join(map(str, K_SERIES)),
                   "k_series_latents": ",".join(map(str, K_SERIES_N)), "family_neighbours": neighbours},

@@ -6,6 +6,7 @@ PostgreSQL, with the synthetic sweep of sweeprun.py (the trainer's own fits and 
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 import signal
@@ -87,6 +88,13 @@ def test_the_scaling_page_json_is_scaling_json_with_links(ladder_client, sweep_d
     assert [(r["n_latents"], r["k"]) for r in page["rungs"]] == [(r["n_latents"], r["k"]) for r in scaling["rungs"]]
     for rung, written in zip(page["rungs"], scaling["rungs"]):
         assert rung["ablation_sparsity"] == written["ablation_sparsity"] and rung["ablation_sparsity_random"] == 0.3
+        assert rung["probe_loss"] == written["probe_loss"] == pytest.approx(0.4 - 0.02 * math.log2(rung["n_latents"]))
+        assert (rung["probe_residual_loss"], rung["probe_dense_loss"], rung["probe_base_entropy"]) == (0.35, 0.1, 0.5)
+        # explainability: the rung's explanations.json, averaged here over the latents that fire held out
+        explanations = [e for e in json.loads((sweep_dir / written["run"] / "harvest" / "explanations.json").read_text())
+                        if e["firings"] > 0]
+        assert rung["explainability_f1"] == pytest.approx(sum(e["f1"] or 0 for e in explanations) / len(explanations))
+        assert rung["explainability_share"] == pytest.approx(sum((e["f1"] or 0) >= 0.5 for e in explanations) / len(explanations))
     for rung in page["rungs"]:
         assert rung["sae_id"] == rung_id(rung["n_latents"], rung["k"]) and rung["url"] == f"/saes/{rung['sae_id']}"
         assert ladder_client.get(f"/saes/{rung['sae_id']}.json").json()["sae"]["ladder_id"] == LADDER
@@ -98,7 +106,13 @@ def test_the_scaling_page_json_is_scaling_json_with_links(ladder_client, sweep_d
 def test_the_scaling_page_draws_the_fits_and_links_every_rung(ladder_client):
     html = ladder_client.get(f"/ladders/{LADDER}").text
     assert ">Ablation sparsity</th>" in html and '<span class="muted small">(0.3000)</span>' in html
-    assert html.count('<svg class="chart scaling') == 5  # FVU and ΔCE vs n, the k series, dead latents, training
+    assert html.count('<svg class="chart scaling') == 7  # FVU and ΔCE vs n, the k series, dead, probe, explainability, training
+    assert ">Probe loss</th>" in html and ">Explanation F1</th>" in html
+    probe = re.search(r'<svg class="chart scaling probe".*?</svg>', html, re.S).group()
+    assert probe.count('<polyline class="series') == 4  # the best latent, a residual dimension, the dense probe, the base rate
+    assert f"<title>n = {N_SERIES[0]:,}, k = {K}: best latent {0.4 - 0.02 * math.log2(N_SERIES[0]):.4g} nats</title>" in probe
+    explained = re.search(r'<svg class="chart scaling explainability".*?</svg>', html, re.S).group()
+    assert explained.count('<polyline class="series') == 2 and "mean F1" in explained
     training = re.search(r'<svg class="chart scaling training".*?</svg>', html, re.S).group()
     assert re.findall(r'<g class="legend s\d"><line[^>]*/><text[^>]*>([^<]*)</text>', training) == [
         f"n = {n:,}" for n in N_SERIES]  # a line per SAE of the n series, in order
@@ -264,8 +278,8 @@ def test_the_scaling_page_and_families_in_a_browser(ladder_server, browser):
     assert page.url == f"{ladder_server}/ladders/{LADDER}"
 
     charts = page.locator("svg.chart")
-    assert charts.count() == 5  # FVU and ΔCE vs n, the k series, dead latents, training
-    for i in range(5):
+    assert charts.count() == 7  # FVU and ΔCE vs n, the k series, dead latents, probe loss, explainability, training
+    for i in range(7):
         box = charts.nth(i).bounding_box()
         assert box["width"] > 300 and box["height"] > 100  # drawn, at a readable size
     fvu = page.locator("svg.chart.scaling.fvu")
