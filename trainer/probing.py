@@ -144,27 +144,32 @@ def base_entropy(y_train: torch.Tensor, y_test: torch.Tensor) -> float:
 
 
 def fit_dense_probe(x_train: torch.Tensor, y_train: torch.Tensor, l2: float = DENSE_L2, max_iter: int = 100):
-    """A logistic probe on every dimension at once (standardised; mean CE + l2/2 |w|²), by
-    SciPy's L-BFGS (torch.optim's import alone costs seconds). Returns a function from features
-    to logits."""
+    """Logistic probes on every dimension at once (standardised; mean CE + l2/2 |w|² each), by
+    SciPy's L-BFGS (torch.optim's import alone costs seconds). `y_train` is (N,) for one task or
+    (N, T) for T tasks on the same positions, fitted together: their losses are independent, so
+    the sum's minimum is each one's, and one (N, d) x (d, T) product per step serves them all.
+    Returns a function from features to logits, (M,) or (M, T) as `y_train`."""
     from scipy.optimize import minimize
 
     mean, std = x_train.mean(0), x_train.std(0).clamp_min(1e-6)
-    x = ((x_train - mean) / std).double().numpy()
-    y = y_train.double().numpy()
-    share = float(np.clip(y.mean(), 1e-6, 1 - 1e-6))
+    x = ((x_train - mean) / std).float()  # float32 products (3x numpy's float64 here), float64 sums
+    x_t = x.T.contiguous()
+    y = y_train.double().reshape(len(y_train), -1)  # (N, T)
+    d, n_tasks = x.shape[1], y.shape[1]
+    share = y.mean(0).clamp(1e-6, 1 - 1e-6).numpy()
 
     def loss_and_gradient(params: np.ndarray) -> tuple[float, np.ndarray]:
-        w, b = params[:-1], params[-1]
-        z = x @ w + b
-        loss = np.logaddexp(0, z).mean() - (y * z).mean() + l2 / 2 * w.dot(w)
-        r = (1 / (1 + np.exp(-z)) - y) / len(y)
-        return float(loss), np.concatenate([x.T @ r + l2 * w, [r.sum()]])
+        w = torch.from_numpy(params[:-n_tasks].reshape(d, n_tasks))
+        z = (x @ w.float()).double() + torch.from_numpy(params[-n_tasks:])
+        loss = (F.softplus(z).mean(0) - (y * z).mean(0)).sum() + l2 / 2 * (w * w).sum()
+        r = (torch.sigmoid(z) - y) / len(y)
+        return float(loss), torch.cat([(x_t @ r.float()).double().add_(w, alpha=l2).reshape(-1), r.sum(0)]).numpy()
 
-    start = np.zeros(x.shape[1] + 1)
-    start[-1] = math.log(share / (1 - share))
+    start = np.concatenate([np.zeros(d * n_tasks), np.log(share / (1 - share))])
     found = minimize(loss_and_gradient, start, jac=True, method="L-BFGS-B", options={"maxiter": max_iter}).x
-    w, b = torch.from_numpy(found[:-1]), float(found[-1])
+    w, b = torch.from_numpy(found[:-n_tasks].reshape(d, n_tasks)), torch.from_numpy(found[-n_tasks:])
+    if y_train.dim() == 1:
+        w, b = w[:, 0], b[0]
     return lambda features: ((features - mean) / std).double() @ w + b
 
 
@@ -206,8 +211,10 @@ def screened_dims(x: torch.Tensor, y: torch.Tensor, n: int = DIM_CANDIDATES) -> 
     return gap.topk(min(n, x.shape[1])).indices
 
 
-def probe_task(data: ProbeData, rows: torch.Tensor, y: torch.Tensor, train: torch.Tensor, n_latents: int) -> dict:
-    """One task's row of the table (see probe_losses)."""
+def probe_task(data: ProbeData, rows: torch.Tensor, y: torch.Tensor, train: torch.Tensor, n_latents: int,
+               dense_logits: torch.Tensor) -> dict:
+    """One task's row of the table (see probe_losses); `dense_logits`: the dense probe's on its
+    test positions (dense_test_logits)."""
     y = y.float()
     tr, te = rows[train], rows[~train]
     y_tr, y_te = y[train], y[~train]
@@ -218,7 +225,6 @@ def probe_task(data: ProbeData, rows: torch.Tensor, y: torch.Tensor, train: torc
     w_r, b_r, train_loss_r = fit_logistic_1d(Columns(data.resid[tr][:, dims]), y_tr)
     best = int(train_loss_r.argmin())
     dim, w_r, b_r = int(dims[best]), w_r[best], b_r[best]
-    dense = fit_dense_probe(data.resid[tr], y_tr)
     return {
         "positives": float(y.mean()),
         "train_positions": int(len(tr)),
@@ -227,9 +233,27 @@ def probe_task(data: ProbeData, rows: torch.Tensor, y: torch.Tensor, train: torc
         "latent_loss": cross_entropy(w[latent] * a_te + b[latent], y_te),
         "best_dim": dim,
         "residual_loss": cross_entropy(w_r * data.resid[te, dim] + b_r, y_te),
-        "dense_loss": cross_entropy(dense(data.resid[te]), y_te),
+        "dense_loss": cross_entropy(dense_logits, y_te),
         "base_entropy": base_entropy(y_tr, y_te),
     }
+
+
+def dense_test_logits(data: ProbeData, tasks: dict) -> dict[str, torch.Tensor]:
+    """Each task's dense-probe logits on its test positions; tasks on the same positions and split
+    (all of the corpus's) are fitted together, in one L-BFGS run (fit_dense_probe)."""
+    groups: list[tuple[torch.Tensor, torch.Tensor, list[str]]] = []
+    for name, (rows, _, train) in tasks.items():
+        group = next((g for g in groups if torch.equal(g[0], rows) and torch.equal(g[1], train)), None)
+        if group is None:
+            groups.append((rows, train, [name]))
+        else:
+            group[2].append(name)
+    logits = {}
+    for rows, train, names in groups:
+        y = torch.stack([tasks[name][1][train].float() for name in names], 1)
+        found = fit_dense_probe(data.resid[rows[train]], y)(data.resid[rows[~train]])
+        logits |= {name: found[:, i] for i, name in enumerate(names)}
+    return logits
 
 
 def probe_losses(data: ProbeData, n_latents: int) -> dict:
@@ -238,16 +262,20 @@ def probe_losses(data: ProbeData, n_latents: int) -> dict:
     for the references), probe_tasks (a row per task: task, description, positives (share),
     train/test positions, best_latent, latent_loss, best_dim, residual_loss, dense_loss,
     base_entropy; or task and skipped: why), probe_source and probe_dropped."""
-    table = []
-    for name, (rows, y, train) in progress(data.tasks.items(), desc="probe", unit="task"):
-        row = {"task": name, **({"description": TASKS[name]} if name in TASKS else {})}
+    rows_of, scored_tasks = {}, {}  # the table's rows by task, in the tasks' order
+    for name, (rows, y, train) in data.tasks.items():
+        rows_of[name] = {"task": name, **({"description": TASKS[name]} if name in TASKS else {})}
         counts = [int(part.sum()) for part in (y[train], ~y[train], y[~train], ~y[~train])]
         if min(counts) < MIN_EXAMPLES:
-            table.append(row | {"positives": float(y.float().mean()) if len(y) else 0.0,
-                                "skipped": f"fewer than {MIN_EXAMPLES} positives or negatives in a split "
-                                           f"(train {counts[0]}/{counts[1]}, test {counts[2]}/{counts[3]})"})
-            continue
-        table.append(row | probe_task(data, rows, y, train, n_latents))
+            rows_of[name] |= {"positives": float(y.float().mean()) if len(y) else 0.0,
+                              "skipped": f"fewer than {MIN_EXAMPLES} positives or negatives in a split "
+                                         f"(train {counts[0]}/{counts[1]}, test {counts[2]}/{counts[3]})"}
+        else:
+            scored_tasks[name] = (rows, y, train)
+    dense = dense_test_logits(data, scored_tasks)
+    for name, (rows, y, train) in progress(scored_tasks.items(), desc="probe", unit="task"):
+        rows_of[name] |= probe_task(data, rows, y, train, n_latents, dense[name])
+    table = list(rows_of.values())
     scored = [row for row in table if "skipped" not in row]
 
     def mean(key):
