@@ -128,16 +128,16 @@ def make_synthetic_run(run_dir: Path, n_latents: int, n_examples: int, context_l
 
 
 def table_counts(database_url: str) -> dict[str, int]:
-    """Rows per table of a loaded database (every table a run writes, the search documents too)."""
-    from sqlalchemy import text
+    """Rows per table of a loaded database."""
+    from sqlalchemy import func, select
 
     from app.db import make_engine
-    from app.models import SEARCH_TABLE, Context, Example, ExplanationTerm, Latent, LatentDetail, Sae, TokenLatent, Vocab
+    from app.models import Context, Example, ExplanationTerm, Latent, LatentDetail, Sae, TokenLatent, Vocab
 
-    tables = [t.__tablename__ for t in (Sae, Latent, LatentDetail, Context, Example, Vocab, TokenLatent, ExplanationTerm)]
     engine = make_engine(database_url)
     try:
         with engine.connect() as conn:
-            return {name: conn.execute(text(f"SELECT count(*) FROM {name}")).scalar_one() for name in [*tables, SEARCH_TABLE]}
+            return {t.__tablename__: conn.execute(select(func.count()).select_from(t)).scalar_one()
+                    for t in (Sae, Latent, LatentDetail, Context, Example, Vocab, TokenLatent, ExplanationTerm)}
     finally:
         engine.dispose()
