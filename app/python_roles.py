@@ -53,7 +53,9 @@ def keyword_words() -> dict[str, str]:
                    if isinstance(value, tuple) and name in value[1].split()]
         text = " ".join([first_sentence(_label(pydoc.Helper.keywords.get(name)) or ""),
                          *(f"{topic} {first_sentence(label)}" for topic, label in related)])
-        words[name] = " ".join(re.findall(r"[^\W_]+", text.lower()))
+        # Each word once: a section's title and its topics repeat the same words ("the try
+        # statement ... exceptions exceptions"), and a longer document only ranks lower.
+        words[name] = " ".join(dict.fromkeys(re.findall(r"[^\W_]+", text.lower())))
     return words
 
 

@@ -122,6 +122,26 @@ def test_the_newton_fit_matches_a_reference_optimiser():
     assert float(loss[0]) == pytest.approx(float(F.binary_cross_entropy_with_logits(ref_w * x + ref_b, y)), rel=1e-6)
 
 
+@pytest.mark.parametrize("sparse", [True, False])
+def test_tasks_fitted_together_get_each_task_own_fit(sparse):
+    torch.manual_seed(3)
+    n, n_latents = 3000, 6
+    y = (torch.rand(n, 3) < torch.tensor([0.2, 0.5, 0.05])).float()
+    indices = torch.stack([torch.randperm(n_latents)[:3] for _ in range(n)])
+    values = torch.rand(n, 3) + y[:, :1] * (indices == 0) + 2 * y[:, 1:2] * (indices == 1)  # latent 0 ~ task 0, 1 ~ task 1
+    columns = latent_columns(indices, values, n_latents)
+    if not sparse:
+        dense = torch.zeros(n, n_latents).scatter_add_(1, indices, values)
+        columns = Columns(dense)
+    w, b, loss = fit_logistic_1d(columns, y)
+    assert w.shape == b.shape == loss.shape == (n_latents, 3)
+    for task in range(3):
+        w_1, b_1, loss_1 = fit_logistic_1d(columns, y[:, task])
+        assert torch.allclose(loss[:, task], loss_1, atol=1e-6)
+        assert torch.allclose(w[:, task], w_1, atol=1e-3) and torch.allclose(b[:, task], b_1, atol=1e-3)
+    assert int(loss[:, 0].argmin()) == 0 and int(loss[:, 1].argmin()) == 1
+
+
 def test_the_dense_probe_reads_a_direction_no_single_dimension_holds():
     torch.manual_seed(2)
     x = torch.randn(3000, 8)
@@ -227,6 +247,44 @@ def test_eval_writes_the_probe_loss_and_the_progressive_fvu(tiny_run, python_sto
     labels, valid, dropped = heldout_python_labels(store, load_tokenizer(RunConfig.load(run).model))
     assert valid.mean() > 0.9 and dropped["documents"] == 0
     assert labels[..., list(TASKS).index("keyword")].any()
+
+
+@pytest.mark.slow
+def test_the_labels_are_kept_beside_the_store_and_redone_when_it_changes(tiny_run, python_store, tmp_path):
+    from trainer import runfolder
+    from trainer.evaluate import evaluate_run
+    from trainer.model import load_tokenizer
+    from trainer.probing import LABELS_CACHE, heldout_labels, heldout_python_labels
+    from trainer.runconfig import RunConfig
+    from trainer.store import ActivationStore
+
+    store_dir = tmp_path / "store"
+    shutil.copytree(python_store, store_dir)
+    (store_dir / LABELS_CACHE).unlink(missing_ok=True)
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    evaluate_run(run, store_dir=store_dir, downstream_contexts=0, ablation_samples=0)
+    first = runfolder.load_metrics(run)["probe_tasks"]
+    store = ActivationStore.open(store_dir)
+    tokenizer = load_tokenizer(RunConfig.load(run).model)
+    labels, valid, _ = heldout_python_labels(store, tokenizer)
+    kept = np.load(store_dir / LABELS_CACHE)
+    assert np.array_equal(kept["labels"], labels) and np.array_equal(kept["valid"], valid)
+
+    # A later eval reads them, not the corpus: with the corpus gone it gives the same table.
+    corpus = tmp_path / "corpus-elsewhere"
+    shutil.move(store.meta["corpus"], corpus)
+    try:
+        evaluate_run(run, store_dir=store_dir, downstream_contexts=0, ablation_samples=0)
+        assert runfolder.load_metrics(run)["probe_tasks"] == first
+        # Held-out tokens that differ (a store rebuilt in place) do not match the kept labels.
+        tokens = np.load(store_dir / "tokens.npy")
+        tokens[-1, -1] = (tokens[-1, -1] + 1) % 50
+        np.save(store_dir / "tokens.npy", tokens)
+        with pytest.raises(Exception, match="corpus|No such file|not found"):
+            heldout_labels(ActivationStore.open(store_dir), tokenizer)
+    finally:
+        shutil.move(corpus, store.meta["corpus"])
 
 
 @pytest.mark.slow

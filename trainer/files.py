@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import zipfile
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
@@ -39,6 +41,29 @@ def write_json(path: Path, obj) -> None:
 def write_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
     tensors = {name: t.detach().contiguous().cpu() for name, t in tensors.items()}
     _atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+def write_arrays(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """NumPy arrays as one .npz file (strings as unicode arrays: no pickles)."""
+    def write(tmp):
+        with open(tmp, "wb") as f:  # a file object: np.savez would add ".npz" to a name
+            np.savez(f, **arrays)
+    _atomic_write(Path(path), write)
+
+
+def read_arrays(path: Path, required: tuple[str, ...]) -> dict[str, np.ndarray]:
+    path = Path(path)
+    if not path.is_file():
+        raise RunFolderError(f"{path}: file not found")
+    try:
+        with np.load(path, allow_pickle=False) as found:
+            arrays = {name: found[name] for name in found.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise RunFolderError(f"{path}: not a readable .npz file ({e})") from None
+    missing = [name for name in required if name not in arrays]
+    if missing:
+        raise RunFolderError(f"{path}: missing array(s) {', '.join(missing)}")
+    return arrays
 
 
 def read_json(path: Path):

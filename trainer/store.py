@@ -8,6 +8,8 @@ once by the model (blocks 0..L) and kept on disk for every run that reads the sa
       activations.npy    (C * T, d) float16, memory-mapped; rows c*T .. c*T+T-1 are context c
       ce_ablated.json    the first eval's CE with block L zero-ablated, which later evals reuse
                          (trainer/evaluate.py)
+      probe_labels.npz   the first eval's probe-task labels of the held-out tokens, reused the
+                         same way (trainer/probing.py)
 
 Contexts are stored in a seeded random order with the held-out ones last, so training reads the
 first rows in big sequential chunks and still sees text from all over the corpus. A store is
