@@ -42,9 +42,10 @@ def test_resuming_from_the_hookpoint_gives_the_whole_forward_and_stays_in_its_th
     seen = {}
 
     def other_thread():  # a forward of another thread meanwhile captures nothing
-        seen["plain"] = loaded.base(input_ids=ids, use_cache=False).last_hidden_state
+        with loaded.autocast():  # autocast is per thread (bf16 where the CPU has it, as the product runs)
+            seen["plain"] = loaded.base(input_ids=ids, use_cache=False).last_hidden_state
 
-    with torch.no_grad(), loaded.capturing(lm.layer) as captured:
+    with torch.no_grad(), loaded.autocast(), loaded.capturing(lm.layer) as captured:
         worker = threading.Thread(target=other_thread)
         worker.start()
         worker.join()
