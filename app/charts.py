@@ -149,10 +149,12 @@ class Series:
 
 def line_chart(series: list[Series], *, title: str, x_label: str, y_label: str, x_ticks: list[float],
                x_format: Callable[[float], str] = None, y_log: bool = True, legend: bool = True,
-               width: int = WIDTH, y_counts: bool = False) -> LineChart:
+               width: int = WIDTH, y_counts: bool = False, y_below_1: bool = False) -> LineChart:
     """Lines on a log x axis (ticks at `x_ticks`) and a log y axis (a linear one with `y_log`
     False, or when a value is not positive); a log axis leaves out values <= 0. `y_counts`: the
-    values are whole numbers, so are the linear y axis's ticks."""
+    values are whole numbers, so are the linear y axis's ticks. A linear axis reaches at least 1
+    (a share of 0.05 % stays small) unless `y_below_1`: then it ends at a round number above the
+    values, with room for the legend."""
     x_format = x_format or short
     y_log = y_log and all(y > 0 for line in series for _, y, _ in line.values)
     series = [Series(line.label, line.css, [v for v in line.values if v[0] > 0 and math.isfinite(v[1])], line.markers)
@@ -165,7 +167,9 @@ def line_chart(series: list[Series], *, title: str, x_label: str, y_label: str, 
         y_values = log_ticks(y_scale.low, y_scale.high)
     else:
         low, high = min(0.0, min(ys)), max(ys)
-        y_values = nice_ticks(low, nice_ceiling(high) if high > low else low + 1, 4)
+        room = high * 1.4  # the legend sits in the top right corner
+        top = nice_step(room / 4) * math.ceil(room / nice_step(room / 4)) if y_below_1 and 0 < room < 1 else nice_ceiling(high)
+        y_values = nice_ticks(low, top if high > low else low + 1, 4)
         y_values = [t for t in y_values if t == int(t)] if y_counts else y_values
         y_scale = Scale(y_values[0], y_values[-1] if y_values[-1] > y_values[0] else y_values[0] + 1, HEIGHT - BOTTOM, TOP)
     lines = [Line(line.label, [Point(at(x_scale(x)), at(y_scale(y)), text) for x, y, text in line.values], line.css,
@@ -437,6 +441,19 @@ def probe_chart(ladder) -> LineChart:
     return line_chart(lines, title="Probe loss against n", x_label="latents n (log scale)",
                       y_label="test cross-entropy (nats)", x_ticks=[r.n_latents for r in rungs], x_format=size_label,
                       y_log=False)
+
+
+def ablation_chart(ladder) -> LineChart:
+    """Sparsity of ablation effects of each SAE of the n series against n, with random directions
+    of the same norm removed at the same positions as the reference."""
+    k, rungs = ladder.ladder.k, [r for r in ladder.n_series if r.ablation_sparsity is not None]
+    lines = [Series(name, css, [(r.n_latents, getattr(r, key), f"n = {r.n_latents:,}, k = {k}: {name} {getattr(r, key):.4f}")
+                                for r in rungs if getattr(r, key) is not None])
+             for name, css, key in (("latents", "observed", "ablation_sparsity"),
+                                    ("random directions", "s1", "ablation_sparsity_random"))]
+    return line_chart(lines, title="Ablation sparsity against n", x_label="latents n (log scale)",
+                      y_label="(L1/L2)² / size", x_ticks=[r.n_latents for r in rungs],
+                      x_format=size_label, y_log=False, y_below_1=True)
 
 
 def explainability_chart(ladder) -> LineChart:

@@ -140,7 +140,8 @@ def make_templates(reload: bool = False) -> Jinja2Templates:
                        scaling_chart=charts.scaling_chart, k_series_chart=charts.k_series_chart,
                        dead_chart=charts.dead_chart, size_label=charts.size_label, training_charts=charts.training_charts,
                        ladder_training_chart=charts.ladder_training_chart, progressive_chart=charts.progressive_chart,
-                       probe_chart=charts.probe_chart, explainability_chart=charts.explainability_chart)
+                       probe_chart=charts.probe_chart, explainability_chart=charts.explainability_chart,
+                       ablation_chart=charts.ablation_chart)
     return Jinja2Templates(env=env)
 
 

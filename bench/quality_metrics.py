@@ -4,8 +4,9 @@
 
 RUN is copied to a temporary folder (its metrics.json is not touched). Each repeat times
 `evaluate_run` with them (the default) and without them (probe=False, progressive=False), in
-alternating order (with first), and then each part alone: the probe loss (label the held-out contexts with
-Python's tokenize, encode, fit every task) and the progressive-code pass. Explainability costs eval
+alternating order (with first), and then each part alone: the probe loss (encode, fit every task; the
+labels of the held-out tokens are read from the store, where the first eval on it keeps them), the
+labelling itself (the corpus read again, Python's tokenize), and the progressive-code pass. Explainability costs eval
 nothing: the app computes it from the stored explanations (app/quality.py). Prints the times, the
 ratio, and the probe table and progressive FVU measured.
 """
@@ -22,7 +23,8 @@ from pathlib import Path
 
 from trainer import runfolder
 from trainer.evaluate import evaluate_run, evaluate_sae
-from trainer.probing import probe_loss_of
+from trainer.model import load_tokenizer
+from trainer.probing import heldout_python_labels, probe_loss_of
 from trainer.sae import default_device
 from trainer.store import complete_heldout, open_store_for_sae
 
@@ -81,7 +83,10 @@ def main() -> None:
         plain, _ = timed(evaluate_sae, sae, store, cfg.norm, cfg.positions, progressive=False)
         progressive, _ = timed(evaluate_sae, sae, store, cfg.norm, cfg.positions, progressive=True)
         probe, _ = timed(probe_loss_of, sae, cfg, store)
-        print(f"parts: reconstruction pass {plain:.1f} s, with progressive codes {progressive:.1f} s; probe loss {probe:.1f} s")
+        labelling, _ = timed(heldout_python_labels, store, load_tokenizer(cfg.model))
+        print(f"parts: reconstruction pass {plain:.1f} s, with progressive codes {progressive:.1f} s; probe loss {probe:.1f} s "
+              f"(labels read from the store); labelling the held-out tokens {labelling:.1f} s")
+        print(f"the first eval on a store labels them too: ratio {(with_ + labelling) / without:.2f}x")
 
 
 if __name__ == "__main__":

@@ -106,13 +106,16 @@ def test_the_scaling_page_json_is_scaling_json_with_links(ladder_client, sweep_d
 def test_the_scaling_page_draws_the_fits_and_links_every_rung(ladder_client):
     html = ladder_client.get(f"/ladders/{LADDER}").text
     assert ">Ablation sparsity</th>" in html and '<span class="muted small">(0.3000)</span>' in html
-    assert html.count('<svg class="chart scaling') == 7  # FVU and ΔCE vs n, the k series, dead, probe, explainability, training
+    assert html.count('<svg class="chart scaling') == 8  # FVU and ΔCE vs n, the k series, dead, probe, explainability, ablation, training
     assert ">Probe loss</th>" in html and ">Explanation F1</th>" in html
     probe = re.search(r'<svg class="chart scaling probe".*?</svg>', html, re.S).group()
     assert probe.count('<polyline class="series') == 4  # the best latent, a residual dimension, the dense probe, the base rate
     assert f"<title>n = {N_SERIES[0]:,}, k = {K}: best latent {0.4 - 0.02 * math.log2(N_SERIES[0]):.4g} nats</title>" in probe
     explained = re.search(r'<svg class="chart scaling explainability".*?</svg>', html, re.S).group()
     assert explained.count('<polyline class="series') == 2 and "mean F1" in explained
+    ablation = re.search(r'<svg class="chart scaling ablation".*?</svg>', html, re.S).group()
+    assert ablation.count('<polyline class="series') == 2  # the latents, random directions
+    assert f"<title>n = {N_SERIES[0]:,}, k = {K}: random directions 0.3000</title>" in ablation
     training = re.search(r'<svg class="chart scaling training".*?</svg>', html, re.S).group()
     assert re.findall(r'<g class="legend s\d"><line[^>]*/><text[^>]*>([^<]*)</text>', training) == [
         f"n = {n:,}" for n in N_SERIES]  # a line per SAE of the n series, in order
@@ -278,8 +281,8 @@ def test_the_scaling_page_and_families_in_a_browser(ladder_server, browser):
     assert page.url == f"{ladder_server}/ladders/{LADDER}"
 
     charts = page.locator("svg.chart")
-    assert charts.count() == 7  # FVU and ΔCE vs n, the k series, dead latents, probe loss, explainability, training
-    for i in range(7):
+    assert charts.count() == 8  # FVU and ΔCE vs n, the k series, dead latents, probe loss, explainability, ablation, training
+    for i in range(8):
         box = charts.nth(i).bounding_box()
         assert box["width"] > 300 and box["height"] > 100  # drawn, at a readable size
     fvu = page.locator("svg.chart.scaling.fvu")
