@@ -10,6 +10,9 @@
   fire on those contexts, the mean precision (of those whose explanation matches anything), the
   mean recall and F1 (0 for a latent without an explanation), and the share with F1 >= 0.5. One
   grouped query per page; an SAE loaded without a harvest has none (null).
+- **Explanations from language models** (`saescope explain`) are scored otherwise, by detection
+  (balanced accuracy on held-out contexts, 0.5 = chance): per model, the latents it explained,
+  their mean score and the share scoring at least GOOD_DETECTION.
 """
 
 from __future__ import annotations
@@ -18,10 +21,11 @@ from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import Float, case, cast, func, select
 from sqlalchemy.orm import Session
 
-from app.models import Latent
+from app.models import Latent, LatentExplanation
 from app.urls import URLs
 
 GOOD_F1 = 0.5  # an explanation this good or better counts in `share_good`
+GOOD_DETECTION = 0.75  # a language model's explanation this good or better counts in `share_good`
 
 
 class Record(BaseModel):
@@ -38,6 +42,15 @@ class ExplainabilityOut(Record):
     recall: float = Field(description="mean recall (0 for a latent without an explanation)")
     f1: float = Field(description="mean F1 (0 for a latent without an explanation)")
     share_good: float = Field(description=f"share of the latents with F1 >= {GOOD_F1}")
+
+
+class DetectionOut(Record):
+    """One language model's explanations of the SAE, scored by detection."""
+
+    source: str = Field(description="the model that wrote them (--llm-model)")
+    latents: int = Field(description="latents it explained and scored")
+    score: float = Field(description="mean detection score (balanced accuracy on held-out contexts; 0.5 = chance)")
+    share_good: float = Field(description=f"share of them scoring {GOOD_DETECTION} or more")
 
 
 class ProbeTaskOut(Record):
@@ -79,6 +92,7 @@ class QualityOut(Record):
     probe: ProbeLossOut | None = Field(description="null: not measured (eval before it, --no-probe-loss, or nothing to probe)")
     probe_note: str | None = Field(None, description="why the probe loss was not measured, when eval said")
     explainability: ExplainabilityOut | None = Field(description="null: no scored explanations in the database")
+    detection: list[DetectionOut] = Field([], description="the language models' explanations, per model (empty: none)")
     progressive_fvu: list[ProgressivePointOut] = Field(description="FVU when encoding with k' latents instead of k, "
                                                                    "smallest k' first (empty: not measured)")
 
@@ -100,7 +114,19 @@ def explainability(session: Session, sae_ids: list[str]) -> dict[str, Explainabi
             for sae_id, n, precision, recall, f1, n_good in rows if n}
 
 
-def sae_quality(metrics: dict, found: ExplainabilityOut | None, sae_id: str, urls: URLs = URLs()) -> QualityOut:
+def detection(session: Session, sae_id: str) -> list[DetectionOut]:
+    """The SAE's language-model explanations, summarised per model, the best-scoring model first."""
+    good = func.sum(case((LatentExplanation.score >= GOOD_DETECTION, 1), else_=0))
+    rows = session.execute(
+        select(LatentExplanation.source, func.count(), func.avg(LatentExplanation.score), cast(good, Float))
+        .where(LatentExplanation.sae_id == sae_id).group_by(LatentExplanation.source))
+    found = [DetectionOut(source=source, latents=n, score=float(score), share_good=float(n_good) / n)
+             for source, n, score, n_good in rows if n]
+    return sorted(found, key=lambda d: (-d.score, d.source))
+
+
+def sae_quality(metrics: dict, found: ExplainabilityOut | None, sae_id: str, urls: URLs = URLs(),
+                detected: list[DetectionOut] = ()) -> QualityOut:
     probe = None
     if isinstance(metrics.get("probe_loss"), (int, float)):
         tasks = [ProbeTaskOut(**{key: row.get(key) for key in ProbeTaskOut.model_fields if key in row},
@@ -111,7 +137,7 @@ def sae_quality(metrics: dict, found: ExplainabilityOut | None, sae_id: str, url
                              source=metrics.get("probe_source"), tasks=tasks)
     progressive = metrics.get("progressive_fvu") if isinstance(metrics.get("progressive_fvu"), dict) else {}
     points = sorted((int(k), fvu) for k, fvu in progressive.items() if str(k).isdigit() and isinstance(fvu, (int, float)))
-    return QualityOut(probe=probe, probe_note=metrics.get("probe_note"), explainability=found,
+    return QualityOut(probe=probe, probe_note=metrics.get("probe_note"), explainability=found, detection=list(detected),
                       progressive_fvu=[ProgressivePointOut(k=k, fvu=fvu) for k, fvu in points])
 
 

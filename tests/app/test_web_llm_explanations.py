@@ -19,7 +19,7 @@ from app.models import LatentExplanation, Sae
 from app.settings import Settings
 from app.urls import URLs
 from tests.app.webrun import CAT, make_cfg, make_run
-from trainer.llm_explanations import LlmExplanation, LlmExplanationWriter
+from trainer.llm_explanations import LlmExplanation, LlmExplanationWriter, llm_explanations_path
 
 SAE_ID = make_cfg().slug
 HOSTILE = "<img src=x onerror=alert(1)> tags"
@@ -142,6 +142,30 @@ def test_pages_show_the_best_explanation_first_and_its_source(run, empty_url):
         hit = next(h for h in found["explanations"] if h["index"] == CAT)
         assert [e["source"] for e in hit["explanations"]] == ["token patterns", "TestLM"]
         assert "TestLM · detection 0.80" in client.get(urls.search(sae=SAE_ID, q="cat")).text
+
+
+def test_the_sae_page_sums_up_each_models_detection_scores(run, empty_url):
+    write(run, record(CAT, "the word cat", (3, 2, 5, 0)), record(5, "five", (5, 0, 5, 0)),  # 0.8, 1.0
+          record(6, "six", (2, 3, 3, 2), model="OtherLM"))  # 0.5
+    load_run(run, empty_url)
+    with client_of(empty_url) as client:
+        quality = client.get(URLs().sae(SAE_ID, fmt="json")).json()["sae"]["quality"]
+        assert quality["detection"] == [
+            {"source": "TestLM", "latents": 2, "score": pytest.approx(0.9), "share_good": 1.0},
+            {"source": "OtherLM", "latents": 1, "score": pytest.approx(0.5), "share_good": 0.0}]  # the best model first
+        html = client.get(URLs().sae(SAE_ID)).text
+        stats = html[html.index('class="stats quality"'):]
+        stats = " ".join(stats[: stats.index("</div>\n</div>")].split())
+        assert stats.index("TestLM, 2 latents") < stats.index("OtherLM, 1 latents")
+        assert '<span class="value">0.900</span>' in stats
+    engine = make_engine(empty_url)
+    unload_sae(engine, SAE_ID)
+    engine.dispose()
+    llm_explanations_path(run).unlink()
+    load_run(run, empty_url)
+    with client_of(empty_url) as client:  # none: the list is empty, and no stat is drawn
+        quality = client.get(URLs().sae(SAE_ID, fmt="json")).json()["sae"]["quality"]
+        assert quality["detection"] == [] and "LLM detection" not in client.get(URLs().sae(SAE_ID)).text
 
 
 class CellText(HTMLParser):
