@@ -115,13 +115,16 @@ def explainability(session: Session, sae_ids: list[str]) -> dict[str, Explainabi
 
 
 def detection(session: Session, sae_id: str) -> list[DetectionOut]:
-    """The SAE's language-model explanations, summarised per model, the best-scoring model first."""
-    good = func.sum(case((LatentExplanation.score >= GOOD_DETECTION, 1), else_=0))
-    rows = session.execute(
-        select(LatentExplanation.source, func.count(), func.avg(LatentExplanation.score), cast(good, Float))
-        .where(LatentExplanation.sae_id == sae_id).group_by(LatentExplanation.source))
-    found = [DetectionOut(source=source, latents=n, score=float(score), share_good=float(n_good) / n)
-             for source, n, score, n_good in rows if n]
+    """The SAE's language-model explanations, summarised per model, the best-scoring model first.
+    Summed here, not by GROUP BY: the rows come in key order (latent, source), and grouping them
+    by source in SQL would sort them all on every view of the page."""
+    scores: dict[str, list[float]] = {}
+    for source, score in session.execute(select(LatentExplanation.source, LatentExplanation.score)
+                                         .where(LatentExplanation.sae_id == sae_id)):
+        scores.setdefault(source, []).append(float(score))
+    found = [DetectionOut(source=source, latents=len(found), score=sum(found) / len(found),
+                          share_good=sum(s >= GOOD_DETECTION for s in found) / len(found))
+             for source, found in scores.items()]
     return sorted(found, key=lambda d: (-d.score, d.source))
 
 
