@@ -142,6 +142,15 @@ def test_tasks_fitted_together_get_each_task_own_fit(sparse):
     assert int(loss[:, 0].argmin()) == 0 and int(loss[:, 1].argmin()) == 1
 
 
+def test_latents_that_never_fire_probe_at_the_base_rate_even_when_none_fires():
+    y = (torch.arange(60) % 3 == 0).float()
+    share = float(y.mean())
+    entropy = -(share * math.log(share) + (1 - share) * math.log(1 - share))
+    silent = latent_columns(torch.zeros(60, 2, dtype=torch.long), torch.zeros(60, 2), 4)  # no entry at all
+    assert torch.allclose(fit_logistic_1d(silent, y)[2], torch.full((4,), entropy), atol=1e-6)
+    assert fit_logistic_1d(silent, torch.stack([y, 1 - y], 1))[2].shape == (4, 2)
+
+
 def test_the_dense_probe_reads_a_direction_no_single_dimension_holds():
     torch.manual_seed(2)
     x = torch.randn(3000, 8)

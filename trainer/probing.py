@@ -96,7 +96,8 @@ class Columns(NamedTuple):
         if not self.sparse:
             return values.sum(0)
         if summer is not None:
-            return (summer @ values.reshape(len(values), -1)).reshape(self.n_cols, *values.shape[1:])
+            flat = values[:, None] if values.dim() == 1 else values.flatten(1)
+            return (summer @ flat).reshape(self.n_cols, *values.shape[1:])
         return values.new_zeros((self.n_cols, *values.shape[1:])).index_add_(0, self.col, values)
 
     def logits(self, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -121,7 +122,7 @@ def fit_logistic_1d(columns: Columns, y: torch.Tensor, l2: float = L2, steps: in
     one_task = y.dim() == 1
     columns = columns.by_column()
     summer = columns.summer()
-    y = y.float().reshape(len(y), -1)  # float32 throughout: twice as fast as float64, and sums of tens of thousands of terms keep ~1e-6
+    y = y.float()[:, None] if one_task else y.float()  # (N, T); float32 throughout: twice as fast as float64, and sums of tens of thousands of terms keep ~1e-6
     n = len(y)
     x = columns.x.float()
     if columns.sparse:
