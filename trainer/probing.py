@@ -111,6 +111,59 @@ class Columns(NamedTuple):
         return self.x[:, None] if self.sparse else self.x[..., None]
 
 
+class LogisticColumns:
+    """The loss of sigmoid(w x + b) on every column and task, and its Newton step, for
+    fit_logistic_1d: x scaled to unit RMS per column; a sparse column's rows where x is 0 counted
+    once (`zeros`, `zero_positives`: they all share the logit b)."""
+
+    def __init__(self, columns: Columns, y: torch.Tensor, l2: float):
+        columns = columns.by_column()
+        self.summer = columns.summer()
+        self.n, self.l2 = len(y), l2
+        x = columns.x.float()
+        if columns.sparse:
+            self.y = y[columns.row]  # (E, T)
+            n_cols = columns.n_cols
+            self.zeros = (self.n - torch.bincount(columns.col, minlength=n_cols).float())[:, None]
+            self.zero_positives = y.sum(0) - columns.column_sum(self.y, self.summer)
+        else:
+            self.y = y[:, None, :]
+            n_cols = x.shape[1]
+            self.zeros = self.zero_positives = x.new_zeros(n_cols, 1)
+        scale = (columns.column_sum(x * x, self.summer) / self.n).sqrt()
+        self.scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        self.columns = Columns(x / (self.scale[columns.col] if columns.sparse else self.scale), columns.row,
+                               columns.col, n_cols)
+        self.feature = self.columns.features()
+
+    def sum(self, values: torch.Tensor) -> torch.Tensor:
+        return self.columns.column_sum(values, self.summer)
+
+    def logits(self, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return self.columns.logits(w, b)
+
+    def loss(self, z: torch.Tensor, w: torch.Tensor, b: torch.Tensor, penalty: bool = True) -> torch.Tensor:
+        """(n_cols, T) mean cross-entropy at logits z = logits(w, b) (+ l2/2 w²)."""
+        total = self.sum(softplus(z) - self.y * z) + self.zeros * softplus(b) - self.zero_positives * b
+        return total / self.n + (self.l2 / 2 * w * w if penalty else 0)
+
+    def newton_step(self, z: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The Newton step (d_w, d_b) of each column's (w, b), and the loss drop it promises
+        (half the Newton decrement)."""
+        p = torch.sigmoid(z)
+        r, h = p - self.y, p * (1 - p)
+        hx = h * self.feature
+        p0 = torch.sigmoid(b)
+        g_w = self.sum(r * self.feature) / self.n + self.l2 * w
+        g_b = (self.sum(r) + self.zeros * p0 - self.zero_positives) / self.n
+        h_ww = self.sum(hx * self.feature) / self.n + self.l2
+        h_wb = self.sum(hx) / self.n
+        h_bb = (self.sum(h) + self.zeros * p0 * (1 - p0)) / self.n + 1e-12
+        det = (h_ww * h_bb - h_wb * h_wb).clamp_min(1e-30)
+        d_w, d_b = (h_bb * g_w - h_wb * g_b) / det, (h_ww * g_b - h_wb * g_w) / det
+        return d_w, d_b, (g_w * d_w + g_b * d_b) / 2
+
+
 def fit_logistic_1d(columns: Columns, y: torch.Tensor, l2: float = L2, steps: int = NEWTON_STEPS
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fit sigmoid(w x + b) to the 0/1 labels y on every column at once, minimising the mean
@@ -120,80 +173,41 @@ def fit_logistic_1d(columns: Columns, y: torch.Tensor, l2: float = L2, steps: in
     serves them all). Returns (w, b, loss), each (n_cols,) or (n_cols, T) as `y`, w in the
     column's own units and loss without the penalty."""
     one_task = y.dim() == 1
-    columns = columns.by_column()
-    summer = columns.summer()
-    y = y.float()[:, None] if one_task else y.float()  # (N, T); float32 throughout: twice as fast as float64, and sums of tens of thousands of terms keep ~1e-6
-    n = len(y)
-    x = columns.x.float()
-    if columns.sparse:
-        y_e = y[columns.row]  # (E, T)
-        n_cols = columns.n_cols
-        zeros = (n - torch.bincount(columns.col, minlength=n_cols).float())[:, None]  # rows where the column is 0
-        zero_positives = y.sum(0) - columns.column_sum(y_e, summer)
-    else:
-        y_e = y[:, None, :]
-        n_cols = x.shape[1]
-        zeros = zero_positives = x.new_zeros(n_cols, 1)
-    scale = (columns.column_sum(x * x, summer) / n).sqrt()
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    scaled = Columns(x / (scale[columns.col] if columns.sparse else scale), columns.row, columns.col, n_cols)
-    feature = scaled.features()
-    n_tasks = y.shape[1]
+    # float32 throughout: twice as fast as float64, and sums of tens of thousands of terms keep ~1e-6
+    y = y.float()[:, None] if one_task else y.float()  # (N, T)
+    fit = LogisticColumns(columns, y, l2)
     share = y.mean(0).clamp(1e-6, 1 - 1e-6)
-    w, b = x.new_zeros(n_cols, n_tasks), (share / (1 - share)).log().expand(n_cols, -1).clone()
-
-    def sums(*values: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return tuple(scaled.column_sum(value, summer) for value in values)
-
-    def loss(z, b, w, penalty=True):
-        total = sums(softplus(z) - y_e * z)[0] + zeros * softplus(b) - zero_positives * b
-        return total / n + (l2 / 2 * w * w if penalty else 0)
-
-    z = scaled.logits(w, b)
-    current = loss(z, b, w)
+    w = y.new_zeros(fit.columns.n_cols if fit.columns.sparse else fit.columns.x.shape[1], y.shape[1])
+    b = (share / (1 - share)).log().expand_as(w).clone()
+    z = fit.logits(w, b)
+    current = fit.loss(z, w, b)
     for _ in range(steps):
-        p = torch.sigmoid(z)
-        r, h = p - y_e, p * (1 - p)
-        hx = h * feature
-        p0 = torch.sigmoid(b)
-        s_rx, s_r, s_hxx, s_hx, s_h = sums(r * feature, r, hx * feature, hx, h)
-        g_w = s_rx / n + l2 * w
-        g_b = (s_r + zeros * p0 - zero_positives) / n
-        h_ww = s_hxx / n + l2
-        h_wb = s_hx / n
-        h_bb = (s_h + zeros * p0 * (1 - p0)) / n + 1e-12
-        det = (h_ww * h_bb - h_wb * h_wb).clamp_min(1e-30)
-        d_w, d_b = (h_bb * g_w - h_wb * g_b) / det, (h_ww * g_b - h_wb * g_w) / det
-        # Half the Newton decrement is the loss drop the step promises: below DROP_TOLERANCE a column
-        # is at its optimum (float32 losses cannot show less), and halving its step would only
-        # chase rounding.
-        done = (g_w * d_w + g_b * d_b) / 2 < DROP_TOLERANCE
+        d_w, d_b, promised = fit.newton_step(z, w, b)
+        # Below DROP_TOLERANCE a column is at its optimum (float32 losses cannot show less), and
+        # halving its step would only chase rounding.
+        done = promised < DROP_TOLERANCE
         if bool(done.all()):
             break
-        step = torch.ones_like(w)
-        moved = done.clone()
+        step, moved = torch.ones_like(w), done.clone()
         for _ in range(6):  # halve the step where the loss did not fall
             w_trial, b_trial = w - step * d_w, b - step * d_b
-            z_trial = scaled.logits(w_trial, b_trial)
-            trial = loss(z_trial, b_trial, w_trial)
+            z_trial = fit.logits(w_trial, b_trial)
+            trial = fit.loss(z_trial, w_trial, b_trial)
             better = (trial <= current) & ~moved  # equal: a column already at its optimum
-            if bool((better | done).all()):  # every column took the full step: keep its logits for the next one
-                w, b, z, current = w_trial, b_trial, z_trial, trial
-                moved |= better
+            if bool((better | done).all()):  # every column took the whole step: its logits serve the next one
+                w, b, z, current, moved = w_trial, b_trial, z_trial, trial, moved | better
                 break
             w, b = torch.where(better, w_trial, w), torch.where(better, b_trial, b)
-            current = torch.where(better, trial, current)
-            moved |= better
+            current, moved = torch.where(better, trial, current), moved | better
             z = None
             if bool(moved.all()):
                 break
             step = torch.where(moved, step, step / 2)
-        if z is None:
-            z = scaled.logits(w, b)
+        z = fit.logits(w, b) if z is None else z
         if not bool((moved & ~done).any()):
             break  # no step lowered any loss
-    final = loss(z, b, w, penalty=False).float()
-    w, b = (w / scale[:, None]).float(), b.float()
+    final = fit.loss(z, w, b, penalty=False).float()
+    w, b = (w / fit.scale[:, None]).float(), b.float()
     return (w[:, 0], b[:, 0], final[:, 0]) if one_task else (w, b, final)
 
 
