@@ -8,10 +8,10 @@ read it back; or computed for every latent by `saescope harvest --ablation-examp
 from __future__ import annotations
 
 import json
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import numpy as np
-from pydantic import Field
+from pydantic import Field, ValidationError
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -34,8 +34,8 @@ class AblationContextOut(Record):
 class AblationTokenOut(Record):
     token_id: int
     token: str
-    change: float = Field(description="the mean change of its next-token log-probability over the positions the "
-                                      "ablation reaches")
+    change: float = Field(description="the change of its probability as the next token, summed over the positions "
+                                      "where the latent was removed (-1.5: it lost 1.5 positions' worth of probability)")
 
 
 class AblationOut(Record):
@@ -45,9 +45,12 @@ class AblationOut(Record):
     index: int
     contexts: list[AblationContextOut] = Field(description=f"its first top examples: {ABLATION_CONTEXTS} when computed on "
                                                            "first view, N with `saescope harvest --ablation-examples N`")
-    raised: list[AblationTokenOut] = Field(description="next tokens whose log-probability the ablation raises most")
+    raised: list[AblationTokenOut] = Field(description="next tokens whose probability the ablation raises most where "
+                                                       "it removes the latent")
     lowered: list[AblationTokenOut] = Field(description="... and lowers most")
     scale: float = Field(description="the largest |Δ log-prob| over the contexts: the full shade")
+    ranked_by: Literal["probability"] = Field(description="how raised and lowered are ranked: the change of "
+                                                          "probability (a section kept from before is computed again)")
 
 
 def stored_ablation(session: Session, sae_id: str, index: int) -> AblationOut | None:
@@ -55,7 +58,12 @@ def stored_ablation(session: Session, sae_id: str, index: int) -> AblationOut | 
     row = session.execute(select(LatentAblation.effects).join(Sae, Sae.id == LatentAblation.sae_id)
                           .where(LatentAblation.sae_id == sae_id, LatentAblation.latent == index,
                                  LatentAblation.content_hash == Sae.content_hash)).scalar_one_or_none()
-    return None if row is None else AblationOut.model_validate_json(row)
+    if row is None:
+        return None
+    try:
+        return AblationOut.model_validate_json(row)
+    except ValidationError:  # kept by an older version (its tokens ranked otherwise): computed again
+        return None
 
 
 def top_contexts(session: Session, sae_id: str, index: int) -> list[tuple[int, list[int], list[str]]]:
@@ -81,7 +89,7 @@ def ablation_record(sae_id: str, index: int, contexts, effects, strings: dict[in
                   for row, (context_id, _, tokens) in enumerate(contexts)],
         raised=[AblationTokenOut(token_id=i, token=strings.get(i, ""), change=round(v, 5)) for i, v in effects.raised[:TOP_TOKENS]],
         lowered=[AblationTokenOut(token_id=i, token=strings.get(i, ""), change=round(v, 5)) for i, v in effects.lowered[:TOP_TOKENS]],
-        scale=float(np.abs(delta).max()) if delta.size else 0.0)
+        scale=float(np.abs(delta).max()) if delta.size else 0.0, ranked_by="probability")
 
 
 def keep_ablation(session: Session, record: AblationOut, content_hash: str) -> None:
@@ -113,8 +121,8 @@ def harvest_records(sae_id: str, ablations: dict[str, np.ndarray], top_context: 
             continue
         contexts = [(int(top_context[latent, slot]), None, context_tokens[int(top_context[latent, slot])]) for slot in slots]
         effects = HarvestEffects(activations[latent, slots], delta[latent, slots],
-                                 _tokens(ablations["ablation_raised_ids"][latent], ablations["ablation_raised_values"][latent]),
-                                 _tokens(ablations["ablation_lowered_ids"][latent], ablations["ablation_lowered_values"][latent]))
+                                 _tokens(ablations["ablation_raised_ids"][latent], ablations["ablation_raised_change"][latent]),
+                                 _tokens(ablations["ablation_lowered_ids"][latent], ablations["ablation_lowered_change"][latent]))
         strings = {i: vocab[i] for i, _ in effects.raised + effects.lowered}
         records.append((latent, ablation_record(sae_id, latent, contexts, effects, strings)))
     return records

@@ -137,6 +137,24 @@ def assert_same_section(mine: dict, theirs: dict) -> None:
             assert (a["token_id"], a["token"]) == (b["token_id"], b["token"]) or abs(a["change"] - b["change"]) < TOL
 
 
+def test_an_artifact_of_the_old_ranking_is_left_to_the_pages(ablated_run, tmp_path, caplog):
+    """ablations.safetensors from before the tokens were ranked by probability (`*_values`): not
+    read, so its sections are computed on first view instead of shown with another meaning."""
+    from safetensors.torch import load_file
+
+    run = tmp_path / "old"
+    shutil.copytree(ablated_run, run)
+    path = run / HARVEST_DIR / ABLATIONS_FILE
+    tensors = load_file(str(path))
+    for side in ("raised", "lowered"):
+        tensors[f"ablation_{side}_values"] = tensors.pop(f"ablation_{side}_change")
+    write_tensors(path, tensors)
+    cfg, _ = load_sae(run)
+    with caplog.at_level("WARNING"):
+        assert load_harvest(run, cfg).ablations is None
+    assert "the old way" in caplog.text
+
+
 @pytest.mark.parametrize("bad", ["-1", "21", "two"])
 def test_a_bad_number_of_examples_is_a_clear_error_that_changes_nothing(tiny_run, bad, capsys, tmp_path):
     run = tmp_path / "run"

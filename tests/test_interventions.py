@@ -7,6 +7,7 @@ import torch
 
 from trainer.errors import ConfigError
 from trainer.interventions import (
+    READ_POSITIONS,
     LatentReader,
     Steering,
     ablation_effects,
@@ -15,6 +16,8 @@ from trainer.interventions import (
     first_divergence,
     generate,
     steering_edit,
+    strongest,
+    summed_top_tokens,
 )
 from trainer.runfolder import load_harvest, load_sae
 
@@ -158,6 +161,46 @@ def test_ablating_a_firing_latent_changes_only_what_comes_after_it(tiny):
     assert (effects.delta_logprob[0, : first + 1] == 0).all()  # token t is predicted at t - 1
     assert (effects.delta_logprob[0, first + 1 :] != 0).any()
     assert effects.raised and effects.lowered
+
+
+def test_the_raised_and_lowered_tokens_are_the_probability_change_where_it_was_removed(tiny):
+    """Against the whole model run twice by hand: softmax of the logits with and without the
+    latent (x − z·W_dec where it fires), their difference summed over its strongest positions."""
+    _, sae, lm, reader, _, prompt = tiny
+    z = firing(reader, lm, prompt)
+    z[0] = 0
+    latent = int((z > 0).sum(0).argmax())  # the latent firing at the most positions
+    where = z[:, latent] > 0
+    assert where.sum() > READ_POSITIONS  # so that the reading is at its strongest positions only
+    read = z[:, latent].topk(READ_POSITIONS).indices
+    effects = ablation_effects(lm, reader, torch.tensor([prompt]), latent, top_n=5)
+    loaded, ids = lm.loaded, torch.tensor([prompt])
+
+    def removed(resid):
+        delta = to_residual_by_hand(reader.norm, resid[0], z[:, latent, None] * sae.W_dec[latent].detach()[None])
+        return torch.where(where[None, :, None], resid - delta[None].to(resid.dtype), resid)
+
+    with torch.no_grad(), loaded.autocast():
+        clean = loaded.base(input_ids=ids, use_cache=False).last_hidden_state[0, read].float()
+        with loaded.editing(lm.layer, removed):
+            ablated = loaded.base(input_ids=ids, use_cache=False).last_hidden_state[0, read].float()
+    change = (torch.softmax(lm.unembed(ablated), -1) - torch.softmax(lm.unembed(clean), -1)).sum(0).double()
+    expected_up, expected_down = change.topk(5), change.topk(5, largest=False)
+    assert [i for i, _ in effects.raised] == expected_up.indices[expected_up.values > 0].tolist()
+    assert [i for i, _ in effects.lowered] == expected_down.indices[expected_down.values < 0].tolist()
+    assert [v for _, v in effects.raised] == pytest.approx(expected_up.values[expected_up.values > 0].tolist(), abs=1e-4)
+    assert [v for _, v in effects.lowered] == pytest.approx(expected_down.values[expected_down.values < 0].tolist(), abs=1e-4)
+    assert sum(v for _, v in effects.raised) <= READ_POSITIONS  # a probability change, at most 1 per position
+
+
+def test_top_tokens_sum_each_contexts_strongest():
+    tokens = torch.tensor([[3, 7, -1, -1], [7, 9, 2, -1]])
+    change = torch.tensor([[0.5, -0.2, 0.0, 0.0], [-0.4, 0.3, 0.1, 0.0]])
+    raised, lowered = summed_top_tokens(tokens, change, vocab_size=10, top_n=2)
+    assert raised == [(3, 0.5), (9, pytest.approx(0.3))]
+    assert lowered == [(7, pytest.approx(-0.6))]  # -0.2 - 0.4: both contexts lowered it
+    ids, values = strongest(torch.tensor([0.1, -0.5, 0.0, 0.7]), m=3)  # a vocabulary of 4: the two ends meet
+    assert sorted(ids[ids >= 0].tolist()) == [0, 1, 2, 3] and len(ids) == 6
 
 
 def test_effect_sparsity_against_a_hand_computed_case():

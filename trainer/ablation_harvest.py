@@ -6,9 +6,9 @@ RUN/harvest/ablations.safetensors (runfolder.ABLATION_TENSORS) for the loader to
 The work is ordered by context, not by latent: each context that is some latent's top example
 runs through the whole model once (the clean pass: the residual stream at the hookpoint and the
 SAE's top k kept), then once from the hookpoint on per latent removed from it, in batches of
-`batch` contexts (trainer.interventions.Ablator). A latent's raised and lowered tokens are read
-at the end from sums kept per latent (a d-vector and two numbers), so contexts can come in any
-order.
+`batch` contexts (trainer.interventions.Ablator). A latent's raised and lowered tokens are summed
+at the end from each of its contexts' most changed next tokens (kept per slot), so contexts can
+come in any order.
 
 A checkpoint (RUN/.harvest.ablations/, written whole every CHECKPOINT_SECONDS) holds the finished
 contexts' results; a harvest killed meanwhile and run again with the same SAE, model, contexts
@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from trainer.files import write_tensors
-from trainer.interventions import Ablator, CleanPass, LatentReader
+from trainer.interventions import PAIR_TOKENS, Ablator, CleanPass, LatentReader, summed_top_tokens
 from trainer.model import LanguageModel
 from trainer.progress import progress
 
@@ -77,30 +77,29 @@ class Plan:
 
 @dataclass
 class State:
-    """The results so far: per pair slot, and per latent the sums its top tokens are read from."""
+    """The results so far, per pair slot: the section's rows, and the next tokens whose
+    probability changed most (PairEffect), that the latent's top tokens are summed from."""
 
     activations: torch.Tensor  # (n, N, T)
     delta: torch.Tensor  # (n, N, T)
-    hidden_change: torch.Tensor  # (n, d) float64
-    lse_change: torch.Tensor  # (n,) float64
-    reached: torch.Tensor  # (n,) int64
+    tokens: torch.Tensor  # (n, N, 2 * PAIR_TOKENS) int64, -1: none
+    change: torch.Tensor  # (n, N, 2 * PAIR_TOKENS)
     done: int = 0  # chunks finished
 
     @classmethod
-    def empty(cls, n: int, n_examples: int, T: int, d: int) -> "State":
-        return cls(torch.zeros(n, n_examples, T), torch.zeros(n, n_examples, T), torch.zeros(n, d, dtype=torch.float64),
-                   torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.long))
+    def empty(cls, n: int, n_examples: int, T: int) -> "State":
+        return cls(torch.zeros(n, n_examples, T), torch.zeros(n, n_examples, T),
+                   torch.full((n, n_examples, 2 * PAIR_TOKENS), -1), torch.zeros(n, n_examples, 2 * PAIR_TOKENS))
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        return {"activations": self.activations, "delta": self.delta, "hidden_change": self.hidden_change,
-                "lse_change": self.lse_change, "reached": self.reached}
+        return {"activations": self.activations, "delta": self.delta, "tokens": self.tokens, "change": self.change}
 
 
 def plan_key(lm: LanguageModel, reader: LatentReader, plan: Plan, token_ids: np.ndarray, skip_first: int) -> str:
     """What the results depend on: a checkpoint with another key is started again."""
     digest = hashlib.sha256()
     for part in (lm.name, lm.layer, str(lm.forward_dtype), str(reader.dtype), tuple(reader.norm), skip_first, plan.batch,
-                 token_ids.shape, TOP_TOKENS):
+                 token_ids.shape, TOP_TOKENS, "probability", PAIR_TOKENS):
         digest.update(repr(part).encode())
     for array in (plan.latent, plan.slot, plan.context, np.ascontiguousarray(token_ids[plan.contexts])):
         digest.update(np.ascontiguousarray(array).tobytes())
@@ -142,10 +141,10 @@ def ablation_sections(lm: LanguageModel, reader: LatentReader, token_ids: np.nda
                       n_examples: int, skip_first: int, batch: int, checkpoint: Path | None = None) -> dict[str, torch.Tensor]:
     """runfolder.ABLATION_TENSORS for every latent over its first `n_examples` top contexts
     (`top_context` (n, K) rows into `token_ids` (C, T)), checkpointed in the folder `checkpoint`."""
-    n, T, d = top_context.shape[0], token_ids.shape[1], reader.sae.W_dec.shape[1]
+    n, T = top_context.shape[0], token_ids.shape[1]
     plan = Plan.of(top_context, n_examples, batch)
     key = plan_key(lm, reader, plan, token_ids, skip_first)
-    state = load_checkpoint(checkpoint, key, State.empty(n, n_examples, T, d))
+    state = load_checkpoint(checkpoint, key, State.empty(n, n_examples, T))
     ablator = Ablator(lm, reader, skip_first)
     done_pairs = int(np.searchsorted(plan.context, plan.contexts[state.done * plan.batch], side="left")) \
         if state.done < plan.n_chunks else len(plan.latent)
@@ -157,9 +156,7 @@ def ablation_sections(lm: LanguageModel, reader: LatentReader, token_ids: np.nda
         for (_, _, pair), effect in zip(items, effects):
             latent, slot = int(plan.latent[pair]), int(plan.slot[pair])
             state.activations[latent, slot], state.delta[latent, slot] = effect.activations.cpu(), effect.delta
-            state.hidden_change[latent] += effect.hidden_change
-            state.lse_change[latent] += effect.lse_change
-            state.reached[latent] += effect.reached
+            state.tokens[latent, slot], state.change[latent, slot] = effect.tokens, effect.change
         bar.update(len(items))
 
     with progress(total=len(plan.latent), initial=done_pairs, desc="ablation", unit="example") as bar:
@@ -185,15 +182,15 @@ def ablation_sections(lm: LanguageModel, reader: LatentReader, token_ids: np.nda
 
 
 def finish(ablator: Ablator, state: State) -> dict[str, torch.Tensor]:
-    n = len(state.reached)
+    n, vocab_size = len(state.tokens), ablator.lm.unembed.weight.shape[0]
     ids = {name: torch.full((n, TOP_TOKENS), -1, dtype=torch.long) for name in ("raised", "lowered")}
     values = {name: torch.zeros(n, TOP_TOKENS) for name in ("raised", "lowered")}
-    for latent in state.reached.nonzero()[:, 0].tolist():
-        found = dict(zip(("raised", "lowered"), ablator.top_tokens(state.hidden_change[latent], float(state.lse_change[latent]),
-                                                                    int(state.reached[latent]), TOP_TOKENS)))
+    for latent in (state.tokens >= 0).flatten(1).any(1).nonzero()[:, 0].tolist():
+        found = dict(zip(("raised", "lowered"), summed_top_tokens(state.tokens[latent], state.change[latent], vocab_size,
+                                                                   TOP_TOKENS)))
         for name, tokens in found.items():
             for j, (token, value) in enumerate(tokens):
                 ids[name][latent, j], values[name][latent, j] = token, value
     return {"ablation_activations": state.activations, "ablation_delta_logprob": state.delta,
-            "ablation_raised_ids": ids["raised"], "ablation_raised_values": values["raised"],
-            "ablation_lowered_ids": ids["lowered"], "ablation_lowered_values": values["lowered"]}
+            "ablation_raised_ids": ids["raised"], "ablation_raised_change": values["raised"],
+            "ablation_lowered_ids": ids["lowered"], "ablation_lowered_change": values["lowered"]}

@@ -276,6 +276,12 @@ def steer_run(run_dir, prompt: str, specs: list[str], mode: str = "add", n_token
 # ---------------------------------------------------------------- ablation of one latent
 
 HEAD_ROWS = 256  # positions through the LM head at once: (rows, V) fp32 logits, 50 MB for SmolLM2's 49,152 tokens
+# Per (latent, context), the next tokens kept each way: a latent's raised and lowered tokens sum
+# them over its contexts (a token outside a context's 64 counts 0 there: it moved less than they).
+PAIR_TOKENS = 64
+# ... read where it is strongest in the context, at most this many positions: a latent that fires
+# on half the tokens would otherwise put half of them through the (V, d) head twice more.
+READ_POSITIONS = 8
 
 
 @dataclass
@@ -285,7 +291,7 @@ class AblationEffects:
     latent: int
     activations: np.ndarray  # (C, T) its activation where it was ablated (0 elsewhere)
     delta_logprob: np.ndarray  # (C, T) Δ log p of each actual token given the ones before (0 at t = 0)
-    raised: list[tuple[int, float]]  # next tokens whose log-probability rose most (mean over affected positions)
+    raised: list[tuple[int, float]]  # next tokens whose probability rose most (summed over the positions where it fired)
     lowered: list[tuple[int, float]]
 
 
@@ -321,14 +327,14 @@ class CleanPass:
 @dataclass
 class PairEffect:
     """One latent removed from one context: per token, its activation and the change of the
-    actual token's log-probability, and the sums over the reached positions (from the first
-    removal on) that the raised and lowered tokens are read from."""
+    actual token's log-probability; and the next tokens whose probability changed most, summed
+    over the (up to READ_POSITIONS) positions where it was strongest (its direct effect), that the
+    raised and lowered tokens are summed from (summed_top_tokens)."""
 
     activations: torch.Tensor  # (T,)
     delta: torch.Tensor  # (T,)
-    hidden_change: torch.Tensor  # (d,) float64: Σ over reached positions of the final hidden state's change
-    lse_change: float  # Σ over reached positions of the logsumexp's change
-    reached: int  # positions at or after the first removal
+    tokens: torch.Tensor  # (2 * PAIR_TOKENS,) ids, the most raised and the most lowered; -1 where none
+    change: torch.Tensor  # (2 * PAIR_TOKENS,) float32: their change of probability
 
 
 def first_firing(z: torch.Tensor) -> int:
@@ -346,9 +352,8 @@ class Ablator:
     x − z_i(x)·W_dec[i] where z_i > 0 (the SAE's error term kept), positions where it does not
     fire left bit for bit; positions before the first removal cannot change (the model is causal)
     and are not run through the head. Log-probabilities are read as logit − logsumexp of the
-    fp32 head, and the mean change over the vocabulary through the head's linearity (the mean of
-    the logits' change is the head applied to the mean change of the final hidden state): no
-    (positions, V) log-softmax or change tensor is made."""
+    fp32 head; the whole vocabulary's probabilities only where the latent was removed (the raised
+    and lowered tokens), so no (positions, V) tensor is made over a whole context."""
 
     def __init__(self, lm: LanguageModel, reader: LatentReader, skip_first: int = 1):
         self.lm, self.reader, self.skip_first = lm, reader, skip_first
@@ -398,7 +403,8 @@ class Ablator:
             raise ValueError(f"at most {B} contexts per ablated pass (the captured pass's batch), got {len(items)}")
         zs = [clean.activations(row, latent, self.skip_first) for clean, row, latent in items]
         firsts = [first_firing(z) for z in zs]
-        effects = [PairEffect(z, torch.zeros(T), torch.zeros(d, dtype=torch.float64), 0.0, 0) for z in zs]
+        effects = [PairEffect(z, torch.zeros(T), torch.full((2 * PAIR_TOKENS,), -1), torch.zeros(2 * PAIR_TOKENS))
+                   for z in zs]
         live = [i for i, first in enumerate(firsts) if first < T]  # a latent that never fires there changes nothing
         if not live:
             return effects
@@ -427,10 +433,17 @@ class Ablator:
             lse_c, target_c = clean.lse[row, first:], clean.target[row, first:]
             # position t predicts token t + 1: the change of token t + 1's log-probability
             effects[i].delta[first + 1 :] = ((target_a - lse_a) - (target_c - lse_c))[:-1]
-            effects[i].hidden_change = (hidden[slot, first:].double() - clean.hidden[row, first:].double()).sum(0).cpu()
-            effects[i].lse_change = float((lse_a - lse_c).double().sum())
-            effects[i].reached = n
+            strongest_at = zs[i].topk(min(READ_POSITIONS, int((zs[i] > 0).sum()))).indices
+            change = self.probability_change(clean.hidden[row, strongest_at.to(clean.hidden.device)],
+                                             hidden[slot, strongest_at.to(hidden.device)].float())
+            effects[i].tokens, effects[i].change = strongest(change, PAIR_TOKENS)
         return effects
+
+    def probability_change(self, clean: torch.Tensor, ablated: torch.Tensor) -> torch.Tensor:
+        """(V,) each next token's change of probability, summed over positions, from the final
+        hidden states (P, d) without and with the removal (fp32 head)."""
+        unembed = self.lm.unembed
+        return (torch.softmax(unembed(ablated), -1) - torch.softmax(unembed(clean), -1)).sum(0).cpu()
 
     def remove(self, clean: CleanPass, row: int, latent: int, z: torch.Tensor) -> torch.Tensor:
         """Context `row`'s residual stream (T, d) with x − z·W_dec[latent] where z > 0."""
@@ -440,33 +453,43 @@ class Ablator:
         delta = to_residual(self.reader.norm, stats, z[:, None].to(self.W_dec.device) * self.W_dec[latent][None, :])
         return torch.where((z > 0).to(resid.device)[:, None], resid - delta.to(resid.dtype), resid)
 
-    def top_tokens(self, hidden_change: torch.Tensor, lse_change: float, reached: int,
-                   top_n: int) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
-        """The next tokens whose log-probability the removal raised and lowered most, on average
-        over the `reached` positions: the head applied to the mean change of the final hidden
-        state, less the mean change of the logsumexp (a bias of the head cancels in the change)."""
-        if reached == 0:
-            return [], []
-        weight = self.lm.unembed.weight  # (V, d)
-        mean = (weight.float() @ (hidden_change / reached).float().to(weight.device)).cpu() - lse_change / reached
-        top, bottom = mean.topk(top_n), mean.topk(top_n, largest=False)
-        return ([(int(i), float(v)) for v, i in zip(*top) if v > 0],
-                [(int(i), float(v)) for v, i in zip(*bottom) if v < 0])
+
+def strongest(change: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ids of the m largest and the m smallest entries of `change` (V,) (each once where the
+    two meet, in a small vocabulary) and their values, padded with id -1 to 2m."""
+    m = min(m, len(change))
+    ids = torch.unique(torch.cat([change.topk(m).indices, change.topk(m, largest=False).indices]))
+    tokens, values = torch.full((2 * m,), -1), torch.zeros(2 * m)
+    tokens[: len(ids)], values[: len(ids)] = ids, change[ids].float()
+    return tokens, values
+
+
+def summed_top_tokens(tokens: torch.Tensor, change: torch.Tensor, vocab_size: int,
+                      top_n: int) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
+    """The next tokens whose probability the removal raised and lowered most: each context's
+    strongest (`tokens`, `change`: (P, 2m) from PairEffect, id -1 = none) summed over the
+    contexts. Returns (raised, lowered), each [(id, summed change)], strongest first."""
+    kept = tokens >= 0
+    total = torch.zeros(vocab_size, dtype=torch.float64).index_add_(0, tokens[kept], change[kept].double())
+    n = min(top_n, vocab_size)
+    top, bottom = total.topk(n), total.topk(n, largest=False)
+    return ([(int(i), float(v)) for v, i in zip(*top) if v > 0],
+            [(int(i), float(v)) for v, i in zip(*bottom) if v < 0])
 
 
 @torch.no_grad()
 def ablation_effects(lm: LanguageModel, reader: LatentReader, contexts: torch.Tensor, latent: int,
                      skip_first: int = 1, top_n: int = 10) -> AblationEffects:
     """`latent` removed from `contexts` (C, T) (Ablator): one clean pass over them and, from the
-    hookpoint on, one ablated pass. The raised and lowered tokens average the change of every
-    next-token log-probability over the positions the ablation can reach (from the first where
-    it fired, per context)."""
+    hookpoint on, one ablated pass. The raised and lowered tokens sum the change of every
+    next token's probability over the positions where the latent was removed, the strongest
+    READ_POSITIONS of each context (summed_top_tokens)."""
     ablator = Ablator(lm, reader, skip_first)
     C = contexts.shape[0]
     clean = ablator.clean(contexts, [[latent]] * C)
     effects = ablator.ablate([(clean, row, latent) for row in range(C)], clean.captured)
-    raised, lowered = ablator.top_tokens(sum(e.hidden_change for e in effects), sum(e.lse_change for e in effects),
-                                         sum(e.reached for e in effects), top_n)
+    raised, lowered = summed_top_tokens(torch.stack([e.tokens for e in effects]), torch.stack([e.change for e in effects]),
+                                        lm.unembed.weight.shape[0], top_n)
     return AblationEffects(latent, torch.stack([e.activations for e in effects]).cpu().numpy(),
                            torch.stack([e.delta for e in effects]).numpy(), raised, lowered)
 

@@ -27,6 +27,7 @@ Every reader raises `RunFolderError` with a one-line message naming the file at 
 from __future__ import annotations
 
 import ctypes
+import logging
 import os
 import shutil
 import sys
@@ -41,6 +42,8 @@ from trainer.formats import SAE_FILE
 from trainer.llm_explanations import drop_llm_explanations
 from trainer.runconfig import RunConfig
 from trainer.sae import TopKSAE
+
+log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.json"
 HARVEST_DIR = "harvest"
@@ -110,11 +113,14 @@ ABLATIONS_FILE = "ablations.safetensors"
 ABLATION_TENSORS = {
     "ablation_activations": ("n", "N", "T"),  # the latent's activation where it was removed (0 elsewhere)
     "ablation_delta_logprob": ("n", "N", "T"),  # Δ log p of each actual token given the ones before it
-    "ablation_raised_ids": ("n", "A"),  # next tokens whose log-probability the removal raised most
-    "ablation_raised_values": ("n", "A"),  # ... their mean change over the positions it reaches
+    "ablation_raised_ids": ("n", "A"),  # next tokens whose probability the removal raised most
+    "ablation_raised_change": ("n", "A"),  # ... their change, summed over the positions where it was removed
     "ablation_lowered_ids": ("n", "A"),  # ... and lowered most
-    "ablation_lowered_values": ("n", "A"),
+    "ablation_lowered_change": ("n", "A"),
 }
+# A file from before the raised and lowered tokens were ranked by probability (by the mean change of
+# log-probability, which rare tokens ruled) is not read: its sections are computed on first view.
+OLD_ABLATION_TENSORS = ("ablation_raised_values", "ablation_lowered_values")
 
 HARVEST_DTYPES = {  # everything else is float32
     "top_activations": torch.float16, "quantile_activations": torch.float16, "token_ids": torch.int32,
@@ -363,6 +369,10 @@ def _ablations(folder: Path, sizes: dict, n_tokens: int) -> dict[str, torch.Tens
     path = folder / ABLATIONS_FILE
     if not path.exists():
         return None
+    if _holds_old_ablations(path):
+        log.warning("%s ranks raised and lowered tokens the old way: not read (the feature pages compute their "
+                    "sections on first view; `saescope harvest --ablation-examples N` makes it anew)", path)
+        return None
     found = read_tensors(path, tuple(ABLATION_TENSORS))
     for name, symbols in ABLATION_TENSORS.items():
         _check_shape(path, name, tuple(found[name].shape), symbols, sizes)
@@ -373,6 +383,17 @@ def _ablations(folder: Path, sizes: dict, n_tokens: int) -> dict[str, torch.Tens
         if ids.numel() and (int(ids.min()) < -1 or int(ids.max()) >= n_tokens):
             raise RunFolderError(f"{path}: {name} holds ids outside -1..{n_tokens - 1}")
     return {name: t.long() if HARVEST_DTYPES.get(name) == torch.int64 else t.float() for name, t in found.items()}
+
+
+def _holds_old_ablations(path: Path) -> bool:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            names = set(f.keys())
+    except Exception:  # noqa: BLE001: unreadable: read_tensors says so in its own words
+        return False
+    return bool(names & set(OLD_ABLATION_TENSORS)) and not names & {"ablation_raised_change"}
 
 
 def _token_bytes(folder: Path, n_tokens: int) -> list[str] | None:

@@ -34,6 +34,20 @@ def test_computed_on_first_view_then_kept(tiny_client, tiny_sae_id, tiny_db):
     assert tiny_client.get(f"/saes/{tiny_sae_id}/features/7.json").json()["ablation"] == ablation
     kept = tiny_client.get(f"/saes/{tiny_sae_id}/features/7")
     assert 'class="ablation" id="ablation"' in kept.text and "Δ log p" in kept.text and 'hx-trigger="revealed"' not in kept.text
+    assert ablation["ranked_by"] == "probability" and "Δ probability" in kept.text
+
+    # A section kept by an older version (its tokens ranked by the mean change of log-probability,
+    # no `ranked_by`) is computed again on its next view, and replaced.
+    old = dict(ablation, raised=[{"token_id": 1, "token": "x", "change": 9.0}])
+    del old["ranked_by"]
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE latent_ablations SET effects = :e WHERE sae_id = :s AND latent = 7"),
+                     {"e": __import__("json").dumps(old), "s": tiny_sae_id})
+    assert tiny_client.get(feature["ablation_url"] + ".json").json() == ablation
+    with engine.connect() as conn:
+        kept_row = conn.execute(text("SELECT effects FROM latent_ablations WHERE sae_id = :s AND latent = 7"),
+                                {"s": tiny_sae_id}).scalar()
+    assert '"ranked_by":"probability"' in kept_row.replace(" ", "")
 
 
 def test_fragment_escapes_corpus_text_and_says_why_it_cannot_run(tiny_client, tiny_sae_id):
