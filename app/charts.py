@@ -168,7 +168,11 @@ def line_chart(series: list[Series], *, title: str, x_label: str, y_label: str, 
     else:
         low, high = min(0.0, min(ys)), max(ys)
         room = high * 1.4  # the legend sits in the top right corner
-        top = nice_step(room / 4) * math.ceil(room / nice_step(room / 4)) if y_below_1 and 0 < room < 1 else nice_ceiling(high)
+        if y_below_1 and 0 < room < 1:
+            step = nice_step(room / 4)
+            top = step * math.ceil(room / step)
+        else:
+            top = nice_ceiling(high)
         y_values = nice_ticks(low, top if high > low else low + 1, 4)
         y_values = [t for t in y_values if t == int(t)] if y_counts else y_values
         y_scale = Scale(y_values[0], y_values[-1] if y_values[-1] > y_values[0] else y_values[0] + 1, HEIGHT - BOTTOM, TOP)

@@ -457,8 +457,8 @@ class Ablator:
 def strongest(change: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The ids of the m largest and the m smallest entries of `change` (V,) (each once where the
     two meet, in a small vocabulary) and their values, padded with id -1 to 2m."""
-    m = min(m, len(change))
-    ids = torch.unique(torch.cat([change.topk(m).indices, change.topk(m, largest=False).indices]))
+    k = min(m, len(change))  # a vocabulary smaller than m: all of it
+    ids = torch.unique(torch.cat([change.topk(k).indices, change.topk(k, largest=False).indices]))
     tokens, values = torch.full((2 * m,), -1), torch.zeros(2 * m)
     tokens[: len(ids)], values[: len(ids)] = ids, change[ids].float()
     return tokens, values

@@ -91,14 +91,13 @@ class Columns(NamedTuple):
                                        (self.n_cols, len(self.col)))
 
     def column_sum(self, values: torch.Tensor, summer: torch.Tensor | None = None) -> torch.Tensor:
-        """Per column (and task), the sum over rows of `values`: (E,) or (E, T) sparse, (N, D) or
-        (N, D, T) dense, to (n_cols,) or (n_cols, T)."""
+        """Per column (and task), the sum over rows of `values`: (E,) or (E, T) sparse, through
+        `summer` (these sorted columns' summer()), (N, D) or (N, D, T) dense, to (n_cols,) or
+        (n_cols, T)."""
         if not self.sparse:
             return values.sum(0)
-        if summer is not None:
-            flat = values[:, None] if values.dim() == 1 else values.flatten(1)
-            return (summer @ flat).reshape(self.n_cols, *values.shape[1:])
-        return values.new_zeros((self.n_cols, *values.shape[1:])).index_add_(0, self.col, values)
+        flat = values[:, None] if values.dim() == 1 else values.flatten(1)
+        return (summer @ flat).reshape(self.n_cols, *values.shape[1:])
 
     def logits(self, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """w x + b for every probe, w and b (n_cols, T): (E, T) sparse, (N, D, T) dense."""
@@ -123,12 +122,12 @@ class LogisticColumns:
         x = columns.x.float()
         if columns.sparse:
             self.y = y[columns.row]  # (E, T)
-            n_cols = columns.n_cols
+            self.n_cols = n_cols = columns.n_cols
             self.zeros = (self.n - torch.bincount(columns.col, minlength=n_cols).float())[:, None]
             self.zero_positives = y.sum(0) - columns.column_sum(self.y, self.summer)
         else:
             self.y = y[:, None, :]
-            n_cols = x.shape[1]
+            self.n_cols = n_cols = x.shape[1]
             self.zeros = self.zero_positives = x.new_zeros(n_cols, 1)
         scale = (columns.column_sum(x * x, self.summer) / self.n).sqrt()
         self.scale = torch.where(scale > 0, scale, torch.ones_like(scale))
@@ -177,7 +176,7 @@ def fit_logistic_1d(columns: Columns, y: torch.Tensor, l2: float = L2, steps: in
     y = y.float()[:, None] if one_task else y.float()  # (N, T)
     fit = LogisticColumns(columns, y, l2)
     share = y.mean(0).clamp(1e-6, 1 - 1e-6)
-    w = y.new_zeros(fit.columns.n_cols if fit.columns.sparse else fit.columns.x.shape[1], y.shape[1])
+    w = y.new_zeros(fit.n_cols, y.shape[1])
     b = (share / (1 - share)).log().expand_as(w).clone()
     z = fit.logits(w, b)
     current = fit.loss(z, w, b)
