@@ -163,28 +163,69 @@ def test_ablating_a_firing_latent_changes_only_what_comes_after_it(tiny):
     assert effects.raised and effects.lowered
 
 
-def test_the_raised_and_lowered_tokens_are_the_probability_change_where_it_was_removed(tiny):
-    """Against the whole model run twice by hand: softmax of the logits with and without the
-    latent (x − z·W_dec where it fires), their difference summed over its strongest positions."""
-    _, sae, lm, reader, _, prompt = tiny
-    z = firing(reader, lm, prompt)
+def whole_model_twice(lm, reader, prompt: list[int], latent: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The final hidden states (T, d) over `prompt` as it is and, by hand, with `latent` removed
+    (x − z·W_dec where it fires, the first position left out), the whole model run each time."""
+    z = firing(reader, lm, prompt)[:, latent]
     z[0] = 0
-    latent = int((z > 0).sum(0).argmax())  # the latent firing at the most positions
-    where = z[:, latent] > 0
-    assert where.sum() > READ_POSITIONS  # so that the reading is at its strongest positions only
-    read = z[:, latent].topk(READ_POSITIONS).indices
-    effects = ablation_effects(lm, reader, torch.tensor([prompt]), latent, top_n=5)
     loaded, ids = lm.loaded, torch.tensor([prompt])
 
     def removed(resid):
-        delta = to_residual_by_hand(reader.norm, resid[0], z[:, latent, None] * sae.W_dec[latent].detach()[None])
-        return torch.where(where[None, :, None], resid - delta[None].to(resid.dtype), resid)
+        delta = to_residual_by_hand(reader.norm, resid[0], z[:, None] * reader.sae.W_dec[latent].detach()[None])
+        return torch.where((z > 0)[None, :, None], resid - delta[None].to(resid.dtype), resid)
 
     with torch.no_grad(), loaded.autocast():
-        clean = loaded.base(input_ids=ids, use_cache=False).last_hidden_state[0, read].float()
+        clean = loaded.base(input_ids=ids, use_cache=False).last_hidden_state[0].float()
         with loaded.editing(lm.layer, removed):
-            ablated = loaded.base(input_ids=ids, use_cache=False).last_hidden_state[0, read].float()
-    change = (torch.softmax(lm.unembed(ablated), -1) - torch.softmax(lm.unembed(clean), -1)).sum(0).double()
+            ablated = loaded.base(input_ids=ids, use_cache=False).last_hidden_state[0].float()
+    return clean, ablated
+
+
+def densest_latent(reader, lm, prompt: list[int]) -> int:
+    """The latent firing at the most positions of `prompt` (the first position left out)."""
+    z = firing(reader, lm, prompt)
+    z[0] = 0
+    return int((z > 0).sum(0).argmax())
+
+
+def test_the_lm_head_gives_the_modules_logits(tiny):
+    _, _, lm, _, _, _ = tiny
+    hidden = torch.randn(3, 7, lm.d_model)
+    with torch.no_grad():
+        torch.testing.assert_close(lm.logits(hidden), lm.unembed(hidden), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(lm.logits(hidden[0, :1]), lm.unembed(hidden[0, :1]), rtol=1e-5, atol=1e-5)
+
+
+def test_the_change_of_each_tokens_log_probability_is_the_whole_model_run_twice(tiny):
+    _, _, lm, reader, _, prompt = tiny
+    latent = densest_latent(reader, lm, prompt)
+    effects = ablation_effects(lm, reader, torch.tensor([prompt]), latent)
+    clean, ablated = whole_model_twice(lm, reader, prompt, latent)
+    next_ids = torch.tensor(prompt[1:])[:, None]
+
+    def log_p(hidden):  # of token t + 1 at position t
+        return torch.log_softmax(lm.unembed(hidden[:-1]), -1).gather(-1, next_ids)[:, 0]
+
+    expected = torch.zeros(len(prompt))
+    with torch.no_grad():
+        expected[1:] = log_p(ablated) - log_p(clean)
+    assert expected.abs().max() > 1e-2  # the removal changes something to compare
+    torch.testing.assert_close(torch.from_numpy(effects.delta_logprob[0]), expected, rtol=0, atol=1e-4)
+
+
+def test_the_raised_and_lowered_tokens_are_the_probability_change_where_it_was_removed(tiny):
+    """Against the whole model run twice by hand: softmax of the logits with and without the
+    latent (x − z·W_dec where it fires), their difference summed over its strongest positions."""
+    _, _, lm, reader, _, prompt = tiny
+    latent = densest_latent(reader, lm, prompt)
+    z = firing(reader, lm, prompt)[:, latent]
+    z[0] = 0
+    assert (z > 0).sum() > READ_POSITIONS  # so that the reading is at its strongest positions only
+    read = z.topk(READ_POSITIONS).indices
+    effects = ablation_effects(lm, reader, torch.tensor([prompt]), latent, top_n=5)
+    clean, ablated = whole_model_twice(lm, reader, prompt, latent)
+    with torch.no_grad():
+        change = (torch.softmax(lm.unembed(ablated[read]), -1) - torch.softmax(lm.unembed(clean[read]), -1)).sum(0).double()
     expected_up, expected_down = change.topk(5), change.topk(5, largest=False)
     assert [i for i, _ in effects.raised] == expected_up.indices[expected_up.values > 0].tolist()
     assert [i for i, _ in effects.lowered] == expected_down.indices[expected_down.values < 0].tolist()

@@ -179,6 +179,38 @@ class Captured:
     inputs: tuple[tuple, dict] | None = None
 
 
+class Unembedding:
+    """The LM head in fp32, for the logits that interventions compare (changes of next-token
+    log-probability, read to 1e-4). On a CPU it runs through oneDNN with its weight packed once
+    (113 MB for SmolLM2), in the same fp32 arithmetic as the module: torch's linear calls MKL's
+    sgemm, which on AMD EPYC takes 1.4x as long over 256 rows and 2.8x over one (BENCHMARKS.md,
+    Interventions). Where the packed op is missing or fails, the module itself runs."""
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+        self._packed = None  # the packed weight, made on first use; False: not available here
+        self._lock = threading.Lock()
+
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(..., d) fp32 final hidden states -> (..., V) fp32 logits."""
+        packed = self._packed if self._packed is not None else self._pack()
+        if packed is False:
+            return self.module(hidden)
+        return torch.ops.mkldnn._linear_pointwise(hidden, packed, self.module.bias, "none", [], "")
+
+    def _pack(self):
+        with self._lock:
+            if self._packed is None:
+                weight = self.module.weight
+                self._packed = False
+                if weight.device.type == "cpu" and weight.dtype == torch.float32 and torch.backends.mkldnn.is_available():
+                    try:
+                        self._packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 256)
+                    except (AttributeError, RuntimeError, NotImplementedError) as error:
+                        logging.getLogger(__name__).info("the LM head runs as torch's linear: oneDNN's packed linear is not available (%s)", error)
+            return self._packed
+
+
 class _StopForward(Exception):
     """Raised by block L's hook to end a forward that only needs the residual stream there."""
 
@@ -199,6 +231,7 @@ class LoadedModel:
         prefix = f"{causal_lm.base_model_prefix}." if causal_lm.base_model_prefix else ""
         self.blocks_path = f"{prefix}{self.blocks_name}"  # e.g. model.layers
         self.final_norm = find_final_norm(self.base)
+        self.unembedding = Unembedding(causal_lm.get_output_embeddings())
         self._local = threading.local()
         for layer, block in enumerate(self.blocks):
             block.register_forward_hook(self._stop_hook(layer))
@@ -375,6 +408,10 @@ class LanguageModel:
     @property
     def unembed(self) -> nn.Module | None:
         return self.loaded.causal_lm.get_output_embeddings()
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(..., d) fp32 final hidden states -> (..., V) fp32 logits (the LM head: Unembedding)."""
+        return self.loaded.unembedding(hidden)
 
     @property
     def forward_dtype(self) -> torch.dtype:
