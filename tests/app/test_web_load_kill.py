@@ -38,9 +38,10 @@ KILL_POINTS = [
 
 @pytest.fixture(scope="module")
 def big_run(tmp_path_factory) -> Path:
-    """Big enough that writing its examples takes a while (131,072 example rows)."""
+    """Big enough that writing its examples takes a while (131,072 example rows). Its contexts are
+    fewer: each loader start reads every one into the search documents before it writes."""
     return make_synthetic_run(tmp_path_factory.mktemp("big") / "run", n_latents=4096, n_examples=32,
-                              context_length=32, n_contexts=8192)
+                              context_length=32, n_contexts=1024)
 
 
 def start_loader(run: Path, url: str) -> subprocess.Popen:
@@ -178,7 +179,7 @@ def old_run(tmp_path_factory) -> Path:
     """The same SAE id as big_run (model, layer, size, k) from other files, with other row counts
     (fewer examples and contexts, another seed): what a `--replace` of big_run swaps out."""
     return make_synthetic_run(tmp_path_factory.mktemp("old") / "run", n_latents=4096, n_examples=8,
-                              context_length=32, n_contexts=4096, seed=1)
+                              context_length=32, n_contexts=512, seed=1)
 
 
 # (what the loader says, seconds to wait after it, must the old run still be there?)
