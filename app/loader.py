@@ -62,6 +62,7 @@ from app.models import (
     Vocab,
 )
 from app.models import SEARCH_TABLE
+from app.quality import detection_summary
 from app.search import terms
 from app.search_documents import ExplanationText, search_documents
 from trainer.errors import RunFolderError
@@ -318,11 +319,12 @@ def _timestamp(text: str) -> datetime:
 
 def write_llm_explanations(conn: Connection, sae_id: str, rows: list[dict], digest: str | None) -> None:
     """Put `rows` in place of the SAE's LLM explanations, inside the caller's transaction, and
-    record the hash of the file they came from."""
+    record the hash of the file they came from and their sum per model (saes.detection)."""
     conn.execute(delete(LatentExplanation).where(LatentExplanation.sae_id == sae_id))
     if rows:
         conn.execute(LatentExplanation.__table__.insert(), [{"sae_id": sae_id, **row} for row in rows])
-    conn.execute(Sae.__table__.update().where(Sae.id == sae_id).values(llm_explanations_hash=digest))
+    summary = json.dumps(detection_summary((row["source"], row["score"]) for row in rows))
+    conn.execute(Sae.__table__.update().where(Sae.id == sae_id).values(llm_explanations_hash=digest, detection=summary))
 
 
 def latent_rows(arrays: dict[str, np.ndarray], explanations: list[dict]) -> Rows:

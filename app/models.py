@@ -71,6 +71,9 @@ class Sae(Base):
     # sha256 of RUN/llm_explanations.jsonl as loaded (NULL: none): a load after `saescope explain`
     # replaces the SAE's latent_explanations alone (the rest has the same content_hash).
     llm_explanations_hash: Mapped[str | None] = mapped_column(String(64))
+    # Those explanations summed up per language model (JSON, app.quality.detection_summary), written
+    # with them: the SAE page reads this one row, not every explanation of a 65,536-latent SAE.
+    detection: Mapped[str] = mapped_column(Text, server_default="[]")
 
 
 # The dtype of each per-latent BLOB (little-endian): the loader writes them, app.features reads them.

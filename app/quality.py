@@ -12,16 +12,20 @@
   grouped query per page; an SAE loaded without a harvest has none (null).
 - **Explanations from language models** (`saescope explain`) are scored otherwise, by detection
   (balanced accuracy on held-out contexts, 0.5 = chance): per model, the latents it explained,
-  their mean score and the share scoring at least GOOD_DETECTION.
+  their mean score and the share scoring at least GOOD_DETECTION (detection_summary, summed once
+  when they are loaded and kept in saes.detection).
 """
 
 from __future__ import annotations
+
+import json
+from collections.abc import Iterable
 
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import Float, case, cast, func, select
 from sqlalchemy.orm import Session
 
-from app.models import Latent, LatentExplanation
+from app.models import Latent
 from app.urls import URLs
 
 GOOD_F1 = 0.5  # an explanation this good or better counts in `share_good`
@@ -114,18 +118,22 @@ def explainability(session: Session, sae_ids: list[str]) -> dict[str, Explainabi
             for sae_id, n, precision, recall, f1, n_good in rows if n}
 
 
-def detection(session: Session, sae_id: str) -> list[DetectionOut]:
-    """The SAE's language-model explanations, summarised per model, the best-scoring model first.
-    Summed here, not by GROUP BY: the rows come in key order (latent, source), and grouping them
-    by source in SQL would sort them all on every view of the page."""
-    scores: dict[str, list[float]] = {}
-    for source, score in session.execute(select(LatentExplanation.source, LatentExplanation.score)
-                                         .where(LatentExplanation.sae_id == sae_id)):
-        scores.setdefault(source, []).append(float(score))
-    found = [DetectionOut(source=source, latents=len(found), score=sum(found) / len(found),
-                          share_good=sum(s >= GOOD_DETECTION for s in found) / len(found))
-             for source, found in scores.items()]
-    return sorted(found, key=lambda d: (-d.score, d.source))
+def detection_summary(scores: Iterable[tuple[str, float]]) -> list[dict]:
+    """(source, detection score) of each explanation -> per language model, its latents, their
+    mean score and the share scoring GOOD_DETECTION or more, the best-scoring model first (as
+    DetectionOut's fields). The loader writes it with the explanations (saes.detection)."""
+    by_source: dict[str, list[float]] = {}
+    for source, score in scores:
+        by_source.setdefault(source, []).append(float(score))
+    found = [{"source": source, "latents": len(found), "score": sum(found) / len(found),
+              "share_good": sum(s >= GOOD_DETECTION for s in found) / len(found)}
+             for source, found in by_source.items()]
+    return sorted(found, key=lambda d: (-d["score"], d["source"]))
+
+
+def detection(summary: str | None) -> list[DetectionOut]:
+    """The SAE's language-model explanations per model, from saes.detection (detection_summary)."""
+    return [DetectionOut(**row) for row in json.loads(summary or "[]")]
 
 
 def sae_quality(metrics: dict, found: ExplainabilityOut | None, sae_id: str, urls: URLs = URLs(),

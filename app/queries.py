@@ -299,7 +299,7 @@ def get_sae(session: Session, sae_id: str, urls: URLs = URLs()) -> SaeDetailOut 
         ladder_id=session.execute(select(LadderRung.ladder_id).where(LadderRung.sae_id == sae_id)).scalar_one_or_none(),
         trained_positions=trained_positions(cfg),
         quality=sae_quality(metrics, explainability(session, [sae_id]).get(sae_id), sae_id, urls,
-                            detection(session, sae_id)),
+                            detection(row.detection)),
     )
 
 

@@ -168,6 +168,20 @@ def test_the_sae_page_sums_up_each_models_detection_scores(run, empty_url):
         assert quality["detection"] == [] and "LLM detection" not in client.get(URLs().sae(SAE_ID)).text
 
 
+def test_a_database_loaded_before_the_sum_per_model_gets_it_when_migrated(run, empty_url):
+    from app.db import downgrade, upgrade
+
+    write(run, record(CAT, "the word cat", (3, 2, 5, 0)), record(6, "six", (2, 3, 3, 2), model="OtherLM"))
+    load_run(run, empty_url)
+    with client_of(empty_url) as client:
+        loaded = client.get(URLs().sae(SAE_ID, fmt="json")).json()["sae"]["quality"]["detection"]
+    assert [d["source"] for d in loaded] == ["TestLM", "OtherLM"]
+    downgrade(empty_url, "0008")  # the summary's column goes, the explanations stay
+    upgrade(empty_url)
+    with client_of(empty_url) as client:
+        assert client.get(URLs().sae(SAE_ID, fmt="json")).json()["sae"]["quality"]["detection"] == loaded
+
+
 class CellText(HTMLParser):
     """The text of each <td class="..."> cell with a class, in order."""
 
