@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 from typing_extensions import TypedDict
 
 from app.models import Ladder, LadderRung, Sae
-from app.quality import ExplainabilityOut, explainability
+from app.quality import ExplainabilityOut, kept_explainability
 from app.queries import Record
 from app.urls import URLs
 
@@ -174,7 +174,7 @@ def get_ladder(session: Session, ladder_id: str, urls: URLs = URLs()) -> LadderP
     loaded = dict(session.execute(select(LadderRung.run, LadderRung.sae_id).where(LadderRung.ladder_id == ladder_id)).all())
     sae_ids = [sae_id for sae_id in loaded.values() if sae_id]
     metrics = _rung_metrics(session, sae_ids)
-    explained = explainability(session, sae_ids)
+    explained = kept_explainability(session, sae_ids)
     rungs = [RungOut(run=row["run"], sae_id=loaded.get(row["run"]), n_latents=row["n_latents"], k=row["k"],
                   **{key: row.get(key) for key in ("fvu", "delta_ce", "dead_fraction", "l0", "ablation_sparsity",
                                                    "ablation_sparsity_random")},

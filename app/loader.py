@@ -62,7 +62,7 @@ from app.models import (
     Vocab,
 )
 from app.models import SEARCH_TABLE
-from app.quality import detection_summary
+from app.quality import detection_summary, explainability
 from app.search import terms
 from app.search_documents import ExplanationText, search_documents
 from trainer.errors import RunFolderError
@@ -474,10 +474,19 @@ def write_run(conn: Connection, rows: RunRows, replace: bool = False) -> bool:
         raise LoadError(f"{rows.sae['run_dir']} is already loaded as {twin!r}")
     conn.execute(Sae.__table__.insert(), [dict(rows.sae)])
     write_tables(conn, rows.sae_id, rows.tables)
+    write_explainability(conn, rows.sae_id)
     write_llm_explanations(conn, rows.sae_id, rows.llm_explanations, rows.sae["llm_explanations_hash"])
     if rows.ablations is not None:
         write_ablations(conn, rows.ablations.rows(rows.sae_id, rows.sae["content_hash"]))
     return True
+
+
+def write_explainability(conn: Connection, sae_id: str) -> None:
+    """The explainability of the SAE's latents just written (app.quality.explainability), kept
+    with the SAE for its pages, inside the caller's transaction."""
+    found = explainability(conn, [sae_id]).get(sae_id)
+    kept = None if found is None else found.model_dump_json()
+    conn.execute(Sae.__table__.update().where(Sae.id == sae_id).values(explainability=kept))
 
 
 def write_ablations(conn: Connection, records: list[dict]) -> None:

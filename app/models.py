@@ -74,6 +74,9 @@ class Sae(Base):
     # Those explanations summed up per language model (JSON, app.quality.detection_summary), written
     # with them: the SAE page reads this one row, not every explanation of a 65,536-latent SAE.
     detection: Mapped[str] = mapped_column(Text, server_default="[]")
+    # The explainability of its latents' explanations (JSON, app.quality.ExplainabilityOut; NULL:
+    # none fires on held-out contexts), computed by the loader with them, for the same reason.
+    explainability: Mapped[str | None] = mapped_column(Text)
 
 
 # The dtype of each per-latent BLOB (little-endian): the loader writes them, app.features reads them.

@@ -32,11 +32,20 @@ def run_migrations_online() -> None:
     engine = make_engine(database_url())
     try:
         with engine.connect() as connection:
-            # render_as_batch: SQLite cannot ALTER most things; batch mode copies the table.
+            sqlite = connection.dialect.name == "sqlite"
+            if sqlite:
+                # render_as_batch: SQLite cannot ALTER most things; batch mode copies the table,
+                # drops the old one and renames the copy. With foreign keys enforced, dropping
+                # `saes` would delete every latent, context and rung of every SAE (ON DELETE
+                # CASCADE), so they are off while migrating (the pragma is a no-op inside a
+                # transaction: set on the driver's connection before it begins) and checked after.
+                connection.connection.driver_connection.execute("PRAGMA foreign_keys=OFF")
             context.configure(connection=connection, target_metadata=target_metadata,
                               render_as_batch=True, include_name=compared_in_schema)
             with context.begin_transaction():
                 context.run_migrations()
+                if sqlite and (broken := connection.exec_driver_sql("PRAGMA foreign_key_check").first()) is not None:
+                    raise RuntimeError(f"the migration left a row of {broken[0]} without its {broken[2]} row")
     finally:
         engine.dispose()
 

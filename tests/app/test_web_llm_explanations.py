@@ -168,18 +168,21 @@ def test_the_sae_page_sums_up_each_models_detection_scores(run, empty_url):
         assert quality["detection"] == [] and "LLM detection" not in client.get(URLs().sae(SAE_ID)).text
 
 
-def test_a_database_loaded_before_the_sum_per_model_gets_it_when_migrated(run, empty_url):
+def test_a_database_loaded_before_the_kept_summaries_gets_them_when_migrated(run, empty_url):
+    """Detection per model and explainability are kept with the SAE by the loader (migration
+    0009); an SAE loaded before gets the same from its rows when the database is upgraded."""
     from app.db import downgrade, upgrade
 
     write(run, record(CAT, "the word cat", (3, 2, 5, 0)), record(6, "six", (2, 3, 3, 2), model="OtherLM"))
     load_run(run, empty_url)
     with client_of(empty_url) as client:
-        loaded = client.get(URLs().sae(SAE_ID, fmt="json")).json()["sae"]["quality"]["detection"]
-    assert [d["source"] for d in loaded] == ["TestLM", "OtherLM"]
-    downgrade(empty_url, "0008")  # the summary's column goes, the explanations stay
+        loaded = client.get(URLs().sae(SAE_ID, fmt="json")).json()["sae"]["quality"]
+    assert [d["source"] for d in loaded["detection"]] == ["TestLM", "OtherLM"]
+    assert loaded["explainability"]["latents"] > 0
+    downgrade(empty_url, "0008")  # the summaries' columns go, the rows they come from stay
     upgrade(empty_url)
     with client_of(empty_url) as client:
-        assert client.get(URLs().sae(SAE_ID, fmt="json")).json()["sae"]["quality"]["detection"] == loaded
+        assert client.get(URLs().sae(SAE_ID, fmt="json")).json()["sae"]["quality"] == loaded
 
 
 class CellText(HTMLParser):

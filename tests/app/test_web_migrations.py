@@ -97,7 +97,10 @@ def test_upgrades_and_downgrades_keep_loaded_rows(empty_url, run_dir):
     try:
         with engine.connect() as conn:
             kept = conn.exec_driver_sql("SELECT sae_id, count(*) FROM examples GROUP BY sae_id ORDER BY sae_id").all()
+            latents = conn.exec_driver_sql("SELECT sae_id, count(*) FROM latents GROUP BY sae_id ORDER BY sae_id").all()
     finally:
         engine.dispose()
-    harvest_top = int((load_harvest(run_dir).top_context >= 0).sum())
-    assert kept == [("old", 2), (sae_id, harvest_top)]  # only the top examples fit the old key
+    harvest = load_harvest(run_dir)
+    assert kept == [("old", 2), (sae_id, int((harvest.top_context >= 0).sum()))]  # only the top examples fit the old key
+    # SQLite's batch mode copies `saes` to drop a column: its latents (ON DELETE CASCADE) stay
+    assert latents == [("old", 2), (sae_id, harvest.n_latents)]
