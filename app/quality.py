@@ -1,6 +1,6 @@
 """The paper's quality metrics of an SAE beyond reconstruction, as the SAE and ladder pages show them.
 
-    quality = sae_quality(metrics, kept_explainability(session, [sae_id]).get(sae_id), sae_id, urls)
+    quality = sae_quality(metrics, stored_explainability(sae.explainability), sae_id, urls, detection(sae.detection))
 
 - **Probe loss** (Gao et al. 2024, 4.4) and the **progressive-code FVU** come from metrics.json
   (`saescope eval`, trainer/probing.py and trainer/evaluate.py); runs evaluated before them have
@@ -123,7 +123,12 @@ def explainability(session: Session | Connection, sae_ids: list[str]) -> dict[st
 def kept_explainability(session: Session, sae_ids: list[str]) -> dict[str, ExplainabilityOut]:
     """Each SAE's explainability as the loader kept it (saes.explainability), by id."""
     rows = session.execute(select(Sae.id, Sae.explainability).where(Sae.id.in_(sae_ids), Sae.explainability.is_not(None)))
-    return {sae_id: ExplainabilityOut.model_validate_json(kept) for sae_id, kept in rows}
+    return {sae_id: stored_explainability(kept) for sae_id, kept in rows}
+
+
+def stored_explainability(kept: str | None) -> ExplainabilityOut | None:
+    """One SAE's saes.explainability read back (None: none)."""
+    return None if kept is None else ExplainabilityOut.model_validate_json(kept)
 
 
 def detection_summary(scores: Iterable[tuple[str, float]]) -> list[dict]:

@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session
 
 from app.explanations import ExplanationSourceOut, attach_explanations
 from app.models import LadderRung, Latent, Sae
-from app.quality import QualityOut, detection, kept_explainability, sae_quality
+from app.quality import QualityOut, detection, sae_quality, stored_explainability
 from app.urls import URLs
 from trainer.errors import RunFolderError
 from trainer.runconfig import RunConfig
@@ -298,8 +298,7 @@ def get_sae(session: Session, sae_id: str, urls: URLs = URLs()) -> SaeDetailOut 
         n_explained=row.n_explained,
         ladder_id=session.execute(select(LadderRung.ladder_id).where(LadderRung.sae_id == sae_id)).scalar_one_or_none(),
         trained_positions=trained_positions(cfg),
-        quality=sae_quality(metrics, kept_explainability(session, [sae_id]).get(sae_id), sae_id, urls,
-                            detection(row.detection)),
+        quality=sae_quality(metrics, stored_explainability(row.explainability), sae_id, urls, detection(row.detection)),
     )
 
 
